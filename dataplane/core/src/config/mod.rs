@@ -1,0 +1,8 @@
+//! Load balancer configuration: the validated runtime model ([`model`]) and the TOML front end
+//! ([`parse`]) that turns a file into it, reporting every problem at once with its line.
+
+pub mod model;
+pub mod parse;
+
+pub use model::*;
+pub use parse::{ConfigError, ConfigErrors, load_str};

@@ -1,0 +1,1 @@
+//! Session core (in progress).

@@ -1,0 +1,3 @@
+//! # ringmail-dataplane (in progress)
+pub mod healthcheck;
+pub mod runtime;
