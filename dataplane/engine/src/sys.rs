@@ -1,0 +1,201 @@
+//! Thin, safe wrappers over the system calls the engines share: listening sockets with
+//! SO_REUSEPORT, backend sockets, the open-file limit, CPU pinning and pipes for splice.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// A listening socket for one worker: SO_REUSEPORT so every worker has its own accept queue
+/// on the same address, IPV6_V6ONLY for v6 binds (v4 and v6 VIPs are separate listeners),
+/// IP_FREEBIND so an anycast VIP can be bound before it is configured on `lo`.
+pub fn listener(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    let _ = if addr.is_ipv6() { socket.set_freebind_ipv6(true) } else { socket.set_freebind(true) };
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
+/// A non-blocking TCP socket for connecting to `addr`.
+pub fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    socket.set_tcp_nodelay(true)?;
+    Ok(socket.into())
+}
+
+/// Makes an accepted socket non-blocking with TCP_NODELAY (the proxy forwards what it gets at
+/// once; batching is the endpoints' business).
+pub fn prepare_accepted(fd: RawFd) -> io::Result<()> {
+    let socket = borrow(fd);
+    let r = socket.set_nonblocking(true).and_then(|_| socket.set_tcp_nodelay(true));
+    let _ = socket.into_raw_fd();
+    r
+}
+
+/// Starts a non-blocking connect; Ok(true) when already connected, Ok(false) when in progress.
+pub fn start_connect(fd: RawFd, addr: &SockAddr) -> io::Result<bool> {
+    let socket = borrow(fd);
+    let r = match socket.connect(addr) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(false),
+        Err(e) => Err(e),
+    };
+    let _ = socket.into_raw_fd();
+    r
+}
+
+/// The pending error on a socket (SO_ERROR), e.g. after a non-blocking connect.
+pub fn take_error(fd: RawFd) -> io::Result<Option<io::Error>> {
+    let socket = borrow(fd);
+    let r = socket.take_error();
+    let _ = socket.into_raw_fd();
+    r
+}
+
+/// Peer and local address of a connected socket.
+pub fn addresses(fd: RawFd) -> io::Result<(SocketAddr, SocketAddr)> {
+    let socket = borrow(fd);
+    let r = (|| {
+        let peer = socket.peer_addr()?.as_socket().ok_or_else(|| io::Error::other("peer is not inet"))?;
+        let local = socket.local_addr()?.as_socket().ok_or_else(|| io::Error::other("local is not inet"))?;
+        Ok((normalize(peer), normalize(local)))
+    })();
+    let _ = socket.into_raw_fd();
+    r
+}
+
+/// IPv4-mapped IPv6 addresses are shown as IPv4.
+pub fn normalize(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// Shuts down the write half (sends FIN).
+pub fn shutdown_write(fd: RawFd) {
+    let socket = borrow(fd);
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+    let _ = socket.into_raw_fd();
+}
+
+/// Shuts down both halves: wakes up any operation pending on the socket.
+pub fn shutdown_both(fd: RawFd) {
+    let socket = borrow(fd);
+    let _ = socket.shutdown(std::net::Shutdown::Both);
+    let _ = socket.into_raw_fd();
+}
+
+/// Closes a descriptor the caller owns.
+pub fn close(fd: RawFd) {
+    if fd >= 0 {
+        // SAFETY: the caller passes a descriptor it owns and never uses again.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+}
+
+/// Sets SO_LINGER 0 so close() sends RST (used when refusing at accept: no TIME_WAIT).
+pub fn set_linger_zero(fd: RawFd) {
+    let socket = borrow(fd);
+    let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+    let _ = socket.into_raw_fd();
+}
+
+fn borrow(fd: RawFd) -> Socket {
+    // SAFETY: the returned Socket is always turned back into a raw fd by the caller with
+    // `into_raw_fd`, so it never closes a descriptor it does not own.
+    unsafe { Socket::from_raw_fd(fd) }
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return raised.rlim_cur;
+        }
+    }
+    lim.rlim_cur
+}
+
+/// CPUs this process may run on, in order.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is this thread; size and pointer describe `set`.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    }
+    // SAFETY: CPU_ISSET reads the set initialised above.
+    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+}
+
+/// Pins the calling thread to `cpu`.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes into the set we own; cpu < CPU_SETSIZE is checked by the caller's
+    // source (allowed_cpus) and CPU_SET itself ignores out-of-range values.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is this thread; size and pointer describe `set`.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A pipe for splice relaying, non-blocking, sized to `size` bytes if allowed.
+pub fn pipe(size: i32) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we pass.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by us alone.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: F_SETPIPE_SZ on a pipe we own; failure (over /proc/sys/fs/pipe-max-size) is ignored.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
+    Ok((r, w))
+}
+
+/// splice(2) without offsets, non-blocking, moving pages where possible.
+pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: both descriptors are open; null offsets mean "current position" for pipes/sockets.
+    let n = unsafe {
+        libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK)
+    };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// Monotonic milliseconds (CLOCK_MONOTONIC_COARSE is plenty for timeouts).
+pub fn now_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Monotonic nanoseconds (precise, for the connect-time histogram).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
