@@ -1,1 +1,339 @@
-fn main() {}
+//! `ringmail`: the one binary. Subcommands wire the library crates to the command line; no
+//! protocol logic lives here.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ringmail_dataplane::{Lb, Options};
+use ringmail_proxy_core::balance::Algorithm;
+use ringmail_proxy_core::config::{self, EngineChoice, Global, LbConfig, Listener, Pool, RelayMode};
+use ringmail_proxy_core::health::CheckKind;
+use ringmail_proxy_core::proxy_protocol::Version;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(name = "ringmail", version, about = "Mail infrastructure the way large providers build it")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The anycast TCP load balancer (HAProxy TCP mode replacement) for IMAPS and submission.
+    Lb(LbArgs),
+    /// All-in-one node on loopback with embedded defaults; prints how to try it.
+    Up(UpArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EngineArg {
+    Auto,
+    Uring,
+    Epoll,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RelayArg {
+    Buffered,
+    Splice,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProxyArg {
+    V1,
+    V2,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BalanceArg {
+    Leastconn,
+    Roundrobin,
+    Weighted,
+    Source,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum HealthArg {
+    Tcp,
+    Smtp,
+    SmtpStarttls,
+    Imap,
+    Tls,
+}
+
+#[derive(Args)]
+struct LbArgs {
+    /// TOML configuration file (several listeners and pools). Without it, quick mode.
+    #[arg(long, conflicts_with_all = ["listen", "backend"])]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long, requires = "config")]
+    check: bool,
+    /// Quick mode: address to listen on.
+    #[arg(long, required_unless_present = "config")]
+    listen: Option<SocketAddr>,
+    /// Quick mode: a backend address (repeatable).
+    #[arg(long, required_unless_present = "config")]
+    backend: Vec<SocketAddr>,
+    #[command(flatten)]
+    quick: QuickArgs,
+}
+
+/// Settings of quick mode (and overrides of `up`).
+#[derive(Args, Clone)]
+struct QuickArgs {
+    /// Send a PROXY protocol header to backends.
+    #[arg(long, value_enum)]
+    proxy_protocol: Option<ProxyArg>,
+    /// I/O engine: io_uring, epoll, or io_uring with epoll fallback.
+    #[arg(long, value_enum)]
+    engine: Option<EngineArg>,
+    /// Relay mode: user-space buffers (provided buffer ring) or splice(2) through pipes.
+    #[arg(long, value_enum)]
+    relay: Option<RelayArg>,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Admin listener for /metrics and the backend API.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Balancing algorithm.
+    #[arg(long, value_enum, default_value = "leastconn")]
+    balance: BalanceArg,
+    /// Health check kind.
+    #[arg(long, value_enum)]
+    health: Option<HealthArg>,
+    /// Interval between health checks (e.g. 500ms, 2s).
+    #[arg(long, value_parser = parse_duration)]
+    health_interval: Option<Duration>,
+    /// Consecutive successes to bring a backend back.
+    #[arg(long)]
+    rise: Option<u32>,
+    /// Consecutive failures to take a backend out.
+    #[arg(long)]
+    fall: Option<u32>,
+    /// On SIGTERM, how long established connections may continue.
+    #[arg(long, value_parser = parse_duration)]
+    drain_timeout: Option<Duration>,
+    /// Global connection limit.
+    #[arg(long)]
+    maxconn: Option<u32>,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Backends behind the load balancer (until role servers exist, `up` runs only the LB).
+    /// Default: an SMTP server on 127.0.0.1:25, health-checked with EHLO.
+    #[arg(long)]
+    backend: Vec<SocketAddr>,
+    /// Where the load balancer listens.
+    #[arg(long, default_value = "127.0.0.1:10587")]
+    listen: SocketAddr,
+    /// Admin listener.
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    admin: SocketAddr,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number with a unit, e.g. 500ms or 2s"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unit must be ms, s, m or h")),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Lb(args) => cmd_lb(args),
+        Command::Up(args) => cmd_up(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ringmail: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load_config(path: &Path) -> Result<LbConfig, String> {
+    config::load_file(path).map_err(|e| e.to_string())
+}
+
+fn quick_config(listen: SocketAddr, backends: Vec<SocketAddr>, q: &QuickArgs) -> LbConfig {
+    let mut pool = Pool::quick("default", backends);
+    pool.algorithm = match q.balance {
+        BalanceArg::Leastconn => Algorithm::LeastConn,
+        BalanceArg::Roundrobin => Algorithm::RoundRobin,
+        BalanceArg::Weighted => Algorithm::Weighted,
+        BalanceArg::Source => Algorithm::SourceHash,
+    };
+    pool.proxy_protocol = q.proxy_protocol.map(|p| match p {
+        ProxyArg::V1 => Version::V1,
+        ProxyArg::V2 => Version::V2,
+    });
+    if let Some(h) = q.health {
+        pool.health.kind = match h {
+            HealthArg::Tcp => CheckKind::Tcp,
+            HealthArg::Smtp => CheckKind::Smtp,
+            HealthArg::SmtpStarttls => CheckKind::SmtpStarttls,
+            HealthArg::Imap => CheckKind::Imap,
+            HealthArg::Tls => CheckKind::Tls,
+        };
+    }
+    if let Some(i) = q.health_interval {
+        pool.health.interval = i;
+        pool.health.timeout = pool.health.timeout.min(i.mul_f32(0.8).max(Duration::from_millis(50)));
+    }
+    if let Some(r) = q.rise {
+        pool.health.rise = r.max(1);
+    }
+    if let Some(f) = q.fall {
+        pool.health.fall = f.max(1);
+    }
+    let mut global = Global { admin: q.admin, workers: q.workers, ..Global::default() };
+    if let Some(e) = q.engine {
+        global.engine = match e {
+            EngineArg::Auto => EngineChoice::Auto,
+            EngineArg::Uring => EngineChoice::Uring,
+            EngineArg::Epoll => EngineChoice::Epoll,
+        };
+    }
+    if let Some(r) = q.relay {
+        global.relay = match r {
+            RelayArg::Buffered => RelayMode::Buffered,
+            RelayArg::Splice => RelayMode::Splice,
+        };
+    }
+    if let Some(d) = q.drain_timeout {
+        global.drain_timeout = d;
+    }
+    if let Some(m) = q.maxconn {
+        global.maxconn = m.max(1);
+    }
+    LbConfig { global, listeners: vec![Listener { name: "default".into(), bind: listen, pool: 0 }], pools: vec![pool] }
+}
+
+fn cmd_lb(args: LbArgs) -> Result<ExitCode> {
+    let config = match &args.config {
+        Some(path) => match load_config(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None => {
+            let listen = args.listen.context("--listen is required without --config")?;
+            if args.backend.is_empty() {
+                bail!("at least one --backend is required without --config");
+            }
+            quick_config(listen, args.backend.clone(), &args.quick)
+        }
+    };
+    if args.check {
+        println!(
+            "{}: ok ({} listeners, {} pools)",
+            args.config.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+            config.listeners.len(),
+            config.pools.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    run_lb(config, args.config, |_| {})
+}
+
+/// Runs the load balancer until SIGTERM/SIGINT (drain) ; SIGHUP reloads `config_path`.
+fn run_lb(config: LbConfig, config_path: Option<PathBuf>, started: impl FnOnce(&Lb)) -> Result<ExitCode> {
+    // Signals are blocked into the iterator before any thread starts.
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    let drain_timeout = config.global.drain_timeout;
+    let mut lb = Lb::start(config, Options::default()).context("starting the load balancer")?;
+    started(&lb);
+    for sig in signals.forever() {
+        match sig {
+            SIGHUP => match &config_path {
+                Some(path) => match load_config(path) {
+                    Ok(new) => {
+                        if let Err(e) = lb.reload(new) {
+                            error!(error = %e, "reload failed; the previous configuration stays in force");
+                        }
+                    }
+                    Err(e) => {
+                        error!("reload refused, configuration invalid:\n{e}");
+                    }
+                },
+                None => warn!("SIGHUP: quick mode has no configuration file to reload"),
+            },
+            _ => {
+                info!(signal = sig, "stopping");
+                break;
+            }
+        }
+    }
+    lb.drain_and_wait(drain_timeout);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_up(args: UpArgs) -> Result<ExitCode> {
+    let (backends, health) = if args.backend.is_empty() {
+        (vec!["127.0.0.1:25".parse()?], Some(HealthArg::Smtp))
+    } else {
+        (args.backend.clone(), Some(HealthArg::Tcp))
+    };
+    let quick = QuickArgs {
+        proxy_protocol: None,
+        engine: None,
+        relay: None,
+        workers: None,
+        admin: Some(args.admin),
+        balance: BalanceArg::Leastconn,
+        health,
+        health_interval: Some(Duration::from_secs(2)),
+        rise: None,
+        fall: None,
+        drain_timeout: Some(Duration::from_secs(10)),
+        maxconn: None,
+    };
+    let config = quick_config(args.listen, backends.clone(), &quick);
+    let listen = args.listen;
+    let admin = args.admin;
+    run_lb(config, None, move |lb| {
+        let list = backends.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", ");
+        println!(
+            "\nringmail up: all-in-one node on loopback\n\
+             \n  started  load balancer   {listen} -> [{list}]  (engine: {engine})\
+             \n  started  admin listener  http://{admin}/metrics\
+             \n  not yet  MSA, MX, MTA, MDA/IMAP role servers (they arrive with later releases;\
+             \n           until then `up` balances to the backends you give with --backend)\
+             \n\nTry it:\
+             \n  curl -s http://{admin}/api/backends; echo\
+             \n  curl -s http://{admin}/metrics | grep ringmail_lb_backend_up\
+             \n  swaks --server {ip} --port {port} --to postmaster@localhost --quit-after EHLO\
+             \n  python3 -c \"import smtplib; s=smtplib.SMTP('{ip}', {port}); print(s.ehlo()); s.quit()\"\
+             \n\nStop with Ctrl-C (connections in flight are drained first).\n",
+            engine = lb.engine().label(),
+            ip = listen.ip(),
+            port = listen.port(),
+        );
+    })
+}

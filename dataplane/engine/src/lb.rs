@@ -24,7 +24,7 @@ use crate::stats::{EngineKind, Stats};
 use crate::sys;
 use crate::uring::{self, BufferConfig};
 use crate::worker::{Control, Ctx, ListenerSpec, Shared, Snapshot};
-use crate::{epoll, worker};
+use crate::epoll;
 
 /// Why the load balancer could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -301,7 +301,7 @@ impl Lb {
     }
 }
 
-fn relay_label(relay: RelayMode) -> &'static str {
+pub fn relay_label(relay: RelayMode) -> &'static str {
     match relay {
         RelayMode::Buffered => "buffered",
         RelayMode::Splice => "splice",
@@ -338,5 +338,3 @@ fn worker_main(
     }
 }
 
-pub use worker::Snapshot as WorkerSnapshot;
-pub use {relay_label as relay_mode_label};

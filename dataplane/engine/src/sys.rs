@@ -17,7 +17,7 @@ pub fn listener(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    let _ = if addr.is_ipv6() { socket.set_freebind_ipv6(true) } else { socket.set_freebind(true) };
+    let _ = if addr.is_ipv6() { socket.set_freebind_v6(true) } else { socket.set_freebind_v4(true) };
     socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;

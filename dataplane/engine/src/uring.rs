@@ -669,7 +669,8 @@ impl UringWorker {
     }
 
     fn on_connect(&mut self, slot: u32, res: i32) {
-        let Some(c) = self.conn(slot) else { return };
+        let now = self.ctx.now_ms;
+        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else { return };
         c.inflight -= 1;
         if c.closing {
             self.maybe_finalize(slot);
@@ -681,7 +682,6 @@ impl UringWorker {
         }
         let elapsed = sys::now_ns().saturating_sub(c.connect_start_ns);
         c.connect_addr = None;
-        let now = self.ctx.now_ms;
         c.session.on_connected(now);
         self.ctx.stats().observe_connect(elapsed);
         let c = self.conns[slot as usize].as_mut().expect("checked above");
