@@ -29,11 +29,11 @@ use crate::epoll;
 /// Why the load balancer could not start or reload.
 #[derive(Debug, thiserror::Error)]
 pub enum LbError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen { addr: SocketAddr, source: io::Error },
     #[error("io_uring was requested (--engine uring) but cannot be used here: {0}")]
     UringUnavailable(io::Error),
-    #[error("cannot start admin listener on {addr}: {source}")]
+    #[error("cannot start admin listener on {addr}")]
     Admin { addr: SocketAddr, source: io::Error },
     #[error("cannot start worker threads: {0}")]
     Spawn(io::Error),
