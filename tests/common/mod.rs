@@ -43,6 +43,7 @@ pub fn skip(reason: &str) {
 }
 
 /// Returns from the calling test after reporting why, if `$check` is an `Err(reason)`.
+#[allow(unused_macros)]
 macro_rules! skip_unless {
     ($check:expr) => {
         if let Err(reason) = $check {
