@@ -367,7 +367,8 @@ fn source_hash(engine: &str) {
 /// connections; restarted on the same port, it is back after rise successes.
 fn health_down_and_up(engine: &str) {
     let a = Backend::any(Mode::Greet("a".into()));
-    let mut b = Backend::any(Mode::Greet("b".into()));
+    // Outside the ephemeral range, so the port is still free when the backend comes back.
+    let mut b = Backend::start(free_addr(), Mode::Greet("b".into()));
     let b_addr = b.addr;
     let lb = quick_with(engine, &[&a, &b], "roundrobin");
 
@@ -619,7 +620,7 @@ fn reload_under_load(engine: &str) {
     lb.wait_backend_up("mail", c.addr, true, UP);
     let counts = tally(listen, 30);
     assert!(
-        served_c.load(Ordering::Relaxed) + count(&counts, "c") > 0 && count(&counts, "c") > 0,
+        count(&counts, "c") > 0,
         "added backend got no traffic after reload: {counts:?}"
     );
 
@@ -745,17 +746,12 @@ fn admin_api(engine: &str) {
         );
         assert!(v > 0.0, "no bytes counted {dir}");
     }
-    let inf = m
-        .iter()
-        .find(|s| {
-            s.name == "ringmail_lb_connect_duration_seconds_bucket" && s.label("le") == Some("+Inf")
-        })
-        .expect("connect duration histogram has no +Inf bucket");
-    assert!(
-        inf.value >= 40.0,
-        "connect histogram counts {} connects",
-        inf.value
+    let inf = metric_sum(
+        &m,
+        "ringmail_lb_connect_duration_seconds_bucket",
+        &[("le", "+Inf")],
     );
+    assert!(inf >= 40.0, "connect histogram counts {inf} connects");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -140,13 +140,43 @@ impl Drop for TempDir {
     }
 }
 
-/// A loopback port that was free a moment ago (bind port 0, read it, close).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+/// Lowest port the kernel hands out as an ephemeral (client) port.
+fn ephemeral_low() -> u16 {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
+static NEXT_PORT: AtomicUsize = AtomicUsize::new(0);
+
+/// A port on `ip` that was free a moment ago. It is taken below the kernel's ephemeral range, so
+/// no client socket of this test run can grab it by chance between this check and its use; each
+/// call in one process returns a different port.
+pub fn free_port_on(ip: IpAddr) -> u16 {
+    const LO: usize = 10_000;
+    let hi = usize::from(ephemeral_low());
+    if hi > LO + 1000 {
+        let span = hi - LO;
+        let base = (std::process::id() as usize).wrapping_mul(7919);
+        for _ in 0..500 {
+            let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+            let port = (LO + (base + n * 104_729) % span) as u16;
+            if TcpListener::bind(SocketAddr::new(ip, port)).is_ok() {
+                return port;
+            }
+        }
+    }
+    TcpListener::bind(SocketAddr::new(ip, 0))
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A loopback port that was free a moment ago (see [`free_port_on`]).
+pub fn free_port() -> u16 {
+    free_port_on(IpAddr::from([127, 0, 0, 1]))
 }
 
 /// `127.0.0.1:<free port>`.
@@ -156,7 +186,8 @@ pub fn free_addr() -> SocketAddr {
 
 /// `[::1]:<free port>`.
 pub fn free_addr_v6() -> SocketAddr {
-    TcpListener::bind("[::1]:0").unwrap().local_addr().unwrap()
+    let ip = IpAddr::from(std::net::Ipv6Addr::LOCALHOST);
+    SocketAddr::new(ip, free_port_on(ip))
 }
 
 /// Small deterministic PRNG (xorshift64*); the seed is printed so a failure can be replayed.
