@@ -407,30 +407,40 @@ fn health_down_and_up(engine: &str) {
 // ---------------------------------------------------------------------------------------------
 // 4. Connect retry
 
-/// A listed backend whose port is closed, before health checks notice: every client is still
-/// served by the other backend, and the failed connects are counted.
+/// A backend that dies between two health checks (interval 60 s, so the checker cannot
+/// notice): every client is still served by the other backend through connect retries, and the
+/// failed connects are counted against the dead one.
 fn connect_retry(engine: &str) {
     let a = Backend::any(Mode::Greet("a".into()));
-    let dead = free_addr();
+    let mut b = Backend::any(Mode::Greet("b".into()));
+    let b_addr = b.addr;
     let lb = Quick::new(engine)
         .backend(a.addr)
-        .backend(dead)
+        .backend(b_addr)
         .opt("--balance", "roundrobin")
         .opt("--health-interval", "60s")
         .opt("--fall", "3")
         .start();
     lb.wait_backend_up(POOL, a.addr, true, UP);
+    lb.wait_backend_up(POOL, b_addr, true, UP);
+    b.kill();
 
     let counts = tally(lb.addr(), 30);
     assert_eq!(count(&counts, "a"), 30, "{counts:?}");
-    let dead_label = dead.to_string();
+    let dead_label = b_addr.to_string();
     let errors = lb.metric(
         "ringmail_lb_backend_connect_errors_total",
         &[("pool", POOL), ("backend", &dead_label)],
     );
     assert!(
         errors > 0.0,
-        "no connect errors counted for the closed backend {dead}"
+        "no connect errors counted for the dead backend {b_addr}"
+    );
+    // The checker has not run again: the backend is still believed up, so the retries (not
+    // the health checks) are what kept every client served.
+    assert_eq!(
+        lb.metric("ringmail_lb_backend_up", &[("pool", POOL), ("backend", &dead_label)]),
+        1.0
     );
 }
 

@@ -32,6 +32,7 @@ pub struct View {
     pub stats: Arc<Stats>,
     pub maxconn: u32,
     pub open_files: u64,
+    pub relay: ringmail_proxy_core::config::RelayMode,
 }
 
 /// A running admin listener.
@@ -184,11 +185,10 @@ pub fn render_metrics(view: &View) -> String {
     let _ = writeln!(o, "ringmail_lb_open_files_limit {}", view.open_files);
 
     let _ = writeln!(o, "# HELP ringmail_lb_worker_info Engine and relay mode of each worker.\n# TYPE ringmail_lb_worker_info gauge");
-    let relay = view.pools.first().map(|_| ()).map_or("buffered", |_| "buffered");
-    let _ = relay;
+    let relay = crate::lb::relay_label(view.relay);
     for (i, w) in stats.workers.iter().enumerate() {
         let engine = w.engine().map_or("starting", |e| e.label());
-        let _ = writeln!(o, "ringmail_lb_worker_info{{worker=\"{i}\",engine=\"{engine}\"}} 1");
+        let _ = writeln!(o, "ringmail_lb_worker_info{{worker=\"{i}\",engine=\"{engine}\",relay=\"{relay}\"}} 1");
     }
     let counter = |o: &mut String, name: &str, help: &str, kind: &str, f: &dyn Fn(&crate::stats::WorkerStats) -> u64| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -145,7 +145,7 @@ impl Lb {
             config: config.clone(),
             workers: Vec::new(),
             shared: Arc::clone(&shared),
-            view: Arc::new(RwLock::new(View { pools: Vec::new(), stats, maxconn, open_files: nofile })),
+            view: Arc::new(RwLock::new(View { pools: Vec::new(), stats, maxconn, open_files: nofile, relay: config.global.relay })),
             health: None,
             admin: None,
             listener_ids: HashMap::new(),
