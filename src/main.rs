@@ -10,7 +10,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ringmail_dataplane::{Lb, Options};
 use ringmail_proxy_core::balance::Algorithm;
-use ringmail_proxy_core::config::{self, EngineChoice, Global, LbConfig, Listener, Pool, RelayMode};
+use ringmail_proxy_core::config::{
+    self, EngineChoice, Global, LbConfig, Listener, Pool, RelayMode,
+};
 use ringmail_proxy_core::health::CheckKind;
 use ringmail_proxy_core::proxy_protocol::Version;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -18,7 +20,11 @@ use signal_hook::iterator::Signals;
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
-#[command(name = "ringmail", version, about = "Mail infrastructure the way large providers build it")]
+#[command(
+    name = "ringmail",
+    version,
+    about = "Mail infrastructure the way large providers build it"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -143,7 +149,9 @@ struct UpArgs {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number with a unit, e.g. 500ms or 2s"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with a unit, e.g. 500ms or 2s"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
@@ -202,7 +210,10 @@ fn quick_config(listen: SocketAddr, backends: Vec<SocketAddr>, q: &QuickArgs) ->
     }
     if let Some(i) = q.health_interval {
         pool.health.interval = i;
-        pool.health.timeout = pool.health.timeout.min(i.mul_f32(0.8).max(Duration::from_millis(50)));
+        pool.health.timeout = pool
+            .health
+            .timeout
+            .min(i.mul_f32(0.8).max(Duration::from_millis(50)));
     }
     if let Some(r) = q.rise {
         pool.health.rise = r.max(1);
@@ -210,7 +221,11 @@ fn quick_config(listen: SocketAddr, backends: Vec<SocketAddr>, q: &QuickArgs) ->
     if let Some(f) = q.fall {
         pool.health.fall = f.max(1);
     }
-    let mut global = Global { admin: q.admin, workers: q.workers, ..Global::default() };
+    let mut global = Global {
+        admin: q.admin,
+        workers: q.workers,
+        ..Global::default()
+    };
     if let Some(e) = q.engine {
         global.engine = match e {
             EngineArg::Auto => EngineChoice::Auto,
@@ -230,7 +245,15 @@ fn quick_config(listen: SocketAddr, backends: Vec<SocketAddr>, q: &QuickArgs) ->
     if let Some(m) = q.maxconn {
         global.maxconn = m.max(1);
     }
-    LbConfig { global, listeners: vec![Listener { name: "default".into(), bind: listen, pool: 0 }], pools: vec![pool] }
+    LbConfig {
+        global,
+        listeners: vec![Listener {
+            name: "default".into(),
+            bind: listen,
+            pool: 0,
+        }],
+        pools: vec![pool],
+    }
 }
 
 fn cmd_lb(args: LbArgs) -> Result<ExitCode> {
@@ -243,7 +266,9 @@ fn cmd_lb(args: LbArgs) -> Result<ExitCode> {
             }
         },
         None => {
-            let listen = args.listen.context("--listen is required without --config")?;
+            let listen = args
+                .listen
+                .context("--listen is required without --config")?;
             if args.backend.is_empty() {
                 bail!("at least one --backend is required without --config");
             }
@@ -253,7 +278,10 @@ fn cmd_lb(args: LbArgs) -> Result<ExitCode> {
     if args.check {
         println!(
             "{}: ok ({} listeners, {} pools)",
-            args.config.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+            args.config
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             config.listeners.len(),
             config.pools.len()
         );
@@ -263,9 +291,14 @@ fn cmd_lb(args: LbArgs) -> Result<ExitCode> {
 }
 
 /// Runs the load balancer until SIGTERM/SIGINT (drain) ; SIGHUP reloads `config_path`.
-fn run_lb(config: LbConfig, config_path: Option<PathBuf>, started: impl FnOnce(&Lb)) -> Result<ExitCode> {
+fn run_lb(
+    config: LbConfig,
+    config_path: Option<PathBuf>,
+    started: impl FnOnce(&Lb),
+) -> Result<ExitCode> {
     // Signals are blocked into the iterator before any thread starts.
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
     let drain_timeout = config.global.drain_timeout;
     let mut lb = Lb::start(config, Options::default()).context("starting the load balancer")?;
     started(&lb);
@@ -318,7 +351,11 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
     let listen = args.listen;
     let admin = args.admin;
     run_lb(config, None, move |lb| {
-        let list = backends.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(", ");
+        let list = backends
+            .iter()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         println!(
             "\nringmail up: all-in-one node on loopback\n\
              \n  started  load balancer   {listen} -> [{list}]  (engine: {engine})\

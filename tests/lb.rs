@@ -439,7 +439,10 @@ fn connect_retry(engine: &str) {
     // The checker has not run again: the backend is still believed up, so the retries (not
     // the health checks) are what kept every client served.
     assert_eq!(
-        lb.metric("ringmail_lb_backend_up", &[("pool", POOL), ("backend", &dead_label)]),
+        lb.metric(
+            "ringmail_lb_backend_up",
+            &[("pool", POOL), ("backend", &dead_label)]
+        ),
         1.0
     );
 }

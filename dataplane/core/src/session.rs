@@ -111,7 +111,9 @@ impl Session {
     /// Backends already tried, to be excluded from the next pick. Only the first four are
     /// remembered; beyond that a retry may pick an earlier backend again.
     pub fn tried(&self) -> impl Iterator<Item = usize> + '_ {
-        self.tried[..self.tried_len as usize].iter().map(|&i| i as usize)
+        self.tried[..self.tried_len as usize]
+            .iter()
+            .map(|&i| i as usize)
     }
 
     /// Copies the tried list into `out` (cleared first), for the balancer.
@@ -226,7 +228,10 @@ mod tests {
         s.connecting_to(0);
         s.on_connected(5);
         assert_eq!(s.phase(), Phase::Relaying);
-        assert_eq!(s.on_eof(Side::Client), AfterEof::ShutdownWrite(Side::Backend));
+        assert_eq!(
+            s.on_eof(Side::Client),
+            AfterEof::ShutdownWrite(Side::Backend)
+        );
         assert_eq!(s.phase(), Phase::Relaying);
         assert!(s.is_eof(Side::Client));
         assert_eq!(s.on_eof(Side::Backend), AfterEof::Close);
@@ -238,7 +243,10 @@ mod tests {
         let mut s = Session::new(0, 1);
         s.connecting_to(0);
         s.on_connected(0);
-        assert_eq!(s.on_eof(Side::Backend), AfterEof::ShutdownWrite(Side::Client));
+        assert_eq!(
+            s.on_eof(Side::Backend),
+            AfterEof::ShutdownWrite(Side::Client)
+        );
         assert_eq!(s.on_eof(Side::Client), AfterEof::Close);
     }
 

@@ -57,15 +57,20 @@ pub fn spawn(addr: SocketAddr, view: Arc<RwLock<View>>) -> io::Result<AdminServe
     let std_listener = std::net::TcpListener::bind(addr)?;
     std_listener.set_nonblocking(true)?;
     let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
-    let thread = std::thread::Builder::new().name("ringmail-admin".into()).spawn(move || {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::error!(error = %e, "admin runtime failed");
-                return;
-            }
-        };
-        rt.block_on(async move {
+    let thread = std::thread::Builder::new()
+        .name("ringmail-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin runtime failed");
+                    return;
+                }
+            };
+            rt.block_on(async move {
             let listener = match tokio::net::TcpListener::from_std(std_listener) {
                 Ok(l) => l,
                 Err(e) => {
@@ -95,8 +100,11 @@ pub fn spawn(addr: SocketAddr, view: Arc<RwLock<View>>) -> io::Result<AdminServe
                 }
             }
         });
-    })?;
-    Ok(AdminServer { stop: Some(stop_tx), thread: Some(thread) })
+        })?;
+    Ok(AdminServer {
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
 }
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -117,18 +125,35 @@ fn handle<B>(req: Request<B>, view: &RwLock<View>) -> Response<Full<Bytes>> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), parts.as_slice()) {
         (&Method::GET, ["healthz"]) => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        (&Method::GET, ["metrics"]) => reply(StatusCode::OK, "text/plain; version=0.0.4", render_metrics(&view)),
+        (&Method::GET, ["metrics"]) => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            render_metrics(&view),
+        ),
         (&Method::GET, ["api", "backends"]) => {
-            let list: Vec<_> =
-                view.pools.iter().flat_map(|p| p.backends.iter().map(move |b| backend_json(p, b))).collect();
+            let list: Vec<_> = view
+                .pools
+                .iter()
+                .flat_map(|p| p.backends.iter().map(move |b| backend_json(p, b)))
+                .collect();
             json_reply(StatusCode::OK, serde_json::Value::Array(list))
         }
         (&Method::POST, ["api", "pools", pool, "backends", backend, action @ ..]) => {
             let Some(p) = view.pools.iter().find(|p| p.config.name == *pool) else {
-                return json_reply(StatusCode::NOT_FOUND, json!({"error": format!("no pool {pool}")}));
+                return json_reply(
+                    StatusCode::NOT_FOUND,
+                    json!({"error": format!("no pool {pool}")}),
+                );
             };
-            let Some(i) = p.backends.iter().position(|b| b.name == *backend || b.addr.to_string() == *backend) else {
-                return json_reply(StatusCode::NOT_FOUND, json!({"error": format!("no backend {backend} in pool {pool}")}));
+            let Some(i) = p
+                .backends
+                .iter()
+                .position(|b| b.name == *backend || b.addr.to_string() == *backend)
+            else {
+                return json_reply(
+                    StatusCode::NOT_FOUND,
+                    json!({"error": format!("no backend {backend} in pool {pool}")}),
+                );
             };
             match action {
                 ["drain"] => p.set_admin(i, AdminState::Drain),
@@ -172,42 +197,80 @@ fn backend_json(pool: &PoolRuntime, b: &BackendRuntime) -> serde_json::Value {
 
 /// Escapes a Prometheus label value.
 fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Renders every metric in the Prometheus text exposition format.
 pub fn render_metrics(view: &View) -> String {
     let mut o = String::with_capacity(4096);
     let stats = &view.stats;
-    let _ = writeln!(o, "# HELP ringmail_lb_maxconn Effective global connection limit.\n# TYPE ringmail_lb_maxconn gauge");
+    let _ = writeln!(
+        o,
+        "# HELP ringmail_lb_maxconn Effective global connection limit.\n# TYPE ringmail_lb_maxconn gauge"
+    );
     let _ = writeln!(o, "ringmail_lb_maxconn {}", view.maxconn);
-    let _ = writeln!(o, "# HELP ringmail_lb_open_files_limit Open-file limit of the process.\n# TYPE ringmail_lb_open_files_limit gauge");
+    let _ = writeln!(
+        o,
+        "# HELP ringmail_lb_open_files_limit Open-file limit of the process.\n# TYPE ringmail_lb_open_files_limit gauge"
+    );
     let _ = writeln!(o, "ringmail_lb_open_files_limit {}", view.open_files);
 
-    let _ = writeln!(o, "# HELP ringmail_lb_worker_info Engine and relay mode of each worker.\n# TYPE ringmail_lb_worker_info gauge");
+    let _ = writeln!(
+        o,
+        "# HELP ringmail_lb_worker_info Engine and relay mode of each worker.\n# TYPE ringmail_lb_worker_info gauge"
+    );
     let relay = crate::lb::relay_label(view.relay);
     for (i, w) in stats.workers.iter().enumerate() {
         let engine = w.engine().map_or("starting", |e| e.label());
-        let _ = writeln!(o, "ringmail_lb_worker_info{{worker=\"{i}\",engine=\"{engine}\",relay=\"{relay}\"}} 1");
+        let _ = writeln!(
+            o,
+            "ringmail_lb_worker_info{{worker=\"{i}\",engine=\"{engine}\",relay=\"{relay}\"}} 1"
+        );
     }
-    let counter = |o: &mut String, name: &str, help: &str, kind: &str, f: &dyn Fn(&crate::stats::WorkerStats) -> u64| {
+    let counter = |o: &mut String,
+                   name: &str,
+                   help: &str,
+                   kind: &str,
+                   f: &dyn Fn(&crate::stats::WorkerStats) -> u64| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (i, w) in stats.workers.iter().enumerate() {
             let _ = writeln!(o, "{name}{{worker=\"{i}\"}} {}", f(w));
         }
     };
-    counter(&mut o, "ringmail_lb_worker_accepts_total", "Connections accepted.", "counter", &|w| {
-        w.accepts.load(Ordering::Relaxed)
-    });
-    counter(&mut o, "ringmail_lb_worker_active_connections", "Client connections being proxied.", "gauge", &|w| {
-        w.active.load(Ordering::Relaxed)
-    });
-    counter(&mut o, "ringmail_lb_worker_idle_timeouts_total", "Connections closed for idleness.", "counter", &|w| {
-        w.idle_timeouts.load(Ordering::Relaxed)
-    });
-    let _ = writeln!(o, "# HELP ringmail_lb_refused_total Connections refused at accept.\n# TYPE ringmail_lb_refused_total counter");
+    counter(
+        &mut o,
+        "ringmail_lb_worker_accepts_total",
+        "Connections accepted.",
+        "counter",
+        &|w| w.accepts.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "ringmail_lb_worker_active_connections",
+        "Client connections being proxied.",
+        "gauge",
+        &|w| w.active.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
+        "ringmail_lb_worker_idle_timeouts_total",
+        "Connections closed for idleness.",
+        "counter",
+        &|w| w.idle_timeouts.load(Ordering::Relaxed),
+    );
+    let _ = writeln!(
+        o,
+        "# HELP ringmail_lb_refused_total Connections refused at accept.\n# TYPE ringmail_lb_refused_total counter"
+    );
     for r in Refusal::ALL {
-        let _ = writeln!(o, "ringmail_lb_refused_total{{reason=\"{}\"}} {}", r.label(), stats.total(|w| &w.refused[r as usize]));
+        let _ = writeln!(
+            o,
+            "ringmail_lb_refused_total{{reason=\"{}\"}} {}",
+            r.label(),
+            stats.total(|w| &w.refused[r as usize])
+        );
     }
 
     let _ = writeln!(
@@ -217,42 +280,92 @@ pub fn render_metrics(view: &View) -> String {
     let mut cumulative = 0u64;
     for (i, le) in CONNECT_BUCKETS.iter().enumerate() {
         cumulative += stats.total(|w| &w.connect_buckets[i]);
-        let _ = writeln!(o, "ringmail_lb_connect_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}");
+        let _ = writeln!(
+            o,
+            "ringmail_lb_connect_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+        );
     }
     cumulative += stats.total(|w| &w.connect_buckets[CONNECT_BUCKETS.len()]);
-    let _ = writeln!(o, "ringmail_lb_connect_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(
+        o,
+        "ringmail_lb_connect_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+    );
     let _ = writeln!(
         o,
         "ringmail_lb_connect_duration_seconds_sum {}",
         stats.total(|w| &w.connect_sum_ns) as f64 / 1e9
     );
-    let _ = writeln!(o, "ringmail_lb_connect_duration_seconds_count {}", stats.total(|w| &w.connect_count));
+    let _ = writeln!(
+        o,
+        "ringmail_lb_connect_duration_seconds_count {}",
+        stats.total(|w| &w.connect_count)
+    );
 
     type Metric = (&'static str, &'static str, &'static str);
     let metrics: [Metric; 7] = [
-        ("ringmail_lb_backend_up", "1 when health checks pass.", "gauge"),
-        ("ringmail_lb_backend_admin_drain", "1 when drained through the admin API.", "gauge"),
+        (
+            "ringmail_lb_backend_up",
+            "1 when health checks pass.",
+            "gauge",
+        ),
+        (
+            "ringmail_lb_backend_admin_drain",
+            "1 when drained through the admin API.",
+            "gauge",
+        ),
         ("ringmail_lb_backend_weight", "Current weight.", "gauge"),
-        ("ringmail_lb_backend_active_connections", "Connections to the backend.", "gauge"),
-        ("ringmail_lb_backend_connections_total", "Connections sent to the backend.", "counter"),
-        ("ringmail_lb_backend_connect_errors_total", "Failed connects to the backend.", "counter"),
-        ("ringmail_lb_backend_bytes_total", "Bytes relayed, by direction.", "counter"),
+        (
+            "ringmail_lb_backend_active_connections",
+            "Connections to the backend.",
+            "gauge",
+        ),
+        (
+            "ringmail_lb_backend_connections_total",
+            "Connections sent to the backend.",
+            "counter",
+        ),
+        (
+            "ringmail_lb_backend_connect_errors_total",
+            "Failed connects to the backend.",
+            "counter",
+        ),
+        (
+            "ringmail_lb_backend_bytes_total",
+            "Bytes relayed, by direction.",
+            "counter",
+        ),
     ];
     for (name, help, kind) in metrics {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for p in &view.pools {
             for b in &p.backends {
-                let labels = format!("pool=\"{}\",backend=\"{}\"", esc(&p.config.name), esc(&b.name));
+                let labels = format!(
+                    "pool=\"{}\",backend=\"{}\"",
+                    esc(&p.config.name),
+                    esc(&b.name)
+                );
                 let v = match name {
                     "ringmail_lb_backend_up" => u64::from(b.is_up()),
-                    "ringmail_lb_backend_admin_drain" => u64::from(b.admin_state() == AdminState::Drain),
+                    "ringmail_lb_backend_admin_drain" => {
+                        u64::from(b.admin_state() == AdminState::Drain)
+                    }
                     "ringmail_lb_backend_weight" => u64::from(b.weight.load(Ordering::Relaxed)),
-                    "ringmail_lb_backend_active_connections" => u64::from(b.active.load(Ordering::Relaxed)),
+                    "ringmail_lb_backend_active_connections" => {
+                        u64::from(b.active.load(Ordering::Relaxed))
+                    }
                     "ringmail_lb_backend_connections_total" => b.sum(|c| &c.total),
                     "ringmail_lb_backend_connect_errors_total" => b.sum(|c| &c.connect_errors),
                     _ => {
-                        let _ = writeln!(o, "{name}{{{labels},direction=\"to_backend\"}} {}", b.sum(|c| &c.bytes_to_backend));
-                        let _ = writeln!(o, "{name}{{{labels},direction=\"to_client\"}} {}", b.sum(|c| &c.bytes_to_client));
+                        let _ = writeln!(
+                            o,
+                            "{name}{{{labels},direction=\"to_backend\"}} {}",
+                            b.sum(|c| &c.bytes_to_backend)
+                        );
+                        let _ = writeln!(
+                            o,
+                            "{name}{{{labels},direction=\"to_client\"}} {}",
+                            b.sum(|c| &c.bytes_to_client)
+                        );
                         continue;
                     }
                 };
@@ -260,12 +373,27 @@ pub fn render_metrics(view: &View) -> String {
             }
         }
     }
-    let _ = writeln!(o, "# HELP ringmail_lb_backend_health_checks_total Health check results.\n# TYPE ringmail_lb_backend_health_checks_total counter");
+    let _ = writeln!(
+        o,
+        "# HELP ringmail_lb_backend_health_checks_total Health check results.\n# TYPE ringmail_lb_backend_health_checks_total counter"
+    );
     for p in &view.pools {
         for b in &p.backends {
-            let labels = format!("pool=\"{}\",backend=\"{}\"", esc(&p.config.name), esc(&b.name));
-            let _ = writeln!(o, "ringmail_lb_backend_health_checks_total{{{labels},result=\"ok\"}} {}", b.checks_ok.load(Ordering::Relaxed));
-            let _ = writeln!(o, "ringmail_lb_backend_health_checks_total{{{labels},result=\"failed\"}} {}", b.checks_failed.load(Ordering::Relaxed));
+            let labels = format!(
+                "pool=\"{}\",backend=\"{}\"",
+                esc(&p.config.name),
+                esc(&b.name)
+            );
+            let _ = writeln!(
+                o,
+                "ringmail_lb_backend_health_checks_total{{{labels},result=\"ok\"}} {}",
+                b.checks_ok.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                o,
+                "ringmail_lb_backend_health_checks_total{{{labels},result=\"failed\"}} {}",
+                b.checks_failed.load(Ordering::Relaxed)
+            );
         }
     }
     o

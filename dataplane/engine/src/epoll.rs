@@ -95,21 +95,42 @@ fn would_block(e: &io::Error) -> bool {
 fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: the buffer is valid for writes of its length.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: the buffer is valid for reads of its length; MSG_NOSIGNAL avoids SIGPIPE.
-    let n = unsafe { libc::send(fd, buf.as_ptr() as *const libc::c_void, buf.len(), libc::MSG_NOSIGNAL) };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 impl EpollWorker {
     pub fn new(ctx: Ctx, rx: Receiver<Control>, wake_fd: OwnedFd) -> io::Result<EpollWorker> {
         let poll = Poll::new()?;
-        poll.registry().register(&mut SourceFd(&wake_fd.as_raw_fd()), WAKE, Interest::READABLE)?;
+        poll.registry().register(
+            &mut SourceFd(&wake_fd.as_raw_fd()),
+            WAKE,
+            Interest::READABLE,
+        )?;
         let relay = ctx.snapshot.relay;
-        ctx.stats().engine.store(EngineKind::Epoll as u8, Ordering::Relaxed);
+        ctx.stats()
+            .engine
+            .store(EngineKind::Epoll as u8, Ordering::Relaxed);
         Ok(EpollWorker {
             poll,
             ctx,
@@ -132,7 +153,11 @@ impl EpollWorker {
         }
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = if self.again.is_empty() { Duration::from_millis(100) } else { Duration::ZERO };
+            let timeout = if self.again.is_empty() {
+                Duration::from_millis(100)
+            } else {
+                Duration::ZERO
+            };
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -166,7 +191,11 @@ impl EpollWorker {
 
     fn housekeeping(&mut self) {
         if self.ctx.drain_expired() && self.live > 0 {
-            info!(worker = self.ctx.id, connections = self.live, "drain deadline reached, closing remaining connections");
+            info!(
+                worker = self.ctx.id,
+                connections = self.live,
+                "drain deadline reached, closing remaining connections"
+            );
             for slot in 0..self.conns.len() as u32 {
                 self.close(slot);
             }
@@ -185,7 +214,9 @@ impl EpollWorker {
             let Some(c) = c else { continue };
             match c.session.phase() {
                 Phase::Connecting if now >= c.connect_deadline_ms => expired.push(slot as u32),
-                Phase::Relaying if full && c.session.is_idle(now, c.pool.config.idle_timeout) => idle.push(slot as u32),
+                Phase::Relaying if full && c.session.is_idle(now, c.pool.config.idle_timeout) => {
+                    idle.push(slot as u32)
+                }
                 _ => {}
             }
         }
@@ -201,7 +232,13 @@ impl EpollWorker {
     fn on_wake(&mut self) {
         let mut buf = [0u8; 8];
         // SAFETY: reading 8 bytes from our eventfd into a local array.
-        unsafe { libc::read(self.wake_fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, 8) };
+        unsafe {
+            libc::read(
+                self.wake_fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                8,
+            )
+        };
         while let Ok(msg) = self.rx.try_recv() {
             self.control(msg);
         }
@@ -209,7 +246,11 @@ impl EpollWorker {
 
     fn control(&mut self, msg: Control) {
         match msg {
-            Control::Reload { snapshot, add, remove } => {
+            Control::Reload {
+                snapshot,
+                add,
+                remove,
+            } => {
                 self.ctx.install(snapshot);
                 for id in remove {
                     self.close_listener_id(id);
@@ -236,9 +277,24 @@ impl EpollWorker {
     }
 
     fn add_listener(&mut self, id: u64, fd: OwnedFd) -> io::Result<()> {
-        let pool = self.ctx.snapshot.listeners.iter().find(|s| s.id == id).map(|s| s.pool).unwrap_or(0);
-        let idx = self.listeners.iter().position(Option::is_none).unwrap_or(self.listeners.len());
-        self.poll.registry().register(&mut SourceFd(&fd.as_raw_fd()), Token(LISTENER_BASE + idx), Interest::READABLE)?;
+        let pool = self
+            .ctx
+            .snapshot
+            .listeners
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.pool)
+            .unwrap_or(0);
+        let idx = self
+            .listeners
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.listeners.len());
+        self.poll.registry().register(
+            &mut SourceFd(&fd.as_raw_fd()),
+            Token(LISTENER_BASE + idx),
+            Interest::READABLE,
+        )?;
         let l = Some(Lst { id, fd, pool });
         if idx == self.listeners.len() {
             self.listeners.push(l);
@@ -251,10 +307,16 @@ impl EpollWorker {
     }
 
     fn close_listener_id(&mut self, id: u64) {
-        if let Some(idx) = self.listeners.iter().position(|l| l.as_ref().is_some_and(|l| l.id == id))
+        if let Some(idx) = self
+            .listeners
+            .iter()
+            .position(|l| l.as_ref().is_some_and(|l| l.id == id))
             && let Some(l) = self.listeners[idx].take()
         {
-            let _ = self.poll.registry().deregister(&mut SourceFd(&l.fd.as_raw_fd()));
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&l.fd.as_raw_fd()));
         }
     }
 
@@ -262,11 +324,18 @@ impl EpollWorker {
         // Bounded per event so one busy listener cannot starve established connections; a
         // listener with more pending is revisited through a zero-timeout poll (level check).
         for _ in 0..256 {
-            let Some(l) = self.listeners.get(idx).and_then(Option::as_ref) else { return };
+            let Some(l) = self.listeners.get(idx).and_then(Option::as_ref) else {
+                return;
+            };
             let pool = l.pool;
             // SAFETY: accept4 on our listening socket with null address pointers.
             let fd = unsafe {
-                libc::accept4(l.fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+                libc::accept4(
+                    l.fd.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                )
             };
             if fd < 0 {
                 let e = io::Error::last_os_error();
@@ -344,7 +413,9 @@ impl EpollWorker {
     }
 
     fn start_connect(&mut self, slot: u32, first: bool) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         let pool = Arc::clone(&c.pool);
         let Some(pick) = self.ctx.pick(c.pool_index, &pool, c.peer.ip(), &c.session) else {
             if first {
@@ -384,7 +455,9 @@ impl EpollWorker {
     }
 
     fn connect_failed(&mut self, slot: u32) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         if c.has_backend {
             self.ctx.connect_error(&c.pool, c.backend_idx);
             self.ctx.release_backend(&c.pool, c.backend_idx);
@@ -402,10 +475,14 @@ impl EpollWorker {
     }
 
     fn on_ready(&mut self, slot: u32, side: usize, error: bool) {
-        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else { return };
+        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return;
+        };
         match c.session.phase() {
             Phase::Connecting if side == 1 => {
-                let ok = !error && matches!(sys::take_error(c.backend), Ok(None)) && sys::addresses(c.backend).is_ok();
+                let ok = !error
+                    && matches!(sys::take_error(c.backend), Ok(None))
+                    && sys::addresses(c.backend).is_ok();
                 if ok {
                     self.connected(slot);
                 } else {
@@ -428,13 +505,21 @@ impl EpollWorker {
     }
 
     fn connected(&mut self, slot: u32) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
-        self.ctx.stats().observe_connect(sys::now_ns().saturating_sub(c.connect_start_ns));
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
+        self.ctx
+            .stats()
+            .observe_connect(sys::now_ns().saturating_sub(c.connect_start_ns));
         c.session.on_connected(self.ctx.now_ms);
         if self
             .poll
             .registry()
-            .register(&mut SourceFd(&c.client), Token(slot as usize * 2), Interest::READABLE | Interest::WRITABLE)
+            .register(
+                &mut SourceFd(&c.client),
+                Token(slot as usize * 2),
+                Interest::READABLE | Interest::WRITABLE,
+            )
             .is_err()
         {
             self.close(slot);
@@ -464,7 +549,9 @@ impl EpollWorker {
     }
 
     fn flush_header(&mut self, slot: u32) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         let Some(h) = c.header.as_ref() else { return };
         match send(c.backend, &h[c.header_off..]) {
             Ok(n) => {
@@ -483,7 +570,9 @@ impl EpollWorker {
     /// Moves bytes for direction `d` (0: client→backend, 1: backend→client) until something
     /// would block, the source ends, or the round limit is reached.
     fn pump_dir(&mut self, slot: u32, d: usize) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         if c.session.phase() != Phase::Relaying || c.header.is_some() || c.dirs[d].eof_done {
             return;
         }
@@ -577,7 +666,9 @@ impl EpollWorker {
     }
 
     fn pass_eof(&mut self, slot: u32, d: usize) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         if c.dirs[d].eof_done {
             return;
         }
@@ -591,7 +682,9 @@ impl EpollWorker {
     }
 
     fn close(&mut self, slot: u32) {
-        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::take) else { return };
+        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
         if c.client_registered {
             let _ = self.poll.registry().deregister(&mut SourceFd(&c.client));
         }
@@ -610,6 +703,11 @@ impl EpollWorker {
 }
 
 /// Starts an epoll worker on the current thread.
-pub fn run_worker(ctx: Ctx, rx: Receiver<Control>, wake_fd: OwnedFd, listeners: Vec<(u64, OwnedFd)>) -> io::Result<()> {
+pub fn run_worker(
+    ctx: Ctx,
+    rx: Receiver<Control>,
+    wake_fd: OwnedFd,
+    listeners: Vec<(u64, OwnedFd)>,
+) -> io::Result<()> {
     EpollWorker::new(ctx, rx, wake_fd)?.run(listeners)
 }

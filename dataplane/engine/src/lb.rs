@@ -18,13 +18,13 @@ use ringmail_proxy_core::ratelimit::SourceRateLimiter;
 use tracing::{info, warn};
 
 use crate::admin::{self, AdminServer, View};
+use crate::epoll;
 use crate::healthcheck::{self, HealthChecker};
 use crate::runtime::PoolRuntime;
 use crate::stats::{EngineKind, Stats};
 use crate::sys;
 use crate::uring::{self, BufferConfig};
 use crate::worker::{Control, Ctx, ListenerSpec, Shared, Snapshot};
-use crate::epoll;
 
 /// Why the load balancer could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +118,11 @@ impl Lb {
             );
             cap
         } else {
-            info!(open_files = nofile, maxconn = config.global.maxconn, "open-file limit raised");
+            info!(
+                open_files = nofile,
+                maxconn = config.global.maxconn,
+                "open-file limit raised"
+            );
             config.global.maxconn
         };
 
@@ -140,12 +144,22 @@ impl Lb {
         };
 
         let stats = Arc::new(Stats::new(nworkers));
-        let shared = Arc::new(Shared { stats: Arc::clone(&stats), active: Default::default(), epoch_ms: sys::now_ms() });
+        let shared = Arc::new(Shared {
+            stats: Arc::clone(&stats),
+            active: Default::default(),
+            epoch_ms: sys::now_ms(),
+        });
         let mut lb = Lb {
             config: config.clone(),
             workers: Vec::new(),
             shared: Arc::clone(&shared),
-            view: Arc::new(RwLock::new(View { pools: Vec::new(), stats, maxconn, open_files: nofile, relay: config.global.relay })),
+            view: Arc::new(RwLock::new(View {
+                pools: Vec::new(),
+                stats,
+                maxconn,
+                open_files: nofile,
+                relay: config.global.relay,
+            })),
             health: None,
             admin: None,
             listener_ids: HashMap::new(),
@@ -159,7 +173,10 @@ impl Lb {
         let mut per_worker: Vec<Vec<(u64, OwnedFd)>> = (0..nworkers).map(|_| Vec::new()).collect();
         for spec in &snapshot.listeners {
             for list in per_worker.iter_mut() {
-                let fd = sys::listener(spec.bind, 4096).map_err(|source| LbError::Listen { addr: spec.bind, source })?;
+                let fd = sys::listener(spec.bind, 4096).map_err(|source| LbError::Listen {
+                    addr: spec.bind,
+                    source,
+                })?;
                 list.push((spec.id, fd));
             }
         }
@@ -169,13 +186,21 @@ impl Lb {
             let wake_fd = Arc::new(eventfd().map_err(LbError::Spawn)?);
             let worker_wake = dup(&wake_fd).map_err(LbError::Spawn)?;
             let ctx = Ctx::new(id, Arc::clone(&snapshot), Arc::clone(&shared));
-            let cpu = config.global.pin_workers.then(|| cpus.get(id % cpus.len().max(1)).copied()).flatten();
+            let cpu = config
+                .global
+                .pin_workers
+                .then(|| cpus.get(id % cpus.len().max(1)).copied())
+                .flatten();
             let buffers = options.buffers;
             let thread = std::thread::Builder::new()
                 .name(format!("ringmail-w{id}"))
                 .spawn(move || worker_main(ctx, rx, worker_wake, listeners, engine, cpu, buffers))
                 .map_err(LbError::Spawn)?;
-            lb.workers.push(WorkerHandle { tx, wake: wake_fd, thread: Some(thread) });
+            lb.workers.push(WorkerHandle {
+                tx,
+                wake: wake_fd,
+                thread: Some(thread),
+            });
         }
         info!(
             workers = nworkers,
@@ -192,14 +217,21 @@ impl Lb {
         lb.health = Some(healthcheck::spawn(snapshot.pools.clone()).map_err(LbError::Health)?);
         lb.view.write().unwrap_or_else(|e| e.into_inner()).pools = snapshot.pools.clone();
         if let Some(addr) = config.global.admin {
-            lb.admin =
-                Some(admin::spawn(addr, Arc::clone(&lb.view)).map_err(|source| LbError::Admin { addr, source })?);
+            lb.admin = Some(
+                admin::spawn(addr, Arc::clone(&lb.view))
+                    .map_err(|source| LbError::Admin { addr, source })?,
+            );
             info!(%addr, "admin listener: /metrics, /api/backends");
         }
         Ok(lb)
     }
 
-    fn snapshot(&mut self, config: &LbConfig, previous: Option<&[Arc<PoolRuntime>]>, nworkers: usize) -> Arc<Snapshot> {
+    fn snapshot(
+        &mut self,
+        config: &LbConfig,
+        previous: Option<&[Arc<PoolRuntime>]>,
+        nworkers: usize,
+    ) -> Arc<Snapshot> {
         let pools: Vec<Arc<PoolRuntime>> = config
             .pools
             .iter()
@@ -216,11 +248,24 @@ impl Lb {
                     self.next_listener_id += 1;
                     self.next_listener_id
                 });
-                ListenerSpec { id, bind: l.bind, pool: l.pool }
+                ListenerSpec {
+                    id,
+                    bind: l.bind,
+                    pool: l.pool,
+                }
             })
             .collect();
-        let ratelimit = config.global.source_rate.map(|r| Arc::new(SourceRateLimiter::new(r.max, r.period)));
-        Arc::new(Snapshot { pools, listeners, ratelimit, maxconn: self.maxconn, relay: config.global.relay })
+        let ratelimit = config
+            .global
+            .source_rate
+            .map(|r| Arc::new(SourceRateLimiter::new(r.max, r.period)));
+        Arc::new(Snapshot {
+            pools,
+            listeners,
+            ratelimit,
+            maxconn: self.maxconn,
+            relay: config.global.relay,
+        })
     }
 
     pub fn engine(&self) -> EngineKind {
@@ -237,7 +282,12 @@ impl Lb {
             warn!("workers, engine, relay and admin changes take effect only after a restart");
         }
         let nworkers = self.workers.len();
-        let previous = self.view.read().unwrap_or_else(|e| e.into_inner()).pools.clone();
+        let previous = self
+            .view
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .pools
+            .clone();
         let old_binds: Vec<SocketAddr> = self.config.listeners.iter().map(|l| l.bind).collect();
         // Keep maxconn and relay as started (they are tied to the descriptor budget).
         let mut effective = config.clone();
@@ -245,9 +295,16 @@ impl Lb {
         let snapshot = self.snapshot(&effective, Some(&previous), nworkers);
 
         let mut add: Vec<Vec<(u64, OwnedFd)>> = (0..nworkers).map(|_| Vec::new()).collect();
-        for spec in snapshot.listeners.iter().filter(|s| !old_binds.contains(&s.bind)) {
+        for spec in snapshot
+            .listeners
+            .iter()
+            .filter(|s| !old_binds.contains(&s.bind))
+        {
             for list in add.iter_mut() {
-                let fd = sys::listener(spec.bind, 4096).map_err(|source| LbError::Listen { addr: spec.bind, source })?;
+                let fd = sys::listener(spec.bind, 4096).map_err(|source| LbError::Listen {
+                    addr: spec.bind,
+                    source,
+                })?;
                 list.push((spec.id, fd));
             }
             info!(listen = %spec.bind, "new listener");
@@ -265,21 +322,38 @@ impl Lb {
         self.health = Some(healthcheck::spawn(snapshot.pools.clone()).map_err(LbError::Health)?);
         self.view.write().unwrap_or_else(|e| e.into_inner()).pools = snapshot.pools.clone();
         for (w, add) in self.workers.iter().zip(add) {
-            w.send(Control::Reload { snapshot: Arc::clone(&snapshot), add, remove: remove.clone() });
+            w.send(Control::Reload {
+                snapshot: Arc::clone(&snapshot),
+                add,
+                remove: remove.clone(),
+            });
         }
         self.config = config;
-        info!(listeners = snapshot.listeners.len(), pools = snapshot.pools.len(), "configuration reloaded");
+        info!(
+            listeners = snapshot.listeners.len(),
+            pools = snapshot.pools.len(),
+            "configuration reloaded"
+        );
         Ok(())
     }
 
     /// Stops accepting, lets established connections finish for up to `timeout`, and returns
     /// when every worker is done.
     pub fn drain_and_wait(mut self, timeout: Duration) {
-        let active = self.shared.active.load(std::sync::atomic::Ordering::Relaxed);
-        info!(active, timeout_ms = timeout.as_millis() as u64, "draining: no new connections");
+        let active = self
+            .shared
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed);
+        info!(
+            active,
+            timeout_ms = timeout.as_millis() as u64,
+            "draining: no new connections"
+        );
         let deadline = sys::now_ms() + timeout.as_millis() as u64;
         for w in &self.workers {
-            w.send(Control::Drain { deadline_ms: deadline });
+            w.send(Control::Drain {
+                deadline_ms: deadline,
+            });
         }
         for w in &mut self.workers {
             if let Some(t) = w.thread.take() {
@@ -297,7 +371,9 @@ impl Lb {
 
     /// Whether every worker thread is still running.
     pub fn workers_alive(&self) -> bool {
-        self.workers.iter().all(|w| w.thread.as_ref().is_some_and(|t| !t.is_finished()))
+        self.workers
+            .iter()
+            .all(|w| w.thread.as_ref().is_some_and(|t| !t.is_finished()))
     }
 }
 
@@ -337,4 +413,3 @@ fn worker_main(
         tracing::error!(worker = id, error = %e, "worker stopped with an error");
     }
 }
-

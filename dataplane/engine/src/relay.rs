@@ -43,7 +43,11 @@ impl SegQueue {
         }
     }
     pub fn front_mut(&mut self) -> Option<&mut Seg> {
-        if self.len > 0 { Some(&mut self.inline[self.head as usize]) } else { self.overflow.first_mut() }
+        if self.len > 0 {
+            Some(&mut self.inline[self.head as usize])
+        } else {
+            self.overflow.first_mut()
+        }
     }
     pub fn pop(&mut self) -> Option<Seg> {
         if self.len > 0 {
@@ -93,12 +97,12 @@ impl Pipes {
     pub fn new() -> io::Result<Pipes> {
         use std::os::fd::IntoRawFd;
         let (r0, w0) = sys::pipe(PIPE_SIZE)?;
-        let (r1, w1) = match sys::pipe(PIPE_SIZE) {
-            Ok(p) => p,
-            Err(e) => return Err(e),
-        };
+        let (r1, w1) = sys::pipe(PIPE_SIZE)?;
         Ok(Pipes {
-            fds: [(r0.into_raw_fd(), w0.into_raw_fd()), (r1.into_raw_fd(), w1.into_raw_fd())],
+            fds: [
+                (r0.into_raw_fd(), w0.into_raw_fd()),
+                (r1.into_raw_fd(), w1.into_raw_fd()),
+            ],
             pending: [0, 0],
         })
     }
@@ -165,7 +169,11 @@ mod tests {
     fn seg_queue_keeps_order_through_overflow() {
         let mut q = SegQueue::default();
         for i in 0..20u16 {
-            q.push(Seg { bid: i, off: 0, len: 1 });
+            q.push(Seg {
+                bid: i,
+                off: 0,
+                len: 1,
+            });
         }
         assert_eq!(q.len(), 20);
         let mut got = Vec::new();
@@ -173,7 +181,11 @@ mod tests {
             got.push(q.pop().unwrap().bid);
         }
         for i in 20..25u16 {
-            q.push(Seg { bid: i, off: 0, len: 1 });
+            q.push(Seg {
+                bid: i,
+                off: 0,
+                len: 1,
+            });
         }
         while let Some(s) = q.pop() {
             got.push(s.bid);
@@ -185,7 +197,11 @@ mod tests {
     #[test]
     fn seg_queue_front_mut_edits_head() {
         let mut q = SegQueue::default();
-        q.push(Seg { bid: 1, off: 0, len: 10 });
+        q.push(Seg {
+            bid: 1,
+            off: 0,
+            len: 10,
+        });
         q.front_mut().unwrap().off = 4;
         assert_eq!(q.pop().unwrap().off, 4);
         assert!(q.front_mut().is_none());

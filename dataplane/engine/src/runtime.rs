@@ -61,7 +61,9 @@ impl BackendRuntime {
             checks_ok: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
             last_check_error: std::sync::Mutex::new(None),
-            per_worker: (0..workers).map(|_| CachePadded::new(BackendCounters::default())).collect(),
+            per_worker: (0..workers)
+                .map(|_| CachePadded::new(BackendCounters::default()))
+                .collect(),
         }
     }
 
@@ -81,12 +83,17 @@ impl BackendRuntime {
     pub fn eligible(&self) -> bool {
         self.is_up()
             && self.admin_state() == AdminState::Ready
-            && self.maxconn.is_none_or(|m| self.active.load(Ordering::Relaxed) < m)
+            && self
+                .maxconn
+                .is_none_or(|m| self.active.load(Ordering::Relaxed) < m)
     }
 
     /// Sum of a per-worker counter.
     pub fn sum(&self, f: impl Fn(&BackendCounters) -> &AtomicU64) -> u64 {
-        self.per_worker.iter().map(|c| f(c).load(Ordering::Relaxed)).sum()
+        self.per_worker
+            .iter()
+            .map(|c| f(c).load(Ordering::Relaxed))
+            .sum()
     }
 }
 
@@ -117,7 +124,11 @@ impl PoolRuntime {
                     .unwrap_or_else(|| Arc::new(BackendRuntime::new(b, workers)))
             })
             .collect();
-        PoolRuntime { config, backends, generation: AtomicU64::new(1) }
+        PoolRuntime {
+            config,
+            backends,
+            generation: AtomicU64::new(1),
+        }
     }
 
     /// Records a health decision; returns true when it changed the backend's state.
@@ -131,12 +142,16 @@ impl PoolRuntime {
     }
 
     pub fn set_admin(&self, backend: usize, state: AdminState) {
-        self.backends[backend].admin.store(state as u8, Ordering::Relaxed);
+        self.backends[backend]
+            .admin
+            .store(state as u8, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn set_weight(&self, backend: usize, weight: u32) {
-        self.backends[backend].weight.store(weight, Ordering::Relaxed);
+        self.backends[backend]
+            .weight
+            .store(weight, Ordering::Relaxed);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 

@@ -25,8 +25,9 @@ impl Refusal {
 }
 
 /// Upper bounds (seconds) of the connect-time histogram buckets.
-pub const CONNECT_BUCKETS: [f64; 12] =
-    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0];
+pub const CONNECT_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0,
+];
 
 /// Which engine a worker runs, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +70,10 @@ impl WorkerStats {
 
     pub fn observe_connect(&self, ns: u64) {
         let secs = ns as f64 / 1e9;
-        let idx = CONNECT_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(CONNECT_BUCKETS.len());
+        let idx = CONNECT_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(CONNECT_BUCKETS.len());
         Self::add(&self.connect_buckets[idx], 1);
         Self::add(&self.connect_sum_ns, ns);
         Self::add(&self.connect_count, 1);
@@ -96,10 +100,17 @@ pub struct Stats {
 
 impl Stats {
     pub fn new(workers: usize) -> Stats {
-        Stats { workers: (0..workers).map(|_| CachePadded::new(WorkerStats::default())).collect() }
+        Stats {
+            workers: (0..workers)
+                .map(|_| CachePadded::new(WorkerStats::default()))
+                .collect(),
+        }
     }
 
     pub fn total(&self, f: impl Fn(&WorkerStats) -> &AtomicU64) -> u64 {
-        self.workers.iter().map(|w| f(w).load(Ordering::Relaxed)).sum()
+        self.workers
+            .iter()
+            .map(|w| f(w).load(Ordering::Relaxed))
+            .sum()
     }
 }

@@ -11,13 +11,21 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 /// on the same address, IPV6_V6ONLY for v6 binds (v4 and v6 VIPs are separate listeners),
 /// IP_FREEBIND so an anycast VIP can be bound before it is configured on `lo`.
 pub fn listener(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    let _ = if addr.is_ipv6() { socket.set_freebind_v6(true) } else { socket.set_freebind_v4(true) };
+    let _ = if addr.is_ipv6() {
+        socket.set_freebind_v6(true)
+    } else {
+        socket.set_freebind_v4(true)
+    };
     socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
@@ -26,7 +34,11 @@ pub fn listener(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
 
 /// A non-blocking TCP socket for connecting to `addr`.
 pub fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_tcp_nodelay(true)?;
     Ok(socket.into())
 }
@@ -35,7 +47,9 @@ pub fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
 /// once; batching is the endpoints' business).
 pub fn prepare_accepted(fd: RawFd) -> io::Result<()> {
     let socket = borrow(fd);
-    let r = socket.set_nonblocking(true).and_then(|_| socket.set_tcp_nodelay(true));
+    let r = socket
+        .set_nonblocking(true)
+        .and_then(|_| socket.set_tcp_nodelay(true));
     let _ = socket.into_raw_fd();
     r
 }
@@ -64,8 +78,14 @@ pub fn take_error(fd: RawFd) -> io::Result<Option<io::Error>> {
 pub fn addresses(fd: RawFd) -> io::Result<(SocketAddr, SocketAddr)> {
     let socket = borrow(fd);
     let r = (|| {
-        let peer = socket.peer_addr()?.as_socket().ok_or_else(|| io::Error::other("peer is not inet"))?;
-        let local = socket.local_addr()?.as_socket().ok_or_else(|| io::Error::other("local is not inet"))?;
+        let peer = socket
+            .peer_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("peer is not inet"))?;
+        let local = socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("local is not inet"))?;
         Ok((normalize(peer), normalize(local)))
     })();
     let _ = socket.into_raw_fd();
@@ -120,13 +140,19 @@ fn borrow(fd: RawFd) -> Socket {
 
 /// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the limit now in force.
 pub fn raise_nofile_limit() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return 1024;
     }
     if lim.rlim_cur < lim.rlim_max {
-        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
         // SAFETY: setrlimit reads the struct we pass.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
             return raised.rlim_cur;
@@ -140,11 +166,14 @@ pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: pid 0 is this thread; size and pointer describe `set`.
-    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
         return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
     }
     // SAFETY: CPU_ISSET reads the set initialised above.
-    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
 }
 
 /// Pins the calling thread to `cpu`.
@@ -179,14 +208,28 @@ pub fn pipe(size: i32) -> io::Result<(OwnedFd, OwnedFd)> {
 pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: both descriptors are open; null offsets mean "current position" for pipes/sockets.
     let n = unsafe {
-        libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK)
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
     };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// Monotonic milliseconds (CLOCK_MONOTONIC_COARSE is plenty for timeouts).
 pub fn now_ms() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
@@ -194,7 +237,10 @@ pub fn now_ms() -> u64 {
 
 /// Monotonic nanoseconds (precise, for the connect-time histogram).
 pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we pass.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

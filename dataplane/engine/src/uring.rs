@@ -70,7 +70,10 @@ pub struct BufferConfig {
 
 impl Default for BufferConfig {
     fn default() -> Self {
-        BufferConfig { count: 1024, size: 32 * 1024 }
+        BufferConfig {
+            count: 1024,
+            size: 32 * 1024,
+        }
     }
 }
 
@@ -90,7 +93,10 @@ pub fn probe() -> io::Result<()> {
         (opcode::PollAdd::CODE, "poll_add"),
     ] {
         if !probe.is_supported(code) {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, format!("io_uring opcode {name} not supported")));
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("io_uring opcode {name} not supported"),
+            ));
         }
     }
     let bufs = BufRing::new(&ring, 8, 4096)?;
@@ -112,27 +118,45 @@ struct BufRing {
 impl BufRing {
     fn new(ring: &IoUring, count: u16, size: u32) -> io::Result<BufRing> {
         if !count.is_power_of_two() || count > 32768 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "buffer count must be a power of two <= 32768"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "buffer count must be a power of two <= 32768",
+            ));
         }
         let ring_layout = std::alloc::Layout::from_size_align(
             usize::from(count) * std::mem::size_of::<types::BufRingEntry>(),
             4096,
         )
         .map_err(io::Error::other)?;
-        let data_layout = std::alloc::Layout::from_size_align(usize::from(count) * size as usize, 4096)
-            .map_err(io::Error::other)?;
+        let data_layout =
+            std::alloc::Layout::from_size_align(usize::from(count) * size as usize, 4096)
+                .map_err(io::Error::other)?;
         // SAFETY: both layouts have non-zero size; zeroed memory is a valid (empty) ring.
         // Large zeroed allocations come from mmap, so untouched buffers cost no resident memory.
         let (entries, data) = unsafe {
-            (std::alloc::alloc_zeroed(ring_layout) as *mut types::BufRingEntry, std::alloc::alloc_zeroed(data_layout))
+            (
+                std::alloc::alloc_zeroed(ring_layout) as *mut types::BufRingEntry,
+                std::alloc::alloc_zeroed(data_layout),
+            )
         };
         if entries.is_null() || data.is_null() {
             return Err(io::Error::from(io::ErrorKind::OutOfMemory));
         }
-        let mut br = BufRing { entries, ring_layout, data, data_layout, mask: count - 1, tail: 0, size };
+        let mut br = BufRing {
+            entries,
+            ring_layout,
+            data,
+            data_layout,
+            mask: count - 1,
+            tail: 0,
+            size,
+        };
         // SAFETY: `entries` points to `count` entries that stay allocated until `Drop`, which
         // runs only after the ring that uses them is gone (see `UringWorker`'s field order).
-        if let Err(e) = unsafe { ring.submitter().register_buf_ring_with_flags(entries as u64, count, BGID, 0) } {
+        if let Err(e) = unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(entries as u64, count, BGID, 0)
+        } {
             br.free();
             return Err(e);
         }
@@ -248,7 +272,9 @@ pub struct UringWorker {
     wake_fd: OwnedFd,
     wake_buf: Box<u64>,
     tick_ts: Box<types::Timespec>,
-    /// Connect timeouts, kept alive until the next submission.
+    /// Connect timeouts, kept alive until the next submission. Boxed so their addresses stay
+    /// put while the vector grows: the kernel reads them at submission time.
+    #[allow(clippy::vec_box)]
     timespecs: Vec<Box<types::Timespec>>,
     listeners: Vec<Option<Lst>>,
     conns: Vec<Option<Conn>>,
@@ -262,7 +288,12 @@ pub struct UringWorker {
 
 impl UringWorker {
     /// Sets up the ring and the buffer ring (in the worker thread: the ring is single-issuer).
-    pub fn new(ctx: Ctx, rx: Receiver<Control>, wake_fd: OwnedFd, bufcfg: BufferConfig) -> io::Result<UringWorker> {
+    pub fn new(
+        ctx: Ctx,
+        rx: Receiver<Control>,
+        wake_fd: OwnedFd,
+        bufcfg: BufferConfig,
+    ) -> io::Result<UringWorker> {
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()
@@ -275,7 +306,9 @@ impl UringWorker {
             })?;
         let bufs = BufRing::new(&ring, bufcfg.count, bufcfg.size)?;
         let relay = ctx.snapshot.relay;
-        ctx.stats().engine.store(EngineKind::Uring as u8, Ordering::Relaxed);
+        ctx.stats()
+            .engine
+            .store(EngineKind::Uring as u8, Ordering::Relaxed);
         Ok(UringWorker {
             ring,
             bufs,
@@ -312,7 +345,13 @@ impl UringWorker {
     fn push_pair(&mut self, a: squeue::Entry, b: squeue::Entry) {
         loop {
             // SAFETY: as in `push`; both entries go in together so a link is never split.
-            if unsafe { self.ring.submission().push_multiple(&[a.clone(), b.clone()]) }.is_ok() {
+            if unsafe {
+                self.ring
+                    .submission()
+                    .push_multiple(&[a.clone(), b.clone()])
+            }
+            .is_ok()
+            {
                 return;
             }
             if let Err(e) = self.ring.submit() {
@@ -339,7 +378,8 @@ impl UringWorker {
             {
                 let mut cq = self.ring.completion();
                 cq.sync();
-                self.events.extend(cq.map(|c| (c.user_data(), c.result(), c.flags())));
+                self.events
+                    .extend(cq.map(|c| (c.user_data(), c.result(), c.flags())));
             }
             let mut events = std::mem::take(&mut self.events);
             for &(u, res, flags) in &events {
@@ -368,10 +408,18 @@ impl UringWorker {
             OP_CONNECT => self.on_connect(slot, res),
             OP_LINK_TIMEOUT | OP_CANCEL => self.op_done(slot),
             OP_HEADER => self.on_header(slot, res),
-            o if o == OP_RECV || o == OP_RECV + 1 => self.on_recv(slot, usize::from(o - OP_RECV), res, flags),
-            o if o == OP_SEND || o == OP_SEND + 1 => self.on_send(slot, usize::from(o - OP_SEND), res),
-            o if o == OP_POLL_IN || o == OP_POLL_IN + 1 => self.on_poll(slot, usize::from(o - OP_POLL_IN), res),
-            o if o == OP_POLL_OUT || o == OP_POLL_OUT + 1 => self.on_poll(slot, usize::from(o - OP_POLL_OUT), res),
+            o if o == OP_RECV || o == OP_RECV + 1 => {
+                self.on_recv(slot, usize::from(o - OP_RECV), res, flags)
+            }
+            o if o == OP_SEND || o == OP_SEND + 1 => {
+                self.on_send(slot, usize::from(o - OP_SEND), res)
+            }
+            o if o == OP_POLL_IN || o == OP_POLL_IN + 1 => {
+                self.on_poll(slot, usize::from(o - OP_POLL_IN), res)
+            }
+            o if o == OP_POLL_OUT || o == OP_POLL_OUT + 1 => {
+                self.on_poll(slot, usize::from(o - OP_POLL_OUT), res)
+            }
             _ => warn!(op, "unknown io_uring completion"),
         }
     }
@@ -379,14 +427,20 @@ impl UringWorker {
     // ---- control -------------------------------------------------------------------------
 
     fn arm_tick(&mut self) {
-        let e = opcode::Timeout::new(&*self.tick_ts as *const types::Timespec).build().user_data(ud(0, OP_TICK));
+        let e = opcode::Timeout::new(&*self.tick_ts as *const types::Timespec)
+            .build()
+            .user_data(ud(0, OP_TICK));
         self.push(e);
     }
 
     fn arm_wake(&mut self) {
-        let e = opcode::Read::new(types::Fd(self.wake_fd.as_raw_fd()), &mut *self.wake_buf as *mut u64 as *mut u8, 8)
-            .build()
-            .user_data(ud(0, OP_CTRL));
+        let e = opcode::Read::new(
+            types::Fd(self.wake_fd.as_raw_fd()),
+            &mut *self.wake_buf as *mut u64 as *mut u8,
+            8,
+        )
+        .build()
+        .user_data(ud(0, OP_CTRL));
         self.push(e);
     }
 
@@ -402,7 +456,11 @@ impl UringWorker {
 
     fn control(&mut self, msg: Control) {
         match msg {
-            Control::Reload { snapshot, add, remove } => {
+            Control::Reload {
+                snapshot,
+                add,
+                remove,
+            } => {
                 self.ctx.install(snapshot);
                 for id in remove {
                     self.close_listener_id(id);
@@ -434,7 +492,11 @@ impl UringWorker {
         if self.ctx.drain_expired() {
             let n = self.live;
             if n > 0 {
-                info!(worker = self.ctx.id, connections = n, "drain deadline reached, closing remaining connections");
+                info!(
+                    worker = self.ctx.id,
+                    connections = n,
+                    "drain deadline reached, closing remaining connections"
+                );
             }
             for slot in 0..self.conns.len() as u32 {
                 if self.conns[slot as usize].is_some() {
@@ -470,8 +532,21 @@ impl UringWorker {
     // ---- listeners -----------------------------------------------------------------------
 
     fn add_listener(&mut self, id: u64, fd: OwnedFd) {
-        let pool = self.ctx.snapshot.listeners.iter().find(|s| s.id == id).map(|s| s.pool).unwrap_or(0);
-        let l = Lst { id, fd: fd.into_raw_fd(), pool, armed: false, closing: false };
+        let pool = self
+            .ctx
+            .snapshot
+            .listeners
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.pool)
+            .unwrap_or(0);
+        let l = Lst {
+            id,
+            fd: fd.into_raw_fd(),
+            pool,
+            armed: false,
+            closing: false,
+        };
         let idx = match self.listeners.iter().position(Option::is_none) {
             Some(i) => {
                 self.listeners[i] = Some(l);
@@ -486,7 +561,9 @@ impl UringWorker {
     }
 
     fn arm_accept(&mut self, idx: usize) {
-        let Some(l) = self.listeners[idx].as_mut() else { return };
+        let Some(l) = self.listeners[idx].as_mut() else {
+            return;
+        };
         l.armed = true;
         let e = opcode::AcceptMulti::new(types::Fd(l.fd))
             .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
@@ -496,8 +573,16 @@ impl UringWorker {
     }
 
     fn close_listener_id(&mut self, id: u64) {
-        let Some(idx) = self.listeners.iter().position(|l| l.as_ref().is_some_and(|l| l.id == id)) else { return };
-        let Some(l) = self.listeners[idx].as_mut() else { return };
+        let Some(idx) = self
+            .listeners
+            .iter()
+            .position(|l| l.as_ref().is_some_and(|l| l.id == id))
+        else {
+            return;
+        };
+        let Some(l) = self.listeners[idx].as_mut() else {
+            return;
+        };
         if l.closing {
             return;
         }
@@ -604,7 +689,9 @@ impl UringWorker {
     }
 
     fn start_connect(&mut self, slot: u32, first: bool) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         let pool = Arc::clone(&c.pool);
         let pick = self.ctx.pick(c.pool_index, &pool, c.peer.ip(), &c.session);
         let Some(pick) = pick else {
@@ -629,15 +716,21 @@ impl UringWorker {
         };
         c.backend = fd;
         let addr = Box::new(SockAddr::from(pick.addr));
-        let connect = opcode::Connect::new(types::Fd(fd), addr.as_ptr() as *const libc::sockaddr, addr.len())
-            .build()
-            .flags(squeue::Flags::IO_LINK)
-            .user_data(ud(slot, OP_CONNECT));
+        let connect = opcode::Connect::new(
+            types::Fd(fd),
+            addr.as_ptr() as *const libc::sockaddr,
+            addr.len(),
+        )
+        .build()
+        .flags(squeue::Flags::IO_LINK)
+        .user_data(ud(slot, OP_CONNECT));
         c.connect_addr = Some(addr);
         c.connect_start_ns = sys::now_ns();
         c.inflight += 2;
         let ts = Box::new(types::Timespec::from(pool.config.connect_timeout));
-        let timeout = opcode::LinkTimeout::new(&*ts as *const types::Timespec).build().user_data(ud(slot, OP_LINK_TIMEOUT));
+        let timeout = opcode::LinkTimeout::new(&*ts as *const types::Timespec)
+            .build()
+            .user_data(ud(slot, OP_LINK_TIMEOUT));
         self.timespecs.push(ts);
         self.push_pair(connect, timeout);
     }
@@ -652,7 +745,9 @@ impl UringWorker {
     }
 
     fn connect_failed(&mut self, slot: u32) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         if c.has_backend {
             self.ctx.connect_error(&c.pool, c.backend_idx);
             self.ctx.release_backend(&c.pool, c.backend_idx);
@@ -670,7 +765,9 @@ impl UringWorker {
 
     fn on_connect(&mut self, slot: u32, res: i32) {
         let now = self.ctx.now_ms;
-        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else { return };
+        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return;
+        };
         c.inflight -= 1;
         if c.closing {
             self.maybe_finalize(slot);
@@ -698,7 +795,9 @@ impl UringWorker {
     }
 
     fn send_header(&mut self, slot: u32) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         let Some(h) = c.header.as_ref() else { return };
         let rest = &h[c.header_off..];
         let e = opcode::Send::new(types::Fd(c.backend), rest.as_ptr(), rest.len() as u32)
@@ -736,7 +835,9 @@ impl UringWorker {
                 self.arm_recv(slot, 1);
             }
             RelayMode::Splice => {
-                let Some(c) = self.conns[slot as usize].as_mut() else { return };
+                let Some(c) = self.conns[slot as usize].as_mut() else {
+                    return;
+                };
                 match Pipes::new() {
                     Ok(p) => c.pipes = Some(Box::new(p)),
                     Err(e) => {
@@ -754,7 +855,9 @@ impl UringWorker {
     /// Starts closing: cancels whatever is pending on the two sockets; the slot is freed when
     /// the last completion arrives.
     fn begin_close(&mut self, slot: u32) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         if c.closing {
             return;
         }
@@ -787,7 +890,8 @@ impl UringWorker {
     }
 
     fn maybe_finalize(&mut self, slot: u32) {
-        let done = matches!(self.conns[slot as usize].as_ref(), Some(c) if c.closing && c.inflight == 0);
+        let done =
+            matches!(self.conns[slot as usize].as_ref(), Some(c) if c.closing && c.inflight == 0);
         if !done {
             return;
         }
@@ -805,7 +909,9 @@ impl UringWorker {
     // ---- buffered relay ------------------------------------------------------------------
 
     fn arm_recv(&mut self, slot: u32, d: usize) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         let dir = &mut c.dirs[d];
         if c.closing || dir.recv_armed || dir.eof {
             return;
@@ -814,7 +920,9 @@ impl UringWorker {
         dir.cancel_sent = false;
         dir.starved = false;
         c.inflight += 1;
-        let e = opcode::RecvMulti::new(types::Fd(c.fd(d)), BGID).build().user_data(ud(slot, OP_RECV + d as u8));
+        let e = opcode::RecvMulti::new(types::Fd(c.fd(d)), BGID)
+            .build()
+            .user_data(ud(slot, OP_RECV + d as u8));
         self.push(e);
     }
 
@@ -846,13 +954,20 @@ impl UringWorker {
             };
             c.session.on_traffic(self.ctx.now_ms);
             let dir = &mut c.dirs[d];
-            dir.queue.push(Seg { bid, off: 0, len: res as u32 });
+            dir.queue.push(Seg {
+                bid,
+                off: 0,
+                len: res as u32,
+            });
             if dir.queue.len() >= QUEUE_HIGH && dir.recv_armed && !dir.cancel_sent {
                 dir.cancel_sent = true;
                 c.inflight += 1;
-                let e = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(ud(slot, OP_RECV + d as u8)))
-                    .build()
-                    .user_data(ud(slot, OP_CANCEL));
+                let e = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(ud(
+                    slot,
+                    OP_RECV + d as u8,
+                )))
+                .build()
+                .user_data(ud(slot, OP_CANCEL));
                 self.push(e);
             }
             let c = self.conns[slot as usize].as_mut().expect("live");
@@ -883,9 +998,12 @@ impl UringWorker {
     }
 
     fn maybe_rearm(&mut self, slot: u32, d: usize) {
-        let Some(c) = self.conns[slot as usize].as_ref() else { return };
+        let Some(c) = self.conns[slot as usize].as_ref() else {
+            return;
+        };
         let dir = &c.dirs[d];
-        if !c.closing && !dir.recv_armed && !dir.eof && !dir.starved && dir.queue.len() < QUEUE_LOW {
+        if !c.closing && !dir.recv_armed && !dir.eof && !dir.starved && dir.queue.len() < QUEUE_LOW
+        {
             match self.relay {
                 RelayMode::Buffered => self.arm_recv(slot, d),
                 RelayMode::Splice => {}
@@ -894,8 +1012,12 @@ impl UringWorker {
     }
 
     fn send_next(&mut self, slot: u32, d: usize) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
-        let Some(seg) = c.dirs[d].queue.front_mut().copied() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
+        let Some(seg) = c.dirs[d].queue.front_mut().copied() else {
+            return;
+        };
         let ptr = self.bufs.ptr(seg.bid);
         // SAFETY: off + len stay within the buffer the kernel filled (len came from the recv).
         let ptr = unsafe { ptr.add(seg.off as usize) };
@@ -909,7 +1031,9 @@ impl UringWorker {
     }
 
     fn on_send(&mut self, slot: u32, d: usize, res: i32) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         c.inflight -= 1;
         c.dirs[d].sending = false;
         if c.closing {
@@ -951,8 +1075,13 @@ impl UringWorker {
     /// Re-arms receives that ran out of buffers, a few per returned buffer.
     fn unstarve(&mut self) {
         for _ in 0..4 {
-            let Some((slot, d)) = self.starved.pop() else { return };
-            if self.conns[slot as usize].as_ref().is_some_and(|c| c.dirs[d].starved) {
+            let Some((slot, d)) = self.starved.pop() else {
+                return;
+            };
+            if self.conns[slot as usize]
+                .as_ref()
+                .is_some_and(|c| c.dirs[d].starved)
+            {
                 if let Some(c) = self.conn(slot) {
                     c.dirs[d].starved = false;
                 }
@@ -963,7 +1092,9 @@ impl UringWorker {
 
     /// Direction `d`'s source finished and everything it sent has been passed on.
     fn pass_eof(&mut self, slot: u32, d: usize) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         if c.dirs[d].eof_done {
             return;
         }
@@ -978,7 +1109,9 @@ impl UringWorker {
     // ---- splice relay --------------------------------------------------------------------
 
     fn arm_poll(&mut self, slot: u32, d: usize, out: bool) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         if c.closing {
             return;
         }
@@ -988,12 +1121,16 @@ impl UringWorker {
             (c.fd(d), libc::POLLIN as u32, OP_POLL_IN + d as u8)
         };
         c.inflight += 1;
-        let e = opcode::PollAdd::new(types::Fd(fd), mask).build().user_data(ud(slot, op));
+        let e = opcode::PollAdd::new(types::Fd(fd), mask)
+            .build()
+            .user_data(ud(slot, op));
         self.push(e);
     }
 
     fn on_poll(&mut self, slot: u32, d: usize, res: i32) {
-        let Some(c) = self.conns[slot as usize].as_mut() else { return };
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         c.inflight -= 1;
         if c.closing {
             self.maybe_finalize(slot);

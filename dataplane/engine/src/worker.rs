@@ -50,7 +50,11 @@ pub struct Shared {
 pub enum Control {
     /// New configuration; `add` are this worker's sockets for new listeners, `remove` the ids
     /// of listeners to close.
-    Reload { snapshot: Arc<Snapshot>, add: Vec<(u64, OwnedFd)>, remove: Vec<u64> },
+    Reload {
+        snapshot: Arc<Snapshot>,
+        add: Vec<(u64, OwnedFd)>,
+        remove: Vec<u64>,
+    },
     /// Stop accepting; finish established connections; exit when none is left or at `deadline_ms`.
     Drain { deadline_ms: u64 },
 }
@@ -92,7 +96,11 @@ impl Ctx {
     }
 
     fn balancers_for(id: usize, snapshot: &Snapshot) -> Vec<Balancer> {
-        snapshot.pools.iter().map(|p| Balancer::new(p.config.algorithm, id as u64)).collect()
+        snapshot
+            .pools
+            .iter()
+            .map(|p| Balancer::new(p.config.algorithm, id as u64))
+            .collect()
     }
 
     /// Installs a new configuration (reload). Established connections keep their pool.
@@ -114,7 +122,8 @@ impl Ctx {
     pub fn admit(&mut self, peer: SocketAddr) -> Result<(), Refusal> {
         WorkerStats::add(&self.stats().accepts, 1);
         if let Some(rl) = &self.snapshot.ratelimit {
-            let now = std::time::Duration::from_millis(self.now_ms.saturating_sub(self.shared.epoch_ms));
+            let now =
+                std::time::Duration::from_millis(self.now_ms.saturating_sub(self.shared.epoch_ms));
             if !rl.allow(peer.ip(), now) {
                 self.stats().refuse(Refusal::RateLimit);
                 return Err(Refusal::RateLimit);
@@ -138,23 +147,35 @@ impl Ctx {
 
     /// Picks a backend of `pool` (index in the current snapshot) for a client at `source`,
     /// excluding those the session already tried, and takes an active slot on it.
-    pub fn pick(&mut self, pool_index: usize, pool: &PoolRuntime, source: IpAddr, session: &Session) -> Option<Pick> {
+    pub fn pick(
+        &mut self,
+        pool_index: usize,
+        pool: &PoolRuntime,
+        source: IpAddr,
+        session: &Session,
+    ) -> Option<Pick> {
         session.tried_into(&mut self.tried);
         let generation = pool.generation.load(Ordering::Acquire);
         for _ in 0..pool.backends.len().max(1) {
             self.candidates.clear();
-            self.candidates.extend(pool.backends.iter().map(|b| Candidate {
-                weight: b.weight.load(Ordering::Relaxed),
-                active: b.active.load(Ordering::Relaxed),
-                eligible: b.eligible(),
-            }));
+            self.candidates
+                .extend(pool.backends.iter().map(|b| Candidate {
+                    weight: b.weight.load(Ordering::Relaxed),
+                    active: b.active.load(Ordering::Relaxed),
+                    eligible: b.eligible(),
+                }));
             // A pool from an older snapshot (connection accepted before a reload, now retrying)
             // has no balancer of its own any more: use a throwaway least-connections one.
             let chosen = match self.balancers.get_mut(pool_index) {
                 Some(b) if std::ptr::eq(&*self.snapshot.pools[pool_index], pool) => {
                     b.pick(&self.candidates, generation, source, &self.tried)
                 }
-                _ => Balancer::new(Default::default(), self.id as u64).pick(&self.candidates, generation, source, &self.tried),
+                _ => Balancer::new(Default::default(), self.id as u64).pick(
+                    &self.candidates,
+                    generation,
+                    source,
+                    &self.tried,
+                ),
             }?;
             let backend = &pool.backends[chosen];
             // Take the slot; respect maxconn against concurrent workers.
@@ -165,12 +186,17 @@ impl Ctx {
                 }
                 Some(max) => backend
                     .active
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| (a < max).then_some(a + 1))
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| {
+                        (a < max).then_some(a + 1)
+                    })
                     .is_ok(),
             };
             if taken {
                 WorkerStats::add(&backend.per_worker[self.id].total, 1);
-                return Some(Pick { backend: chosen, addr: backend.addr });
+                return Some(Pick {
+                    backend: chosen,
+                    addr: backend.addr,
+                });
             }
             self.tried.push(chosen);
         }
@@ -183,12 +209,22 @@ impl Ctx {
     }
 
     pub fn connect_error(&self, pool: &PoolRuntime, backend: usize) {
-        WorkerStats::add(&pool.backends[backend].per_worker[self.id].connect_errors, 1);
+        WorkerStats::add(
+            &pool.backends[backend].per_worker[self.id].connect_errors,
+            1,
+        );
     }
 
     pub fn count_bytes(&self, pool: &PoolRuntime, backend: usize, to_backend: bool, n: u64) {
         let c = &pool.backends[backend].per_worker[self.id];
-        WorkerStats::add(if to_backend { &c.bytes_to_backend } else { &c.bytes_to_client }, n);
+        WorkerStats::add(
+            if to_backend {
+                &c.bytes_to_backend
+            } else {
+                &c.bytes_to_client
+            },
+            n,
+        );
     }
 
     /// True when a draining worker may close what is left.

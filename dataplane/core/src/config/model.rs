@@ -153,7 +153,12 @@ impl Pool {
             algorithm: Algorithm::LeastConn,
             backends: backends
                 .into_iter()
-                .map(|addr| Backend { name: addr.to_string(), addr, weight: 1, maxconn: None })
+                .map(|addr| Backend {
+                    name: addr.to_string(),
+                    addr,
+                    weight: 1,
+                    maxconn: None,
+                })
                 .collect(),
             health: HealthCheck::default(),
             proxy_protocol: None,

@@ -45,6 +45,11 @@ pub fn load_file(path: &std::path::Path) -> Result<LbConfig, ConfigErrors> {
     let file = path.display().to_string();
     match std::fs::read_to_string(path) {
         Ok(text) => load_str(&text, &file),
-        Err(e) => Err(ConfigErrors(vec![ConfigError { file, line: 0, column: 0, message: format!("cannot read: {e}") }])),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            file,
+            line: 0,
+            column: 0,
+            message: format!("cannot read: {e}"),
+        }])),
     }
 }
