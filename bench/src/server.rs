@@ -14,7 +14,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::util::{auto_threads, parse_duration};
+use crate::util::{auto_threads, parse_long_duration};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -48,7 +48,7 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 4096)]
     pub backlog: i32,
     /// Stop after this long (0 = run until killed).
-    #[arg(long, value_parser = parse_duration, default_value = "0")]
+    #[arg(long, value_parser = parse_long_duration, default_value = "0")]
     pub max_time: Duration,
 }
 

@@ -16,11 +16,23 @@ use serde::Serialize;
 /// Longest run any test accepts, so a typo cannot start an unbounded load.
 pub const MAX_DURATION: Duration = Duration::from_secs(3600);
 
-/// Parses `10s`, `500ms`, `2m`, `1.5s` or a bare number of seconds.
+/// Parses `10s`, `500ms`, `2m`, `1.5s` or a bare number of seconds, capped
+/// at [`MAX_DURATION`] (for load loops).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_capped(s, MAX_DURATION)
+}
+
+/// Like [`parse_duration`] but allows up to a day (for server lifetimes).
+pub fn parse_long_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_capped(s, Duration::from_secs(24 * 3600))
+}
+
+fn parse_duration_capped(s: &str, cap: Duration) -> Result<Duration, String> {
     let s = s.trim();
     let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
         (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
     } else if let Some(n) = s.strip_suffix('s') {
         (n, 1.0)
     } else if let Some(n) = s.strip_suffix('m') {
@@ -31,13 +43,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let v: f64 = num
         .trim()
         .parse()
-        .map_err(|_| format!("invalid duration `{s}` (use e.g. 10s, 500ms, 2m)"))?;
+        .map_err(|_| format!("invalid duration `{s}` (use e.g. 10s, 500ms, 2m, 1h)"))?;
     if !v.is_finite() || v < 0.0 {
         return Err(format!("invalid duration `{s}`"));
     }
     let d = Duration::from_secs_f64(v * mult);
-    if d > MAX_DURATION {
-        return Err(format!("duration `{s}` exceeds the 1h cap"));
+    if d > cap {
+        return Err(format!("duration `{s}` exceeds the {}s cap", cap.as_secs()));
     }
     Ok(d)
 }
@@ -271,6 +283,10 @@ mod tests {
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("2h").is_err());
+        assert_eq!(
+            parse_long_duration("6h").unwrap(),
+            Duration::from_secs(6 * 3600)
+        );
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("61m").is_err());
     }
