@@ -57,7 +57,8 @@ const BUF: usize = 64 * 1024;
 
 struct Conn {
     stream: TcpStream,
-    /// Echo: pending bytes buf[start..end].
+    /// Echo: bytes read but not yet written back, buf[start..end]. Only
+    /// allocated when a write falls short, so idle connections stay small.
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -144,14 +145,9 @@ fn worker(
                                 Token(idx),
                                 Interest::READABLE | Interest::WRITABLE,
                             )?;
-                            let buf = if cfg.mode == Mode::Echo {
-                                vec![0u8; BUF]
-                            } else {
-                                Vec::new()
-                            };
                             let mut c = Conn {
                                 stream,
-                                buf,
+                                buf: Vec::new(),
                                 start: 0,
                                 end: 0,
                                 req_progress: 0,
@@ -231,14 +227,26 @@ fn drive(c: &mut Conn, cfg: &ServerArgs, scratch: &mut [u8], zeros: &[u8]) -> bo
                     let _ = c.stream.shutdown(Shutdown::Write);
                     return false;
                 } else {
-                    match c.stream.read(&mut c.buf) {
+                    // Read into the shared scratch buffer and echo straight
+                    // back; keep only what the socket would not take.
+                    match c.stream.read(scratch) {
                         Ok(0) => {
                             c.eof = true;
                             continue;
                         }
                         Ok(n) => {
-                            c.start = 0;
-                            c.end = n;
+                            let written = match c.stream.write(&scratch[..n]) {
+                                Ok(w) => w,
+                                Err(e) if would_block(&e) => 0,
+                                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                                Err(_) => return false,
+                            };
+                            if written < n {
+                                c.buf.clear();
+                                c.buf.extend_from_slice(&scratch[written..n]);
+                                c.start = 0;
+                                c.end = c.buf.len();
+                            }
                             continue;
                         }
                         Err(e) => Err(e),
