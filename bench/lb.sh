@@ -95,8 +95,12 @@ stop_pid() { # SIGTERM, wait up to 3 s, then SIGKILL
     done
     kill -KILL "$pid" 2>/dev/null
     wait "$pid" 2>/dev/null
+    forget_pid "$pid"
+}
+
+forget_pid() { # drop a reaped pid from the cleanup list
     local keep=() p
-    for p in "${PIDS[@]}"; do [[ $p != "$pid" ]] && keep+=("$p"); done
+    for p in "${PIDS[@]}"; do [[ $p != "$1" ]] && keep+=("$p"); done
     PIDS=("${keep[@]}")
 }
 
@@ -130,6 +134,17 @@ fi
 if [[ $NOFILE != unlimited ]] && ((IDLE_CONNS * 2 + 50 > NOFILE)); then
     log "warning: IDLE_CONNS=$IDLE_CONNS needs ~$((IDLE_CONNS * 2)) fds in the proxy; limit is $NOFILE"
 fi
+
+# Hard bound for one client run: the test duration plus generous slack for
+# connection setup, draining and (idle) opening 9,000 connections.
+CLIENT_TIMEOUT=$(awk -v d="$DURATION" 'BEGIN {
+    m = 1
+    if (d ~ /ms$/) { m = 0.001; sub(/ms$/, "", d) }
+    else if (d ~ /h$/) { m = 3600; sub(/h$/, "", d) }
+    else if (d ~ /m$/) { m = 60; sub(/m$/, "", d) }
+    else if (d ~ /s$/) { sub(/s$/, "", d) }
+    printf "%d", d * m + 180
+}')
 
 # ---------------------------------------------------------------- servers
 SINK_PORT=$((BASE_PORT + 1))
@@ -264,9 +279,14 @@ run_one() { # run_one TEST PROXY ROUND
         idle) cmd=(tcp idle --connections "$IDLE_CONNS" --settle "$IDLE_SETTLE") ;;
     esac
     log "round $round: $test via $proxy -> $target"
-    # Bound the client run: duration plus generous slack.
-    local rc=0
-    (pin "$CPU_CLIENT" timeout 300 "$BENCH" "${cmd[@]}" "${args[@]}") 2>"$base.client.log" || rc=$?
+    local rc=0 cpid
+    # Run in the background and `wait`, so an INT/TERM trap fires at once
+    # (and cleanup also stops the client) instead of after the run.
+    (pin "$CPU_CLIENT" timeout "$CLIENT_TIMEOUT" "$BENCH" "${cmd[@]}" "${args[@]}") 2>"$base.client.log" &
+    cpid=$!
+    PIDS+=("$cpid")
+    wait "$cpid" || rc=$?
+    forget_pid "$cpid"
     if ((rc != 0)); then
         echo "client failed (exit $rc)" >"$base.fail"
         rm -f "$base.json"
