@@ -184,7 +184,7 @@ start_proxy() { # start_proxy NAME BACKEND_PORT LOGFILE -> sets PROXY_PID/PROXY_
     next_port
     case $name in
         haproxy | haproxy-splice)
-            ((HAVE_HAPROXY)) || return 1
+            ((HAVE_HAPROXY)) || { FAIL_REASON="haproxy not installed"; return 1; }
             local cfg="$TMP/haproxy-$PROXY_PORT.cfg" splice="" pipes="" maxconn=$HAPROXY_MAXCONN
             if [[ $name == haproxy-splice ]]; then
                 # Pipes cost 2 fds each; keep them within the fd limit too.
@@ -213,7 +213,7 @@ EOF
             (pin "$CPU_PROXY" haproxy -f "$cfg" -db) >"$logf" 2>&1 &
             ;;
         rm-uring | rm-epoll | rm-uring-splice | rm-epoll-splice)
-            ((HAVE_RINGMAIL)) || return 1
+            ((HAVE_RINGMAIL)) || { FAIL_REASON="RINGMAIL binary not found"; return 1; }
             local engine=${name#rm-}
             engine=${engine%-splice}
             local relay=buffered
@@ -231,6 +231,7 @@ EOF
     PIDS+=("$PROXY_PID")
     if ! wait_port "$PROXY_PORT" "$PROXY_PID"; then
         log "$name failed to start or listen on $PROXY_PORT (see $logf)"
+        FAIL_REASON="did not start/listen: $(tail -n 1 "$logf" 2>/dev/null | cut -c1-120)"
         stop_pid "$PROXY_PID"
         PROXY_PID=""
         return 1
@@ -261,8 +262,9 @@ run_one() { # run_one TEST PROXY ROUND
     if [[ $proxy == direct ]]; then
         target="127.0.0.1:$bport"
     else
+        FAIL_REASON="failed to start"
         if ! start_proxy "$proxy" "$bport" "$base.proxy.log"; then
-            echo "proxy failed to start" >"$base.fail"
+            echo "$FAIL_REASON" >"$base.fail"
             return
         fi
         target="127.0.0.1:$PROXY_PORT"
@@ -288,7 +290,7 @@ run_one() { # run_one TEST PROXY ROUND
     wait "$cpid" || rc=$?
     forget_pid "$cpid"
     if ((rc != 0)); then
-        echo "client failed (exit $rc)" >"$base.fail"
+        echo "client failed (exit $rc): $(tail -n 1 "$base.client.log" | cut -c1-120)" >"$base.fail"
         rm -f "$base.json"
         log "  $test via $proxy failed: $(tail -n 1 "$base.client.log")"
     fi

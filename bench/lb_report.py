@@ -154,6 +154,10 @@ def main():
                 "vs_direct": ratio("direct"), "vs_haproxy": ratio("haproxy"),
                 "extras": extra_meds, "errors": errs, "failures": fails,
             }
+        notes = [f"{p}: {summary[test][p]['failures'][0]}" for p in proxies
+                 if summary[test].get(p, {}).get("failures")]
+        if notes:
+            lines += ["", "n/a / failed runs (first reason): " + "; ".join(f"`{n}`" for n in notes)]
         if test == "idle":
             lines += ["", "Direct has no proxy, so its RSS column is n/a; "
                       "`established`/`alive after` confirm the connections were real."]
