@@ -73,6 +73,27 @@ impl SegQueue {
             None
         }
     }
+    /// The queued segments, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Seg> {
+        (0..self.len as usize)
+            .map(move |i| &self.inline[(self.head as usize + i) % INLINE])
+            .chain(self.overflow.iter())
+    }
+    /// Marks `n` bytes from the front as sent; hands each fully sent buffer id to `f`.
+    pub fn consume(&mut self, mut n: u32, mut f: impl FnMut(u16)) {
+        while n > 0 {
+            let Some(seg) = self.front_mut() else { return };
+            let take = n.min(seg.len);
+            seg.off += take;
+            seg.len -= take;
+            n -= take;
+            if seg.len == 0
+                && let Some(s) = self.pop()
+            {
+                f(s.bid);
+            }
+        }
+    }
     /// Empties the queue, handing every buffer id to `f` (to return it to the ring).
     pub fn drain(&mut self, mut f: impl FnMut(u16)) {
         while let Some(s) = self.pop() {
@@ -191,6 +212,22 @@ mod tests {
             got.push(s.bid);
         }
         assert_eq!(got, (0..25).collect::<Vec<_>>());
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn seg_queue_consume_spans_segments() {
+        let mut q = SegQueue::default();
+        for i in 0..10u16 {
+            q.push(Seg { bid: i, off: 0, len: 100 });
+        }
+        assert_eq!(q.iter().map(|s| s.bid).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+        let mut freed = Vec::new();
+        q.consume(250, |b| freed.push(b));
+        assert_eq!(freed, vec![0, 1]);
+        assert_eq!(q.front_mut().map(|s| (s.bid, s.off, s.len)), Some((2, 50, 50)));
+        q.consume(750, |b| freed.push(b));
+        assert_eq!(freed, (0..10).collect::<Vec<_>>());
         assert!(q.is_empty());
     }
 

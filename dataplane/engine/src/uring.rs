@@ -51,9 +51,9 @@ const OP_CANCEL_ACCEPT: u8 = 16;
 /// Buffer group id of the worker's provided buffer ring.
 const BGID: u16 = 0;
 /// A direction cancels its receive when this many buffers wait to be sent on…
-const QUEUE_HIGH: usize = 4;
+const QUEUE_HIGH: usize = 8;
 /// …and re-arms it when fewer than this remain.
-const QUEUE_LOW: usize = 2;
+const QUEUE_LOW: usize = 4;
 
 fn ud(slot: u32, op: u8) -> u64 {
     (u64::from(slot) << 8) | u64::from(op)
@@ -216,9 +216,27 @@ impl Drop for BufRing {
     }
 }
 
-#[derive(Debug, Default)]
+/// Scatter list for sending several queued buffers in one operation. Allocated the first
+/// time a direction has more than one buffer waiting; an idle connection never has one.
+struct SendVec {
+    iov: [libc::iovec; SEND_IOVS],
+    msg: libc::msghdr,
+}
+
+/// Buffers sent together in one SendMsg.
+const SEND_IOVS: usize = 8;
+
+impl SendVec {
+    fn new() -> Box<SendVec> {
+        // SAFETY: iovec and msghdr are plain C structs for which all-zero is a valid value.
+        Box::new(unsafe { std::mem::zeroed() })
+    }
+}
+
+#[derive(Default)]
 struct Dir {
     queue: SegQueue,
+    sendvec: Option<Box<SendVec>>,
     recv_armed: bool,
     cancel_sent: bool,
     sending: bool,
@@ -1015,19 +1033,33 @@ impl UringWorker {
         let Some(c) = self.conns[slot as usize].as_mut() else {
             return;
         };
-        let Some(seg) = c.dirs[d].queue.front_mut().copied() else {
-            return;
+        let fd = types::Fd(c.fd(1 - d));
+        let dir = &mut c.dirs[d];
+        let n = dir.queue.len().min(SEND_IOVS);
+        let e = if n <= 1 {
+            let Some(seg) = dir.queue.front_mut().copied() else {
+                return;
+            };
+            // SAFETY: off + len stay within the buffer the kernel filled (len came from the recv).
+            let ptr = unsafe { self.bufs.ptr(seg.bid).add(seg.off as usize) };
+            opcode::Send::new(fd, ptr, seg.len).flags(libc::MSG_NOSIGNAL).build()
+        } else {
+            // Everything queued goes in one operation: fewer round trips, fuller segments.
+            let sv = dir.sendvec.get_or_insert_with(SendVec::new);
+            for (slot_iov, seg) in sv.iov.iter_mut().zip(dir.queue.iter()) {
+                // SAFETY: as above, each (off, len) lies inside its filled buffer.
+                slot_iov.iov_base = unsafe { self.bufs.ptr(seg.bid).add(seg.off as usize) } as *mut libc::c_void;
+                slot_iov.iov_len = seg.len as usize;
+            }
+            sv.msg.msg_iov = sv.iov.as_mut_ptr();
+            sv.msg.msg_iovlen = n;
+            // The boxed msghdr and iovecs stay put until the completion: the direction sends
+            // one operation at a time and the box is only dropped with the connection slot.
+            opcode::SendMsg::new(fd, &sv.msg as *const libc::msghdr).flags(libc::MSG_NOSIGNAL as u32).build()
         };
-        let ptr = self.bufs.ptr(seg.bid);
-        // SAFETY: off + len stay within the buffer the kernel filled (len came from the recv).
-        let ptr = unsafe { ptr.add(seg.off as usize) };
-        let e = opcode::Send::new(types::Fd(c.fd(1 - d)), ptr, seg.len)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(ud(slot, OP_SEND + d as u8));
-        c.dirs[d].sending = true;
+        dir.sending = true;
         c.inflight += 1;
-        self.push(e);
+        self.push(e.user_data(ud(slot, OP_SEND + d as u8)));
     }
 
     fn on_send(&mut self, slot: u32, d: usize, res: i32) {
@@ -1050,14 +1082,14 @@ impl UringWorker {
         let (pool, backend) = (Arc::clone(&c.pool), c.backend_idx);
         self.ctx.count_bytes(&pool, backend, d == 0, u64::from(n));
         let c = self.conns[slot as usize].as_mut().expect("live");
-        let mut recycled = None;
-        if let Some(seg) = c.dirs[d].queue.front_mut() {
-            seg.off += n;
-            seg.len = seg.len.saturating_sub(n);
-            if seg.len == 0 {
-                recycled = c.dirs[d].queue.pop().map(|s| s.bid);
+        let mut recycled: [u16; SEND_IOVS + 1] = [0; SEND_IOVS + 1];
+        let mut nrec = 0;
+        c.dirs[d].queue.consume(n, |b| {
+            if nrec < recycled.len() {
+                recycled[nrec] = b;
+                nrec += 1;
             }
-        }
+        });
         let more_queued = !c.dirs[d].queue.is_empty();
         let eof_pending = c.dirs[d].eof && !more_queued;
         if more_queued {
@@ -1065,8 +1097,10 @@ impl UringWorker {
         } else if eof_pending {
             self.pass_eof(slot, d);
         }
-        if let Some(b) = recycled {
-            self.bufs.recycle(b);
+        if nrec > 0 {
+            for &b in &recycled[..nrec] {
+                self.bufs.recycle(b);
+            }
             self.unstarve();
         }
         self.maybe_rearm(slot, d);
