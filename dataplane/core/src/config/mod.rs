@@ -5,4 +5,7 @@ pub mod model;
 pub mod parse;
 
 pub use model::*;
-pub use parse::{ConfigError, ConfigErrors, load_str};
+pub use parse::{ConfigError, ConfigErrors, load_file, load_str};
+
+#[cfg(test)]
+mod tests;
