@@ -569,17 +569,18 @@ fn parse_health(ctx: &mut Ctx<'_>, pool: &str, t: &DeTable<'_>) -> Option<Health
         }
     }
     if ok && h.timeout > h.interval {
-        // Point at whichever of the two the file set (the timeout if both).
-        let span = t
-            .get("timeout")
-            .or(t.get("interval"))
-            .map_or(0..0, |x| x.span());
+        // Point at the timeout if the file set it, else at the interval it was set too short.
+        let (span, timeout) = match t.get("timeout") {
+            Some(x) => (x.span(), format!("`{}` ({:?})", key("timeout"), h.timeout)),
+            None => (
+                t.get("interval").map_or(0..0, |x| x.span()),
+                format!("the default `{}` ({:?})", key("timeout"), h.timeout),
+            ),
+        };
         ctx.error(
             span,
             format!(
-                "`{}` ({:?}) is longer than `{}` ({:?}): checks would overlap",
-                key("timeout"),
-                h.timeout,
+                "{timeout} is longer than `{}` ({:?}): checks would overlap",
                 key("interval"),
                 h.interval
             ),
