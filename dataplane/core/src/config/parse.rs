@@ -198,10 +198,16 @@ pub fn load_str(text: &str, file: &str) -> Result<LbConfig, ConfigErrors> {
     if !syntax.is_empty() {
         for e in syntax {
             let msg = e.message().trim().replace('\n', "; ");
-            ctx.error(
-                e.span().unwrap_or(0..0),
-                format!("TOML syntax error: {msg}"),
-            );
+            let span = e.span().unwrap_or(0..0);
+            // Name the offending text when it is a short single-line token (e.g. the duplicate key).
+            let token = text
+                .get(span.clone())
+                .filter(|t| !t.trim().is_empty() && t.len() <= 64 && !t.contains(['\n', '\r']));
+            let msg = match token {
+                Some(t) => format!("TOML syntax error: {msg} {}", quote(t)),
+                None => format!("TOML syntax error: {msg}"),
+            };
+            ctx.error(span, msg);
         }
         return Err(ctx.into_errors());
     }
