@@ -1063,3 +1063,57 @@ fn oversized_file_is_refused() {
     assert_eq!(e[0].line, 0);
     assert!(e[0].message.contains("larger than"));
 }
+
+/// A cheap, deterministic stand-in for the fuzz target that runs with the unit tests: mutate the
+/// example configuration (delete, duplicate, replace and insert characters, splice lines) and
+/// check the fuzz invariants on every variant.
+#[test]
+fn mutated_examples_never_panic_and_always_have_positions() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs/lb.toml");
+    let base: Vec<char> = std::fs::read_to_string(path).unwrap().chars().collect();
+    let alphabet: Vec<char> = "[]{}=\"',.#\n 0123456789abcxyz:_-\\\0é".chars().collect();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        usize::try_from(seed % n.max(1) as u64).unwrap()
+    };
+    for _ in 0..400 {
+        let mut text = base.clone();
+        for _ in 0..1 + next(6) {
+            let at = next(text.len());
+            match next(4) {
+                0 => {
+                    let len = next(40).min(text.len() - at);
+                    text.drain(at..at + len);
+                }
+                1 => {
+                    let len = next(80).min(text.len() - at);
+                    let copy: Vec<char> = text[at..at + len].to_vec();
+                    let to = next(text.len());
+                    text.splice(to..to, copy);
+                }
+                2 => {
+                    if at < text.len() {
+                        text[at] = alphabet[next(alphabet.len())];
+                    }
+                }
+                _ => text.insert(at, alphabet[next(alphabet.len())]),
+            }
+        }
+        let text: String = text.into_iter().collect();
+        match load_str(&text, FILE) {
+            Ok(c) => assert!(c.listeners.iter().all(|l| l.pool < c.pools.len())),
+            Err(e) => {
+                let lines = text.split('\n').count();
+                for err in &e.0 {
+                    assert!(
+                        err.line >= 1 && err.column >= 1 && err.line <= lines,
+                        "{err}"
+                    );
+                }
+            }
+        }
+    }
+}
