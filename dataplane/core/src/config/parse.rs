@@ -62,7 +62,7 @@
 //! `"1m"`, `"1h"`), at most 168h. Addresses are IP literals with a port, never host names: the
 //! load balancer does not resolve names. Port 0 is rejected everywhere.
 
-use std::collections::HashMap;
+use std::collections::{BinaryHeap, HashMap};
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -189,11 +189,7 @@ type Value<'i> = Spanned<DeValue<'i>>;
 
 /// Parses and validates a configuration; `file` is used in error messages.
 pub fn load_str(text: &str, file: &str) -> Result<LbConfig, ConfigErrors> {
-    let mut ctx = Ctx {
-        text,
-        file,
-        errors: Vec::new(),
-    };
+    let mut ctx = Ctx::new(text, file);
     let (doc, syntax) = DeTable::parse_recoverable(text);
     if !syntax.is_empty() {
         for e in syntax {
@@ -213,7 +209,7 @@ pub fn load_str(text: &str, file: &str) -> Result<LbConfig, ConfigErrors> {
     }
     let config = validate(&mut ctx, doc.get_ref());
     match config {
-        Some(config) if ctx.errors.is_empty() => Ok(config),
+        Some(config) if !ctx.has_errors() => Ok(config),
         _ => Err(ctx.into_errors()),
     }
 }
@@ -245,34 +241,63 @@ pub fn load_file(path: &Path) -> Result<LbConfig, ConfigErrors> {
         Ok(text) => load_str(&text, &name),
         Err(e) => {
             let valid = e.utf8_error().valid_up_to();
-            let prefix = String::from_utf8_lossy(&e.as_bytes()[..valid]).into_owned();
-            let mut ctx = Ctx {
-                text: &prefix,
-                file: &name,
-                errors: Vec::new(),
-            };
+            let prefix = String::from_utf8_lossy(e.as_bytes().get(..valid).unwrap_or_default());
+            let mut ctx = Ctx::new(&prefix, &name);
             ctx.error(valid..valid, "file is not valid UTF-8");
             Err(ctx.into_errors())
         }
     }
 }
 
-/// Error sink plus the text needed to turn byte spans into lines and columns.
+/// Error sink plus the text needed to turn byte offsets into lines and columns.
+///
+/// Only the [`MAX_ERRORS`] errors earliest in the file are kept (a max-heap on byte offset, ties
+/// in the order found), the rest are counted; lines and columns are computed only for the kept
+/// ones, from an index of line starts. A hostile file with millions of errors therefore costs
+/// neither quadratic time nor unbounded memory.
 struct Ctx<'a> {
     text: &'a str,
     file: &'a str,
-    errors: Vec<ConfigError>,
+    /// Byte offset of the start of every line.
+    line_starts: Vec<usize>,
+    /// (byte offset, sequence number, message).
+    errors: BinaryHeap<(usize, u64, String)>,
+    /// Every error found, kept or not.
+    total: u64,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    fn new(text: &'a str, file: &'a str) -> Self {
+        let newlines = text.bytes().enumerate().filter(|&(_, b)| b == b'\n');
+        let line_starts = std::iter::once(0)
+            .chain(newlines.map(|(i, _)| i + 1))
+            .collect();
+        Ctx {
+            text,
+            file,
+            line_starts,
+            errors: BinaryHeap::new(),
+            total: 0,
+        }
+    }
+
+    fn has_errors(&self) -> bool {
+        self.total > 0
+    }
+
     fn error(&mut self, span: Span, message: impl Into<String>) {
-        let (line, column) = self.position(span.start);
-        self.errors.push(ConfigError {
-            file: self.file.to_string(),
-            line,
-            column,
-            message: message.into(),
-        });
+        self.errors.push((span.start, self.total, message.into()));
+        self.total += 1;
+        if self.errors.len() > MAX_ERRORS {
+            self.errors.pop();
+        }
+    }
+
+    /// 1-based line of a byte offset (offsets past the end are clamped).
+    fn line(&self, offset: usize) -> usize {
+        self.line_starts
+            .partition_point(|&start| start <= offset)
+            .max(1)
     }
 
     /// 1-based line and column (in characters) of a byte offset; offsets past the end or inside a
@@ -282,28 +307,43 @@ impl Ctx<'_> {
         while !self.text.is_char_boundary(offset) {
             offset -= 1;
         }
-        let before = &self.text[..offset];
-        let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let column = before[line_start..].chars().count() + 1;
+        let line = self.line(offset);
+        let line_start = self
+            .line_starts
+            .get(line - 1)
+            .copied()
+            .unwrap_or(0)
+            .min(offset);
+        let column = self
+            .text
+            .get(line_start..offset)
+            .map_or(0, |s| s.chars().count())
+            + 1;
         (line, column)
     }
 
     fn into_errors(mut self) -> ConfigErrors {
-        self.errors.sort_by_key(|e| (e.line, e.column));
-        if self.errors.len() > MAX_ERRORS {
-            let more = self.errors.len() - MAX_ERRORS;
-            self.errors.truncate(MAX_ERRORS);
-            let last = &self.errors[MAX_ERRORS - 1];
-            let note = ConfigError {
-                file: last.file.clone(),
-                line: last.line,
-                column: last.column,
-                message: format!("{more} more errors not shown"),
-            };
-            self.errors.push(note);
+        let mut out: Vec<ConfigError> = Vec::with_capacity(self.errors.len() + 1);
+        for (offset, _, message) in std::mem::take(&mut self.errors).into_sorted_vec() {
+            let (line, column) = self.position(offset);
+            out.push(ConfigError {
+                file: self.file.to_string(),
+                line,
+                column,
+                message,
+            });
         }
-        ConfigErrors(self.errors)
+        let shown = u64::try_from(out.len()).unwrap_or(u64::MAX);
+        if self.total > shown
+            && let Some(last) = out.last()
+        {
+            let note = ConfigError {
+                message: format!("{} more errors not shown", self.total - shown),
+                ..last.clone()
+            };
+            out.push(note);
+        }
+        ConfigErrors(out)
     }
 }
 
@@ -627,7 +667,7 @@ fn parse_backends(ctx: &mut Ctx<'_>, pool: &str, v: &Value<'_>) -> Option<Vec<Ba
             continue;
         };
         if let Some(first) = by_addr.get(&b.addr) {
-            let (line, _) = ctx.position(first.start);
+            let line = ctx.line(first.start);
             ctx.error(
                 item.span(),
                 format!(
@@ -640,7 +680,7 @@ fn parse_backends(ctx: &mut Ctx<'_>, pool: &str, v: &Value<'_>) -> Option<Vec<Ba
         }
         by_addr.insert(b.addr, item.span());
         if let Some(first) = by_name.get(&b.name) {
-            let (line, _) = ctx.position(first.start);
+            let line = ctx.line(first.start);
             ctx.error(
                 item.span(),
                 format!(
@@ -813,7 +853,7 @@ fn parse_listeners(
         };
         let bind_span = bind_v.map_or(item.span(), |b| b.span());
         if let Some((other, first)) = by_bind.get(&bind) {
-            let (line, _) = ctx.position(first.start);
+            let line = ctx.line(first.start);
             ctx.error(
                 bind_span,
                 format!(
@@ -827,7 +867,7 @@ fn parse_listeners(
         by_bind.insert(bind, (name.clone(), bind_span.clone()));
         let name_span = t.get("name").map_or(bind_span, |n| n.span());
         if let Some(first) = by_name.get(&name) {
-            let (line, _) = ctx.position(first.start);
+            let line = ctx.line(first.start);
             ctx.error(
                 name_span,
                 format!(
@@ -862,7 +902,10 @@ fn set<T>(field: &mut T, converted: Option<Option<T>>) -> bool {
 
 /// Reports every key of `t` not in `allowed`, with a suggestion when one is close.
 fn check_keys(ctx: &mut Ctx<'_>, t: &DeTable<'_>, allowed: &[&str], section: &str) {
-    for key in t.keys() {
+    // Tables are stored sorted by key; report in file order.
+    let mut keys: Vec<_> = t.keys().collect();
+    keys.sort_by_key(|k| k.span().start);
+    for key in keys {
         let k = key.get_ref().as_ref();
         if allowed.contains(&k) {
             continue;

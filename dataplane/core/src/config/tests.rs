@@ -1117,3 +1117,42 @@ fn mutated_examples_never_panic_and_always_have_positions() {
         }
     }
 }
+
+/// Many errors in a large file must not make reporting quadratic (positions are computed from a
+/// line index and only for the errors actually reported).
+#[test]
+fn many_errors_in_a_large_file_stay_fast() {
+    let started = std::time::Instant::now();
+    let mut lines = String::from("[global]\n");
+    while lines.len() < 3 * 1024 * 1024 {
+        lines.push_str(&format!("k{} = 1\n", lines.len()));
+    }
+    let e = errs(&lines);
+    assert_eq!(e.len(), parse::MAX_ERRORS + 1);
+    // The earliest errors are the ones kept, wherever the walk found them.
+    has(&e, 1, &["no listeners"]);
+    assert!(
+        e[1..].iter().all(|e| e.line >= 2 && e.line < 200),
+        "{}",
+        show(&e)
+    );
+    let mut long_line = String::from("[global]\nsource_rate = { max = 1, ");
+    for i in 0..150_000 {
+        long_line.push_str(&format!("k{i} = 1, "));
+    }
+    long_line.push_str("period = \"1s\" }\n");
+    let e = errs(&long_line);
+    assert_eq!(e.len(), parse::MAX_ERRORS + 1);
+    has(&e, 1, &["no listeners"]);
+    assert!(e[1..].iter().all(|e| e.line == 2), "{}", show(&e));
+    assert!(
+        e[parse::MAX_ERRORS]
+            .message
+            .contains("149901 more errors not shown")
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}
