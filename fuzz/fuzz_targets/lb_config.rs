@@ -20,7 +20,11 @@ fuzz_target!(|data: &[u8]| {
             for e in &errors.0 {
                 assert_eq!(e.file, "fuzz.toml");
                 assert!(e.line >= 1 && e.column >= 1, "no position: {e}");
-                assert!(e.line <= lines, "line {} past the end ({lines} lines): {e}", e.line);
+                assert!(
+                    e.line <= lines,
+                    "line {} past the end ({lines} lines): {e}",
+                    e.line
+                );
                 assert!(!e.message.is_empty());
             }
         }
