@@ -6,3 +6,6 @@ pub mod parse;
 
 pub use model::*;
 pub use parse::{ConfigError, ConfigErrors, load_file, load_str};
+
+#[cfg(test)]
+mod tests;
