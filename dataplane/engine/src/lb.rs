@@ -37,6 +37,8 @@ pub enum LbError {
     Admin { addr: SocketAddr, source: io::Error },
     #[error("cannot start worker threads: {0}")]
     Spawn(io::Error),
+    #[error("worker setup failed: {0}")]
+    Worker(String),
     #[error("cannot start health checks: {0}")]
     Health(io::Error),
 }
@@ -181,6 +183,8 @@ impl Lb {
             }
         }
 
+        let fallback = config.global.engine == EngineChoice::Auto;
+        let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
         for (id, listeners) in per_worker.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
             let wake_fd = Arc::new(eventfd().map_err(LbError::Spawn)?);
@@ -192,15 +196,41 @@ impl Lb {
                 .then(|| cpus.get(id % cpus.len().max(1)).copied())
                 .flatten();
             let buffers = options.buffers;
+            let ready = ready_tx.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("ringmail-w{id}"))
-                .spawn(move || worker_main(ctx, rx, worker_wake, listeners, engine, cpu, buffers))
+                .spawn(move || {
+                    worker_main(
+                        ctx,
+                        rx,
+                        worker_wake,
+                        listeners,
+                        engine,
+                        fallback,
+                        cpu,
+                        buffers,
+                        ready,
+                    )
+                })
                 .map_err(LbError::Spawn)?;
             lb.workers.push(WorkerHandle {
                 tx,
                 wake: wake_fd,
                 thread: Some(thread),
             });
+        }
+        drop(ready_tx);
+        // "Started" means every worker is set up and accepting on its sockets.
+        for _ in 0..nworkers {
+            match ready_rx.recv() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(LbError::Worker(e)),
+                Err(_) => {
+                    return Err(LbError::Worker(
+                        "a worker thread exited during setup".into(),
+                    ));
+                }
+            }
         }
         info!(
             workers = nworkers,
@@ -384,14 +414,20 @@ pub fn relay_label(relay: RelayMode) -> &'static str {
     }
 }
 
+/// What a worker thread reports once it is set up (or could not be).
+type Ready = Result<EngineKind, String>;
+
+#[allow(clippy::too_many_arguments)]
 fn worker_main(
     ctx: Ctx,
     rx: mpsc::Receiver<Control>,
     wake_fd: OwnedFd,
     listeners: Vec<(u64, OwnedFd)>,
     engine: EngineKind,
+    fallback: bool,
     cpu: Option<usize>,
     buffers: BufferConfig,
+    ready: mpsc::Sender<Ready>,
 ) {
     let id = ctx.id;
     if let Some(cpu) = cpu
@@ -400,14 +436,39 @@ fn worker_main(
         warn!(worker = id, cpu, error = %e, "cannot pin worker to its CPU");
     }
     let result = match engine {
-        EngineKind::Uring => match uring::UringWorker::new(ctx, rx, wake_fd, buffers) {
-            Ok(w) => w.run(listeners),
+        EngineKind::Uring => match uring::setup(buffers) {
+            Ok(ring) => {
+                let _ = ready.send(Ok(EngineKind::Uring));
+                uring::UringWorker::new(ring, ctx, rx, wake_fd).run(listeners)
+            }
+            Err(e) if fallback => {
+                warn!(worker = id, error = %e, "io_uring setup failed in this worker; it runs the epoll engine");
+                match epoll::EpollWorker::new(ctx, rx, wake_fd) {
+                    Ok(w) => {
+                        let _ = ready.send(Ok(EngineKind::Epoll));
+                        w.run(listeners)
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(format!("worker {id}: epoll setup failed: {e}")));
+                        Err(e)
+                    }
+                }
+            }
             Err(e) => {
-                tracing::error!(worker = id, error = %e, "io_uring worker setup failed after a successful probe");
+                let _ = ready.send(Err(format!("worker {id}: io_uring setup failed: {e}")));
                 Err(e)
             }
         },
-        EngineKind::Epoll => epoll::run_worker(ctx, rx, wake_fd, listeners),
+        EngineKind::Epoll => match epoll::EpollWorker::new(ctx, rx, wake_fd) {
+            Ok(w) => {
+                let _ = ready.send(Ok(EngineKind::Epoll));
+                w.run(listeners)
+            }
+            Err(e) => {
+                let _ = ready.send(Err(format!("worker {id}: epoll setup failed: {e}")));
+                Err(e)
+            }
+        },
     };
     if let Err(e) = result {
         tracing::error!(worker = id, error = %e, "worker stopped with an error");

@@ -219,13 +219,23 @@ mod tests {
     fn seg_queue_consume_spans_segments() {
         let mut q = SegQueue::default();
         for i in 0..10u16 {
-            q.push(Seg { bid: i, off: 0, len: 100 });
+            q.push(Seg {
+                bid: i,
+                off: 0,
+                len: 100,
+            });
         }
-        assert_eq!(q.iter().map(|s| s.bid).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+        assert_eq!(
+            q.iter().map(|s| s.bid).collect::<Vec<_>>(),
+            (0..10).collect::<Vec<_>>()
+        );
         let mut freed = Vec::new();
         q.consume(250, |b| freed.push(b));
         assert_eq!(freed, vec![0, 1]);
-        assert_eq!(q.front_mut().map(|s| (s.bid, s.off, s.len)), Some((2, 50, 50)));
+        assert_eq!(
+            q.front_mut().map(|s| (s.bid, s.off, s.len)),
+            Some((2, 50, 50))
+        );
         q.consume(750, |b| freed.push(b));
         assert_eq!(freed, (0..10).collect::<Vec<_>>());
         assert!(q.is_empty());

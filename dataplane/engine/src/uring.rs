@@ -281,6 +281,29 @@ struct Lst {
     closing: bool,
 }
 
+/// A worker's ring with its provided buffer ring registered. Field order matters: the ring is
+/// dropped before the buffer memory.
+pub struct Ring {
+    ring: IoUring,
+    bufs: BufRing,
+}
+
+/// Creates the ring and registers the buffer ring. Call it on the thread that will use the ring.
+pub fn setup(bufcfg: BufferConfig) -> io::Result<Ring> {
+    let ring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_coop_taskrun()
+        .setup_defer_taskrun()
+        .setup_cqsize(16384)
+        .build(4096)
+        .or_else(|e| {
+            debug!(error = %e, "io_uring: optimised setup refused, using defaults");
+            IoUring::builder().setup_cqsize(16384).build(4096)
+        })?;
+    let bufs = BufRing::new(&ring, bufcfg.count, bufcfg.size)?;
+    Ok(Ring { ring, bufs })
+}
+
 /// One io_uring worker. Field order matters: the ring is dropped before the buffer memory.
 pub struct UringWorker {
     ring: IoUring,
@@ -305,29 +328,15 @@ pub struct UringWorker {
 }
 
 impl UringWorker {
-    /// Sets up the ring and the buffer ring (in the worker thread: the ring is single-issuer).
-    pub fn new(
-        ctx: Ctx,
-        rx: Receiver<Control>,
-        wake_fd: OwnedFd,
-        bufcfg: BufferConfig,
-    ) -> io::Result<UringWorker> {
-        let ring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_coop_taskrun()
-            .setup_defer_taskrun()
-            .setup_cqsize(16384)
-            .build(4096)
-            .or_else(|e| {
-                debug!(error = %e, "io_uring: optimised setup refused, using defaults");
-                IoUring::builder().setup_cqsize(16384).build(4096)
-            })?;
-        let bufs = BufRing::new(&ring, bufcfg.count, bufcfg.size)?;
+    /// Builds a worker from a ring made by [`setup`] (in the worker thread: the ring is
+    /// single-issuer).
+    pub fn new(ring: Ring, ctx: Ctx, rx: Receiver<Control>, wake_fd: OwnedFd) -> UringWorker {
+        let Ring { ring, bufs } = ring;
         let relay = ctx.snapshot.relay;
         ctx.stats()
             .engine
             .store(EngineKind::Uring as u8, Ordering::Relaxed);
-        Ok(UringWorker {
+        UringWorker {
             ring,
             bufs,
             ctx,
@@ -344,7 +353,7 @@ impl UringWorker {
             relay,
             last_sweep_ms: 0,
             events: Vec::with_capacity(1024),
-        })
+        }
     }
 
     fn push(&mut self, entry: squeue::Entry) {
@@ -1042,20 +1051,25 @@ impl UringWorker {
             };
             // SAFETY: off + len stay within the buffer the kernel filled (len came from the recv).
             let ptr = unsafe { self.bufs.ptr(seg.bid).add(seg.off as usize) };
-            opcode::Send::new(fd, ptr, seg.len).flags(libc::MSG_NOSIGNAL).build()
+            opcode::Send::new(fd, ptr, seg.len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
         } else {
             // Everything queued goes in one operation: fewer round trips, fuller segments.
             let sv = dir.sendvec.get_or_insert_with(SendVec::new);
             for (slot_iov, seg) in sv.iov.iter_mut().zip(dir.queue.iter()) {
                 // SAFETY: as above, each (off, len) lies inside its filled buffer.
-                slot_iov.iov_base = unsafe { self.bufs.ptr(seg.bid).add(seg.off as usize) } as *mut libc::c_void;
+                slot_iov.iov_base =
+                    unsafe { self.bufs.ptr(seg.bid).add(seg.off as usize) } as *mut libc::c_void;
                 slot_iov.iov_len = seg.len as usize;
             }
             sv.msg.msg_iov = sv.iov.as_mut_ptr();
             sv.msg.msg_iovlen = n;
             // The boxed msghdr and iovecs stay put until the completion: the direction sends
             // one operation at a time and the box is only dropped with the connection slot.
-            opcode::SendMsg::new(fd, &sv.msg as *const libc::msghdr).flags(libc::MSG_NOSIGNAL as u32).build()
+            opcode::SendMsg::new(fd, &sv.msg as *const libc::msghdr)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
         };
         dir.sending = true;
         c.inflight += 1;
@@ -1197,15 +1211,4 @@ impl UringWorker {
             }
         }
     }
-}
-
-/// Starts an io_uring worker on the current thread.
-pub fn run_worker(
-    ctx: Ctx,
-    rx: Receiver<Control>,
-    wake_fd: OwnedFd,
-    listeners: Vec<(u64, OwnedFd)>,
-    bufcfg: BufferConfig,
-) -> io::Result<()> {
-    UringWorker::new(ctx, rx, wake_fd, bufcfg)?.run(listeners)
 }
