@@ -40,6 +40,29 @@ pub struct ConnrateArgs {
     /// Stop after this many completed connections (safety bound).
     #[arg(long, default_value_t = 10_000_000)]
     pub max_conns: u64,
+    /// Spread client connections over this many source addresses (127.0.0.2 and up; IPv4
+    /// loopback targets only). One address runs out of ephemeral ports within seconds at
+    /// these rates (every closed connection holds its port in TIME_WAIT), and then the
+    /// client's own port search, not the proxy, sets the pace. 1 = let the kernel choose.
+    #[arg(long, default_value_t = 1)]
+    pub source_ips: u32,
+}
+
+/// Starts a non-blocking connect to `target`, from source address number `n` of `count`.
+fn start_connect(target: SocketAddr, n: u64, count: u32) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(target), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    if count > 1 && target.ip().is_loopback() && target.is_ipv4() {
+        let k = (n % u64::from(count)) as u32 + 2;
+        let ip = std::net::Ipv4Addr::new(127, (k >> 16) as u8, (k >> 8) as u8, k as u8);
+        sock.bind(&SocketAddr::new(ip.into(), 0).into())?;
+    }
+    match sock.connect(&target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(std::net::TcpStream::from(sock)))
 }
 
 #[derive(Debug, Serialize)]
@@ -108,9 +131,11 @@ pub fn run(a: ConnrateArgs) -> Result<()> {
         .map(|conc| {
             let counter = counter.clone();
             let (target, req, timeout) = (a.common.target, a.request_size, a.common.op_timeout);
+            let source_ips = a.source_ips.max(1);
             thread::spawn(move || {
                 worker(
                     target,
+                    source_ips,
                     conc,
                     req,
                     timeout,
@@ -162,8 +187,10 @@ pub fn run(a: ConnrateArgs) -> Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)]
 fn worker(
     target: SocketAddr,
+    source_ips: u32,
     conc: usize,
     req_size: usize,
     timeout: Duration,
@@ -202,7 +229,7 @@ fn worker(
                 }
                 started += 1;
                 let t0 = Instant::now();
-                match TcpStream::connect(target) {
+                match start_connect(target, started, source_ips) {
                     Ok(mut s) => {
                         let _ = s.set_nodelay(true);
                         poll.registry().register(
