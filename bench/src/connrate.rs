@@ -51,7 +51,11 @@ pub struct ConnrateArgs {
 /// Starts a non-blocking connect to `target`, from source address number `n` of `count`.
 fn start_connect(target: SocketAddr, n: u64, count: u32) -> std::io::Result<TcpStream> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let sock = Socket::new(Domain::for_address(target), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    let sock = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     if count > 1 && target.ip().is_loopback() && target.is_ipv4() {
         let k = (n % u64::from(count)) as u32 + 2;
         let ip = std::net::Ipv4Addr::new(127, (k >> 16) as u8, (k >> 8) as u8, k as u8);
@@ -186,7 +190,6 @@ pub fn run(a: ConnrateArgs) -> Result<()> {
     emit_json(&res, a.common.json.as_deref())
 }
 
-#[allow(clippy::too_many_arguments)]
 #[allow(clippy::too_many_arguments)]
 fn worker(
     target: SocketAddr,
