@@ -436,14 +436,18 @@ fn connect_retry(engine: &str) {
         errors > 0.0,
         "no connect errors counted for the dead backend {b_addr}"
     );
-    // The checker has not run again: the backend is still believed up, so the retries (not
-    // the health checks) are what kept every client served.
+    // The checker has not run again (60 s interval): it is the workers' passive health that
+    // took the dead backend out, after `fall` (3) connect failures in a row.
+    assert_eq!(
+        errors, 3.0,
+        "expected exactly `fall` connect errors before the mark-down"
+    );
     assert_eq!(
         lb.metric(
             "ringmail_lb_backend_up",
             &[("pool", POOL), ("backend", &dead_label)]
         ),
-        1.0
+        0.0
     );
 }
 

@@ -402,7 +402,7 @@ fn connect_timeout_retry(engine: &str) {
     let lb = start_config(
         engine,
         "algorithm = \"roundrobin\"\nconnect_timeout = \"300ms\"\nconnect_retries = 1",
-        "check = \"tcp\", interval = \"60s\", timeout = \"59s\", rise = 1, fall = 1",
+        "check = \"tcp\", interval = \"60s\", timeout = \"59s\", rise = 1, fall = 3",
         &format!("\"{}\", \"{}\"", x.addr, y.addr),
     );
     let x_label = x.addr.to_string();
@@ -415,7 +415,7 @@ fn connect_timeout_retry(engine: &str) {
     );
 
     let mut times = Vec::new();
-    for i in 0..8 {
+    for i in 0..20 {
         let t0 = Instant::now();
         let id = served_by(lb.addr())
             .unwrap_or_else(|e| panic!("connection {i} failed after {:?}: {e}", t0.elapsed()));
@@ -455,14 +455,24 @@ fn connect_timeout_retry(engine: &str) {
         ),
         0.0
     );
-    // The checker did not take x out: the retries are what kept every client served.
+    // Passive health: `fall` (3) connect failures in a row took x out long before its next
+    // check (its first one is still pending), so only three clients waited for the timeout.
+    assert_eq!(
+        errors, 3.0,
+        "x should be taken out after exactly `fall` failed connects"
+    );
+    assert_eq!(
+        slow.len(),
+        3,
+        "after the mark-down no client should wait: {times:?}"
+    );
     assert_eq!(
         lb.metric(
             "ringmail_lb_backend_up",
             &[("pool", CFG_POOL), ("backend", &x_label)]
         ),
-        1.0,
-        "x was marked down by the health checker; the test no longer proves the retry"
+        0.0,
+        "x was not taken out by its consecutive connect failures"
     );
 }
 

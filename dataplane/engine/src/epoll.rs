@@ -512,6 +512,7 @@ impl EpollWorker {
             .stats()
             .observe_connect(sys::now_ns().saturating_sub(c.connect_start_ns));
         c.session.on_connected(self.ctx.now_ms);
+        self.ctx.connect_ok(&c.pool, c.backend_idx);
         if self
             .poll
             .registry()

@@ -353,6 +353,14 @@ async fn backend_loop(pool: Arc<PoolRuntime>, idx: usize, tls: Arc<ClientConfig>
                 *slot = Some(failure.to_string());
             }
         }
+        // Taken out passively by the workers (consecutive connect failures) while the checks
+        // still said up: start over from down, so it must pass `rise` checks to come back.
+        if state.is_up() && !backend.is_up() {
+            state = RiseFall::new(hc.rise, hc.fall, false);
+        }
+        if result.is_ok() {
+            backend.connect_fail_streak.store(0, Ordering::Relaxed);
+        }
         state.record(result.is_ok());
         // Publish every time: set_up is a no-op unless the state differs, and this also heals
         // any drift between the runtime flag and the hysteresis state.

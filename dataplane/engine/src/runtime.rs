@@ -40,6 +40,9 @@ pub struct BackendRuntime {
     pub weight: AtomicU32,
     /// Connections to this backend across all workers (least-connections and maxconn use it).
     pub active: AtomicU32,
+    /// Connect failures in a row, across workers (passive health: reaching the pool's `fall`
+    /// takes the backend out before the next check).
+    pub connect_fail_streak: AtomicU32,
     pub checks_ok: AtomicU64,
     pub checks_failed: AtomicU64,
     /// Reason of the last failed check, for the admin API.
@@ -58,6 +61,7 @@ impl BackendRuntime {
             admin: AtomicU8::new(AdminState::Ready as u8),
             weight: AtomicU32::new(cfg.weight),
             active: AtomicU32::new(0),
+            connect_fail_streak: AtomicU32::new(0),
             checks_ok: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
             last_check_error: std::sync::Mutex::new(None),

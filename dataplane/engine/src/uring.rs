@@ -807,6 +807,7 @@ impl UringWorker {
         let elapsed = sys::now_ns().saturating_sub(c.connect_start_ns);
         c.connect_addr = None;
         c.session.on_connected(now);
+        self.ctx.connect_ok(&c.pool, c.backend_idx);
         self.ctx.stats().observe_connect(elapsed);
         let c = self.conns[slot as usize].as_mut().expect("checked above");
         if let Some(version) = c.pool.config.proxy_protocol {

@@ -208,11 +208,30 @@ impl Ctx {
         pool.backends[backend].active.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// A connect to `backend` failed. `fall` failures in a row take it out of rotation at once
+    /// (passive health, like HAProxy's `observe layer4`); the health checker brings it back
+    /// after `rise` passing checks.
     pub fn connect_error(&self, pool: &PoolRuntime, backend: usize) {
-        WorkerStats::add(
-            &pool.backends[backend].per_worker[self.id].connect_errors,
-            1,
-        );
+        let b = &pool.backends[backend];
+        WorkerStats::add(&b.per_worker[self.id].connect_errors, 1);
+        let streak = b.connect_fail_streak.fetch_add(1, Ordering::AcqRel) + 1;
+        if streak == pool.config.health.fall.max(1) && pool.set_up(backend, false) {
+            tracing::warn!(
+                pool = %pool.config.name,
+                backend = %b.name,
+                failures = streak,
+                "backend down: consecutive connect failures"
+            );
+        }
+    }
+
+    /// A connect to `backend` succeeded.
+    pub fn connect_ok(&self, pool: &PoolRuntime, backend: usize) {
+        let streak = &pool.backends[backend].connect_fail_streak;
+        // Read first: the common case writes nothing, so the line is not bounced between workers.
+        if streak.load(Ordering::Relaxed) != 0 {
+            streak.store(0, Ordering::Relaxed);
+        }
     }
 
     pub fn count_bytes(&self, pool: &PoolRuntime, backend: usize, to_backend: bool, n: u64) {
