@@ -260,6 +260,13 @@ pub fn render_metrics(view: &View) -> String {
         "counter",
         &|w| w.idle_timeouts.load(Ordering::Relaxed),
     );
+    counter(
+        &mut o,
+        "ringmail_lb_worker_buffer_starved_total",
+        "Receives that found the io_uring buffer ring empty (a private buffer took over).",
+        "counter",
+        &|w| w.buffer_starved.load(Ordering::Relaxed),
+    );
     let _ = writeln!(
         o,
         "# HELP ringmail_lb_refused_total Connections refused at accept.\n# TYPE ringmail_lb_refused_total counter"

@@ -298,6 +298,11 @@ impl Lb {
         })
     }
 
+    /// The per-worker counters (what `/metrics` shows).
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.shared.stats)
+    }
+
     pub fn engine(&self) -> EngineKind {
         self.engine
     }

@@ -59,6 +59,9 @@ pub struct WorkerStats {
     pub connect_count: AtomicU64,
     /// Connections closed because of the idle timeout.
     pub idle_timeouts: AtomicU64,
+    /// Receives that found the provided-buffer ring empty (io_uring engine): a sign the ring
+    /// is too small for the load; those directions fall back to a private buffer.
+    pub buffer_starved: AtomicU64,
 }
 
 impl WorkerStats {

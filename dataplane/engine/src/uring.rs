@@ -47,6 +47,12 @@ const OP_CTRL: u8 = 11;
 const OP_POLL_IN: u8 = 12; // + direction
 const OP_POLL_OUT: u8 = 14; // + direction
 const OP_CANCEL_ACCEPT: u8 = 16;
+const OP_RECV_PRIVATE: u8 = 17; // + direction
+
+/// Marks a segment that lives in the direction's private buffer, not in the shared ring.
+const PRIVATE_BID: u16 = u16::MAX;
+/// Size of a starved direction's private receive buffer.
+const PRIVATE_SIZE: usize = 16 * 1024;
 
 /// Buffer group id of the worker's provided buffer ring.
 const BGID: u16 = 0;
@@ -113,6 +119,8 @@ struct BufRing {
     mask: u16,
     tail: u16,
     size: u32,
+    /// Buffers in the ring, as far as completions tell (the kernel may hold fewer).
+    available: u32,
 }
 
 impl BufRing {
@@ -150,6 +158,7 @@ impl BufRing {
             mask: count - 1,
             tail: 0,
             size,
+            available: 0,
         };
         // SAFETY: `entries` points to `count` entries that stay allocated until `Drop`, which
         // runs only after the ring that uses them is gone (see `UringWorker`'s field order).
@@ -164,6 +173,7 @@ impl BufRing {
             br.stage(bid);
         }
         br.publish();
+        br.available = u32::from(count);
         Ok(br)
     }
 
@@ -187,6 +197,12 @@ impl BufRing {
     fn recycle(&mut self, bid: u16) {
         self.stage(bid);
         self.publish();
+        self.available += 1;
+    }
+
+    /// A completion delivered buffer `bid`: it is ours until recycled.
+    fn taken(&mut self) {
+        self.available = self.available.saturating_sub(1);
     }
 
     fn ptr(&self, bid: u16) -> *mut u8 {
@@ -237,6 +253,10 @@ impl SendVec {
 struct Dir {
     queue: SegQueue,
     sendvec: Option<Box<SendVec>>,
+    /// A starved direction's own receive buffer (see `arm_private_recv`); `None` otherwise.
+    private: Option<Box<[u8]>>,
+    /// The private buffer holds data not yet sent on.
+    private_queued: bool,
     recv_armed: bool,
     cancel_sent: bool,
     sending: bool,
@@ -321,7 +341,7 @@ pub struct UringWorker {
     conns: Vec<Option<Conn>>,
     free: Vec<u32>,
     live: usize,
-    starved: Vec<(u32, usize)>,
+    starved: std::collections::VecDeque<(u32, usize)>,
     relay: RelayMode,
     last_sweep_ms: u64,
     events: Vec<(u64, i32, u32)>,
@@ -349,7 +369,7 @@ impl UringWorker {
             conns: Vec::new(),
             free: Vec::new(),
             live: 0,
-            starved: Vec::new(),
+            starved: std::collections::VecDeque::new(),
             relay,
             last_sweep_ms: 0,
             events: Vec::with_capacity(1024),
@@ -437,6 +457,9 @@ impl UringWorker {
             OP_HEADER => self.on_header(slot, res),
             o if o == OP_RECV || o == OP_RECV + 1 => {
                 self.on_recv(slot, usize::from(o - OP_RECV), res, flags)
+            }
+            o if o == OP_RECV_PRIVATE || o == OP_RECV_PRIVATE + 1 => {
+                self.on_private_recv(slot, usize::from(o - OP_RECV_PRIVATE), res)
             }
             o if o == OP_SEND || o == OP_SEND + 1 => {
                 self.on_send(slot, usize::from(o - OP_SEND), res)
@@ -534,6 +557,11 @@ impl UringWorker {
         if self.ctx.now_ms.saturating_sub(self.last_sweep_ms) >= 1000 {
             self.last_sweep_ms = self.ctx.now_ms;
             self.sweep_idle();
+        }
+        // Safety net: receives that ran out of buffers are normally re-armed as buffers come
+        // back; retry a few here too so none can wait forever.
+        if !self.starved.is_empty() {
+            self.unstarve();
         }
         self.arm_tick();
     }
@@ -911,8 +939,13 @@ impl UringWorker {
         for e in cancels {
             self.push(e);
         }
+        bids.retain(|&b| b != PRIVATE_BID);
+        let returned = !bids.is_empty();
         for b in bids {
             self.bufs.recycle(b);
+        }
+        if returned {
+            self.unstarve();
         }
         self.maybe_finalize(slot);
     }
@@ -956,6 +989,9 @@ impl UringWorker {
 
     fn on_recv(&mut self, slot: u32, d: usize, res: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
+        if bid.is_some() {
+            self.bufs.taken();
+        }
         let more = cqueue::more(flags);
         let Some(c) = self.conns[slot as usize].as_mut() else {
             if let Some(b) = bid {
@@ -970,6 +1006,7 @@ impl UringWorker {
         if c.closing {
             if let Some(b) = bid {
                 self.bufs.recycle(b);
+                self.unstarve();
             }
             self.maybe_finalize(slot);
             return;
@@ -1014,7 +1051,8 @@ impl UringWorker {
             return;
         } else if res == -libc::ENOBUFS {
             c.dirs[d].starved = true;
-            self.starved.push((slot, d));
+            self.starved.push_back((slot, d));
+            WorkerStats::add(&self.ctx.stats().buffer_starved, 1);
         } else if res == -libc::ECANCELED {
             // Back-pressure cancel: re-armed below or once the queue drains.
         } else {
@@ -1025,18 +1063,87 @@ impl UringWorker {
         self.maybe_rearm(slot, d);
     }
 
+    /// Re-arms the receive of direction `d` if it may take more data: multishot on the shared
+    /// ring normally; when the direction starved (ENOBUFS) and the ring is still empty, a
+    /// single-shot receive into its own buffer, so that no direction ever waits for buffers
+    /// held by others (which could deadlock: uploads holding every buffer while their backends
+    /// wait for us to read their replies).
     fn maybe_rearm(&mut self, slot: u32, d: usize) {
-        let Some(c) = self.conns[slot as usize].as_ref() else {
+        if self.relay != RelayMode::Buffered {
+            return;
+        }
+        let available = self.bufs.available;
+        let Some(c) = self.conns[slot as usize].as_mut() else {
             return;
         };
-        let dir = &c.dirs[d];
-        if !c.closing && !dir.recv_armed && !dir.eof && !dir.starved && dir.queue.len() < QUEUE_LOW
-        {
-            match self.relay {
-                RelayMode::Buffered => self.arm_recv(slot, d),
-                RelayMode::Splice => {}
-            }
+        let dir = &mut c.dirs[d];
+        if c.closing || dir.recv_armed || dir.eof || dir.queue.len() >= QUEUE_LOW {
+            return;
         }
+        if !dir.starved || available >= 2 {
+            if !dir.private_queued {
+                dir.private = None;
+            }
+            self.arm_recv(slot, d);
+        } else if !dir.private_queued {
+            self.arm_private_recv(slot, d);
+        }
+    }
+
+    fn arm_private_recv(&mut self, slot: u32, d: usize) {
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
+        let fd = types::Fd(c.fd(d));
+        let dir = &mut c.dirs[d];
+        let buf = dir
+            .private
+            .get_or_insert_with(|| vec![0u8; PRIVATE_SIZE].into_boxed_slice());
+        // The boxed buffer stays allocated until the completion: it is only dropped when the
+        // direction leaves the starved state with nothing queued, or with the slot.
+        let e = opcode::Recv::new(fd, buf.as_mut_ptr(), buf.len() as u32)
+            .build()
+            .user_data(ud(slot, OP_RECV_PRIVATE + d as u8));
+        dir.recv_armed = true;
+        c.inflight += 1;
+        self.push(e);
+    }
+
+    fn on_private_recv(&mut self, slot: u32, d: usize, res: i32) {
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
+        c.inflight -= 1;
+        c.dirs[d].recv_armed = false;
+        if c.closing {
+            self.maybe_finalize(slot);
+            return;
+        }
+        if res > 0 {
+            c.session.on_traffic(self.ctx.now_ms);
+            let dir = &mut c.dirs[d];
+            dir.queue.push(Seg {
+                bid: PRIVATE_BID,
+                off: 0,
+                len: res as u32,
+            });
+            dir.private_queued = true;
+            if !dir.sending {
+                self.send_next(slot, d);
+            }
+        } else if res == 0 {
+            let dir = &mut c.dirs[d];
+            dir.eof = true;
+            if dir.queue.is_empty() && !dir.sending {
+                self.pass_eof(slot, d);
+            }
+            return;
+        } else if res != -libc::ECANCELED {
+            debug!(errno = -res, "receive failed");
+            self.begin_close(slot);
+            return;
+        }
+        self.maybe_rearm(slot, d);
     }
 
     fn send_next(&mut self, slot: u32, d: usize) {
@@ -1050,8 +1157,7 @@ impl UringWorker {
             let Some(seg) = dir.queue.front_mut().copied() else {
                 return;
             };
-            // SAFETY: off + len stay within the buffer the kernel filled (len came from the recv).
-            let ptr = unsafe { self.bufs.ptr(seg.bid).add(seg.off as usize) };
+            let ptr = seg_ptr(&self.bufs, &dir.private, &seg);
             opcode::Send::new(fd, ptr, seg.len)
                 .flags(libc::MSG_NOSIGNAL)
                 .build()
@@ -1059,9 +1165,7 @@ impl UringWorker {
             // Everything queued goes in one operation: fewer round trips, fuller segments.
             let sv = dir.sendvec.get_or_insert_with(SendVec::new);
             for (slot_iov, seg) in sv.iov.iter_mut().zip(dir.queue.iter()) {
-                // SAFETY: as above, each (off, len) lies inside its filled buffer.
-                slot_iov.iov_base =
-                    unsafe { self.bufs.ptr(seg.bid).add(seg.off as usize) } as *mut libc::c_void;
+                slot_iov.iov_base = seg_ptr(&self.bufs, &dir.private, seg) as *mut libc::c_void;
                 slot_iov.iov_len = seg.len as usize;
             }
             sv.msg.msg_iov = sv.iov.as_mut_ptr();
@@ -1112,10 +1216,22 @@ impl UringWorker {
         } else if eof_pending {
             self.pass_eof(slot, d);
         }
-        if nrec > 0 {
-            for &b in &recycled[..nrec] {
+        let mut returned = false;
+        for &b in &recycled[..nrec] {
+            if b == PRIVATE_BID {
+                if let Some(c) = self.conns[slot as usize].as_mut() {
+                    let dir = &mut c.dirs[d];
+                    dir.private_queued = false;
+                    if !dir.starved {
+                        dir.private = None;
+                    }
+                }
+            } else {
                 self.bufs.recycle(b);
+                returned = true;
             }
+        }
+        if returned {
             self.unstarve();
         }
         self.maybe_rearm(slot, d);
@@ -1124,16 +1240,13 @@ impl UringWorker {
     /// Re-arms receives that ran out of buffers, a few per returned buffer.
     fn unstarve(&mut self) {
         for _ in 0..4 {
-            let Some((slot, d)) = self.starved.pop() else {
+            let Some((slot, d)) = self.starved.pop_front() else {
                 return;
             };
             if self.conns[slot as usize]
                 .as_ref()
                 .is_some_and(|c| c.dirs[d].starved)
             {
-                if let Some(c) = self.conn(slot) {
-                    c.dirs[d].starved = false;
-                }
                 self.maybe_rearm(slot, d);
             }
         }
@@ -1212,4 +1325,19 @@ impl UringWorker {
             }
         }
     }
+}
+
+/// Address of the first unsent byte of `seg`: in the shared ring, or in the direction's
+/// private buffer.
+fn seg_ptr(bufs: &BufRing, private: &Option<Box<[u8]>>, seg: &Seg) -> *mut u8 {
+    let base = if seg.bid == PRIVATE_BID {
+        private
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |p| p.as_ptr() as *mut u8)
+    } else {
+        bufs.ptr(seg.bid)
+    };
+    // SAFETY: off + len lie inside the buffer the kernel filled (len came from the receive),
+    // and a private segment exists only while its buffer does.
+    unsafe { base.add(seg.off as usize) }
 }
