@@ -163,7 +163,7 @@ impl Pool {
             health: HealthCheck::default(),
             proxy_protocol: None,
             connect_timeout: Duration::from_secs(3),
-            idle_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(1800),
             connect_retries: 2,
         }
     }

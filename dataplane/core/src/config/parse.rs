@@ -43,7 +43,7 @@
 //! algorithm = "leastconn"        # leastconn | roundrobin | weighted | source  (default leastconn)
 //! proxy_protocol = "v2"          # v1 | v2 | none                  (default none)
 //! connect_timeout = "3s"         # default 3s
-//! idle_timeout = "10m"           # default 10m
+//! idle_timeout = "30m"           # default 30m (IMAP IDLE clients stay silent up to 29 minutes)
 //! connect_retries = 2            # default 2
 //! health = { check = "tls", interval = "2s", timeout = "1s", rise = 2, fall = 3,
 //!            ehlo_name = "lb1.example.com", tls_server_name = "imap.example.com" }
