@@ -46,6 +46,7 @@ per_engine!(
     drain_exits_after_client_closes,
     drain_exits_at_deadline,
     reload_under_load,
+    reload_rejects_invalid_config,
     admin_api,
     ipv6,
     rate_limit,
@@ -654,6 +655,53 @@ fn reload_under_load(engine: &str) {
     };
     assert_eq!(weight_of(b.addr), Some(3), "reloaded weight not applied");
     assert_eq!(weight_of(c.addr), Some(2), "reloaded weight not applied");
+}
+
+/// A configuration file broken on SIGHUP is refused with its errors; the running
+/// configuration stays in force and traffic goes on.
+fn reload_rejects_invalid_config(engine: &str) {
+    let a = Backend::any(Mode::Greet("a".into()));
+    let b = Backend::any(Mode::Greet("b".into()));
+    let (listen, admin) = (free_addr(), free_addr());
+    let good = config(
+        engine,
+        admin,
+        listen,
+        "weighted",
+        &weighted_backends(&[(a.addr, 1), (b.addr, 1)]),
+        "",
+    );
+    let lb = Lb::from_config(&good, vec![listen], admin);
+    lb.wait_backend_up("mail", a.addr, true, UP);
+    lb.wait_backend_up("mail", b.addr, true, UP);
+
+    // An unknown key and a bad address: both must be reported, nothing applied.
+    let broken = format!("{good}\n[pool.extra]\nbackends = [\"not-an-address\"]\nbogus_key = 1\n");
+    lb.rewrite_config(&broken);
+    lb.sighup();
+    let log = wait_for(Duration::from_secs(5), || {
+        let log = lb.child.log_text();
+        log.contains("reload refused").then_some(log)
+    })
+    .expect("no 'reload refused' in the log after SIGHUP with a broken file");
+    assert!(
+        log.contains("bogus_key"),
+        "unknown key not reported:\n{log}"
+    );
+    assert!(
+        log.contains("not-an-address"),
+        "bad address not reported:\n{log}"
+    );
+
+    // Still serving, with both backends, as before.
+    let counts = tally(listen, 20);
+    assert_eq!(count(&counts, "a") + count(&counts, "b"), 20, "{counts:?}");
+    assert!(
+        count(&counts, "a") > 0 && count(&counts, "b") > 0,
+        "{counts:?}"
+    );
+    let (status, _) = lb.get("/healthz");
+    assert_eq!(status, 200);
 }
 
 // ---------------------------------------------------------------------------------------------
