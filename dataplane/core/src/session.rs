@@ -140,6 +140,18 @@ impl Session {
         }
     }
 
+    /// The connect failed for a local reason (no free local port, out of descriptors or
+    /// memory): not the backend's fault, so it may be picked again. Bounded like any retry.
+    pub fn on_local_connect_failure(&mut self) -> AfterConnectFailure {
+        if self.phase == Phase::Connecting
+            && self.tried_len > 0
+            && self.tried_len as usize <= self.tried.len()
+        {
+            self.tried_len -= 1;
+        }
+        self.on_connect_failed()
+    }
+
     /// No backend could be picked for a retry.
     pub fn on_no_backend(&mut self) {
         self.phase = Phase::Closed;
@@ -213,6 +225,20 @@ mod tests {
         assert_eq!(s.on_connect_failed(), AfterConnectFailure::GiveUp);
         assert_eq!(s.phase(), Phase::Closed);
         assert_eq!(s.tried().collect::<Vec<_>>(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn local_failure_allows_the_same_backend_again() {
+        let mut s = Session::new(0, 2);
+        s.connecting_to(5);
+        assert_eq!(s.on_local_connect_failure(), AfterConnectFailure::Retry);
+        assert_eq!(s.tried().count(), 0);
+        s.connecting_to(5);
+        assert_eq!(s.on_local_connect_failure(), AfterConnectFailure::Retry);
+        s.connecting_to(5);
+        // Still bounded by the number of attempts.
+        assert_eq!(s.on_local_connect_failure(), AfterConnectFailure::GiveUp);
+        assert_eq!(s.phase(), Phase::Closed);
     }
 
     #[test]

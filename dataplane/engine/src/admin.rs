@@ -262,6 +262,13 @@ pub fn render_metrics(view: &View) -> String {
     );
     counter(
         &mut o,
+        "ringmail_lb_worker_local_connect_errors_total",
+        "Backend connects that failed for a local reason (no free port, descriptors, memory).",
+        "counter",
+        &|w| w.local_connect_errors.load(Ordering::Relaxed),
+    );
+    counter(
+        &mut o,
         "ringmail_lb_worker_buffer_starved_total",
         "Receives that found the io_uring buffer ring empty (a private buffer took over).",
         "counter",

@@ -221,7 +221,7 @@ impl EpollWorker {
             }
         }
         for slot in expired {
-            self.connect_failed(slot);
+            self.connect_failed(slot, libc::ETIMEDOUT);
         }
         for slot in idle {
             WorkerStats::add(&self.ctx.stats().idle_timeouts, 1);
@@ -434,14 +434,14 @@ impl EpollWorker {
             Ok(fd) => fd.into_raw_fd(),
             Err(e) => {
                 warn!(error = %e, "cannot create backend socket");
-                self.connect_failed(slot);
+                self.connect_failed(slot, e.raw_os_error().unwrap_or(libc::EMFILE));
                 return;
             }
         };
         c.backend = fd;
         if let Err(e) = sys::start_connect(fd, &SockAddr::from(pick.addr)) {
             debug!(error = %e, "connect failed at once");
-            self.connect_failed(slot);
+            self.connect_failed(slot, e.raw_os_error().unwrap_or(libc::ECONNREFUSED));
             return;
         }
         let r = self.poll.registry().register(
@@ -449,17 +449,18 @@ impl EpollWorker {
             Token(slot as usize * 2 + 1),
             Interest::READABLE | Interest::WRITABLE,
         );
-        if r.is_err() {
-            self.connect_failed(slot);
+        if let Err(e) = r {
+            self.connect_failed(slot, e.raw_os_error().unwrap_or(libc::ENOMEM));
         }
     }
 
-    fn connect_failed(&mut self, slot: u32) {
+    fn connect_failed(&mut self, slot: u32, errno: i32) {
         let Some(c) = self.conns[slot as usize].as_mut() else {
             return;
         };
+        let mut local = false;
         if c.has_backend {
-            self.ctx.connect_error(&c.pool, c.backend_idx);
+            local = !self.ctx.connect_error(&c.pool, c.backend_idx, errno);
             self.ctx.release_backend(&c.pool, c.backend_idx);
             c.has_backend = false;
         }
@@ -468,7 +469,12 @@ impl EpollWorker {
             sys::close(c.backend);
             c.backend = -1;
         }
-        match c.session.on_connect_failed() {
+        let next = if local {
+            c.session.on_local_connect_failure()
+        } else {
+            c.session.on_connect_failed()
+        };
+        match next {
             AfterConnectFailure::Retry => self.start_connect(slot, false),
             AfterConnectFailure::GiveUp => self.close(slot),
         }
@@ -480,13 +486,20 @@ impl EpollWorker {
         };
         match c.session.phase() {
             Phase::Connecting if side == 1 => {
-                let ok = !error
-                    && matches!(sys::take_error(c.backend), Ok(None))
-                    && sys::addresses(c.backend).is_ok();
-                if ok {
+                let errno = match sys::take_error(c.backend) {
+                    Ok(Some(e)) => e.raw_os_error().unwrap_or(libc::ECONNREFUSED),
+                    Err(e) => e.raw_os_error().unwrap_or(libc::ECONNREFUSED),
+                    Ok(None) if error => libc::ECONNREFUSED,
+                    // Writable without error: connected if it has a peer.
+                    Ok(None) => match sys::addresses(c.backend) {
+                        Ok(_) => 0,
+                        Err(e) => e.raw_os_error().unwrap_or(libc::ENOTCONN),
+                    },
+                };
+                if errno == 0 {
                     self.connected(slot);
                 } else {
-                    self.connect_failed(slot);
+                    self.connect_failed(slot, errno);
                 }
             }
             Phase::Connecting => {}

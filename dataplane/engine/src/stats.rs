@@ -62,6 +62,8 @@ pub struct WorkerStats {
     /// Receives that found the provided-buffer ring empty (io_uring engine): a sign the ring
     /// is too small for the load; those directions fall back to a private buffer.
     pub buffer_starved: AtomicU64,
+    /// Backend connects that failed for a local reason (no free port, descriptors, memory).
+    pub local_connect_errors: AtomicU64,
 }
 
 impl WorkerStats {

@@ -765,7 +765,7 @@ impl UringWorker {
             Ok(fd) => fd.into_raw_fd(),
             Err(e) => {
                 warn!(error = %e, "cannot create backend socket");
-                self.connect_failed(slot);
+                self.connect_failed(slot, e.raw_os_error().unwrap_or(libc::EMFILE));
                 return;
             }
         };
@@ -799,12 +799,13 @@ impl UringWorker {
         }
     }
 
-    fn connect_failed(&mut self, slot: u32) {
+    fn connect_failed(&mut self, slot: u32, errno: i32) {
         let Some(c) = self.conns[slot as usize].as_mut() else {
             return;
         };
+        let mut local = false;
         if c.has_backend {
-            self.ctx.connect_error(&c.pool, c.backend_idx);
+            local = !self.ctx.connect_error(&c.pool, c.backend_idx, errno);
             self.ctx.release_backend(&c.pool, c.backend_idx);
             c.has_backend = false;
         }
@@ -812,7 +813,12 @@ impl UringWorker {
         c.backend = -1;
         c.connect_addr = None;
         debug!(client = %c.peer, attempt = c.session.attempts(), "backend connect failed");
-        match c.session.on_connect_failed() {
+        let next = if local {
+            c.session.on_local_connect_failure()
+        } else {
+            c.session.on_connect_failed()
+        };
+        match next {
             AfterConnectFailure::Retry => self.start_connect(slot, false),
             AfterConnectFailure::GiveUp => self.begin_close(slot),
         }
@@ -829,7 +835,7 @@ impl UringWorker {
             return;
         }
         if res < 0 {
-            self.connect_failed(slot);
+            self.connect_failed(slot, -res);
             return;
         }
         let elapsed = sys::now_ns().saturating_sub(c.connect_start_ns);

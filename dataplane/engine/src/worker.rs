@@ -16,6 +16,21 @@ use crate::runtime::PoolRuntime;
 use crate::stats::{Refusal, Stats, WorkerStats};
 use crate::sys;
 
+/// Connect errors caused by this host rather than the backend.
+pub fn is_local_connect_error(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::EADDRNOTAVAIL
+            | libc::EADDRINUSE
+            | libc::EMFILE
+            | libc::ENFILE
+            | libc::ENOBUFS
+            | libc::ENOMEM
+            | libc::EAGAIN
+            | libc::EINTR
+    )
+}
+
 /// One listening address as workers see it. `id` is stable across reloads for the same bind.
 #[derive(Debug, Clone)]
 pub struct ListenerSpec {
@@ -208,10 +223,17 @@ impl Ctx {
         pool.backends[backend].active.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// A connect to `backend` failed. `fall` failures in a row take it out of rotation at once
-    /// (passive health, like HAProxy's `observe layer4`); the health checker brings it back
-    /// after `rise` passing checks.
-    pub fn connect_error(&self, pool: &PoolRuntime, backend: usize) {
+    /// A connect to `backend` failed with `errno`. Returns whether the backend is to blame.
+    /// `fall` backend failures in a row take it out of rotation at once (passive health, like
+    /// HAProxy's `observe layer4`); the health checker brings it back after `rise` passing
+    /// checks. Local failures (no free port, descriptors, memory) say nothing about the
+    /// backend: they are counted apart and never mark it down.
+    pub fn connect_error(&self, pool: &PoolRuntime, backend: usize, errno: i32) -> bool {
+        if is_local_connect_error(errno) {
+            WorkerStats::add(&self.stats().local_connect_errors, 1);
+            tracing::debug!(errno, "backend connect failed for a local reason");
+            return false;
+        }
         let b = &pool.backends[backend];
         WorkerStats::add(&b.per_worker[self.id].connect_errors, 1);
         let streak = b.connect_fail_streak.fetch_add(1, Ordering::AcqRel) + 1;
@@ -223,6 +245,7 @@ impl Ctx {
                 "backend down: consecutive connect failures"
             );
         }
+        true
     }
 
     /// A connect to `backend` succeeded.
