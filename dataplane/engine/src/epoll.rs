@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::relay::{Pipes, Pump, pump};
 use crate::runtime::PoolRuntime;
-use crate::stats::{EngineKind, Refusal, WorkerStats};
+use crate::stats::{EngineKind, WorkerStats};
 use crate::sys;
 use crate::worker::{Control, Ctx};
 
@@ -245,46 +245,27 @@ impl EpollWorker {
     }
 
     fn control(&mut self, msg: Control) {
-        match msg {
-            Control::Reload {
-                snapshot,
-                add,
-                remove,
-            } => {
-                self.ctx.install(snapshot);
-                for id in remove {
-                    self.close_listener_id(id);
-                }
-                for l in self.listeners.iter_mut().flatten() {
-                    if let Some(spec) = self.ctx.snapshot.listeners.iter().find(|s| s.id == l.id) {
-                        l.pool = spec.pool;
-                    }
-                }
-                for (id, fd) in add {
-                    if let Err(e) = self.add_listener(id, fd) {
-                        warn!(error = %e, "cannot register new listener");
-                    }
-                }
-            }
-            Control::Drain { deadline_ms } => {
-                self.ctx.drain_deadline_ms = Some(deadline_ms);
-                let ids: Vec<u64> = self.listeners.iter().flatten().map(|l| l.id).collect();
-                for id in ids {
-                    self.close_listener_id(id);
-                }
+        let changes = self.ctx.apply(msg);
+        let close: Vec<u64> = if changes.close_all {
+            self.listeners.iter().flatten().map(|l| l.id).collect()
+        } else {
+            changes.close
+        };
+        for id in close {
+            self.close_listener_id(id);
+        }
+        for l in self.listeners.iter_mut().flatten() {
+            l.pool = self.ctx.listener_pool(l.id);
+        }
+        for (id, fd) in changes.add {
+            if let Err(e) = self.add_listener(id, fd) {
+                warn!(error = %e, "cannot register new listener");
             }
         }
     }
 
     fn add_listener(&mut self, id: u64, fd: OwnedFd) -> io::Result<()> {
-        let pool = self
-            .ctx
-            .snapshot
-            .listeners
-            .iter()
-            .find(|s| s.id == id)
-            .map(|s| s.pool)
-            .unwrap_or(0);
+        let pool = self.ctx.listener_pool(id);
         let idx = self
             .listeners
             .iter()
@@ -365,26 +346,13 @@ impl EpollWorker {
     }
 
     fn accepted(&mut self, fd: RawFd, pool_index: usize) {
-        let peer = match sys::addresses(fd) {
-            Ok((peer, _)) => peer,
-            Err(_) => {
-                sys::close(fd);
-                return;
-            }
-        };
-        if self.ctx.admit(peer).is_err() {
-            sys::close(fd);
-            return;
-        }
-        let Some(pool) = self.ctx.snapshot.pools.get(pool_index).cloned() else {
-            self.ctx.release_client();
-            sys::close(fd);
+        let Some((peer, pool, session)) = self.ctx.accept_client(fd, pool_index) else {
             return;
         };
         let conn = Conn {
             client: fd,
             backend: -1,
-            session: Session::new(self.ctx.now_ms, pool.config.connect_retries),
+            session,
             pool,
             pool_index,
             backend_idx: 0,
@@ -417,15 +385,13 @@ impl EpollWorker {
             return;
         };
         let pool = Arc::clone(&c.pool);
-        let Some(pick) = self.ctx.pick(c.pool_index, &pool, c.peer.ip(), &c.session) else {
-            if first {
-                self.ctx.stats().refuse(Refusal::NoBackend);
-            }
-            c.session.on_no_backend();
+        let Some(pick) = self
+            .ctx
+            .pick_for(&mut c.session, c.pool_index, &pool, c.peer, first)
+        else {
             self.close(slot);
             return;
         };
-        c.session.connecting_to(pick.backend);
         c.backend_idx = pick.backend;
         c.has_backend = true;
         c.connect_start_ns = sys::now_ns();
@@ -458,22 +424,18 @@ impl EpollWorker {
         let Some(c) = self.conns[slot as usize].as_mut() else {
             return;
         };
-        let mut local = false;
-        if c.has_backend {
-            local = !self.ctx.connect_error(&c.pool, c.backend_idx, errno);
-            self.ctx.release_backend(&c.pool, c.backend_idx);
+        let next = if c.has_backend {
             c.has_backend = false;
-        }
+            self.ctx
+                .connect_failed(&mut c.session, &c.pool, c.backend_idx, errno)
+        } else {
+            c.session.on_connect_failed()
+        };
         if c.backend >= 0 {
             let _ = self.poll.registry().deregister(&mut SourceFd(&c.backend));
             sys::close(c.backend);
             c.backend = -1;
         }
-        let next = if local {
-            c.session.on_local_connect_failure()
-        } else {
-            c.session.on_connect_failed()
-        };
         match next {
             AfterConnectFailure::Retry => self.start_connect(slot, false),
             AfterConnectFailure::GiveUp => self.close(slot),

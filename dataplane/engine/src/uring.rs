@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::relay::{Pipes, Pump, Seg, SegQueue, pump};
 use crate::runtime::PoolRuntime;
-use crate::stats::{EngineKind, Refusal, WorkerStats};
+use crate::stats::{EngineKind, WorkerStats};
 use crate::sys;
 use crate::worker::{Control, Ctx};
 
@@ -505,32 +505,20 @@ impl UringWorker {
     }
 
     fn control(&mut self, msg: Control) {
-        match msg {
-            Control::Reload {
-                snapshot,
-                add,
-                remove,
-            } => {
-                self.ctx.install(snapshot);
-                for id in remove {
-                    self.close_listener_id(id);
-                }
-                for l in self.listeners.iter_mut().flatten() {
-                    if let Some(spec) = self.ctx.snapshot.listeners.iter().find(|s| s.id == l.id) {
-                        l.pool = spec.pool;
-                    }
-                }
-                for (id, fd) in add {
-                    self.add_listener(id, fd);
-                }
-            }
-            Control::Drain { deadline_ms } => {
-                self.ctx.drain_deadline_ms = Some(deadline_ms);
-                let ids: Vec<u64> = self.listeners.iter().flatten().map(|l| l.id).collect();
-                for id in ids {
-                    self.close_listener_id(id);
-                }
-            }
+        let changes = self.ctx.apply(msg);
+        let close: Vec<u64> = if changes.close_all {
+            self.listeners.iter().flatten().map(|l| l.id).collect()
+        } else {
+            changes.close
+        };
+        for id in close {
+            self.close_listener_id(id);
+        }
+        for l in self.listeners.iter_mut().flatten() {
+            l.pool = self.ctx.listener_pool(l.id);
+        }
+        for (id, fd) in changes.add {
+            self.add_listener(id, fd);
         }
     }
 
@@ -587,14 +575,7 @@ impl UringWorker {
     // ---- listeners -----------------------------------------------------------------------
 
     fn add_listener(&mut self, id: u64, fd: OwnedFd) {
-        let pool = self
-            .ctx
-            .snapshot
-            .listeners
-            .iter()
-            .find(|s| s.id == id)
-            .map(|s| s.pool)
-            .unwrap_or(0);
+        let pool = self.ctx.listener_pool(id);
         let l = Lst {
             id,
             fd: fd.into_raw_fd(),
@@ -688,23 +669,9 @@ impl UringWorker {
     }
 
     fn accepted(&mut self, fd: RawFd, pool_index: usize) {
-        let peer = match sys::addresses(fd) {
-            Ok((peer, _)) => peer,
-            Err(_) => {
-                sys::close(fd);
-                return;
-            }
-        };
-        if self.ctx.admit(peer).is_err() {
-            sys::close(fd);
-            return;
-        }
-        let Some(pool) = self.ctx.snapshot.pools.get(pool_index).cloned() else {
-            self.ctx.release_client();
-            sys::close(fd);
+        let Some((peer, pool, session)) = self.ctx.accept_client(fd, pool_index) else {
             return;
         };
-        let session = Session::new(self.ctx.now_ms, pool.config.connect_retries);
         let conn = Conn {
             client: fd,
             backend: -1,
@@ -748,17 +715,13 @@ impl UringWorker {
             return;
         };
         let pool = Arc::clone(&c.pool);
-        let pick = self.ctx.pick(c.pool_index, &pool, c.peer.ip(), &c.session);
-        let Some(pick) = pick else {
-            if first {
-                self.ctx.stats().refuse(Refusal::NoBackend);
-            }
-            c.session.on_no_backend();
-            debug!(client = %c.peer, pool = %pool.config.name, "no backend available");
+        let Some(pick) = self
+            .ctx
+            .pick_for(&mut c.session, c.pool_index, &pool, c.peer, first)
+        else {
             self.begin_close(slot);
             return;
         };
-        c.session.connecting_to(pick.backend);
         c.backend_idx = pick.backend;
         c.has_backend = true;
         let fd = match sys::backend_socket(pick.addr) {
@@ -803,21 +766,16 @@ impl UringWorker {
         let Some(c) = self.conns[slot as usize].as_mut() else {
             return;
         };
-        let mut local = false;
-        if c.has_backend {
-            local = !self.ctx.connect_error(&c.pool, c.backend_idx, errno);
-            self.ctx.release_backend(&c.pool, c.backend_idx);
+        let next = if c.has_backend {
             c.has_backend = false;
-        }
-        sys::close(c.backend);
-        c.backend = -1;
-        c.connect_addr = None;
-        debug!(client = %c.peer, attempt = c.session.attempts(), "backend connect failed");
-        let next = if local {
-            c.session.on_local_connect_failure()
+            self.ctx
+                .connect_failed(&mut c.session, &c.pool, c.backend_idx, errno)
         } else {
             c.session.on_connect_failed()
         };
+        sys::close(c.backend);
+        c.backend = -1;
+        c.connect_addr = None;
         match next {
             AfterConnectFailure::Retry => self.start_connect(slot, false),
             AfterConnectFailure::GiveUp => self.begin_close(slot),

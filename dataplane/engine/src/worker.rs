@@ -3,14 +3,14 @@
 //! bookkeeping of active connections. The engines call into [`Ctx`] and do only the I/O.
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use ringmail_proxy_core::balance::{Balancer, Candidate};
 use ringmail_proxy_core::config::RelayMode;
 use ringmail_proxy_core::ratelimit::SourceRateLimiter;
-use ringmail_proxy_core::session::Session;
+use ringmail_proxy_core::session::{AfterConnectFailure, Session};
 
 use crate::runtime::PoolRuntime;
 use crate::stats::{Refusal, Stats, WorkerStats};
@@ -74,6 +74,17 @@ pub enum Control {
     Drain { deadline_ms: u64 },
 }
 
+/// What a control message asks of an engine's listening sockets.
+#[derive(Debug, Default)]
+pub struct ListenerChanges {
+    /// Listeners to close, by id.
+    pub close: Vec<u64>,
+    /// Close every listener (drain).
+    pub close_all: bool,
+    /// This worker's sockets for new listeners.
+    pub add: Vec<(u64, OwnedFd)>,
+}
+
 /// A worker's engine-independent context.
 pub struct Ctx {
     pub id: usize,
@@ -122,6 +133,113 @@ impl Ctx {
     pub fn install(&mut self, snapshot: Arc<Snapshot>) {
         self.balancers = Self::balancers_for(self.id, &snapshot);
         self.snapshot = snapshot;
+    }
+
+    /// Applies a control message to the worker's state and says what the engine must do with
+    /// its listening sockets; afterwards [`Ctx::listener_pool`] gives each listener's pool.
+    pub fn apply(&mut self, msg: Control) -> ListenerChanges {
+        match msg {
+            Control::Reload {
+                snapshot,
+                add,
+                remove,
+            } => {
+                self.install(snapshot);
+                ListenerChanges {
+                    close: remove,
+                    close_all: false,
+                    add,
+                }
+            }
+            Control::Drain { deadline_ms } => {
+                self.drain_deadline_ms = Some(deadline_ms);
+                ListenerChanges {
+                    close_all: true,
+                    ..ListenerChanges::default()
+                }
+            }
+        }
+    }
+
+    /// The pool (index in the current snapshot) behind listener `id`.
+    pub fn listener_pool(&self, id: u64) -> usize {
+        self.snapshot
+            .listeners
+            .iter()
+            .find(|s| s.id == id)
+            .map_or(0, |s| s.pool)
+    }
+
+    /// Takes in a freshly accepted client on a listener of pool `pool_index`: its address,
+    /// admission (rate, maxconn) and pool. When it is refused the descriptor is closed and
+    /// `None` returned; otherwise the connection counts as active and starts a [`Session`].
+    pub fn accept_client(
+        &mut self,
+        fd: RawFd,
+        pool_index: usize,
+    ) -> Option<(SocketAddr, Arc<PoolRuntime>, Session)> {
+        let admitted = match sys::addresses(fd) {
+            Ok((peer, _)) => self.admit(peer).is_ok().then_some(peer),
+            Err(_) => None,
+        };
+        let Some(peer) = admitted else {
+            sys::close(fd);
+            return None;
+        };
+        let Some(pool) = self.snapshot.pools.get(pool_index).cloned() else {
+            self.release_client();
+            sys::close(fd);
+            return None;
+        };
+        let session = Session::new(self.now_ms, pool.config.connect_retries);
+        Some((peer, pool, session))
+    }
+
+    /// Picks the backend for a connect attempt of `session` and records it there. `None`
+    /// means no backend is available: the session is closed, and on the first attempt the
+    /// refusal is counted.
+    pub fn pick_for(
+        &mut self,
+        session: &mut Session,
+        pool_index: usize,
+        pool: &PoolRuntime,
+        peer: SocketAddr,
+        first: bool,
+    ) -> Option<Pick> {
+        let Some(pick) = self.pick(pool_index, pool, peer.ip(), session) else {
+            if first {
+                self.stats().refuse(Refusal::NoBackend);
+            }
+            session.on_no_backend();
+            tracing::debug!(client = %peer, pool = %pool.config.name, "no backend available");
+            return None;
+        };
+        session.connecting_to(pick.backend);
+        Some(pick)
+    }
+
+    /// A connect of `session` to `backend` failed with `errno`: counts it, releases the
+    /// backend slot, and decides whether to retry (another backend after a backend fault, the
+    /// same one allowed again after a local error) or give up.
+    pub fn connect_failed(
+        &self,
+        session: &mut Session,
+        pool: &PoolRuntime,
+        backend: usize,
+        errno: i32,
+    ) -> AfterConnectFailure {
+        let backend_fault = self.connect_error(pool, backend, errno);
+        self.release_backend(pool, backend);
+        tracing::debug!(
+            errno,
+            attempt = session.attempts(),
+            "backend connect failed"
+        );
+        if backend_fault {
+            session.on_connect_failed()
+        } else {
+            session.on_local_connect_failure()
+        }
     }
 
     pub fn stats(&self) -> &WorkerStats {
