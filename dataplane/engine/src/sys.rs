@@ -92,6 +92,17 @@ pub fn addresses(fd: RawFd) -> io::Result<(SocketAddr, SocketAddr)> {
     r
 }
 
+/// Peer address of a connected socket (one system call; see [`addresses`] for both).
+pub fn peer_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    let socket = borrow(fd);
+    let r = socket.peer_addr().and_then(|a| {
+        a.as_socket()
+            .ok_or_else(|| io::Error::other("peer is not inet"))
+    });
+    let _ = socket.into_raw_fd();
+    r.map(normalize)
+}
+
 /// IPv4-mapped IPv6 addresses are shown as IPv4.
 pub fn normalize(addr: SocketAddr) -> SocketAddr {
     match addr {

@@ -178,8 +178,8 @@ impl Ctx {
         fd: RawFd,
         pool_index: usize,
     ) -> Option<(SocketAddr, Arc<PoolRuntime>, Session)> {
-        let admitted = match sys::addresses(fd) {
-            Ok((peer, _)) => self.admit(peer).is_ok().then_some(peer),
+        let admitted = match sys::peer_addr(fd) {
+            Ok(peer) => self.admit(peer).is_ok().then_some(peer),
             Err(_) => None,
         };
         let Some(peer) = admitted else {
