@@ -296,10 +296,10 @@ fn run_lb(
     config_path: Option<PathBuf>,
     started: impl FnOnce(&Lb),
 ) -> Result<ExitCode> {
-    // Signals are blocked into the iterator before any thread starts.
+    // Handlers go in before any worker starts, so a SIGTERM during start-up is not lost.
     let mut signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
-    let drain_timeout = config.global.drain_timeout;
+    let mut drain_timeout = config.global.drain_timeout;
     let mut lb = Lb::start(config, Options::default()).context("starting the load balancer")?;
     started(&lb);
     for sig in signals.forever() {
@@ -307,8 +307,13 @@ fn run_lb(
             SIGHUP => match &config_path {
                 Some(path) => match load_config(path) {
                     Ok(new) => {
-                        if let Err(e) = lb.reload(new) {
-                            error!(error = %e, "reload failed; the previous configuration stays in force");
+                        let new_drain = new.global.drain_timeout;
+                        match lb.reload(new) {
+                            Ok(()) => drain_timeout = new_drain,
+                            Err(e) => error!(
+                                error = %e,
+                                "reload failed; the previous configuration stays in force"
+                            ),
                         }
                     }
                     Err(e) => {
