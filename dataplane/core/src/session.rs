@@ -75,6 +75,8 @@ pub struct Session {
     /// Backends already tried for this connection, in order.
     tried: [u16; 4],
     tried_len: u8,
+    /// Whether the latest attempt's backend is in `tried` (it is not past four).
+    last_recorded: bool,
     /// `eof[side]`: that side has stopped sending.
     eof: [bool; 2],
     /// Monotonic milliseconds of the last traffic either way.
@@ -90,6 +92,7 @@ impl Session {
             max_attempts: retries.saturating_add(1),
             tried: [0; 4],
             tried_len: 0,
+            last_recorded: false,
             eof: [false; 2],
             last_activity_ms: now_ms,
         }
@@ -102,7 +105,8 @@ impl Session {
     /// Records that a connect to backend `index` is starting.
     pub fn connecting_to(&mut self, index: usize) {
         self.attempts += 1;
-        if (self.tried_len as usize) < self.tried.len() {
+        self.last_recorded = (self.tried_len as usize) < self.tried.len();
+        if self.last_recorded {
             self.tried[self.tried_len as usize] = u16::try_from(index).unwrap_or(u16::MAX);
             self.tried_len += 1;
         }
@@ -143,11 +147,9 @@ impl Session {
     /// The connect failed for a local reason (no free local port, out of descriptors or
     /// memory): not the backend's fault, so it may be picked again. Bounded like any retry.
     pub fn on_local_connect_failure(&mut self) -> AfterConnectFailure {
-        if self.phase == Phase::Connecting
-            && self.tried_len > 0
-            && self.tried_len as usize <= self.tried.len()
-        {
+        if self.phase == Phase::Connecting && self.last_recorded && self.tried_len > 0 {
             self.tried_len -= 1;
+            self.last_recorded = false;
         }
         self.on_connect_failed()
     }
@@ -239,6 +241,20 @@ mod tests {
         // Still bounded by the number of attempts.
         assert_eq!(s.on_local_connect_failure(), AfterConnectFailure::GiveUp);
         assert_eq!(s.phase(), Phase::Closed);
+    }
+
+    #[test]
+    fn local_failure_past_four_attempts_forgets_nothing_else() {
+        let mut s = Session::new(0, 10);
+        for i in 0..5 {
+            s.connecting_to(i);
+            assert_eq!(s.on_connect_failed(), AfterConnectFailure::Retry);
+        }
+        // The sixth attempt is not recorded (only four are): a local failure must not drop
+        // one of the four that are.
+        s.connecting_to(9);
+        assert_eq!(s.on_local_connect_failure(), AfterConnectFailure::Retry);
+        assert_eq!(s.tried().collect::<Vec<_>>(), vec![0, 1, 2, 3]);
     }
 
     #[test]

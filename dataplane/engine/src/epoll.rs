@@ -85,6 +85,10 @@ pub struct EpollWorker {
     relay: RelayMode,
     /// Directions that stopped because of the round limit, not because they would block.
     again: Vec<(u32, usize)>,
+    /// Slots closed during this turn, reusable from the next.
+    closed: Vec<u32>,
+    /// Listeners whose accept hit the descriptor limit, retried from housekeeping.
+    paused: Vec<usize>,
     last_sweep_ms: u64,
 }
 
@@ -143,6 +147,8 @@ impl EpollWorker {
             scratch: vec![0; SCRATCH],
             relay,
             again: Vec::new(),
+            closed: Vec::new(),
+            paused: Vec::new(),
             last_sweep_ms: 0,
         })
     }
@@ -161,7 +167,14 @@ impl EpollWorker {
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // Fatal: close everything so connections stop queueing on this worker.
+                    for slot in 0..self.conns.len() as u32 {
+                        self.close(slot);
+                    }
+                    self.listeners.clear();
+                    return Err(e);
+                }
             }
             self.ctx.now_ms = sys::now_ms();
             for ev in events.iter() {
@@ -182,6 +195,7 @@ impl EpollWorker {
                 }
             }
             self.housekeeping();
+            self.free.append(&mut self.closed);
             if self.ctx.draining() && self.live == 0 {
                 info!(worker = self.ctx.id, "worker drained");
                 return Ok(());
@@ -190,6 +204,11 @@ impl EpollWorker {
     }
 
     fn housekeeping(&mut self) {
+        if !self.paused.is_empty() && self.ctx.now_ms.saturating_sub(self.last_sweep_ms) >= 100 {
+            for idx in std::mem::take(&mut self.paused) {
+                self.on_accept(idx);
+            }
+        }
         if self.ctx.drain_expired() && self.live > 0 {
             info!(
                 worker = self.ctx.id,
@@ -324,7 +343,11 @@ impl EpollWorker {
                     Some(libc::EAGAIN) => return,
                     Some(libc::EINTR) | Some(libc::ECONNABORTED) => continue,
                     Some(libc::EMFILE) | Some(libc::ENFILE) => {
-                        warn!("accept: out of file descriptors");
+                        // The queued connections raise no new edge: try again shortly.
+                        if !self.paused.contains(&idx) {
+                            warn!("accept: out of file descriptors; pausing this listener briefly");
+                            self.paused.push(idx);
+                        }
                         return;
                     }
                     _ => {
@@ -453,7 +476,7 @@ impl EpollWorker {
                     Err(e) => e.raw_os_error().unwrap_or(libc::ECONNREFUSED),
                     Ok(None) if error => libc::ECONNREFUSED,
                     // Writable without error: connected if it has a peer.
-                    Ok(None) => match sys::addresses(c.backend) {
+                    Ok(None) => match sys::peer_addr(c.backend) {
                         Ok(_) => 0,
                         Err(e) => e.raw_os_error().unwrap_or(libc::ENOTCONN),
                     },
@@ -513,7 +536,7 @@ impl EpollWorker {
             }
         }
         if let Some(version) = c.pool.config.proxy_protocol {
-            let local = sys::addresses(c.client).map(|(_, l)| l).unwrap_or(c.peer);
+            let local = sys::local_addr(c.client).unwrap_or(c.peer);
             let mut header = Vec::with_capacity(64);
             proxy_protocol::encode(version, c.peer, local, &mut header);
             c.header = Some(header.into_boxed_slice());
@@ -631,8 +654,7 @@ impl EpollWorker {
         let c = self.conns[slot as usize].as_mut().expect("live");
         if moved > 0 {
             c.session.on_traffic(self.ctx.now_ms);
-            let (pool, backend) = (Arc::clone(&c.pool), c.backend_idx);
-            self.ctx.count_bytes(&pool, backend, d == 0, moved);
+            self.ctx.count_bytes(&c.pool, c.backend_idx, d == 0, moved);
         }
         match outcome {
             Err(()) => self.close(slot),
@@ -673,7 +695,9 @@ impl EpollWorker {
             self.ctx.release_backend(&c.pool, c.backend_idx);
         }
         self.ctx.release_client();
-        self.free.push(slot);
+        // Not reusable before this turn's events are all handled: one may still name the
+        // old connection's sockets (see `run`).
+        self.closed.push(slot);
         self.live -= 1;
     }
 }

@@ -112,20 +112,30 @@ pub struct PoolRuntime {
 }
 
 impl PoolRuntime {
-    /// Builds a pool, reusing the runtime of backends that already existed (same address) in
-    /// `previous` so that health state and counters survive a reload.
+    /// Builds a pool, reusing the runtime of backends that already existed (same address,
+    /// name and maxconn) in `previous` so that health state and counters survive a reload. A
+    /// backend whose name or maxconn changed gets a fresh runtime that keeps its health state.
     pub fn new(config: Pool, workers: usize, previous: Option<&PoolRuntime>) -> Self {
         let backends = config
             .backends
             .iter()
             .map(|b| {
-                previous
-                    .and_then(|p| p.backends.iter().find(|old| old.addr == b.addr))
-                    .map(|old| {
+                let old = previous.and_then(|p| p.backends.iter().find(|old| old.addr == b.addr));
+                match old {
+                    Some(old) if old.name == b.name && old.maxconn == b.maxconn => {
                         old.weight.store(b.weight, Ordering::Relaxed);
                         Arc::clone(old)
-                    })
-                    .unwrap_or_else(|| Arc::new(BackendRuntime::new(b, workers)))
+                    }
+                    Some(old) => {
+                        let fresh = BackendRuntime::new(b, workers);
+                        fresh.up.store(old.is_up(), Ordering::Relaxed);
+                        fresh
+                            .admin
+                            .store(old.admin.load(Ordering::Relaxed), Ordering::Relaxed);
+                        Arc::new(fresh)
+                    }
+                    None => Arc::new(BackendRuntime::new(b, workers)),
+                }
             })
             .collect();
         PoolRuntime {

@@ -43,17 +43,6 @@ pub fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
     Ok(socket.into())
 }
 
-/// Makes an accepted socket non-blocking with TCP_NODELAY (the proxy forwards what it gets at
-/// once; batching is the endpoints' business).
-pub fn prepare_accepted(fd: RawFd) -> io::Result<()> {
-    let socket = borrow(fd);
-    let r = socket
-        .set_nonblocking(true)
-        .and_then(|_| socket.set_tcp_nodelay(true));
-    let _ = socket.into_raw_fd();
-    r
-}
-
 /// Starts a non-blocking connect; Ok(true) when already connected, Ok(false) when in progress.
 pub fn start_connect(fd: RawFd, addr: &SockAddr) -> io::Result<bool> {
     let socket = borrow(fd);
@@ -74,30 +63,23 @@ pub fn take_error(fd: RawFd) -> io::Result<Option<io::Error>> {
     r
 }
 
-/// Peer and local address of a connected socket.
-pub fn addresses(fd: RawFd) -> io::Result<(SocketAddr, SocketAddr)> {
-    let socket = borrow(fd);
-    let r = (|| {
-        let peer = socket
-            .peer_addr()?
-            .as_socket()
-            .ok_or_else(|| io::Error::other("peer is not inet"))?;
-        let local = socket
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| io::Error::other("local is not inet"))?;
-        Ok((normalize(peer), normalize(local)))
-    })();
-    let _ = socket.into_raw_fd();
-    r
-}
-
-/// Peer address of a connected socket (one system call; see [`addresses`] for both).
+/// Peer address of a connected socket (one system call).
 pub fn peer_addr(fd: RawFd) -> io::Result<SocketAddr> {
     let socket = borrow(fd);
     let r = socket.peer_addr().and_then(|a| {
         a.as_socket()
             .ok_or_else(|| io::Error::other("peer is not inet"))
+    });
+    let _ = socket.into_raw_fd();
+    r.map(normalize)
+}
+
+/// Local address of a socket (one system call).
+pub fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    let socket = borrow(fd);
+    let r = socket.local_addr().and_then(|a| {
+        a.as_socket()
+            .ok_or_else(|| io::Error::other("local is not inet"))
     });
     let _ = socket.into_raw_fd();
     r.map(normalize)
@@ -121,26 +103,12 @@ pub fn shutdown_write(fd: RawFd) {
     let _ = socket.into_raw_fd();
 }
 
-/// Shuts down both halves: wakes up any operation pending on the socket.
-pub fn shutdown_both(fd: RawFd) {
-    let socket = borrow(fd);
-    let _ = socket.shutdown(std::net::Shutdown::Both);
-    let _ = socket.into_raw_fd();
-}
-
 /// Closes a descriptor the caller owns.
 pub fn close(fd: RawFd) {
     if fd >= 0 {
         // SAFETY: the caller passes a descriptor it owns and never uses again.
         drop(unsafe { OwnedFd::from_raw_fd(fd) });
     }
-}
-
-/// Sets SO_LINGER 0 so close() sends RST (used when refusing at accept: no TIME_WAIT).
-pub fn set_linger_zero(fd: RawFd) {
-    let socket = borrow(fd);
-    let _ = socket.set_linger(Some(std::time::Duration::ZERO));
-    let _ = socket.into_raw_fd();
 }
 
 fn borrow(fd: RawFd) -> Socket {
@@ -191,8 +159,8 @@ pub fn allowed_cpus() -> Vec<usize> {
 pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
     // SAFETY: cpu_set_t is plain data.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes into the set we own; cpu < CPU_SETSIZE is checked by the caller's
-    // source (allowed_cpus) and CPU_SET itself ignores out-of-range values.
+    // SAFETY: CPU_SET writes into the set we own; the CPU numbers come from allowed_cpus, so
+    // they are below CPU_SETSIZE (CPU_SET would panic, not corrupt memory, otherwise).
     unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: pid 0 is this thread; size and pointer describe `set`.
     if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {

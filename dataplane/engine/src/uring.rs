@@ -125,6 +125,12 @@ struct BufRing {
 
 impl BufRing {
     fn new(ring: &IoUring, count: u16, size: u32) -> io::Result<BufRing> {
+        if size == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "buffer size must not be zero",
+            ));
+        }
         if !count.is_power_of_two() || count > 32768 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -342,6 +348,8 @@ pub struct UringWorker {
     free: Vec<u32>,
     live: usize,
     starved: std::collections::VecDeque<(u32, usize)>,
+    /// Listeners whose multishot accept ended on EMFILE/ENFILE, re-armed from the tick.
+    paused_accepts: Vec<usize>,
     relay: RelayMode,
     last_sweep_ms: u64,
     events: Vec<(u64, i32, u32)>,
@@ -370,6 +378,7 @@ impl UringWorker {
             free: Vec::new(),
             live: 0,
             starved: std::collections::VecDeque::new(),
+            paused_accepts: Vec::new(),
             relay,
             last_sweep_ms: 0,
             events: Vec::with_capacity(1024),
@@ -418,9 +427,15 @@ impl UringWorker {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.abandon();
+                    return Err(e);
+                }
             }
-            self.timespecs.clear();
+            // Entries not yet taken by the kernel may still point at these timespecs.
+            if self.ring.submission().is_empty() {
+                self.timespecs.clear();
+            }
             self.ctx.now_ms = sys::now_ms();
             {
                 let mut cq = self.ring.completion();
@@ -442,6 +457,25 @@ impl UringWorker {
                 return Ok(());
             }
         }
+    }
+
+    /// After a fatal ring error: closes every listening and connected socket (so the kernel
+    /// stops queueing connections on this worker) and releases every count it held.
+    fn abandon(&mut self) {
+        for l in self.listeners.iter_mut().filter_map(Option::take) {
+            sys::close(l.fd);
+        }
+        for slot in 0..self.conns.len() {
+            if let Some(c) = self.conns[slot].take() {
+                sys::close(c.client);
+                sys::close(c.backend);
+                if c.has_backend {
+                    self.ctx.release_backend(&c.pool, c.backend_idx);
+                }
+                self.ctx.release_client();
+            }
+        }
+        self.live = 0;
     }
 
     fn dispatch(&mut self, u: u64, res: i32, flags: u32) {
@@ -546,6 +580,15 @@ impl UringWorker {
             self.last_sweep_ms = self.ctx.now_ms;
             self.sweep_idle();
         }
+        for idx in std::mem::take(&mut self.paused_accepts) {
+            if self
+                .listeners
+                .get(idx)
+                .is_some_and(|l| l.as_ref().is_some_and(|l| !l.armed && !l.closing))
+            {
+                self.arm_accept(idx);
+            }
+        }
         // Safety net: receives that ran out of buffers are normally re-armed as buffers come
         // back; retry a few here too so none can wait forever.
         if !self.starved.is_empty() {
@@ -646,10 +689,14 @@ impl UringWorker {
             l.armed = false;
         }
         let (closing, pool_index) = (l.closing, l.pool);
+        let mut out_of_fds = false;
         if res < 0 {
             match -res {
                 libc::ECANCELED => {}
-                libc::EMFILE | libc::ENFILE => warn!("accept: out of file descriptors"),
+                libc::EMFILE | libc::ENFILE => {
+                    warn!("accept: out of file descriptors; pausing this listener briefly");
+                    out_of_fds = true;
+                }
                 e => debug!(errno = e, "accept failed"),
             }
         } else if closing {
@@ -662,6 +709,9 @@ impl UringWorker {
                 if let Some(l) = self.listeners[idx].take() {
                     sys::close(l.fd);
                 }
+            } else if out_of_fds {
+                // Re-armed from the tick, not at once: a full backlog would spin.
+                self.paused_accepts.push(idx);
             } else {
                 self.arm_accept(idx);
             }
@@ -803,7 +853,7 @@ impl UringWorker {
         self.ctx.stats().observe_connect(elapsed);
         let c = self.conns[slot as usize].as_mut().expect("checked above");
         if let Some(version) = c.pool.config.proxy_protocol {
-            let local = sys::addresses(c.client).map(|(_, l)| l).unwrap_or(c.peer);
+            let local = sys::local_addr(c.client).unwrap_or(c.peer);
             let mut header = Vec::with_capacity(64);
             proxy_protocol::encode(version, c.peer, local, &mut header);
             c.header = Some(header.into_boxed_slice());
@@ -883,35 +933,45 @@ impl UringWorker {
         }
         c.closing = true;
         c.session.close();
-        let mut cancels = Vec::new();
         if c.inflight > 0 {
-            for fd in [c.client, c.backend] {
-                if fd >= 0 {
-                    cancels.push(
-                        opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
-                            .build()
-                            .user_data(ud(slot, OP_CANCEL)),
-                    );
-                }
+            let fds = [c.client, c.backend];
+            c.inflight += fds.iter().filter(|&&fd| fd >= 0).count() as u32;
+            for fd in fds.into_iter().filter(|&fd| fd >= 0) {
+                let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+                    .build()
+                    .user_data(ud(slot, OP_CANCEL));
+                self.push(e);
             }
-            c.inflight += cancels.len() as u32;
         }
-        let mut bids = Vec::new();
-        for d in &mut c.dirs {
-            d.queue.drain(|b| bids.push(b));
+        // A direction with a send in flight keeps its buffers: the kernel may still be reading
+        // them. They go back to the ring when that send completes (see `on_send`).
+        for d in 0..2 {
+            self.release_queue(slot, d);
         }
-        for e in cancels {
-            self.push(e);
+        self.maybe_finalize(slot);
+    }
+
+    /// Returns the buffers queued on direction `d` of a closing connection to the ring, unless
+    /// a send still reads from them.
+    fn release_queue(&mut self, slot: u32, d: usize) {
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
+        let dir = &mut c.dirs[d];
+        if dir.sending {
+            return;
         }
-        bids.retain(|&b| b != PRIVATE_BID);
-        let returned = !bids.is_empty();
-        for b in bids {
-            self.bufs.recycle(b);
-        }
+        let mut returned = false;
+        let bufs = &mut self.bufs;
+        dir.queue.drain(|b| {
+            if b != PRIVATE_BID {
+                bufs.recycle(b);
+                returned = true;
+            }
+        });
         if returned {
             self.unstarve();
         }
-        self.maybe_finalize(slot);
     }
 
     fn maybe_finalize(&mut self, slot: u32) {
@@ -1152,6 +1212,8 @@ impl UringWorker {
         c.inflight -= 1;
         c.dirs[d].sending = false;
         if c.closing {
+            // begin_close left this direction's buffers alone while the send ran.
+            self.release_queue(slot, d);
             self.maybe_finalize(slot);
             return;
         }
@@ -1162,9 +1224,8 @@ impl UringWorker {
         }
         let n = res as u32;
         c.session.on_traffic(self.ctx.now_ms);
-        let (pool, backend) = (Arc::clone(&c.pool), c.backend_idx);
-        self.ctx.count_bytes(&pool, backend, d == 0, u64::from(n));
-        let c = self.conns[slot as usize].as_mut().expect("live");
+        self.ctx
+            .count_bytes(&c.pool, c.backend_idx, d == 0, u64::from(n));
         let mut recycled: [u16; SEND_IOVS + 1] = [0; SEND_IOVS + 1];
         let mut nrec = 0;
         c.dirs[d].queue.consume(n, |b| {
@@ -1271,11 +1332,19 @@ impl UringWorker {
         let (outcome, moved) = pump(src, dst, p.fds[d], &mut p.pending[d]);
         if moved > 0 {
             c.session.on_traffic(self.ctx.now_ms);
-            let (pool, backend) = (Arc::clone(&c.pool), c.backend_idx);
-            self.ctx.count_bytes(&pool, backend, d == 0, moved);
+            self.ctx.count_bytes(&c.pool, c.backend_idx, d == 0, moved);
         }
         match outcome {
-            Pump::WaitSource | Pump::Yield => self.arm_poll(slot, d, false),
+            Pump::WaitSource => self.arm_poll(slot, d, false),
+            // Stopped to let others run: continue from whichever end has work (bytes still in
+            // the pipe need the destination; otherwise more may be read from the source).
+            Pump::Yield => {
+                let pending = self.conns[slot as usize]
+                    .as_ref()
+                    .and_then(|c| c.pipes.as_ref())
+                    .is_some_and(|p| p.pending[d] > 0);
+                self.arm_poll(slot, d, pending);
+            }
             Pump::WaitDest => self.arm_poll(slot, d, true),
             Pump::Eof => {
                 if let Some(c) = self.conn(slot) {

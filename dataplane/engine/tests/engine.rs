@@ -156,3 +156,48 @@ fn every_engine_and_relay_mode_echoes_large_payloads() {
         }
     }
 }
+
+/// Request/response without end of stream: the client sends a large burst and waits for all of
+/// it to come back before it closes. Nothing but the proxy's own pumping can move the last
+/// bytes (no FIN arrives to wake anything up), so a relay that parks data in its buffers or
+/// pipes while waiting for more input hangs here.
+#[test]
+fn large_burst_is_fully_relayed_without_end_of_stream() {
+    let backend = echo_server();
+    for engine in [EngineChoice::Uring, EngineChoice::Epoll] {
+        if engine == EngineChoice::Uring && ringmail_dataplane::uring::probe().is_err() {
+            continue;
+        }
+        for relay in [RelayMode::Splice, RelayMode::Buffered] {
+            let listen = free_port();
+            let lb = Lb::start(config(listen, backend, engine, relay), Options::default())
+                .expect("start lb");
+            let len = 48 << 20;
+            let mut s = TcpStream::connect(listen).expect("connect through lb");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            let mut w = s.try_clone().expect("clone");
+            let writer = thread::spawn(move || {
+                let chunk = vec![0x5au8; 1 << 20];
+                for _ in 0..(len >> 20) {
+                    w.write_all(&chunk).expect("write");
+                }
+                w // kept open: no FIN until everything has come back
+            });
+            let mut got = 0usize;
+            let mut buf = vec![0u8; 1 << 20];
+            while got < len {
+                match s.read(&mut buf) {
+                    Ok(0) => panic!("{engine:?}/{relay:?}: closed after {got} of {len} bytes"),
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        panic!("{engine:?}/{relay:?}: stalled after {got} of {len} bytes: {e}")
+                    }
+                }
+            }
+            drop(writer.join().expect("writer"));
+            lb.drain_and_wait(Duration::from_secs(2));
+        }
+    }
+}
