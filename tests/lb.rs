@@ -22,17 +22,6 @@ const POOL: &str = "default";
 /// How long a backend may take to be reported up after start (rise 2 × 200 ms, plus slack).
 const UP: Duration = Duration::from_secs(5);
 
-macro_rules! per_engine {
-    ($($name:ident),* $(,)?) => {
-        mod uring {
-            $( #[test] fn $name() { super::run("uring", super::$name) } )*
-        }
-        mod epoll {
-            $( #[test] fn $name() { super::run("epoll", super::$name) } )*
-        }
-    };
-}
-
 per_engine!(
     relay_buffered,
     relay_splice,
@@ -51,11 +40,6 @@ per_engine!(
     ipv6,
     rate_limit,
 );
-
-fn run(engine: &str, scenario: fn(&str)) {
-    skip_unless!(engine_available(engine));
-    scenario(engine);
-}
 
 fn greeters(n: usize) -> Vec<Backend> {
     (0..n)

@@ -28,28 +28,12 @@ const CFG_POOL: &str = "mail";
 /// How long a backend may take to be reported up after start.
 const UP: Duration = Duration::from_secs(5);
 
-macro_rules! per_engine {
-    ($($name:ident),* $(,)?) => {
-        mod uring {
-            $( #[test] fn $name() { super::run("uring", super::$name) } )*
-        }
-        mod epoll {
-            $( #[test] fn $name() { super::run("epoll", super::$name) } )*
-        }
-    };
-}
-
 per_engine!(
     global_maxconn,
     backend_maxconn,
     connect_timeout_retry,
     idle_timeout,
 );
-
-fn run(engine: &str, scenario: fn(&str)) {
-    skip_unless!(engine_available(engine));
-    scenario(engine);
-}
 
 /// A config-mode file: one listener feeding pool `mail`. `pool` holds extra pool keys, `health`
 /// the inline health table body, `backends` the TOML array body.

@@ -13,18 +13,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// True when running as root (uid 0), read from /proc without unsafe code.
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
 /// A network namespace deleted on drop.
 struct Netns(String);
 

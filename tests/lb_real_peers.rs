@@ -15,18 +15,6 @@ const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
 const SWAKS: &str = "/usr/bin/swaks";
 const POOL: &str = "default";
 
-/// True when running as root (uid 0), read from /proc.
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
 /// Starts `smtp-sink` on `addr` and waits until it listens.
 fn smtp_sink(addr: SocketAddr, dir: &TempDir) -> ChildGuard {
     let mut cmd = Command::new(SMTP_SINK);

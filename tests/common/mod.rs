@@ -53,6 +53,38 @@ macro_rules! skip_unless {
     };
 }
 
+/// Declares each scenario `fn(engine: &str)` as two tests, `uring::NAME` and `epoll::NAME`.
+#[allow(unused_macros)]
+macro_rules! per_engine {
+    ($($name:ident),* $(,)?) => {
+        mod uring {
+            $( #[test] fn $name() { $crate::common::run_scenario("uring", super::$name) } )*
+        }
+        mod epoll {
+            $( #[test] fn $name() { $crate::common::run_scenario("epoll", super::$name) } )*
+        }
+    };
+}
+
+/// Runs one scenario on `engine`, skipping (failing under RINGMAIL_REQUIRE_ALL) where the
+/// kernel does not allow that engine.
+pub fn run_scenario(engine: &str, scenario: fn(&str)) {
+    skip_unless!(engine_available(engine));
+    scenario(engine);
+}
+
+/// True when running as root (uid 0), read from /proc.
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
 /// Whether the kernel lets this process use the given engine.
 pub fn engine_available(engine: &str) -> Result<(), String> {
     match engine {
