@@ -487,7 +487,9 @@ impl UringWorker {
             OP_TICK => self.on_tick(),
             OP_CTRL => self.on_wake(res),
             OP_CONNECT => self.on_connect(slot, res),
-            OP_LINK_TIMEOUT | OP_CANCEL => self.op_done(slot),
+            OP_LINK_TIMEOUT | OP_CANCEL => {
+                self.op_done(slot);
+            }
             OP_HEADER => self.on_header(slot, res),
             o if o == OP_RECV || o == OP_RECV + 1 => {
                 self.on_recv(slot, usize::from(o - OP_RECV), res, flags)
@@ -803,13 +805,19 @@ impl UringWorker {
         self.push_pair(connect, timeout);
     }
 
-    fn op_done(&mut self, slot: u32) {
-        if let Some(c) = self.conn(slot) {
-            c.inflight -= 1;
-            if c.closing {
-                self.maybe_finalize(slot);
-            }
+    /// Accounts one finished operation of `slot`. Returns whether its handler has work to do:
+    /// false when the slot is empty or closing (a closing connection is finalized here once
+    /// nothing of it is in flight).
+    fn op_done(&mut self, slot: u32) -> bool {
+        let Some(c) = self.conn(slot) else {
+            return false;
+        };
+        c.inflight -= 1;
+        if c.closing {
+            self.maybe_finalize(slot);
+            return false;
         }
+        true
     }
 
     fn connect_failed(&mut self, slot: u32, errno: i32) {
@@ -833,19 +841,17 @@ impl UringWorker {
     }
 
     fn on_connect(&mut self, slot: u32, res: i32) {
-        let now = self.ctx.now_ms;
-        let Some(c) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
-            return;
-        };
-        c.inflight -= 1;
-        if c.closing {
-            self.maybe_finalize(slot);
+        if !self.op_done(slot) {
             return;
         }
         if res < 0 {
             self.connect_failed(slot, -res);
             return;
         }
+        let now = self.ctx.now_ms;
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         let elapsed = sys::now_ns().saturating_sub(c.connect_start_ns);
         c.connect_addr = None;
         c.session.on_connected(now);
@@ -879,16 +885,16 @@ impl UringWorker {
     }
 
     fn on_header(&mut self, slot: u32, res: i32) {
-        let Some(c) = self.conn(slot) else { return };
-        c.inflight -= 1;
-        if c.closing {
-            self.maybe_finalize(slot);
+        if !self.op_done(slot) {
             return;
         }
         if res <= 0 {
             self.begin_close(slot);
             return;
         }
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         c.header_off += res as usize;
         if c.header.as_ref().is_some_and(|h| c.header_off < h.len()) {
             self.send_header(slot);
@@ -1134,15 +1140,13 @@ impl UringWorker {
     }
 
     fn on_private_recv(&mut self, slot: u32, d: usize, res: i32) {
+        if !self.op_done(slot) {
+            return;
+        }
         let Some(c) = self.conns[slot as usize].as_mut() else {
             return;
         };
-        c.inflight -= 1;
         c.dirs[d].recv_armed = false;
-        if c.closing {
-            self.maybe_finalize(slot);
-            return;
-        }
         if res > 0 {
             c.session.on_traffic(self.ctx.now_ms);
             let dir = &mut c.dirs[d];
@@ -1315,18 +1319,16 @@ impl UringWorker {
     }
 
     fn on_poll(&mut self, slot: u32, d: usize, res: i32) {
-        let Some(c) = self.conns[slot as usize].as_mut() else {
-            return;
-        };
-        c.inflight -= 1;
-        if c.closing {
-            self.maybe_finalize(slot);
+        if !self.op_done(slot) {
             return;
         }
         if res < 0 {
             self.begin_close(slot);
             return;
         }
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         let (src, dst) = (c.fd(d), c.fd(1 - d));
         let Some(p) = c.pipes.as_mut() else { return };
         let (outcome, moved) = pump(src, dst, p.fds[d], &mut p.pending[d]);
