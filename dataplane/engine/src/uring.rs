@@ -504,7 +504,11 @@ impl UringWorker {
                 self.on_poll(slot, usize::from(o - OP_POLL_IN), res)
             }
             o if o == OP_POLL_OUT || o == OP_POLL_OUT + 1 => {
-                self.on_poll(slot, usize::from(o - OP_POLL_OUT), res)
+                let d = usize::from(o - OP_POLL_OUT);
+                match self.relay {
+                    RelayMode::Buffered => self.on_send_ready(slot, d, res),
+                    RelayMode::Splice => self.on_poll(slot, d, res),
+                }
             }
             _ => warn!(op, "unknown io_uring completion"),
         }
@@ -888,6 +892,11 @@ impl UringWorker {
         if !self.op_done(slot) {
             return;
         }
+        if res == -libc::EAGAIN || res == -libc::EINTR {
+            // A fresh socket's send buffer is empty: just send again.
+            self.send_header(slot);
+            return;
+        }
         if res <= 0 {
             self.begin_close(slot);
             return;
@@ -1083,8 +1092,9 @@ impl UringWorker {
             c.dirs[d].starved = true;
             self.starved.push_back((slot, d));
             WorkerStats::add(&self.ctx.stats().buffer_starved, 1);
-        } else if res == -libc::ECANCELED {
-            // Back-pressure cancel: re-armed below or once the queue drains.
+        } else if res == -libc::ECANCELED || res == -libc::EAGAIN || res == -libc::EINTR {
+            // Back-pressure cancel, or the kernel gave the receive back without data:
+            // re-armed below or once the queue drains.
         } else {
             debug!(errno = -res, "receive failed");
             self.begin_close(slot);
@@ -1166,7 +1176,7 @@ impl UringWorker {
                 self.pass_eof(slot, d);
             }
             return;
-        } else if res != -libc::ECANCELED {
+        } else if res != -libc::ECANCELED && res != -libc::EAGAIN && res != -libc::EINTR {
             debug!(errno = -res, "receive failed");
             self.begin_close(slot);
             return;
@@ -1221,6 +1231,14 @@ impl UringWorker {
             self.maybe_finalize(slot);
             return;
         }
+        if res == -libc::EAGAIN || res == -libc::EINTR {
+            // The kernel gave the send back unfinished (possible on non-blocking sockets):
+            // wait until the destination takes data, then send again. The wait stands in for
+            // the send in flight, so the queued buffers stay untouched meanwhile.
+            c.dirs[d].sending = true;
+            self.arm_poll(slot, d, true);
+            return;
+        }
         if res < 0 {
             debug!(errno = -res, "send failed");
             self.begin_close(slot);
@@ -1264,6 +1282,25 @@ impl UringWorker {
             self.unstarve();
         }
         self.maybe_rearm(slot, d);
+    }
+
+    /// The destination of direction `d` became writable after a send came back with EAGAIN.
+    fn on_send_ready(&mut self, slot: u32, d: usize, res: i32) {
+        let Some(c) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
+        c.inflight -= 1;
+        c.dirs[d].sending = false;
+        if c.closing {
+            self.release_queue(slot, d);
+            self.maybe_finalize(slot);
+            return;
+        }
+        if res < 0 {
+            self.begin_close(slot);
+            return;
+        }
+        self.send_next(slot, d);
     }
 
     /// Re-arms receives that ran out of buffers, a few per returned buffer.
