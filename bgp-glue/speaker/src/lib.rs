@@ -1,0 +1,2 @@
+//! ringmail-bgp-glue: the anycast glue's I/O half.
+#![forbid(unsafe_code)]
