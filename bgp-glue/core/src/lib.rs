@@ -12,6 +12,7 @@
 //! deadlines out, so every state machine runs the same in production and in memory tests.
 #![forbid(unsafe_code)]
 
+pub mod announce;
 pub mod bgp;
 pub mod route;
 
