@@ -253,6 +253,7 @@ fn quick_config(listen: SocketAddr, backends: Vec<SocketAddr>, q: &QuickArgs) ->
             pool: 0,
         }],
         pools: vec![pool],
+        announce: None,
     }
 }
 

@@ -350,10 +350,11 @@ impl Announcer {
             .retain(|&t| now.saturating_duration_since(t) < window);
         let doublings = u32::try_from(v.flaps.len().saturating_sub(1)).unwrap_or(u32::MAX);
         let factor = 1u32.checked_shl(doublings.min(16)).unwrap_or(u32::MAX);
-        self.settings
-            .announce_delay
-            .saturating_mul(factor)
-            .min(self.settings.max_announce_delay.max(self.settings.announce_delay))
+        self.settings.announce_delay.saturating_mul(factor).min(
+            self.settings
+                .max_announce_delay
+                .max(self.settings.announce_delay),
+        )
     }
 
     /// When [`Announcer::poll`] should next be called even if no health changes arrive.
@@ -493,13 +494,7 @@ mod tests {
         assert_eq!(a.poll(t0 + s(62)).len(), 1);
         a.observe(0, 1, t0 + s(63));
         let t = a.poll(t0 + s(63));
-        assert_eq!(
-            t[0].reason,
-            Reason::Unhealthy {
-                healthy: 1,
-                min: 2
-            }
-        );
+        assert_eq!(t[0].reason, Reason::Unhealthy { healthy: 1, min: 2 });
         assert!(a.desired().is_empty());
     }
 
@@ -593,12 +588,7 @@ mod tests {
                 graceful: true
             }]
         );
-        assert_eq!(
-            a.drain_phase(),
-            DrainPhase::Graceful {
-                until: t0 + s(15)
-            }
-        );
+        assert_eq!(a.drain_phase(), DrainPhase::Graceful { until: t0 + s(15) });
         // A second request does not restart the wait; the healthy withdrawn VIP stays down.
         a.observe(1, 5, t0 + s(11));
         assert!(a.begin_drain(t0 + s(14)).is_empty());

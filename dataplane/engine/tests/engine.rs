@@ -62,6 +62,7 @@ fn config(
             pool: 0,
         }],
         pools: vec![Pool::quick("t", vec![backend])],
+        announce: None,
     }
 }
 

@@ -35,6 +35,8 @@ pub struct LbConfig {
     pub global: Global,
     pub listeners: Vec<Listener>,
     pub pools: Vec<Pool>,
+    /// The anycast glue (`[announce]`); `None` when this host announces nothing.
+    pub announce: Option<Announce>,
 }
 
 /// Process-wide settings.
@@ -167,4 +169,74 @@ impl Pool {
             connect_retries: 2,
         }
     }
+}
+
+/// The anycast glue: which service addresses (VIPs) this host announces, when, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Announce {
+    pub mode: AnnounceMode,
+    /// Add the VIPs to `lo` at start (and remove the ones added at exit).
+    pub manage_loopback: bool,
+    /// A VIP must be healthy this long before it is announced.
+    pub announce_delay: Duration,
+    /// Cap of the announce delay, which doubles with each withdrawal in `flap_window`.
+    pub max_announce_delay: Duration,
+    pub flap_window: Duration,
+    /// Drain: how long routes carry GRACEFUL_SHUTDOWN before they are withdrawn.
+    pub graceful_wait: Duration,
+    /// Drain: extra copies of the local AS prepended to the AS path (eBGP).
+    pub drain_prepend: u8,
+    pub vips: Vec<Vip>,
+}
+
+/// How routes reach the routers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AnnounceMode {
+    /// The built-in, originate-only BGP speaker.
+    Bgp(Bgp),
+    /// Host routes in a kernel routing table, exported by BIRD or FRR.
+    KernelTable { table: u32 },
+}
+
+/// One anycast service address.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vip {
+    pub addr: std::net::IpAddr,
+    /// Indexes into [`LbConfig::pools`]; healthy backends are summed over them.
+    pub pools: Vec<usize>,
+    /// Healthy backends needed to announce, at least 1.
+    pub min_healthy: usize,
+}
+
+/// The built-in speaker's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bgp {
+    pub local_as: u32,
+    pub router_id: std::net::Ipv4Addr,
+    /// Proposed hold time (keepalives every third of the negotiated one); zero disables both.
+    pub hold_time: Duration,
+    /// First reconnect delay after a session fails; doubles up to `max_connect_retry`.
+    pub connect_retry: Duration,
+    pub max_connect_retry: Duration,
+    pub neighbors: Vec<Neighbor>,
+}
+
+/// One BGP neighbour (a site router).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Neighbor {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub remote_as: u32,
+    /// Source address of the session; the kernel picks one when absent.
+    pub local_address: Option<std::net::IpAddr>,
+    pub ipv4: bool,
+    pub ipv6: bool,
+    pub med: Option<u32>,
+    /// LOCAL_PREF sent on iBGP sessions.
+    pub local_pref: u32,
+    /// Standard communities (`ASN:VALUE`) attached to every route, as `ASN << 16 | VALUE`.
+    pub communities: Vec<u32>,
+    /// Next-hop overrides; absent: the session's own address of that family (next-hop self).
+    pub next_hop_v4: Option<std::net::Ipv4Addr>,
+    pub next_hop_v6: Option<std::net::Ipv6Addr>,
 }

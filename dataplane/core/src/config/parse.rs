@@ -72,6 +72,8 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+mod announce;
+
 use super::model::{
     Backend, EngineChoice, Global, HealthCheck, LbConfig, Listener, Pool, RelayMode, SourceRate,
 };
@@ -123,7 +125,7 @@ const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_WORKERS: u64 = 4096;
 const MAX_WEIGHT: u64 = 256;
 
-const TOP_KEYS: &[&str] = &["global", "listener", "pool"];
+const TOP_KEYS: &[&str] = &["global", "listener", "pool", "announce"];
 const GLOBAL_KEYS: &[&str] = &[
     "workers",
     "pin_workers",
@@ -360,7 +362,15 @@ fn validate(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<LbConfig> {
     };
 
     let (pools, pool_names) = parse_pools(ctx, root.get("pool"));
-    let listeners = parse_listeners(ctx, root.get("listener"), &pool_names);
+    // A host that only announces (`ringmail announce`) has pools and VIPs but no listeners.
+    let listeners = match (root.get("listener"), root.get("announce")) {
+        (None, Some(_)) => Some(Vec::new()),
+        (l, _) => parse_listeners(ctx, l, &pool_names),
+    };
+    let announce = match root.get("announce") {
+        None => Some(None),
+        Some(a) => announce::parse_announce(ctx, a, &pool_names, listeners.as_deref()).map(Some),
+    };
 
     if let (Some(global), Some(listeners)) = (&global, &listeners)
         && let Some(admin) = global.admin
@@ -381,6 +391,7 @@ fn validate(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<LbConfig> {
         global: global?,
         listeners: listeners?,
         pools: pools?,
+        announce: announce?,
     })
 }
 

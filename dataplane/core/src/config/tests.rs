@@ -311,8 +311,8 @@ fn example_configs_validate() {
         }
     }
     assert!(
-        seen >= 2,
-        "expected lb.toml and lb-loopback.toml, found {seen} files"
+        seen >= 3,
+        "expected lb.toml, lb-loopback.toml and announce-kernel-table.toml, found {seen} files"
     );
 }
 
@@ -1155,4 +1155,194 @@ fn many_errors_in_a_large_file_stay_fast() {
         "{:?}",
         started.elapsed()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// [announce]
+// ---------------------------------------------------------------------------------------------
+
+const ANNOUNCE_BGP: &str = r#"
+[[listener]]
+bind = "192.0.2.1:993"
+pool = "imap"
+
+[[listener]]
+bind = "[2001:db8::1]:993"
+pool = "imap"
+
+[pool.imap]
+backends = ["10.0.0.11:993"]
+
+[pool.other]
+backends = ["10.0.0.12:993"]
+
+[announce]
+graceful_wait = "3s"
+drain_prepend = 2
+
+[[announce.vip]]
+address = "192.0.2.1"
+
+[[announce.vip]]
+address = "2001:db8::1"
+pools = ["imap", "other"]
+min_healthy = 2
+
+[announce.bgp]
+local_as = 4200000001
+router_id = "10.0.0.2"
+hold_time = "0s"
+
+[[announce.bgp.neighbor]]
+address = "10.0.0.1"
+remote_as = 65000
+med = 5
+communities = ["65000:1", "1:65535"]
+
+[[announce.bgp.neighbor]]
+address = "[2001:db8:ff::1]:1179"
+remote_as = 4200000001
+name = "ibgp"
+local_address = "2001:db8:ff::2"
+families = ["ipv6", "ipv4"]
+next_hop_v4 = "10.0.0.2"
+"#;
+
+#[test]
+fn announce_bgp_section() {
+    let c = ok(ANNOUNCE_BGP);
+    let a = c.announce.expect("announce parsed");
+    assert!(a.manage_loopback);
+    assert_eq!(a.graceful_wait, Duration::from_secs(3));
+    assert_eq!(a.announce_delay, Duration::from_secs(2));
+    assert_eq!(a.drain_prepend, 2);
+    assert_eq!(a.vips.len(), 2);
+    assert_eq!(a.vips[0].pools, vec![0], "pools taken from the listeners");
+    assert_eq!(a.vips[0].min_healthy, 1);
+    assert_eq!(a.vips[1].pools, vec![0, 1]);
+    assert_eq!(a.vips[1].min_healthy, 2);
+    let AnnounceMode::Bgp(b) = a.mode else {
+        panic!("bgp mode expected")
+    };
+    assert_eq!(b.local_as, 4_200_000_001);
+    assert_eq!(b.hold_time, Duration::ZERO);
+    assert_eq!(b.connect_retry, Duration::from_secs(1));
+    let n0 = &b.neighbors[0];
+    assert_eq!(n0.addr, addr("10.0.0.1:179"));
+    assert_eq!(n0.name, "10.0.0.1");
+    assert!(n0.ipv4 && !n0.ipv6, "family defaults to the address's");
+    assert_eq!(n0.med, Some(5));
+    assert_eq!(n0.local_pref, 100);
+    assert_eq!(n0.communities, vec![65000 << 16 | 1, 1 << 16 | 65535]);
+    let n1 = &b.neighbors[1];
+    assert_eq!(n1.addr, addr("[2001:db8:ff::1]:1179"));
+    assert!(n1.ipv4 && n1.ipv6);
+    assert_eq!(n1.next_hop_v4, Some("10.0.0.2".parse().unwrap()));
+    assert_eq!(n1.local_address, Some("2001:db8:ff::2".parse().unwrap()));
+}
+
+#[test]
+fn announce_only_needs_no_listener() {
+    let c = ok(r#"
+[announce]
+mode = "kernel-table"
+kernel_table = 1000
+[[announce.vip]]
+address = "192.0.2.9"
+pools = ["p"]
+[pool.p]
+backends = ["127.0.0.1:2000"]
+"#);
+    assert!(c.listeners.is_empty());
+    let a = c.announce.unwrap();
+    assert_eq!(a.mode, AnnounceMode::KernelTable { table: 1000 });
+}
+
+#[test]
+fn announce_errors_are_all_reported_with_positions() {
+    let e = errs(
+        r#"[[listener]]
+bind = "192.0.2.1:993"
+pool = "imap"
+[pool.imap]
+backends = ["10.0.0.11:993"]
+[announce]
+kernel_table = 254
+drain_prepend = 11
+announce_dleay = "1s"
+[[announce.vip]]
+address = "192.0.2.7"
+[[announce.vip]]
+address = "224.0.0.1"
+pools = ["nope"]
+[[announce.vip]]
+address = "192.0.2.1"
+[[announce.vip]]
+address = "192.0.2.1"
+[announce.bgp]
+local_as = 23456
+router_id = "0.0.0.0"
+hold_time = "2s"
+[[announce.bgp.neighbor]]
+address = "10.0.0.1"
+remote_as = 65000
+communities = ["65536:1"]
+families = ["ipx"]
+local_address = "2001:db8::1"
+[[announce.bgp.neighbor]]
+address = "10.0.0.1"
+"#,
+    );
+    has(&e, 7, &["kernel_table", "main"]);
+    has(&e, 8, &["drain_prepend", "between 0 and 10"]);
+    has(&e, 9, &["announce_dleay", "did you mean `announce_delay`"]);
+    has(&e, 10, &["192.0.2.7", "no [[listener]] binds it"]);
+    has(&e, 13, &["224.0.0.1", "cannot be announced"]);
+    has(&e, 14, &["unknown pool", "nope"]);
+    has(&e, 18, &["already listed", "line 16"]);
+    has(&e, 20, &["AS_TRANS"]);
+    has(&e, 21, &["router_id"]);
+    has(&e, 22, &["hold_time", "3s and 65535s"]);
+    has(&e, 26, &["65536:1"]);
+    has(&e, 27, &["ipx"]);
+    has(&e, 28, &["same family"]);
+    has(&e, 30, &["already listed"]);
+    has(&e, 29, &["remote_as"]);
+}
+
+#[test]
+fn announce_mode_needs_its_section() {
+    let e = errs(
+        r#"[pool.p]
+backends = ["127.0.0.1:2000"]
+[announce]
+mode = "bgp"
+[[announce.vip]]
+address = "192.0.2.9"
+pools = ["p"]
+"#,
+    );
+    has(&e, 3, &["no [announce.bgp] section"]);
+    let e = errs(
+        r#"[pool.p]
+backends = ["127.0.0.1:2000"]
+[announce]
+mode = "kernel-table"
+[[announce.vip]]
+address = "192.0.2.9"
+pools = ["p"]
+[announce.bgp]
+local_as = 1
+"#,
+    );
+    has(&e, 8, &["only used with announce.mode = \"bgp\""]);
+    let e = errs(
+        r#"[pool.p]
+backends = ["127.0.0.1:2000"]
+[announce]
+mode = "ospf"
+"#,
+    );
+    has(&e, 4, &["ospf", "bgp | kernel-table"]);
+    has(&e, 3, &["no VIPs"]);
 }
