@@ -244,6 +244,19 @@ impl Announcer {
         self.poll(now)
     }
 
+    /// Ends a drain that was requested by an operator (not used on SIGTERM): graceful VIPs go
+    /// back to plain announcements, withdrawn ones are re-announced once they have been healthy
+    /// for the announce delay again.
+    pub fn resume(&mut self, now: Instant) -> Vec<Transition> {
+        self.drain = DrainPhase::Running;
+        for v in &mut self.vips {
+            if v.state == VipState::Withdrawn {
+                v.healthy_since = (v.healthy >= v.spec.min_healthy).then_some(now);
+            }
+        }
+        self.poll(now)
+    }
+
     pub fn drain_phase(&self) -> DrainPhase {
         self.drain
     }
@@ -329,8 +342,9 @@ impl Announcer {
                         }
                     }
                     (VipState::Withdrawn, None) => (VipState::Withdrawn, unhealthy),
-                    (s, _) => (
-                        s,
+                    // Announced stays; Graceful (a drain was resumed) becomes plain again.
+                    (_, _) => (
+                        VipState::Announced,
                         Reason::Healthy {
                             healthy: v.healthy,
                             min: v.spec.min_healthy,
@@ -601,6 +615,27 @@ mod tests {
         // Nothing comes back after the drain, whatever health says.
         a.observe(0, 9, t0 + s(16));
         assert!(a.poll(t0 + s(100)).is_empty());
+    }
+
+    #[test]
+    fn resume_after_an_operator_drain() {
+        let (mut a, t0) = machine(1);
+        a.set_serving(true);
+        a.observe(0, 1, t0);
+        a.observe(1, 1, t0);
+        a.poll(t0 + s(2));
+        a.begin_drain(t0 + s(3));
+        // Resumed during the graceful wait: back to a plain announcement at once.
+        let t = a.resume(t0 + s(4));
+        assert_eq!(t.len(), 2);
+        assert!(t.iter().all(|t| t.to == VipState::Announced));
+        assert!(a.desired().iter().all(|r| !r.graceful));
+        // Resumed after the withdrawal: announced again after the announce delay.
+        a.begin_drain(t0 + s(5));
+        a.poll(t0 + s(10));
+        assert!(a.desired().is_empty());
+        assert!(a.resume(t0 + s(11)).is_empty());
+        assert_eq!(a.poll(t0 + s(13)).len(), 2);
     }
 
     #[test]

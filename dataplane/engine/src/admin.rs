@@ -25,9 +25,20 @@ use tracing::{debug, info};
 use crate::runtime::{AdminState, BackendRuntime, PoolRuntime};
 use crate::stats::{CONNECT_BUCKETS, Refusal, Stats};
 
+/// Another part of the process that shows its status and takes commands on the admin listener
+/// (the anycast glue: `/api/announce`).
+pub trait AdminExtension: Send + Sync + std::fmt::Debug {
+    /// Appends Prometheus text-format metrics.
+    fn render_metrics(&self, out: &mut String);
+    /// Answers `method` on `path` (split on `/`) when the path is this extension's: status code
+    /// and JSON body.
+    fn handle(&self, method: &str, path: &[&str]) -> Option<(u16, serde_json::Value)>;
+}
+
 /// What the admin listener shows; the pools are swapped on reload.
 #[derive(Debug)]
 pub struct View {
+    pub extensions: Vec<Arc<dyn AdminExtension>>,
     pub pools: Vec<Arc<PoolRuntime>>,
     pub stats: Arc<Stats>,
     pub maxconn: u32,
@@ -125,11 +136,13 @@ fn handle<B>(req: Request<B>, view: &RwLock<View>) -> Response<Full<Bytes>> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), parts.as_slice()) {
         (&Method::GET, ["healthz"]) => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        (&Method::GET, ["metrics"]) => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            render_metrics(&view),
-        ),
+        (&Method::GET, ["metrics"]) => {
+            let mut text = render_metrics(&view);
+            for ext in &view.extensions {
+                ext.render_metrics(&mut text);
+            }
+            reply(StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
         (&Method::GET, ["api", "backends"]) => {
             let list: Vec<_> = view
                 .pools
@@ -172,7 +185,15 @@ fn handle<B>(req: Request<B>, view: &RwLock<View>) -> Response<Full<Bytes>> {
             info!(pool = %pool, backend = %p.backends[i].name, action = %action.join("/"), "admin change");
             json_reply(StatusCode::OK, backend_json(p, &p.backends[i]))
         }
-        _ => json_reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+        (method, parts) => {
+            for ext in &view.extensions {
+                if let Some((status, body)) = ext.handle(method.as_str(), parts) {
+                    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+                    return json_reply(status, body);
+                }
+            }
+            json_reply(StatusCode::NOT_FOUND, json!({"error": "not found"}))
+        }
     }
 }
 

@@ -150,12 +150,14 @@ impl Lb {
             stats: Arc::clone(&stats),
             active: Default::default(),
             epoch_ms: sys::now_ms(),
+            running: Default::default(),
         });
         let mut lb = Lb {
             config: config.clone(),
             workers: Vec::new(),
             shared: Arc::clone(&shared),
             view: Arc::new(RwLock::new(View {
+                extensions: Vec::new(),
                 pools: Vec::new(),
                 stats,
                 maxconn,
@@ -404,11 +406,50 @@ impl Lb {
         info!("drained, exiting");
     }
 
+    /// A cheap, shareable check that every worker is running its event loop (for the anycast
+    /// glue, which must stop announcing when the proxy cannot serve).
+    pub fn liveness(&self) -> Liveness {
+        Liveness {
+            shared: Arc::clone(&self.shared),
+            workers: self.workers.len(),
+        }
+    }
+
+    /// The admin listener's view (pools with their live health, counters).
+    pub fn admin_view(&self) -> Arc<RwLock<View>> {
+        Arc::clone(&self.view)
+    }
+
     /// Whether every worker thread is still running.
     pub fn workers_alive(&self) -> bool {
         self.workers
             .iter()
             .all(|w| w.thread.as_ref().is_some_and(|t| !t.is_finished()))
+    }
+}
+
+/// See [`Lb::liveness`].
+#[derive(Clone)]
+pub struct Liveness {
+    shared: Arc<Shared>,
+    workers: usize,
+}
+
+impl Liveness {
+    /// True while every worker runs its event loop.
+    pub fn serving(&self) -> bool {
+        self.shared
+            .running
+            .load(std::sync::atomic::Ordering::Acquire)
+            == self.workers
+    }
+}
+
+impl std::fmt::Debug for Liveness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Liveness")
+            .field("serving", &self.serving())
+            .finish()
     }
 }
 
@@ -435,6 +476,20 @@ fn worker_main(
     ready: mpsc::Sender<Ready>,
 ) {
     let id = ctx.id;
+    /// Counts the worker as running while its event loop runs.
+    struct Running(Arc<Shared>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0
+                .running
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+    let shared = Arc::clone(&ctx.shared);
+    shared
+        .running
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let _running = Running(shared);
     if let Some(cpu) = cpu
         && let Err(e) = sys::pin_current_thread(cpu)
     {

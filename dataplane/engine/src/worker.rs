@@ -58,6 +58,9 @@ pub struct Shared {
     pub active: AtomicU32,
     /// Process start, for the rate limiter's clock.
     pub epoch_ms: u64,
+    /// Worker threads that are running their event loop (the anycast glue withdraws when one
+    /// dies: a host that lost a core's worker must not attract that core's share of flows).
+    pub running: std::sync::atomic::AtomicUsize,
 }
 
 /// Messages from the control thread to a worker.
