@@ -53,6 +53,9 @@ mod backoff;
 mod session;
 mod update;
 
+#[cfg(test)]
+mod tests;
+
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
