@@ -39,6 +39,39 @@ fn family_of(ip: IpAddr) -> usize {
 }
 
 /// An originate-only BGP session with one neighbour; see the [module docs](super).
+///
+/// ```
+/// use std::time::Instant;
+/// use ringmail_announce_core::Announcement;
+/// use ringmail_announce_core::bgp::{Session, SessionConfig, State};
+///
+/// let cfg = SessionConfig::new(65001, 65000, "192.0.2.1".parse().unwrap());
+/// let mut s = Session::new(cfg);
+/// s.set_routes(&[Announcement { prefix: "198.51.100.10".parse().unwrap(), graceful: false }]);
+/// let now = Instant::now();
+/// s.connected("192.0.2.1:40000".parse().unwrap(), "192.0.2.2:179".parse().unwrap(), now);
+/// assert_eq!(s.state(), State::OpenSent);
+/// let open = s.poll_transmit().unwrap(); // our OPEN, for the socket
+/// assert_eq!(open[18], 1); // BGP message type 1
+/// assert!(s.poll_timeout().is_some()); // waiting for the peer's OPEN
+/// ```
+///
+/// A driver loop, in outline:
+///
+/// ```text
+/// loop {
+///     while let Some(bytes) = s.poll_transmit() { socket.write_all(&bytes) }
+///     while let Some(event) = s.poll_event() { log / update backoff }
+///     if s.should_close() { close socket; s.disconnected(now); break }
+///     select {
+///         bytes = socket.read()              => s.receive(&bytes, now),
+///         _ = sleep_until(s.poll_timeout())  => s.handle_timeout(now),
+///         routes = desired.changed()         => s.set_routes(&routes),
+///         _ = sigterm                        => s.shutdown(now),
+///         eof / error                        => { s.disconnected(now); break }
+///     }
+/// }
+/// ```
 #[derive(Debug)]
 pub struct Session {
     cfg: SessionConfig,
@@ -91,9 +124,10 @@ impl Session {
     }
 
     /// The TCP connection to the peer is up: queue our OPEN and enter [`State::OpenSent`].
-    /// Called in any other state than Idle, the old connection is forgotten first.
+    /// Called in any other state than Idle, the old connection is forgotten first (as by
+    /// [`disconnected`](Self::disconnected)).
     pub fn connected(&mut self, local: SocketAddr, peer: SocketAddr, now: Instant) {
-        self.reset_connection();
+        self.disconnected(now);
         self.local = Some(local);
         self.peer = Some(peer);
         if let Err(e) = self.cfg.validate() {

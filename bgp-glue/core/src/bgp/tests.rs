@@ -1325,6 +1325,19 @@ fn disconnect_then_reconnect_resends_everything() {
     assert_eq!(again, first);
     assert_eq!(h.s.advertised(), routes.to_vec());
 
+    // A new connection while one is up replaces it.
+    h.events();
+    h.connect(LOCAL_V4, PEER_V4);
+    assert_eq!(
+        h.events(),
+        vec![Event::Closed {
+            reason: CloseReason::TransportClosed
+        }]
+    );
+    assert_eq!(h.s.state(), State::OpenSent);
+    assert!(h.s.advertised().is_empty());
+    assert_eq!(h.establish(), first);
+
     // After a close the session does not report the end twice.
     h.s.shutdown(h.now);
     h.events();
