@@ -128,7 +128,10 @@ fuzz_target!(|data: &[u8]| {
                 now += Duration::from_millis(u64::from(op >> 3) * 500);
                 s.handle_timeout(now);
                 if let Some(t) = s.poll_timeout() {
-                    assert!(t > now, "deadline {t:?} not after handle_timeout at {now:?}");
+                    assert!(
+                        t > now,
+                        "deadline {t:?} not after handle_timeout at {now:?}"
+                    );
                 }
             }
             5 => {
@@ -142,9 +145,7 @@ fuzz_target!(|data: &[u8]| {
                 3 => s.connected(local, peer, now),
                 _ => {}
             },
-            _ => {
-                while s.poll_event().is_some() {}
-            }
+            _ => while s.poll_event().is_some() {},
         }
         check_transmit(&mut s);
         if s.state() == State::Closing {
