@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -18,6 +19,8 @@ use ringmail_proxy_core::proxy_protocol::Version;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::{error, info, warn};
+
+mod announce;
 
 #[derive(Parser)]
 #[command(
@@ -36,6 +39,19 @@ enum Command {
     Lb(LbArgs),
     /// All-in-one node on loopback with embedded defaults; prints how to try it.
     Up(UpArgs),
+    /// The anycast glue alone: checks backends itself and announces the VIPs of `[announce]`
+    /// (BGP or a kernel table for BIRD/FRR), for hosts that run another proxy.
+    Announce(AnnounceArgs),
+}
+
+#[derive(Args)]
+struct AnnounceArgs {
+    /// TOML configuration with [announce] and the pools whose health decides it.
+    #[arg(long)]
+    config: PathBuf,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -173,6 +189,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Lb(args) => cmd_lb(args),
         Command::Up(args) => cmd_up(args),
+        Command::Announce(args) => cmd_announce(args),
     };
     match result {
         Ok(code) => code,
@@ -278,15 +295,24 @@ fn cmd_lb(args: LbArgs) -> Result<ExitCode> {
     };
     if args.check {
         println!(
-            "{}: ok ({} listeners, {} pools)",
+            "{}: ok ({})",
             args.config
                 .as_deref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
-            config.listeners.len(),
-            config.pools.len()
+            describe(&config)
         );
         return Ok(ExitCode::SUCCESS);
+    }
+    if config.listeners.is_empty() {
+        eprintln!(
+            "{}: no [[listener]]: the load balancer needs at least one (a file with only [announce] is for `ringmail announce`)",
+            args.config
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+        return Ok(ExitCode::from(2));
     }
     run_lb(config, args.config, |_| {})
 }
@@ -301,13 +327,40 @@ fn run_lb(
     let mut signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
     let mut drain_timeout = config.global.drain_timeout;
+    let announce_cfg = config.announce.clone();
+    let startup_config = config.clone();
     let mut lb = Lb::start(config, Options::default()).context("starting the load balancer")?;
+    // The anycast glue starts after the workers (listeners use IP_FREEBIND, so the VIPs need not
+    // be on lo yet) and announces nothing before the pools behind a VIP pass their checks.
+    let glue = match &announce_cfg {
+        Some(a) => {
+            let liveness = lb.liveness();
+            let health =
+                announce::health_from_view(&startup_config, a, lb.admin_view(), move || {
+                    liveness.serving()
+                });
+            let glue = Arc::new(
+                ringmail_bgp_glue::glue::Glue::start(a, health)
+                    .context("starting the announcer")?,
+            );
+            lb.admin_view()
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .extensions
+                .push(Arc::new(announce::GlueAdmin(Arc::clone(&glue))));
+            Some(glue)
+        }
+        None => None,
+    };
     started(&lb);
     for sig in signals.forever() {
         match sig {
             SIGHUP => match &config_path {
                 Some(path) => match load_config(path) {
                     Ok(new) => {
+                        if new.announce != announce_cfg {
+                            warn!("changes to [announce] take effect at the next restart");
+                        }
                         let new_drain = new.global.drain_timeout;
                         match lb.reload(new) {
                             Ok(()) => drain_timeout = new_drain,
@@ -329,8 +382,59 @@ fn run_lb(
             }
         }
     }
+    if let Some(glue) = &glue {
+        // GRACEFUL_SHUTDOWN, the graceful wait, the withdrawal on the wire; the proxy keeps
+        // accepting meanwhile, since routers still send new flows until they converge.
+        let wait = announce_cfg
+            .as_ref()
+            .map_or(Duration::ZERO, |a| a.graceful_wait);
+        glue.drain(wait + Duration::from_secs(10));
+    }
     lb.drain_and_wait(drain_timeout);
+    if let Some(glue) = glue {
+        // Cease to the neighbours; the loopback VIPs go last, after established connections.
+        glue.stop();
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_announce(args: AnnounceArgs) -> Result<ExitCode> {
+    let config = match load_config(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if config.announce.is_none() {
+        eprintln!(
+            "{}: no [announce] section; `ringmail announce` needs VIPs and how to announce them",
+            args.config.display()
+        );
+        return Ok(ExitCode::from(2));
+    }
+    if args.check {
+        println!("{}: ok ({})", args.config.display(), describe(&config));
+        return Ok(ExitCode::SUCCESS);
+    }
+    announce::cmd_announce(config, args.config)
+}
+
+/// One line about what a configuration holds, for `--check`.
+fn describe(config: &LbConfig) -> String {
+    let mut s = format!(
+        "{} listeners, {} pools",
+        config.listeners.len(),
+        config.pools.len()
+    );
+    if let Some(a) = &config.announce {
+        let mode = match &a.mode {
+            config::AnnounceMode::Bgp(b) => format!("BGP to {} neighbours", b.neighbors.len()),
+            config::AnnounceMode::KernelTable { table } => format!("kernel table {table}"),
+        };
+        s.push_str(&format!(", {} VIPs announced by {mode}", a.vips.len()));
+    }
+    s
 }
 
 fn cmd_up(args: UpArgs) -> Result<ExitCode> {

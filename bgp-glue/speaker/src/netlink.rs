@@ -52,6 +52,13 @@ pub const RTPROT_RINGMAIL: u8 = 114;
 /// The loopback interface the VIPs live on.
 pub const LOOPBACK: &str = "lo";
 
+/// Metric (priority) of a kernel-table route in normal operation.
+pub const ROUTE_METRIC: u32 = 1000;
+
+/// Metric of a kernel-table route during the drain's graceful phase: BIRD sees it as
+/// `krt_metric`, and the shipped export filters add GRACEFUL_SHUTDOWN (65535:0) and the prepend.
+pub const GRACEFUL_METRIC: u32 = 2000;
+
 const EPERM: i32 = 1;
 const ESRCH: i32 = 3;
 const EEXIST: i32 = 17;
@@ -428,10 +435,11 @@ impl KernelTable {
         self.table
     }
 
-    fn route_message(&self, ip: IpAddr) -> RouteMessage {
+    fn route_message(&self, ip: IpAddr, metric: u32) -> RouteMessage {
         let mut msg = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(ip, host_prefix(ip))
             .expect("host prefix is valid for its own family")
+            .priority(metric)
             .output_interface(self.lo_index)
             .protocol(RouteProtocol::from(RTPROT_RINGMAIL))
             .kind(RouteType::Unicast)
@@ -455,24 +463,43 @@ impl KernelTable {
         )
     }
 
-    /// Installs (or replaces) the host route for `ip`. Idempotent.
+    /// Installs (or replaces) the host route for `ip` with [`ROUTE_METRIC`]. Idempotent.
     pub async fn announce(&self, ip: IpAddr) -> Result<(), NetlinkError> {
+        self.announce_with(ip, false).await
+    }
+
+    /// Installs the host route for `ip`; `graceful` marks the drain phase with
+    /// [`GRACEFUL_METRIC`], which the routing daemon's export filter turns into the
+    /// GRACEFUL_SHUTDOWN community (see deploy/examples). The new route goes in before the one
+    /// with the other metric is deleted, so the VIP is never missing from the table.
+    pub async fn announce_with(&self, ip: IpAddr, graceful: bool) -> Result<(), NetlinkError> {
+        let (metric, other) = if graceful {
+            (GRACEFUL_METRIC, ROUTE_METRIC)
+        } else {
+            (ROUTE_METRIC, GRACEFUL_METRIC)
+        };
         self.handle
             .route()
-            .add(self.route_message(ip))
+            .add(self.route_message(ip, metric))
             .replace()
             .execute()
             .await
-            .map_err(|e| NetlinkError::from_rtnetlink(Operation::AddRoute, self.subject(ip), e))
+            .map_err(|e| NetlinkError::from_rtnetlink(Operation::AddRoute, self.subject(ip), e))?;
+        self.delete(ip, other).await
     }
 
-    /// Deletes the host route for `ip` (ours only: the protocol must match).
-    /// A missing route is fine.
+    /// Deletes the host route for `ip` (ours only: the protocol must match), whichever metric it
+    /// has. A missing route is fine.
     pub async fn withdraw(&self, ip: IpAddr) -> Result<(), NetlinkError> {
+        self.delete(ip, ROUTE_METRIC).await?;
+        self.delete(ip, GRACEFUL_METRIC).await
+    }
+
+    async fn delete(&self, ip: IpAddr, metric: u32) -> Result<(), NetlinkError> {
         match self
             .handle
             .route()
-            .del(self.route_message(ip))
+            .del(self.route_message(ip, metric))
             .execute()
             .await
         {

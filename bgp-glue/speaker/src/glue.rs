@@ -1,0 +1,681 @@
+//! The announcer: reads backend health, runs the I/O-free [`Announcer`], and carries its
+//! decisions out: BGP UPDATEs through the speaker's sessions, or host routes in a kernel table for
+//! BIRD/FRR. It owns the loopback VIPs too.
+//!
+//! ```text
+//!   health fn (LB pools or own checks) ──every 100 ms──► Announcer ──► desired routes
+//!   drain / resume / stop commands ─────────────────────────┘              │
+//!                          ┌────────────────────────────────────────────────┤
+//!                          ▼                                                ▼
+//!        speaker tasks (one per neighbour)                    kernel table N (netlink)
+//! ```
+//!
+//! Everything runs on one thread with a current-thread tokio runtime, apart from the proxy's
+//! workers. Loopback VIPs are added before [`Glue::start`] returns (so the proxy can bind them)
+//! and removed by [`Glue::stop`], after the withdrawals went out.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use ringmail_announce_core::announce::{
+    Announcer, DrainPhase, Settings, Transition, VipSpec, VipState, VipStatus,
+};
+use ringmail_announce_core::bgp::SessionConfig;
+use ringmail_announce_core::{Announcement, Community};
+use ringmail_proxy_core::config::{Announce, AnnounceMode};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use crate::netlink::{KernelTable, LoopbackVips, Netlink};
+use crate::speaker::{NeighborSpec, NeighborStatus, run_neighbor};
+
+/// How often health is read. Withdrawal latency is the proxy's fall x interval plus at most this.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// One reading of the proxy's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthReading {
+    /// The proxy can serve (all workers running).
+    pub serving: bool,
+    /// Healthy backends behind each VIP, in the configuration's VIP order.
+    pub healthy: Vec<usize>,
+}
+
+/// Called every [`TICK`] on the glue's thread.
+pub type HealthFn = Box<dyn FnMut() -> HealthReading + Send>;
+
+/// Why the glue could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GlueError {
+    #[error("netlink: {0}")]
+    Netlink(#[from] crate::netlink::NetlinkError),
+    #[error("cannot start the announcer thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("the announcer thread stopped during startup")]
+    Startup,
+}
+
+enum Cmd {
+    Drain { done: oneshot::Sender<()> },
+    Resume,
+    Stop { done: oneshot::Sender<()> },
+}
+
+#[derive(Debug, Default)]
+struct StatusData {
+    vips: Vec<(VipStatus, Option<SystemTime>)>,
+    drain: &'static str,
+    serving: bool,
+    transitions: u64,
+    kernel_routes: Vec<Announcement>,
+    /// Per VIP: wall-clock time of its last transition and the text of it.
+    last: Vec<Option<(SystemTime, String)>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    mode: String,
+    status: Mutex<StatusData>,
+    neighbors: Vec<Arc<Mutex<NeighborStatus>>>,
+}
+
+/// A running announcer.
+#[derive(Debug)]
+pub struct Glue {
+    cmd: mpsc::UnboundedSender<Cmd>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn session_config(
+    b: &ringmail_proxy_core::config::Bgp,
+    n: &ringmail_proxy_core::config::Neighbor,
+    prepend: u8,
+) -> SessionConfig {
+    SessionConfig {
+        local_as: b.local_as,
+        remote_as: n.remote_as,
+        router_id: b.router_id,
+        hold_time: b.hold_time,
+        ipv4: n.ipv4,
+        ipv6: n.ipv6,
+        med: n.med,
+        local_pref: n.local_pref,
+        communities: n.communities.iter().map(|&c| Community(c)).collect(),
+        next_hop_v4: n.next_hop_v4,
+        next_hop_v6: n.next_hop_v6,
+        graceful_prepend: prepend,
+    }
+}
+
+impl Glue {
+    /// Adds the loopback VIPs (when configured), clears routes a crashed run left in the kernel
+    /// table, starts the BGP sessions, and begins following `health`. Nothing is announced before
+    /// the proxy reports itself serving and a VIP has been healthy for the announce delay.
+    pub fn start(config: &Announce, health: HealthFn) -> Result<Glue, GlueError> {
+        let settings = Settings {
+            announce_delay: config.announce_delay,
+            max_announce_delay: config.max_announce_delay,
+            flap_window: config.flap_window,
+            graceful_wait: config.graceful_wait,
+        };
+        let vips: Vec<VipSpec> = config
+            .vips
+            .iter()
+            .map(|v| VipSpec {
+                addr: v.addr,
+                min_healthy: v.min_healthy,
+            })
+            .collect();
+        let (mode, neighbors) = match &config.mode {
+            AnnounceMode::Bgp(b) => (
+                format!("bgp (AS {}, router id {})", b.local_as, b.router_id),
+                b.neighbors
+                    .iter()
+                    .map(|n| NeighborSpec {
+                        name: n.name.clone(),
+                        addr: n.addr,
+                        local_address: n.local_address,
+                        session: session_config(b, n, config.drain_prepend),
+                        connect_retry: b.connect_retry,
+                        max_connect_retry: b.max_connect_retry,
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            AnnounceMode::KernelTable { table } => (format!("kernel-table {table}"), Vec::new()),
+        };
+        let table = match config.mode {
+            AnnounceMode::KernelTable { table } => Some(table),
+            AnnounceMode::Bgp(_) => None,
+        };
+        let shared = Arc::new(Shared {
+            mode,
+            status: Mutex::new(StatusData {
+                drain: "running",
+                last: vec![None; vips.len()],
+                ..StatusData::default()
+            }),
+            neighbors: neighbors
+                .iter()
+                .map(|_| Arc::new(Mutex::new(NeighborStatus::default())))
+                .collect(),
+        });
+        let manage_loopback = config.manage_loopback;
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), GlueError>>();
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("ringmail-announce".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(GlueError::Spawn(e)));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let task = Task::setup(
+                        settings,
+                        vips,
+                        manage_loopback,
+                        table,
+                        neighbors,
+                        thread_shared,
+                        health,
+                    )
+                    .await;
+                    match task {
+                        Ok(task) => {
+                            let _ = ready_tx.send(Ok(()));
+                            task.run(cmd_rx).await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+            })
+            .map_err(GlueError::Spawn)?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Glue {
+                cmd: cmd_tx,
+                shared,
+                thread: Mutex::new(Some(thread)),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(GlueError::Startup)
+            }
+        }
+    }
+
+    /// Runs the drain sequence: graceful re-announcement, the graceful wait, withdrawal. Returns
+    /// once the withdrawal has been written to every established session (or the kernel table),
+    /// or after `graceful_wait` + `timeout` at most.
+    pub fn drain(&self, timeout: Duration) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Drain { done: tx }).is_ok() {
+            let _ = wait_blocking(rx, timeout);
+        }
+    }
+
+    /// Starts the drain sequence without waiting (admin request).
+    pub fn request_drain(&self) {
+        let (tx, _rx) = oneshot::channel();
+        let _ = self.cmd.send(Cmd::Drain { done: tx });
+    }
+
+    /// Ends an operator drain.
+    pub fn resume(&self) {
+        let _ = self.cmd.send(Cmd::Resume);
+    }
+
+    /// Withdraws everything still announced, closes the sessions with Cease, removes kernel-table
+    /// routes and the loopback addresses this process added.
+    /// Idempotent.
+    pub fn stop(&self) {
+        let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Stop { done: tx }).is_ok() {
+            let _ = wait_blocking(rx, Duration::from_secs(10));
+        }
+        let _ = t.join();
+    }
+
+    /// The status page (`GET /api/announce`).
+    pub fn status_json(&self) -> serde_json::Value {
+        let st = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        let vips: Vec<_> = st
+            .vips
+            .iter()
+            .zip(&st.last)
+            .map(|((v, announce_at), last)| {
+                json!({
+                    "address": v.addr.to_string(),
+                    "state": v.state.label(),
+                    "healthy": v.healthy,
+                    "min_healthy": v.min_healthy,
+                    "announce_at_unix": announce_at.map(unix),
+                    "last_transition": last.as_ref().map(|(at, text)| json!({
+                        "at_unix": unix(*at),
+                        "what": text,
+                    })),
+                })
+            })
+            .collect();
+        let neighbors: Vec<_> = self
+            .shared
+            .neighbors
+            .iter()
+            .map(|n| {
+                let n = n.lock().unwrap_or_else(|e| e.into_inner());
+                json!({
+                    "name": n.name,
+                    "address": n.addr.map(|a| a.to_string()),
+                    "remote_as": n.remote_as,
+                    "state": n.state,
+                    "advertised": n.advertised.iter().map(route_json).collect::<Vec<_>>(),
+                    "established_at_unix": n.established_at.map(unix),
+                    "last_change": n.last_change.as_ref().map(|(at, why)| json!({"at_unix": unix(*at), "reason": why})),
+                    "sessions_established": n.sessions_established,
+                    "connect_failures": n.connect_failures,
+                })
+            })
+            .collect();
+        json!({
+            "mode": self.shared.mode,
+            "serving": st.serving,
+            "drain": st.drain,
+            "vips": vips,
+            "neighbors": neighbors,
+            "kernel_routes": st.kernel_routes.iter().map(route_json).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Prometheus metrics for the VIPs and neighbours.
+    pub fn render_metrics(&self, out: &mut String) {
+        let st = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        out.push_str("# HELP ringmail_announce_vip_state 1 for the VIP's current state (withdrawn, announced, graceful).\n# TYPE ringmail_announce_vip_state gauge\n");
+        for (v, _) in &st.vips {
+            for s in [VipState::Withdrawn, VipState::Announced, VipState::Graceful] {
+                let _ = writeln!(
+                    out,
+                    "ringmail_announce_vip_state{{vip=\"{}\",state=\"{}\"}} {}",
+                    v.addr,
+                    s.label(),
+                    u8::from(v.state == s)
+                );
+            }
+        }
+        out.push_str("# HELP ringmail_announce_vip_healthy_backends Healthy backends behind the VIP.\n# TYPE ringmail_announce_vip_healthy_backends gauge\n");
+        for (v, _) in &st.vips {
+            let _ = writeln!(
+                out,
+                "ringmail_announce_vip_healthy_backends{{vip=\"{}\"}} {}",
+                v.addr, v.healthy
+            );
+        }
+        out.push_str("# HELP ringmail_announce_vip_last_transition_seconds Unix time of the VIP's last state change.\n# TYPE ringmail_announce_vip_last_transition_seconds gauge\n");
+        for ((v, _), last) in st.vips.iter().zip(&st.last) {
+            if let Some((at, _)) = last {
+                let _ = writeln!(
+                    out,
+                    "ringmail_announce_vip_last_transition_seconds{{vip=\"{}\"}} {:.3}",
+                    v.addr,
+                    unix(*at)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringmail_announce_transitions_total VIP state changes.\n# TYPE ringmail_announce_transitions_total counter\nringmail_announce_transitions_total {}",
+            st.transitions
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringmail_announce_draining 1 while the drain sequence runs or ran.\n# TYPE ringmail_announce_draining gauge\nringmail_announce_draining {}",
+            u8::from(st.drain != "running")
+        );
+        drop(st);
+        if self.shared.neighbors.is_empty() {
+            return;
+        }
+        out.push_str("# HELP ringmail_bgp_session_established 1 while the BGP session is Established.\n# TYPE ringmail_bgp_session_established gauge\n");
+        let rows: Vec<NeighborStatus> = self
+            .shared
+            .neighbors
+            .iter()
+            .map(|n| n.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect();
+        for n in &rows {
+            let _ = writeln!(
+                out,
+                "ringmail_bgp_session_established{{neighbor=\"{}\"}} {}",
+                n.name,
+                u8::from(n.state == "established")
+            );
+        }
+        out.push_str("# HELP ringmail_bgp_routes_advertised Routes the neighbour has from us.\n# TYPE ringmail_bgp_routes_advertised gauge\n");
+        for n in &rows {
+            let _ = writeln!(
+                out,
+                "ringmail_bgp_routes_advertised{{neighbor=\"{}\"}} {}",
+                n.name,
+                n.advertised.len()
+            );
+        }
+        out.push_str("# HELP ringmail_bgp_sessions_established_total Sessions that reached Established.\n# TYPE ringmail_bgp_sessions_established_total counter\n");
+        for n in &rows {
+            let _ = writeln!(
+                out,
+                "ringmail_bgp_sessions_established_total{{neighbor=\"{}\"}} {}",
+                n.name, n.sessions_established
+            );
+        }
+        out.push_str("# HELP ringmail_bgp_connect_failures_total Failed TCP connects to the neighbour.\n# TYPE ringmail_bgp_connect_failures_total counter\n");
+        for n in &rows {
+            let _ = writeln!(
+                out,
+                "ringmail_bgp_connect_failures_total{{neighbor=\"{}\"}} {}",
+                n.name, n.connect_failures
+            );
+        }
+    }
+}
+
+impl Drop for Glue {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+fn route_json(r: &Announcement) -> serde_json::Value {
+    json!({"prefix": r.prefix.to_string(), "graceful": r.graceful})
+}
+
+fn wait_blocking(rx: oneshot::Receiver<()>, timeout: Duration) -> Result<(), ()> {
+    let deadline = Instant::now() + timeout;
+    let mut rx = rx;
+    loop {
+        match rx.try_recv() {
+            Ok(()) => return Ok(()),
+            Err(oneshot::error::TryRecvError::Closed) => return Err(()),
+            Err(oneshot::error::TryRecvError::Empty) => {
+                if Instant::now() >= deadline {
+                    return Err(());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// The glue's state on its thread.
+struct Task {
+    announcer: Announcer,
+    /// The VIPs in configuration order.
+    addrs: Vec<IpAddr>,
+    health: HealthFn,
+    shared: Arc<Shared>,
+    netlink: Option<Netlink>,
+    loopback: Option<LoopbackVips>,
+    kernel: Option<KernelTable>,
+    /// Routes installed in the kernel table.
+    installed: Vec<Announcement>,
+    routes_tx: watch::Sender<Vec<Announcement>>,
+    stop_tx: watch::Sender<bool>,
+    speakers: Vec<tokio::task::JoinHandle<()>>,
+    /// Callers waiting for the drain's withdrawal to be on the wire.
+    drain_waiters: Vec<oneshot::Sender<()>>,
+    /// When the withdrawal was decided (to bound the wait for it to be sent).
+    withdrawn_at: Option<Instant>,
+}
+
+impl Task {
+    #[allow(clippy::too_many_arguments)]
+    async fn setup(
+        settings: Settings,
+        vips: Vec<VipSpec>,
+        manage_loopback: bool,
+        table: Option<u32>,
+        neighbors: Vec<NeighborSpec>,
+        shared: Arc<Shared>,
+        health: HealthFn,
+    ) -> Result<Task, GlueError> {
+        let addrs: Vec<IpAddr> = vips.iter().map(|v| v.addr).collect();
+        let netlink = if manage_loopback || table.is_some() {
+            Some(Netlink::new()?)
+        } else {
+            None
+        };
+        let loopback = match (&netlink, manage_loopback) {
+            (Some(nl), true) => {
+                let lo = LoopbackVips::add(nl, &addrs).await?;
+                info!(added = ?lo.owned(), already_there = ?lo.preexisting(), "anycast VIPs on lo");
+                Some(lo)
+            }
+            _ => None,
+        };
+        let kernel = match (&netlink, table) {
+            (Some(nl), Some(table)) => {
+                let k = KernelTable::new(nl, table).await?;
+                let stale = k.flush().await?;
+                if stale > 0 {
+                    info!(
+                        table,
+                        stale, "removed routes a previous run left in the kernel table"
+                    );
+                }
+                Some(k)
+            }
+            _ => None,
+        };
+        let (routes_tx, routes_rx) = watch::channel(Vec::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let speakers = neighbors
+            .into_iter()
+            .zip(shared.neighbors.iter())
+            .map(|(spec, status)| {
+                tokio::spawn(run_neighbor(
+                    spec,
+                    routes_rx.clone(),
+                    stop_rx.clone(),
+                    Arc::clone(status),
+                ))
+            })
+            .collect();
+        Ok(Task {
+            addrs,
+            announcer: Announcer::new(settings, vips),
+            health,
+            shared,
+            netlink,
+            loopback,
+            kernel,
+            installed: Vec::new(),
+            routes_tx,
+            stop_tx,
+            speakers,
+            drain_waiters: Vec::new(),
+            withdrawn_at: None,
+        })
+    }
+
+    async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<Cmd>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                cmd = cmds.recv() => match cmd {
+                    Some(Cmd::Drain { done }) => {
+                        let t = self.announcer.begin_drain(Instant::now());
+                        info!("drain: routes re-announced with GRACEFUL_SHUTDOWN");
+                        self.apply(t).await;
+                        self.drain_waiters.push(done);
+                    }
+                    Some(Cmd::Resume) => {
+                        let t = self.announcer.resume(Instant::now());
+                        info!("drain ended by the operator");
+                        self.withdrawn_at = None;
+                        self.apply(t).await;
+                    }
+                    Some(Cmd::Stop { done }) => {
+                        self.shutdown().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => {
+                        self.shutdown().await;
+                        return;
+                    }
+                },
+            }
+            let now = Instant::now();
+            let reading = (self.health)();
+            self.announcer.set_serving(reading.serving);
+            for (i, h) in reading.healthy.iter().enumerate() {
+                self.announcer.observe(i, *h, now);
+            }
+            let t = self.announcer.poll(now);
+            self.apply(t).await;
+            self.status(reading.serving);
+            self.check_drain_done();
+        }
+    }
+
+    /// Logs transitions and pushes the desired routes out.
+    async fn apply(&mut self, transitions: Vec<Transition>) {
+        if transitions.is_empty() {
+            return;
+        }
+        {
+            let mut st = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+            st.transitions += transitions.len() as u64;
+            for t in &transitions {
+                let text = format!("{} -> {}: {}", t.from.label(), t.to.label(), t.reason);
+                if let Some(i) = self.addrs.iter().position(|a| *a == t.vip)
+                    && let Some(slot) = st.last.get_mut(i)
+                {
+                    *slot = Some((SystemTime::now(), text));
+                }
+                info!(vip = %t.vip, from = t.from.label(), to = t.to.label(), reason = %t.reason, "announcement changed");
+            }
+        }
+        if self.announcer.drain_phase() == DrainPhase::Withdrawn && self.withdrawn_at.is_none() {
+            self.withdrawn_at = Some(Instant::now());
+        }
+        let desired = self.announcer.desired();
+        self.routes_tx.send_replace(desired.clone());
+        if let Some(k) = &self.kernel {
+            for r in &self.installed {
+                if !desired.iter().any(|d| d.prefix == r.prefix) {
+                    if let Err(e) = k.withdraw(r.prefix).await {
+                        warn!(vip = %r.prefix, error = %e, "cannot remove the kernel-table route");
+                    }
+                }
+            }
+            for d in &desired {
+                if !self.installed.contains(d) {
+                    if let Err(e) = k.announce_with(d.prefix, d.graceful).await {
+                        warn!(vip = %d.prefix, error = %e, "cannot install the kernel-table route");
+                    }
+                }
+            }
+            self.installed = desired;
+        }
+    }
+
+    fn status(&mut self, serving: bool) {
+        let now = Instant::now();
+        let sys_now = SystemTime::now();
+        let vips: Vec<_> = self
+            .announcer
+            .status(now)
+            .into_iter()
+            .map(|v| {
+                let at = v
+                    .announce_at
+                    .map(|t| sys_now + t.saturating_duration_since(now));
+                (v, at)
+            })
+            .collect();
+        let mut st = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
+        st.vips = vips;
+        st.serving = serving;
+        st.drain = match self.announcer.drain_phase() {
+            DrainPhase::Running => "running",
+            DrainPhase::Graceful { .. } => "graceful",
+            DrainPhase::Withdrawn => "withdrawn",
+        };
+        st.kernel_routes = self.installed.clone();
+    }
+
+    /// The drain's withdrawal counts as sent when every established session has nothing left
+    /// advertised (the kernel table is written synchronously), or 5 s after it was decided.
+    fn check_drain_done(&mut self) {
+        let Some(at) = self.withdrawn_at else { return };
+        if self.drain_waiters.is_empty() {
+            return;
+        }
+        let sent = self.shared.neighbors.iter().all(|n| {
+            let n = n.lock().unwrap_or_else(|e| e.into_inner());
+            n.state != "established" || n.advertised.is_empty()
+        });
+        if sent || at.elapsed() > Duration::from_secs(5) {
+            if !sent {
+                warn!("drain: not every neighbour confirmed the withdrawal within 5 s");
+            } else {
+                info!("drain: withdrawal sent to every neighbour");
+            }
+            for w in self.drain_waiters.drain(..) {
+                let _ = w.send(());
+            }
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        // Withdraw first (an UPDATE to every established session), then Cease.
+        self.routes_tx.send_replace(Vec::new());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.stop_tx.send_replace(true);
+        for s in self.speakers.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(3), s).await;
+        }
+        if let Some(k) = &self.kernel
+            && let Err(e) = k.flush().await
+        {
+            warn!(error = %e, "cannot flush the kernel-table routes");
+        }
+        self.installed.clear();
+        if let Some(mut lo) = self.loopback.take() {
+            match lo.remove_owned().await {
+                Ok(()) => info!(removed = ?lo.owned(), "anycast VIPs removed from lo"),
+                Err(e) => warn!(error = %e, "cannot remove the anycast VIPs from lo"),
+            }
+        }
+        let _ = &self.netlink;
+        for w in self.drain_waiters.drain(..) {
+            let _ = w.send(());
+        }
+    }
+}
