@@ -49,7 +49,9 @@ struct Netns(String);
 
 impl Netns {
     fn new(tag: &str) -> Netns {
-        let name = format!("rm{}-{tag}", std::process::id() % 100_000);
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("rm{}-{n}-{tag}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         ip(&["netns", "add", &name]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
@@ -107,6 +109,20 @@ fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     ]);
     a.ip(&format!("link set {a_if} up"));
     b.ip(&format!("link set {b_if} up"));
+}
+
+/// An admin API request inside a namespace (the admin listener is on the namespace's loopback).
+fn admin(ns: &Netns, method: &str, path: &str) -> String {
+    run(ns
+        .cmd("curl")
+        .args(["-sS", "--max-time", "5", "-X", method])
+        .arg(format!("http://127.0.0.1:9100{path}")))
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn announce_status(ns: &Netns) -> serde_json::Value {
+    let text = admin(ns, "GET", "/api/announce");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
 struct Lab {
@@ -560,7 +576,7 @@ fn builtin_speaker_with_bird_ecmp() {
     let a = start_backend(&lab, "A");
     let _b = start_backend(&lab, "B");
     let router = Bird::start(&lab.router, lab.dir.path(), "router", &router_config());
-    let _lb1 = start_ringmail(&lab, 1, "bgp");
+    let lb1 = start_ringmail(&lab, 1, "bgp");
     let mut lb2 = start_ringmail(&lab, 2, "bgp");
 
     // 1. Four sessions (two LBs x IPv4/IPv6) Established; ECMP routes with two next hops.
@@ -576,6 +592,35 @@ fn builtin_speaker_with_bird_ecmp() {
         !r.contains("65535"),
         "no graceful-shutdown community yet: {r}"
     );
+
+    // Status on the admin listener: per VIP and neighbour, state, routes, last transition.
+    let st = announce_status(&lab.lbs[0]);
+    assert!(st["mode"].as_str().unwrap().starts_with("bgp"), "{st}");
+    for v in st["vips"].as_array().unwrap() {
+        assert_eq!(v["state"], "announced", "{st}");
+        assert_eq!(v["healthy"], 1, "{st}");
+        let what = v["last_transition"]["what"].as_str().unwrap();
+        assert!(
+            what.starts_with("withdrawn -> announced: 1 healthy"),
+            "{what}"
+        );
+    }
+    let neighbors = st["neighbors"].as_array().unwrap();
+    assert_eq!(neighbors.len(), 2, "{st}");
+    for (n, vip) in neighbors.iter().zip([VIP4, VIP6]) {
+        assert_eq!(n["state"], "established", "{st}");
+        assert_eq!(n["advertised"][0]["prefix"], vip, "{st}");
+        assert_eq!(n["advertised"].as_array().unwrap().len(), 1, "{st}");
+    }
+    let metrics = admin(&lab.lbs[0], "GET", "/metrics");
+    for line in [
+        "ringmail_bgp_session_established{neighbor=\"router-v4\"} 1",
+        "ringmail_bgp_session_established{neighbor=\"router-v6\"} 1",
+        "ringmail_announce_vip_state{vip=\"192.0.2.1\",state=\"announced\"} 1",
+        "ringmail_announce_vip_healthy_backends{vip=\"2001:db8::1\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from /metrics");
+    }
 
     // 2. Flows spread over both LBs (IPv4 and IPv6).
     spread(&lab);
@@ -680,6 +725,12 @@ fn builtin_speaker_with_bird_ecmp() {
     );
     let log = lb2.log_text();
     assert!(log.contains("withdrawal sent"), "{log}");
+
+    // Fail closed: a proxy killed outright takes its routes with it (the kernel closes the BGP
+    // session; no graceful restart was offered).
+    lb1.signal(libc::SIGKILL);
+    let d = wait_hops(&lab, &[], &[], Duration::from_secs(5));
+    eprintln!("SIGKILL on LB 1 -> its routes gone at the router after {d:?}");
 }
 
 /// Item 5 (and 6): ringmail writes kernel table 100, BIRD on each LB exports it.
@@ -701,6 +752,37 @@ fn kernel_table_mode_with_bird_on_the_lbs() {
     eprintln!("start -> both LBs in the router's ECMP routes: {d:?}");
     spread(&lab);
     let _a = health_cycles(&lab, a, 3, "kernel-table");
+
+    // An operator drain over the admin API, then resume.
+    let r = admin(&lab.lbs[0], "POST", "/api/announce/drain");
+    assert!(r.contains("started"), "{r}");
+    wait_for(Duration::from_secs(5), || {
+        let r = router.route_from(&format!("{VIP4}/32"), "lb1_v4");
+        r.contains("(65535,0)").then_some(())
+    })
+    .expect("graceful after the admin drain");
+    wait_hops(
+        &lab,
+        &LB_HOPS4[1..],
+        &LB_HOPS6[1..],
+        Duration::from_secs(10),
+    );
+    // Out of the ECMP group at once (graceful), withdrawn after the graceful wait.
+    wait_for(Duration::from_secs(6), || {
+        (announce_status(&lab.lbs[0])["drain"] == "withdrawn").then_some(())
+    })
+    .expect("admin drain reaches the withdrawal");
+    wait_for(Duration::from_secs(5), || {
+        router
+            .route_from(&format!("{VIP4}/32"), "lb1_v4")
+            .lines()
+            .all(|l| !l.contains("lb1_v4"))
+            .then_some(())
+    })
+    .expect("LB 1's route withdrawn at the router");
+    admin(&lab.lbs[0], "POST", "/api/announce/resume");
+    let d = wait_hops(&lab, &LB_HOPS4, &LB_HOPS6, Duration::from_secs(10));
+    eprintln!("admin resume -> re-announced after {d:?}");
 
     lb2.signal(libc::SIGTERM);
     wait_for(Duration::from_secs(5), || {
@@ -725,5 +807,119 @@ fn kernel_table_mode_with_bird_on_the_lbs() {
     assert!(
         table.trim().is_empty(),
         "table 100 flushed at exit: {table}"
+    );
+}
+
+/// `ringmail announce`: the glue alone, with its own health checks, writing kernel table 100.
+#[test]
+fn standalone_announce_writes_the_kernel_table() {
+    if !preflight() {
+        return;
+    }
+    let dir = TempDir::new("announce");
+    let ns = Netns::new("ann");
+    let script = dir.write("backend.py", BACKEND);
+    let start_backend = || {
+        let g = ChildGuard::spawn(
+            "backend",
+            ns.cmd("python3").arg(&script).args(["A", "7001"]),
+            dir.path().join("backend.log"),
+        )
+        .expect("backend");
+        wait_for(Duration::from_secs(10), || {
+            g.log_text().contains("ready").then_some(())
+        })
+        .expect("backend ready");
+        g
+    };
+    let backend = start_backend();
+    let conf = dir.write(
+        "announce.toml",
+        &format!(
+            r#"
+[global]
+admin = "127.0.0.1:9100"
+
+[announce]
+mode = "kernel-table"
+kernel_table = 100
+announce_delay = "500ms"
+graceful_wait = "2s"
+
+[[announce.vip]]
+address = "{VIP4}"
+pools = ["p"]
+
+[[announce.vip]]
+address = "{VIP6}"
+pools = ["p"]
+
+[pool.p]
+health = {{ check = "tcp", interval = "300ms", timeout = "200ms", rise = 1, fall = 1 }}
+backends = ["127.0.0.1:7001"]
+"#
+        ),
+    );
+    let check = run(ns
+        .cmd(env!("CARGO_BIN_EXE_ringmail"))
+        .args(["announce", "--check", "--config"])
+        .arg(&conf))
+    .unwrap();
+    assert!(
+        check.contains("2 VIPs announced by kernel table 100"),
+        "{check}"
+    );
+    let mut proc = ChildGuard::spawn(
+        "ringmail announce",
+        ns.cmd(env!("CARGO_BIN_EXE_ringmail"))
+            .args(["announce", "--config"])
+            .arg(&conf),
+        dir.path().join("announce.log"),
+    )
+    .unwrap();
+    let table = |family: &str| {
+        run(ns.cmd("ip").args([family, "route", "show", "table", "100"])).unwrap_or_default()
+    };
+    let routes = || (table("-4"), table("-6"));
+    let both = wait_for(Duration::from_secs(10), || {
+        let (v4, v6) = routes();
+        (v4.contains(VIP4) && v6.contains(VIP6)).then_some((v4, v6))
+    })
+    .expect("routes in table 100");
+    assert!(
+        both.0.contains("proto 114") && both.0.contains("metric 1000"),
+        "{both:?}"
+    );
+    assert!(ns.has_addr_on_lo(VIP4) && ns.has_addr_on_lo(VIP6));
+
+    drop(backend);
+    wait_for(Duration::from_secs(5), || {
+        let (v4, v6) = routes();
+        (v4.trim().is_empty() && v6.trim().is_empty()).then_some(())
+    })
+    .expect("routes withdrawn when the backend dies");
+    let _backend = start_backend();
+    wait_for(Duration::from_secs(10), || {
+        let (v4, v6) = routes();
+        (v4.contains(VIP4) && v6.contains(VIP6)).then_some(())
+    })
+    .expect("routes back after recovery");
+
+    proc.signal(libc::SIGTERM);
+    wait_for(Duration::from_secs(3), || {
+        let (v4, v6) = routes();
+        (v4.contains("metric 2000") && v6.contains("metric 2000")).then_some(())
+    })
+    .expect("graceful metric during the drain");
+    let status = proc.wait_timeout(Duration::from_secs(15)).expect("exits");
+    assert!(status.success(), "{}", proc.log_text());
+    let (v4, v6) = routes();
+    assert!(
+        v4.trim().is_empty() && v6.trim().is_empty(),
+        "table flushed: {v4} {v6}"
+    );
+    assert!(
+        !ns.has_addr_on_lo(VIP4) && !ns.has_addr_on_lo(VIP6),
+        "VIPs removed"
     );
 }

@@ -558,6 +558,7 @@ impl Task {
             }
             let t = self.announcer.poll(now);
             self.apply(t).await;
+            self.reconcile_kernel().await;
             self.status(reading.serving);
             self.check_drain_done();
         }
@@ -586,23 +587,38 @@ impl Task {
         }
         let desired = self.announcer.desired();
         self.routes_tx.send_replace(desired.clone());
-        if let Some(k) = &self.kernel {
-            for r in &self.installed {
-                if !desired.iter().any(|d| d.prefix == r.prefix) {
-                    if let Err(e) = k.withdraw(r.prefix).await {
-                        warn!(vip = %r.prefix, error = %e, "cannot remove the kernel-table route");
-                    }
-                }
-            }
-            for d in &desired {
-                if !self.installed.contains(d) {
-                    if let Err(e) = k.announce_with(d.prefix, d.graceful).await {
-                        warn!(vip = %d.prefix, error = %e, "cannot install the kernel-table route");
-                    }
-                }
-            }
-            self.installed = desired;
+        self.reconcile_kernel().await;
+    }
+
+    /// Brings the kernel table in line with the desired routes. A route that could not be
+    /// written is retried at the next tick (and reported each time).
+    async fn reconcile_kernel(&mut self) {
+        let Some(k) = &self.kernel else { return };
+        let desired = self.announcer.desired();
+        if desired == self.installed {
+            return;
         }
+        let mut installed = Vec::with_capacity(desired.len());
+        for r in &self.installed {
+            let wanted = desired.iter().any(|d| d.prefix == r.prefix);
+            if !wanted && let Err(e) = k.withdraw(r.prefix).await {
+                warn!(vip = %r.prefix, error = %e, "cannot remove the kernel-table route");
+                installed.push(*r);
+            }
+        }
+        for d in &desired {
+            if self.installed.contains(d) {
+                installed.push(*d);
+                continue;
+            }
+            match k.announce_with(d.prefix, d.graceful).await {
+                Ok(()) => installed.push(*d),
+                Err(e) => {
+                    warn!(vip = %d.prefix, error = %e, "cannot install the kernel-table route")
+                }
+            }
+        }
+        self.installed = installed;
     }
 
     fn status(&mut self, serving: bool) {
