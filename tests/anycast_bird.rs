@@ -298,7 +298,7 @@ fn start_backend(lab: &Lab, tag: &str) -> ChildGuard {
 
 /// A BIRD daemon in a namespace, with its control socket in the lab directory.
 struct Bird {
-    _guard: ChildGuard,
+    guard: ChildGuard,
     ns: String,
     sock: PathBuf,
 }
@@ -321,13 +321,17 @@ impl Bird {
         )
         .expect("start bird");
         let bird = Bird {
-            _guard: guard,
+            guard,
             ns: ns.0.clone(),
             sock,
         };
         wait_for(Duration::from_secs(10), || bird.birdc("show status").ok())
             .unwrap_or_else(|| panic!("{name}: BIRD did not come up"));
         bird
+    }
+
+    fn log(&self) -> String {
+        self.guard.log_text()
     }
 
     fn birdc(&self, command: &str) -> Result<String, String> {
@@ -372,7 +376,69 @@ fn lb_bird_config(n: usize) -> String {
     )
 }
 
+/// The shipped FRR config for LB `n` (1 or 2).
+fn lb_frr_config(n: usize) -> String {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/frr/frr-lb-kernel-table.conf");
+    let text = std::fs::read_to_string(&path).expect("shipped FRR config");
+    assert!(text.contains("log syslog informational"));
+    assert!(text.contains("bgp router-id 198.51.100.11"));
+    text.replace("log syslog informational", "log stdout informational")
+        .replace("hostname lb1", &format!("hostname lb{n}"))
+        .replace(
+            "bgp router-id 198.51.100.11",
+            &format!("bgp router-id 198.51.100.{}", 10 + n),
+        )
+}
+
+/// FRR's zebra and bgpd in a namespace, running as the `frr` user with their sockets in `dir`.
+fn start_frr(ns: &Netns, dir: &Path, name: &str, config: &str) -> Vec<ChildGuard> {
+    let run_dir = dir.join(name);
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::fs::set_permissions(
+        &run_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let conf = run_dir.join("frr.conf");
+    std::fs::write(&conf, config).unwrap();
+    let zsock = run_dir.join("zserv.api");
+    let mut guards = Vec::new();
+    for daemon in ["zebra", "bgpd"] {
+        let mut cmd = ns.cmd(&format!("/usr/lib/frr/{daemon}"));
+        cmd.arg("-f")
+            .arg(&conf)
+            .arg("-i")
+            .arg(run_dir.join(format!("{daemon}.pid")))
+            .arg("-z")
+            .arg(&zsock)
+            .arg("--vty_socket")
+            .arg(&run_dir)
+            .args(["-P", "0"]);
+        if daemon == "bgpd" {
+            cmd.args(["-p", "179"]);
+        }
+        guards.push(
+            ChildGuard::spawn(
+                &format!("{name} {daemon}"),
+                &mut cmd,
+                dir.join(format!("{name}-{daemon}.log")),
+            )
+            .expect("start FRR daemon"),
+        );
+        if daemon == "zebra" {
+            wait_for(Duration::from_secs(10), || zsock.exists().then_some(()))
+                .expect("zebra socket");
+        }
+    }
+    guards
+}
+
 fn ringmail_config(n: usize, mode: &str) -> String {
+    ringmail_config_with(n, mode, "address")
+}
+
+fn ringmail_config_with(n: usize, mode: &str, loopback: &str) -> String {
     let backend = if n == 1 { 7001 } else { 7002 };
     let announce = match mode {
         "bgp" => format!(
@@ -417,6 +483,7 @@ backends = ["10.0.3.2:{backend}"]
 
 [announce]
 mode = "{mode}"
+loopback = "{loopback}"
 announce_delay = "1s"
 flap_window = "0s"
 graceful_wait = "3s"
@@ -432,9 +499,11 @@ address = "{VIP6}"
 }
 
 fn start_ringmail(lab: &Lab, n: usize, mode: &str) -> ChildGuard {
-    let conf = lab
-        .dir
-        .write(&format!("lb{n}.toml"), &ringmail_config(n, mode));
+    start_ringmail_with(lab, n, &ringmail_config(n, mode))
+}
+
+fn start_ringmail_with(lab: &Lab, n: usize, config: &str) -> ChildGuard {
+    let conf = lab.dir.write(&format!("lb{n}.toml"), config);
     let check = run(lab.lbs[n - 1]
         .cmd(env!("CARGO_BIN_EXE_ringmail"))
         .args(["lb", "--check", "--config"])
@@ -725,6 +794,15 @@ fn builtin_speaker_with_bird_ecmp() {
     );
     let log = lb2.log_text();
     assert!(log.contains("withdrawal sent"), "{log}");
+    // Cease / Administrative Shutdown on exit, for both sessions.
+    let rlog = router.log();
+    for p in ["lb2_v4", "lb2_v6"] {
+        assert!(
+            rlog.lines()
+                .any(|l| l.contains(p) && l.contains("Received: Administrative shutdown")),
+            "{p}: no Cease seen by BIRD:\n{rlog}"
+        );
+    }
 
     // Fail closed: a proxy killed outright takes its routes with it (the kernel closes the BGP
     // session; no graceful restart was offered).
@@ -921,5 +999,79 @@ backends = ["127.0.0.1:7001"]
     assert!(
         !ns.has_addr_on_lo(VIP4) && !ns.has_addr_on_lo(VIP6),
         "VIPs removed"
+    );
+}
+
+/// Item 5 with FRR 8.4 on the LBs (IPv4: FRR 8.4 has no `ipv6 import-table`). ringmail makes
+/// the VIPs local with `local` routes instead of addresses, since zebra would prefer a connected
+/// route of an `lo` address over the imported table route.
+#[test]
+fn kernel_table_mode_with_frr_on_the_lbs() {
+    if !preflight() {
+        return;
+    }
+    if find_binary("/usr/lib/frr/zebra").is_err() {
+        if require_all() {
+            panic!("FRR is not installed (RINGMAIL_REQUIRE_ALL=1)");
+        }
+        skip("FRR is not installed");
+        return;
+    }
+    let lab = Lab::build();
+    let _a = start_backend(&lab, "A");
+    let _b = start_backend(&lab, "B");
+    let router = Bird::start(&lab.router, lab.dir.path(), "router", &router_config());
+    let _frr1 = start_frr(&lab.lbs[0], lab.dir.path(), "frr-lb1", &lb_frr_config(1));
+    let _frr2 = start_frr(&lab.lbs[1], lab.dir.path(), "frr-lb2", &lb_frr_config(2));
+    let _lb1 = start_ringmail_with(
+        &lab,
+        1,
+        &ringmail_config_with(1, "kernel-table", "local-route"),
+    );
+    let mut lb2 = start_ringmail_with(
+        &lab,
+        2,
+        &ringmail_config_with(2, "kernel-table", "local-route"),
+    );
+
+    let d = wait_hops(&lab, &LB_HOPS4, &[], Duration::from_secs(40));
+    eprintln!("FRR: start -> both LBs in the router's ECMP route: {d:?}");
+    assert!(
+        !lab.lbs[0].has_addr_on_lo(VIP4),
+        "local-route mode adds no address"
+    );
+    let t = tally(&lab, VIP4, 200);
+    let (a, b) = (
+        t.get("A").copied().unwrap_or(0),
+        t.get("B").copied().unwrap_or(0),
+    );
+    assert!(a + b == 200 && a >= 20 && b >= 20, "{t:?}");
+
+    lb2.signal(libc::SIGTERM);
+    wait_for(Duration::from_secs(5), || {
+        let r = router.route_from(&format!("{VIP4}/32"), "lb2_v4");
+        (r.contains("(65535,0)") && r.contains("65010 65010 65010")).then_some(())
+    })
+    .expect("FRR tags the graceful-metric route with GRACEFUL_SHUTDOWN and the prepend");
+    wait_hops(&lab, &LB_HOPS4[..1], &[], Duration::from_secs(5));
+    wait_for(Duration::from_secs(10), || {
+        router
+            .route_from(&format!("{VIP4}/32"), "lb2_v4")
+            .lines()
+            .all(|l| !l.contains("lb2_v4"))
+            .then_some(())
+    })
+    .expect("withdrawn after the graceful wait");
+    let status = lb2
+        .wait_timeout(Duration::from_secs(15))
+        .expect("LB 2 exits");
+    assert!(status.success());
+    let local = run(lab.lbs[1]
+        .cmd("ip")
+        .args(["route", "show", "table", "local", "proto", "114"]))
+    .unwrap();
+    assert!(
+        local.trim().is_empty(),
+        "local routes removed at exit: {local}"
     );
 }

@@ -25,12 +25,12 @@ use ringmail_announce_core::announce::{
 };
 use ringmail_announce_core::bgp::SessionConfig;
 use ringmail_announce_core::{Announcement, Community};
-use ringmail_proxy_core::config::{Announce, AnnounceMode};
+use ringmail_proxy_core::config::{Announce, AnnounceMode, Loopback};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use crate::netlink::{KernelTable, LoopbackVips, Netlink};
+use crate::netlink::{KernelTable, LocalVips, LoopbackVips, Netlink};
 use crate::speaker::{NeighborSpec, NeighborStatus, run_neighbor};
 
 /// How often health is read. Withdrawal latency is the proxy's fall x interval plus at most this.
@@ -164,7 +164,7 @@ impl Glue {
                 .map(|_| Arc::new(Mutex::new(NeighborStatus::default())))
                 .collect(),
         });
-        let manage_loopback = config.manage_loopback;
+        let loopback_mode = config.loopback;
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), GlueError>>();
         let thread_shared = Arc::clone(&shared);
@@ -185,7 +185,7 @@ impl Glue {
                     let task = Task::setup(
                         settings,
                         vips,
-                        manage_loopback,
+                        loopback_mode,
                         table,
                         neighbors,
                         thread_shared,
@@ -429,6 +429,12 @@ fn wait_blocking(rx: oneshot::Receiver<()>, timeout: Duration) -> Result<(), ()>
     }
 }
 
+/// How the VIPs were made local.
+enum Local {
+    Addresses(LoopbackVips),
+    Routes(LocalVips),
+}
+
 /// The glue's state on its thread.
 struct Task {
     announcer: Announcer,
@@ -437,7 +443,7 @@ struct Task {
     health: HealthFn,
     shared: Arc<Shared>,
     netlink: Option<Netlink>,
-    loopback: Option<LoopbackVips>,
+    loopback: Option<Local>,
     kernel: Option<KernelTable>,
     /// Routes installed in the kernel table.
     installed: Vec<Announcement>,
@@ -455,23 +461,28 @@ impl Task {
     async fn setup(
         settings: Settings,
         vips: Vec<VipSpec>,
-        manage_loopback: bool,
+        loopback_mode: Loopback,
         table: Option<u32>,
         neighbors: Vec<NeighborSpec>,
         shared: Arc<Shared>,
         health: HealthFn,
     ) -> Result<Task, GlueError> {
         let addrs: Vec<IpAddr> = vips.iter().map(|v| v.addr).collect();
-        let netlink = if manage_loopback || table.is_some() {
+        let netlink = if loopback_mode != Loopback::None || table.is_some() {
             Some(Netlink::new()?)
         } else {
             None
         };
-        let loopback = match (&netlink, manage_loopback) {
-            (Some(nl), true) => {
+        let loopback = match (&netlink, loopback_mode) {
+            (Some(nl), Loopback::Address) => {
                 let lo = LoopbackVips::add(nl, &addrs).await?;
                 info!(added = ?lo.owned(), already_there = ?lo.preexisting(), "anycast VIPs on lo");
-                Some(lo)
+                Some(Local::Addresses(lo))
+            }
+            (Some(nl), Loopback::LocalRoute) => {
+                let lo = LocalVips::add(nl, &addrs).await?;
+                info!(vips = ?lo.vips(), "anycast VIPs made local by local routes (no address on lo)");
+                Some(Local::Routes(lo))
             }
             _ => None,
         };
@@ -683,11 +694,22 @@ impl Task {
             warn!(error = %e, "cannot flush the kernel-table routes");
         }
         self.installed.clear();
-        if let Some(mut lo) = self.loopback.take() {
-            match lo.remove_owned().await {
-                Ok(()) => info!(removed = ?lo.owned(), "anycast VIPs removed from lo"),
-                Err(e) => warn!(error = %e, "cannot remove the anycast VIPs from lo"),
+        match self.loopback.take() {
+            Some(Local::Addresses(mut lo)) => {
+                let owned = lo.owned().to_vec();
+                match lo.remove_owned().await {
+                    Ok(()) => info!(removed = ?owned, "anycast VIPs removed from lo"),
+                    Err(e) => warn!(error = %e, "cannot remove the anycast VIPs from lo"),
+                }
             }
+            Some(Local::Routes(mut lo)) => {
+                let vips = lo.vips().to_vec();
+                match lo.remove().await {
+                    Ok(()) => info!(removed = ?vips, "anycast VIPs' local routes removed"),
+                    Err(e) => warn!(error = %e, "cannot remove the anycast VIPs' local routes"),
+                }
+            }
+            None => {}
         }
         let _ = &self.netlink;
         for w in self.drain_waiters.drain(..) {

@@ -403,6 +403,101 @@ impl LoopbackVips {
     }
 }
 
+/// VIPs made local without an address on `lo` ("AnyIP"): a route
+/// `local VIP dev lo table local proto 114` per VIP. The host accepts their
+/// traffic as with an address, but no interface address exists, so a routing
+/// daemon that turns interface addresses into connected routes (FRR's zebra)
+/// does not shadow the kernel-table routes of [`KernelTable`] with them.
+/// Sockets bind to the VIPs with IP_FREEBIND (the load balancer sets it).
+///
+/// Ownership is by protocol number: every proto-114 local route for a VIP is
+/// ringmail's, so leftovers of a crashed run are replaced at start and all of
+/// them are removed at exit.
+#[derive(Debug)]
+pub struct LocalVips {
+    handle: Handle,
+    lo_index: u32,
+    vips: Vec<IpAddr>,
+}
+
+/// The kernel's `local` routing table.
+const RT_TABLE_LOCAL: u32 = 255;
+
+impl LocalVips {
+    fn message(&self, ip: IpAddr) -> RouteMessage {
+        let mut msg = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(ip, host_prefix(ip))
+            .expect("host prefix is valid for its own family")
+            .output_interface(self.lo_index)
+            .protocol(RouteProtocol::from(RTPROT_RINGMAIL))
+            .kind(RouteType::Local)
+            .scope(RouteScope::Host)
+            .build();
+        msg.header.table = RT_TABLE_LOCAL as u8;
+        msg.attributes.push(RouteAttribute::Table(RT_TABLE_LOCAL));
+        msg
+    }
+
+    /// Installs a local route for every VIP (idempotent: replaces).
+    pub async fn add(nl: &Netlink, vips: &[IpAddr]) -> Result<Self, NetlinkError> {
+        let mut this = LocalVips {
+            handle: nl.handle.clone(),
+            lo_index: nl.link_index(LOOPBACK).await?,
+            vips: Vec::new(),
+        };
+        for &ip in vips {
+            if this.vips.contains(&ip) {
+                continue;
+            }
+            let res = this
+                .handle
+                .route()
+                .add(this.message(ip))
+                .replace()
+                .execute()
+                .await;
+            if let Err(e) = res {
+                let err = NetlinkError::from_rtnetlink(
+                    Operation::AddRoute,
+                    format!("local {ip}/{} dev {LOOPBACK} table local", host_prefix(ip)),
+                    e,
+                );
+                let _ = this.remove().await;
+                return Err(err);
+            }
+            this.vips.push(ip);
+        }
+        Ok(this)
+    }
+
+    /// The VIPs with a local route.
+    pub fn vips(&self) -> &[IpAddr] {
+        &self.vips
+    }
+
+    /// Deletes the local routes (a missing one is fine); the first error is returned.
+    pub async fn remove(&mut self) -> Result<(), NetlinkError> {
+        let mut first_err = None;
+        let mut kept = Vec::new();
+        for ip in std::mem::take(&mut self.vips) {
+            match self.handle.route().del(self.message(ip)).execute().await {
+                Ok(()) => {}
+                Err(e) if errno_of(&e) == Some(ESRCH) => {}
+                Err(e) => {
+                    kept.push(ip);
+                    first_err.get_or_insert(NetlinkError::from_rtnetlink(
+                        Operation::DeleteRoute,
+                        format!("local {ip}/{} dev {LOOPBACK} table local", host_prefix(ip)),
+                        e,
+                    ));
+                }
+            }
+        }
+        self.vips = kept;
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
 /// Host routes for VIPs in a dedicated kernel routing table, for a BGP
 /// daemon that learns that table (see the module docs).
 ///

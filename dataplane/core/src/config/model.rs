@@ -175,8 +175,8 @@ impl Pool {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Announce {
     pub mode: AnnounceMode,
-    /// Add the VIPs to `lo` at start (and remove the ones added at exit).
-    pub manage_loopback: bool,
+    /// How the host is made to accept the VIPs' traffic.
+    pub loopback: Loopback,
     /// A VIP must be healthy this long before it is announced.
     pub announce_delay: Duration,
     /// Cap of the announce delay, which doubles with each withdrawal in `flap_window`.
@@ -187,6 +187,18 @@ pub struct Announce {
     /// Drain: extra copies of the local AS prepended to the AS path (eBGP).
     pub drain_prepend: u8,
     pub vips: Vec<Vip>,
+}
+
+/// How the VIPs become local addresses of the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loopback {
+    /// Addresses on `lo` (/32, /128), added at start, removed at exit when ringmail added them.
+    Address,
+    /// `local` routes in the kernel's local table, no interface address (for FRR, whose zebra
+    /// would shadow the kernel-table routes with connected routes of `lo` addresses).
+    LocalRoute,
+    /// Left to the operator.
+    None,
 }
 
 /// How routes reach the routers.

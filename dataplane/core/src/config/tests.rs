@@ -1212,7 +1212,7 @@ next_hop_v4 = "10.0.0.2"
 fn announce_bgp_section() {
     let c = ok(ANNOUNCE_BGP);
     let a = c.announce.expect("announce parsed");
-    assert!(a.manage_loopback);
+    assert_eq!(a.loopback, Loopback::Address);
     assert_eq!(a.graceful_wait, Duration::from_secs(3));
     assert_eq!(a.announce_delay, Duration::from_secs(2));
     assert_eq!(a.drain_prepend, 2);
@@ -1247,6 +1247,7 @@ fn announce_only_needs_no_listener() {
 [announce]
 mode = "kernel-table"
 kernel_table = 1000
+loopback = "local-route"
 [[announce.vip]]
 address = "192.0.2.9"
 pools = ["p"]
@@ -1256,6 +1257,7 @@ backends = ["127.0.0.1:2000"]
     assert!(c.listeners.is_empty());
     let a = c.announce.unwrap();
     assert_eq!(a.mode, AnnounceMode::KernelTable { table: 1000 });
+    assert_eq!(a.loopback, Loopback::LocalRoute);
 }
 
 #[test]

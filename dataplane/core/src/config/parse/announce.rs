@@ -5,7 +5,11 @@
 //! mode = "bgp"                   # bgp | kernel-table                          (default bgp)
 //! kernel_table = 100             # kernel-table mode: routing table ringmail writes; 1..=2^32-1,
 //!                                #   not 253/254/255 (default, main, local)   (default 100)
-//! manage_loopback = true         # add the VIPs to lo, remove them at exit   (default true)
+//! loopback = "address"           # how the host accepts the VIPs' traffic     (default address):
+//!                                #   address: /32 and /128 on lo, removed at exit if ringmail added them
+//!                                #   local-route: `local` routes in the local table, no address
+//!                                #     (for FRR, whose zebra shadows table routes with lo's
+//!                                #     connected routes); none: configured by the operator
 //! min_healthy = 1                # default for every VIP                      (default 1)
 //! announce_delay = "2s"          # healthy this long before announcing        (default 2s)
 //! max_announce_delay = "60s"     # cap of the delay doubled by each flap      (default 60s)
@@ -45,15 +49,15 @@ use std::time::Duration;
 use toml::de::{DeArray, DeTable, DeValue};
 
 use super::{
-    Ctx, NameKind, Span, Value, boolean, check_keys, check_name, duration, integer, mismatch,
-    quote, required, set, string, table,
+    Ctx, NameKind, Span, Value, check_keys, check_name, choice, duration, integer, mismatch, quote,
+    required, set, string, table,
 };
-use crate::config::model::{Announce, AnnounceMode, Bgp, Listener, Neighbor, Vip};
+use crate::config::model::{Announce, AnnounceMode, Bgp, Listener, Loopback, Neighbor, Vip};
 
 const ANNOUNCE_KEYS: &[&str] = &[
     "mode",
     "kernel_table",
-    "manage_loopback",
+    "loopback",
     "min_healthy",
     "announce_delay",
     "max_announce_delay",
@@ -62,6 +66,11 @@ const ANNOUNCE_KEYS: &[&str] = &[
     "drain_prepend",
     "vip",
     "bgp",
+];
+const LOOPBACKS: &[(&str, Loopback)] = &[
+    ("address", Loopback::Address),
+    ("local-route", Loopback::LocalRoute),
+    ("none", Loopback::None),
 ];
 const VIP_KEYS: &[&str] = &["address", "pools", "min_healthy"];
 const BGP_KEYS: &[&str] = &[
@@ -98,7 +107,7 @@ pub(super) fn parse_announce(
     let mut ok = true;
     let mut a = Announce {
         mode: AnnounceMode::KernelTable { table: 100 },
-        manage_loopback: true,
+        loopback: Loopback::Address,
         announce_delay: Duration::from_secs(2),
         max_announce_delay: Duration::from_secs(60),
         flap_window: Duration::from_secs(300),
@@ -125,9 +134,9 @@ pub(super) fn parse_announce(
     };
     ok &= mode.is_some();
     ok &= set(
-        &mut a.manage_loopback,
-        t.get("manage_loopback")
-            .map(|x| boolean(ctx, x, "announce.manage_loopback")),
+        &mut a.loopback,
+        t.get("loopback")
+            .map(|x| choice(ctx, x, "announce.loopback", LOOPBACKS)),
     );
     let mut min_healthy = 1usize;
     ok &= set(
