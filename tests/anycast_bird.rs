@@ -604,6 +604,15 @@ fn health_cycles(lab: &Lab, mut a: ChildGuard, repeats: usize, tag: &str) -> Chi
     a
 }
 
+/// Failure/recovery rounds per test: 3, or RINGMAIL_ANYCAST_REPEATS (for bench/RESULTS.md).
+fn repeats() -> usize {
+    std::env::var("RINGMAIL_ANYCAST_REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| (1..=50).contains(&n))
+        .unwrap_or(3)
+}
+
 fn spread(lab: &Lab) {
     for vip in [VIP4, VIP6] {
         let t = tally(lab, vip, 200);
@@ -694,8 +703,21 @@ fn builtin_speaker_with_bird_ecmp() {
     // 2. Flows spread over both LBs (IPv4 and IPv6).
     spread(&lab);
 
+    // The router restarts: the speakers reconnect (with backoff) and announce again.
+    // `birdc down`: BIRD sends Cease and removes its kernel routes.
+    let _ = router.birdc("down");
+    wait_hops(&lab, &[], &[], Duration::from_secs(10));
+    drop(router);
+    let t0 = Instant::now();
+    let router = Bird::start(&lab.router, lab.dir.path(), "router2", &router_config());
+    wait_hops(&lab, &LB_HOPS4, &LB_HOPS6, Duration::from_secs(30));
+    eprintln!(
+        "router restart -> both LBs back in ECMP after {:?}",
+        t0.elapsed()
+    );
+
     // 3. Every backend behind LB 1 stops: LB 1 withdraws within fall x interval + 1 s.
-    let _a = health_cycles(&lab, a, 3, "bgp");
+    let _a = health_cycles(&lab, a, repeats(), "bgp");
 
     // 4. SIGTERM on LB 2: GRACEFUL_SHUTDOWN, then the withdrawal; connections opened before
     // the drain that LB 1 serves complete normally.
@@ -829,7 +851,7 @@ fn kernel_table_mode_with_bird_on_the_lbs() {
     let d = wait_hops(&lab, &LB_HOPS4, &LB_HOPS6, Duration::from_secs(30));
     eprintln!("start -> both LBs in the router's ECMP routes: {d:?}");
     spread(&lab);
-    let _a = health_cycles(&lab, a, 3, "kernel-table");
+    let _a = health_cycles(&lab, a, repeats(), "kernel-table");
 
     // An operator drain over the admin API, then resume.
     let r = admin(&lab.lbs[0], "POST", "/api/announce/drain");
