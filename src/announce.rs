@@ -69,6 +69,32 @@ pub fn health_from_view(
     })
 }
 
+/// In kernel-table mode, a TUN interface that lives as long as this process, for the table's
+/// routes to go through: if the process dies, the kernel deletes the interface and the routes,
+/// and BIRD/FRR withdraw them (fail closed). Without it (no /dev/net/tun) the routes go via `lo`
+/// and would outlive a crash until the next start flushes them; that is logged.
+pub fn route_device(announce: &Announce) -> (Option<std::os::fd::OwnedFd>, Option<String>) {
+    let ringmail_proxy_core::config::AnnounceMode::KernelTable { table } = announce.mode else {
+        return (None, None);
+    };
+    let name = format!("ringmail-t{table}");
+    let name = if name.len() < 16 {
+        name
+    } else {
+        format!("rm-t{}", table % 1_000_000_000)
+    };
+    match ringmail_dataplane::sys::open_tun(&name) {
+        Ok(fd) => {
+            info!(device = %name, table, "kernel-table routes go through a process-owned TUN interface: they vanish if this process dies");
+            (Some(fd), Some(name))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, table, "cannot create a TUN interface for the kernel-table routes; they go via lo and would outlive a crash of this process until its next start");
+            (None, None)
+        }
+    }
+}
+
 /// `/api/announce` on the admin listener.
 #[derive(Debug)]
 pub struct GlueAdmin(pub Arc<Glue>);
@@ -126,7 +152,8 @@ pub fn cmd_announce(config: LbConfig, path: PathBuf) -> Result<std::process::Exi
         relay: config.global.relay,
     }));
     let health = health_from_view(&config, &announce, Arc::clone(&view), || true);
-    let glue = Arc::new(Glue::start(&announce, health).context("starting the announcer")?);
+    let (tun, device) = route_device(&announce);
+    let glue = Arc::new(Glue::start(&announce, health, device).context("starting the announcer")?);
     view.write()
         .unwrap_or_else(|e| e.into_inner())
         .extensions
@@ -148,5 +175,6 @@ pub fn cmd_announce(config: LbConfig, path: PathBuf) -> Result<std::process::Exi
     if let Some(a) = admin {
         a.stop();
     }
+    drop(tun);
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -330,6 +330,8 @@ fn run_lb(
     let announce_cfg = config.announce.clone();
     let startup_config = config.clone();
     let mut lb = Lb::start(config, Options::default()).context("starting the load balancer")?;
+    // Kept open until exit: the kernel-table routes go through it (see announce::route_device).
+    let mut route_tun = None;
     // The anycast glue starts after the workers (listeners use IP_FREEBIND, so the VIPs need not
     // be on lo yet) and announces nothing before the pools behind a VIP pass their checks.
     let glue = match &announce_cfg {
@@ -339,8 +341,10 @@ fn run_lb(
                 announce::health_from_view(&startup_config, a, lb.admin_view(), move || {
                     liveness.serving()
                 });
+            let (tun, device) = announce::route_device(a);
+            route_tun = tun;
             let glue = Arc::new(
-                ringmail_bgp_glue::glue::Glue::start(a, health)
+                ringmail_bgp_glue::glue::Glue::start(a, health, device)
                     .context("starting the announcer")?,
             );
             lb.admin_view()
@@ -395,6 +399,7 @@ fn run_lb(
         // Cease to the neighbours; the loopback VIPs go last, after established connections.
         glue.stop();
     }
+    drop(route_tun);
     Ok(ExitCode::SUCCESS)
 }
 

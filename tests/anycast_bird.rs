@@ -845,7 +845,7 @@ fn kernel_table_mode_with_bird_on_the_lbs() {
     let router = Bird::start(&lab.router, lab.dir.path(), "router", &router_config());
     let _bird1 = Bird::start(&lab.lbs[0], lab.dir.path(), "bird-lb1", &lb_bird_config(1));
     let _bird2 = Bird::start(&lab.lbs[1], lab.dir.path(), "bird-lb2", &lb_bird_config(2));
-    let _lb1 = start_ringmail(&lab, 1, "kernel-table");
+    let lb1 = start_ringmail(&lab, 1, "kernel-table");
     let mut lb2 = start_ringmail(&lab, 2, "kernel-table");
 
     let d = wait_hops(&lab, &LB_HOPS4, &LB_HOPS6, Duration::from_secs(30));
@@ -908,6 +908,12 @@ fn kernel_table_mode_with_bird_on_the_lbs() {
         table.trim().is_empty(),
         "table 100 flushed at exit: {table}"
     );
+
+    // Fail closed in kernel-table mode too: SIGKILL on LB 1 removes its routes (the TUN
+    // interface they go through dies with the process) and BIRD withdraws them.
+    lb1.signal(libc::SIGKILL);
+    let d = wait_hops(&lab, &[], &[], Duration::from_secs(5));
+    eprintln!("kernel-table: SIGKILL on LB 1 -> its routes gone at the router after {d:?}");
 }
 
 /// `ringmail announce`: the glue alone, with its own health checks, writing kernel table 100.
@@ -990,6 +996,10 @@ backends = ["127.0.0.1:7001"]
         both.0.contains("proto 114") && both.0.contains("metric 1000"),
         "{both:?}"
     );
+    assert!(
+        both.0.contains("dev ringmail-t100"),
+        "routes via the process-owned TUN: {both:?}"
+    );
     assert!(ns.has_addr_on_lo(VIP4) && ns.has_addr_on_lo(VIP6));
 
     drop(backend);
@@ -1022,6 +1032,29 @@ backends = ["127.0.0.1:7001"]
         !ns.has_addr_on_lo(VIP4) && !ns.has_addr_on_lo(VIP6),
         "VIPs removed"
     );
+
+    // Fail closed: SIGKILL leaves no route behind (the TUN interface dies with the process).
+    let proc = ChildGuard::spawn(
+        "ringmail announce (2)",
+        ns.cmd(env!("CARGO_BIN_EXE_ringmail"))
+            .args(["announce", "--config"])
+            .arg(&conf),
+        dir.path().join("announce2.log"),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(10), || {
+        let (v4, v6) = routes();
+        (v4.contains(VIP4) && v6.contains(VIP6)).then_some(())
+    })
+    .expect("routes in table 100 again");
+    proc.signal(libc::SIGKILL);
+    let t0 = Instant::now();
+    wait_for(Duration::from_secs(3), || {
+        let (v4, v6) = routes();
+        (v4.trim().is_empty() && v6.trim().is_empty()).then_some(())
+    })
+    .expect("no route survives SIGKILL");
+    eprintln!("SIGKILL -> table 100 empty after {:?}", t0.elapsed());
 }
 
 /// Item 5 with FRR 8.4 on the LBs (IPv4: FRR 8.4 has no `ipv6 import-table`). ringmail makes

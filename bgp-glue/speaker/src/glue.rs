@@ -116,7 +116,14 @@ impl Glue {
     /// Adds the loopback VIPs (when configured), clears routes a crashed run left in the kernel
     /// table, starts the BGP sessions, and begins following `health`. Nothing is announced before
     /// the proxy reports itself serving and a VIP has been healthy for the announce delay.
-    pub fn start(config: &Announce, health: HealthFn) -> Result<Glue, GlueError> {
+    ///
+    /// `route_device` is the interface kernel-table routes go through (default `lo`); see
+    /// [`KernelTable::with_device`].
+    pub fn start(
+        config: &Announce,
+        health: HealthFn,
+        route_device: Option<String>,
+    ) -> Result<Glue, GlueError> {
         let settings = Settings {
             announce_delay: config.announce_delay,
             max_announce_delay: config.max_announce_delay,
@@ -187,6 +194,7 @@ impl Glue {
                         vips,
                         loopback_mode,
                         table,
+                        route_device,
                         neighbors,
                         thread_shared,
                         health,
@@ -463,6 +471,7 @@ impl Task {
         vips: Vec<VipSpec>,
         loopback_mode: Loopback,
         table: Option<u32>,
+        route_device: Option<String>,
         neighbors: Vec<NeighborSpec>,
         shared: Arc<Shared>,
         health: HealthFn,
@@ -488,7 +497,8 @@ impl Task {
         };
         let kernel = match (&netlink, table) {
             (Some(nl), Some(table)) => {
-                let k = KernelTable::new(nl, table).await?;
+                let device = route_device.as_deref().unwrap_or(crate::netlink::LOOPBACK);
+                let k = KernelTable::with_device(nl, table, device).await?;
                 let stale = k.flush().await?;
                 if stale > 0 {
                     info!(

@@ -82,6 +82,8 @@ pub enum Operation {
     AddRoute,
     /// `RTM_DELROUTE`.
     DeleteRoute,
+    /// `RTM_NEWLINK` setting an interface up.
+    SetLinkUp,
 }
 
 impl fmt::Display for Operation {
@@ -94,6 +96,7 @@ impl fmt::Display for Operation {
             Operation::ListRoutes => "listing routes of",
             Operation::AddRoute => "installing route",
             Operation::DeleteRoute => "deleting route",
+            Operation::SetLinkUp => "setting up interface",
         })
     }
 }
@@ -512,12 +515,29 @@ pub struct KernelTable {
 }
 
 impl KernelTable {
-    /// Table `table` (any number but 0, 253, 254, 255; above 255 is fine).
+    /// Table `table` (any number but 0, 253, 254, 255; above 255 is fine), routes via `lo`.
     pub async fn new(nl: &Netlink, table: u32) -> Result<Self, NetlinkError> {
+        Self::with_device(nl, table, LOOPBACK).await
+    }
+
+    /// Table `table` with routes via `device`, which is set up first. ringmail passes a TUN
+    /// interface that lives as long as the process: if the process dies, the kernel deletes
+    /// the interface and these routes with it, and the routing daemon withdraws them.
+    pub async fn with_device(nl: &Netlink, table: u32, device: &str) -> Result<Self, NetlinkError> {
         if matches!(table, 0 | 253..=255) {
             return Err(NetlinkError::ReservedTable(table));
         }
-        let lo_index = nl.link_index(LOOPBACK).await?;
+        let lo_index = nl.link_index(device).await?;
+        if device != LOOPBACK {
+            nl.handle
+                .link()
+                .set(rtnetlink::LinkUnspec::new_with_index(lo_index).up().build())
+                .execute()
+                .await
+                .map_err(|e| {
+                    NetlinkError::from_rtnetlink(Operation::SetLinkUp, device.to_string(), e)
+                })?;
+        }
         Ok(KernelTable {
             handle: nl.handle.clone(),
             table,
