@@ -349,6 +349,27 @@ impl Bird {
             .count()
     }
 
+    /// Waits until the route for `prefix` from `protocol` carries GRACEFUL_SHUTDOWN (and, with
+    /// `prepend`, two extra copies of AS 65010); returns BIRD's description of it.
+    fn wait_graceful(&self, prefix: &str, protocol: &str, prepend: bool) -> String {
+        wait_for(Duration::from_secs(5), || {
+            let r = self.route_from(prefix, protocol);
+            (r.contains("(65535,0)") && (!prepend || r.contains("65010 65010 65010"))).then_some(r)
+        })
+        .unwrap_or_else(|| panic!("{protocol}: {prefix} never carried GRACEFUL_SHUTDOWN"))
+    }
+
+    /// Waits until BIRD has no route for `prefix` from `protocol`.
+    fn wait_withdrawn(&self, prefix: &str, protocol: &str, timeout: Duration) {
+        wait_for(timeout, || {
+            self.route_from(prefix, protocol)
+                .lines()
+                .all(|l| !l.contains(protocol))
+                .then_some(())
+        })
+        .unwrap_or_else(|| panic!("{protocol}: {prefix} not withdrawn within {timeout:?}"));
+    }
+
     /// `show route for PREFIX protocol P all`.
     fn route_from(&self, prefix: &str, protocol: &str) -> String {
         self.birdc(&format!("show route for {prefix} protocol {protocol} all"))
@@ -741,11 +762,7 @@ fn builtin_speaker_with_bird_ecmp() {
 
     lb2.signal(libc::SIGTERM);
     let t0 = Instant::now();
-    let graceful = wait_for(Duration::from_secs(5), || {
-        let r = router.route_from(&format!("{VIP4}/32"), "lb2_v4");
-        (r.contains("(65535,0)") && r.contains("65010 65010 65010")).then_some(r)
-    })
-    .expect("BIRD shows LB 2's route with GRACEFUL_SHUTDOWN (65535,0) and the prepend");
+    let graceful = router.wait_graceful(&format!("{VIP4}/32"), "lb2_v4", true);
     eprintln!(
         "SIGTERM -> GRACEFUL_SHUTDOWN at the router after {:?}",
         t0.elapsed()
@@ -764,15 +781,7 @@ fn builtin_speaker_with_bird_ecmp() {
             .is_empty(),
         "still announced during the graceful wait"
     );
-    wait_for(Duration::from_secs(10), || {
-        router
-            .route_from(&format!("{VIP4}/32"), "lb2_v4")
-            .trim()
-            .lines()
-            .all(|l| !l.contains("lb2_v4"))
-            .then_some(())
-    })
-    .expect("LB 2's route withdrawn after the graceful wait");
+    router.wait_withdrawn(&format!("{VIP4}/32"), "lb2_v4", Duration::from_secs(10));
     let withdrawn_after = t0.elapsed();
     eprintln!("SIGTERM -> withdrawal at the router after {withdrawn_after:?}");
     assert!(
@@ -856,11 +865,7 @@ fn kernel_table_mode_with_bird_on_the_lbs() {
     // An operator drain over the admin API, then resume.
     let r = admin(&lab.lbs[0], "POST", "/api/announce/drain");
     assert!(r.contains("started"), "{r}");
-    wait_for(Duration::from_secs(5), || {
-        let r = router.route_from(&format!("{VIP4}/32"), "lb1_v4");
-        r.contains("(65535,0)").then_some(())
-    })
-    .expect("graceful after the admin drain");
+    router.wait_graceful(&format!("{VIP4}/32"), "lb1_v4", true);
     wait_hops(
         &lab,
         &LB_HOPS4[1..],
@@ -872,32 +877,15 @@ fn kernel_table_mode_with_bird_on_the_lbs() {
         (announce_status(&lab.lbs[0])["drain"] == "withdrawn").then_some(())
     })
     .expect("admin drain reaches the withdrawal");
-    wait_for(Duration::from_secs(5), || {
-        router
-            .route_from(&format!("{VIP4}/32"), "lb1_v4")
-            .lines()
-            .all(|l| !l.contains("lb1_v4"))
-            .then_some(())
-    })
-    .expect("LB 1's route withdrawn at the router");
+    router.wait_withdrawn(&format!("{VIP4}/32"), "lb1_v4", Duration::from_secs(5));
     admin(&lab.lbs[0], "POST", "/api/announce/resume");
     let d = wait_hops(&lab, &LB_HOPS4, &LB_HOPS6, Duration::from_secs(10));
     eprintln!("admin resume -> re-announced after {d:?}");
 
     lb2.signal(libc::SIGTERM);
-    wait_for(Duration::from_secs(5), || {
-        let r = router.route_from(&format!("{VIP4}/32"), "lb2_v4");
-        r.contains("(65535,0)").then_some(())
-    })
-    .expect("GRACEFUL_SHUTDOWN from the graceful metric through BIRD");
-    wait_for(Duration::from_secs(10), || {
-        router
-            .route_from(&format!("{VIP6}/128"), "lb2_v6")
-            .lines()
-            .all(|l| !l.contains("lb2_v6"))
-            .then_some(())
-    })
-    .expect("withdrawn after the graceful wait");
+    // The graceful metric becomes GRACEFUL_SHUTDOWN and the prepend in BIRD's export filter.
+    router.wait_graceful(&format!("{VIP4}/32"), "lb2_v4", true);
+    router.wait_withdrawn(&format!("{VIP6}/128"), "lb2_v6", Duration::from_secs(10));
     wait_hops(&lab, &LB_HOPS4[..1], &LB_HOPS6[..1], Duration::from_secs(5));
     let status = lb2
         .wait_timeout(Duration::from_secs(15))
@@ -1103,20 +1091,10 @@ fn kernel_table_mode_with_frr_on_the_lbs() {
     assert!(a + b == 200 && a >= 20 && b >= 20, "{t:?}");
 
     lb2.signal(libc::SIGTERM);
-    wait_for(Duration::from_secs(5), || {
-        let r = router.route_from(&format!("{VIP4}/32"), "lb2_v4");
-        (r.contains("(65535,0)") && r.contains("65010 65010 65010")).then_some(())
-    })
-    .expect("FRR tags the graceful-metric route with GRACEFUL_SHUTDOWN and the prepend");
+    // FRR's route-map turns the graceful metric into GRACEFUL_SHUTDOWN and the prepend.
+    router.wait_graceful(&format!("{VIP4}/32"), "lb2_v4", true);
     wait_hops(&lab, &LB_HOPS4[..1], &[], Duration::from_secs(5));
-    wait_for(Duration::from_secs(10), || {
-        router
-            .route_from(&format!("{VIP4}/32"), "lb2_v4")
-            .lines()
-            .all(|l| !l.contains("lb2_v4"))
-            .then_some(())
-    })
-    .expect("withdrawn after the graceful wait");
+    router.wait_withdrawn(&format!("{VIP4}/32"), "lb2_v4", Duration::from_secs(10));
     let status = lb2
         .wait_timeout(Duration::from_secs(15))
         .expect("LB 2 exits");
