@@ -113,9 +113,15 @@ impl AdminExtension for GlueAdmin {
                 Some((202, json!({"drain": "started"})))
             }
             ("POST", ["api", "announce", "resume"]) => {
-                info!("admin: drain ended");
-                self.0.resume();
-                Some((202, json!({"drain": "resumed"})))
+                if self.0.resume() {
+                    info!("admin: drain ended");
+                    Some((202, json!({"drain": "resumed"})))
+                } else {
+                    Some((
+                        409,
+                        json!({"error": "the process is shutting down; its routes stay withdrawn"}),
+                    ))
+                }
             }
             _ => None,
         }

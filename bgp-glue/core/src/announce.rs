@@ -17,9 +17,10 @@
 //! The machine fails closed: a VIP is withdrawn the moment its pools drop below `min_healthy`
 //! healthy backends (the load balancer's rise/fall counters already filtered single failed
 //! checks), or the process stops serving. It is slow to come back: a VIP must stay healthy for
-//! `announce_delay` before it is announced, and every withdrawal for health within the last
-//! `flap_window` doubles that delay (up to `max_announce_delay`), so a flapping backend costs the
-//! routers one withdrawal and a late re-announcement, not a route flap per check.
+//! `announce_delay` before it is announced, and each withdrawal for health within the last
+//! `flap_window` after the first doubles that delay (up to `max_announce_delay`), so a flapping
+//! backend costs the routers one withdrawal and a late re-announcement, not a route flap per
+//! check.
 //!
 //! Draining is one-way: every announced VIP is re-announced as graceful (GRACEFUL_SHUTDOWN
 //! community and AS-path prepend), after `graceful_wait` everything is withdrawn, and the caller
@@ -229,8 +230,15 @@ impl Announcer {
         }
     }
 
-    /// Whether the proxy is able to serve (workers running, not stopped).
-    pub fn set_serving(&mut self, serving: bool) {
+    /// Whether the proxy is able to serve (workers running, not stopped). When it starts
+    /// serving again, every VIP waits the full announce delay from `now`: health seen while the
+    /// proxy could not serve proves nothing about the proxy.
+    pub fn set_serving(&mut self, serving: bool, now: Instant) {
+        if serving && !self.serving {
+            for v in &mut self.vips {
+                v.healthy_since = (v.healthy >= v.spec.min_healthy).then_some(now);
+            }
+        }
         self.serving = serving;
     }
 
@@ -476,9 +484,10 @@ mod tests {
         a.observe(0, 2, t0);
         a.observe(1, 2, t0);
         assert!(a.poll(t0 + s(10)).is_empty(), "not serving yet");
-        a.set_serving(true);
-        // healthy_since was t0, so the delay has long passed.
-        let t = a.poll(t0 + s(10));
+        a.set_serving(true, t0 + s(10));
+        // Health seen before serving does not count: the delay runs from now.
+        assert!(a.poll(t0 + s(11)).is_empty());
+        let t = a.poll(t0 + s(12));
         assert_eq!(t.len(), 2);
         assert!(matches!(t[0].reason, Reason::Healthy { healthy: 2, .. }));
         assert_eq!(a.desired().len(), 2);
@@ -488,7 +497,7 @@ mod tests {
     #[test]
     fn announce_waits_for_the_delay() {
         let (mut a, t0) = machine(1);
-        a.set_serving(true);
+        a.set_serving(true, t0);
         a.observe(0, 1, t0);
         assert!(a.poll(t0 + Duration::from_millis(1999)).is_empty());
         assert_eq!(a.poll_timeout(t0), Some(t0 + s(2)));
@@ -501,7 +510,7 @@ mod tests {
     #[test]
     fn min_healthy_counts_backends() {
         let (mut a, t0) = machine(2);
-        a.set_serving(true);
+        a.set_serving(true, t0);
         a.observe(0, 1, t0);
         assert!(a.poll(t0 + s(60)).is_empty());
         a.observe(0, 2, t0 + s(60));
@@ -515,7 +524,7 @@ mod tests {
     #[test]
     fn withdraw_is_immediate_and_fails_closed() {
         let (mut a, t0) = machine(1);
-        a.set_serving(true);
+        a.set_serving(true, t0);
         a.observe(0, 3, t0);
         a.poll(t0 + s(2));
         a.observe(0, 0, t0 + s(3));
@@ -527,16 +536,20 @@ mod tests {
         a.observe(0, 3, t0 + s(4));
         a.poll(t0 + s(6));
         assert_eq!(a.desired().len(), 1);
-        a.set_serving(false);
+        a.set_serving(false, t0 + s(7));
         let t = a.poll(t0 + s(7));
         assert_eq!(t[0].reason, Reason::NotServing);
         assert!(a.desired().is_empty());
+        // Serving again: announced only after the full delay.
+        a.set_serving(true, t0 + s(8));
+        assert!(a.poll(t0 + s(9)).is_empty());
+        assert_eq!(a.poll(t0 + s(10)).len(), 1);
     }
 
     #[test]
     fn a_flapping_backend_does_not_flap_the_route() {
         let (mut a, t0) = machine(1);
-        a.set_serving(true);
+        a.set_serving(true, t0);
         a.observe(0, 1, t0);
         a.poll(t0 + s(2));
         let mut changes = 0;
@@ -571,7 +584,7 @@ mod tests {
     #[test]
     fn penalty_is_capped() {
         let (mut a, t0) = machine(1);
-        a.set_serving(true);
+        a.set_serving(true, t0);
         let mut now = t0;
         for _ in 0..10 {
             a.observe(0, 1, now);
@@ -588,7 +601,7 @@ mod tests {
     #[test]
     fn drain_sequence() {
         let (mut a, t0) = machine(1);
-        a.set_serving(true);
+        a.set_serving(true, t0);
         a.observe(0, 1, t0);
         a.poll(t0 + s(2));
         assert_eq!(a.drain_phase(), DrainPhase::Running);
@@ -620,7 +633,7 @@ mod tests {
     #[test]
     fn resume_after_an_operator_drain() {
         let (mut a, t0) = machine(1);
-        a.set_serving(true);
+        a.set_serving(true, t0);
         a.observe(0, 1, t0);
         a.observe(1, 1, t0);
         a.poll(t0 + s(2));
@@ -641,7 +654,7 @@ mod tests {
     #[test]
     fn unhealthy_during_drain_withdraws_at_once() {
         let (mut a, t0) = machine(1);
-        a.set_serving(true);
+        a.set_serving(true, t0);
         a.observe(0, 1, t0);
         a.poll(t0 + s(2));
         a.begin_drain(t0 + s(3));
@@ -654,7 +667,7 @@ mod tests {
     #[test]
     fn status_reports_last_transition_and_pending_announce() {
         let (mut a, t0) = machine(1);
-        a.set_serving(true);
+        a.set_serving(true, t0);
         a.observe(1, 1, t0);
         let st = a.status(t0);
         assert_eq!(st[1].announce_at, Some(t0 + s(2)));
@@ -676,7 +689,7 @@ mod tests {
             }],
         );
         let t0 = Instant::now();
-        a.set_serving(true);
+        a.set_serving(true, t0);
         a.observe(7, 1, t0);
         a.observe(0, 0, t0);
         assert!(a.poll(t0 + s(100)).is_empty(), "0 healthy never announces");

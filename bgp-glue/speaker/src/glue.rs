@@ -36,6 +36,10 @@ use crate::speaker::{NeighborSpec, NeighborStatus, run_neighbor};
 /// How often health is read. Withdrawal latency is the proxy's fall x interval plus at most this.
 pub const TICK: Duration = Duration::from_millis(100);
 
+/// How long withdrawals from the kernel table may keep failing before the process aborts to
+/// remove them (see `Task::reconcile_kernel`).
+const KERNEL_GIVE_UP: Duration = Duration::from_secs(5);
+
 /// One reading of the proxy's health.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthReading {
@@ -60,9 +64,16 @@ pub enum GlueError {
 }
 
 enum Cmd {
-    Drain { done: oneshot::Sender<()> },
+    /// `terminating`: the process is shutting down (SIGTERM); the drain can no longer be
+    /// resumed.
+    Drain {
+        done: oneshot::Sender<()>,
+        terminating: bool,
+    },
     Resume,
-    Stop { done: oneshot::Sender<()> },
+    Stop {
+        done: oneshot::Sender<()>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -79,6 +90,8 @@ struct StatusData {
 #[derive(Debug)]
 struct Shared {
     mode: String,
+    /// Set by the shutdown drain; resume is refused from then on.
+    terminating: std::sync::atomic::AtomicBool,
     status: Mutex<StatusData>,
     neighbors: Vec<Arc<Mutex<NeighborStatus>>>,
 }
@@ -161,6 +174,7 @@ impl Glue {
         };
         let shared = Arc::new(Shared {
             mode,
+            terminating: std::sync::atomic::AtomicBool::new(false),
             status: Mutex::new(StatusData {
                 drain: "running",
                 last: vec![None; vips.len()],
@@ -232,9 +246,19 @@ impl Glue {
     /// Runs the drain sequence: graceful re-announcement, the graceful wait, withdrawal. Returns
     /// once the withdrawal has been written to every established session (or the kernel table),
     /// or after `graceful_wait` + `timeout` at most.
+    ///
+    /// This is the shutdown drain: afterwards [`Glue::resume`] is refused, so an operator cannot
+    /// bring the routes back while the proxy stops accepting.
     pub fn drain(&self, timeout: Duration) {
+        self.shared
+            .terminating
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let (tx, rx) = oneshot::channel();
-        if self.cmd.send(Cmd::Drain { done: tx }).is_ok() {
+        let cmd = Cmd::Drain {
+            done: tx,
+            terminating: true,
+        };
+        if self.cmd.send(cmd).is_ok() {
             let _ = wait_blocking(rx, timeout);
         }
     }
@@ -242,12 +266,23 @@ impl Glue {
     /// Starts the drain sequence without waiting (admin request).
     pub fn request_drain(&self) {
         let (tx, _rx) = oneshot::channel();
-        let _ = self.cmd.send(Cmd::Drain { done: tx });
+        let _ = self.cmd.send(Cmd::Drain {
+            done: tx,
+            terminating: false,
+        });
     }
 
-    /// Ends an operator drain.
-    pub fn resume(&self) {
-        let _ = self.cmd.send(Cmd::Resume);
+    /// Ends an operator drain. Returns false (and does nothing) once the process is shutting
+    /// down.
+    pub fn resume(&self) -> bool {
+        if self
+            .shared
+            .terminating
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return false;
+        }
+        self.cmd.send(Cmd::Resume).is_ok()
     }
 
     /// Withdraws everything still announced, closes the sessions with Cease, removes kernel-table
@@ -462,6 +497,14 @@ struct Task {
     drain_waiters: Vec<oneshot::Sender<()>>,
     /// When the withdrawal was decided (to bound the wait for it to be sent).
     withdrawn_at: Option<Instant>,
+    /// The shutdown drain has begun: no resume.
+    terminating: bool,
+    /// Since when kernel-table writes have been failing, and when that was last logged.
+    kernel_failing_since: Option<Instant>,
+    kernel_warned_at: Option<Instant>,
+    /// The kernel-table routes go through a process-owned TUN interface (see
+    /// [`Glue::start`]): ending the process removes them.
+    route_device_is_tun: bool,
 }
 
 impl Task {
@@ -477,6 +520,7 @@ impl Task {
         health: HealthFn,
     ) -> Result<Task, GlueError> {
         let addrs: Vec<IpAddr> = vips.iter().map(|v| v.addr).collect();
+        let route_device_is_tun = route_device.is_some();
         let netlink = if loopback_mode != Loopback::None || table.is_some() {
             Some(Netlink::new()?)
         } else {
@@ -538,6 +582,10 @@ impl Task {
             speakers,
             drain_waiters: Vec::new(),
             withdrawn_at: None,
+            terminating: false,
+            kernel_failing_since: None,
+            kernel_warned_at: None,
+            route_device_is_tun,
         })
     }
 
@@ -548,11 +596,15 @@ impl Task {
             tokio::select! {
                 _ = tick.tick() => {}
                 cmd = cmds.recv() => match cmd {
-                    Some(Cmd::Drain { done }) => {
+                    Some(Cmd::Drain { done, terminating }) => {
+                        self.terminating |= terminating;
                         let t = self.announcer.begin_drain(Instant::now());
-                        info!("drain: routes re-announced with GRACEFUL_SHUTDOWN");
+                        info!(terminating, "drain: routes re-announced with GRACEFUL_SHUTDOWN");
                         self.apply(t).await;
                         self.drain_waiters.push(done);
+                    }
+                    Some(Cmd::Resume) if self.terminating => {
+                        warn!("resume refused: the process is shutting down");
                     }
                     Some(Cmd::Resume) => {
                         let t = self.announcer.resume(Instant::now());
@@ -573,12 +625,16 @@ impl Task {
             }
             let now = Instant::now();
             let reading = (self.health)();
-            self.announcer.set_serving(reading.serving);
+            self.announcer.set_serving(reading.serving, now);
             for (i, h) in reading.healthy.iter().enumerate() {
                 self.announcer.observe(i, *h, now);
             }
             let t = self.announcer.poll(now);
             self.apply(t).await;
+            if self.announcer.drain_phase() == DrainPhase::Withdrawn && self.withdrawn_at.is_none()
+            {
+                self.withdrawn_at = Some(now);
+            }
             self.reconcile_kernel().await;
             self.status(reading.serving);
             self.check_drain_done();
@@ -606,8 +662,7 @@ impl Task {
         if self.announcer.drain_phase() == DrainPhase::Withdrawn && self.withdrawn_at.is_none() {
             self.withdrawn_at = Some(Instant::now());
         }
-        let desired = self.announcer.desired();
-        self.routes_tx.send_replace(desired.clone());
+        self.routes_tx.send_replace(self.announcer.desired());
         self.reconcile_kernel().await;
     }
 
@@ -617,13 +672,15 @@ impl Task {
         let Some(k) = &self.kernel else { return };
         let desired = self.announcer.desired();
         if desired == self.installed {
+            self.kernel_failing_since = None;
             return;
         }
         let mut installed = Vec::with_capacity(desired.len());
+        let mut errors = Vec::new();
         for r in &self.installed {
             let wanted = desired.iter().any(|d| d.prefix == r.prefix);
             if !wanted && let Err(e) = k.withdraw(r.prefix).await {
-                warn!(vip = %r.prefix, error = %e, "cannot remove the kernel-table route");
+                errors.push(format!("removing {}: {e}", r.prefix));
                 installed.push(*r);
             }
         }
@@ -634,12 +691,38 @@ impl Task {
             }
             match k.announce_with(d.prefix, d.graceful).await {
                 Ok(()) => installed.push(*d),
-                Err(e) => {
-                    warn!(vip = %d.prefix, error = %e, "cannot install the kernel-table route")
-                }
+                Err(e) => errors.push(format!("installing {}: {e}", d.prefix)),
             }
         }
         self.installed = installed;
+        if errors.is_empty() {
+            self.kernel_failing_since = None;
+            return;
+        }
+        let now = Instant::now();
+        let since = *self.kernel_failing_since.get_or_insert(now);
+        if self
+            .kernel_warned_at
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5))
+        {
+            self.kernel_warned_at = Some(now);
+            warn!(errors = ?errors, "kernel-table routes cannot be brought in line; retrying every tick");
+        }
+        // A route that should be gone but stays would keep attracting traffic. When the routes
+        // go through the process-owned TUN interface, ending the process removes them all: fail
+        // closed rather than announce a dead pool.
+        let stuck = self
+            .installed
+            .iter()
+            .any(|r| !desired.iter().any(|d| d.prefix == r.prefix));
+        if stuck && self.route_device_is_tun && now.duration_since(since) > KERNEL_GIVE_UP {
+            tracing::error!(
+                errors = ?errors,
+                "kernel-table routes could not be withdrawn for {}s; aborting so the kernel removes them with this process's TUN interface",
+                KERNEL_GIVE_UP.as_secs()
+            );
+            std::process::abort();
+        }
     }
 
     fn status(&mut self, serving: bool) {
@@ -668,16 +751,17 @@ impl Task {
     }
 
     /// The drain's withdrawal counts as sent when every established session has nothing left
-    /// advertised (the kernel table is written synchronously), or 5 s after it was decided.
+    /// advertised and the kernel table holds none of our routes, or 5 s after it was decided.
     fn check_drain_done(&mut self) {
         let Some(at) = self.withdrawn_at else { return };
         if self.drain_waiters.is_empty() {
             return;
         }
-        let sent = self.shared.neighbors.iter().all(|n| {
-            let n = n.lock().unwrap_or_else(|e| e.into_inner());
-            n.state != "established" || n.advertised.is_empty()
-        });
+        let sent = self.installed.is_empty()
+            && self.shared.neighbors.iter().all(|n| {
+                let n = n.lock().unwrap_or_else(|e| e.into_inner());
+                n.state != "established" || n.advertised.is_empty()
+            });
         if sent || at.elapsed() > Duration::from_secs(5) {
             if !sent {
                 warn!("drain: not every neighbour confirmed the withdrawal within 5 s");
@@ -693,10 +777,24 @@ impl Task {
     async fn shutdown(&mut self) {
         // Withdraw first (an UPDATE to every established session), then Cease.
         self.routes_tx.send_replace(Vec::new());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while tokio::time::Instant::now() < deadline
+            && self.shared.neighbors.iter().any(|n| {
+                let n = n.lock().unwrap_or_else(|e| e.into_inner());
+                n.state == "established" && !n.advertised.is_empty()
+            })
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.stop_tx.send_replace(true);
+        // Every neighbour gets its Cease in parallel; one that does not finish in 3 s is cut off
+        // (its socket closes with the task, which ends the session just as surely).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         for s in self.speakers.drain(..) {
-            let _ = tokio::time::timeout(Duration::from_secs(3), s).await;
+            let abort = s.abort_handle();
+            if tokio::time::timeout_at(deadline, s).await.is_err() {
+                abort.abort();
+            }
         }
         if let Some(k) = &self.kernel
             && let Err(e) = k.flush().await

@@ -154,12 +154,22 @@ async fn drive(
     let mut stopping = false;
     loop {
         // Flush everything the session wants sent, then publish what the peer now has.
+        // A peer that stops reading must not freeze this task (and with it the hold timer,
+        // withdrawals and Cease): a write that does not finish within the hold time ends the
+        // session, as a missed keepalive would.
+        let write_limit = spec.session.hold_time.max(Duration::from_secs(3));
         while let Some(bytes) = session.poll_transmit() {
-            if let Err(e) = stream.write_all(&bytes).await {
-                session.disconnected(Instant::now());
-                finish(spec, status, &format!("write failed: {e}"));
-                return stopping;
-            }
+            let why = match tokio::time::timeout(write_limit, stream.write_all(&bytes)).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => format!("write failed: {e}"),
+                Err(_) => format!(
+                    "the peer read nothing for {}s (write stalled); closing",
+                    write_limit.as_secs()
+                ),
+            };
+            session.disconnected(Instant::now());
+            finish(spec, status, &why);
+            return stopping;
         }
         while let Some(ev) = session.poll_event() {
             on_event(spec, status, ev, backoff);
@@ -170,7 +180,14 @@ async fn drive(
             s.advertised = session.advertised();
         }
         if session.should_close() {
+            // FIN after our last message (a NOTIFICATION), then drain what the peer still sends
+            // for up to a second: closing with unread data would send an RST, which may
+            // discard the NOTIFICATION before the peer reads it.
             let _ = stream.shutdown().await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            })
+            .await;
             session.disconnected(Instant::now());
             finish(spec, status, "session closed");
             return stopping;

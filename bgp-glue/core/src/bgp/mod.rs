@@ -263,9 +263,13 @@ pub enum SessionError {
     /// The peer's BGP identifier is 0.0.0.0 or, on iBGP, ours (2/3).
     #[error("unacceptable peer BGP identifier {0}")]
     BadBgpId(Ipv4Addr),
-    /// The peer proposed a hold time of 1 or 2 seconds (2/6).
+    /// The peer proposed a hold time of 1 or 2 seconds, or 0 while we want keepalives (2/6).
     #[error("unacceptable hold time {0} s")]
     UnacceptableHoldTime(u16),
+    /// An UPDATE we must send could not be encoded; the session ends so the peer drops our
+    /// routes rather than keep one we no longer want announced (Cease, 6/8 Out of Resources).
+    #[error("cannot encode an UPDATE: {0}")]
+    Encode(String),
     /// The peer's OPEN lacks the 4-octet AS capability, which we require (2/7).
     #[error("peer does not support 4-octet AS numbers (RFC 6793), which this speaker requires")]
     NoFourOctetAs { local_as: u32 },
@@ -285,6 +289,7 @@ impl SessionError {
             SessionError::BadPeerAs { .. } => (2, 2, Bytes::new()),
             SessionError::BadBgpId(_) => (2, 3, Bytes::new()),
             SessionError::UnacceptableHoldTime(_) => (2, 6, Bytes::new()),
+            SessionError::Encode(_) => (6, 8, Bytes::new()),
             SessionError::NoFourOctetAs { local_as } => {
                 // The capability we need, as a TLV: code 65, length 4, value.
                 let mut data = vec![65, 4];

@@ -465,7 +465,11 @@ impl Session {
         if id.is_unspecified() || (self.cfg.is_ibgp() && id == self.cfg.router_id) {
             return self.fail(SessionError::BadBgpId(id));
         }
-        if matches!(open.hold_time, 1 | 2) {
+        // A peer that proposes 0 while we want keepalives would turn off liveness detection on
+        // both sides: a host that loses power would keep its routes for ever. Fail closed.
+        if matches!(open.hold_time, 1 | 2)
+            || (open.hold_time == 0 && self.cfg.hold_time_secs() != 0)
+        {
             return self.fail(SessionError::UnacceptableHoldTime(open.hold_time));
         }
 
@@ -643,9 +647,9 @@ impl Session {
                     self.advertised.remove(p);
                 }
             }
-            Err(e) => self.events.push_back(Event::Warning(format!(
-                "could not encode a withdrawal: {e}"
-            ))),
+            // The peer would keep a route we no longer want announced: end the session, which
+            // withdraws everything (fail closed).
+            Err(e) => self.fail(SessionError::Encode(e.to_string())),
         }
     }
 

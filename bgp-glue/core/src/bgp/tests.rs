@@ -929,7 +929,10 @@ fn open_wait_expiry() {
 
 #[test]
 fn zero_hold_time_means_no_keepalives() {
-    let mut h = Harness::new(ebgp());
+    // Only when we propose 0 ourselves: see peer_zero_hold_time_is_refused.
+    let mut cfg = ebgp();
+    cfg.hold_time = Duration::ZERO;
+    let mut h = Harness::new(cfg);
     h.establish_with(peer_open(65000, 0));
     assert_eq!(h.s.hold_time(), Duration::ZERO);
     assert!(matches!(
@@ -943,6 +946,19 @@ fn zero_hold_time_means_no_keepalives() {
     h.advance(secs(3600));
     assert!(h.sent().is_empty());
     assert_eq!(h.s.state(), State::Established);
+}
+
+#[test]
+fn peer_zero_hold_time_is_refused() {
+    // We want keepalives; a peer proposing 0 would switch liveness detection off on both
+    // sides, and a powered-off host would keep its routes. Refused with 2/6.
+    let mut h = Harness::new(ebgp());
+    let sent = h.sent();
+    assert!(matches!(sent.as_slice(), [Message::Open(_)]));
+    h.feed(&Message::Open(peer_open(65000, 0)));
+    h.expect_notification(2, 6);
+    assert!(h.s.should_close());
+    assert!(h.s.advertised().is_empty());
 }
 
 // ---- robustness -----------------------------------------------------------------------------

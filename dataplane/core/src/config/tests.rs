@@ -1313,6 +1313,42 @@ address = "10.0.0.1"
 }
 
 #[test]
+fn announce_refuses_unroutable_vips_and_too_many_communities() {
+    let many: Vec<String> = (0..257).map(|i| format!("\"65000:{i}\"")).collect();
+    let e = errs(&format!(
+        r#"[pool.p]
+backends = ["127.0.0.1:2000"]
+[announce]
+[[announce.vip]]
+address = "127.0.0.2"
+pools = ["p"]
+[[announce.vip]]
+address = "fe80::1"
+pools = ["p"]
+[[announce.vip]]
+address = "::ffff:192.0.2.1"
+pools = ["p"]
+[[announce.vip]]
+address = "169.254.0.1"
+pools = ["p"]
+[announce.bgp]
+local_as = 65001
+router_id = "10.0.0.2"
+[[announce.bgp.neighbor]]
+address = "10.0.0.1"
+remote_as = 65000
+communities = [{}]
+"#,
+        many.join(", ")
+    ));
+    has(&e, 5, &["127.0.0.2", "loopback"]);
+    has(&e, 8, &["fe80::1", "link-local"]);
+    has(&e, 11, &["IPv4-mapped"]);
+    has(&e, 14, &["169.254.0.1", "link-local"]);
+    has(&e, 22, &["257 communities", "at most 256"]);
+}
+
+#[test]
 fn announce_mode_needs_its_section() {
     let e = errs(
         r#"[pool.p]

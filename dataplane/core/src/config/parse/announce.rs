@@ -54,6 +54,9 @@ use super::{
 };
 use crate::config::model::{Announce, AnnounceMode, Bgp, Listener, Loopback, Neighbor, Vip};
 
+/// Communities per neighbour (the speaker refuses more: they must fit its UPDATEs).
+const MAX_COMMUNITIES: usize = 256;
+
 const ANNOUNCE_KEYS: &[&str] = &[
     "mode",
     "kernel_table",
@@ -691,6 +694,16 @@ fn community_list(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<Vec<u3
         mismatch(ctx, v, what, "an array of \"ASN:VALUE\" strings");
         return None;
     };
+    if items.len() > MAX_COMMUNITIES {
+        ctx.error(
+            v.span(),
+            format!(
+                "`{what}` has {} communities; at most {MAX_COMMUNITIES} fit the speaker's UPDATEs",
+                items.len()
+            ),
+        );
+        return None;
+    }
     let mut ok = true;
     let mut out = Vec::new();
     for item in items {
@@ -747,13 +760,22 @@ fn ip(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<IpAddr> {
 /// A unicast host address usable as an anycast VIP.
 fn host_ip(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<IpAddr> {
     let addr = ip(ctx, v, what)?;
-    let bad = addr.is_unspecified()
-        || addr.is_multicast()
-        || matches!(addr, IpAddr::V4(a) if a.is_broadcast());
-    if bad {
+    let why = match addr {
+        a if a.is_unspecified() => Some("unspecified"),
+        a if a.is_multicast() => Some("multicast"),
+        a if a.is_loopback() => Some("a loopback address"),
+        IpAddr::V4(a) if a.is_broadcast() => Some("broadcast"),
+        IpAddr::V4(a) if a.is_link_local() => Some("link-local"),
+        IpAddr::V6(a) if a.is_unicast_link_local() => Some("link-local"),
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
+            Some("IPv4-mapped; write the IPv4 address")
+        }
+        _ => None,
+    };
+    if let Some(why) = why {
         ctx.error(
             v.span(),
-            format!("`{what}`: {addr} cannot be announced (unspecified, multicast or broadcast)"),
+            format!("`{what}`: {addr} cannot be announced as a VIP ({why})"),
         );
         return None;
     }
