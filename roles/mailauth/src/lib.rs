@@ -1,0 +1,2 @@
+//! ringmail-mailauth: sender authentication checks (to be written).
+#![forbid(unsafe_code)]

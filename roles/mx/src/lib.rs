@@ -1,0 +1,2 @@
+//! ringmail-mx: the MX role (to be written).
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! ringmail-queue: the durable spool (to be written).
+#![forbid(unsafe_code)]
