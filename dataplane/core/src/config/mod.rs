@@ -5,7 +5,7 @@ pub mod model;
 pub mod parse;
 
 pub use model::*;
-pub use parse::{ConfigError, ConfigErrors, load_file, load_str};
+pub use parse::{ConfigError, ConfigErrors, load_file, load_file_with, load_str, load_str_with};
 
 #[cfg(test)]
 mod tests;

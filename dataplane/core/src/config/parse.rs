@@ -70,7 +70,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use toml::Spanned;
-use toml::de::{DeTable, DeValue};
+pub use toml::de::{DeArray, DeTable, DeValue};
 
 mod announce;
 
@@ -186,11 +186,32 @@ const PROXY_VERSIONS: &[(&str, Option<ProxyVersion>)] = &[
     ("none", None),
 ];
 
-type Span = Range<usize>;
-type Value<'i> = Spanned<DeValue<'i>>;
+/// Byte range of a key or value in the configuration text.
+pub type Span = Range<usize>;
+/// A TOML value with its span.
+pub type Value<'i> = Spanned<DeValue<'i>>;
 
 /// Parses and validates a configuration; `file` is used in error messages.
 pub fn load_str(text: &str, file: &str) -> Result<LbConfig, ConfigErrors> {
+    load_str_with(text, file, validate)
+}
+
+/// Reads and validates a configuration file. Reading is the only I/O; a file that cannot be read
+/// (missing, a directory, too large, not UTF-8) is reported as a [`ConfigError`] at line 0, except
+/// invalid UTF-8, which is reported at the position of the first bad byte.
+pub fn load_file(path: &Path) -> Result<LbConfig, ConfigErrors> {
+    load_file_with(path, validate)
+}
+
+/// The TOML front end for any schema: syntax errors are collected with recovery and reported with
+/// their positions; then `schema` walks the document, recording every problem in the [`Ctx`].
+/// Only when it found none is its result returned. The role servers use this with their own
+/// schemas, so every configuration file of ringmail reports errors the same way.
+pub fn load_str_with<T>(
+    text: &str,
+    file: &str,
+    schema: impl FnOnce(&mut Ctx<'_>, &DeTable<'_>) -> Option<T>,
+) -> Result<T, ConfigErrors> {
     let mut ctx = Ctx::new(text, file);
     let (doc, syntax) = DeTable::parse_recoverable(text);
     if !syntax.is_empty() {
@@ -209,17 +230,18 @@ pub fn load_str(text: &str, file: &str) -> Result<LbConfig, ConfigErrors> {
         }
         return Err(ctx.into_errors());
     }
-    let config = validate(&mut ctx, doc.get_ref());
+    let config = schema(&mut ctx, doc.get_ref());
     match config {
         Some(config) if !ctx.has_errors() => Ok(config),
         _ => Err(ctx.into_errors()),
     }
 }
 
-/// Reads and validates a configuration file. Reading is the only I/O; a file that cannot be read
-/// (missing, a directory, too large, not UTF-8) is reported as a [`ConfigError`] at line 0, except
-/// invalid UTF-8, which is reported at the position of the first bad byte.
-pub fn load_file(path: &Path) -> Result<LbConfig, ConfigErrors> {
+/// [`load_str_with`] for a file (see [`load_file`] for how unreadable files are reported).
+pub fn load_file_with<T>(
+    path: &Path,
+    schema: impl FnOnce(&mut Ctx<'_>, &DeTable<'_>) -> Option<T>,
+) -> Result<T, ConfigErrors> {
     let name = path.display().to_string();
     let whole_file = |message: String| {
         ConfigErrors(vec![ConfigError {
@@ -240,7 +262,7 @@ pub fn load_file(path: &Path) -> Result<LbConfig, ConfigErrors> {
         )));
     }
     match String::from_utf8(bytes) {
-        Ok(text) => load_str(&text, &name),
+        Ok(text) => load_str_with(&text, &name, schema),
         Err(e) => {
             let valid = e.utf8_error().valid_up_to();
             let prefix = String::from_utf8_lossy(e.as_bytes().get(..valid).unwrap_or_default());
@@ -257,7 +279,7 @@ pub fn load_file(path: &Path) -> Result<LbConfig, ConfigErrors> {
 /// in the order found), the rest are counted; lines and columns are computed only for the kept
 /// ones, from an index of line starts. A hostile file with millions of errors therefore costs
 /// neither quadratic time nor unbounded memory.
-struct Ctx<'a> {
+pub struct Ctx<'a> {
     text: &'a str,
     file: &'a str,
     /// Byte offset of the start of every line.
@@ -283,11 +305,12 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn has_errors(&self) -> bool {
+    pub fn has_errors(&self) -> bool {
         self.total > 0
     }
 
-    fn error(&mut self, span: Span, message: impl Into<String>) {
+    /// Records one problem at `span` (byte offsets into the text).
+    pub fn error(&mut self, span: Span, message: impl Into<String>) {
         self.errors.push((span.start, self.total, message.into()));
         self.total += 1;
         if self.errors.len() > MAX_ERRORS {
@@ -296,7 +319,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// 1-based line of a byte offset (offsets past the end are clamped).
-    fn line(&self, offset: usize) -> usize {
+    pub fn line(&self, offset: usize) -> usize {
         self.line_starts
             .partition_point(|&start| start <= offset)
             .max(1)
@@ -900,7 +923,7 @@ fn parse_listeners(
 // ---------------------------------------------------------------------------------------------
 
 /// Applies an optional converted value to a field; false if conversion failed.
-fn set<T>(field: &mut T, converted: Option<Option<T>>) -> bool {
+pub fn set<T>(field: &mut T, converted: Option<Option<T>>) -> bool {
     match converted {
         None => true,
         Some(Some(v)) => {
@@ -912,7 +935,7 @@ fn set<T>(field: &mut T, converted: Option<Option<T>>) -> bool {
 }
 
 /// Reports every key of `t` not in `allowed`, with a suggestion when one is close.
-fn check_keys(ctx: &mut Ctx<'_>, t: &DeTable<'_>, allowed: &[&str], section: &str) {
+pub fn check_keys(ctx: &mut Ctx<'_>, t: &DeTable<'_>, allowed: &[&str], section: &str) {
     // Tables are stored sorted by key; report in file order.
     let mut keys: Vec<_> = t.keys().collect();
     keys.sort_by_key(|k| k.span().start);
@@ -939,7 +962,7 @@ fn check_keys(ctx: &mut Ctx<'_>, t: &DeTable<'_>, allowed: &[&str], section: &st
     }
 }
 
-fn required<'t, 'i>(
+pub fn required<'t, 'i>(
     ctx: &mut Ctx<'_>,
     parent: &Value<'_>,
     t: &'t DeTable<'i>,
@@ -956,7 +979,7 @@ fn required<'t, 'i>(
     v
 }
 
-fn mismatch(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str, expected: &str) {
+pub fn mismatch(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str, expected: &str) {
     ctx.error(
         v.span(),
         format!(
@@ -966,7 +989,7 @@ fn mismatch(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str, expected: &str) {
     );
 }
 
-fn table<'t, 'i>(ctx: &mut Ctx<'_>, v: &'t Value<'i>, what: &str) -> Option<&'t DeTable<'i>> {
+pub fn table<'t, 'i>(ctx: &mut Ctx<'_>, v: &'t Value<'i>, what: &str) -> Option<&'t DeTable<'i>> {
     match v.get_ref() {
         DeValue::Table(t) => Some(t),
         _ => {
@@ -976,7 +999,7 @@ fn table<'t, 'i>(ctx: &mut Ctx<'_>, v: &'t Value<'i>, what: &str) -> Option<&'t 
     }
 }
 
-fn string<'t>(ctx: &mut Ctx<'_>, v: &'t Value<'_>, what: &str) -> Option<&'t str> {
+pub fn string<'t>(ctx: &mut Ctx<'_>, v: &'t Value<'_>, what: &str) -> Option<&'t str> {
     match v.get_ref() {
         DeValue::String(s) => Some(s.as_ref()),
         _ => {
@@ -986,7 +1009,7 @@ fn string<'t>(ctx: &mut Ctx<'_>, v: &'t Value<'_>, what: &str) -> Option<&'t str
     }
 }
 
-fn boolean(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<bool> {
+pub fn boolean(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<bool> {
     match v.get_ref() {
         DeValue::Boolean(b) => Some(*b),
         _ => {
@@ -996,7 +1019,7 @@ fn boolean(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<bool> {
     }
 }
 
-fn integer(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str, min: u64, max: u64) -> Option<u64> {
+pub fn integer(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str, min: u64, max: u64) -> Option<u64> {
     let DeValue::Integer(i) = v.get_ref() else {
         mismatch(ctx, v, what, "an integer");
         return None;
@@ -1018,11 +1041,11 @@ fn integer(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str, min: u64, max: u64) -> 
     }
 }
 
-fn integer_u32(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str, min: u32) -> Option<u32> {
+pub fn integer_u32(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str, min: u32) -> Option<u32> {
     integer(ctx, v, what, u64::from(min), u64::from(u32::MAX)).and_then(|n| u32::try_from(n).ok())
 }
 
-fn choice<T: Copy>(
+pub fn choice<T: Copy>(
     ctx: &mut Ctx<'_>,
     v: &Value<'_>,
     what: &str,
@@ -1055,7 +1078,7 @@ fn choice<T: Copy>(
     }
 }
 
-fn duration(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str, allow_zero: bool) -> Option<Duration> {
+pub fn duration(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str, allow_zero: bool) -> Option<Duration> {
     let s = match v.get_ref() {
         DeValue::String(s) => s.as_ref(),
         DeValue::Integer(i) => {
@@ -1123,7 +1146,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(millis))
 }
 
-fn socket_addr(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<SocketAddr> {
+pub fn socket_addr(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<SocketAddr> {
     let s = string(ctx, v, what)?;
     match parse_socket_addr(s) {
         Ok(a) => Some(a),
@@ -1165,14 +1188,14 @@ fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 #[derive(Clone, Copy)]
-enum NameKind {
+pub enum NameKind {
     /// Pool and listener names: `A-Z a-z 0-9 _ . -`, at most 64.
     Simple,
     /// Backend names also allow `: [ ] @ %` so that addresses are valid names; at most 128.
     Backend,
 }
 
-fn check_name(ctx: &mut Ctx<'_>, span: Span, name: &str, what: &str, kind: NameKind) -> bool {
+pub fn check_name(ctx: &mut Ctx<'_>, span: Span, name: &str, what: &str, kind: NameKind) -> bool {
     let (max, extra): (usize, &str) = match kind {
         NameKind::Simple => (64, "_.-"),
         NameKind::Backend => (128, "_.-:[]@%"),
@@ -1222,7 +1245,7 @@ fn valid_server_name(s: &str) -> bool {
 
 /// Quotes user text for an error message, escaping control characters and shortening very long
 /// strings so a hostile file cannot produce unreadable or enormous messages.
-fn quote(s: &str) -> String {
+pub fn quote(s: &str) -> String {
     const MAX: usize = 64;
     let mut out = String::from("\"");
     for (i, c) in s.chars().enumerate() {
