@@ -772,7 +772,10 @@ fn builtin_speaker_with_bird_ecmp() {
         "router policy applied: {graceful}"
     );
     let refused = admin(&lab.lbs[1], "POST", "/api/announce/resume");
-    assert!(refused.contains("shutting down"), "resume refused during SIGTERM: {refused}");
+    assert!(
+        refused.contains("shutting down"),
+        "resume refused during SIGTERM: {refused}"
+    );
     let r6 = router.route_from(&format!("{VIP6}/128"), "lb2_v6");
     assert!(r6.contains("(65535,0)"), "IPv6 route graceful too: {r6}");
     // Depreferred: the router's kernel keeps only LB 1 while LB 2 still announces.

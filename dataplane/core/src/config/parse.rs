@@ -1078,7 +1078,12 @@ pub fn choice<T: Copy>(
     }
 }
 
-pub fn duration(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str, allow_zero: bool) -> Option<Duration> {
+pub fn duration(
+    ctx: &mut Ctx<'_>,
+    v: &Value<'_>,
+    what: &str,
+    allow_zero: bool,
+) -> Option<Duration> {
     let s = match v.get_ref() {
         DeValue::String(s) => s.as_ref(),
         DeValue::Integer(i) => {

@@ -1,0 +1,180 @@
+//! Thread-per-core serving, as in the load balancer: one worker thread per core, each with a
+//! current-thread tokio runtime and its own SO_REUSEPORT listening socket per address, so the
+//! kernel spreads connections and no task ever migrates between cores.
+//!
+//! ```text
+//!   worker 0 (pinned to CPU 0): listeners ─▶ accept ─▶ session tasks (current-thread runtime)
+//!   worker 1 (pinned to CPU 1): listeners ─▶ accept ─▶ session tasks
+//!   shared: config, spool (committer thread), TLS, rate limiters — all behind Arcs/atomics
+//! ```
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{error, warn};
+
+/// A listening socket of one worker, with SO_REUSEPORT so that every worker has its own.
+pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // An anycast or service address may be configured after start (IP_FREEBIND).
+    let _ = if addr.is_ipv6() {
+        socket.set_freebind_v6(true)
+    } else {
+        socket.set_freebind_v4(true)
+    };
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Running workers; stopping sets a flag every accept loop checks.
+pub struct Workers {
+    threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    stop_notify: Arc<tokio::sync::Notify>,
+}
+
+impl Workers {
+    /// Starts `n` workers. Every worker binds each address in `listen` (all binds are done
+    /// before this returns, so an address in use is reported at once) and runs `session` for
+    /// every accepted connection.
+    ///
+    /// `pin`, when given, pins worker N to CPU N (the binary passes the engine's affinity call:
+    /// role crates forbid the unsafe code it needs).
+    pub fn start<F, Fut>(
+        n: usize,
+        listen: &[SocketAddr],
+        pin: Option<fn(usize) -> io::Result<()>>,
+        session: F,
+    ) -> io::Result<Workers>
+    where
+        F: Fn(TcpStream, SocketAddr, SocketAddr) -> Fut + Send + Sync + Clone + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_notify = Arc::new(tokio::sync::Notify::new());
+        let cpus = allowed_cpus();
+        let mut threads = Vec::with_capacity(n);
+        for id in 0..n {
+            let listeners = listen
+                .iter()
+                .map(|a| {
+                    reuseport_listener(*a)
+                        .map_err(|e| io::Error::new(e.kind(), format!("{a}: {e}")))
+                })
+                .collect::<io::Result<Vec<_>>>()?;
+            let session = session.clone();
+            let stop = Arc::clone(&stop);
+            let notify = Arc::clone(&stop_notify);
+            let cpu = cpus.get(id % cpus.len().max(1)).copied();
+            let t = std::thread::Builder::new()
+                .name(format!("ringmail-mx-{id}"))
+                .spawn(move || {
+                    if let (Some(cpu), Some(pin)) = (cpu, pin)
+                        && let Err(e) = pin(cpu)
+                    {
+                        warn!(worker = id, cpu, error = %e, "cannot pin the worker to its CPU");
+                    }
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            error!(worker = id, error = %e, "cannot build the worker runtime");
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        let mut tasks = Vec::new();
+                        for l in listeners {
+                            let Ok(l) = TcpListener::from_std(l) else {
+                                continue;
+                            };
+                            let session = session.clone();
+                            let stop = Arc::clone(&stop);
+                            let notify = Arc::clone(&notify);
+                            tasks.push(tokio::spawn(async move {
+                                accept_loop(l, session, stop, notify).await;
+                            }));
+                        }
+                        for t in tasks {
+                            let _ = t.await;
+                        }
+                    });
+                })?;
+            threads.push(t);
+        }
+        Ok(Workers {
+            threads,
+            stop,
+            stop_notify,
+        })
+    }
+
+    /// Stops accepting; sessions in progress are dropped when their worker's runtime ends.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.stop_notify.notify_waiters();
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    session: F,
+    stop: Arc<AtomicBool>,
+    notify: Arc<tokio::sync::Notify>,
+) where
+    F: Fn(TcpStream, SocketAddr, SocketAddr) -> Fut + Send + Sync + Clone + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let local = listener.local_addr().ok();
+    let mut sessions = tokio::task::JoinSet::new();
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::select! {
+            _ = notify.notified() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let local = stream.local_addr().ok().or(local).unwrap_or(peer);
+                    sessions.spawn(session(stream, peer, local));
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    // EMFILE and friends: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+        }
+    }
+    // Give sessions in progress a moment to finish their current exchange.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+}
+
+fn allowed_cpus() -> Vec<usize> {
+    std::thread::available_parallelism()
+        .map(|n| (0..n.get()).collect())
+        .unwrap_or_else(|_| vec![0])
+}
