@@ -19,3 +19,6 @@ pub use spool::{
     AttemptSummary, Claim, Incoming, Outcome, QueueConfig, QueueStats, RecoveryReport, Spool,
     backoff, inspect,
 };
+
+#[cfg(test)]
+mod tests;
