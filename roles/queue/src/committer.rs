@@ -1,11 +1,15 @@
-//! The group committer: one std thread that turns many pending writes into one directory fsync.
+//! The group committer: one std thread that turns many pending writes into few fsyncs.
 //!
-//! A [`Job`] is a unit of durable change: files to fdatasync, then renames and unlinks in the
-//! message directory, then index updates. The committer takes every job waiting on its channel,
-//! fdatasyncs all their files at once (on a small pool of threads, so the file system can put
-//! them into one journal commit instead of one per file), performs the renames and unlinks, fsyncs
-//! the message directory once for the whole batch, applies the index updates and only then
-//! completes each job's waiter. While one batch is on the disk, the next one accumulates.
+//! A [`Job`] is a unit of durable change: files in `tmp/` to fdatasync, then renames into and
+//! unlinks in `msg/`, then index updates. A job goes through two phases:
+//!
+//! 1. its files are fdatasynced (on a pool of threads, all of a batch at once, so the file
+//!    system can serve them with one journal commit instead of one per file);
+//! 2. in the next round its renames and unlinks are done and the directory is fsynced once for
+//!    every job of that round; only then is the job's waiter completed.
+//!
+//! The rounds overlap: phase 1 of the newest jobs and phase 2 of the previous ones share one
+//! round of parallel fsyncs. While a round is on the disk, the next jobs accumulate.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -75,10 +79,34 @@ impl Job {
 }
 
 struct SyncTask {
-    job: usize,
+    /// The job whose file this is; `None` for the directory.
+    job: Option<usize>,
     file: File,
     path: PathBuf,
-    done: Sender<(usize, Result<(), QueueError>)>,
+    done: Sender<(Option<usize>, Result<(), QueueError>)>,
+}
+
+impl SyncTask {
+    fn run(self) {
+        let r = match self.job {
+            Some(_) => self
+                .file
+                .sync_data()
+                .map_err(|e| QueueError::io("fdatasync", &self.path, e)),
+            None => self
+                .file
+                .sync_all()
+                .map_err(|e| QueueError::io("fsync directory", &self.path, e)),
+        };
+        drop(self.file);
+        let _ = self.done.send((self.job, r));
+    }
+}
+
+/// A job and how it stands.
+struct Pending {
+    job: Job,
+    result: Result<(), QueueError>,
 }
 
 /// Starts the committer thread; it ends when every sender is dropped.
@@ -104,16 +132,11 @@ fn start_pool() -> Sender<SyncTask> {
                         Err(_) => return,
                     };
                     let Ok(task) = task else { return };
-                    let r = task
-                        .file
-                        .sync_data()
-                        .map_err(|e| QueueError::io("fdatasync", &task.path, e));
-                    drop(task.file);
-                    let _ = task.done.send((task.job, r));
+                    task.run();
                 }
             });
         if let Err(e) = spawned {
-            // Fewer threads only means less parallelism; the committer syncs inline if none.
+            // Fewer threads only means less parallelism (none: the committer syncs inline).
             tracing::warn!("spool: cannot start fsync thread: {e}");
             break;
         }
@@ -121,137 +144,176 @@ fn start_pool() -> Sender<SyncTask> {
     tx
 }
 
+/// The committer loop. Each round ("tick") overlaps the two phases of consecutive batches:
+/// it renames (or unlinks) for the jobs whose files were synced in the previous tick, then
+/// fdatasyncs the files of the newly arrived jobs and fsyncs the directory for the renames, all
+/// at once, so one journal commit serves both; then it completes the renamed jobs.
 fn run(rx: Receiver<Job>, shared: Arc<Shared>) {
     let pool = start_pool();
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+    let mut synced: Vec<Pending> = Vec::new();
+    loop {
+        let mut fresh = Vec::new();
+        if synced.is_empty() {
+            match rx.recv() {
+                Ok(job) => fresh.push(job),
+                Err(_) => return,
+            }
+        }
+        while fresh.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => fresh.push(job),
                 Err(_) => break,
             }
         }
-        process(&shared, &pool, batch);
+        synced = tick(&shared, &pool, std::mem::take(&mut synced), fresh);
     }
 }
 
-fn process(shared: &Shared, pool: &Sender<SyncTask>, batch: Vec<Job>) {
-    let mut results: Vec<Result<(), QueueError>> = Vec::with_capacity(batch.len());
-    let mut jobs = Vec::with_capacity(batch.len());
-    let (done_tx, done_rx) = mpsc::channel();
-    let mut outstanding = 0usize;
-    let mut files = 0u64;
-    for (i, mut job) in batch.into_iter().enumerate() {
-        results.push(if shared.poisoned.load(Ordering::Acquire) {
-            Err(QueueError::Poisoned)
-        } else {
-            Ok(())
-        });
-        if results[i].is_ok() {
-            for (file, path) in job.syncs.drain(..) {
-                files += 1;
-                let task = SyncTask {
-                    job: i,
-                    file,
-                    path,
-                    done: done_tx.clone(),
-                };
-                match pool.send(task) {
-                    Ok(()) => outstanding += 1,
-                    Err(mpsc::SendError(task)) => {
-                        let r = task
-                            .file
-                            .sync_data()
-                            .map_err(|e| QueueError::io("fdatasync", &task.path, e));
-                        if let Err(e) = r {
-                            results[i] = Err(e);
-                        }
-                    }
-                }
-            }
-        }
-        jobs.push(job);
-    }
-    drop(done_tx);
-    for _ in 0..outstanding {
-        let Ok((i, r)) = done_rx.recv() else { break };
-        if let Err(e) = r
-            && results[i].is_ok()
-        {
-            results[i] = Err(e);
-        }
-    }
-    if results
-        .iter()
-        .any(|r| matches!(r, Err(QueueError::Io { .. })))
-    {
-        tracing::error!("spool: fdatasync failed; refusing further writes");
-        shared.poisoned.store(true, Ordering::Release);
-    }
-
-    // Renames and unlinks of every job whose files are on the disk.
+/// Renames and unlinks of the jobs in phase two; whether anything changed in the directory.
+fn apply_renames(stage: &mut [Pending]) -> bool {
     let mut changed = false;
-    for (job, result) in jobs.iter().zip(results.iter_mut()) {
-        if result.is_err() {
-            continue;
-        }
-        for (from, to) in &job.renames {
+    for p in stage.iter_mut().filter(|p| p.result.is_ok()) {
+        for (from, to) in &p.job.renames {
             if let Err(e) = std::fs::rename(from, to) {
-                *result = Err(QueueError::io("rename", from, e));
+                p.result = Err(QueueError::io("rename", from, e));
                 break;
             }
             changed = true;
         }
-        if result.is_err() {
+        if p.result.is_err() {
             continue;
         }
-        for path in &job.unlinks {
+        for path in &p.job.unlinks {
             match std::fs::remove_file(path) {
                 Ok(()) => changed = true,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    *result = Err(QueueError::io("unlink", path, e));
+                    p.result = Err(QueueError::io("unlink", path, e));
                     break;
                 }
             }
         }
     }
+    changed
+}
 
-    // One directory fsync makes every rename and unlink of the batch durable.
+fn tick(
+    shared: &Shared,
+    pool: &Sender<SyncTask>,
+    synced: Vec<Pending>,
+    fresh: Vec<Job>,
+) -> Vec<Pending> {
+    let poisoned = shared.poisoned.load(Ordering::Acquire);
+    let status = || {
+        if poisoned {
+            Err(QueueError::Poisoned)
+        } else {
+            Ok(())
+        }
+    };
+    // Phase two: jobs synced in the last tick, and jobs without files (deletions).
+    let mut stage2 = synced;
+    let mut stage1 = Vec::new();
+    for job in fresh {
+        let p = Pending {
+            job,
+            result: status(),
+        };
+        if p.job.syncs.is_empty() {
+            stage2.push(p);
+        } else {
+            stage1.push(p);
+        }
+    }
+    if poisoned {
+        for p in stage2.iter_mut().filter(|p| p.result.is_ok()) {
+            p.result = Err(QueueError::Poisoned);
+        }
+    }
+    let changed = apply_renames(&mut stage2);
+
+    // All the fsyncs of this tick at once.
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut outstanding = 0usize;
+    let mut files = 0u64;
+    let mut dir_result = Ok(());
+    let mut tasks = Vec::new();
+    for (i, p) in stage1.iter_mut().enumerate() {
+        if p.result.is_err() {
+            continue;
+        }
+        for (file, path) in p.job.syncs.drain(..) {
+            files += 1;
+            tasks.push(SyncTask {
+                job: Some(i),
+                file,
+                path,
+                done: done_tx.clone(),
+            });
+        }
+    }
     if changed {
-        let r = File::open(&shared.msg_dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| QueueError::io("fsync directory", &shared.msg_dir, e));
-        shared.counters.dir_fsyncs.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = r {
-            tracing::error!("spool: {e}; refusing further writes");
-            shared.poisoned.store(true, Ordering::Release);
-            for result in results.iter_mut() {
-                if result.is_ok() {
-                    *result = Err(e.duplicate());
+        match File::open(&shared.msg_dir) {
+            Ok(file) => tasks.push(SyncTask {
+                job: None,
+                file,
+                path: shared.msg_dir.clone(),
+                done: done_tx.clone(),
+            }),
+            Err(e) => dir_result = Err(QueueError::io("open directory", &shared.msg_dir, e)),
+        }
+    }
+    drop(done_tx);
+    for task in tasks {
+        outstanding += 1;
+        if let Err(mpsc::SendError(task)) = pool.send(task) {
+            task.run();
+        }
+    }
+    for _ in 0..outstanding {
+        let Ok((job, r)) = done_rx.recv() else { break };
+        match job {
+            Some(i) => {
+                if let Err(e) = r
+                    && stage1[i].result.is_ok()
+                {
+                    stage1[i].result = Err(e);
                 }
             }
+            None => dir_result = r,
         }
     }
-    shared
-        .counters
-        .files_synced
-        .fetch_add(files, Ordering::Relaxed);
+    let c = &shared.counters;
+    c.files_synced.fetch_add(files, Ordering::Relaxed);
+    if changed {
+        c.dir_fsyncs.fetch_add(1, Ordering::Relaxed);
+    }
+    if stage1
+        .iter()
+        .any(|p| matches!(p.result, Err(QueueError::Io { .. })))
+    {
+        tracing::error!("spool: fdatasync failed; refusing further writes");
+        shared.poisoned.store(true, Ordering::Release);
+    }
+    if let Err(e) = dir_result {
+        tracing::error!("spool: {e}; refusing further writes");
+        shared.poisoned.store(true, Ordering::Release);
+        for p in stage2.iter_mut().filter(|p| p.result.is_ok()) {
+            p.result = Err(e.duplicate());
+        }
+    }
 
+    // Phase two is durable: publish and complete.
     let mut ops = Vec::new();
     let mut committed = 0;
-    for (job, result) in jobs.iter_mut().zip(results.iter()) {
-        if result.is_ok() {
-            ops.append(&mut job.index);
-            committed += job.new_messages;
-        }
+    for p in stage2.iter_mut().filter(|p| p.result.is_ok()) {
+        ops.append(&mut p.job.index);
+        committed += p.job.new_messages;
     }
     shared.apply(ops);
-    shared
-        .counters
-        .commits
-        .fetch_add(committed, Ordering::Relaxed);
-    for (job, result) in jobs.into_iter().zip(results) {
-        job.reply.send(result);
+    c.commits.fetch_add(committed, Ordering::Relaxed);
+    for p in stage2 {
+        p.job.reply.send(p.result);
     }
+    stage1
 }
