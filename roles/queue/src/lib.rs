@@ -1,2 +1,111 @@
-//! ringmail-queue: the durable spool (to be written).
+//! ringmail-queue: the durable mail spool.
+//!
+//! A [`Spool`] receives messages ([`Spool::begin`], [`Incoming::write`], [`Incoming::commit`]),
+//! keeps them across crashes, tells the delivery side what is due ([`Spool::due`],
+//! [`Spool::claim`]), records attempts with exponential backoff and expiry
+//! ([`Spool::record_attempt`]), and bounces permanent failures as RFC 3464 DSNs.
+//!
+//! # On-disk format
+//!
+//! ```text
+//! <dir>/
+//!   lock                  flock(2)ed by the process that has the spool open
+//!   tmp/                  writes in progress; everything here is garbage after a crash
+//!     <id>.data             content being received (64 KiB buffered writes)
+//!     <id>.<rand>.env       envelope being written (new message or replacement)
+//!   msg/                  committed messages: always a pair
+//!     <id>.data             content as received (trace headers first), never rewritten
+//!     <id>.env              envelope, versioned JSON (see [`Envelope`]); replaced atomically
+//!   corrupt/              unparsable envelopes moved aside at open (never deleted)
+//! ```
+//!
+//! Queue ids are 19 characters of `[0-9a-z]` ([`QueueId`]), sortable by arrival. One flat
+//! `msg/` directory means a group commit needs exactly one directory fsync.
+//!
+//! # Commit protocol and crash safety
+//!
+//! ```text
+//!  caller (async)                   committer thread                    disk
+//!  ------------------------------   --------------------------------    -------------------
+//!  begin: create tmp/ID.data
+//!  write, write, ... (buffered)
+//!  commit: flush, write
+//!    tmp/ID.R.env, send job ──────► round n:   fdatasync data + env ──► contents durable
+//!    (await oneshot)                round n+1: rename data, then env
+//!                                              into msg/
+//!                                              fsync(msg/) ─────────► names durable
+//!                                              index += ID
+//!    Ok(ID) ◄──────────────────────            reply
+//! ```
+//!
+//! Every job of a round shares that round's fsyncs: the fdatasyncs run in parallel on a thread
+//! pool and `msg/` is fsynced once per round, and phase 1 of new jobs overlaps phase 2 of the
+//! previous ones. The caller's future resolves `Ok` only after the directory fsync, so an
+//! acknowledged message has its content and its envelope on stable storage under their final
+//! names.
+//!
+//! **The envelope in `msg/` is the commit record.** A message exists iff `msg/ID.env` parses
+//! and `msg/ID.data` exists with the envelope's `size`. [`Spool::open`] enforces this:
+//!
+//! * everything in `tmp/` is removed (receives and envelope rewrites that never finished);
+//! * a data file without envelope, an envelope without data file or a size mismatch is a commit
+//!   or deletion interrupted before its directory fsync (the renames of one round may reach the
+//!   disk in any order before that fsync): never acknowledged, removed;
+//! * an envelope that does not parse cannot come from a crash (envelopes are fdatasynced before
+//!   their rename), so it is damage: moved to `corrupt/` for a human, not deleted.
+//!
+//! Why nothing half-written is ever delivered: a file is renamed into `msg/` only after its
+//! fdatasync returned, so any name visible in `msg/` after a crash points to complete content.
+//!
+//! Envelope updates ([`Spool::record_attempt`], [`Spool::retry_now`], ...) write a new
+//! `tmp/ID.R.env`, fdatasync it and rename it over `msg/ID.env` (atomic), then fsync `msg/`:
+//! after a crash either the old or the new envelope is there, never a mix. Deletion unlinks the
+//! envelope first, then the data, then fsyncs `msg/`; a crash in between leaves a data file
+//! without envelope, removed at open.
+//!
+//! A DSN is committed (durably) before the failed message's envelope is updated: a crash in
+//! between re-attempts the failed recipients and may send a second DSN, but never loses one.
+//!
+//! After a failed fsync the page cache can no longer be trusted to match the disk, so the spool
+//! becomes fail-stop: every later write returns [`QueueError::Poisoned`] until restart.
+//!
+//! # Duplicates
+//!
+//! Delivery is at least once. A commit can succeed and the client still not learn it (the
+//! connection breaks before the 250 reply is read); the client then sends the message again
+//! and it is delivered twice, as RFC 5321 section 6.1 accepts. The SMTP server reports such
+//! cases with [`Spool::note_ack_maybe_lost`]; [`QueueStats::acks_maybe_lost`] counts them.
+//! Likewise a crash after a delivery but before its [`Spool::record_attempt`] is durable
+//! repeats that delivery.
+//!
+//! # Concurrency
+//!
+//! The in-memory index (rebuilt at open) holds the schedule as a `BTreeSet` of
+//! `(next_attempt, id)`, so [`Spool::due`] touches no files. [`Spool::claim`] is an in-memory
+//! lease: a claimed message is not due, cannot be claimed again, deleted or rescheduled, and
+//! [`Spool::record_attempt`] requires it, so envelope rewrites of one message never race. One
+//! process per spool directory (the `lock` file); [`inspect`] reads a spool another process
+//! has open.
 #![forbid(unsafe_code)]
+
+mod committer;
+mod dsn;
+mod envelope;
+mod error;
+mod id;
+mod spool;
+
+pub use dsn::dsn_status;
+pub use envelope::{
+    BodyType, ClientInfo, ENVELOPE_VERSION, Envelope, NewEnvelope, NewRecipient, Notify,
+    RcptStatus, RecipientState, Ret, from_unix, rfc5322_date, summary_line, to_unix,
+};
+pub use error::QueueError;
+pub use id::{ID_LEN, QueueId};
+pub use spool::{
+    AttemptSummary, Claim, Incoming, Outcome, QueueConfig, QueueStats, RecoveryReport, Spool,
+    backoff, inspect,
+};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,319 @@
+//! The group committer: one std thread that turns many pending writes into few fsyncs.
+//!
+//! A [`Job`] is a unit of durable change: files in `tmp/` to fdatasync, then renames into and
+//! unlinks in `msg/`, then index updates. A job goes through two phases:
+//!
+//! 1. its files are fdatasynced (on a pool of threads, all of a batch at once, so the file
+//!    system can serve them with one journal commit instead of one per file);
+//! 2. in the next round its renames and unlinks are done and the directory is fsynced once for
+//!    every job of that round; only then is the job's waiter completed.
+//!
+//! The rounds overlap: phase 1 of the newest jobs and phase 2 of the previous ones share one
+//! round of parallel fsyncs. While a round is on the disk, the next jobs accumulate.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use tokio::sync::oneshot;
+
+use crate::QueueError;
+use crate::spool::{IndexOp, Shared};
+
+/// Jobs taken into one batch at most (bounds the open files of a batch).
+const MAX_BATCH: usize = 256;
+/// Threads of the fsync pool.
+const SYNC_THREADS: usize = 16;
+
+/// Who waits for a job.
+pub(crate) enum Reply {
+    /// An async caller (commit, record_attempt).
+    Async(oneshot::Sender<Result<(), QueueError>>),
+    /// A blocking caller (delete, retry_now, flush).
+    Blocking(mpsc::SyncSender<Result<(), QueueError>>),
+}
+
+impl Reply {
+    fn send(self, r: Result<(), QueueError>) {
+        // The waiter may have gone away (future dropped); the change is durable regardless.
+        match self {
+            Reply::Async(tx) => {
+                let _ = tx.send(r);
+            }
+            Reply::Blocking(tx) => {
+                let _ = tx.send(r);
+            }
+        }
+    }
+}
+
+/// One durable change.
+pub(crate) struct Job {
+    /// Written files (in `tmp/`) to fdatasync before anything is renamed.
+    pub syncs: Vec<(File, PathBuf)>,
+    /// Renames into `msg/`, in order.
+    pub renames: Vec<(PathBuf, PathBuf)>,
+    /// Files in `msg/` to remove, in order.
+    pub unlinks: Vec<PathBuf>,
+    /// Index changes once durable.
+    pub index: Vec<IndexOp>,
+    /// Messages newly committed by this job (for the statistics).
+    pub new_messages: u64,
+    pub reply: Reply,
+}
+
+impl Job {
+    pub(crate) fn new(reply: Reply) -> Job {
+        Job {
+            syncs: Vec::new(),
+            renames: Vec::new(),
+            unlinks: Vec::new(),
+            index: Vec::new(),
+            new_messages: 0,
+            reply,
+        }
+    }
+}
+
+struct SyncTask {
+    /// The job whose file this is; `None` for the directory.
+    job: Option<usize>,
+    file: File,
+    path: PathBuf,
+    done: Sender<(Option<usize>, Result<(), QueueError>)>,
+}
+
+impl SyncTask {
+    fn run(self) {
+        let r = match self.job {
+            Some(_) => self
+                .file
+                .sync_data()
+                .map_err(|e| QueueError::io("fdatasync", &self.path, e)),
+            None => self
+                .file
+                .sync_all()
+                .map_err(|e| QueueError::io("fsync directory", &self.path, e)),
+        };
+        drop(self.file);
+        let _ = self.done.send((self.job, r));
+    }
+}
+
+/// A job and how it stands.
+struct Pending {
+    job: Job,
+    result: Result<(), QueueError>,
+}
+
+/// Starts the committer thread; it ends when every sender is dropped.
+pub(crate) fn start(shared: Arc<Shared>) -> std::io::Result<(Sender<Job>, thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    let handle = thread::Builder::new()
+        .name("queue-commit".into())
+        .spawn(move || run(rx, shared))?;
+    Ok((tx, handle))
+}
+
+fn start_pool() -> Sender<SyncTask> {
+    let (tx, rx) = mpsc::channel::<SyncTask>();
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..SYNC_THREADS {
+        let rx = Arc::clone(&rx);
+        let spawned = thread::Builder::new()
+            .name(format!("queue-fsync-{i}"))
+            .spawn(move || {
+                loop {
+                    let task = match rx.lock() {
+                        Ok(guard) => guard.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(task) = task else { return };
+                    task.run();
+                }
+            });
+        if let Err(e) = spawned {
+            // Fewer threads only means less parallelism (none: the committer syncs inline).
+            tracing::warn!("spool: cannot start fsync thread: {e}");
+            break;
+        }
+    }
+    tx
+}
+
+/// The committer loop. Each round ("tick") overlaps the two phases of consecutive batches:
+/// it renames (or unlinks) for the jobs whose files were synced in the previous tick, then
+/// fdatasyncs the files of the newly arrived jobs and fsyncs the directory for the renames, all
+/// at once, so one journal commit serves both; then it completes the renamed jobs.
+fn run(rx: Receiver<Job>, shared: Arc<Shared>) {
+    let pool = start_pool();
+    let mut synced: Vec<Pending> = Vec::new();
+    loop {
+        let mut fresh = Vec::new();
+        if synced.is_empty() {
+            match rx.recv() {
+                Ok(job) => fresh.push(job),
+                Err(_) => return,
+            }
+        }
+        while fresh.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => fresh.push(job),
+                Err(_) => break,
+            }
+        }
+        synced = tick(&shared, &pool, std::mem::take(&mut synced), fresh);
+    }
+}
+
+/// Renames and unlinks of the jobs in phase two; whether anything changed in the directory.
+fn apply_renames(stage: &mut [Pending]) -> bool {
+    let mut changed = false;
+    for p in stage.iter_mut().filter(|p| p.result.is_ok()) {
+        for (from, to) in &p.job.renames {
+            if let Err(e) = std::fs::rename(from, to) {
+                p.result = Err(QueueError::io("rename", from, e));
+                break;
+            }
+            changed = true;
+        }
+        if p.result.is_err() {
+            continue;
+        }
+        for path in &p.job.unlinks {
+            match std::fs::remove_file(path) {
+                Ok(()) => changed = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    p.result = Err(QueueError::io("unlink", path, e));
+                    break;
+                }
+            }
+        }
+    }
+    changed
+}
+
+fn tick(
+    shared: &Shared,
+    pool: &Sender<SyncTask>,
+    synced: Vec<Pending>,
+    fresh: Vec<Job>,
+) -> Vec<Pending> {
+    let poisoned = shared.poisoned.load(Ordering::Acquire);
+    let status = || {
+        if poisoned {
+            Err(QueueError::Poisoned)
+        } else {
+            Ok(())
+        }
+    };
+    // Phase two: jobs synced in the last tick, and jobs without files (deletions).
+    let mut stage2 = synced;
+    let mut stage1 = Vec::new();
+    for job in fresh {
+        let p = Pending {
+            job,
+            result: status(),
+        };
+        if p.job.syncs.is_empty() {
+            stage2.push(p);
+        } else {
+            stage1.push(p);
+        }
+    }
+    if poisoned {
+        for p in stage2.iter_mut().filter(|p| p.result.is_ok()) {
+            p.result = Err(QueueError::Poisoned);
+        }
+    }
+    let changed = apply_renames(&mut stage2);
+
+    // All the fsyncs of this tick at once.
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut outstanding = 0usize;
+    let mut files = 0u64;
+    let mut dir_result = Ok(());
+    let mut tasks = Vec::new();
+    for (i, p) in stage1.iter_mut().enumerate() {
+        if p.result.is_err() {
+            continue;
+        }
+        for (file, path) in p.job.syncs.drain(..) {
+            files += 1;
+            tasks.push(SyncTask {
+                job: Some(i),
+                file,
+                path,
+                done: done_tx.clone(),
+            });
+        }
+    }
+    if changed {
+        match File::open(&shared.msg_dir) {
+            Ok(file) => tasks.push(SyncTask {
+                job: None,
+                file,
+                path: shared.msg_dir.clone(),
+                done: done_tx.clone(),
+            }),
+            Err(e) => dir_result = Err(QueueError::io("open directory", &shared.msg_dir, e)),
+        }
+    }
+    drop(done_tx);
+    for task in tasks {
+        outstanding += 1;
+        if let Err(mpsc::SendError(task)) = pool.send(task) {
+            task.run();
+        }
+    }
+    for _ in 0..outstanding {
+        let Ok((job, r)) = done_rx.recv() else { break };
+        match job {
+            Some(i) => {
+                if let Err(e) = r
+                    && stage1[i].result.is_ok()
+                {
+                    stage1[i].result = Err(e);
+                }
+            }
+            None => dir_result = r,
+        }
+    }
+    let c = &shared.counters;
+    c.files_synced.fetch_add(files, Ordering::Relaxed);
+    if changed {
+        c.dir_fsyncs.fetch_add(1, Ordering::Relaxed);
+    }
+    if stage1
+        .iter()
+        .any(|p| matches!(p.result, Err(QueueError::Io { .. })))
+    {
+        tracing::error!("spool: fdatasync failed; refusing further writes");
+        shared.poisoned.store(true, Ordering::Release);
+    }
+    if let Err(e) = dir_result {
+        tracing::error!("spool: {e}; refusing further writes");
+        shared.poisoned.store(true, Ordering::Release);
+        for p in stage2.iter_mut().filter(|p| p.result.is_ok()) {
+            p.result = Err(e.duplicate());
+        }
+    }
+
+    // Phase two is durable: publish and complete.
+    let mut ops = Vec::new();
+    let mut committed = 0;
+    for p in stage2.iter_mut().filter(|p| p.result.is_ok()) {
+        ops.append(&mut p.job.index);
+        committed += p.job.new_messages;
+    }
+    shared.apply(ops);
+    c.commits.fetch_add(committed, Ordering::Relaxed);
+    for p in stage2 {
+        p.job.reply.send(p.result);
+    }
+    stage1
+}

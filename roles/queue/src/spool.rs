@@ -1,0 +1,1173 @@
+//! The spool: message files, the in-memory index, claims and delivery bookkeeping.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::committer::{self, Job, Reply};
+use crate::envelope::{
+    ENVELOPE_VERSION, Envelope, NewEnvelope, RcptStatus, RecipientState, from_unix, to_unix,
+};
+use crate::{QueueError, QueueId, dsn};
+
+/// Buffer of a message being written.
+const WRITE_BUFFER: usize = 64 * 1024;
+/// Envelopes rewritten per group commit by [`Spool::flush`] (bounds open files).
+const FLUSH_CHUNK: usize = 256;
+
+/// Spool configuration.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Spool directory (created if missing).
+    pub dir: PathBuf,
+    /// How long a message is retried before temporary failures become permanent.
+    pub max_lifetime: Duration,
+    /// First retry interval; doubled per attempt.
+    pub retry_min: Duration,
+    /// Longest retry interval.
+    pub retry_max: Duration,
+    /// Send a delay warning DSN (headers only) once a message is this old and still has
+    /// recipients whose NOTIFY asks for delays (or was not given). `None`: never.
+    pub bounce_after_delay_warning: Option<Duration>,
+    /// Route of generated DSNs.
+    pub bounce_route: String,
+    /// Host name in DSNs (Reporting-MTA, From, Message-ID).
+    pub hostname: String,
+    /// Messages larger than this are returned with headers only, even with RET=FULL.
+    pub bounce_size_limit: u64,
+}
+
+impl QueueConfig {
+    /// Defaults: 5 days lifetime, retries from 5 minutes to 1 hour, no delay warnings, bounces
+    /// routed `"mta"`, the kernel's host name, full content returned up to 512 KiB.
+    pub fn new(dir: impl Into<PathBuf>) -> QueueConfig {
+        let hostname = fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_owned())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned());
+        QueueConfig {
+            dir: dir.into(),
+            max_lifetime: Duration::from_secs(5 * 86_400),
+            retry_min: Duration::from_secs(5 * 60),
+            retry_max: Duration::from_secs(3600),
+            bounce_after_delay_warning: None,
+            bounce_route: "mta".to_owned(),
+            hostname,
+            bounce_size_limit: 512 * 1024,
+        }
+    }
+}
+
+/// What [`Spool::open`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryReport {
+    /// Committed messages recovered.
+    pub messages: usize,
+    /// Leftover files of uncommitted writes removed from `tmp/`.
+    pub tmp_removed: usize,
+    /// Files in `msg/` without their partner (a data file without envelope or the reverse, or
+    /// a size mismatch): remains of commits or deletions interrupted before their directory
+    /// fsync, never acknowledged. Removed.
+    pub orphans_removed: usize,
+    /// Envelopes that could not be parsed, moved with their data to `corrupt/`.
+    pub quarantined: usize,
+}
+
+/// Queue statistics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStats {
+    /// Queued messages.
+    pub messages: usize,
+    /// Recipients still to be delivered.
+    pub recipients_pending: usize,
+    /// Age of the oldest message.
+    pub oldest_age: Option<Duration>,
+    /// Total size of queued message content.
+    pub bytes: u64,
+    /// Commits whose acknowledgement may not have reached the client (see
+    /// [`Spool::note_ack_maybe_lost`]).
+    pub acks_maybe_lost: u64,
+    /// Messages committed since open (including DSNs).
+    pub commits: u64,
+    /// Directory fsyncs since open: one per group commit batch.
+    pub dir_fsyncs: u64,
+    /// Files fdatasynced since open.
+    pub files_synced: u64,
+    /// DSNs (bounces and delay warnings) created since open.
+    pub dsns: u64,
+}
+
+/// Result of one delivery attempt for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted by the next hop.
+    Delivered {
+        /// The reply.
+        reply: String,
+    },
+    /// Temporary failure: retry later.
+    TempFail {
+        /// The reply.
+        reply: String,
+    },
+    /// Permanent failure.
+    PermFail {
+        /// The reply.
+        reply: String,
+    },
+}
+
+/// What [`Spool::record_attempt`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttemptSummary {
+    /// Recipients delivered in this attempt.
+    pub delivered: usize,
+    /// Recipients temporarily failed in this attempt (still pending).
+    pub deferred: usize,
+    /// Recipients that failed permanently in this attempt (including expiry).
+    pub failed: usize,
+    /// Recipients still pending.
+    pub pending: usize,
+    /// Next attempt, if recipients remain.
+    pub next_attempt: Option<SystemTime>,
+    /// The message is finished and its files are gone.
+    pub removed: bool,
+    /// The failure DSN created.
+    pub bounce: Option<QueueId>,
+    /// The delay warning DSN created.
+    pub delay_warning: Option<QueueId>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    next_attempt: u64,
+    received_at: u64,
+    size: u64,
+    pending: usize,
+    frozen: bool,
+    claimed: bool,
+}
+
+impl Entry {
+    fn of(env: &Envelope) -> Entry {
+        Entry {
+            next_attempt: env.next_attempt,
+            received_at: to_unix(env.received_at),
+            size: env.size,
+            pending: env.pending().count(),
+            frozen: env.frozen,
+            claimed: false,
+        }
+    }
+}
+
+/// An index change, applied by the committer once the change is durable.
+pub(crate) enum IndexOp {
+    Upsert(QueueId, Entry),
+    Remove(QueueId),
+}
+
+#[derive(Default)]
+struct Index {
+    entries: HashMap<QueueId, Entry>,
+    /// Unfrozen messages by (next attempt, id).
+    schedule: BTreeSet<(u64, QueueId)>,
+}
+
+impl Index {
+    fn remove(&mut self, id: &QueueId) -> Option<Entry> {
+        let e = self.entries.remove(id)?;
+        if !e.frozen {
+            self.schedule.remove(&(e.next_attempt, id.clone()));
+        }
+        Some(e)
+    }
+
+    fn upsert(&mut self, id: QueueId, mut e: Entry) {
+        if let Some(old) = self.remove(&id) {
+            e.claimed = old.claimed;
+        }
+        if !e.frozen {
+            self.schedule.insert((e.next_attempt, id.clone()));
+        }
+        self.entries.insert(id, e);
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub commits: AtomicU64,
+    pub dir_fsyncs: AtomicU64,
+    pub files_synced: AtomicU64,
+    pub acks_maybe_lost: AtomicU64,
+    pub dsns: AtomicU64,
+}
+
+/// State shared with the committer thread.
+pub(crate) struct Shared {
+    pub msg_dir: PathBuf,
+    index: Mutex<Index>,
+    pub counters: Counters,
+    pub poisoned: AtomicBool,
+}
+
+impl Shared {
+    fn index(&self) -> MutexGuard<'_, Index> {
+        // The index holds no invariant a panicking holder could break halfway.
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn apply(&self, ops: Vec<IndexOp>) {
+        if ops.is_empty() {
+            return;
+        }
+        let mut index = self.index();
+        for op in ops {
+            match op {
+                IndexOp::Upsert(id, e) => index.upsert(id, e),
+                IndexOp::Remove(id) => {
+                    index.remove(&id);
+                }
+            }
+        }
+    }
+}
+
+struct Inner {
+    cfg: QueueConfig,
+    tmp_dir: PathBuf,
+    shared: Arc<Shared>,
+    tx: Option<Sender<Job>>,
+    committer: Option<JoinHandle<()>>,
+    _lock: File,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel ends the committer after its last batch; wait for it so that the
+        // spool lock is only released once nothing writes any more.
+        self.tx = None;
+        if let Some(handle) = self.committer.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The durable queue. Cheap to clone; all clones share one committer and one index.
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool")
+            .field("dir", &self.inner.cfg.dir)
+            .finish()
+    }
+}
+
+fn data_name(id: &QueueId) -> String {
+    format!("{id}.data")
+}
+
+fn env_name(id: &QueueId) -> String {
+    format!("{id}.env")
+}
+
+/// Reads and checks an envelope file.
+pub(crate) fn read_envelope(path: &Path) -> Result<Envelope, QueueError> {
+    let text = fs::read(path).map_err(|e| QueueError::io("read", path, e))?;
+    #[derive(Deserialize)]
+    struct Version {
+        version: u32,
+    }
+    match serde_json::from_slice::<Envelope>(&text) {
+        Ok(env) if env.version > ENVELOPE_VERSION => {
+            Err(QueueError::UnsupportedVersion(env.version))
+        }
+        Ok(env) => Ok(env),
+        Err(e) => match serde_json::from_slice::<Version>(&text) {
+            Ok(v) if v.version > ENVELOPE_VERSION => Err(QueueError::UnsupportedVersion(v.version)),
+            _ => Err(QueueError::CorruptEnvelope {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }),
+        },
+    }
+}
+
+fn create_dir(path: &Path) -> Result<(), QueueError> {
+    fs::create_dir_all(path).map_err(|e| QueueError::io("create directory", path, e))
+}
+
+fn fsync_dir(path: &Path) -> Result<(), QueueError> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| QueueError::io("fsync directory", path, e))
+}
+
+/// Exponential backoff before the retry after `attempts` earlier attempts:
+/// `retry_min * 2^attempts`, at most `retry_max` (jitter is added by the caller).
+pub fn backoff(cfg: &QueueConfig, attempts: u32) -> Duration {
+    let factor = 1u32.checked_shl(attempts.min(31)).unwrap_or(u32::MAX);
+    cfg.retry_min
+        .checked_mul(factor)
+        .unwrap_or(cfg.retry_max)
+        .min(cfg.retry_max)
+}
+
+/// Lists the envelopes of a spool without opening it: no lock, no recovery, no writes. For
+/// `ringmail queue list` while the server runs. May include a message whose commit is still in
+/// flight, and skips files that vanish while it reads.
+pub fn inspect(dir: &Path) -> Result<Vec<Envelope>, QueueError> {
+    let msg = dir.join("msg");
+    let mut out = Vec::new();
+    let entries = fs::read_dir(&msg).map_err(|e| QueueError::io("read directory", &msg, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| QueueError::io("read directory", &msg, e))?;
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".env")) else {
+            continue;
+        };
+        if QueueId::parse(stem).is_err() || !msg.join(format!("{stem}.data")).exists() {
+            continue;
+        }
+        match read_envelope(&entry.path()) {
+            Ok(env) => out.push(env),
+            Err(QueueError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool, takes its lock, removes the remains of uncommitted
+    /// writes and builds the index. Fails with [`QueueError::Locked`] if another process has it
+    /// open.
+    pub fn open(cfg: QueueConfig) -> Result<(Spool, RecoveryReport), QueueError> {
+        let tmp_dir = cfg.dir.join("tmp");
+        let msg_dir = cfg.dir.join("msg");
+        create_dir(&tmp_dir)?;
+        create_dir(&msg_dir)?;
+        let lock_path = cfg.dir.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| QueueError::io("open", &lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(QueueError::Locked(cfg.dir.clone())),
+            Err(fs::TryLockError::Error(e)) => return Err(QueueError::io("lock", &lock_path, e)),
+        }
+
+        let mut report = RecoveryReport::default();
+        // 1. Everything in tmp/ is an uncommitted write.
+        for entry in
+            fs::read_dir(&tmp_dir).map_err(|e| QueueError::io("read directory", &tmp_dir, e))?
+        {
+            let entry = entry.map_err(|e| QueueError::io("read directory", &tmp_dir, e))?;
+            let path = entry.path();
+            fs::remove_file(&path).map_err(|e| QueueError::io("unlink", &path, e))?;
+            report.tmp_removed += 1;
+        }
+
+        // 2. In msg/, a message is committed iff its envelope parses and its data file has the
+        //    envelope's size.
+        let mut envs: HashMap<QueueId, bool> = HashMap::new(); // id -> has data file
+        let mut datas: Vec<QueueId> = Vec::new();
+        for entry in
+            fs::read_dir(&msg_dir).map_err(|e| QueueError::io("read directory", &msg_dir, e))?
+        {
+            let entry = entry.map_err(|e| QueueError::io("read directory", &msg_dir, e))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let parsed = name
+                .strip_suffix(".env")
+                .map(|s| (s, true))
+                .or_else(|| name.strip_suffix(".data").map(|s| (s, false)));
+            match parsed.and_then(|(stem, is_env)| QueueId::parse(stem).ok().map(|id| (id, is_env)))
+            {
+                Some((id, true)) => {
+                    envs.entry(id).or_insert(false);
+                }
+                Some((id, false)) => datas.push(id),
+                None => {
+                    tracing::warn!("spool: ignoring unexpected file {}", entry.path().display())
+                }
+            }
+        }
+        for id in datas {
+            match envs.get_mut(&id) {
+                Some(has_data) => *has_data = true,
+                None => {
+                    let path = msg_dir.join(data_name(&id));
+                    fs::remove_file(&path).map_err(|e| QueueError::io("unlink", &path, e))?;
+                    report.orphans_removed += 1;
+                }
+            }
+        }
+        let mut index = Index::default();
+        let corrupt_dir = cfg.dir.join("corrupt");
+        for (id, has_data) in envs {
+            let env_path = msg_dir.join(env_name(&id));
+            let data_path = msg_dir.join(data_name(&id));
+            if !has_data {
+                fs::remove_file(&env_path).map_err(|e| QueueError::io("unlink", &env_path, e))?;
+                report.orphans_removed += 1;
+                continue;
+            }
+            let env = match read_envelope(&env_path) {
+                Ok(env) if env.id == id => env,
+                Ok(_) | Err(QueueError::CorruptEnvelope { .. }) => {
+                    // Cannot come from a crash (envelopes are fsynced before their rename), so
+                    // this is damage: keep it for a human instead of deleting mail.
+                    tracing::error!(
+                        "spool: quarantining corrupt envelope {}",
+                        env_path.display()
+                    );
+                    create_dir(&corrupt_dir)?;
+                    for p in [&env_path, &data_path] {
+                        let to = corrupt_dir.join(p.file_name().unwrap_or_default());
+                        fs::rename(p, &to).map_err(|e| QueueError::io("rename", p, e))?;
+                    }
+                    report.quarantined += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let len = fs::metadata(&data_path)
+                .map_err(|e| QueueError::io("stat", &data_path, e))?
+                .len();
+            if len != env.size {
+                tracing::warn!(
+                    "spool: {id}: data file has {len} bytes, envelope says {}; removing",
+                    env.size
+                );
+                for p in [&env_path, &data_path] {
+                    fs::remove_file(p).map_err(|e| QueueError::io("unlink", p, e))?;
+                }
+                report.orphans_removed += 1;
+                continue;
+            }
+            index.upsert(id, Entry::of(&env));
+            report.messages += 1;
+        }
+        if report.orphans_removed > 0 || report.quarantined > 0 {
+            fsync_dir(&msg_dir)?;
+            if report.quarantined > 0 {
+                fsync_dir(&corrupt_dir)?;
+            }
+        }
+        if report.tmp_removed + report.orphans_removed + report.quarantined > 0 {
+            tracing::info!(?report, "spool: recovered");
+        }
+
+        let shared = Arc::new(Shared {
+            msg_dir,
+            index: Mutex::new(index),
+            counters: Counters::default(),
+            poisoned: AtomicBool::new(false),
+        });
+        let (tx, handle) = committer::start(Arc::clone(&shared))
+            .map_err(|e| QueueError::io("spawn committer for", &cfg.dir, e))?;
+        let inner = Inner {
+            cfg,
+            tmp_dir,
+            shared,
+            tx: Some(tx),
+            committer: Some(handle),
+            _lock: lock,
+        };
+        Ok((
+            Spool {
+                inner: Arc::new(inner),
+            },
+            report,
+        ))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &QueueConfig {
+        &self.inner.cfg
+    }
+
+    fn msg_dir(&self) -> &Path {
+        &self.inner.shared.msg_dir
+    }
+
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.inner.shared.index()
+    }
+
+    fn send(&self, job: Job) -> Result<(), QueueError> {
+        let tx = self.inner.tx.as_ref().ok_or(QueueError::CommitterGone)?;
+        tx.send(job).map_err(|_| QueueError::CommitterGone)
+    }
+
+    /// Hands a job to the committer and waits (asynchronously) until it is durable.
+    async fn submit(&self, mut job: Job) -> Result<(), QueueError> {
+        let (tx, rx) = oneshot::channel();
+        job.reply = Reply::Async(tx);
+        self.send(job)?;
+        rx.await.map_err(|_| QueueError::CommitterGone)?
+    }
+
+    /// Hands a job to the committer and blocks until it is durable.
+    fn submit_blocking(&self, mut job: Job) -> Result<(), QueueError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        job.reply = Reply::Blocking(tx);
+        self.send(job)?;
+        rx.recv().map_err(|_| QueueError::CommitterGone)?
+    }
+
+    fn empty_job() -> Job {
+        // The reply is replaced by submit/submit_blocking.
+        let (tx, _) = oneshot::channel();
+        Job::new(Reply::Async(tx))
+    }
+
+    /// Starts receiving a message.
+    pub fn begin(&self) -> Result<Incoming, QueueError> {
+        if self.inner.shared.poisoned.load(Ordering::Acquire) {
+            return Err(QueueError::Poisoned);
+        }
+        loop {
+            let id = QueueId::generate();
+            let path = self.inner.tmp_dir.join(data_name(&id));
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(file) => {
+                    return Ok(Incoming {
+                        spool: self.clone(),
+                        id,
+                        path,
+                        writer: Some(BufWriter::with_capacity(WRITE_BUFFER, file)),
+                        written: 0,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(QueueError::io("create", &path, e)),
+            }
+        }
+    }
+
+    /// Writes `env` to a new file in `tmp/` (not yet synced) and returns it with its path.
+    fn write_tmp_envelope(&self, env: &Envelope) -> Result<(File, PathBuf), QueueError> {
+        let path =
+            self.inner
+                .tmp_dir
+                .join(format!("{}.{:016x}.env", env.id, crate::id::random_u64()));
+        let json = serde_json::to_vec(env).map_err(|e| QueueError::CorruptEnvelope {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| QueueError::io("create", &path, e))?;
+        if let Err(e) = file.write_all(&json) {
+            let _ = fs::remove_file(&path);
+            return Err(QueueError::io("write", &path, e));
+        }
+        Ok((file, path))
+    }
+
+    /// A job replacing the envelope atomically (tmp, fdatasync, rename, directory fsync).
+    fn replace_job(&self, env: &Envelope) -> Result<(Job, PathBuf), QueueError> {
+        let (file, tmp) = self.write_tmp_envelope(env)?;
+        let mut job = Self::empty_job();
+        job.syncs.push((file, tmp.clone()));
+        job.renames
+            .push((tmp.clone(), self.msg_dir().join(env_name(&env.id))));
+        job.index
+            .push(IndexOp::Upsert(env.id.clone(), Entry::of(env)));
+        Ok((job, tmp))
+    }
+
+    /// A job removing a message: the envelope first (the commit record), then the data.
+    fn delete_job(&self, id: &QueueId) -> Job {
+        let mut job = Self::empty_job();
+        job.unlinks.push(self.msg_dir().join(env_name(id)));
+        job.unlinks.push(self.msg_dir().join(data_name(id)));
+        job.index.push(IndexOp::Remove(id.clone()));
+        job
+    }
+
+    fn read_env(&self, id: &QueueId) -> Result<Envelope, QueueError> {
+        match read_envelope(&self.msg_dir().join(env_name(id))) {
+            Err(QueueError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Err(QueueError::NotFound(id.clone()))
+            }
+            r => r,
+        }
+    }
+
+    /// Every queued message, ordered by id (arrival). Reads every envelope: for the CLI, not
+    /// for the delivery loop (use [`Spool::due`]).
+    pub fn list(&self) -> Result<Vec<Envelope>, QueueError> {
+        let mut ids: Vec<QueueId> = self.index().entries.keys().cloned().collect();
+        ids.sort();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.read_env(&id) {
+                Ok(env) => out.push(env),
+                Err(QueueError::NotFound(_)) => {} // deleted meanwhile
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The envelope of a queued message.
+    pub fn get(&self, id: &QueueId) -> Result<Option<Envelope>, QueueError> {
+        if !self.index().entries.contains_key(id) {
+            return Ok(None);
+        }
+        match self.read_env(id) {
+            Ok(env) => Ok(Some(env)),
+            Err(QueueError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The message content, for streaming to the next hop. Blocking reads: use a blocking task
+    /// or read in chunks.
+    pub fn open_body(&self, id: &QueueId) -> Result<File, QueueError> {
+        if !self.index().entries.contains_key(id) {
+            return Err(QueueError::NotFound(id.clone()));
+        }
+        let path = self.msg_dir().join(data_name(id));
+        File::open(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => QueueError::NotFound(id.clone()),
+            _ => QueueError::io("open", &path, e),
+        })
+    }
+
+    /// Takes the delivery lease of a message: `None` if it is not queued or already claimed.
+    /// The lease ends when the [`Claim`] is dropped. In memory only: a restart releases every
+    /// lease (the delivery workers are gone too).
+    pub fn claim(&self, id: &QueueId) -> Option<Claim> {
+        let mut index = self.index();
+        let entry = index.entries.get_mut(id)?;
+        if entry.claimed {
+            return None;
+        }
+        entry.claimed = true;
+        Some(Claim {
+            spool: self.clone(),
+            id: id.clone(),
+        })
+    }
+
+    /// Removes a message durably. `Ok(false)` if it is not queued; [`QueueError::Busy`] while a
+    /// delivery worker holds it. Blocks for a group commit: in async code call it from a
+    /// blocking task.
+    pub fn delete(&self, id: &QueueId) -> Result<bool, QueueError> {
+        let Some(claim) = self.claim(id) else {
+            return if self.index().entries.contains_key(id) {
+                Err(QueueError::Busy(id.clone()))
+            } else {
+                Ok(false)
+            };
+        };
+        self.submit_blocking(self.delete_job(id))?;
+        drop(claim);
+        Ok(true)
+    }
+
+    /// Rewrites a message's envelope under a temporary claim. `Ok(false)` if it is not queued
+    /// or claimed. Blocking.
+    fn modify_blocking(
+        &self,
+        id: &QueueId,
+        f: impl FnOnce(&mut Envelope) -> bool,
+    ) -> Result<bool, QueueError> {
+        let Some(_claim) = self.claim(id) else {
+            return Ok(false);
+        };
+        let mut env = self.read_env(id)?;
+        if !f(&mut env) {
+            return Ok(true);
+        }
+        let (job, tmp) = self.replace_job(&env)?;
+        self.submit_blocking(job).inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })?;
+        Ok(true)
+    }
+
+    /// Makes a message due now (durably). `Ok(false)` if it is not queued or is being
+    /// delivered right now. Blocking.
+    pub fn retry_now(&self, id: &QueueId) -> Result<bool, QueueError> {
+        let now = to_unix(SystemTime::now());
+        self.modify_blocking(id, |env| {
+            let change = env.next_attempt > now;
+            env.next_attempt = env.next_attempt.min(now);
+            change
+        })
+    }
+
+    /// Holds (`frozen = true`) or releases a message. A frozen message is never due.
+    /// `Ok(false)` if it is not queued or is being delivered. Blocking.
+    pub fn set_frozen(&self, id: &QueueId, frozen: bool) -> Result<bool, QueueError> {
+        self.modify_blocking(id, |env| {
+            let change = env.frozen != frozen;
+            env.frozen = frozen;
+            change
+        })
+    }
+
+    /// Makes every queued, unfrozen message not currently being delivered due now; returns how
+    /// many were rescheduled. Rewrites their envelopes in group commits of 256. Blocking.
+    pub fn flush(&self) -> Result<usize, QueueError> {
+        let now = SystemTime::now();
+        let now_secs = to_unix(now);
+        let later: Vec<QueueId> = {
+            let index = self.index();
+            index
+                .schedule
+                .range((now_secs + 1, QueueId::parse("0000000000000000000")?)..)
+                .map(|(_, id)| id.clone())
+                .collect()
+        };
+        let mut done = 0;
+        for chunk in later.chunks(FLUSH_CHUNK) {
+            let mut claims = Vec::with_capacity(chunk.len());
+            let mut job = Self::empty_job();
+            let mut tmps = Vec::new();
+            for id in chunk {
+                let Some(claim) = self.claim(id) else {
+                    continue;
+                };
+                let mut env = match self.read_env(id) {
+                    Ok(env) => env,
+                    Err(QueueError::NotFound(_)) => continue,
+                    Err(e) => return Err(e),
+                };
+                env.next_attempt = now_secs;
+                let (mut j, tmp) = self.replace_job(&env)?;
+                job.syncs.append(&mut j.syncs);
+                job.renames.append(&mut j.renames);
+                job.index.append(&mut j.index);
+                tmps.push(tmp);
+                claims.push(claim);
+            }
+            if claims.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.submit_blocking(job) {
+                for tmp in tmps {
+                    let _ = fs::remove_file(tmp);
+                }
+                return Err(e);
+            }
+            done += claims.len();
+        }
+        Ok(done)
+    }
+
+    /// Messages due at `now`, earliest first, without frozen or claimed ones. From the
+    /// in-memory index: no file-system access.
+    pub fn due(&self, now: SystemTime) -> Result<Vec<QueueId>, QueueError> {
+        Ok(self.due_limited(now, usize::MAX))
+    }
+
+    /// Like [`Spool::due`], at most `limit` ids.
+    pub fn due_limited(&self, now: SystemTime, limit: usize) -> Vec<QueueId> {
+        let now = to_unix(now);
+        let index = self.index();
+        index
+            .schedule
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .filter(|(_, id)| index.entries.get(id).is_some_and(|e| !e.claimed))
+            .map(|(_, id)| id.clone())
+            .take(limit)
+            .collect()
+    }
+
+    /// When the earliest unclaimed, unfrozen message is due (for the scheduler's sleep).
+    pub fn next_due(&self) -> Option<SystemTime> {
+        let index = self.index();
+        index
+            .schedule
+            .iter()
+            .find(|(_, id)| index.entries.get(id).is_some_and(|e| !e.claimed))
+            .map(|(t, _)| from_unix(*t))
+    }
+
+    /// Records the SMTP server's failure to send the reply to a committed message (the client
+    /// may retry, and the message may then be delivered twice).
+    ///
+    /// A commit acknowledged by the spool is durable; if the connection breaks before the
+    /// client has read the 250 reply, the client does not know it and will send the message
+    /// again. RFC 5321 section 6.1 accepts this duplicate; this counter makes it visible.
+    pub fn note_ack_maybe_lost(&self) {
+        self.inner
+            .shared
+            .counters
+            .acks_maybe_lost
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Queue statistics (from the index: cheap).
+    pub fn stats(&self) -> QueueStats {
+        let now = to_unix(SystemTime::now());
+        let c = &self.inner.shared.counters;
+        let index = self.index();
+        let mut s = QueueStats {
+            messages: index.entries.len(),
+            acks_maybe_lost: c.acks_maybe_lost.load(Ordering::Relaxed),
+            commits: c.commits.load(Ordering::Relaxed),
+            dir_fsyncs: c.dir_fsyncs.load(Ordering::Relaxed),
+            files_synced: c.files_synced.load(Ordering::Relaxed),
+            dsns: c.dsns.load(Ordering::Relaxed),
+            ..QueueStats::default()
+        };
+        let mut oldest = None::<u64>;
+        for e in index.entries.values() {
+            s.recipients_pending += e.pending;
+            s.bytes += e.size;
+            oldest = Some(oldest.map_or(e.received_at, |o| o.min(e.received_at)));
+        }
+        s.oldest_age = oldest.map(|t| Duration::from_secs(now.saturating_sub(t)));
+        s
+    }
+
+    /// Records a delivery attempt of a claimed message (hold its [`Claim`] while calling) and
+    /// makes the result durable (atomic envelope replacement in a group commit).
+    ///
+    /// Delivered and permanently failed recipients are final; temporarily failed ones stay
+    /// pending, and the message is retried after [`backoff`] plus up to 10 % jitter. Once
+    /// `expires_at` has passed, every recipient still pending fails permanently. Newly failed
+    /// recipients whose NOTIFY includes FAILURE (the default) are reported to a non-null sender
+    /// in one DSN, queued (and durable) before the envelope is updated; a crash in between can
+    /// only duplicate the DSN, never lose it. When no recipient is pending any more, the message
+    /// is deleted.
+    pub async fn record_attempt(
+        &self,
+        id: &QueueId,
+        results: Vec<(String, Outcome)>,
+        now: SystemTime,
+    ) -> Result<AttemptSummary, QueueError> {
+        match self.index().entries.get(id) {
+            None => return Err(QueueError::NotFound(id.clone())),
+            Some(e) if !e.claimed => return Err(QueueError::NotClaimed(id.clone())),
+            Some(_) => {}
+        }
+        let mut env = self.read_env(id)?;
+        let now_secs = to_unix(now);
+        let expired = now_secs >= env.expires_at;
+        let mut summary = AttemptSummary::default();
+        let mut newly_failed: Vec<usize> = Vec::new();
+        let mut deferred: Vec<usize> = Vec::new();
+
+        for (rcpt, outcome) in results {
+            let Some(i) = find_recipient(&env.recipients, &rcpt) else {
+                tracing::warn!("spool: {id}: attempt result for unknown recipient {rcpt:?}");
+                continue;
+            };
+            let r = &mut env.recipients[i];
+            match outcome {
+                Outcome::Delivered { reply } => {
+                    r.last_reply = Some(reply.clone());
+                    r.status = RcptStatus::Delivered {
+                        at: now_secs,
+                        reply,
+                    };
+                    summary.delivered += 1;
+                }
+                Outcome::PermFail { reply } => {
+                    r.last_reply = Some(reply.clone());
+                    r.status = RcptStatus::Failed {
+                        at: now_secs,
+                        reply,
+                    };
+                    newly_failed.push(i);
+                }
+                Outcome::TempFail { reply } => {
+                    r.attempts += 1;
+                    r.last_reply = Some(reply);
+                    deferred.push(i);
+                }
+            }
+        }
+        if expired {
+            for (i, r) in env.recipients.iter_mut().enumerate() {
+                if r.status.is_pending() {
+                    let reply = match &r.last_reply {
+                        Some(last) => format!("{last} (gave up: message expired)"),
+                        None => "message expired in the queue".to_owned(),
+                    };
+                    r.status = RcptStatus::Failed {
+                        at: now_secs,
+                        reply,
+                    };
+                    newly_failed.push(i);
+                }
+            }
+        }
+        summary.failed = newly_failed.len();
+        summary.deferred = deferred
+            .iter()
+            .filter(|&&i| env.recipients[i].status.is_pending())
+            .count();
+        summary.pending = env.pending().count();
+
+        // Failure DSN, before the envelope update.
+        if env.sender.is_some() {
+            let report: Vec<usize> = newly_failed
+                .iter()
+                .copied()
+                .filter(|&i| env.recipients[i].notify.wants_failure())
+                .collect();
+            if !report.is_empty() {
+                summary.bounce =
+                    Some(dsn::queue_dsn(self, &env, &report, dsn::Kind::Failed, now).await?);
+            }
+            if let Some(warn_after) = self.inner.cfg.bounce_after_delay_warning
+                && !env.delay_warned
+                && summary.pending > 0
+                && now_secs >= to_unix(env.received_at) + warn_after.as_secs()
+            {
+                let delayed: Vec<usize> = env
+                    .recipients
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.status.is_pending() && r.notify.wants_delay())
+                    .map(|(i, _)| i)
+                    .collect();
+                if !delayed.is_empty() {
+                    summary.delay_warning =
+                        Some(dsn::queue_dsn(self, &env, &delayed, dsn::Kind::Delayed, now).await?);
+                }
+                env.delay_warned = true;
+            }
+        }
+
+        env.attempts += 1;
+        if summary.pending == 0 {
+            self.submit(self.delete_job(id)).await?;
+            summary.removed = true;
+            return Ok(summary);
+        }
+        let delay = backoff(&self.inner.cfg, env.attempts - 1);
+        let jitter = (crate::id::random_u64() % (delay.as_secs() / 10 + 1)).min(delay.as_secs());
+        let mut next = now_secs + delay.as_secs() + jitter;
+        if env.expires_at > now_secs {
+            next = next.min(env.expires_at);
+        }
+        env.next_attempt = next;
+        summary.next_attempt = Some(from_unix(next));
+        let (job, tmp) = self.replace_job(&env)?;
+        if let Err(e) = self.submit(job).await {
+            let _ = fs::remove_file(tmp);
+            return Err(e);
+        }
+        Ok(summary)
+    }
+
+    pub(crate) fn count_dsn(&self) {
+        self.inner
+            .shared
+            .counters
+            .dsns
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn find_recipient(rcpts: &[RecipientState], addr: &str) -> Option<usize> {
+    rcpts
+        .iter()
+        .position(|r| r.status.is_pending() && r.address == addr)
+        .or_else(|| {
+            rcpts
+                .iter()
+                .position(|r| r.status.is_pending() && r.address.eq_ignore_ascii_case(addr))
+        })
+}
+
+/// The delivery lease of one message; released on drop.
+#[derive(Debug)]
+pub struct Claim {
+    spool: Spool,
+    id: QueueId,
+}
+
+impl Claim {
+    /// The claimed message.
+    pub fn id(&self) -> &QueueId {
+        &self.id
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(e) = self.spool.index().entries.get_mut(&self.id) {
+            e.claimed = false;
+        }
+    }
+}
+
+/// A message being received: content goes to a file in `tmp/` through a 64 KiB buffer. Dropped
+/// without [`Incoming::commit`], the file is removed.
+#[derive(Debug)]
+pub struct Incoming {
+    spool: Spool,
+    id: QueueId,
+    path: PathBuf,
+    writer: Option<BufWriter<File>>,
+    written: u64,
+}
+
+impl Incoming {
+    /// Appends content (trace headers first, then the message as received).
+    pub fn write(&mut self, chunk: &[u8]) -> Result<(), QueueError> {
+        let w = self.writer.as_mut().ok_or(QueueError::CommitterGone)?;
+        w.write_all(chunk)
+            .map_err(|e| QueueError::io("write", &self.path, e))?;
+        self.written += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.written
+    }
+
+    /// The id the message will have.
+    pub fn id(&self) -> &QueueId {
+        &self.id
+    }
+
+    /// Makes the message durable and queues it. Resolves `Ok` only once the content and the
+    /// envelope are fdatasynced, renamed into `msg/` and the directory is fsynced; concurrent
+    /// commits share those fsyncs. If the future is dropped after the first poll, the commit
+    /// still completes (the message is queued, the caller just does not learn it).
+    pub async fn commit(mut self, envelope: NewEnvelope) -> Result<QueueId, QueueError> {
+        if envelope.recipients.is_empty() {
+            return Err(QueueError::NoRecipients);
+        }
+        let writer = self.writer.take().ok_or(QueueError::CommitterGone)?;
+        let data = writer
+            .into_inner()
+            .map_err(|e| QueueError::io("write", &self.path, e.into_error()))?;
+        let spool = self.spool.clone();
+        let id = self.id.clone();
+        let data_tmp = std::mem::take(&mut self.path);
+        let now = SystemTime::now();
+        let now_secs = to_unix(now);
+        let cfg = spool.config();
+        let env = Envelope {
+            version: ENVELOPE_VERSION,
+            id: id.clone(),
+            sender: envelope.sender,
+            recipients: envelope
+                .recipients
+                .into_iter()
+                .map(|r| RecipientState {
+                    address: r.address,
+                    orcpt: r.orcpt,
+                    notify: r.notify,
+                    status: RcptStatus::Pending,
+                    attempts: 0,
+                    last_reply: None,
+                })
+                .collect(),
+            ret: envelope.ret,
+            envid: envelope.envid,
+            body: envelope.body,
+            smtputf8: envelope.smtputf8,
+            received_at: from_unix(now_secs),
+            client: envelope.client,
+            size: self.written,
+            attempts: 0,
+            next_attempt: now_secs,
+            expires_at: now_secs + cfg.max_lifetime.as_secs(),
+            route: envelope.route,
+            frozen: false,
+            delay_warned: false,
+        };
+        let (env_file, env_tmp) = match spool.write_tmp_envelope(&env) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = fs::remove_file(&data_tmp);
+                return Err(e);
+            }
+        };
+        let msg = spool.msg_dir();
+        let data_final = msg.join(data_name(&id));
+        let env_final = msg.join(env_name(&id));
+        let mut job = Spool::empty_job();
+        job.syncs.push((data, data_tmp.clone()));
+        job.syncs.push((env_file, env_tmp.clone()));
+        // Data first: an envelope in msg/ always has its data beside it once durable.
+        job.renames.push((data_tmp.clone(), data_final.clone()));
+        job.renames.push((env_tmp.clone(), env_final.clone()));
+        job.index.push(IndexOp::Upsert(id.clone(), Entry::of(&env)));
+        job.new_messages = 1;
+        match spool.submit(job).await {
+            Ok(()) => Ok(id),
+            Err(e) => {
+                // Not acknowledged: remove whatever made it (if the directory fsync failed the
+                // spool is poisoned anyway, and recovery would take it as committed).
+                for p in [&data_tmp, &env_tmp, &env_final, &data_final] {
+                    let _ = fs::remove_file(p);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Discards the message (the same as dropping it).
+    pub fn abort(self) {}
+}
+
+impl Write for Incoming {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Incoming::write(self, buf).map_err(io::Error::other)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if let Some(w) = self.writer.take() {
+            drop(w.into_parts());
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Streams `r` into a new message (used for DSNs).
+pub(crate) fn copy_into(r: &mut impl Read, inc: &mut Incoming) -> Result<(), QueueError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(QueueError::io("read", "message content", e)),
+        };
+        inc.write(&buf[..n])?;
+    }
+}

@@ -1,0 +1,747 @@
+//! Unit tests of the spool.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use crate::*;
+
+/// A temporary directory removed on drop.
+pub(crate) struct TempDir(PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "ringmail-queue-{tag}-{}-{:x}",
+            std::process::id(),
+            crate::id::random_u64()
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn open(dir: &TempDir) -> (Spool, RecoveryReport) {
+    let mut cfg = QueueConfig::new(dir.path());
+    cfg.hostname = "mx.example.net".into();
+    Spool::open(cfg).unwrap()
+}
+
+fn new_env(sender: Option<&str>, rcpts: &[&str]) -> NewEnvelope {
+    NewEnvelope::new(
+        sender.map(str::to_owned),
+        rcpts.iter().map(|r| NewRecipient::new(*r)),
+        "mda",
+    )
+}
+
+const MSG: &[u8] = b"Received: from client.example.org\r\n\
+From: alice@example.org\r\n\
+To: bob@example.net\r\n\
+Subject: hello\r\n\
+\r\n\
+The body line one.\r\n\
+BODY-MARKER line two.\r\n";
+
+async fn commit(spool: &Spool, env: NewEnvelope, content: &[u8]) -> QueueId {
+    let mut inc = spool.begin().unwrap();
+    for chunk in content.chunks(7) {
+        inc.write(chunk).unwrap();
+    }
+    assert_eq!(inc.bytes_written(), content.len() as u64);
+    inc.commit(env).await.unwrap()
+}
+
+fn body_of(spool: &Spool, id: &QueueId) -> Vec<u8> {
+    let mut v = Vec::new();
+    spool.open_body(id).unwrap().read_to_end(&mut v).unwrap();
+    v
+}
+
+fn files_in(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn secs(t: SystemTime) -> u64 {
+    to_unix(t)
+}
+
+#[tokio::test]
+async fn commit_list_get_open_body_delete() {
+    let dir = TempDir::new("basic");
+    let (spool, report) = open(&dir);
+    assert_eq!(report, RecoveryReport::default());
+    let id = commit(
+        &spool,
+        new_env(Some("alice@example.org"), &["bob@example.net"]),
+        MSG,
+    )
+    .await;
+    let env = spool.get(&id).unwrap().unwrap();
+    assert_eq!(env.id, id);
+    assert_eq!(env.size, MSG.len() as u64);
+    assert_eq!(env.sender.as_deref(), Some("alice@example.org"));
+    assert_eq!(env.recipients[0].status, RcptStatus::Pending);
+    assert_eq!(env.route, "mda");
+    assert_eq!(body_of(&spool, &id), MSG);
+    assert_eq!(spool.list().unwrap(), vec![env.clone()]);
+    assert_eq!(inspect(dir.path()).unwrap(), vec![env.clone()]);
+    assert!(files_in(&dir.path().join("tmp")).is_empty());
+    let stats = spool.stats();
+    assert_eq!((stats.messages, stats.recipients_pending), (1, 1));
+    assert_eq!(stats.bytes, MSG.len() as u64);
+
+    // JSON for the CLI, and back.
+    let json = serde_json::to_string(&env).unwrap();
+    assert!(json.contains("\"version\":1"));
+    assert_eq!(serde_json::from_str::<Envelope>(&json).unwrap(), env);
+    let line = summary_line(&env);
+    assert!(line.starts_with(id.as_str()), "{line}");
+    assert!(line.contains("alice@example.org") && line.contains("bob@example.net  pending"));
+
+    assert!(spool.delete(&id).unwrap());
+    assert!(!spool.delete(&id).unwrap());
+    assert_eq!(spool.get(&id).unwrap(), None);
+    assert!(matches!(spool.open_body(&id), Err(QueueError::NotFound(_))));
+    assert!(spool.list().unwrap().is_empty());
+    assert!(files_in(&dir.path().join("msg")).is_empty());
+}
+
+#[tokio::test]
+async fn empty_recipients_and_abort_leave_nothing() {
+    let dir = TempDir::new("abort");
+    let (spool, _) = open(&dir);
+    let mut inc = spool.begin().unwrap();
+    inc.write(MSG).unwrap();
+    assert_eq!(files_in(&dir.path().join("tmp")).len(), 1);
+    inc.abort();
+    let mut inc = spool.begin().unwrap();
+    inc.write(MSG).unwrap();
+    drop(inc);
+    let inc = spool.begin().unwrap();
+    assert!(matches!(
+        inc.commit(new_env(None, &[])).await,
+        Err(QueueError::NoRecipients)
+    ));
+    assert!(files_in(&dir.path().join("tmp")).is_empty());
+    assert!(files_in(&dir.path().join("msg")).is_empty());
+}
+
+#[tokio::test]
+async fn second_open_is_refused() {
+    let dir = TempDir::new("lock");
+    let (_spool, _) = open(&dir);
+    assert!(matches!(
+        Spool::open(QueueConfig::new(dir.path())),
+        Err(QueueError::Locked(_))
+    ));
+}
+
+#[tokio::test]
+async fn recovery_removes_uncommitted_leftovers() {
+    let dir = TempDir::new("recover");
+    let (spool, _) = open(&dir);
+    let keep = commit(&spool, new_env(Some("a@x.org"), &["b@y.org"]), MSG).await;
+    let gone = commit(&spool, new_env(Some("a@x.org"), &["c@y.org"]), MSG).await;
+    drop(spool);
+
+    let msg = dir.path().join("msg");
+    let tmp = dir.path().join("tmp");
+    // An interrupted receive and an interrupted envelope rewrite.
+    std::fs::write(
+        tmp.join(format!("{}.data", QueueId::generate())),
+        b"partial",
+    )
+    .unwrap();
+    std::fs::write(tmp.join(format!("{keep}.0123456789abcdef.env")), b"{\"half").unwrap();
+    // A data file renamed in before a crash, its envelope never.
+    std::fs::write(msg.join(format!("{}.data", QueueId::generate())), MSG).unwrap();
+    // An envelope whose data rename was lost.
+    let orphan_env = QueueId::generate();
+    std::fs::copy(
+        msg.join(format!("{gone}.env")),
+        msg.join(format!("{orphan_env}.env")),
+    )
+    .unwrap();
+    // A truncated data file (size differs from the envelope).
+    std::fs::write(msg.join(format!("{gone}.data")), &MSG[..10]).unwrap();
+
+    let (spool, report) = open(&dir);
+    assert_eq!(report.messages, 1);
+    assert_eq!(report.tmp_removed, 2);
+    assert_eq!(report.orphans_removed, 3);
+    assert_eq!(report.quarantined, 0);
+    assert!(files_in(&tmp).is_empty());
+    assert_eq!(
+        files_in(&msg),
+        vec![format!("{keep}.data"), format!("{keep}.env")]
+    );
+    let ids: Vec<QueueId> = spool.list().unwrap().into_iter().map(|e| e.id).collect();
+    assert_eq!(ids, vec![keep.clone()]);
+    assert_eq!(body_of(&spool, &keep), MSG);
+}
+
+#[tokio::test]
+async fn corrupt_envelope_is_quarantined_not_deleted() {
+    let dir = TempDir::new("corrupt");
+    let (spool, _) = open(&dir);
+    let id = commit(&spool, new_env(Some("a@x.org"), &["b@y.org"]), MSG).await;
+    drop(spool);
+    std::fs::write(dir.path().join("msg").join(format!("{id}.env")), b"garbage").unwrap();
+    let (spool, report) = open(&dir);
+    assert_eq!((report.messages, report.quarantined), (0, 1));
+    assert!(spool.list().unwrap().is_empty());
+    assert_eq!(files_in(&dir.path().join("corrupt")).len(), 2);
+}
+
+#[tokio::test]
+async fn envelope_replace_is_atomic() {
+    let dir = TempDir::new("replace");
+    let (spool, _) = open(&dir);
+    let id = commit(&spool, new_env(Some("a@x.org"), &["b@y.org"]), MSG).await;
+    let before = spool.get(&id).unwrap().unwrap();
+    drop(spool);
+    // A crash after the new envelope was written to tmp/ but before its rename.
+    let mut newer = before.clone();
+    newer.frozen = true;
+    newer.attempts = 7;
+    std::fs::write(
+        dir.path()
+            .join("tmp")
+            .join(format!("{id}.00000000deadbeef.env")),
+        serde_json::to_vec(&newer).unwrap(),
+    )
+    .unwrap();
+    let (spool, report) = open(&dir);
+    assert_eq!(report.tmp_removed, 1);
+    assert_eq!(spool.get(&id).unwrap().unwrap(), before);
+
+    // A completed replacement is seen, and leaves no temporary file.
+    assert!(spool.set_frozen(&id, true).unwrap());
+    assert!(spool.get(&id).unwrap().unwrap().frozen);
+    assert!(files_in(&dir.path().join("tmp")).is_empty());
+    assert!(
+        spool
+            .due(SystemTime::now() + Duration::from_secs(86_400))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(spool.set_frozen(&id, false).unwrap());
+    assert_eq!(spool.due(SystemTime::now()).unwrap(), vec![id]);
+}
+
+#[test]
+fn backoff_schedule() {
+    let cfg = QueueConfig::new("/nonexistent");
+    let mins: Vec<u64> = (0..8).map(|a| backoff(&cfg, a).as_secs() / 60).collect();
+    assert_eq!(mins, vec![5, 10, 20, 40, 60, 60, 60, 60]);
+    assert_eq!(backoff(&cfg, 200), cfg.retry_max);
+}
+
+#[tokio::test]
+async fn temp_failures_back_off_exponentially() {
+    let dir = TempDir::new("backoff");
+    let (spool, _) = open(&dir);
+    let id = commit(&spool, new_env(Some("a@x.org"), &["b@y.org"]), MSG).await;
+    let mut now = SystemTime::now();
+    for (attempt, base) in [300u64, 600, 1200, 2400, 3600, 3600]
+        .into_iter()
+        .enumerate()
+    {
+        let claim = spool.claim(&id).unwrap();
+        let s = spool
+            .record_attempt(
+                &id,
+                vec![(
+                    "b@y.org".into(),
+                    Outcome::TempFail {
+                        reply: "451 4.3.0 try later".into(),
+                    },
+                )],
+                now,
+            )
+            .await
+            .unwrap();
+        drop(claim);
+        assert_eq!((s.deferred, s.pending, s.failed), (1, 1, 0));
+        let next = secs(s.next_attempt.unwrap()) - secs(now);
+        assert!(
+            next >= base && next <= base + base / 10,
+            "attempt {attempt}: {next}s"
+        );
+        let env = spool.get(&id).unwrap().unwrap();
+        assert_eq!(env.attempts as usize, attempt + 1);
+        assert_eq!(env.next_attempt, secs(s.next_attempt.unwrap()));
+        assert_eq!(env.recipients[0].attempts as usize, attempt + 1);
+        assert!(spool.due(now).unwrap().is_empty());
+        now = s.next_attempt.unwrap();
+        assert_eq!(spool.due(now).unwrap(), vec![id.clone()]);
+    }
+}
+
+#[tokio::test]
+async fn record_attempt_needs_the_claim() {
+    let dir = TempDir::new("claim");
+    let (spool, _) = open(&dir);
+    let a = commit(&spool, new_env(Some("a@x.org"), &["b@y.org"]), MSG).await;
+    let b = commit(&spool, new_env(Some("a@x.org"), &["b@y.org"]), MSG).await;
+    let claim = spool.claim(&a).unwrap();
+    assert_eq!(claim.id(), &a);
+    assert!(spool.claim(&a).is_none(), "a second worker gets nothing");
+    assert_eq!(spool.due(SystemTime::now()).unwrap(), vec![b.clone()]);
+    assert!(matches!(spool.delete(&a), Err(QueueError::Busy(_))));
+    assert!(!spool.retry_now(&a).unwrap());
+    assert!(matches!(
+        spool.record_attempt(&b, vec![], SystemTime::now()).await,
+        Err(QueueError::NotClaimed(_))
+    ));
+    drop(claim);
+    assert!(spool.claim(&a).is_some());
+    assert!(spool.claim(&QueueId::generate()).is_none());
+
+    // Concurrent workers racing for the same due messages never share one.
+    let due = spool.due(SystemTime::now()).unwrap();
+    let won = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                let mut held = Vec::new();
+                for id in &due {
+                    if let Some(c) = spool.claim(id) {
+                        won.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        held.push(c);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            });
+        }
+    });
+    assert_eq!(won.into_inner(), due.len());
+}
+
+#[tokio::test]
+async fn due_is_ordered_by_next_attempt() {
+    let dir = TempDir::new("due");
+    let (spool, _) = open(&dir);
+    let now = SystemTime::now();
+    let a = commit(&spool, new_env(Some("a@x.org"), &["b@y.org"]), MSG).await;
+    let b = commit(&spool, new_env(Some("a@x.org"), &["b@y.org"]), MSG).await;
+    let c = commit(&spool, new_env(Some("a@x.org"), &["b@y.org"]), MSG).await;
+    let fail = |id: QueueId, at: SystemTime| {
+        let spool = spool.clone();
+        async move {
+            let _claim = spool.claim(&id).unwrap();
+            spool
+                .record_attempt(
+                    &id,
+                    vec![(
+                        "b@y.org".into(),
+                        Outcome::TempFail {
+                            reply: "421 busy".into(),
+                        },
+                    )],
+                    at,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    // a: retried at about now+2h+5m, b: at about now+5m, c: due now.
+    fail(a.clone(), now + Duration::from_secs(7200)).await;
+    fail(b.clone(), now).await;
+    assert_eq!(
+        spool.due(now + Duration::from_secs(1)).unwrap(),
+        vec![c.clone()]
+    );
+    assert_eq!(
+        spool.due(now + Duration::from_secs(86_400)).unwrap(),
+        vec![c.clone(), b.clone(), a.clone()]
+    );
+    assert_eq!(
+        spool.due_limited(now + Duration::from_secs(86_400), 2),
+        vec![c.clone(), b.clone()]
+    );
+    assert!(spool.next_due().unwrap() <= now + Duration::from_secs(1));
+
+    assert!(spool.retry_now(&a).unwrap());
+    let later = SystemTime::now() + Duration::from_secs(1);
+    assert_eq!(spool.due(later).unwrap(), vec![a.clone(), c.clone()]);
+    assert_eq!(spool.flush().unwrap(), 1);
+    let mut all = spool
+        .due(SystemTime::now() + Duration::from_secs(1))
+        .unwrap();
+    all.sort();
+    assert_eq!(all, vec![a, b, c]);
+
+    // The schedule survives a restart.
+    drop(spool);
+    let (spool, report) = open(&dir);
+    assert_eq!(report.messages, 3);
+    assert_eq!(
+        spool
+            .due(SystemTime::now() + Duration::from_secs(1))
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+/// Splits a MIME body on `--boundary` lines; returns (headers, body) of each part.
+fn mime_parts(body: &str, boundary: &str) -> Vec<(String, String)> {
+    let delim = format!("\r\n--{boundary}");
+    let close = format!("--{boundary}--");
+    assert!(body.contains(&close), "closing delimiter missing");
+    let mut parts = Vec::new();
+    let after_preamble = body.split_once(&delim).expect("first boundary").1;
+    for chunk in after_preamble.split(&delim) {
+        if chunk.starts_with("--") {
+            break;
+        }
+        let chunk = chunk.strip_prefix("\r\n").unwrap();
+        let (h, b) = chunk.split_once("\r\n\r\n").unwrap_or((chunk, ""));
+        parts.push((h.to_owned(), b.to_owned()));
+    }
+    parts
+}
+
+fn split_message(msg: &str) -> (String, String) {
+    let (h, b) = msg.split_once("\r\n\r\n").unwrap();
+    (h.to_owned(), b.to_owned())
+}
+
+fn boundary_of(headers: &str) -> String {
+    let unfolded = headers.replace("\r\n\t", " ");
+    let ct = unfolded
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("content-type:"))
+        .unwrap()
+        .to_owned();
+    assert!(ct.contains("multipart/report"), "{ct}");
+    assert!(ct.contains("report-type=delivery-status"), "{ct}");
+    ct.split("boundary=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+async fn perm_fail(spool: &Spool, id: &QueueId, rcpt: &str, reply: &str) -> AttemptSummary {
+    let _claim = spool.claim(id).unwrap();
+    spool
+        .record_attempt(
+            id,
+            vec![(
+                rcpt.into(),
+                Outcome::PermFail {
+                    reply: reply.into(),
+                },
+            )],
+            SystemTime::now(),
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn bounce_is_an_rfc3464_report() {
+    let dir = TempDir::new("dsn");
+    let (spool, _) = open(&dir);
+    let mut env = new_env(
+        Some("alice@example.org"),
+        &["bob@example.net", "carol@example.net"],
+    );
+    env.envid = Some("ENV-42".into());
+    env.recipients[0].orcpt = Some("rfc822;Bob@Example.NET".into());
+    let id = commit(&spool, env, MSG).await;
+
+    let s = perm_fail(
+        &spool,
+        &id,
+        "bob@example.net",
+        "550 5.1.1 <bob@example.net>: no such user",
+    )
+    .await;
+    assert_eq!((s.failed, s.pending, s.removed), (1, 1, false));
+    let bounce_id = s.bounce.expect("a bounce");
+    let orig = spool.get(&id).unwrap().unwrap();
+    assert!(matches!(
+        orig.recipients[0].status,
+        RcptStatus::Failed { .. }
+    ));
+
+    let bounce = spool.get(&bounce_id).unwrap().unwrap();
+    assert_eq!(bounce.sender, None);
+    assert_eq!(bounce.recipients.len(), 1);
+    assert_eq!(bounce.recipients[0].address, "alice@example.org");
+    assert_eq!(bounce.route, "mta");
+    assert_eq!(spool.stats().dsns, 1);
+
+    let text = String::from_utf8(body_of(&spool, &bounce_id)).unwrap();
+    let (headers, body) = split_message(&text);
+    assert!(headers.contains("From: Mail Delivery System <MAILER-DAEMON@mx.example.net>"));
+    assert!(headers.contains("To: <alice@example.org>"));
+    assert!(headers.contains(&format!("Message-ID: <{bounce_id}@mx.example.net>")));
+    assert!(headers.contains("\r\nDate: "));
+    assert!(headers.contains("MIME-Version: 1.0"));
+    let parts = mime_parts(&body, &boundary_of(&headers));
+    assert_eq!(parts.len(), 3);
+    assert!(parts[0].0.contains("text/plain"));
+    assert!(parts[0].1.contains("<bob@example.net>: 550 5.1.1"));
+    assert!(parts[1].0.contains("Content-Type: message/delivery-status"));
+    let ds = &parts[1].1;
+    assert!(ds.contains("Reporting-MTA: dns; mx.example.net\r\n"));
+    assert!(ds.contains("Original-Envelope-Id: ENV-42\r\n"));
+    assert!(ds.contains("Arrival-Date: "));
+    assert!(ds.contains("\r\n\r\nFinal-Recipient: rfc822; bob@example.net\r\n"));
+    assert!(ds.contains("Original-Recipient: rfc822;Bob@Example.NET\r\n"));
+    assert!(ds.contains("Action: failed\r\n"));
+    assert!(ds.contains("Status: 5.1.1\r\n"));
+    assert!(ds.contains("Diagnostic-Code: smtp; 550 5.1.1 <bob@example.net>: no such user\r\n"));
+    assert!(!ds.contains("carol"));
+    assert!(parts[2].0.contains("Content-Type: message/rfc822"));
+    assert_eq!(parts[2].1.as_bytes(), MSG, "the whole message");
+
+    // The last recipient delivered: the message is finished and removed.
+    let _claim = spool.claim(&id).unwrap();
+    let s = spool
+        .record_attempt(
+            &id,
+            vec![(
+                "carol@example.net".into(),
+                Outcome::Delivered {
+                    reply: "250 2.0.0 ok".into(),
+                },
+            )],
+            SystemTime::now(),
+        )
+        .await
+        .unwrap();
+    assert!(s.removed && s.bounce.is_none());
+    assert_eq!(spool.get(&id).unwrap(), None);
+    assert!(!dir.path().join("msg").join(format!("{id}.data")).exists());
+}
+
+#[tokio::test]
+async fn ret_hdrs_returns_only_the_headers() {
+    let dir = TempDir::new("hdrs");
+    let (spool, _) = open(&dir);
+    let mut env = new_env(Some("alice@example.org"), &["bob@example.net"]);
+    env.ret = Some(Ret::Hdrs);
+    let id = commit(&spool, env, MSG).await;
+    let s = perm_fail(&spool, &id, "bob@example.net", "554 rejected").await;
+    assert!(s.removed);
+    let text = String::from_utf8(body_of(&spool, &s.bounce.unwrap())).unwrap();
+    let (headers, body) = split_message(&text);
+    let parts = mime_parts(&body, &boundary_of(&headers));
+    assert_eq!(parts.len(), 3);
+    assert!(parts[1].1.contains("Status: 5.0.0\r\n"));
+    assert!(parts[2].0.contains("Content-Type: text/rfc822-headers"));
+    assert!(parts[2].1.contains("Subject: hello\r\n"));
+    assert!(!parts[2].1.contains("BODY-MARKER"));
+    assert!(!text.contains("BODY-MARKER"));
+}
+
+#[tokio::test]
+async fn no_bounce_for_null_sender_never_or_bounces() {
+    let dir = TempDir::new("nobounce");
+    let (spool, _) = open(&dir);
+    // The null sender.
+    let id = commit(&spool, new_env(None, &["bob@example.net"]), MSG).await;
+    let s = perm_fail(&spool, &id, "bob@example.net", "550 no").await;
+    assert!(s.removed && s.bounce.is_none());
+
+    // NOTIFY=NEVER.
+    let mut env = new_env(Some("alice@example.org"), &["bob@example.net"]);
+    env.recipients[0].notify.never = true;
+    let id = commit(&spool, env, MSG).await;
+    assert!(
+        perm_fail(&spool, &id, "bob@example.net", "550 no")
+            .await
+            .bounce
+            .is_none()
+    );
+
+    // A bounce that bounces.
+    let id = commit(
+        &spool,
+        new_env(Some("alice@example.org"), &["bob@example.net"]),
+        MSG,
+    )
+    .await;
+    let bounce = perm_fail(&spool, &id, "bob@example.net", "550 no")
+        .await
+        .bounce
+        .unwrap();
+    let s = perm_fail(&spool, &bounce, "alice@example.org", "550 nobody here").await;
+    assert!(s.removed && s.bounce.is_none());
+    assert!(spool.list().unwrap().is_empty());
+    assert_eq!(spool.stats().dsns, 1);
+}
+
+#[tokio::test]
+async fn expiry_turns_temp_failures_permanent() {
+    let dir = TempDir::new("expiry");
+    let (spool, _) = open(&dir);
+    let id = commit(
+        &spool,
+        new_env(
+            Some("alice@example.org"),
+            &["bob@example.net", "carol@example.net"],
+        ),
+        MSG,
+    )
+    .await;
+    let env = spool.get(&id).unwrap().unwrap();
+    assert_eq!(env.expires_at, secs(env.received_at) + 5 * 86_400);
+
+    // Before expiry, retries are not scheduled past expires_at.
+    let claim = spool.claim(&id).unwrap();
+    let just_before = from_unix(env.expires_at - 60);
+    let s = spool
+        .record_attempt(
+            &id,
+            vec![(
+                "bob@example.net".into(),
+                Outcome::TempFail {
+                    reply: "451 4.4.1 no answer".into(),
+                },
+            )],
+            just_before,
+        )
+        .await
+        .unwrap();
+    assert_eq!(secs(s.next_attempt.unwrap()), env.expires_at);
+    assert!(s.bounce.is_none());
+
+    // At expiry: bob's temporary failure and carol (never tried) fail for good.
+    let s = spool
+        .record_attempt(
+            &id,
+            vec![(
+                "bob@example.net".into(),
+                Outcome::TempFail {
+                    reply: "451 4.4.1 no answer".into(),
+                },
+            )],
+            from_unix(env.expires_at),
+        )
+        .await
+        .unwrap();
+    drop(claim);
+    assert_eq!(
+        (s.failed, s.deferred, s.pending, s.removed),
+        (2, 0, 0, true)
+    );
+    let text = String::from_utf8(body_of(&spool, &s.bounce.unwrap())).unwrap();
+    assert!(text.contains(
+        "Final-Recipient: rfc822; bob@example.net\r\nAction: failed\r\nStatus: 4.4.1\r\n"
+    ));
+    assert!(text.contains(
+        "Final-Recipient: rfc822; carol@example.net\r\nAction: failed\r\nStatus: 4.4.7\r\n"
+    ));
+}
+
+#[tokio::test]
+async fn delay_warning_once() {
+    let dir = TempDir::new("delay");
+    let mut cfg = QueueConfig::new(dir.path());
+    cfg.bounce_after_delay_warning = Some(Duration::from_secs(4 * 3600));
+    let (spool, _) = Spool::open(cfg).unwrap();
+    let id = commit(
+        &spool,
+        new_env(Some("alice@example.org"), &["bob@example.net"]),
+        MSG,
+    )
+    .await;
+    let received = spool.get(&id).unwrap().unwrap().received_at;
+    let _claim = spool.claim(&id).unwrap();
+    let tf = || {
+        vec![(
+            "bob@example.net".to_owned(),
+            Outcome::TempFail {
+                reply: "451 4.2.0 full".into(),
+            },
+        )]
+    };
+    let s = spool
+        .record_attempt(&id, tf(), received + Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert!(s.delay_warning.is_none());
+    let s = spool
+        .record_attempt(&id, tf(), received + Duration::from_secs(5 * 3600))
+        .await
+        .unwrap();
+    let warning = s.delay_warning.expect("a delay warning");
+    let text = String::from_utf8(body_of(&spool, &warning)).unwrap();
+    assert!(text.contains("Action: delayed\r\nStatus: 4.2.0\r\n"));
+    assert!(text.contains("Will-Retry-Until: "));
+    assert!(text.contains("text/rfc822-headers"));
+    assert!(!text.contains("BODY-MARKER"));
+    let s = spool
+        .record_attempt(&id, tf(), received + Duration::from_secs(6 * 3600))
+        .await
+        .unwrap();
+    assert!(s.delay_warning.is_none(), "only one warning");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_commit_batches_concurrent_commits() {
+    let dir = TempDir::new("group");
+    let (spool, _) = open(&dir);
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let spool = spool.clone();
+            tokio::spawn(async move {
+                let content = format!("Subject: {i}\r\n\r\n{}\r\n", "x".repeat(2048));
+                commit(
+                    &spool,
+                    new_env(Some("a@x.org"), &["b@y.org"]),
+                    content.as_bytes(),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 50);
+    let stats = spool.stats();
+    assert_eq!(stats.commits, 50);
+    assert_eq!(stats.files_synced, 100);
+    assert!(
+        stats.dir_fsyncs <= 15,
+        "50 concurrent commits took {} directory fsyncs",
+        stats.dir_fsyncs
+    );
+    assert_eq!(spool.list().unwrap().len(), 50);
+}
+
+#[tokio::test]
+async fn ack_maybe_lost_counter() {
+    let dir = TempDir::new("acks");
+    let (spool, _) = open(&dir);
+    spool.note_ack_maybe_lost();
+    spool.clone().note_ack_maybe_lost();
+    assert_eq!(spool.stats().acks_maybe_lost, 2);
+}
