@@ -3,12 +3,13 @@
 //! `cargo run --release -p ringmail-queue --example commit_bench [DIR] [SECONDS]`
 //!
 //! DIR (default: a directory under the system temp dir) must be on the file system to measure.
+//! SYNC=syncfs|per-file overrides the automatic choice (syncfs only on a dedicated file system).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ringmail_queue::{NewEnvelope, NewRecipient, QueueConfig, Spool};
+use ringmail_queue::{NewEnvelope, NewRecipient, QueueConfig, Spool, SyncMode};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -30,7 +31,13 @@ fn main() {
     };
     for committers in [1usize, 20] {
         let dir = base.join(format!("c{committers}"));
-        let (spool, _) = Spool::open(QueueConfig::new(&dir)).unwrap();
+        let mut cfg = QueueConfig::new(&dir);
+        cfg.sync = match std::env::var("SYNC").as_deref() {
+            Ok("syncfs") => SyncMode::Syncfs,
+            Ok("per-file") => SyncMode::PerFile,
+            _ => SyncMode::Auto,
+        };
+        let (spool, _) = Spool::open(cfg).unwrap();
         let done = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let start = Instant::now();

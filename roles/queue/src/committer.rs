@@ -27,6 +27,13 @@ use crate::spool::{IndexOp, Shared};
 const MAX_BATCH: usize = 256;
 /// Threads of the fsync pool.
 const SYNC_THREADS: usize = 16;
+/// From this many files (and the directory) in one tick on, a single syncfs(2) replaces the
+/// per-file fdatasyncs.
+const SYNCFS_MIN_FILES: usize = 4;
+
+fn c_syncfs(shared: &Shared) {
+    shared.counters.syncfs.fetch_add(1, Ordering::Relaxed);
+}
 
 /// Who waits for a job.
 pub(crate) enum Reply {
@@ -264,6 +271,36 @@ fn tick(
         }
     }
     drop(done_tx);
+    if shared.use_syncfs && tasks.len() >= SYNCFS_MIN_FILES {
+        // One syncfs(2) makes every file's data and every rename of this tick durable in a
+        // single journal commit and device flush. Per-file fdatasyncs issued in parallel do not
+        // share a flush on every storage stack (measured on this project's VMs: 20 parallel
+        // fdatasyncs cost as much as 20 sequential ones), so past a few files this is the one
+        // call that scales. It also flushes other dirty data of the file system: a spool on
+        // its own file system keeps that cost at the spool's own writes.
+        let r = File::open(&shared.msg_dir)
+            .and_then(|d| nix::unistd::syncfs(&d).map_err(std::io::Error::from));
+        let err = |e: &std::io::Error| {
+            QueueError::io(
+                "syncfs",
+                &shared.msg_dir,
+                std::io::Error::new(e.kind(), e.to_string()),
+            )
+        };
+        for t in &tasks {
+            match (t.job, &r) {
+                (_, Ok(())) => {}
+                (Some(i), Err(e)) => {
+                    if stage1[i].result.is_ok() {
+                        stage1[i].result = Err(err(e));
+                    }
+                }
+                (None, Err(e)) => dir_result = Err(err(e)),
+            }
+        }
+        c_syncfs(shared);
+        tasks.clear();
+    }
     for task in tasks {
         outstanding += 1;
         if let Err(mpsc::SendError(task)) = pool.send(task) {

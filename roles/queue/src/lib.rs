@@ -104,7 +104,7 @@ pub use error::QueueError;
 pub use id::{ID_LEN, QueueId};
 pub use spool::{
     AttemptSummary, Claim, Incoming, Outcome, QueueConfig, QueueStats, RecoveryReport, Spool,
-    backoff, inspect,
+    SyncMode, backoff, inspect,
 };
 
 #[cfg(test)]

@@ -44,6 +44,22 @@ pub struct QueueConfig {
     pub hostname: String,
     /// Messages larger than this are returned with headers only, even with RET=FULL.
     pub bounce_size_limit: u64,
+    /// How a group commit is made durable.
+    pub sync: SyncMode,
+}
+
+/// How a group commit round reaches stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// syncfs when the spool directory is a mount point (a file system of its own), else
+    /// per-file fdatasync.
+    #[default]
+    Auto,
+    /// fdatasync every file and fsync the directory: correct anywhere, one flush per file.
+    PerFile,
+    /// One syncfs(2) per round for all files and renames: one flush per round, but it also
+    /// flushes everything else dirty on that file system; use it with a dedicated one.
+    Syncfs,
 }
 
 impl QueueConfig {
@@ -64,6 +80,7 @@ impl QueueConfig {
             bounce_route: "mta".to_owned(),
             hostname,
             bounce_size_limit: 512 * 1024,
+            sync: SyncMode::Auto,
         }
     }
 }
@@ -101,8 +118,10 @@ pub struct QueueStats {
     pub commits: u64,
     /// Directory fsyncs since open: one per group commit batch.
     pub dir_fsyncs: u64,
-    /// Files fdatasynced since open.
+    /// Files made durable since open (fdatasync, or within a syncfs).
     pub files_synced: u64,
+    /// Group commit rounds made durable with one syncfs(2) instead of per-file fdatasyncs.
+    pub syncfs: u64,
     /// DSNs (bounces and delay warnings) created since open.
     pub dsns: u64,
 }
@@ -209,6 +228,7 @@ pub(crate) struct Counters {
     pub commits: AtomicU64,
     pub dir_fsyncs: AtomicU64,
     pub files_synced: AtomicU64,
+    pub syncfs: AtomicU64,
     pub acks_maybe_lost: AtomicU64,
     pub dsns: AtomicU64,
 }
@@ -216,9 +236,26 @@ pub(crate) struct Counters {
 /// State shared with the committer thread.
 pub(crate) struct Shared {
     pub msg_dir: PathBuf,
+    /// Group commit rounds use syncfs (see [`SyncMode`]).
+    pub use_syncfs: bool,
     index: Mutex<Index>,
     pub counters: Counters,
     pub poisoned: AtomicBool,
+}
+
+/// Whether `dir` is the root of a mounted file system (its device differs from its parent's).
+fn is_mount_point(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(canon) = dir.canonicalize() else {
+        return false;
+    };
+    let Some(parent) = canon.parent() else {
+        return true;
+    };
+    match (fs::metadata(&canon), fs::metadata(parent)) {
+        (Ok(a), Ok(b)) => a.dev() != b.dev(),
+        _ => false,
+    }
 }
 
 impl Shared {
@@ -478,7 +515,18 @@ impl Spool {
             tracing::info!(?report, "spool: recovered");
         }
 
+        let use_syncfs = match cfg.sync {
+            SyncMode::PerFile => false,
+            SyncMode::Syncfs => true,
+            SyncMode::Auto => is_mount_point(&cfg.dir),
+        };
+        tracing::info!(
+            spool = %cfg.dir.display(),
+            sync = if use_syncfs { "syncfs" } else { "per-file fdatasync" },
+            "spool: durability"
+        );
         let shared = Arc::new(Shared {
+            use_syncfs,
             msg_dir,
             index: Mutex::new(index),
             counters: Counters::default(),
@@ -837,6 +885,7 @@ impl Spool {
             commits: c.commits.load(Ordering::Relaxed),
             dir_fsyncs: c.dir_fsyncs.load(Ordering::Relaxed),
             files_synced: c.files_synced.load(Ordering::Relaxed),
+            syncfs: c.syncfs.load(Ordering::Relaxed),
             dsns: c.dsns.load(Ordering::Relaxed),
             ..QueueStats::default()
         };
