@@ -169,7 +169,7 @@ pub fn authentication_results(
             results.push(r);
         }
         let mut r = method("dmarc", m.dmarc.result, m.dmarc.reason.as_deref());
-        if m.dmarc.header_from.is_some() {
+        if m.dmarc.header_from.is_some() && m.dmarc.result != AuthResult::None {
             r.push(format!("(p={})", m.dmarc.policy.as_str()));
         }
         if let Some(v) = &m.dmarc.header_from {
