@@ -13,6 +13,10 @@
 //! - [`Checker::authentication_results`]: the `Authentication-Results:` header (RFC 8601),
 //!   folded, with every attacker-controlled value sanitized or quoted.
 //!
+//! DMARC follows what `mail-auth` 0.13 implements, which is DMARCbis (RFC 9989): the DNS tree
+//! walk for the policy record, `p=`/`sp=`/`np=`, and `t=y` lowering the disposition one step;
+//! the old `pct=` tag is ignored (a failing message gets the full policy).
+//!
 //! DNS goes to the system resolvers from `/etc/resolv.conf` or to one name server given as an
 //! IP address and port ([`AuthConfig::nameserver`]), over UDP with TCP fallback, with a
 //! response cache.
@@ -316,7 +320,8 @@ impl Checker {
     }
 
     /// Forward-confirmed reverse DNS: one of the PTR names of `ip` (at most two are tried)
-    /// has an A/AAAA record equal to `ip`.
+    /// has an A/AAAA record equal to `ip`. Loopback addresses are answered by the resolver
+    /// itself (RFC 6761: `localhost`), without asking the DNS server.
     pub async fn iprev(&self, ip: IpAddr) -> IprevOutcome {
         if ip.is_unspecified() {
             return IprevOutcome {

@@ -211,6 +211,27 @@ async fn spf_mail_from_and_helo() {
     let o = c.spf(ip(GOOD_IP), "[192.0.2.10]", None).await;
     assert_eq!(o.result, AuthResult::None, "address literal HELO: {o:?}");
 
+    // A hostile HELO or MAIL FROM is checked as what it is and cannot break the header.
+    let evil_helo = "mail.sender.test\r\nX-Injected: 1; spf=pass";
+    let o = c.spf(ip(BAD_IP), evil_helo, None).await;
+    assert_eq!(o.result, AuthResult::None, "{o:?}");
+    let iprev = c.iprev(ip(BAD_IP)).await;
+    let ar = c.authentication_results(&iprev, &o, None);
+    assert!(!ar.contains("\r\nX-Injected"), "{ar}");
+    assert!(
+        unfold(&ar).contains("spf=none smtp.helo=\"mail.sender.testX-Injected: 1; spf=pass\"\r\n"),
+        "{ar}"
+    );
+    let evil_from = "a@sender.test>\r\nX-Injected: 1";
+    let o = c
+        .spf(ip(GOOD_IP), "mail.sender.test", Some(evil_from))
+        .await;
+    assert_ne!(o.result, AuthResult::Pass, "{o:?}");
+    let ar = c.authentication_results(&iprev, &o, None);
+    assert!(!ar.contains("\r\nX-Injected"), "{ar}");
+    let lines: Vec<&str> = ar.trim_end_matches("\r\n").split("\r\n").collect();
+    assert!(lines[1..].iter().all(|l| l.starts_with('\t')), "{ar}");
+
     let iprev = c.iprev(ip(BAD_IP)).await;
     let o = c.spf(ip(BAD_IP), helo, None).await;
     let ar = c.authentication_results(&iprev, &o, None);
@@ -328,6 +349,18 @@ async fn dmarc_reject_and_quarantine() {
     let tampered = replace(&signed, "Hi.", "Hi, send money.");
     let (_, msg, _) = f.run(&tampered, BAD_IP, Some("bob@reject.test")).await;
     assert!(msg.dmarc_reject(), "{msg:?}");
+
+    // rsa-sha1 is never valid (RFC 8301), so it cannot rescue DMARC either.
+    let sha1 = f.reject_key.sign_with(&raw, "rsa-sha1");
+    let (_, msg, ar) = f.run(&sha1, BAD_IP, Some("bob@reject.test")).await;
+    assert_eq!(msg.dkim.len(), 1);
+    assert_eq!(msg.dkim[0].result, AuthResult::PermError, "{msg:?}");
+    assert_eq!(msg.dkim[0].algorithm, Some("rsa-sha1"));
+    assert!(msg.dmarc_reject(), "{msg:?}");
+    assert!(
+        unfold(&ar).contains("dkim=permerror reason=\"rsa-sha1 is not accepted"),
+        "{ar}"
+    );
 
     // Unsigned from the authorized client: SPF alignment passes.
     let (_, msg, _) = f.run(&raw, GOOD_IP, Some("bob@reject.test")).await;

@@ -421,6 +421,11 @@ impl DkimKey {
             KeyType::Rsa2048 => "rsa-sha256",
             KeyType::Ed25519 => "ed25519-sha256",
         };
+        self.sign_with(msg, alg)
+    }
+
+    /// Signs with an explicit `--signalg` (e.g. "rsa-sha1").
+    pub fn sign_with(&self, msg: &[u8], alg: &str) -> Vec<u8> {
         run_filter(
             Command::new("dkimsign")
                 .args([
