@@ -849,7 +849,11 @@ impl Server {
         if self.inbuf.is_empty() {
             return false;
         }
-        let n = self.inbuf.len().min(MAX_CHUNK);
+        if self.chunk.len() >= MAX_CHUNK {
+            self.flush_chunk();
+        }
+        // Content is never longer than its input: the chunk stays within MAX_CHUNK.
+        let n = self.inbuf.len().min(MAX_CHUNK - self.chunk.len());
         let Mode::Data(st, content) = &mut self.mode else {
             return false;
         };
@@ -910,10 +914,14 @@ impl Server {
         else {
             return false;
         };
+        if self.chunk.len() >= MAX_CHUNK {
+            self.events
+                .push_back(Event::DataChunk(self.chunk.split().freeze()));
+        }
         let n = usize::try_from(*remaining)
             .unwrap_or(usize::MAX)
             .min(self.inbuf.len())
-            .min(MAX_CHUNK);
+            .min(MAX_CHUNK - self.chunk.len());
         if n > 0 {
             let bytes = self.inbuf.split_to(n);
             *remaining -= n as u64;
@@ -1292,6 +1300,7 @@ impl Server {
                         c.reported = true;
                         end_txn = true;
                         self.data_open = false;
+                        self.chunk.clear();
                         self.events.push_back(Event::DataAborted {
                             reason: AbortReason::MessageTooBig,
                         });
