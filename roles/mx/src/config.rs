@@ -22,6 +22,7 @@
 //! tls = { cert = "/etc/ringmail/mx.crt", key = "/etc/ringmail/mx.key" }  # absent: self-signed
 //!
 //! [mx.checks]
+//! enabled = true                     # sender checks at all                 (default true)
 //! dns = "127.0.0.1:53"               # resolver for iprev/SPF/DKIM/DMARC/DNSBL; absent: system
 //! iprev = "record"                   # record | reject (450 4.7.25 when not forward-confirmed)
 //! spf_fail = "reject"                # reject (550 5.7.23) | record
@@ -92,6 +93,8 @@ pub enum Enforce {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Checks {
+    /// iprev/SPF/DKIM/DMARC/ARC and DNSBL at all (quick mode: only with `--dns`).
+    pub enabled: bool,
     pub dns: Option<SocketAddr>,
     pub iprev: Enforce,
     pub spf_fail: Enforce,
@@ -102,6 +105,7 @@ pub struct Checks {
 impl Default for Checks {
     fn default() -> Self {
         Checks {
+            enabled: true,
             dns: None,
             iprev: Enforce::Record,
             spf_fail: Enforce::Reject,
@@ -222,7 +226,10 @@ impl MxConfig {
             data_timeout: Duration::from_secs(600),
             admin: None,
             tls: None,
-            checks: Checks::default(),
+            checks: Checks {
+                enabled: false,
+                ..Checks::default()
+            },
             relay,
         }
     }
@@ -263,7 +270,7 @@ const MX: &[&str] = &[
     "checks",
     "relay",
 ];
-const CHECKS: &[&str] = &["dns", "iprev", "spf_fail", "dmarc_reject", "dnsbl"];
+const CHECKS: &[&str] = &["enabled", "dns", "iprev", "spf_fail", "dmarc_reject", "dnsbl"];
 const RELAY: &[&str] = &[
     "next_hop",
     "protocol",
@@ -349,6 +356,8 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MxConfig> {
         relay.unwrap_or_else(|| Relay::new(placeholder, RelayProtocol::Lmtp)),
     );
     c.listen = listen;
+    // A configured MX checks senders (with the system resolver unless [mx.checks] says).
+    c.checks.enabled = true;
     ok &= required_ok;
 
     if let Some(w) = t.get("workers") {
@@ -459,6 +468,11 @@ fn parse_checks(ctx: &mut Ctx<'_>, t: &DeTable<'_>) -> Option<Checks> {
     check_keys(ctx, t, CHECKS, "[mx.checks]");
     let mut c = Checks::default();
     let mut ok = true;
+    ok &= set(
+        &mut c.enabled,
+        t.get("enabled")
+            .map(|x| boolean(ctx, x, "mx.checks.enabled")),
+    );
     if let Some(x) = t.get("dns") {
         let s = string(ctx, x, "mx.checks.dns");
         let parsed = s.and_then(|s| {

@@ -53,6 +53,11 @@ pub struct Envelope {
     /// A delay warning DSN has been sent.
     #[serde(default)]
     pub delay_warned: bool,
+    /// Trace header lines (Received, Authentication-Results), CRLF-terminated, sent in front of
+    /// the content at delivery. They are decided only when the content is complete (DKIM and
+    /// DMARC need all of it), so they live here instead of being written into the data file.
+    #[serde(default)]
+    pub headers: String,
 }
 
 /// One recipient and its delivery state.
@@ -184,6 +189,8 @@ pub struct NewEnvelope {
     pub client: Option<ClientInfo>,
     /// Next-hop class.
     pub route: String,
+    /// Trace header lines to send in front of the content (see [`Envelope::headers`]).
+    pub headers: String,
 }
 
 /// A recipient as received.
@@ -224,6 +231,7 @@ impl NewEnvelope {
             smtputf8: false,
             client: None,
             route: route.into(),
+            headers: String::new(),
         }
     }
 }

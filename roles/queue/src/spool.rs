@@ -1152,6 +1152,7 @@ impl Incoming {
             route: envelope.route,
             frozen: false,
             delay_warned: false,
+            headers: envelope.headers,
         };
         let (env_file, env_tmp) = match spool.write_tmp_envelope(&env) {
             Ok(x) => x,

@@ -1,0 +1,688 @@
+//! One inbound SMTP session: the I/O-free [`Server`] core driven over a socket, with the MX's
+//! policy (our domains only, sender checks, rate limits) and the durable spool.
+//!
+//! ```text
+//!  socket ─▶ [PROXY header from a trusted LB] ─▶ limits, DNSBL, iprev ─▶ 220
+//!        ─▶ Server core ─events─▶ HELO: record │ MAIL: rate, SPF │ RCPT: our domains only
+//!                                 DATA chunks ─▶ spool file (streamed) + bounded copy for DKIM
+//!                                 end of data ─▶ DKIM/ARC/DMARC ─▶ commit (fsync) ─▶ 250 queued
+//!        ◀─ replies ◀─────────────┘            STARTTLS: handshake, core resets
+//! ```
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ringmail_mailauth::{AuthResult, Checker, IprevOutcome, SpfOutcome};
+use ringmail_proxy_core::ratelimit::SourceRateLimiter;
+use ringmail_queue::{
+    BodyType, ClientInfo, Incoming, NewEnvelope, NewRecipient, Notify, Ret, Spool,
+};
+use ringmail_smtp::{
+    Body, Domain, DsnNotify, DsnRet, Event, Mailbox, MailParams, RcptParams, Reply, Server,
+    ServerConfig,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::admin::MxStats;
+use crate::config::{Enforce, MxConfig};
+use crate::tls::TlsStore;
+
+/// Everything the sessions of all workers share.
+pub struct Mx {
+    pub cfg: Arc<MxConfig>,
+    pub smtp: Arc<ServerConfig>,
+    pub spool: Spool,
+    pub checker: Option<Checker>,
+    pub tls: Arc<TlsStore>,
+    pub stats: Arc<MxStats>,
+    pub conn_rate: Option<SourceRateLimiter>,
+    pub msg_rate: Option<SourceRateLimiter>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    active: AtomicUsize,
+    epoch: Instant,
+    /// Wakes the relay when a message was queued.
+    pub queued: Arc<tokio::sync::Notify>,
+}
+
+impl Mx {
+    pub fn new(
+        cfg: Arc<MxConfig>,
+        spool: Spool,
+        checker: Option<Checker>,
+        tls: Arc<TlsStore>,
+        stats: Arc<MxStats>,
+    ) -> Mx {
+        let smtp = Arc::new(ServerConfig {
+            hostname: cfg.hostname.clone(),
+            max_message_size: cfg.max_message_size,
+            max_recipients: cfg.max_recipients,
+            offer_starttls: true,
+            offer_auth: false,
+            ..ServerConfig::default()
+        });
+        Mx {
+            conn_rate: cfg
+                .connection_rate
+                .map(|r| SourceRateLimiter::new(r.max, r.period)),
+            msg_rate: cfg
+                .message_rate
+                .map(|r| SourceRateLimiter::new(r.max, r.period)),
+            cfg,
+            smtp,
+            spool,
+            checker,
+            tls,
+            stats,
+            per_ip: Mutex::new(HashMap::new()),
+            active: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            queued: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    fn since_epoch(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+}
+
+/// Counts a session against the global and per-address limits while it lives.
+struct Slot<'a> {
+    mx: &'a Mx,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.mx.active.fetch_sub(1, Ordering::AcqRel);
+        self.mx.stats.sessions_active.fetch_sub(1, Ordering::Relaxed);
+        if let Some(ip) = self.ip {
+            let mut m = self.mx.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = m.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+/// The mail transaction being received.
+struct Txn {
+    sender: Option<String>,
+    params: MailParams,
+    spf: Option<SpfOutcome>,
+    recipients: Vec<(String, RcptParams)>,
+    incoming: Option<Incoming>,
+    /// Bounded in-memory copy for DKIM/DMARC (the whole message up to the checker's limit,
+    /// else the header section only).
+    copy: Vec<u8>,
+    copy_complete: bool,
+    bytes: u64,
+}
+
+impl Txn {
+    fn new(sender: Option<String>, params: MailParams, spf: Option<SpfOutcome>) -> Txn {
+        Txn {
+            sender,
+            params,
+            spf,
+            recipients: Vec::new(),
+            incoming: None,
+            copy: Vec::new(),
+            copy_complete: true,
+            bytes: 0,
+        }
+    }
+}
+
+/// Per-session state outside the protocol core.
+struct Ctx<'a> {
+    mx: &'a Mx,
+    client: SocketAddr,
+    helo: String,
+    iprev: Option<IprevOutcome>,
+    txn: Option<Txn>,
+    tls: bool,
+    messages: u32,
+}
+
+/// Runs one session on an accepted connection.
+pub async fn run(mx: Arc<Mx>, mut stream: TcpStream, peer: SocketAddr, _local: SocketAddr) {
+    let mx = &*mx;
+    MxStats::inc(&mx.stats.sessions);
+    mx.active.fetch_add(1, Ordering::AcqRel);
+    mx.stats.sessions_active.fetch_add(1, Ordering::Relaxed);
+    let mut slot = Slot { mx, ip: None };
+
+    // The real client: from the PROXY header when the peer is one of our LBs.
+    let trusted = mx.cfg.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
+    let mut early = Vec::new();
+    let client = if trusted {
+        match crate::proxy::read_header(&mut stream, Duration::from_secs(10)).await {
+            Ok(info) => {
+                early = info.rest;
+                info.client.unwrap_or(peer)
+            }
+            Err(e) => {
+                MxStats::inc(&mx.stats.refused_proxy);
+                warn!(%peer, error = %e, "refused: a trusted proxy sent no valid PROXY header");
+                return;
+            }
+        }
+    } else {
+        peer
+    };
+    let ip = client.ip();
+
+    let mut server = Server::new(Arc::clone(&mx.smtp), false);
+    if let Some(refusal) = admission(mx, ip) {
+        MxStats::inc(&mx.stats.refused_rate);
+        server.refuse_connection(refusal.0, refusal.1, &refusal.2);
+        let _ = flush(&mut stream, &mut server).await;
+        return;
+    }
+    slot.ip = Some(ip);
+    {
+        let mut m = mx.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(ip).or_insert(0) += 1;
+    }
+
+    let mut ctx = Ctx {
+        mx,
+        client,
+        helo: String::new(),
+        iprev: None,
+        txn: None,
+        tls: false,
+        messages: 0,
+    };
+    if let Some(checker) = &mx.checker {
+        if let Some(zone) = dnsbl_listed(checker, &mx.cfg.checks.dnsbl, ip).await {
+            MxStats::inc(&mx.stats.refused_connect);
+            info!(client = %ip, zone, "refused: listed in a DNSBL");
+            server.refuse_connection(554, "5.7.1", &format!("Service unavailable; client [{ip}] blocked using {zone}"));
+            let _ = flush(&mut stream, &mut server).await;
+            return;
+        }
+        let iprev = checker.iprev(ip).await;
+        if mx.cfg.checks.iprev == Enforce::Reject && iprev.result != AuthResult::Pass {
+            MxStats::inc(&mx.stats.refused_connect);
+            server.refuse_connection(
+                450,
+                "4.7.25",
+                &format!("Client host rejected: cannot find your hostname, [{ip}]"),
+            );
+            let _ = flush(&mut stream, &mut server).await;
+            return;
+        }
+        ctx.iprev = Some(iprev);
+    }
+
+    server.greet();
+    if !early.is_empty() {
+        server.receive(&early);
+    }
+    match drive(&mut stream, &mut server, &mut ctx).await {
+        Ok(Next::StartTls) => {
+            let acceptor = mx.tls.acceptor();
+            match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(stream)).await {
+                Ok(Ok(mut tls)) => {
+                    MxStats::inc(&mx.stats.tls_sessions);
+                    ctx.tls = true;
+                    server.tls_established();
+                    let _ = drive(&mut tls, &mut server, &mut ctx).await;
+                    let _ = tls.shutdown().await;
+                }
+                Ok(Err(e)) => debug!(client = %ip, error = %e, "TLS handshake failed"),
+                Err(_) => debug!(client = %ip, "TLS handshake timed out"),
+            }
+        }
+        Ok(Next::Closed) => {
+            let _ = stream.shutdown().await;
+        }
+        Err(e) => debug!(client = %ip, error = %e, "session ended"),
+    }
+    drop(ctx);
+}
+
+/// Connection-level limits: global, per address, rate.
+fn admission(mx: &Mx, ip: IpAddr) -> Option<(u16, &'static str, String)> {
+    let too_many = |what: &str| (421, "4.7.0", format!("{} Error: too many connections{what}", mx.cfg.hostname));
+    if mx.active.load(Ordering::Acquire) > mx.cfg.max_connections {
+        return Some(too_many(""));
+    }
+    let current = mx
+        .per_ip
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&ip)
+        .copied()
+        .unwrap_or(0);
+    if current >= mx.cfg.max_connections_per_ip {
+        return Some(too_many(&format!(" from {ip}")));
+    }
+    if let Some(limiter) = &mx.conn_rate
+        && !limiter.allow(ip, mx.since_epoch())
+    {
+        return Some((
+            421,
+            "4.7.0",
+            format!("{} Error: too many connections from {ip}; slow down", mx.cfg.hostname),
+        ));
+    }
+    None
+}
+
+async fn dnsbl_listed(checker: &Checker, zones: &[String], ip: IpAddr) -> Option<String> {
+    for zone in zones {
+        if checker.dnsbl_listed(ip, zone).await {
+            return Some(zone.clone());
+        }
+    }
+    None
+}
+
+enum Next {
+    Closed,
+    StartTls,
+}
+
+async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, server: &mut Server) -> io::Result<()> {
+    let mut wrote = false;
+    while let Some(bytes) = server.poll_transmit() {
+        stream.write_all(&bytes).await?;
+        wrote = true;
+    }
+    if wrote {
+        stream.flush().await?;
+    }
+    Ok(())
+}
+
+/// Runs the core over `stream` until the session ends or STARTTLS needs a handshake.
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    server: &mut Server,
+    ctx: &mut Ctx<'_>,
+) -> io::Result<Next> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut data_deadline: Option<tokio::time::Instant> = None;
+    loop {
+        while let Some(event) = server.poll_event() {
+            match event {
+                Event::StartTls => {
+                    flush(stream, server).await?;
+                    return Ok(Next::StartTls);
+                }
+                Event::DataStart => {
+                    data_deadline = Some(tokio::time::Instant::now() + ctx.mx.cfg.data_timeout);
+                    on_data_start(server, ctx);
+                }
+                Event::DataEnd => {
+                    data_deadline = None;
+                    let committed = on_data_end(server, ctx).await;
+                    // The 250 must reach the client; if writing it fails the message is queued
+                    // anyway and may come again: count it (possible duplicate).
+                    if let Err(e) = flush(stream, server).await {
+                        if committed {
+                            ctx.mx.spool.note_ack_maybe_lost();
+                            MxStats::inc(&ctx.mx.stats.acks_maybe_lost);
+                        }
+                        return Err(e);
+                    }
+                }
+                Event::DataAborted { reason } => {
+                    data_deadline = None;
+                    debug!(client = %ctx.client.ip(), ?reason, "message refused by the protocol core");
+                    MxStats::inc(&ctx.mx.stats.refused_other);
+                    ctx.txn = None;
+                }
+                other => on_event(server, ctx, other).await,
+            }
+        }
+        flush(stream, server).await?;
+        if server.should_close() {
+            let _ = stream.shutdown().await;
+            return Ok(Next::Closed);
+        }
+        let deadline = data_deadline
+            .unwrap_or_else(|| tokio::time::Instant::now() + ctx.mx.cfg.command_timeout);
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) => {
+                ctx.txn = None;
+                return Ok(Next::Closed);
+            }
+            Ok(Ok(n)) => server.receive(&buf[..n]),
+            Ok(Err(e)) => {
+                ctx.txn = None;
+                return Err(e);
+            }
+            Err(_) => {
+                server.timeout();
+                data_deadline = None;
+            }
+        }
+    }
+}
+
+async fn on_event(server: &mut Server, ctx: &mut Ctx<'_>, event: Event) {
+    match event {
+        Event::Helo { name, .. } => {
+            ctx.helo = name;
+            ctx.txn = None;
+            server.accept();
+        }
+        Event::MailFrom {
+            reverse_path,
+            params,
+        } => on_mail(server, ctx, reverse_path, params).await,
+        Event::RcptTo {
+            forward_path,
+            params,
+        } => on_rcpt(server, ctx, &forward_path, params),
+        Event::DataChunk(bytes) => on_chunk(ctx, &bytes),
+        Event::AuthPlain { .. } | Event::AuthLogin { .. } => server.auth_result(false),
+        Event::Reset => ctx.txn = None,
+        Event::Quit => {}
+        // Handled by the caller.
+        Event::StartTls | Event::DataStart | Event::DataEnd | Event::DataAborted { .. } => {}
+    }
+}
+
+async fn on_mail(
+    server: &mut Server,
+    ctx: &mut Ctx<'_>,
+    reverse_path: Option<Mailbox>,
+    params: MailParams,
+) {
+    let mx = ctx.mx;
+    let ip = ctx.client.ip();
+    if let Some(limiter) = &mx.msg_rate
+        && !limiter.allow(ip, mx.since_epoch())
+    {
+        MxStats::inc(&mx.stats.refused_rate);
+        server.reject(Reply::new(
+            450,
+            "4.7.1",
+            "Error: too many messages from your address; try again later",
+        ));
+        return;
+    }
+    let sender = reverse_path.map(|m| m.raw().to_string());
+    let spf = match &mx.checker {
+        Some(checker) => {
+            let spf = checker.spf(ip, &ctx.helo, sender.as_deref()).await;
+            if spf.result == AuthResult::Fail && mx.cfg.checks.spf_fail == Enforce::Reject {
+                MxStats::inc(&mx.stats.refused_spf);
+                info!(client = %ip, sender = sender.as_deref().unwrap_or("<>"), domain = %spf.domain, "refused: SPF fail");
+                server.reject(Reply::new(
+                    550,
+                    "5.7.23",
+                    &format!("SPF validation failed for {}", printable(&spf.domain)),
+                ));
+                return;
+            }
+            Some(spf)
+        }
+        None => None,
+    };
+    ctx.txn = Some(Txn::new(sender, params, spf));
+    server.accept();
+}
+
+/// Printable ASCII only, for echoing attacker-supplied text in a reply.
+fn printable(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(200)
+        .collect()
+}
+
+/// Our domains only, and none of the tricks that would make a relay of us.
+fn relay_verdict(mx: &Mx, rcpt: &Mailbox) -> Result<(), Reply> {
+    let denied = || Reply::new(550, "5.7.1", "Relay access denied");
+    let domain = match rcpt.domain() {
+        Domain::Name(d) => d,
+        // IP literals are never one of our domains.
+        _ => return Err(denied()),
+    };
+    let ours = mx.cfg.is_local_domain(domain)
+        || (rcpt.local().eq_ignore_ascii_case("postmaster")
+            && domain.eq_ignore_ascii_case(&mx.cfg.hostname));
+    if !ours {
+        return Err(denied());
+    }
+    // `user%other@ours`, `other!user@ours`, `"user@other"@ours`: routing through us.
+    if rcpt.local_has_routing_chars() || rcpt.local_is_quoted() {
+        return Err(denied());
+    }
+    Ok(())
+}
+
+fn on_rcpt(server: &mut Server, ctx: &mut Ctx<'_>, rcpt: &Mailbox, params: RcptParams) {
+    let Some(txn) = ctx.txn.as_mut() else {
+        server.reject(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+        return;
+    };
+    if let Err(reply) = relay_verdict(ctx.mx, rcpt) {
+        MxStats::inc(&ctx.mx.stats.refused_relay);
+        info!(client = %ctx.client.ip(), rcpt = %printable(rcpt.raw()), "refused: relay access denied");
+        server.reject(reply);
+        return;
+    }
+    txn.recipients.push((rcpt.raw().to_string(), params));
+    server.accept();
+}
+
+fn on_data_start(server: &mut Server, ctx: &mut Ctx<'_>) {
+    let Some(txn) = ctx.txn.as_mut() else {
+        return;
+    };
+    match ctx.mx.spool.begin() {
+        Ok(incoming) => txn.incoming = Some(incoming),
+        Err(e) => {
+            warn!(error = %e, "cannot start a spool file");
+            // The core will get the verdict at DataEnd; remember the failure.
+            txn.incoming = None;
+        }
+    }
+    let _ = server;
+}
+
+fn on_chunk(ctx: &mut Ctx<'_>, bytes: &[u8]) {
+    let limit = ctx
+        .mx
+        .checker
+        .as_ref()
+        .map_or(0, |c| c.config().max_message_bytes_for_dkim);
+    let Some(txn) = ctx.txn.as_mut() else {
+        return;
+    };
+    txn.bytes += bytes.len() as u64;
+    if let Some(inc) = txn.incoming.as_mut()
+        && let Err(e) = inc.write(bytes)
+    {
+        warn!(error = %e, "spool write failed");
+        txn.incoming = None;
+    }
+    if ctx.mx.checker.is_some() {
+        if txn.copy.len() + bytes.len() <= limit {
+            txn.copy.extend_from_slice(bytes);
+        } else {
+            // Too big to verify DKIM: keep the header section only (for DMARC's From).
+            txn.copy_complete = false;
+            if !has_header_end(&txn.copy) {
+                let room = 256 * 1024usize.saturating_sub(0);
+                let take = bytes.len().min(room.saturating_sub(txn.copy.len()));
+                txn.copy.extend_from_slice(&bytes[..take]);
+            }
+            if txn.copy.len() > 256 * 1024 {
+                txn.copy.truncate(256 * 1024);
+            }
+        }
+    }
+}
+
+fn has_header_end(b: &[u8]) -> bool {
+    b.windows(4).any(|w| w == b"\r\n\r\n")
+}
+
+fn header_section(b: &[u8]) -> &[u8] {
+    match b.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(i) => &b[..i + 4],
+        None => b,
+    }
+}
+
+/// Checks, trace headers, commit. Returns whether the message was committed.
+async fn on_data_end(server: &mut Server, ctx: &mut Ctx<'_>) -> bool {
+    let mx = ctx.mx;
+    let Some(mut txn) = ctx.txn.take() else {
+        server.reject(Reply::new(503, "5.5.1", "Error: no transaction"));
+        return false;
+    };
+    let Some(incoming) = txn.incoming.take() else {
+        server.reject(Reply::new(451, "4.3.0", "Error: queue file write error"));
+        return false;
+    };
+    let ip = ctx.client.ip();
+    let mut auth_results = String::new();
+    if let (Some(checker), Some(spf)) = (&mx.checker, txn.spf.as_ref()) {
+        let outcome = if txn.copy_complete {
+            checker
+                .message(&txn.copy, ip, &ctx.helo, txn.sender.as_deref(), spf)
+                .await
+        } else {
+            checker
+                .message_too_large(header_section(&txn.copy), spf)
+                .await
+        };
+        if outcome.dmarc_reject() && mx.cfg.checks.dmarc_reject {
+            MxStats::inc(&mx.stats.refused_dmarc);
+            let from = outcome.dmarc.header_from.clone().unwrap_or_default();
+            info!(client = %ip, from = %printable(&from), "refused: DMARC policy reject");
+            incoming.abort();
+            server.reject(Reply::new(
+                550,
+                "5.7.1",
+                &format!("Email rejected per DMARC policy for {}", printable(&from)),
+            ));
+            return false;
+        }
+        let iprev = ctx.iprev.clone().unwrap_or_else(|| IprevOutcome {
+            result: AuthResult::None,
+            ip,
+            name: None,
+            reason: None,
+        });
+        auth_results = checker.authentication_results(&iprev, spf, Some(&outcome));
+    }
+    let received = received_header(ctx, &txn, incoming.id().to_string());
+    let envelope = new_envelope(ctx, &txn, format!("{received}{auth_results}"));
+    let size = incoming.bytes_written();
+    match incoming.commit(envelope).await {
+        Ok(id) => {
+            ctx.messages += 1;
+            MxStats::inc(&mx.stats.messages_accepted);
+            mx.stats
+                .bytes_accepted
+                .fetch_add(size, Ordering::Relaxed);
+            mx.stats
+                .recipients_accepted
+                .fetch_add(txn.recipients.len() as u64, Ordering::Relaxed);
+            info!(id = %id, client = %ip, sender = txn.sender.as_deref().unwrap_or("<>"), rcpts = txn.recipients.len(), size, "queued");
+            server.data_committed(&id.to_string());
+            mx.queued.notify_one();
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, "queue commit failed");
+            server.reject(Reply::new(451, "4.3.0", "Error: queue file write error"));
+            false
+        }
+    }
+}
+
+fn received_header(ctx: &Ctx<'_>, txn: &Txn, id: String) -> String {
+    let ip = ctx.client.ip();
+    let rdns = ctx
+        .iprev
+        .as_ref()
+        .and_then(|i| i.name.clone())
+        .map(|n| printable(&n).replace(' ', ""))
+        .unwrap_or_else(|| "unknown".into());
+    let helo = {
+        let h = printable(&ctx.helo).replace([' ', '(', ')'], "");
+        if h.is_empty() { "unknown".to_string() } else { h }
+    };
+    let proto = match (ctx.tls, txn.params.smtputf8) {
+        (true, true) => "UTF8SMTPS",
+        (false, true) => "UTF8SMTP",
+        (true, false) => "ESMTPS",
+        (false, false) => "ESMTP",
+    };
+    let rcpt = if txn.recipients.len() == 1 {
+        format!("\r\n\tfor <{}>", printable(&txn.recipients[0].0))
+    } else {
+        String::new()
+    };
+    let ipt = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("IPv6:{v6}"),
+    };
+    format!(
+        "Received: from {helo} ({rdns} [{ipt}])\r\n\tby {} (ringmail) with {proto} id {id}{rcpt};\r\n\t{}\r\n",
+        ctx.mx.cfg.hostname,
+        ringmail_queue::rfc5322_date(ringmail_queue::to_unix(std::time::SystemTime::now())),
+    )
+}
+
+fn new_envelope(ctx: &Ctx<'_>, txn: &Txn, headers: String) -> NewEnvelope {
+    let recipients = txn
+        .recipients
+        .iter()
+        .map(|(addr, p)| {
+            let mut r = NewRecipient::new(addr.clone());
+            r.orcpt = p
+                .orcpt
+                .as_ref()
+                .map(|o| format!("{};{}", o.addr_type, o.addr));
+            if let Some(list) = &p.notify {
+                r.notify = Notify {
+                    never: list.contains(&DsnNotify::Never),
+                    success: list.contains(&DsnNotify::Success),
+                    failure: list.contains(&DsnNotify::Failure),
+                    delay: list.contains(&DsnNotify::Delay),
+                };
+            }
+            r
+        })
+        .collect::<Vec<_>>();
+    let mut env = NewEnvelope::new(txn.sender.clone(), recipients, "mda");
+    env.ret = txn.params.ret.map(|r| match r {
+        DsnRet::Full => Ret::Full,
+        DsnRet::Hdrs => Ret::Hdrs,
+    });
+    env.envid = txn.params.envid.clone();
+    env.body = match txn.params.body {
+        Body::SevenBit => BodyType::SevenBit,
+        Body::EightBitMime => BodyType::EightBitMime,
+        Body::BinaryMime => BodyType::BinaryMime,
+    };
+    env.smtputf8 = txn.params.smtputf8;
+    env.client = Some(ClientInfo {
+        addr: ctx.client.to_string(),
+        helo: ctx.helo.clone(),
+        tls: ctx.tls,
+        auth: None,
+    });
+    env.headers = headers;
+    env
+}
