@@ -1103,7 +1103,7 @@ impl Server {
         let cmd = match parse_command(line) {
             Ok(c) => c,
             Err(r) => {
-                if line.len() >= 4 && line[..4].eq_ignore_ascii_case("BDAT") {
+                if line.len() >= 4 && line.as_bytes()[..4].eq_ignore_ascii_case(b"BDAT") {
                     // The chunk size is unknown: the stream cannot be re-framed.
                     self.send_final(r, AbortReason::SessionClosed);
                 } else {
