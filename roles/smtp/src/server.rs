@@ -562,12 +562,12 @@ impl Server {
     }
 
     /// Whether the driver should read more: false while a verdict or the TLS handshake is
-    /// pending, when closing, or with more than a command line of unparsed input.
+    /// pending, and when closing. A driver that reads only while this is true, at most
+    /// `max_pending_input` bytes at a time, never trips the pending-input limit.
     pub fn wants_input(&self) -> bool {
         !self.closing
             && matches!(self.pending, Pending::None)
             && !matches!(self.mode, Mode::TlsPending)
-            && self.inbuf.len() < self.cfg.max_command_line
     }
 
     /// Bytes held by the core (unparsed input plus content not yet emitted). Bounded by
