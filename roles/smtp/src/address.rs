@@ -78,7 +78,7 @@ impl Domain {
         }
         if let Some(lit) = s.strip_prefix('[') {
             let lit = lit.strip_suffix(']').ok_or(AddressError::InvalidDomain)?;
-            if lit.len() > 5 && lit[..5].eq_ignore_ascii_case("IPv6:") {
+            if lit.len() > 5 && lit.as_bytes()[..5].eq_ignore_ascii_case(b"IPv6:") {
                 return lit[5..]
                     .parse::<Ipv6Addr>()
                     .map(Domain::Ipv6)

@@ -161,7 +161,7 @@ pub(crate) fn parse_command(line: &str) -> Result<Command<'_>, Reply> {
         "MAIL" => {
             let usage = "MAIL FROM:<address>";
             let a = args.ok_or_else(|| syntax(usage))?;
-            if a.len() < 5 || !a[..5].eq_ignore_ascii_case("FROM:") {
+            if a.len() < 5 || !a.as_bytes()[..5].eq_ignore_ascii_case(b"FROM:") {
                 return Err(syntax(usage));
             }
             let a = &a[5..];
@@ -172,7 +172,7 @@ pub(crate) fn parse_command(line: &str) -> Result<Command<'_>, Reply> {
         "RCPT" => {
             let usage = "RCPT TO:<address>";
             let a = args.ok_or_else(|| syntax(usage))?;
-            if a.len() < 3 || !a[..3].eq_ignore_ascii_case("TO:") {
+            if a.len() < 3 || !a.as_bytes()[..3].eq_ignore_ascii_case(b"TO:") {
                 return Err(syntax(usage));
             }
             let a = &a[3..];
@@ -457,6 +457,11 @@ mod tests {
             assert_eq!(parse_command(bad).unwrap_err().code(), 501, "{bad}");
         }
         assert_eq!(parse_command("FOO").unwrap_err().code(), 500);
+        // Multi-byte characters where ASCII keywords are expected (found by fuzzing).
+        for s in ["MAIL é:<a@b>", "MAIL FRé:<a@b>", "RCPT é", "RCPT Té:<a@b>"] {
+            assert_eq!(parse_command(s).unwrap_err().code(), 501, "{s}");
+        }
+        assert!(crate::address::Domain::parse("[IPvé:1]", true).is_err());
         assert_eq!(
             parse_command("BDAT 10 last"),
             Ok(Command::Bdat {

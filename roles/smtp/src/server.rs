@@ -562,12 +562,12 @@ impl Server {
     }
 
     /// Whether the driver should read more: false while a verdict or the TLS handshake is
-    /// pending, when closing, or with more than a command line of unparsed input.
+    /// pending, and when closing. A driver that reads only while this is true, at most
+    /// `max_pending_input` bytes at a time, never trips the pending-input limit.
     pub fn wants_input(&self) -> bool {
         !self.closing
             && matches!(self.pending, Pending::None)
             && !matches!(self.mode, Mode::TlsPending)
-            && self.inbuf.len() < self.cfg.max_command_line
     }
 
     /// Bytes held by the core (unparsed input plus content not yet emitted). Bounded by
@@ -1103,7 +1103,7 @@ impl Server {
         let cmd = match parse_command(line) {
             Ok(c) => c,
             Err(r) => {
-                if line.len() >= 4 && line[..4].eq_ignore_ascii_case("BDAT") {
+                if line.len() >= 4 && line.as_bytes()[..4].eq_ignore_ascii_case(b"BDAT") {
                     // The chunk size is unknown: the stream cannot be re-framed.
                     self.send_final(r, AbortReason::SessionClosed);
                 } else {

@@ -1067,12 +1067,12 @@ fn out_of_sequence() {
 fn misc_commands() {
     let r = check(
         cfg(),
-        b"EHLO c\r\nNOOP\r\nNOOP anything\r\nVRFY root\r\nVRFY\r\nEXPN staff\r\nHELP\r\nRSET\r\nRSET x\r\n\r\nFOO\r\nLHLO c\r\nQUIT\r\nNOOP\r\n",
+        b"EHLO c\r\nB\xc3\xa9AT 1\r\nNOOP anything\r\nVRFY root\r\nVRFY\r\nEXPN staff\r\nHELP\r\nRSET\r\nRSET x\r\n\r\nFOO\r\nLHLO c\r\nQUIT\r\nNOOP\r\n",
     );
     assert_eq!(
         replies(&r)[8..],
         [
-            "250 2.0.0 Ok",
+            "500 5.5.2 Error: command not recognized",
             "250 2.0.0 Ok",
             "252 2.5.2 Cannot VRFY user; try RCPT to attempt delivery",
             "501 5.5.4 Syntax: VRFY address",
