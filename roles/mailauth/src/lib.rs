@@ -319,6 +319,22 @@ impl Checker {
             .ok()
     }
 
+    /// Whether `ip` is listed in the DNSBL `zone`: an A record for the reversed address under
+    /// the zone (`4.3.2.1.zone` for 1.2.3.4; nibbles for IPv6), answered in 127.0.0.0/8 as
+    /// RFC 5782 requires (other answers, e.g. a resolver's NXDOMAIN rewriting, are ignored).
+    /// Lookup failures count as not listed: a broken blocklist must not stop all mail.
+    pub async fn dnsbl_listed(&self, ip: IpAddr, zone: &str) -> bool {
+        let name = dnsbl_name(ip, zone);
+        let lookup = self.bounded(self.inner.auth.0.ipv4_lookup(name.as_str()));
+        match lookup.await {
+            Some(Ok(found)) => found.answers().iter().any(|r| match &r.data {
+                mail_auth::hickory_resolver::proto::rr::RData::A(a) => a.0.octets()[0] == 127,
+                _ => false,
+            }),
+            _ => false,
+        }
+    }
+
     /// Forward-confirmed reverse DNS: one of the PTR names of `ip` (at most two are tried)
     /// has an A/AAAA record equal to `ip`. Loopback addresses are answered by the resolver
     /// itself (RFC 6761: `localhost`), without asking the DNS server.
@@ -826,5 +842,40 @@ mod tests {
     fn checker_is_send_sync_clone() {
         fn check<T: Send + Sync + Clone + 'static>() {}
         check::<Checker>();
+    }
+}
+
+/// The DNSBL query name for `ip` under `zone` (RFC 5782 section 2.1 and 2.4).
+pub fn dnsbl_name(ip: IpAddr, zone: &str) -> String {
+    let zone = zone.trim_end_matches('.');
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.{}.{zone}.", o[3], o[2], o[1], o[0])
+        }
+        IpAddr::V6(v6) => {
+            let mut s = String::with_capacity(80);
+            for b in v6.octets().iter().rev() {
+                s.push_str(&format!("{:x}.{:x}.", b & 0xf, b >> 4));
+            }
+            format!("{s}{zone}.")
+        }
+    }
+}
+
+#[cfg(test)]
+mod dnsbl_tests {
+    use super::dnsbl_name;
+
+    #[test]
+    fn query_names() {
+        assert_eq!(
+            dnsbl_name("192.0.2.99".parse().unwrap(), "bl.example.org"),
+            "99.2.0.192.bl.example.org."
+        );
+        assert_eq!(
+            dnsbl_name("2001:db8::1".parse().unwrap(), "bl.example.org."),
+            "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.bl.example.org."
+        );
     }
 }

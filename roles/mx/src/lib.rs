@@ -5,3 +5,5 @@ pub mod config;
 pub mod proxy;
 pub mod runtime;
 pub mod tls;
+pub mod session;
+pub mod admin;
