@@ -21,6 +21,7 @@ use signal_hook::iterator::Signals;
 use tracing::{error, info, warn};
 
 mod announce;
+mod mx;
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +43,10 @@ enum Command {
     /// The anycast glue alone: checks backends itself and announces the VIPs of `[announce]`
     /// (BGP or a kernel table for BIRD/FRR), for hosts that run another proxy.
     Announce(AnnounceArgs),
+    /// The MX: inbound SMTP for our domains, sender checks, durable queue, relay to the MDA.
+    Mx(mx::MxArgs),
+    /// Inspect and manage a role's queue (list, show, delete, retry, flush).
+    Queue(mx::QueueArgs),
 }
 
 #[derive(Args)]
@@ -151,16 +156,29 @@ struct QuickArgs {
 
 #[derive(Args)]
 struct UpArgs {
-    /// Backends behind the load balancer (until role servers exist, `up` runs only the LB).
-    /// Default: an SMTP server on 127.0.0.1:25, health-checked with EHLO.
+    /// Backends behind the load balancer. Default: the MX started by `up` (until the MSA
+    /// exists, the LB's submission port leads there).
     #[arg(long)]
     backend: Vec<SocketAddr>,
     /// Where the load balancer listens.
     #[arg(long, default_value = "127.0.0.1:10587")]
     listen: SocketAddr,
-    /// Admin listener.
+    /// Admin listener of the load balancer.
     #[arg(long, default_value = "127.0.0.1:9100")]
     admin: SocketAddr,
+    /// Where the MX listens.
+    #[arg(long, default_value = "127.0.0.1:2525")]
+    mx_listen: SocketAddr,
+    /// The domain the MX accepts mail for.
+    #[arg(long, default_value = "example.test")]
+    domain: String,
+    /// Where accepted mail is relayed (the MDA's LMTP port once it exists). Until something
+    /// listens there, mail stays queued: see `ringmail queue`.
+    #[arg(long, default_value = "127.0.0.1:10024")]
+    mx_relay: SocketAddr,
+    /// Data directory (the MX spool lives in DATA/mx-spool).
+    #[arg(long, default_value = ".ringmail")]
+    data: PathBuf,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -190,6 +208,8 @@ fn main() -> ExitCode {
         Command::Lb(args) => cmd_lb(args),
         Command::Up(args) => cmd_up(args),
         Command::Announce(args) => cmd_announce(args),
+        Command::Mx(args) => mx::cmd_mx(args),
+        Command::Queue(args) => mx::cmd_queue(args),
     };
     match result {
         Ok(code) => code,
@@ -443,8 +463,22 @@ fn describe(config: &LbConfig) -> String {
 }
 
 fn cmd_up(args: UpArgs) -> Result<ExitCode> {
+    let spool = args.data.join("mx-spool");
+    let mx_admin = SocketAddr::new(args.admin.ip(), args.admin.port().wrapping_add(10));
+    let mut mx_cfg = ringmail_mx::config::MxConfig::quick(
+        "mx.example.test".to_string(),
+        args.mx_listen,
+        vec![args.domain.clone()],
+        spool.clone(),
+        ringmail_mx::config::Relay::new(args.mx_relay, ringmail_mx::config::RelayProtocol::Lmtp),
+    );
+    mx_cfg.admin = Some(mx_admin);
+    mx_cfg.relay.retry_min = Duration::from_secs(30);
+    mx_cfg.relay.retry_max = Duration::from_secs(300);
+    let mx_server = mx::start_for_up(mx_cfg)?;
+
     let (backends, health) = if args.backend.is_empty() {
-        (vec!["127.0.0.1:25".parse()?], Some(HealthArg::Smtp))
+        (vec![args.mx_listen], Some(HealthArg::Smtp))
     } else {
         (args.backend.clone(), Some(HealthArg::Tcp))
     };
@@ -465,27 +499,38 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
     let config = quick_config(args.listen, backends.clone(), &quick);
     let listen = args.listen;
     let admin = args.admin;
-    run_lb(config, None, move |lb| {
+    let mxl = args.mx_listen;
+    let domain = args.domain.clone();
+    let relay = args.mx_relay;
+    let spool_shown = spool.display().to_string();
+    let result = run_lb(config, None, move |lb| {
         let list = backends
             .iter()
             .map(|b| b.to_string())
             .collect::<Vec<_>>()
             .join(", ");
         println!(
-            "\nringmail up: all-in-one node on loopback\n\
+            "\nringmail up: all-in-one node on loopback\
+             \n\n  started  MX              {mxl}  for @{domain}, spool {spool_shown}, admin http://{mx_admin}/metrics\
+             \n           relays to {relay} (the MDA's LMTP port; until it exists, mail stays queued)\
              \n  started  load balancer   {listen} -> [{list}]  (engine: {engine})\
              \n  started  admin listener  http://{admin}/metrics\
-             \n  not yet  MSA, MX, MTA, MDA/IMAP role servers (they arrive with later releases;\
-             \n           until then `up` balances to the backends you give with --backend)\
+             \n  not yet  MSA, MTA, MDA/IMAP (they arrive with later releases)\
              \n\nTry it:\
+             \n  swaks --server {mip} --port {mport} --from alice@sender.example --to bob@{domain}\
+             \n  python3 -c \"import smtplib; s=smtplib.SMTP('{mip}', {mport}); s.starttls(); s.sendmail('a@sender.example', ['bob@{domain}'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n'); s.quit()\"\
+             \n  ringmail queue --spool {spool_shown} --admin {mx_admin} list\
+             \n  curl -s http://{mx_admin}/metrics | grep ringmail_mx_messages_accepted_total\
+             \n  swaks --server {ip} --port {port} --to bob@{domain} --quit-after EHLO   # through the LB\
              \n  curl -s http://{admin}/api/backends; echo\
-             \n  curl -s http://{admin}/metrics | grep ringmail_lb_backend_up\
-             \n  swaks --server {ip} --port {port} --to postmaster@localhost --quit-after EHLO\
-             \n  python3 -c \"import smtplib; s=smtplib.SMTP('{ip}', {port}); print(s.ehlo()); s.quit()\"\
              \n\nStop with Ctrl-C (connections in flight are drained first).\n",
             engine = lb.engine().label(),
             ip = listen.ip(),
             port = listen.port(),
+            mip = mxl.ip(),
+            mport = mxl.port(),
         );
-    })
+    });
+    mx_server.stop();
+    result
 }

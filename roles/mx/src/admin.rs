@@ -54,7 +54,11 @@ impl MxStats {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
         };
-        counter("ringmail_mx_sessions_total", "SMTP sessions accepted.", g(&self.sessions));
+        counter(
+            "ringmail_mx_sessions_total",
+            "SMTP sessions accepted.",
+            g(&self.sessions),
+        );
         counter(
             "ringmail_mx_messages_accepted_total",
             "Messages acknowledged with 250 (on stable storage).",
@@ -93,7 +97,11 @@ impl MxStats {
             ("proxy", &self.refused_proxy),
             ("other", &self.refused_other),
         ] {
-            let _ = writeln!(out, "ringmail_mx_refused_total{{reason=\"{reason}\"}} {}", g(c));
+            let _ = writeln!(
+                out,
+                "ringmail_mx_refused_total{{reason=\"{reason}\"}} {}",
+                g(c)
+            );
         }
         let _ = writeln!(
             out,
@@ -104,7 +112,11 @@ impl MxStats {
             ("deferred", &self.deliveries_deferred),
             ("failed", &self.deliveries_failed),
         ] {
-            let _ = writeln!(out, "ringmail_mx_deliveries_total{{result=\"{result}\"}} {}", g(c));
+            let _ = writeln!(
+                out,
+                "ringmail_mx_deliveries_total{{result=\"{result}\"}} {}",
+                g(c)
+            );
         }
         let _ = writeln!(
             out,
@@ -129,6 +141,12 @@ impl MxStats {
 /// Serves the admin API until the process ends.
 pub async fn serve(addr: SocketAddr, stats: Arc<MxStats>, spool: Spool) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    serve_listener(listener, stats, spool).await;
+    Ok(())
+}
+
+/// Serves the admin API on an already bound listener.
+pub async fn serve_listener(listener: tokio::net::TcpListener, stats: Arc<MxStats>, spool: Spool) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -175,30 +193,42 @@ async fn handle<B>(req: Request<B>, stats: &MxStats, spool: &Spool) -> Response<
         }
         (&Method::GET, ["api", "queue"]) => match spool.list() {
             Ok(list) => json_reply(StatusCode::OK, json!(list)),
-            Err(e) => json_reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+            Err(e) => json_reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": e.to_string()}),
+            ),
         },
         (&Method::GET, ["api", "queue", q]) => match id(q).map(|q| spool.get(&q)) {
             Some(Ok(Some(env))) => json_reply(StatusCode::OK, json!(env)),
-            Some(Ok(None)) | None => {
-                json_reply(StatusCode::NOT_FOUND, json!({"error": format!("no message {q}")}))
-            }
-            Some(Err(e)) => {
-                json_reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()}))
-            }
+            Some(Ok(None)) | None => json_reply(
+                StatusCode::NOT_FOUND,
+                json!({"error": format!("no message {q}")}),
+            ),
+            Some(Err(e)) => json_reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"error": e.to_string()}),
+            ),
         },
         (&Method::POST, ["api", "queue", "flush"]) => {
             let spool = spool.clone();
             match tokio::task::spawn_blocking(move || spool.flush()).await {
                 Ok(Ok(n)) => json_reply(StatusCode::OK, json!({"flushed": n})),
-                Ok(Err(e)) => {
-                    json_reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()}))
-                }
-                Err(e) => json_reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+                Ok(Err(e)) => json_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": e.to_string()}),
+                ),
+                Err(e) => json_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": e.to_string()}),
+                ),
             }
         }
         (&Method::POST, ["api", "queue", q, action @ ("delete" | "retry")]) => {
             let Some(qid) = id(q) else {
-                return json_reply(StatusCode::NOT_FOUND, json!({"error": format!("no message {q}")}));
+                return json_reply(
+                    StatusCode::NOT_FOUND,
+                    json!({"error": format!("no message {q}")}),
+                );
             };
             let spool = spool.clone();
             let action = action.to_string();
@@ -210,11 +240,15 @@ async fn handle<B>(req: Request<B>, stats: &MxStats, spool: &Spool) -> Response<
             .await;
             match r {
                 Ok(Ok(true)) => json_reply(StatusCode::OK, json!({"id": q, "done": action})),
-                Ok(Ok(false)) => {
-                    json_reply(StatusCode::NOT_FOUND, json!({"error": format!("no message {q}")}))
-                }
+                Ok(Ok(false)) => json_reply(
+                    StatusCode::NOT_FOUND,
+                    json!({"error": format!("no message {q}")}),
+                ),
                 Ok(Err(e)) => json_reply(StatusCode::CONFLICT, json!({"error": e.to_string()})),
-                Err(e) => json_reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": e.to_string()})),
+                Err(e) => json_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": e.to_string()}),
+                ),
             }
         }
         _ => json_reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),

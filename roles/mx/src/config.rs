@@ -270,7 +270,14 @@ const MX: &[&str] = &[
     "checks",
     "relay",
 ];
-const CHECKS: &[&str] = &["enabled", "dns", "iprev", "spf_fail", "dmarc_reject", "dnsbl"];
+const CHECKS: &[&str] = &[
+    "enabled",
+    "dns",
+    "iprev",
+    "spf_fail",
+    "dmarc_reject",
+    "dnsbl",
+];
 const RELAY: &[&str] = &[
     "next_hop",
     "protocol",

@@ -1,9 +1,201 @@
-//! ringmail-mx: the MX role (to be written).
+//! ringmail-mx: the MX role. Inbound SMTP on port 25 for our domains only: sender checks
+//! (iprev, SPF, DKIM, DMARC, ARC, DNSBL), a durable queue, and relay to the MDA.
+//!
+//! ```text
+//!  Internet ─▶ [LB, PROXY v2] ─▶ worker per core (current-thread tokio, SO_REUSEPORT)
+//!                                   └─ session: smtp core + policy ─▶ spool (group commit) ─▶ 250
+//!  spool ─▶ relay thread: dispatcher + delivery workers ─▶ MDA (LMTP/SMTP), bounces ─▶ MTA
+//!  admin thread: /metrics, /api/queue
+//! ```
+//!
+//! The pieces: [`config`] (TOML schema), [`session`] (one SMTP session), [`relay`] (delivery),
+//! [`runtime`] (thread-per-core listeners), [`proxy`] (PROXY headers from trusted LBs), [`tls`]
+//! (certificates, reload), [`admin`] (metrics and the queue API).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod proxy;
+pub mod relay;
 pub mod runtime;
-pub mod tls;
 pub mod session;
-pub mod admin;
+pub mod tls;
+
+use std::io;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use ringmail_mailauth::{AuthConfig, Checker};
+use ringmail_queue::{QueueConfig, Spool};
+use tracing::{info, warn};
+
+use crate::admin::MxStats;
+use crate::config::MxConfig;
+use crate::runtime::Workers;
+use crate::session::Mx;
+use crate::tls::TlsStore;
+
+/// Why the MX could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MxError {
+    #[error("spool {path}: {source}")]
+    Spool {
+        path: String,
+        source: ringmail_queue::QueueError,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("sender checks: {0}")]
+    Auth(#[from] ringmail_mailauth::AuthError),
+    #[error("cannot listen: {0}")]
+    Listen(io::Error),
+    #[error("cannot start a thread: {0}")]
+    Thread(io::Error),
+}
+
+/// A running MX.
+pub struct MxServer {
+    mx: Arc<Mx>,
+    workers: Option<Workers>,
+    relay_stop: tokio::sync::watch::Sender<bool>,
+    relay: Option<JoinHandle<()>>,
+    admin: Option<JoinHandle<()>>,
+}
+
+impl MxServer {
+    /// Opens the spool (recovering what a crash left), starts the workers, the relay and the
+    /// admin listener. `pin` pins worker N to CPU N (see [`Workers::start`]).
+    pub fn start(
+        cfg: MxConfig,
+        pin: Option<fn(usize) -> io::Result<()>>,
+    ) -> Result<MxServer, MxError> {
+        let cfg = Arc::new(cfg);
+        let mut qcfg = QueueConfig::new(&cfg.spool);
+        qcfg.hostname = cfg.hostname.clone();
+        qcfg.retry_min = cfg.relay.retry_min;
+        qcfg.retry_max = cfg.relay.retry_max;
+        qcfg.max_lifetime = cfg.relay.max_lifetime;
+        qcfg.bounce_route = "mta".into();
+        let (spool, recovery) = Spool::open(qcfg).map_err(|e| MxError::Spool {
+            path: cfg.spool.display().to_string(),
+            source: e,
+        })?;
+        info!(spool = %cfg.spool.display(), messages = recovery.messages, ?recovery, "spool opened");
+        let checker = if cfg.checks.enabled {
+            let mut a = AuthConfig::new(cfg.hostname.clone());
+            a.nameserver = cfg.checks.dns;
+            Some(Checker::new(a)?)
+        } else {
+            None
+        };
+        let tls = Arc::new(TlsStore::new(cfg.tls.clone(), &cfg.hostname)?);
+        let stats = Arc::new(MxStats::default());
+        let mx = Arc::new(Mx::new(
+            Arc::clone(&cfg),
+            spool.clone(),
+            checker,
+            tls,
+            Arc::clone(&stats),
+        ));
+
+        let nworkers = cfg.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+        let session_mx = Arc::clone(&mx);
+        let workers = Workers::start(nworkers, &cfg.listen, pin, move |stream, peer, local| {
+            session::run(Arc::clone(&session_mx), stream, peer, local)
+        })
+        .map_err(MxError::Listen)?;
+
+        let (relay_stop, stop_rx) = tokio::sync::watch::channel(false);
+        let relay_mx = Arc::clone(&mx);
+        let relay = std::thread::Builder::new()
+            .name("ringmail-mx-relay".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(relay::run(relay_mx, stop_rx)),
+                    Err(e) => warn!(error = %e, "cannot build the relay runtime"),
+                }
+            })
+            .map_err(MxError::Thread)?;
+
+        let admin = match cfg.admin {
+            Some(addr) => {
+                let stats = Arc::clone(&stats);
+                let spool = spool.clone();
+                let std_listener = std::net::TcpListener::bind(addr).map_err(MxError::Listen)?;
+                let _ = std_listener.set_nonblocking(true);
+                Some(
+                    std::thread::Builder::new()
+                        .name("ringmail-mx-admin".into())
+                        .spawn(move || {
+                            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                                .enable_all()
+                                .build()
+                            else {
+                                return;
+                            };
+                            rt.block_on(async move {
+                                if let Ok(l) = tokio::net::TcpListener::from_std(std_listener) {
+                                    admin::serve_listener(l, stats, spool).await;
+                                }
+                            });
+                        })
+                        .map_err(MxError::Thread)?,
+                )
+            }
+            None => None,
+        };
+        info!(
+            listen = ?cfg.listen,
+            domains = ?cfg.domains,
+            workers = nworkers,
+            next_hop = %cfg.relay.next_hop,
+            checks = cfg.checks.enabled,
+            "mx started"
+        );
+        Ok(MxServer {
+            mx,
+            workers: Some(workers),
+            relay_stop,
+            relay: Some(relay),
+            admin,
+        })
+    }
+
+    /// Re-reads the TLS certificate files (SIGHUP).
+    pub fn reload_tls(&self) {
+        match self.mx.tls.reload() {
+            Ok(true) => info!("TLS certificates reloaded"),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "TLS reload failed; the previous certificates stay"),
+        }
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.mx.spool
+    }
+
+    pub fn stats(&self) -> Arc<MxStats> {
+        Arc::clone(&self.mx.stats)
+    }
+
+    /// Stops accepting, lets sessions finish their exchange briefly, stops the relay.
+    pub fn stop(mut self) {
+        if let Some(w) = self.workers.take() {
+            w.stop();
+        }
+        let _ = self.relay_stop.send(true);
+        if let Some(r) = self.relay.take() {
+            let _ = r.join();
+        }
+        // The admin thread serves until the process exits.
+        drop(self.admin.take());
+        info!("mx stopped");
+    }
+}

@@ -22,7 +22,7 @@ use ringmail_queue::{
     BodyType, ClientInfo, Incoming, NewEnvelope, NewRecipient, Notify, Ret, Spool,
 };
 use ringmail_smtp::{
-    Body, Domain, DsnNotify, DsnRet, Event, Mailbox, MailParams, RcptParams, Reply, Server,
+    Body, Domain, DsnNotify, DsnRet, Event, MailParams, Mailbox, RcptParams, Reply, Server,
     ServerConfig,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -100,7 +100,10 @@ struct Slot<'a> {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.mx.active.fetch_sub(1, Ordering::AcqRel);
-        self.mx.stats.sessions_active.fetch_sub(1, Ordering::Relaxed);
+        self.mx
+            .stats
+            .sessions_active
+            .fetch_sub(1, Ordering::Relaxed);
         if let Some(ip) = self.ip {
             let mut m = self.mx.per_ip.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(n) = m.get_mut(&ip) {
@@ -207,7 +210,11 @@ pub async fn run(mx: Arc<Mx>, mut stream: TcpStream, peer: SocketAddr, _local: S
         if let Some(zone) = dnsbl_listed(checker, &mx.cfg.checks.dnsbl, ip).await {
             MxStats::inc(&mx.stats.refused_connect);
             info!(client = %ip, zone, "refused: listed in a DNSBL");
-            server.refuse_connection(554, "5.7.1", &format!("Service unavailable; client [{ip}] blocked using {zone}"));
+            server.refuse_connection(
+                554,
+                "5.7.1",
+                &format!("Service unavailable; client [{ip}] blocked using {zone}"),
+            );
             let _ = flush(&mut stream, &mut server).await;
             return;
         }
@@ -254,7 +261,13 @@ pub async fn run(mx: Arc<Mx>, mut stream: TcpStream, peer: SocketAddr, _local: S
 
 /// Connection-level limits: global, per address, rate.
 fn admission(mx: &Mx, ip: IpAddr) -> Option<(u16, &'static str, String)> {
-    let too_many = |what: &str| (421, "4.7.0", format!("{} Error: too many connections{what}", mx.cfg.hostname));
+    let too_many = |what: &str| {
+        (
+            421,
+            "4.7.0",
+            format!("{} Error: too many connections{what}", mx.cfg.hostname),
+        )
+    };
     if mx.active.load(Ordering::Acquire) > mx.cfg.max_connections {
         return Some(too_many(""));
     }
@@ -274,7 +287,10 @@ fn admission(mx: &Mx, ip: IpAddr) -> Option<(u16, &'static str, String)> {
         return Some((
             421,
             "4.7.0",
-            format!("{} Error: too many connections from {ip}; slow down", mx.cfg.hostname),
+            format!(
+                "{} Error: too many connections from {ip}; slow down",
+                mx.cfg.hostname
+            ),
         ));
     }
     None
@@ -576,7 +592,7 @@ async fn on_data_end(server: &mut Server, ctx: &mut Ctx<'_>) -> bool {
             ));
             return false;
         }
-        let iprev = ctx.iprev.clone().unwrap_or_else(|| IprevOutcome {
+        let iprev = ctx.iprev.clone().unwrap_or(IprevOutcome {
             result: AuthResult::None,
             ip,
             name: None,
@@ -591,9 +607,7 @@ async fn on_data_end(server: &mut Server, ctx: &mut Ctx<'_>) -> bool {
         Ok(id) => {
             ctx.messages += 1;
             MxStats::inc(&mx.stats.messages_accepted);
-            mx.stats
-                .bytes_accepted
-                .fetch_add(size, Ordering::Relaxed);
+            mx.stats.bytes_accepted.fetch_add(size, Ordering::Relaxed);
             mx.stats
                 .recipients_accepted
                 .fetch_add(txn.recipients.len() as u64, Ordering::Relaxed);
@@ -620,7 +634,11 @@ fn received_header(ctx: &Ctx<'_>, txn: &Txn, id: String) -> String {
         .unwrap_or_else(|| "unknown".into());
     let helo = {
         let h = printable(&ctx.helo).replace([' ', '(', ')'], "");
-        if h.is_empty() { "unknown".to_string() } else { h }
+        if h.is_empty() {
+            "unknown".to_string()
+        } else {
+            h
+        }
     };
     let proto = match (ctx.tls, txn.params.smtputf8) {
         (true, true) => "UTF8SMTPS",

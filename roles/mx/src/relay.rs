@@ -1,0 +1,402 @@
+//! Delivery of queued mail to the next hop (the MDA over LMTP or SMTP; bounces to the MTA),
+//! with connection reuse, and retries and bounces decided by the queue.
+//!
+//! ```text
+//!  spool.due() ─▶ dispatcher ─claim─▶ route channel ─▶ N delivery workers per route
+//!                     ▲                                  │ one connection each, reused:
+//!   "queued" notify ──┘                                  │ MAIL/RCPT/DATA per message, body
+//!                                                        ▼ streamed from the spool file
+//!                                             record_attempt: delivered / retry / bounce
+//! ```
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ringmail_queue::{BodyType, Claim, Envelope as QEnvelope, Outcome as QOutcome, Ret};
+use ringmail_smtp::client::Outcome;
+use ringmail_smtp::{
+    Body, Client, ClientConfig, ClientEvent, DsnNotify, DsnRet, Envelope, Orcpt, RcptParams,
+    StartTlsPolicy,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::config::RelayProtocol;
+use crate::session::Mx;
+
+/// A connection idle this long is closed with QUIT.
+const IDLE: Duration = Duration::from_secs(10);
+/// One reply from the next hop must come within this.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Content is read from the spool and written in chunks of this size.
+const CHUNK: usize = 64 * 1024;
+
+/// Runs the dispatcher and the delivery workers until `stop` fires.
+pub async fn run(mx: Arc<Mx>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mda = mx.cfg.relay.next_hop;
+    let mta = mx.cfg.relay.bounce_next_hop.unwrap_or(mda);
+    let lmtp = mx.cfg.relay.protocol == RelayProtocol::Lmtp;
+    let workers = mx.cfg.relay.connections.max(1);
+    let (mda_tx, mda_rx) = mpsc::channel::<Claim>(workers * 4);
+    let (mta_tx, mta_rx) = mpsc::channel::<Claim>(workers * 4);
+    let mda_rx = Arc::new(tokio::sync::Mutex::new(mda_rx));
+    let mta_rx = Arc::new(tokio::sync::Mutex::new(mta_rx));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        tasks.spawn(worker(Arc::clone(&mx), mda, lmtp, Arc::clone(&mda_rx)));
+    }
+    // Bounces go to the MTA over SMTP (two connections are plenty).
+    for _ in 0..2 {
+        tasks.spawn(worker(Arc::clone(&mx), mta, false, Arc::clone(&mta_rx)));
+    }
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let due = mx.spool.due_limited(SystemTime::now(), 512);
+        let mut sent = 0usize;
+        for id in due {
+            let Some(claim) = mx.spool.claim(&id) else {
+                continue;
+            };
+            let route = mx
+                .spool
+                .get(&id)
+                .ok()
+                .flatten()
+                .map(|e| e.route)
+                .unwrap_or_default();
+            let tx = if route == "mta" { &mta_tx } else { &mda_tx };
+            tokio::select! {
+                r = tx.send(claim) => if r.is_err() { break },
+                _ = stop.changed() => break,
+            }
+            sent += 1;
+        }
+        if sent > 0 {
+            continue;
+        }
+        let wait = mx
+            .spool
+            .next_due()
+            .and_then(|t| t.duration_since(SystemTime::now()).ok())
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1));
+        tokio::select! {
+            _ = mx.queued.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    drop(mda_tx);
+    drop(mta_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+}
+
+/// A connection to the next hop.
+struct Conn {
+    stream: TcpStream,
+    client: Client,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(mx: &Mx, addr: SocketAddr, lmtp: bool) -> Result<Conn, String> {
+        let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("connect to {addr} timed out"))?
+            .map_err(|e| format!("connect to {addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let cfg = Arc::new(ClientConfig {
+            helo_name: mx.cfg.hostname.clone(),
+            lmtp,
+            // The next hop is ours, on the internal network (see the README's architecture).
+            use_starttls: StartTlsPolicy::Never,
+            ..ClientConfig::default()
+        });
+        let mut conn = Conn {
+            stream,
+            client: Client::new(cfg, false),
+            buf: vec![0u8; 16 * 1024],
+        };
+        match conn.next_event().await? {
+            ClientEvent::Ready => Ok(conn),
+            ClientEvent::Failed(e) => Err(format!("{addr}: {e}")),
+            other => Err(format!("{addr}: unexpected {other:?}")),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        while let Some(b) = self.client.poll_transmit() {
+            self.stream
+                .write_all(&b)
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is queued and reads until the client has an event.
+    async fn next_event(&mut self) -> Result<ClientEvent, String> {
+        loop {
+            self.flush().await?;
+            if let Some(ev) = self.client.poll_event() {
+                return Ok(ev);
+            }
+            if self.client.should_close() {
+                return Err("connection closed by the protocol".into());
+            }
+            let n = tokio::time::timeout(REPLY_TIMEOUT, self.stream.read(&mut self.buf))
+                .await
+                .map_err(|_| "timeout waiting for a reply".to_string())?
+                .map_err(|e| format!("read: {e}"))?;
+            if n == 0 {
+                return Err("connection closed by the next hop".into());
+            }
+            let data = self.buf[..n].to_vec();
+            self.client.receive(&data);
+        }
+    }
+
+    async fn quit(mut self) {
+        self.client.quit();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = self.flush().await;
+            let mut b = [0u8; 512];
+            let _ = self.stream.read(&mut b).await;
+        })
+        .await;
+    }
+}
+
+async fn worker(
+    mx: Arc<Mx>,
+    addr: SocketAddr,
+    lmtp: bool,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Claim>>>,
+) {
+    let mut conn: Option<Conn> = None;
+    loop {
+        let next = {
+            let mut rx = rx.lock().await;
+            tokio::time::timeout(IDLE, rx.recv()).await
+        };
+        let claim = match next {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(_) => {
+                if let Some(c) = conn.take() {
+                    c.quit().await;
+                }
+                continue;
+            }
+        };
+        deliver_one(&mx, addr, lmtp, &mut conn, claim).await;
+    }
+    if let Some(c) = conn.take() {
+        c.quit().await;
+    }
+}
+
+async fn deliver_one(mx: &Mx, addr: SocketAddr, lmtp: bool, conn: &mut Option<Conn>, claim: Claim) {
+    let id = claim.id().clone();
+    let env = match mx.spool.get(&id) {
+        Ok(Some(e)) => e,
+        Ok(None) => return,
+        Err(e) => {
+            warn!(%id, error = %e, "cannot read the envelope");
+            return;
+        }
+    };
+    let pending: Vec<_> = env.pending().map(|r| r.address.clone()).collect();
+    if pending.is_empty() {
+        return;
+    }
+    let results = match attempt(mx, addr, lmtp, conn, &env).await {
+        Ok(r) => r,
+        Err(why) => {
+            // The connection is unusable: drop it; every pending recipient is retried later.
+            *conn = None;
+            debug!(%id, next_hop = %addr, reason = %why, "delivery deferred");
+            pending
+                .iter()
+                .map(|a| {
+                    (
+                        a.clone(),
+                        QOutcome::TempFail {
+                            reply: format!("delivery to {addr} failed: {why}"),
+                        },
+                    )
+                })
+                .collect()
+        }
+    };
+    let (mut ok, mut deferred, mut failed) = (0u64, 0u64, 0u64);
+    for (_, o) in &results {
+        match o {
+            QOutcome::Delivered { .. } => ok += 1,
+            QOutcome::TempFail { .. } => deferred += 1,
+            QOutcome::PermFail { .. } => failed += 1,
+        }
+    }
+    match mx
+        .spool
+        .record_attempt(&id, results, SystemTime::now())
+        .await
+    {
+        Ok(summary) => {
+            info!(%id, next_hop = %addr, delivered = summary.delivered, deferred = summary.deferred, failed = summary.failed, "delivery attempt");
+        }
+        Err(e) => warn!(%id, error = %e, "cannot record the delivery attempt"),
+    }
+    use std::sync::atomic::Ordering::Relaxed;
+    mx.stats.deliveries_ok.fetch_add(ok, Relaxed);
+    mx.stats.deliveries_deferred.fetch_add(deferred, Relaxed);
+    mx.stats.deliveries_failed.fetch_add(failed, Relaxed);
+    drop(claim);
+}
+
+fn client_envelope(env: &QEnvelope) -> Envelope {
+    let pending: Vec<_> = env.pending().collect();
+    Envelope {
+        mail_from: env.sender.clone(),
+        rcpt_to: pending.iter().map(|r| r.address.clone()).collect(),
+        size: Some(env.size + env.headers.len() as u64),
+        body: match env.body {
+            BodyType::SevenBit => Body::SevenBit,
+            BodyType::EightBitMime => Body::EightBitMime,
+            BodyType::BinaryMime => Body::BinaryMime,
+        },
+        smtputf8: env.smtputf8,
+        ret: env.ret.map(|r| match r {
+            Ret::Full => DsnRet::Full,
+            Ret::Hdrs => DsnRet::Hdrs,
+        }),
+        envid: env.envid.clone(),
+        rcpt_params: pending
+            .iter()
+            .map(|r| {
+                let n = &r.notify;
+                let mut notify = Vec::new();
+                if n.never {
+                    notify.push(DsnNotify::Never);
+                } else {
+                    if n.success {
+                        notify.push(DsnNotify::Success);
+                    }
+                    if n.failure {
+                        notify.push(DsnNotify::Failure);
+                    }
+                    if n.delay {
+                        notify.push(DsnNotify::Delay);
+                    }
+                }
+                RcptParams {
+                    notify: (!notify.is_empty()).then_some(notify),
+                    orcpt: r.orcpt.as_ref().and_then(|o| {
+                        let (t, a) = o.split_once(';')?;
+                        Some(Orcpt {
+                            addr_type: t.to_string(),
+                            addr: a.to_string(),
+                        })
+                    }),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// One transaction on a (possibly reused) connection; per-recipient outcomes.
+async fn attempt(
+    mx: &Mx,
+    addr: SocketAddr,
+    lmtp: bool,
+    conn: &mut Option<Conn>,
+    env: &QEnvelope,
+) -> Result<Vec<(String, QOutcome)>, String> {
+    if conn.is_none() {
+        *conn = Some(Conn::open(mx, addr, lmtp).await?);
+    }
+    let c = conn.as_mut().ok_or("no connection")?;
+    if let Err(e) = c.client.start_transaction(client_envelope(env)) {
+        // The next hop cannot take this message (e.g. no 8BITMIME/SMTPUTF8): a permanent
+        // mismatch for this message, not for the connection.
+        return Ok(env
+            .pending()
+            .map(|r| {
+                (
+                    r.address.clone(),
+                    QOutcome::TempFail {
+                        reply: format!("cannot send to {addr}: {e}"),
+                    },
+                )
+            })
+            .collect());
+    }
+    loop {
+        match c.next_event().await? {
+            ClientEvent::SendBody => {
+                send_body(mx, c, env).await?;
+            }
+            ClientEvent::TransactionDone(result) => {
+                return Ok(result
+                    .recipients
+                    .into_iter()
+                    .map(|r| {
+                        let o = match r.outcome {
+                            Outcome::Accepted(reply) => QOutcome::Delivered {
+                                reply: reply.text(),
+                            },
+                            Outcome::TempFail(reply) => QOutcome::TempFail {
+                                reply: format!("{} {}", reply.code(), reply.text()),
+                            },
+                            Outcome::PermFail(reply) => QOutcome::PermFail {
+                                reply: format!("{} {}", reply.code(), reply.text()),
+                            },
+                        };
+                        (r.address, o)
+                    })
+                    .collect());
+            }
+            ClientEvent::Failed(e) => return Err(e.to_string()),
+            ClientEvent::Closed => return Err("connection closed".into()),
+            ClientEvent::Ready | ClientEvent::StartTls => {}
+        }
+    }
+}
+
+/// Trace headers, then the content, streamed from the spool file.
+async fn send_body(mx: &Mx, c: &mut Conn, env: &QEnvelope) -> Result<(), String> {
+    if !env.headers.is_empty() {
+        c.client
+            .send_body_chunk(env.headers.as_bytes())
+            .map_err(|e| e.to_string())?;
+        c.flush().await?;
+    }
+    let mut file = mx
+        .spool
+        .open_body(&env.id)
+        .map_err(|e| format!("spool: {e}"))?;
+    let mut chunk = vec![0u8; CHUNK];
+    loop {
+        let n = file
+            .read(&mut chunk)
+            .map_err(|e| format!("spool read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        c.client
+            .send_body_chunk(&chunk[..n])
+            .map_err(|e| e.to_string())?;
+        c.flush().await?;
+    }
+    c.client.end_body().map_err(|e| e.to_string())?;
+    Ok(())
+}
