@@ -57,6 +57,15 @@ pub struct MxArgs {
     /// Quick mode: worker threads (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
+    /// Quick mode: per-core runtimes (default) or one multi-thread runtime.
+    #[arg(long, value_enum, default_value = "per-core")]
+    runtime: RuntimeArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RuntimeArg {
+    PerCore,
+    MultiThread,
 }
 
 fn pin(cpu: usize) -> std::io::Result<()> {
@@ -103,6 +112,10 @@ pub fn cmd_mx(args: MxArgs) -> Result<ExitCode> {
             );
             c.admin = args.admin;
             c.workers = args.workers;
+            c.runtime = match args.runtime {
+                RuntimeArg::PerCore => ringmail_mx::runtime::RuntimeMode::PerCore,
+                RuntimeArg::MultiThread => ringmail_mx::runtime::RuntimeMode::MultiThread,
+            };
             if let Some(dns) = args.dns {
                 c.checks.enabled = true;
                 c.checks.dns = Some(dns);

@@ -8,6 +8,8 @@
 //! domains = ["example.com"]          # required: the only domains mail is accepted for
 //! spool = "/var/spool/ringmail/mx"   # required: the durable queue
 //! workers = 2                        # default: one per CPU
+//! runtime = "per-core"               # per-core (pinned current-thread runtimes, SO_REUSEPORT)
+//!                                    #   | multi-thread (one tokio work-stealing runtime)
 //! max_message_size = 67108864        # bytes, advertised as SIZE        (default 64 MiB)
 //! max_recipients = 1000              #                                  (default 1000)
 //! max_connections = 10000            # concurrent sessions, all clients (default 10000)
@@ -53,6 +55,8 @@ use ringmail_proxy_core::config::{ConfigErrors, load_file_with, load_str_with};
 #[derive(Debug, Clone, PartialEq)]
 pub struct MxConfig {
     pub hostname: String,
+    /// Thread-per-core (default) or one multi-thread runtime (`runtime = "multi-thread"`).
+    pub runtime: crate::runtime::RuntimeMode,
     pub listen: Vec<SocketAddr>,
     /// Lowercase, without a trailing dot.
     pub domains: Vec<String>,
@@ -208,6 +212,7 @@ impl MxConfig {
     ) -> MxConfig {
         MxConfig {
             hostname,
+            runtime: crate::runtime::RuntimeMode::PerCore,
             listen: vec![listen],
             domains: domains
                 .into_iter()
@@ -256,6 +261,7 @@ const MX: &[&str] = &[
     "domains",
     "spool",
     "workers",
+    "runtime",
     "max_message_size",
     "max_recipients",
     "max_connections",
@@ -373,6 +379,20 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MxConfig> {
             None => ok = false,
         }
     }
+    ok &= set(
+        &mut c.runtime,
+        t.get("runtime").map(|x| {
+            choice(
+                ctx,
+                x,
+                "mx.runtime",
+                &[
+                    ("per-core", crate::runtime::RuntimeMode::PerCore),
+                    ("multi-thread", crate::runtime::RuntimeMode::MultiThread),
+                ],
+            )
+        }),
+    );
     ok &= set(
         &mut c.max_message_size,
         t.get("max_message_size")

@@ -104,9 +104,13 @@ impl MxServer {
                 .unwrap_or(1)
         });
         let session_mx = Arc::clone(&mx);
-        let workers = Workers::start(nworkers, &cfg.listen, pin, move |stream, peer, local| {
-            session::run(Arc::clone(&session_mx), stream, peer, local)
-        })
+        let workers = Workers::start_mode(
+            cfg.runtime,
+            nworkers,
+            &cfg.listen,
+            pin,
+            move |stream, peer, local| session::run(Arc::clone(&session_mx), stream, peer, local),
+        )
         .map_err(MxError::Listen)?;
 
         let (relay_stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -155,6 +159,7 @@ impl MxServer {
             listen = ?cfg.listen,
             domains = ?cfg.domains,
             workers = nworkers,
+            runtime = ?cfg.runtime,
             next_hop = %cfg.relay.next_hop,
             checks = cfg.checks.enabled,
             "mx started"

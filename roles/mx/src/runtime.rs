@@ -46,7 +46,83 @@ pub struct Workers {
     stop_notify: Arc<tokio::sync::Notify>,
 }
 
+/// How sessions are scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RuntimeMode {
+    /// One pinned thread per core, each with a current-thread runtime and its own
+    /// SO_REUSEPORT listener (the default).
+    #[default]
+    PerCore,
+    /// One tokio multi-thread runtime with `n` workers and work stealing, one listener per
+    /// address (kept for the comparison in bench/RESULTS.md).
+    MultiThread,
+}
+
 impl Workers {
+    /// Starts the sessions' runtime in `mode` (see [`RuntimeMode`]).
+    pub fn start_mode<F, Fut>(
+        mode: RuntimeMode,
+        n: usize,
+        listen: &[SocketAddr],
+        pin: Option<fn(usize) -> io::Result<()>>,
+        session: F,
+    ) -> io::Result<Workers>
+    where
+        F: Fn(TcpStream, SocketAddr, SocketAddr) -> Fut + Send + Sync + Clone + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        match mode {
+            RuntimeMode::PerCore => Workers::start(n, listen, pin, session),
+            RuntimeMode::MultiThread => Workers::start_multi(n, listen, session),
+        }
+    }
+
+    fn start_multi<F, Fut>(n: usize, listen: &[SocketAddr], session: F) -> io::Result<Workers>
+    where
+        F: Fn(TcpStream, SocketAddr, SocketAddr) -> Fut + Send + Sync + Clone + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_notify = Arc::new(tokio::sync::Notify::new());
+        let listeners = listen
+            .iter()
+            .map(|a| {
+                reuseport_listener(*a).map_err(|e| io::Error::new(e.kind(), format!("{a}: {e}")))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n.max(1))
+            .thread_name("ringmail-mx-mt")
+            .enable_all()
+            .build()?;
+        let (s2, n2) = (Arc::clone(&stop), Arc::clone(&stop_notify));
+        let t = std::thread::Builder::new()
+            .name("ringmail-mx-rt".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let mut tasks = Vec::new();
+                    for l in listeners {
+                        let Ok(l) = TcpListener::from_std(l) else {
+                            continue;
+                        };
+                        let (session, stop, notify) =
+                            (session.clone(), Arc::clone(&s2), Arc::clone(&n2));
+                        tasks.push(tokio::spawn(async move {
+                            accept_loop(l, session, stop, notify).await;
+                        }));
+                    }
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                });
+            })?;
+        Ok(Workers {
+            threads: vec![t],
+            stop,
+            stop_notify,
+        })
+    }
+
     /// Starts `n` workers. Every worker binds each address in `listen` (all binds are done
     /// before this returns, so an address in use is reported at once) and runs `session` for
     /// every accepted connection.
