@@ -4,7 +4,8 @@
 #               the protocol limit of the load generator + kernel),
 #   postfix    (a private Postfix instance as a real MX: queue files fsynced
 #               before 250, then relayed to a downstream smtp-sink),
-#   ringmail   (`ringmail mx`, relaying to a downstream smtp-sink).
+#   ringmail   (`ringmail mx`, relaying to a downstream smtp-sink; thread-per-core runtimes).
+#   ringmail-mt (the same with one tokio multi-thread runtime: the runtime comparison).
 #
 # Load: smtp-source (postfix package), SESSIONS concurrent sessions, MESSAGES
 # messages of SIZE bytes, one recipient each, a new connection per message.
@@ -28,7 +29,7 @@
 #   MESSAGES       messages per run (smtp-source -m)     [20000]
 #   SESSIONS       concurrent sessions (smtp-source -s)  [20]
 #   SIZE           message length in bytes (-l)          [2048]
-#   CONTENDERS     subset of: smtp-sink postfix ringmail [all]
+#   CONTENDERS     subset of: smtp-sink postfix ringmail ringmail-mt [all]
 #   SOURCE_OPTS    extra smtp-source flags, e.g. "-d" (keep the connection
 #                  open for several messages)            []
 #   PF_MAIN        extra main.cf lines for the Postfix instance, separated
@@ -54,7 +55,7 @@ REPEATS=${REPEATS:-3}
 MESSAGES=${MESSAGES:-20000}
 SESSIONS=${SESSIONS:-20}
 SIZE=${SIZE:-2048}
-CONTENDERS=${CONTENDERS:-"smtp-sink postfix ringmail"}
+CONTENDERS=${CONTENDERS:-"smtp-sink postfix ringmail ringmail-mt"}
 SOURCE_OPTS=${SOURCE_OPTS:-}
 PF_MAIN=${PF_MAIN:-}
 START_TIMEOUT=${START_TIMEOUT:-10}
@@ -324,14 +325,16 @@ start_server() {
                 return 1
             fi
             ;;
-        ringmail)
+        ringmail | ringmail-mt)
             ((HAVE_RINGMAIL)) || { FAIL_REASON="RINGMAIL=$RINGMAIL not found (cargo build --release -p ringmail)"; return 1; }
+            local runtime=per-core
+            [[ $name == ringmail-mt ]] && runtime=multi-thread
             local spool
             spool=$(mktemp -d "$TMP/spool.XXXXXX") || { FAIL_REASON="mktemp failed"; return 1; }
             RM_SPOOL=$spool
             (pin "$CPU_SERVER" "$RINGMAIL" mx --listen "127.0.0.1:$port" --domain bench.test \
                 --spool "$spool" --relay "127.0.0.1:$rport" --relay-protocol smtp \
-                --hostname mx.bench.test) >"$base.server.log" 2>&1 &
+                --hostname mx.bench.test --runtime "$runtime") >"$base.server.log" 2>&1 &
             SERVER_PID=$!
             PIDS+=("$SERVER_PID")
             if ! wait_port "$port" "$SERVER_PID" "$START_TIMEOUT"; then

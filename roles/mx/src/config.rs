@@ -13,7 +13,7 @@
 //! max_message_size = 67108864        # bytes, advertised as SIZE        (default 64 MiB)
 //! max_recipients = 1000              #                                  (default 1000)
 //! max_connections = 10000            # concurrent sessions, all clients (default 10000)
-//! max_connections_per_ip = 20        #                                  (default 20)
+//! max_connections_per_ip = 50        # like Postfix's connection count limit (default 50)
 //! connection_rate = { max = 60, period = "1m" }   # per client address; absent: unlimited
 //! message_rate = { max = 120, period = "1m" }     # accepted messages per client address
 //! trusted_proxies = ["10.0.0.1"]     # PROXY headers accepted from these addresses only, and
@@ -223,7 +223,7 @@ impl MxConfig {
             max_message_size: 64 << 20,
             max_recipients: 1000,
             max_connections: 10_000,
-            max_connections_per_ip: 20,
+            max_connections_per_ip: 50,
             connection_rate: None,
             message_rate: None,
             trusted_proxies: Vec::new(),

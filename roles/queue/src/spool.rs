@@ -51,8 +51,8 @@ pub struct QueueConfig {
 /// How a group commit round reaches stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SyncMode {
-    /// syncfs when the spool directory is a mount point (a file system of its own), else
-    /// per-file fdatasync.
+    /// syncfs when the spool is on a file system of its own (not the root file system's),
+    /// else per-file fdatasync.
     #[default]
     Auto,
     /// fdatasync every file and fsync the directory: correct anywhere, one flush per file.
@@ -243,16 +243,11 @@ pub(crate) struct Shared {
     pub poisoned: AtomicBool,
 }
 
-/// Whether `dir` is the root of a mounted file system (its device differs from its parent's).
+/// Whether `dir` is on a file system other than the root file system's: a spool volume of its
+/// own, where syncfs flushes little besides the spool's own writes.
 fn is_mount_point(dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Ok(canon) = dir.canonicalize() else {
-        return false;
-    };
-    let Some(parent) = canon.parent() else {
-        return true;
-    };
-    match (fs::metadata(&canon), fs::metadata(parent)) {
+    match (fs::metadata(dir), fs::metadata("/")) {
         (Ok(a), Ok(b)) => a.dev() != b.dev(),
         _ => false,
     }

@@ -745,3 +745,40 @@ async fn ack_maybe_lost_counter() {
     spool.clone().note_ack_maybe_lost();
     assert_eq!(spool.stats().acks_maybe_lost, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn syncfs_mode_commits_in_one_round_and_recovers() {
+    let dir = TempDir::new("syncfs");
+    let mut cfg = QueueConfig::new(dir.path());
+    cfg.sync = crate::SyncMode::Syncfs;
+    let (spool, _) = Spool::open(cfg.clone()).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let spool = spool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut inc = spool.begin().unwrap();
+            inc.write(format!("Subject: {i}\r\n\r\nbody {i}\r\n").as_bytes())
+                .unwrap();
+            inc.commit(new_env(Some("a@b.test"), &["c@d.test"]))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    let stats = spool.stats();
+    assert_eq!(stats.commits, 40);
+    assert!(stats.syncfs >= 1, "{stats:?}");
+    assert!(stats.syncfs < 40, "rounds are shared: {stats:?}");
+    drop(spool);
+    let (spool, report) = Spool::open(cfg).unwrap();
+    assert_eq!(report.messages, 40);
+    for id in ids {
+        let env = spool.get(&id).unwrap().unwrap();
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut spool.open_body(&id).unwrap(), &mut body).unwrap();
+        assert_eq!(body.len() as u64, env.size);
+    }
+}

@@ -59,7 +59,11 @@ async fn crash_child() {
     let Ok(dir) = std::env::var(ENV_DIR) else {
         return; // only as a child of `kill_9_loses_no_committed_message`
     };
-    let (spool, _) = Spool::open(QueueConfig::new(dir)).unwrap();
+    let mut cfg = QueueConfig::new(dir);
+    if std::env::var("CRASH_SYNC").as_deref() == Ok("syncfs") {
+        cfg.sync = ringmail_queue::SyncMode::Syncfs;
+    }
+    let (spool, _) = Spool::open(cfg).unwrap();
     let base: u64 = std::env::var("CRASH_CHILD_ROUND").unwrap().parse().unwrap();
     let mut tasks = Vec::new();
     for t in 0..16u64 {
@@ -128,8 +132,20 @@ fn verify(dir: &Path, committed: &[(QueueId, u64)]) -> usize {
 
 #[test]
 fn kill_9_loses_no_committed_message() {
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("ringmail-queue-crash-{}", std::process::id())));
+    kill_9_rounds("per-file");
+}
+
+/// The same with syncfs group commits (new messages complete in one round).
+#[test]
+fn kill_9_loses_no_committed_message_with_syncfs() {
+    kill_9_rounds("syncfs");
+}
+
+fn kill_9_rounds(sync: &str) {
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "ringmail-queue-crash-{sync}-{}",
+        std::process::id()
+    )));
     let _ = std::fs::remove_dir_all(&dir.0);
     std::fs::create_dir_all(&dir.0).unwrap();
     let exe = std::env::current_exe().unwrap();
@@ -140,6 +156,7 @@ fn kill_9_loses_no_committed_message() {
             .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
             .env(ENV_DIR, &dir.0)
             .env("CRASH_CHILD_ROUND", round.to_string())
+            .env("CRASH_SYNC", sync)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
