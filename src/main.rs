@@ -169,6 +169,9 @@ struct UpArgs {
     /// Where the MX listens.
     #[arg(long, default_value = "127.0.0.1:2525")]
     mx_listen: SocketAddr,
+    /// The MX's admin listener (metrics, queue API).
+    #[arg(long, default_value = "127.0.0.1:9110")]
+    mx_admin: SocketAddr,
     /// The domain the MX accepts mail for.
     #[arg(long, default_value = "example.test")]
     domain: String,
@@ -464,7 +467,7 @@ fn describe(config: &LbConfig) -> String {
 
 fn cmd_up(args: UpArgs) -> Result<ExitCode> {
     let spool = args.data.join("mx-spool");
-    let mx_admin = SocketAddr::new(args.admin.ip(), args.admin.port().wrapping_add(10));
+    let mx_admin = args.mx_admin;
     let mut mx_cfg = ringmail_mx::config::MxConfig::quick(
         "mx.example.test".to_string(),
         args.mx_listen,

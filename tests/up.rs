@@ -1,0 +1,85 @@
+//! `ringmail up`, the README's first command: it starts what exists on loopback, prints how to
+//! try it, and what it prints works.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn up_starts_the_mx_and_the_lb_and_its_try_lines_work() {
+    let dir = TempDir::new("up");
+    let (lb, admin, mx, mx_admin) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let data = dir.path().join("data");
+    let mut up = ChildGuard::spawn(
+        "ringmail up",
+        Command::new(RINGMAIL)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "info")
+            .args([
+                "up",
+                "--listen",
+                &lb.to_string(),
+                "--admin",
+                &admin.to_string(),
+            ])
+            .args(["--mx-listen", &mx.to_string(), "--domain", "example.test"])
+            .args(["--mx-admin", &mx_admin.to_string()])
+            .args(["--mx-relay", &free_addr().to_string()])
+            .arg("--data")
+            .arg(&data),
+        dir.path().join("up.log"),
+    )
+    .unwrap();
+    let banner = wait_for(Duration::from_secs(30), || {
+        let t = up.log_text();
+        t.contains("Stop with Ctrl-C").then_some(t)
+    })
+    .expect("up prints its banner");
+    for want in [
+        "started  MX",
+        "started  load balancer",
+        "swaks --server",
+        "ringmail queue",
+    ] {
+        assert!(banner.contains(want), "{want} missing from:\n{banner}");
+    }
+    // The python line, as printed (with STARTTLS to the self-signed certificate).
+    let line = banner
+        .lines()
+        .find(|l| l.trim_start().starts_with("python3 -c"))
+        .expect("a python line")
+        .trim()
+        .to_string();
+    let (status, out) = run_bounded(
+        Command::new("sh").arg("-c").arg(&line),
+        Duration::from_secs(30),
+    );
+    assert!(status.success(), "{line}\n{out}");
+    // The queue line: the message is queued (no MDA yet).
+    let qline = banner
+        .lines()
+        .find(|l| l.trim_start().starts_with("ringmail queue"))
+        .unwrap()
+        .trim()
+        .replacen("ringmail", RINGMAIL, 1);
+    let listed = wait_for(Duration::from_secs(10), || {
+        let (s, out) = run_bounded(
+            Command::new("sh")
+                .arg("-c")
+                .arg(&qline)
+                .current_dir(dir.path()),
+            Duration::from_secs(10),
+        );
+        (s.success() && out.contains("bob@example.test")).then_some(out)
+    })
+    .expect("the message is in the queue");
+    assert!(listed.contains("1 Requests"), "{listed}");
+    up.signal(libc::SIGTERM);
+    let status = up
+        .wait_timeout(Duration::from_secs(30))
+        .expect("up exits on SIGTERM");
+    assert!(status.success(), "{}", up.log_text());
+}
