@@ -3,7 +3,7 @@
 //! Invariants: `load_str` never panics; a rejected file always carries at least one error, each
 //! naming the file and sitting on a real position (line and column >= 1, line within the text);
 //! an accepted file is internally consistent (listeners point at existing pools, pools have
-//! backends, binds are unique).
+//! backends, binds are unique, VIPs point at existing pools).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -29,7 +29,15 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Ok(config) => {
-            assert!(!config.listeners.is_empty());
+            // Only a file with [announce] (for `ringmail announce`) may have no listener.
+            assert!(!config.listeners.is_empty() || config.announce.is_some());
+            if let Some(a) = &config.announce {
+                assert!(!a.vips.is_empty());
+                for v in &a.vips {
+                    assert!(!v.pools.is_empty() && v.pools.iter().all(|&p| p < config.pools.len()));
+                    assert!(v.min_healthy >= 1);
+                }
+            }
             for (i, l) in config.listeners.iter().enumerate() {
                 assert!(l.pool < config.pools.len());
                 assert!(config.listeners[..i].iter().all(|o| o.bind != l.bind));
