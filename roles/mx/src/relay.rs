@@ -352,13 +352,13 @@ async fn attempt(
                     .map(|r| {
                         let o = match r.outcome {
                             Outcome::Accepted(reply) => QOutcome::Delivered {
-                                reply: reply.text(),
+                                reply: reply_line(&reply),
                             },
                             Outcome::TempFail(reply) => QOutcome::TempFail {
-                                reply: format!("{} {}", reply.code(), reply.text()),
+                                reply: reply_line(&reply),
                             },
                             Outcome::PermFail(reply) => QOutcome::PermFail {
-                                reply: format!("{} {}", reply.code(), reply.text()),
+                                reply: reply_line(&reply),
                             },
                         };
                         (r.address, o)
@@ -369,6 +369,15 @@ async fn attempt(
             ClientEvent::Closed => return Err("connection closed".into()),
             ClientEvent::Ready | ClientEvent::StartTls => {}
         }
+    }
+}
+
+/// The reply as the next hop sent it, enhanced status code included: DSNs take their
+/// `Status:` from it (RFC 3463), so `550 5.1.1 ...` must not become `550 ...`.
+fn reply_line(reply: &ringmail_smtp::Reply) -> String {
+    match reply.enhanced() {
+        Some(e) => format!("{} {e} {}", reply.code(), reply.text()),
+        None => format!("{} {}", reply.code(), reply.text()),
     }
 }
 
