@@ -42,6 +42,8 @@ struct SinkShared {
     in_flight: AtomicUsize,
     /// Connections that ended in the middle of DATA (the sender died mid-message).
     cut_in_data: AtomicUsize,
+    /// Transactions between the 354 and the end of data.
+    in_data: AtomicUsize,
 }
 
 struct SinkConfig {
@@ -50,6 +52,10 @@ struct SinkConfig {
     /// Pause between receiving the end of data and answering it, to widen the window in which
     /// a killed sender has delivered a message without learning it.
     delay_after_data: Duration,
+    /// Pause after the first 50 lines of each message's content, to hold the sender mid-DATA.
+    stall_in_data: Duration,
+    /// A small receive buffer, so that a sender cannot have a whole message in flight.
+    small_rcvbuf: bool,
 }
 
 impl Default for SinkConfig {
@@ -57,6 +63,8 @@ impl Default for SinkConfig {
         SinkConfig {
             rcpt_reply: "250 2.1.5 ok".into(),
             delay_after_data: Duration::ZERO,
+            stall_in_data: Duration::ZERO,
+            small_rcvbuf: false,
         }
     }
 }
@@ -69,13 +77,14 @@ struct Sink {
 
 impl Sink {
     fn start(addr: SocketAddr, cfg: SinkConfig) -> Sink {
-        let listener = TcpListener::bind(addr).expect("bind sink");
+        let listener = sink_listener(addr, cfg.small_rcvbuf).expect("bind sink");
         listener.set_nonblocking(true).unwrap();
         let shared = Arc::new(SinkShared {
             stop: AtomicBool::new(false),
             messages: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
             cut_in_data: AtomicUsize::new(0),
+            in_data: AtomicUsize::new(0),
         });
         let cfg = Arc::new(cfg);
         let sh = Arc::clone(&shared);
@@ -124,6 +133,18 @@ impl Drop for Sink {
             let _ = h.join();
         }
     }
+}
+
+fn sink_listener(addr: SocketAddr, small_rcvbuf: bool) -> io::Result<TcpListener> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    if small_rcvbuf {
+        // Inherited by accepted sockets; set before listen so the window scale stays small.
+        sock.set_recv_buffer_size(16 * 1024)?;
+    }
+    sock.bind(&addr.into())?;
+    sock.listen(128)?;
+    Ok(sock.into())
 }
 
 fn reply(w: &mut TcpStream, line: &str) -> io::Result<()> {
@@ -187,12 +208,19 @@ fn sink_session(stream: TcpStream, sh: &SinkShared, cfg: &SinkConfig) -> io::Res
                 continue;
             }
             reply(&mut w, "354 go ahead")?;
+            sh.in_data.fetch_add(1, Ordering::SeqCst);
             let mut data = Vec::new();
             let mut complete = false;
-            loop {
+            let mut read = Ok(());
+            for n in 0usize.. {
                 line.clear();
-                if r.read_until(b'\n', &mut line)? == 0 {
-                    break;
+                match r.read_until(b'\n', &mut line) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        read = Err(e);
+                        break;
+                    }
                 }
                 if line == b".\r\n" {
                     complete = true;
@@ -205,10 +233,14 @@ fn sink_session(stream: TcpStream, sh: &SinkShared, cfg: &SinkConfig) -> io::Res
                     &line
                 };
                 data.extend_from_slice(l);
+                if n == 50 && !cfg.stall_in_data.is_zero() {
+                    thread::sleep(cfg.stall_in_data);
+                }
             }
+            sh.in_data.fetch_sub(1, Ordering::SeqCst);
             if !complete {
                 sh.cut_in_data.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
+                return read;
             }
             sh.messages.lock().unwrap().push(Delivered {
                 from: from.take().unwrap_or_default(),
@@ -557,10 +589,15 @@ fn fnv1a(data: &[u8]) -> u64 {
 /// A message with a unique id in its headers and body and a checksum of the body as its last
 /// line. Some body lines start with '.' (and one is a lone '.').
 fn crash_message(run: u64, i: usize, rng: &mut Rng) -> Vec<u8> {
-    let mut body = format!("test message {i} of run {run}\r\n").into_bytes();
     let lines = rng.range(20, 600) as usize;
+    checked_message(run, i, lines)
+}
+
+/// [`crash_message`] with `lines` body lines (about 40 bytes each).
+fn checked_message(run: u64, i: usize, lines: usize) -> Vec<u8> {
+    let mut body = format!("test message {i} of run {run}\r\n").into_bytes();
     for n in 0..lines {
-        let len = rng.range(0, 76) as usize;
+        let len = (n * 37 + i * 11) % 77;
         let mut l: Vec<u8> = (0..len)
             .map(|k| b'a' + ((n * 7 + k + i) % 26) as u8)
             .collect();
@@ -853,6 +890,90 @@ fn sigkill_during_traffic_loses_no_acknowledged_message() {
         duplicates * 5 <= MESSAGES,
         "duplicates are not a small minority: {duplicates} of {MESSAGES}"
     );
+}
+
+#[test]
+fn sigkill_mid_data_to_the_next_hop_redelivers_complete_messages() {
+    const N: usize = 6;
+    const KILLS: usize = 3;
+    let mut rng = Rng::from_time();
+    let run = rng.next_u64() % 1_000_000;
+    let dir = TempDir::new("mx-middata");
+    let spool = dir.path().join("spool");
+    let sink = Sink::start(
+        free_addr(),
+        SinkConfig {
+            stall_in_data: Duration::from_millis(300),
+            small_rcvbuf: true,
+            ..SinkConfig::default()
+        },
+    );
+    let (listen, admin) = (free_addr(), free_addr());
+    let args = quick_args(listen, admin, &spool, sink.addr, 1);
+    let mut mx = spawn_mx("mx", &args, dir.path(), listen, admin);
+    let mut c = Client::connect(listen, Duration::from_secs(10)).expect("connect");
+    for i in 0..N {
+        // Some 2 MB: more than the loopback socket buffers hold, so a kill cuts the transfer.
+        let body = checked_message(run, i, 50_000);
+        let sent = c.send("sender@client.test", &["user@example.test"], &mut |w| {
+            w.write_all(&body)
+        });
+        assert_eq!(sent, Sent::Accepted, "message {i}");
+    }
+    let _ = c.cmd("QUIT", "221");
+    let mut kills_in_data = 0;
+    for _ in 0..KILLS {
+        // Kill while the relay is in the middle of a message's content.
+        let in_data = wait_for(Duration::from_secs(10), || {
+            (sink.shared.in_data.load(Ordering::SeqCst) > 0).then_some(())
+        });
+        if in_data.is_none() {
+            break;
+        }
+        let cut_before = sink.shared.cut_in_data.load(Ordering::SeqCst);
+        mx.kill9();
+        kills_in_data += 1;
+        // The sink sees the connection end before the end of data.
+        let _ = wait_for(Duration::from_secs(5), || {
+            (sink.shared.cut_in_data.load(Ordering::SeqCst) > cut_before).then_some(())
+        });
+        mx = spawn_mx("mx", &args, dir.path(), listen, admin);
+    }
+    let cut = sink.shared.cut_in_data.load(Ordering::SeqCst);
+    let ok = wait_for(Duration::from_secs(60), || {
+        let q = mx.metric("ringmail_queue_messages", &[])?;
+        (q == 0.0 && sink.count() >= N).then_some(())
+    });
+    let delivered = sink.messages();
+    let mut ids: Vec<usize> = Vec::new();
+    for d in &delivered {
+        let (id, intact) = check_crash_message(&d.data);
+        assert!(
+            intact,
+            "a message was delivered damaged ({} bytes)",
+            d.data.len()
+        );
+        ids.extend(id);
+    }
+    ids.sort();
+    let distinct = {
+        let mut v = ids.clone();
+        v.dedup();
+        v
+    };
+    eprintln!(
+        "mid-DATA kills: {kills_in_data} SIGKILLs while the relay was sending content, {cut} transfers cut at the sink, {} messages delivered ({} distinct)",
+        delivered.len(),
+        distinct.len()
+    );
+    assert!(kills_in_data >= 1, "the relay was never caught mid-DATA");
+    assert!(cut >= 1, "no transfer was cut by a kill");
+    assert!(
+        ok.is_some(),
+        "not everything was delivered: {:?}",
+        queue_list(&spool, Some(admin))
+    );
+    assert_eq!(distinct, (0..N).collect::<Vec<_>>(), "messages lost");
 }
 
 // ---------------------------------------------------------------------------------------------
