@@ -189,7 +189,7 @@ fn sink_session(s: TcpStream, lmtp: bool, sh: &SinkShared) -> io::Result<()> {
             helo = text[5..].to_string();
             cur = None;
             w.write_all(
-                b"250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n",
+                b"250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n",
             )?;
         } else if upper.starts_with("HELO ") {
             helo = text[5..].to_string();
@@ -417,6 +417,10 @@ impl Mx {
 
     fn log(&self) -> String {
         self.child.log_text()
+    }
+
+    fn child_alive(&mut self) -> bool {
+        self.child.try_wait().is_none()
     }
 }
 
@@ -1270,9 +1274,12 @@ fn message_rate_and_per_address_connection_limits() {
     assert_eq!(again.cmd("QUIT").code, 221);
 
     for i in 0..2 {
-        let r = a.cmd("MAIL FROM:<alice@sender.test>");
+        let r = a.transaction(
+            "alice@sender.test",
+            &["bob@example.test"],
+            &message("alice@sender.test", "bob@example.test", "rated", "hi\r\n"),
+        );
         assert_eq!(r.code, 250, "message {}: {r:?}", i + 1);
-        assert_eq!(a.cmd("RSET").code, 250);
     }
     let r = a.cmd("MAIL FROM:<alice@sender.test>");
     assert!(r.is("450 4.7.1"), "3rd message: {r:?}");
@@ -1370,6 +1377,219 @@ fn accepted_message_survives_a_crash_and_is_delivered_once() {
         st.is_some_and(|s| s.success()),
         "exit on SIGTERM: {st:?}\n{}",
         mx.log()
+    );
+}
+
+#[test]
+fn idle_and_data_timeouts() {
+    let sink = Sink::start(false);
+    let mx = Mx::config(
+        sink.addr,
+        "command_timeout = \"1s\"\ndata_timeout = \"2s\"",
+        "enabled = false",
+    );
+    let t0 = Instant::now();
+    let mut c = Smtp::ehlo(mx.addr, "client.test");
+    let r = c.reply().expect("421 after the idle timeout");
+    assert!(r.is("421 4.4.2"), "{r:?}");
+    c.expect_closed().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+
+    // Inside DATA a byte every 300 ms keeps the command timer away, not the DATA timer.
+    let mut c = Smtp::ehlo(mx.addr, "client.test");
+    assert_eq!(c.cmd("MAIL FROM:<alice@sender.test>").code, 250);
+    assert_eq!(c.cmd("RCPT TO:<bob@example.test>").code, 250);
+    assert_eq!(c.cmd("DATA").code, 354);
+    let t0 = Instant::now();
+    c.w.set_nonblocking(false).unwrap();
+    c.r.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let reply = loop {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no DATA timeout");
+        if c.w.write_all(b"x").is_err() {
+            break c.reply().ok();
+        }
+        match c.try_reply() {
+            Ok(r) => break Some(r),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let r = reply.expect("a reply to the stalled DATA");
+    assert!(r.is("421 4.4.2"), "{r:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "DATA timed out after {:?}, before data_timeout",
+        t0.elapsed()
+    );
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(mx.accepted(), 0.0);
+    assert_eq!(mx.metric("ringmail_queue_messages", &[]), 0.0);
+}
+
+#[test]
+fn large_message_is_relayed_byte_for_byte() {
+    let sink = Sink::start(false);
+    let mx = Mx::quick(sink.addr, &[]);
+    let mut rng = Rng::from_time();
+    let mut msg = message("alice@sender.test", "bob@example.test", "big", "").to_vec();
+    // Lines that need dot-stuffing, empty lines and long printable lines.
+    let specials: [&[u8]; 6] = [b".", b"..", b". ", b"...x", b" .", b".\t"];
+    while msg.len() < 3 << 20 {
+        match rng.range(0, 9) {
+            0 => msg.extend_from_slice(specials[rng.range(0, 5) as usize]),
+            1 => {}
+            _ => {
+                let n = rng.range(1, 998) as usize;
+                msg.extend((0..n).map(|_| b' ' + (rng.range(0, 94) as u8)));
+            }
+        }
+        msg.extend_from_slice(b"\r\n");
+    }
+    let mut c = Smtp::ehlo(mx.addr, "client.test");
+    let r = c.transaction("alice@sender.test", &["bob@example.test"], &msg);
+    assert_eq!(r.code, 250, "{r:?}");
+    let _ = c.cmd("QUIT");
+    assert!(sink.wait_count(1, Duration::from_secs(60)), "{}", mx.log());
+    let got = &sink.messages()[0].data;
+    assert!(
+        got.len() > msg.len() && got.ends_with(&msg),
+        "content changed in transit"
+    );
+    let trace = String::from_utf8_lossy(&got[..got.len() - msg.len()]).into_owned();
+    assert!(
+        trace.starts_with("Received: ")
+            && trace
+                .split("\r\n")
+                .skip(1)
+                .all(|l| l.is_empty() || l.starts_with('\t')),
+        "only our Received header is added: {trace:?}"
+    );
+    assert_eq!(
+        mx.metric("ringmail_mx_bytes_accepted_total", &[]),
+        msg.len() as f64
+    );
+}
+
+const TLS_CERT_SCRIPT: &str = r#"
+import hashlib, smtplib, ssl, sys
+s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]), local_hostname='client.test', timeout=20)
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+code, resp = s.starttls(context=ctx)
+assert code == 220, (code, resp)
+print('CERT', hashlib.sha256(s.sock.getpeercert(binary_form=True)).hexdigest())
+s.quit()
+"#;
+
+/// Generates a self-signed certificate and key with openssl; returns the SHA-256 fingerprint.
+fn make_cert(dir: &Path, cert: &str, key: &str) -> String {
+    let (st, out) = run_bounded(
+        Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            ])
+            .args(["-subj", "/CN=mx.example.test", "-keyout"])
+            .arg(dir.join(key))
+            .arg("-out")
+            .arg(dir.join(cert)),
+        Duration::from_secs(60),
+    );
+    assert!(st.success(), "openssl req: {out}");
+    let o = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(dir.join(cert))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    text.split('=')
+        .nth(1)
+        .expect("fingerprint")
+        .trim()
+        .replace(':', "")
+        .to_ascii_lowercase()
+}
+
+fn served_cert(port: u16) -> String {
+    let (st, out) = python(
+        TLS_CERT_SCRIPT,
+        &[port.to_string()],
+        Duration::from_secs(30),
+    );
+    assert!(st.success(), "{out}");
+    out.lines()
+        .find_map(|l| l.strip_prefix("CERT "))
+        .expect("CERT line")
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn configured_certificate_and_reload_on_sighup() {
+    skip_unless!(have(&[PY, "/usr/bin/openssl"]));
+    let sink = Sink::start(false);
+    let certs = TempDir::new("mx-certs");
+    let first = make_cert(certs.path(), "a.crt", "a.key");
+    let second = make_cert(certs.path(), "b.crt", "b.key");
+    assert_ne!(first, second);
+    let cert = certs.path().join("mx.crt");
+    let key = certs.path().join("mx.key");
+    fs::copy(certs.path().join("a.crt"), &cert).unwrap();
+    fs::copy(certs.path().join("a.key"), &key).unwrap();
+    let mut mx = Mx::config(
+        sink.addr,
+        &format!(
+            "tls = {{ cert = \"{}\", key = \"{}\" }}",
+            cert.display(),
+            key.display()
+        ),
+        "enabled = false",
+    );
+    assert_eq!(served_cert(mx.addr.port()), first);
+    fs::copy(certs.path().join("b.crt"), &cert).unwrap();
+    fs::copy(certs.path().join("b.key"), &key).unwrap();
+    mx.child.signal(libc::SIGHUP);
+    let reloaded = wait_for(Duration::from_secs(10), || {
+        (served_cert(mx.addr.port()) == second).then_some(())
+    });
+    assert!(
+        reloaded.is_some(),
+        "certificate not reloaded:\n{}",
+        mx.log()
+    );
+    // A broken file on reload: the previous certificate stays.
+    fs::write(&cert, "not a certificate\n").unwrap();
+    mx.child.signal(libc::SIGHUP);
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(served_cert(mx.addr.port()), second);
+    assert!(mx.child_alive(), "the MX died on a bad reload");
+}
+
+#[test]
+#[ignore = "bug: the Received `for` clause drops non-ASCII characters of an SMTPUTF8 recipient (bøb@ becomes bb@)"]
+fn smtputf8_message_keeps_its_addresses() {
+    let sink = Sink::start(false);
+    let mx = Mx::quick(sink.addr, &[]);
+    let mut c = Smtp::ehlo(mx.addr, "client.test");
+    let r = c.cmd("MAIL FROM:<jösé@sender.test> SMTPUTF8");
+    assert_eq!(r.code, 250, "{r:?}");
+    let r = c.cmd("RCPT TO:<bøb@example.test>");
+    assert_eq!(r.code, 250, "{r:?}");
+    let r = c.data("From: <jösé@sender.test>\r\nSubject: ünïcode\r\n\r\nhi\r\n".as_bytes());
+    assert_eq!(r.code, 250, "{r:?}");
+    let _ = c.cmd("QUIT");
+    assert!(sink.wait_count(1, Duration::from_secs(30)), "{}", mx.log());
+    let d = &sink.messages()[0];
+    assert_eq!(d.mail_from, "jösé@sender.test");
+    assert_eq!(d.rcpts, ["bøb@example.test"]);
+    let received = assert_our_received_on_top(d, "UTF8SMTP");
+    // The trace header must name the recipient as given (RFC 6531 allows UTF-8 there), or
+    // leave the `for` clause out; never another mailbox.
+    assert!(
+        received.contains("for <bøb@example.test>") || !received.contains(" for <"),
+        "{received}"
     );
 }
 
