@@ -295,12 +295,12 @@ impl Mx {
         Mx::spawn(args, dir, addr, admin, spool)
     }
 
-    /// Config mode: `mx_extra` are more `[mx]` keys, `checks` the `[mx.checks]` body,
-    /// `relay_extra` more `[mx.relay]` keys.
+    /// Config mode: `mx_extra` are more `[mx]` keys, `checks` the `[mx.checks]` body.
     fn config(next_hop: SocketAddr, mx_extra: &str, checks: &str) -> Mx {
         Mx::config_with_relay(next_hop, mx_extra, checks, "")
     }
 
+    /// Config mode with more `[mx.relay]` keys (`relay_extra`).
     fn config_with_relay(
         next_hop: SocketAddr,
         mx_extra: &str,
