@@ -1568,7 +1568,6 @@ fn configured_certificate_and_reload_on_sighup() {
 }
 
 #[test]
-#[ignore = "bug: the Received `for` clause drops non-ASCII characters of an SMTPUTF8 recipient (bøb@ becomes bb@)"]
 fn smtputf8_message_keeps_its_addresses() {
     let sink = Sink::start(false);
     let mx = Mx::quick(sink.addr, &[]);

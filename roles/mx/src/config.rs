@@ -15,7 +15,8 @@
 //! max_connections = 10000            # concurrent sessions, all clients (default 10000)
 //! max_connections_per_ip = 50        # like Postfix's connection count limit (default 50)
 //! connection_rate = { max = 60, period = "1m" }   # per client address; absent: unlimited
-//! message_rate = { max = 120, period = "1m" }     # accepted messages per client address
+//! message_rate = { max = 120, period = "1m" }     # MAIL FROM commands per client address (like
+//!                                                 #   Postfix's smtpd_client_message_rate_limit)
 //! trusted_proxies = ["10.0.0.1"]     # PROXY headers accepted from these addresses only, and
 //!                                    #   required from them; from anyone else a header is refused
 //! command_timeout = "5m"             # idle between commands              (default 5m)

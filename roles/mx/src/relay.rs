@@ -326,17 +326,28 @@ async fn attempt(
     }
     let c = conn.as_mut().ok_or("no connection")?;
     if let Err(e) = c.client.start_transaction(client_envelope(env)) {
-        // The next hop cannot take this message (e.g. no 8BITMIME/SMTPUTF8): a permanent
-        // mismatch for this message, not for the connection.
+        // The next hop cannot take this message: a missing extension (SMTPUTF8, 8BITMIME,
+        // BINARYMIME) will not appear by retrying, so it bounces (RFC 6531 section 3.2: 5.6.7
+        // for SMTPUTF8); anything else is retried.
+        let permanent = matches!(e, ringmail_smtp::ClientError::MissingExtension(_));
+        let reply = if permanent {
+            format!("553 5.6.7 next hop {addr} cannot take this message: {e}")
+        } else {
+            format!("cannot send to {addr}: {e}")
+        };
         return Ok(env
             .pending()
             .map(|r| {
-                (
-                    r.address.clone(),
+                let o = if permanent {
+                    QOutcome::PermFail {
+                        reply: reply.clone(),
+                    }
+                } else {
                     QOutcome::TempFail {
-                        reply: format!("cannot send to {addr}: {e}"),
-                    },
-                )
+                        reply: reply.clone(),
+                    }
+                };
+                (r.address.clone(), o)
             })
             .collect());
     }

@@ -647,7 +647,16 @@ fn received_header(ctx: &Ctx<'_>, txn: &Txn, id: String) -> String {
         (false, false) => "ESMTP",
     };
     let rcpt = if txn.recipients.len() == 1 {
-        format!("\r\n\tfor <{}>", printable(&txn.recipients[0].0))
+        // UTF-8 is allowed in the header of an SMTPUTF8 message; controls never are.
+        let r = &txn.recipients[0].0;
+        let safe: String = r
+            .chars()
+            .filter(|c| {
+                !c.is_control() && *c != '<' && *c != '>' && (txn.params.smtputf8 || c.is_ascii())
+            })
+            .take(300)
+            .collect();
+        format!("\r\n\tfor <{safe}>")
     } else {
         String::new()
     };
