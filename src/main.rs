@@ -20,6 +20,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use tracing::{error, info, warn};
 
+mod accounts;
 mod announce;
 mod mx;
 
@@ -47,6 +48,8 @@ enum Command {
     Mx(mx::MxArgs),
     /// Inspect and manage a role's queue (list, show, delete, retry, flush).
     Queue(mx::QueueArgs),
+    /// Manage the account store: domains, accounts, passwords, aliases.
+    Accounts(accounts::AccountsArgs),
 }
 
 #[derive(Args)]
@@ -213,6 +216,7 @@ fn main() -> ExitCode {
         Command::Announce(args) => cmd_announce(args),
         Command::Mx(args) => mx::cmd_mx(args),
         Command::Queue(args) => mx::cmd_queue(args),
+        Command::Accounts(args) => accounts::cmd_accounts(args),
     };
     match result {
         Ok(code) => code,

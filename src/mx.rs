@@ -54,6 +54,10 @@ pub struct MxArgs {
     /// Quick mode: admin listener (/metrics, queue API).
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// Quick mode: account store (sqlite:PATH, postgres://…, ldap://…); unknown users are then
+    /// refused at RCPT.
+    #[arg(long)]
+    accounts: Option<String>,
     /// Quick mode: worker threads (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
@@ -111,6 +115,7 @@ pub fn cmd_mx(args: MxArgs) -> Result<ExitCode> {
                 Relay::new(args.relay.context("--relay")?, protocol),
             );
             c.admin = args.admin;
+            c.accounts = args.accounts.clone();
             c.workers = args.workers;
             c.runtime = match args.runtime {
                 RuntimeArg::PerCore => ringmail_mx::runtime::RuntimeMode::PerCore,

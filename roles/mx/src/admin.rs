@@ -29,6 +29,7 @@ pub struct MxStats {
     pub recipients_accepted: AtomicU64,
     pub refused_connect: AtomicU64,
     pub refused_relay: AtomicU64,
+    pub refused_unknown_user: AtomicU64,
     pub refused_spf: AtomicU64,
     pub refused_dmarc: AtomicU64,
     pub refused_rate: AtomicU64,
@@ -91,6 +92,7 @@ impl MxStats {
         for (reason, c) in [
             ("connect", &self.refused_connect),
             ("relay", &self.refused_relay),
+            ("unknown_user", &self.refused_unknown_user),
             ("spf", &self.refused_spf),
             ("dmarc", &self.refused_dmarc),
             ("rate", &self.refused_rate),

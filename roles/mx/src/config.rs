@@ -7,6 +7,8 @@
 //! listen = ["0.0.0.0:25", "[::]:25"] # required, at least one
 //! domains = ["example.com"]          # required: the only domains mail is accepted for
 //! spool = "/var/spool/ringmail/mx"   # required: the durable queue
+//! accounts = "sqlite:/var/lib/ringmail/accounts.db"  # or postgres://…, ldap://…: unknown users
+//!                                    #   get 550 5.1.1 at RCPT; absent: every local part accepted
 //! workers = 2                        # default: one per CPU
 //! runtime = "per-core"               # per-core (pinned current-thread runtimes, SO_REUSEPORT)
 //!                                    #   | multi-thread (one tokio work-stealing runtime)
@@ -62,6 +64,9 @@ pub struct MxConfig {
     /// Lowercase, without a trailing dot.
     pub domains: Vec<String>,
     pub spool: PathBuf,
+    /// Account store (`sqlite:PATH`, `postgres://…`, `ldap://…`): unknown users are refused at
+    /// RCPT. `None`: every local part of our domains is accepted.
+    pub accounts: Option<String>,
     pub workers: Option<usize>,
     pub max_message_size: u64,
     pub max_recipients: usize,
@@ -220,6 +225,7 @@ impl MxConfig {
                 .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
                 .collect(),
             spool,
+            accounts: None,
             workers: None,
             max_message_size: 64 << 20,
             max_recipients: 1000,
@@ -261,6 +267,7 @@ const MX: &[&str] = &[
     "listen",
     "domains",
     "spool",
+    "accounts",
     "workers",
     "runtime",
     "max_message_size",
@@ -374,6 +381,29 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MxConfig> {
     c.checks.enabled = true;
     ok &= required_ok;
 
+    if let Some(x) = t.get("accounts") {
+        match string(ctx, x, "mx.accounts") {
+            Some(url)
+                if url.starts_with("sqlite:")
+                    || url.starts_with("postgres://")
+                    || url.starts_with("postgresql://")
+                    || url.starts_with("ldap://")
+                    || url.starts_with("ldaps://") =>
+            {
+                c.accounts = Some(url.to_string())
+            }
+            Some(url) => {
+                ctx.error(
+                    x.span(),
+                    format!(
+                        "`mx.accounts`: {url:?} is not sqlite:PATH, postgres://… or ldap(s)://…"
+                    ),
+                );
+                ok = false;
+            }
+            None => ok = false,
+        }
+    }
     if let Some(w) = t.get("workers") {
         match integer(ctx, w, "mx.workers", 1, 4096) {
             Some(n) => c.workers = usize::try_from(n).ok(),

@@ -51,11 +51,31 @@ pub enum MxError {
     Listen(io::Error),
     #[error("cannot start a thread: {0}")]
     Thread(io::Error),
+    #[error("account store: {0}")]
+    Accounts(#[from] ringmail_accounts::AccountError),
+}
+
+/// Opens the account store on a runtime of its own that lives as long as the server: the
+/// connection tasks a database or directory client spawns at open keep running there, while
+/// sessions on the per-core runtimes use the store.
+fn open_accounts(
+    url: &str,
+) -> Result<(ringmail_accounts::Accounts, tokio::runtime::Runtime), MxError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ringmail-accounts")
+        .enable_all()
+        .build()
+        .map_err(MxError::Thread)?;
+    let accounts = rt.block_on(ringmail_accounts::Accounts::open(url))?;
+    Ok((accounts, rt))
 }
 
 /// A running MX.
 pub struct MxServer {
     mx: Arc<Mx>,
+    /// Where the account store's connection tasks run.
+    accounts_rt: Option<tokio::runtime::Runtime>,
     workers: Option<Workers>,
     relay_stop: tokio::sync::watch::Sender<bool>,
     relay: Option<JoinHandle<()>>,
@@ -89,11 +109,19 @@ impl MxServer {
             None
         };
         let tls = Arc::new(TlsStore::new(cfg.tls.clone(), &cfg.hostname)?);
+        let (accounts, accounts_rt) = match &cfg.accounts {
+            Some(url) => {
+                let (a, rt) = open_accounts(url)?;
+                (Some(a), Some(rt))
+            }
+            None => (None, None),
+        };
         let stats = Arc::new(MxStats::default());
         let mx = Arc::new(Mx::new(
             Arc::clone(&cfg),
             spool.clone(),
             checker,
+            accounts,
             tls,
             Arc::clone(&stats),
         ));
@@ -166,6 +194,7 @@ impl MxServer {
         );
         Ok(MxServer {
             mx,
+            accounts_rt,
             workers: Some(workers),
             relay_stop,
             relay: Some(relay),
@@ -201,6 +230,9 @@ impl MxServer {
         }
         // The admin thread serves until the process exits.
         drop(self.admin.take());
+        if let Some(rt) = self.accounts_rt.take() {
+            rt.shutdown_background();
+        }
         info!("mx stopped");
     }
 }

@@ -39,6 +39,8 @@ pub struct Mx {
     pub smtp: Arc<ServerConfig>,
     pub spool: Spool,
     pub checker: Option<Checker>,
+    /// Refuses unknown users at RCPT when set.
+    pub accounts: Option<ringmail_accounts::Accounts>,
     pub tls: Arc<TlsStore>,
     pub stats: Arc<MxStats>,
     pub conn_rate: Option<SourceRateLimiter>,
@@ -55,6 +57,7 @@ impl Mx {
         cfg: Arc<MxConfig>,
         spool: Spool,
         checker: Option<Checker>,
+        accounts: Option<ringmail_accounts::Accounts>,
         tls: Arc<TlsStore>,
         stats: Arc<MxStats>,
     ) -> Mx {
@@ -77,6 +80,7 @@ impl Mx {
             smtp,
             spool,
             checker,
+            accounts,
             tls,
             stats,
             per_ip: Mutex::new(HashMap::new()),
@@ -402,7 +406,7 @@ async fn on_event(server: &mut Server, ctx: &mut Ctx<'_>, event: Event) {
         Event::RcptTo {
             forward_path,
             params,
-        } => on_rcpt(server, ctx, &forward_path, params),
+        } => on_rcpt(server, ctx, &forward_path, params).await,
         Event::DataChunk(bytes) => on_chunk(ctx, &bytes),
         Event::AuthPlain { .. } | Event::AuthLogin { .. } => server.auth_result(false),
         Event::Reset => ctx.txn = None,
@@ -482,18 +486,58 @@ fn relay_verdict(mx: &Mx, rcpt: &Mailbox) -> Result<(), Reply> {
     Ok(())
 }
 
-fn on_rcpt(server: &mut Server, ctx: &mut Ctx<'_>, rcpt: &Mailbox, params: RcptParams) {
-    let Some(txn) = ctx.txn.as_mut() else {
+/// With an account store: the recipient must be an account or an alias (Postfix's
+/// `local_recipient_maps`), so unknown users are refused now instead of bounced later
+/// (backscatter). Postmaster is always accepted (RFC 5321 section 4.5.1).
+async fn recipient_verdict(mx: &Mx, rcpt: &Mailbox) -> Result<(), Reply> {
+    let Some(accounts) = &mx.accounts else {
+        return Ok(());
+    };
+    if rcpt.local().eq_ignore_ascii_case("postmaster") {
+        return Ok(());
+    }
+    let address = match rcpt.domain() {
+        Domain::Name(d) => format!("{}@{}", rcpt.local(), d),
+        _ => return Err(Reply::new(550, "5.7.1", "Relay access denied")),
+    };
+    match accounts.resolve(&address).await {
+        Ok(Some(account)) if !account.disabled => Ok(()),
+        Ok(_) => Err(Reply::new(
+            550,
+            "5.1.1",
+            "Recipient address rejected: User unknown in local recipient table",
+        )),
+        Err(e) => {
+            warn!(error = %e, "account store lookup failed");
+            Err(Reply::new(
+                451,
+                "4.3.0",
+                "Recipient address rejected: temporary lookup failure",
+            ))
+        }
+    }
+}
+
+async fn on_rcpt(server: &mut Server, ctx: &mut Ctx<'_>, rcpt: &Mailbox, params: RcptParams) {
+    if ctx.txn.is_none() {
         server.reject(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         return;
-    };
+    }
     if let Err(reply) = relay_verdict(ctx.mx, rcpt) {
         MxStats::inc(&ctx.mx.stats.refused_relay);
         info!(client = %ctx.client.ip(), rcpt = %printable(rcpt.raw()), "refused: relay access denied");
         server.reject(reply);
         return;
     }
-    txn.recipients.push((rcpt.raw().to_string(), params));
+    if let Err(reply) = recipient_verdict(ctx.mx, rcpt).await {
+        MxStats::inc(&ctx.mx.stats.refused_unknown_user);
+        info!(client = %ctx.client.ip(), rcpt = %printable(rcpt.raw()), code = reply.code(), "refused: recipient");
+        server.reject(reply);
+        return;
+    }
+    if let Some(txn) = ctx.txn.as_mut() {
+        txn.recipients.push((rcpt.raw().to_string(), params));
+    }
     server.accept();
 }
 
