@@ -9,9 +9,12 @@
 //! To be written: see the module plan in this crate's modules.
 #![forbid(unsafe_code)]
 
+pub mod addr;
 pub mod ldap;
 pub mod postgres;
 pub mod sqlite;
+
+pub use addr::{normalize_address, normalize_domain};
 
 /// One account. Addresses are stored and compared in lowercase.
 #[derive(Debug, Clone, PartialEq, Eq)]
