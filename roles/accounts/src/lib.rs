@@ -11,6 +11,7 @@
 
 pub mod addr;
 pub mod ldap;
+pub mod password;
 pub mod postgres;
 pub mod sqlite;
 
