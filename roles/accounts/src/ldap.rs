@@ -358,7 +358,10 @@ impl LdapStore {
                 .map(|(_, v)| v.clone())
                 .unwrap_or_default()
         };
-        let proxy_style = self.config.alias_attr.eq_ignore_ascii_case("proxyAddresses");
+        let proxy_style = self
+            .config
+            .alias_attr
+            .eq_ignore_ascii_case("proxyAddresses");
         let mails = values(&self.config.mail_attr);
         let address = mails.first()?.trim().to_lowercase();
         let mut aliases: Vec<String> = if self.config.alias_attr == self.config.mail_attr {
@@ -479,11 +482,15 @@ impl LdapStore {
     }
 
     pub async fn domain_add(&self, _domain: &str) -> Result<(), AccountError> {
-        Err(AccountError::ReadOnly("domains of an LDAP store are set in its URL (domains=)"))
+        Err(AccountError::ReadOnly(
+            "domains of an LDAP store are set in its URL (domains=)",
+        ))
     }
 
     pub async fn domain_del(&self, _domain: &str) -> Result<(), AccountError> {
-        Err(AccountError::ReadOnly("domains of an LDAP store are set in its URL (domains=)"))
+        Err(AccountError::ReadOnly(
+            "domains of an LDAP store are set in its URL (domains=)",
+        ))
     }
 
     pub async fn domain_list(&self) -> Result<Vec<String>, AccountError> {
@@ -633,7 +640,8 @@ fn percent_decode(s: &str) -> Option<String> {
 fn tls_config(ca_file: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, AccountError> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
-    let cfg_err = |m: String| AccountError::Config(format!("ldap ca_file {}: {m}", ca_file.display()));
+    let cfg_err =
+        |m: String| AccountError::Config(format!("ldap ca_file {}: {m}", ca_file.display()));
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| cfg_err(e.to_string()))? {
         let cert = cert.map_err(|e| cfg_err(e.to_string()))?;
