@@ -544,10 +544,10 @@ impl LdapStore {
         let mut out = Vec::new();
         for entry in entries {
             let disabled = self.is_disabled(&entry.dn).await?;
-            if let Some(a) = self.to_account(&entry, disabled) {
-                if domain.is_none_or(|d| a.address.ends_with(&format!("@{}", d.to_lowercase()))) {
-                    out.push(a);
-                }
+            if let Some(a) = self.to_account(&entry, disabled)
+                && domain.is_none_or(|d| a.address.ends_with(&format!("@{}", d.to_lowercase())))
+            {
+                out.push(a);
             }
         }
         out.sort_by(|a, b| a.address.cmp(&b.address));
