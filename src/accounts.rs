@@ -74,14 +74,23 @@ pub enum DomainCommand {
 #[derive(Subcommand)]
 pub enum AliasCommand {
     /// ALIAS receives mail for, and may be sent as by, TARGET.
-    Add { alias: String, target: String },
-    Del { alias: String },
-    List { domain: Option<String> },
+    Add {
+        alias: String,
+        target: String,
+    },
+    Del {
+        alias: String,
+    },
+    List {
+        domain: Option<String>,
+    },
 }
 
 fn read_password(flag: bool) -> Result<String> {
     if !flag {
-        bail!("pass the password on standard input with --password-stdin (never on the command line)");
+        bail!(
+            "pass the password on standard input with --password-stdin (never on the command line)"
+        );
     }
     let mut line = String::new();
     std::io::stdin()

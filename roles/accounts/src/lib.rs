@@ -112,8 +112,8 @@ pub enum AccountError {
 #[derive(Debug)]
 pub enum Store {
     Sqlite(sqlite::SqliteStore),
-    // Postgres(postgres::PgStore),
-    // Ldap(ldap::LdapStore),
+    Postgres(postgres::PgStore),
+    Ldap(Box<ldap::LdapStore>),
     #[cfg(test)]
     Fake(fake::FakeStore),
 }
@@ -123,8 +123,8 @@ macro_rules! dispatch {
     ($store:expr, $s:ident => $call:expr) => {
         match $store {
             Store::Sqlite($s) => $call,
-            // Store::Postgres($s) => $call,
-            // Store::Ldap($s) => $call,
+            Store::Postgres($s) => $call,
+            Store::Ldap($s) => $call,
             #[cfg(test)]
             Store::Fake($s) => $call,
         }
@@ -162,12 +162,12 @@ impl Accounts {
         }
         let scheme = url.split_once(':').map_or("", |(s, _)| s);
         match scheme.to_ascii_lowercase().as_str() {
-            // Store::Postgres(postgres::PgStore::connect(url).await?)
-            "postgres" | "postgresql" => Err(AccountError::Config(
-                "postgres support not built yet".into(),
-            )),
-            // Store::Ldap(ldap::LdapStore::connect(url).await?)
-            "ldap" | "ldaps" => Err(AccountError::Config("ldap support not built yet".into())),
+            "postgres" | "postgresql" => Ok(Accounts::new(Store::Postgres(
+                postgres::PgStore::connect(url).await?,
+            ))),
+            "ldap" | "ldaps" => Ok(Accounts::new(Store::Ldap(Box::new(
+                ldap::LdapStore::connect(url).await?,
+            )))),
             _ => Err(AccountError::Config(
                 "unknown account store URL scheme (expected sqlite:, postgres:// or ldap(s)://)"
                     .into(),
@@ -192,8 +192,8 @@ impl Accounts {
     pub fn kind(&self) -> &'static str {
         match &*self.store {
             Store::Sqlite(_) => "sqlite",
-            // Store::Postgres(_) => "postgres",
-            // Store::Ldap(_) => "ldap",
+            Store::Postgres(_) => "postgres",
+            Store::Ldap(_) => "ldap",
             #[cfg(test)]
             Store::Fake(_) => "fake",
         }

@@ -67,16 +67,22 @@ async fn sqlite_created_on_first_use_and_migrations_idempotent() {
 
 #[tokio::test]
 async fn open_url_schemes() {
-    for u in [
-        "postgres://u@h/db",
-        "ldap://h",
-        "ldaps://h",
-        "mysql://x",
-        "sqlite:",
-    ] {
+    for u in ["mysql://x", "sqlite:", "ldap://127.0.0.1:1/"] {
         assert!(
             matches!(Accounts::open(u).await, Err(AccountError::Config(_))),
             "{u}"
+        );
+    }
+    // Well-formed, but nothing listens: the store is unavailable, not misconfigured.
+    for u in [
+        "postgres://u@127.0.0.1:1/db",
+        "ldap://127.0.0.1:1/?base=dc=example,dc=test",
+    ] {
+        let r = Accounts::open(u).await;
+        assert!(
+            matches!(r, Err(AccountError::Unavailable(_))),
+            "{u}: {:?}",
+            r.err()
         );
     }
 }
