@@ -3,7 +3,6 @@
 
 mod common;
 
-#[allow(dead_code)]
 #[path = "../roles/accounts/tests/fixtures/mod.rs"]
 mod fixtures;
 
