@@ -6,6 +6,7 @@
 mod bulk;
 mod connrate;
 mod idle;
+mod logins;
 mod rr;
 mod server;
 mod util;
@@ -35,6 +36,8 @@ enum Cmd {
         #[command(subcommand)]
         test: TcpTest,
     },
+    /// Logins per second against an account store.
+    Logins(logins::LoginArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,6 +93,7 @@ fn main() -> Result<()> {
             TcpTest::Rr(a) => rr::run(a),
             TcpTest::Idle(a) => idle::run(a),
         },
+        Cmd::Logins(a) => logins::run(a),
     }
 }
 

@@ -151,6 +151,12 @@ impl Accounts {
     /// - `sqlite:PATH` (also `sqlite://PATH`; `sqlite:///abs/path`): created on first use;
     /// - `postgres://...`, `ldap://...`, `ldaps://...`: see [`Store`].
     pub async fn open(url: &str) -> Result<Accounts, AccountError> {
+        Accounts::open_with_cache(url, cache::Cache::default()).await
+    }
+
+    /// [`Accounts::open`] with the given cache (the login benchmark uses a zero TTL to measure
+    /// the backend itself).
+    pub async fn open_with_cache(url: &str, cache: cache::Cache) -> Result<Accounts, AccountError> {
         let url = url.trim();
         if let Some(rest) = url.strip_prefix("sqlite:") {
             let path = rest.strip_prefix("//").unwrap_or(rest);
@@ -158,16 +164,18 @@ impl Accounts {
                 return Err(AccountError::Config("sqlite: URL without a path".into()));
             }
             let store = sqlite::SqliteStore::open(path).await?;
-            return Ok(Accounts::new(Store::Sqlite(store)));
+            return Ok(Accounts::with_cache(Store::Sqlite(store), cache));
         }
         let scheme = url.split_once(':').map_or("", |(s, _)| s);
         match scheme.to_ascii_lowercase().as_str() {
-            "postgres" | "postgresql" => Ok(Accounts::new(Store::Postgres(
-                postgres::PgStore::connect(url).await?,
-            ))),
-            "ldap" | "ldaps" => Ok(Accounts::new(Store::Ldap(Box::new(
-                ldap::LdapStore::connect(url).await?,
-            )))),
+            "postgres" | "postgresql" => Ok(Accounts::with_cache(
+                Store::Postgres(postgres::PgStore::connect(url).await?),
+                cache,
+            )),
+            "ldap" | "ldaps" => Ok(Accounts::with_cache(
+                Store::Ldap(Box::new(ldap::LdapStore::connect(url).await?)),
+                cache,
+            )),
             _ => Err(AccountError::Config(
                 "unknown account store URL scheme (expected sqlite:, postgres:// or ldap(s)://)"
                     .into(),
