@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 
 mod accounts;
 mod announce;
+mod msa;
 mod mx;
 
 #[derive(Parser)]
@@ -46,6 +47,8 @@ enum Command {
     Announce(AnnounceArgs),
     /// The MX: inbound SMTP for our domains, sender checks, durable queue, relay to the MDA.
     Mx(mx::MxArgs),
+    /// The MSA: authenticated submission (587 STARTTLS, 465 implicit TLS), relay to the MTA.
+    Msa(msa::MsaArgs),
     /// Inspect and manage a role's queue (list, show, delete, retry, flush).
     Queue(mx::QueueArgs),
     /// Manage the account store: domains, accounts, passwords, aliases.
@@ -216,6 +219,7 @@ fn main() -> ExitCode {
         Command::Announce(args) => cmd_announce(args),
         Command::Mx(args) => mx::cmd_mx(args),
         Command::Queue(args) => mx::cmd_queue(args),
+        Command::Msa(args) => msa::cmd_msa(args),
         Command::Accounts(args) => accounts::cmd_accounts(args),
     };
     match result {
