@@ -4,7 +4,6 @@
 mod common;
 
 #[path = "../roles/accounts/tests/fixtures/mod.rs"]
-#[allow(dead_code)]
 mod fixtures;
 
 use std::io::{BufRead, BufReader, Read, Write};
