@@ -408,6 +408,20 @@ fn through_the_lb_with_proxy_v2_the_real_client_is_recorded() {
     // and without it the session would have been refused (a trusted peer must send one).
     assert!(msgs[0].contains("[127.0.0.1]"), "{}", msgs[0]);
     check_trace(&msgs[0]);
+    // A direct implicit-TLS client from the trusted address (no PROXY header) still works.
+    let body = dir.write("message.txt", "Subject: direct\r\n\r\ndirect 465\r\n");
+    let (status, out) = run_bounded(
+        Command::new("curl")
+            .args(["-sS", "--url", &format!("smtps://{}", msa.tls_addr)])
+            .args(["--ssl-reqd", "-k", "--mail-from", "alice@example.test"])
+            .args(["--mail-rcpt", "bob@example.org"])
+            .args(["-u", &format!("alice@example.test:{PASSWORD}")])
+            .arg("-T")
+            .arg(&body),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "curl: {out}");
+    assert!(sink.wait(2).iter().any(|m| m.contains("direct 465")));
 }
 
 #[test]

@@ -369,11 +369,23 @@ struct Ctx<'a> {
 pub async fn run(msa: Arc<Msa>, mut stream: TcpStream, peer: SocketAddr, implicit: bool) {
     let msa = &*msa;
     inc(&msa.stats.sessions);
-    let trusted = msa
+    let mut trusted = msa
         .cfg
         .trusted_proxies
         .iter()
         .any(|c| c.contains(peer.ip()));
+    if trusted && implicit {
+        // On an implicit TLS port a client speaks first: a TLS handshake record (0x16) from a
+        // trusted address is a direct client (e.g. on the same host as the LB), not a PROXY
+        // header.
+        let mut first = [0u8; 1];
+        if let Ok(Ok(1)) =
+            tokio::time::timeout(Duration::from_secs(10), stream.peek(&mut first)).await
+            && first[0] == 0x16
+        {
+            trusted = false;
+        }
+    }
     let mut early = Vec::new();
     let client = if trusted {
         match crate::proxy::read_header(&mut stream, Duration::from_secs(10)).await {
