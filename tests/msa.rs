@@ -369,6 +369,55 @@ print('ok', times)
 }
 
 #[test]
+fn per_account_limits_and_config_check() {
+    let sink = Sink::start();
+    let dir = TempDir::new("msa-rate");
+    let db = format!("sqlite:{}", dir.path().join("a.db").display());
+    seed(&db);
+    let addr = free_addr();
+    let config = format!(
+        "[msa]\nhostname = \"smtp.example.test\"\nlisten = [\"{addr}\"]\naccounts = \"{db}\"\nspool = \"{}\"\nrelay = \"{}\"\nmax_messages_per_hour = 1\nmax_recipients = 2\n",
+        dir.path().join("spool").display(),
+        sink.addr
+    );
+    let path = dir.write("check.toml", &config);
+    let (status, out) = run_bounded(
+        Command::new(RINGMAIL)
+            .args(["msa", "--check", "--config"])
+            .arg(&path),
+        Duration::from_secs(20),
+    );
+    assert!(status.success() && out.contains("ok"), "{out}");
+    let bad = dir.write("bad.toml", "[msa]\nhostname = \"x\"\ncolour = 1\n");
+    let (status, out) = run_bounded(
+        Command::new(RINGMAIL)
+            .args(["msa", "--check", "--config"])
+            .arg(&bad),
+        Duration::from_secs(20),
+    );
+    assert!(
+        !status.success() && out.contains("bad.toml:3") && out.contains("colour"),
+        "{out}"
+    );
+    let msa = Msa::from_config(dir, &config, addr);
+    let (ok, out) = python(
+        msa.addr,
+        r#"
+s=smtplib.SMTP(HOST, PORT, timeout=20); s.starttls(context=ctx); s.login('alice@example.test', PW)
+s.mail('alice@example.test')
+for r in ['a@x.test', 'b@x.test']: assert s.rcpt(r)[0] == 250
+r = s.rcpt('c@x.test'); assert r[0] == 452, r
+s.rset()
+s.sendmail('alice@example.test', ['a@x.test'], 'Subject: 1\r\n\r\none\r\n')
+r = s.docmd('MAIL FROM:<alice@example.test>'); assert r[0] == 450 and b'4.7.1' in r[1], r
+print('ok')
+"#,
+    );
+    assert!(ok && out.contains("ok"), "{out}");
+    sink.wait(1);
+}
+
+#[test]
 fn through_the_lb_with_proxy_v2_the_real_client_is_recorded() {
     let sink = Sink::start();
     let msa = Msa::start(None, sink.addr, &["--trusted-proxy", "127.0.0.1"]);
