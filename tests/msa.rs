@@ -457,6 +457,23 @@ fn through_the_lb_with_proxy_v2_the_real_client_is_recorded() {
     // and without it the session would have been refused (a trusted peer must send one).
     assert!(msgs[0].contains("[127.0.0.1]"), "{}", msgs[0]);
     check_trace(&msgs[0]);
+    // PROXY v1 from the trusted address: the client it names is the one recorded.
+    let (ok, out) = python(
+        msa.addr,
+        r#"
+class P(smtplib.SMTP):
+    def _get_socket(self, host, port, timeout):
+        s = socket.create_connection((host, port), timeout)
+        s.sendall(b'PROXY TCP4 192.0.2.7 127.0.0.1 40000 587\r\n')
+        return s
+s=P(HOST, PORT, timeout=20); s.starttls(context=ctx); s.login('alice@example.test', PW)
+s.sendmail('alice@example.test', ['bob@example.org'], 'Subject: v1\r\n\r\nvia v1\r\n'); s.quit()
+"#,
+    );
+    assert!(ok, "{out}");
+    let msgs = sink.wait(2);
+    let v1 = msgs.iter().find(|m| m.contains("via v1")).unwrap();
+    assert!(v1.contains("[192.0.2.7]"), "{v1}");
     // A direct implicit-TLS client from the trusted address (no PROXY header) still works.
     let body = dir.write("message.txt", "Subject: direct\r\n\r\ndirect 465\r\n");
     let (status, out) = run_bounded(
@@ -470,7 +487,7 @@ fn through_the_lb_with_proxy_v2_the_real_client_is_recorded() {
         Duration::from_secs(60),
     );
     assert!(status.success(), "curl: {out}");
-    assert!(sink.wait(2).iter().any(|m| m.contains("direct 465")));
+    assert!(sink.wait(3).iter().any(|m| m.contains("direct 465")));
 }
 
 #[test]
