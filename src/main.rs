@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 
 mod accounts;
 mod announce;
+mod msa;
 mod mx;
 
 #[derive(Parser)]
@@ -46,6 +47,8 @@ enum Command {
     Announce(AnnounceArgs),
     /// The MX: inbound SMTP for our domains, sender checks, durable queue, relay to the MDA.
     Mx(mx::MxArgs),
+    /// The MSA: authenticated submission (587 STARTTLS, 465 implicit TLS), relay to the MTA.
+    Msa(msa::MsaArgs),
     /// Inspect and manage a role's queue (list, show, delete, retry, flush).
     Queue(mx::QueueArgs),
     /// Manage the account store: domains, accounts, passwords, aliases.
@@ -159,8 +162,8 @@ struct QuickArgs {
 
 #[derive(Args)]
 struct UpArgs {
-    /// Backends behind the load balancer. Default: the MX started by `up` (until the MSA
-    /// exists, the LB's submission port leads there).
+    /// Backends behind the load balancer. Default: the MSA started by `up` (its STARTTLS port,
+    /// with PROXY v2).
     #[arg(long)]
     backend: Vec<SocketAddr>,
     /// Where the load balancer listens.
@@ -182,9 +185,46 @@ struct UpArgs {
     /// listens there, mail stays queued: see `ringmail queue`.
     #[arg(long, default_value = "127.0.0.1:10024")]
     mx_relay: SocketAddr,
-    /// Data directory (the MX spool lives in DATA/mx-spool).
+    /// Where the MSA listens with STARTTLS (submission, behind the LB).
+    #[arg(long, default_value = "127.0.0.1:10588")]
+    msa_listen: SocketAddr,
+    /// Where the MSA listens with implicit TLS (submissions).
+    #[arg(long, default_value = "127.0.0.1:10465")]
+    msa_listen_tls: SocketAddr,
+    /// The MSA's admin listener (metrics, queue API).
+    #[arg(long, default_value = "127.0.0.1:9111")]
+    msa_admin: SocketAddr,
+    /// Data directory (DATA/mx-spool, DATA/msa-spool, the account store DATA/accounts.db).
     #[arg(long, default_value = ".ringmail")]
     data: PathBuf,
+}
+
+/// The demo login of `ringmail up`, created with the account store on first run.
+const UP_USER: &str = "alice";
+const UP_PASSWORD: &str = "alice-password";
+
+/// Creates the account store of `up` with `domain` and `alice@domain` unless it exists.
+fn seed_up_accounts(db: &Path, domain: &str) -> Result<String> {
+    let url = format!("sqlite:{}", db.display());
+    if db.exists() {
+        return Ok(url);
+    }
+    if let Some(dir) = db.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let store = ringmail_accounts::Accounts::open(&url).await?;
+        store.domain_add(domain).await?;
+        store
+            .account_add(&format!("{UP_USER}@{domain}"), UP_PASSWORD, None)
+            .await?;
+        Ok::<_, anyhow::Error>(())
+    })
+    .with_context(|| format!("seeding the account store {}", db.display()))?;
+    Ok(url)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -216,6 +256,7 @@ fn main() -> ExitCode {
         Command::Announce(args) => cmd_announce(args),
         Command::Mx(args) => mx::cmd_mx(args),
         Command::Queue(args) => mx::cmd_queue(args),
+        Command::Msa(args) => msa::cmd_msa(args),
         Command::Accounts(args) => accounts::cmd_accounts(args),
     };
     match result {
@@ -484,13 +525,38 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
     mx_cfg.relay.retry_max = Duration::from_secs(300);
     let mx_server = mx::start_for_up(mx_cfg)?;
 
-    let (backends, health) = if args.backend.is_empty() {
-        (vec![args.mx_listen], Some(HealthArg::Smtp))
+    // The MSA: until the MTA exists it hands mail to the MX (which takes @domain only).
+    let accounts_url = seed_up_accounts(&args.data.join("accounts.db"), &args.domain)?;
+    let msa_spool = args.data.join("msa-spool");
+    let mut msa_cfg = ringmail_mx::msa_config::MsaConfig::quick(
+        "smtp.example.test".to_string(),
+        vec![args.msa_listen],
+        vec![args.msa_listen_tls],
+        accounts_url,
+        msa_spool,
+        args.mx_listen,
+    );
+    msa_cfg.admin = Some(args.msa_admin);
+    msa_cfg.retry_min = Duration::from_secs(30);
+    msa_cfg.retry_max = Duration::from_secs(300);
+    msa_cfg.trusted_proxies = vec![ringmail_mx::config::Cidr {
+        addr: args.listen.ip(),
+        prefix: if args.listen.is_ipv4() { 32 } else { 128 },
+    }];
+    let msa_server = msa::start(msa_cfg)?;
+
+    // The LB's health check sends no PROXY header, so it checks the MSA at the TCP level.
+    let (backends, health, proxy) = if args.backend.is_empty() {
+        (
+            vec![args.msa_listen],
+            Some(HealthArg::Tcp),
+            Some(ProxyArg::V2),
+        )
     } else {
-        (args.backend.clone(), Some(HealthArg::Tcp))
+        (args.backend.clone(), Some(HealthArg::Tcp), None)
     };
     let quick = QuickArgs {
-        proxy_protocol: None,
+        proxy_protocol: proxy,
         engine: None,
         relay: None,
         workers: None,
@@ -510,6 +576,8 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
     let domain = args.domain.clone();
     let relay = args.mx_relay;
     let spool_shown = spool.display().to_string();
+    let (msal, msat, msa_admin) = (args.msa_listen, args.msa_listen_tls, args.msa_admin);
+    let user = format!("{UP_USER}@{domain}");
     let result = run_lb(config, None, move |lb| {
         let list = backends
             .iter()
@@ -520,24 +588,28 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
             "\nringmail up: all-in-one node on loopback\
              \n\n  started  MX              {mxl}  for @{domain}, spool {spool_shown}, admin http://{mx_admin}/metrics\
              \n           relays to {relay} (the MDA's LMTP port; until it exists, mail stays queued)\
-             \n  started  load balancer   {listen} -> [{list}]  (engine: {engine})\
+             \n  started  MSA             {msal} (STARTTLS), {msat} (implicit TLS), admin http://{msa_admin}/metrics\
+             \n           login {user} / {UP_PASSWORD}; relays to the MX at {mxl} until the MTA exists\
+             \n  started  load balancer   {listen} -> [{list}]  (PROXY v2, engine: {engine})\
              \n  started  admin listener  http://{admin}/metrics\
-             \n  not yet  MSA, MTA, MDA/IMAP (they arrive with later releases)\
+             \n  not yet  MTA, MDA/IMAP (they arrive with later releases)\
              \n\nTry it:\
-             \n  swaks --server {mip} --port {mport} --from alice@sender.example --to bob@{domain}\
-             \n  python3 -c \"import smtplib; s=smtplib.SMTP('{mip}', {mport}); s.starttls(); s.sendmail('a@sender.example', ['bob@{domain}'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n'); s.quit()\"\
+             \n  swaks --server {ip} --port {port} --tls --auth LOGIN --auth-user {user} --auth-password {UP_PASSWORD} --from {user} --to bob@{domain}\
+             \n  curl --url smtps://{tip}:{tport} --ssl-reqd -k --mail-from {user} --mail-rcpt bob@{domain} -u {user}:{UP_PASSWORD} -T message.txt\
+             \n  python3 -c \"import smtplib, ssl; c=ssl.create_default_context(); c.check_hostname=False; c.verify_mode=ssl.CERT_NONE; s=smtplib.SMTP('{ip}', {port}); s.starttls(context=c); s.login('{user}', '{UP_PASSWORD}'); s.sendmail('{user}', ['bob@{domain}'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n'); s.quit()\"\
              \n  ringmail queue --spool {spool_shown} --admin {mx_admin} list\
+             \n  curl -s http://{msa_admin}/metrics | grep ringmail_msa_auth_total\
              \n  curl -s http://{mx_admin}/metrics | grep ringmail_mx_messages_accepted_total\
-             \n  swaks --server {ip} --port {port} --to bob@{domain} --quit-after EHLO   # through the LB\
              \n  curl -s http://{admin}/api/backends; echo\
              \n\nStop with Ctrl-C (connections in flight are drained first).\n",
             engine = lb.engine().label(),
             ip = listen.ip(),
             port = listen.port(),
-            mip = mxl.ip(),
-            mport = mxl.port(),
+            tip = msat.ip(),
+            tport = msat.port(),
         );
     });
+    msa_server.stop();
     mx_server.stop();
     result
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 
 #[test]
-fn up_starts_the_mx_and_the_lb_and_its_try_lines_work() {
+fn up_starts_the_mx_the_msa_and_the_lb_and_its_try_lines_work() {
     let dir = TempDir::new("up");
     let (lb, admin, mx, mx_admin) = (free_addr(), free_addr(), free_addr(), free_addr());
     let data = dir.path().join("data");
@@ -28,6 +28,9 @@ fn up_starts_the_mx_and_the_lb_and_its_try_lines_work() {
             .args(["--mx-listen", &mx.to_string(), "--domain", "example.test"])
             .args(["--mx-admin", &mx_admin.to_string()])
             .args(["--mx-relay", &free_addr().to_string()])
+            .args(["--msa-listen", &free_addr().to_string()])
+            .args(["--msa-listen-tls", &free_addr().to_string()])
+            .args(["--msa-admin", &free_addr().to_string()])
             .arg("--data")
             .arg(&data),
         dir.path().join("up.log"),
@@ -40,13 +43,17 @@ fn up_starts_the_mx_and_the_lb_and_its_try_lines_work() {
     .expect("up prints its banner");
     for want in [
         "started  MX",
+        "started  MSA",
         "started  load balancer",
+        "--auth-user alice@example.test",
+        "smtps://",
         "swaks --server",
         "ringmail queue",
     ] {
         assert!(banner.contains(want), "{want} missing from:\n{banner}");
     }
-    // The python line, as printed (with STARTTLS to the self-signed certificate).
+    // The python line, as printed: through the LB to the MSA (STARTTLS to the self-signed
+    // certificate, login), which hands the message to the MX.
     let line = banner
         .lines()
         .find(|l| l.trim_start().starts_with("python3 -c"))
@@ -58,14 +65,14 @@ fn up_starts_the_mx_and_the_lb_and_its_try_lines_work() {
         Duration::from_secs(30),
     );
     assert!(status.success(), "{line}\n{out}");
-    // The queue line: the message is queued (no MDA yet).
+    // The queue line: the message is queued at the MX (no MDA yet).
     let qline = banner
         .lines()
         .find(|l| l.trim_start().starts_with("ringmail queue"))
         .unwrap()
         .trim()
         .replacen("ringmail", RINGMAIL, 1);
-    let listed = wait_for(Duration::from_secs(10), || {
+    let listed = wait_for(Duration::from_secs(20), || {
         let (s, out) = run_bounded(
             Command::new("sh")
                 .arg("-c")

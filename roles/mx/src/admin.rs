@@ -141,14 +141,33 @@ impl MxStats {
 }
 
 /// Serves the admin API until the process ends.
-pub async fn serve(addr: SocketAddr, stats: Arc<MxStats>, spool: Spool) -> std::io::Result<()> {
+pub async fn serve<M: Metrics>(
+    addr: SocketAddr,
+    stats: Arc<M>,
+    spool: Spool,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     serve_listener(listener, stats, spool).await;
     Ok(())
 }
 
+/// What `/metrics` renders: the MX's or the MSA's counters.
+pub trait Metrics: Send + Sync + 'static {
+    fn render(&self, spool: &Spool, out: &mut String);
+}
+
+impl Metrics for MxStats {
+    fn render(&self, spool: &Spool, out: &mut String) {
+        MxStats::render(self, spool, out)
+    }
+}
+
 /// Serves the admin API on an already bound listener.
-pub async fn serve_listener(listener: tokio::net::TcpListener, stats: Arc<MxStats>, spool: Spool) {
+pub async fn serve_listener<M: Metrics>(
+    listener: tokio::net::TcpListener,
+    stats: Arc<M>,
+    spool: Spool,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -159,7 +178,7 @@ pub async fn serve_listener(listener: tokio::net::TcpListener, stats: Arc<MxStat
             let svc = service_fn(move |req| {
                 let stats = Arc::clone(&stats);
                 let spool = spool.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &stats, &spool).await) }
+                async move { Ok::<_, std::convert::Infallible>(handle(req, &*stats, &spool).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -183,7 +202,7 @@ fn json_reply(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>>
     reply(status, "application/json", v.to_string())
 }
 
-async fn handle<B>(req: Request<B>, stats: &MxStats, spool: &Spool) -> Response<Full<Bytes>> {
+async fn handle<B, M: Metrics>(req: Request<B>, stats: &M, spool: &Spool) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let id = |s: &str| s.parse::<QueueId>().ok();

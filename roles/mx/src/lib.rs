@@ -15,6 +15,8 @@
 
 pub mod admin;
 pub mod config;
+pub mod msa;
+pub mod msa_config;
 pub mod proxy;
 pub mod relay;
 pub mod runtime;
@@ -142,7 +144,7 @@ impl MxServer {
         .map_err(MxError::Listen)?;
 
         let (relay_stop, stop_rx) = tokio::sync::watch::channel(false);
-        let relay_mx = Arc::clone(&mx);
+        let relay_mx = Arc::new(relay::RelayCtx::for_mx(&mx));
         let relay = std::thread::Builder::new()
             .name("ringmail-mx-relay".into())
             .spawn(move || {

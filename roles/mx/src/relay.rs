@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::admin::MxStats;
 use crate::config::RelayProtocol;
 use crate::session::Mx;
 
@@ -35,23 +36,73 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Content is read from the spool and written in chunks of this size.
 const CHUNK: usize = 64 * 1024;
 
-/// Runs the dispatcher and the delivery workers until `stop` fires.
-pub async fn run(mx: Arc<Mx>, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mda = mx.cfg.relay.next_hop;
-    let mta = mx.cfg.relay.bounce_next_hop.unwrap_or(mda);
-    let lmtp = mx.cfg.relay.protocol == RelayProtocol::Lmtp;
-    let workers = mx.cfg.relay.connections.max(1);
-    let (mda_tx, mda_rx) = mpsc::channel::<Claim>(workers * 4);
-    let (mta_tx, mta_rx) = mpsc::channel::<Claim>(workers * 4);
-    let mda_rx = Arc::new(tokio::sync::Mutex::new(mda_rx));
-    let mta_rx = Arc::new(tokio::sync::Mutex::new(mta_rx));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..workers {
-        tasks.spawn(worker(Arc::clone(&mx), mda, lmtp, Arc::clone(&mda_rx)));
+/// One next hop, chosen by the queue's route field.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The envelope's `route` (`"mda"`, `"mta"`).
+    pub name: String,
+    pub addr: SocketAddr,
+    pub lmtp: bool,
+    /// Concurrent deliveries on this route.
+    pub connections: usize,
+}
+
+/// What the relay needs from the role that queued the mail (the MX or the MSA).
+pub struct RelayCtx {
+    pub hostname: String,
+    pub spool: ringmail_queue::Spool,
+    pub stats: Arc<MxStats>,
+    /// Wakes the dispatcher when a message was queued.
+    pub queued: Arc<tokio::sync::Notify>,
+    /// The first route is the default for envelopes whose route is none of these.
+    pub routes: Vec<Route>,
+}
+
+impl RelayCtx {
+    /// The MX's routes: `mda` (the next hop, LMTP or SMTP) and `mta` for bounces.
+    pub fn for_mx(mx: &Mx) -> RelayCtx {
+        let mda = mx.cfg.relay.next_hop;
+        RelayCtx {
+            hostname: mx.cfg.hostname.clone(),
+            spool: mx.spool.clone(),
+            stats: Arc::clone(&mx.stats),
+            queued: Arc::clone(&mx.queued),
+            routes: vec![
+                Route {
+                    name: "mda".into(),
+                    addr: mda,
+                    lmtp: mx.cfg.relay.protocol == RelayProtocol::Lmtp,
+                    connections: mx.cfg.relay.connections.max(1),
+                },
+                // Bounces go to the MTA over SMTP (two connections are plenty).
+                Route {
+                    name: "mta".into(),
+                    addr: mx.cfg.relay.bounce_next_hop.unwrap_or(mda),
+                    lmtp: false,
+                    connections: 2,
+                },
+            ],
+        }
     }
-    // Bounces go to the MTA over SMTP (two connections are plenty).
-    for _ in 0..2 {
-        tasks.spawn(worker(Arc::clone(&mx), mta, false, Arc::clone(&mta_rx)));
+}
+
+/// Runs the dispatcher and the delivery workers until `stop` fires.
+pub async fn run(mx: Arc<RelayCtx>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut txs = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for route in &mx.routes {
+        let workers = route.connections.max(1);
+        let (tx, rx) = mpsc::channel::<Claim>(workers * 4);
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..workers {
+            tasks.spawn(worker(
+                Arc::clone(&mx),
+                route.addr,
+                route.lmtp,
+                Arc::clone(&rx),
+            ));
+        }
+        txs.push(tx);
     }
     loop {
         if *stop.borrow() {
@@ -70,7 +121,8 @@ pub async fn run(mx: Arc<Mx>, mut stop: tokio::sync::watch::Receiver<bool>) {
                 .flatten()
                 .map(|e| e.route)
                 .unwrap_or_default();
-            let tx = if route == "mta" { &mta_tx } else { &mda_tx };
+            let i = mx.routes.iter().position(|r| r.name == route).unwrap_or(0);
+            let tx = &txs[i];
             tokio::select! {
                 r = tx.send(claim) => if r.is_err() { break },
                 _ = stop.changed() => break,
@@ -92,8 +144,7 @@ pub async fn run(mx: Arc<Mx>, mut stop: tokio::sync::watch::Receiver<bool>) {
             _ = stop.changed() => {}
         }
     }
-    drop(mda_tx);
-    drop(mta_tx);
+    drop(txs);
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while tasks.join_next().await.is_some() {}
     })
@@ -108,14 +159,14 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(mx: &Mx, addr: SocketAddr, lmtp: bool) -> Result<Conn, String> {
+    async fn open(mx: &RelayCtx, addr: SocketAddr, lmtp: bool) -> Result<Conn, String> {
         let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
             .await
             .map_err(|_| format!("connect to {addr} timed out"))?
             .map_err(|e| format!("connect to {addr}: {e}"))?;
         let _ = stream.set_nodelay(true);
         let cfg = Arc::new(ClientConfig {
-            helo_name: mx.cfg.hostname.clone(),
+            helo_name: mx.hostname.clone(),
             lmtp,
             // The next hop is ours, on the internal network (see the README's architecture).
             use_starttls: StartTlsPolicy::Never,
@@ -177,7 +228,7 @@ impl Conn {
 }
 
 async fn worker(
-    mx: Arc<Mx>,
+    mx: Arc<RelayCtx>,
     addr: SocketAddr,
     lmtp: bool,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Claim>>>,
@@ -205,7 +256,13 @@ async fn worker(
     }
 }
 
-async fn deliver_one(mx: &Mx, addr: SocketAddr, lmtp: bool, conn: &mut Option<Conn>, claim: Claim) {
+async fn deliver_one(
+    mx: &RelayCtx,
+    addr: SocketAddr,
+    lmtp: bool,
+    conn: &mut Option<Conn>,
+    claim: Claim,
+) {
     let id = claim.id().clone();
     let env = match mx.spool.get(&id) {
         Ok(Some(e)) => e,
@@ -315,7 +372,7 @@ fn client_envelope(env: &QEnvelope) -> Envelope {
 
 /// One transaction on a (possibly reused) connection; per-recipient outcomes.
 async fn attempt(
-    mx: &Mx,
+    mx: &RelayCtx,
     addr: SocketAddr,
     lmtp: bool,
     conn: &mut Option<Conn>,
@@ -393,7 +450,7 @@ fn reply_line(reply: &ringmail_smtp::Reply) -> String {
 }
 
 /// Trace headers, then the content, streamed from the spool file.
-async fn send_body(mx: &Mx, c: &mut Conn, env: &QEnvelope) -> Result<(), String> {
+async fn send_body(mx: &RelayCtx, c: &mut Conn, env: &QEnvelope) -> Result<(), String> {
     if !env.headers.is_empty() {
         c.client
             .send_body_chunk(env.headers.as_bytes())

@@ -309,12 +309,15 @@ async fn dnsbl_listed(checker: &Checker, zones: &[String], ip: IpAddr) -> Option
     None
 }
 
-enum Next {
+pub(crate) enum Next {
     Closed,
     StartTls,
 }
 
-async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, server: &mut Server) -> io::Result<()> {
+pub(crate) async fn flush<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    server: &mut Server,
+) -> io::Result<()> {
     let mut wrote = false;
     while let Some(bytes) = server.poll_transmit() {
         stream.write_all(&bytes).await?;
@@ -458,7 +461,7 @@ async fn on_mail(
 }
 
 /// Printable ASCII only, for echoing attacker-supplied text in a reply.
-fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     s.chars()
         .filter(|c| c.is_ascii_graphic() || *c == ' ')
         .take(200)

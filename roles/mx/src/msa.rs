@@ -1,0 +1,1027 @@
+//! The MSA role: authenticated submission (RFC 6409) on 587 (STARTTLS) and 465 (implicit TLS).
+//! Same runtime, PROXY, TLS, spool, relay and admin machinery as the MX; the policy differs:
+//!
+//! ```text
+//!  socket ─▶ [PROXY from a trusted LB] ─▶ [TLS at accept on 465] ─▶ Server core (AUTH under TLS)
+//!    AUTH ─▶ accounts.authenticate (failure: growing delay, 421 after too many)
+//!    MAIL ─▶ authenticated? owns the sender? hourly rate ─▶ RCPT ─▶ DATA (header From owned?)
+//!    end of data ─▶ Received (ESMTPSA, Authenticated sender), Message-ID, Date ─▶ spool ─▶ relay
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::hash::{BuildHasher, Hasher};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ringmail_accounts::{Account, Accounts, AuthOutcome};
+use ringmail_queue::{ClientInfo, Incoming, NewEnvelope, NewRecipient, QueueConfig, Spool};
+use ringmail_smtp::{Domain, Event, MailParams, Mailbox, Reply, Server, ServerConfig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::MxError;
+use crate::admin::{Metrics, MxStats};
+use crate::msa_config::{LocalRoute, MsaConfig};
+use crate::relay::{RelayCtx, Route};
+use crate::runtime::Workers;
+use crate::session::{Next, flush, printable};
+use crate::tls::TlsStore;
+
+/// Failures counted per address and per account within this window.
+const FAILURE_WINDOW: Duration = Duration::from_secs(600);
+/// Most header bytes kept to check From:, Message-ID and Date.
+const MAX_HEADER_COPY: usize = 256 * 1024;
+
+/// Counters of the MSA.
+#[derive(Debug, Default)]
+pub struct MsaStats {
+    pub sessions: AtomicU64,
+    pub auth_ok: AtomicU64,
+    pub auth_failed: AtomicU64,
+    pub auth_locked_out: AtomicU64,
+    pub auth_unavailable: AtomicU64,
+    pub refused_unauthenticated: AtomicU64,
+    pub refused_sender: AtomicU64,
+    pub refused_rate: AtomicU64,
+    pub refused_proxy: AtomicU64,
+    pub messages_accepted: AtomicU64,
+    /// Delivery counters, shared with the relay.
+    pub relay: Arc<MxStats>,
+}
+
+impl Metrics for MsaStats {
+    fn render(&self, spool: &Spool, out: &mut String) {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP ringmail_msa_sessions_total Submission sessions accepted.\n# TYPE ringmail_msa_sessions_total counter\nringmail_msa_sessions_total {}",
+            g(&self.sessions)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringmail_msa_auth_total Authentication attempts, by result.\n# TYPE ringmail_msa_auth_total counter"
+        );
+        for (r, c) in [
+            ("success", &self.auth_ok),
+            ("failure", &self.auth_failed),
+            ("locked_out", &self.auth_locked_out),
+            ("unavailable", &self.auth_unavailable),
+        ] {
+            let _ = writeln!(out, "ringmail_msa_auth_total{{result=\"{r}\"}} {}", g(c));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringmail_msa_refused_total Commands and messages refused, by reason.\n# TYPE ringmail_msa_refused_total counter"
+        );
+        for (r, c) in [
+            ("unauthenticated", &self.refused_unauthenticated),
+            ("sender_mismatch", &self.refused_sender),
+            ("rate", &self.refused_rate),
+            ("proxy", &self.refused_proxy),
+        ] {
+            let _ = writeln!(out, "ringmail_msa_refused_total{{reason=\"{r}\"}} {}", g(c));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP ringmail_msa_messages_accepted_total Messages queued.\n# TYPE ringmail_msa_messages_accepted_total counter\nringmail_msa_messages_accepted_total {}",
+            g(&self.messages_accepted)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ringmail_msa_deliveries_total Delivery attempts to the next hop, by result.\n# TYPE ringmail_msa_deliveries_total counter"
+        );
+        for (r, c) in [
+            ("delivered", &self.relay.deliveries_ok),
+            ("deferred", &self.relay.deliveries_deferred),
+            ("failed", &self.relay.deliveries_failed),
+        ] {
+            let _ = writeln!(
+                out,
+                "ringmail_msa_deliveries_total{{result=\"{r}\"}} {}",
+                g(c)
+            );
+        }
+        let q = spool.stats();
+        let _ = writeln!(
+            out,
+            "# HELP ringmail_queue_messages Messages in the queue.\n# TYPE ringmail_queue_messages gauge\nringmail_queue_messages {}",
+            q.messages
+        );
+    }
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Timestamps of recent events per key, pruned to a window.
+struct Window<K>(Mutex<HashMap<K, VecDeque<Instant>>>);
+
+impl<K> Default for Window<K> {
+    fn default() -> Self {
+        Window(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Window<K> {
+    fn count(&self, key: &K, window: Duration) -> usize {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        match m.get_mut(key) {
+            Some(q) => {
+                while q.front().is_some_and(|t| now.duration_since(*t) > window) {
+                    q.pop_front();
+                }
+                let n = q.len();
+                if n == 0 {
+                    m.remove(key);
+                }
+                n
+            }
+            None => 0,
+        }
+    }
+
+    fn add(&self, key: K, window: Duration) -> usize {
+        let n = self.count(&key, window);
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() > 100_000 {
+            m.clear();
+        }
+        m.entry(key).or_default().push_back(Instant::now());
+        n + 1
+    }
+}
+
+/// Everything the sessions share.
+pub struct Msa {
+    pub cfg: Arc<MsaConfig>,
+    smtp: Arc<ServerConfig>,
+    pub spool: Spool,
+    pub accounts: Accounts,
+    pub tls: Arc<TlsStore>,
+    pub stats: Arc<MsaStats>,
+    pub queued: Arc<tokio::sync::Notify>,
+    ip_failures: Window<IpAddr>,
+    user_failures: Window<String>,
+    sent: Window<String>,
+}
+
+/// The account store's own runtime (see `open_accounts` in the MX).
+fn open_accounts(url: &str) -> Result<(Accounts, tokio::runtime::Runtime), MxError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ringmail-accounts")
+        .enable_all()
+        .build()
+        .map_err(MxError::Thread)?;
+    let accounts = rt.block_on(Accounts::open(url))?;
+    Ok((accounts, rt))
+}
+
+/// A running MSA.
+pub struct MsaServer {
+    msa: Arc<Msa>,
+    accounts_rt: Option<tokio::runtime::Runtime>,
+    workers: Vec<Workers>,
+    relay_stop: tokio::sync::watch::Sender<bool>,
+    relay: Option<JoinHandle<()>>,
+}
+
+impl MsaServer {
+    pub fn start(
+        cfg: MsaConfig,
+        pin: Option<fn(usize) -> io::Result<()>>,
+    ) -> Result<MsaServer, MxError> {
+        let cfg = Arc::new(cfg);
+        let mut qcfg = QueueConfig::new(&cfg.spool);
+        qcfg.hostname = cfg.hostname.clone();
+        qcfg.retry_min = cfg.retry_min;
+        qcfg.retry_max = cfg.retry_max;
+        qcfg.max_lifetime = cfg.max_lifetime;
+        qcfg.bounce_route = "mta".into();
+        let (spool, recovery) = Spool::open(qcfg).map_err(|e| MxError::Spool {
+            path: cfg.spool.display().to_string(),
+            source: e,
+        })?;
+        info!(spool = %cfg.spool.display(), messages = recovery.messages, "spool opened");
+        let tls = Arc::new(TlsStore::new(cfg.tls.clone(), &cfg.hostname)?);
+        let (accounts, accounts_rt) = open_accounts(&cfg.accounts)?;
+        let relay_stats = Arc::new(MxStats::default());
+        let stats = Arc::new(MsaStats {
+            relay: Arc::clone(&relay_stats),
+            ..MsaStats::default()
+        });
+        let smtp = Arc::new(ServerConfig {
+            hostname: cfg.hostname.clone(),
+            max_message_size: cfg.max_message_size,
+            max_recipients: cfg.max_recipients,
+            offer_starttls: true,
+            offer_auth: true,
+            ..ServerConfig::default()
+        });
+        let msa = Arc::new(Msa {
+            cfg: Arc::clone(&cfg),
+            smtp,
+            spool: spool.clone(),
+            accounts,
+            tls,
+            stats: Arc::clone(&stats),
+            queued: Arc::new(tokio::sync::Notify::new()),
+            ip_failures: Window::default(),
+            user_failures: Window::default(),
+            sent: Window::default(),
+        });
+        let nworkers = cfg.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(4)
+        });
+        let mut workers = Vec::new();
+        for (addrs, implicit) in [(&cfg.listen, false), (&cfg.listen_tls, true)] {
+            if addrs.is_empty() {
+                continue;
+            }
+            let m = Arc::clone(&msa);
+            workers.push(
+                Workers::start_mode(cfg.runtime, nworkers, addrs, pin, move |s, peer, _| {
+                    run(Arc::clone(&m), s, peer, implicit)
+                })
+                .map_err(MxError::Listen)?,
+            );
+        }
+        let mut routes = vec![Route {
+            name: "mta".into(),
+            addr: cfg.relay,
+            lmtp: false,
+            connections: cfg.connections,
+        }];
+        if let Some(mda) = cfg.local_relay {
+            routes.push(Route {
+                name: "mda".into(),
+                addr: mda,
+                lmtp: false,
+                connections: cfg.connections,
+            });
+        }
+        let relay_ctx = Arc::new(RelayCtx {
+            hostname: cfg.hostname.clone(),
+            spool: spool.clone(),
+            stats: relay_stats,
+            queued: Arc::clone(&msa.queued),
+            routes,
+        });
+        let (relay_stop, stop_rx) = tokio::sync::watch::channel(false);
+        let relay = std::thread::Builder::new()
+            .name("ringmail-msa-relay".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(crate::relay::run(relay_ctx, stop_rx)),
+                    Err(e) => warn!(error = %e, "cannot build the relay runtime"),
+                }
+            })
+            .map_err(MxError::Thread)?;
+        if let Some(addr) = cfg.admin {
+            let std_listener = std::net::TcpListener::bind(addr).map_err(MxError::Listen)?;
+            let _ = std_listener.set_nonblocking(true);
+            let stats = Arc::clone(&stats);
+            std::thread::Builder::new()
+                .name("ringmail-msa-admin".into())
+                .spawn(move || {
+                    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    else {
+                        return;
+                    };
+                    rt.block_on(async move {
+                        if let Ok(l) = tokio::net::TcpListener::from_std(std_listener) {
+                            crate::admin::serve_listener(l, stats, spool).await;
+                        }
+                    });
+                })
+                .map_err(MxError::Thread)?;
+        }
+        info!(listen = ?cfg.listen, listen_tls = ?cfg.listen_tls, relay = %cfg.relay, local_relay = ?cfg.local_relay, "msa started");
+        Ok(MsaServer {
+            msa,
+            accounts_rt: Some(accounts_rt),
+            workers,
+            relay_stop,
+            relay: Some(relay),
+        })
+    }
+
+    pub fn reload_tls(&self) {
+        match self.msa.tls.reload() {
+            Ok(true) => info!("TLS certificates reloaded"),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "TLS reload failed; the previous certificates stay"),
+        }
+    }
+
+    pub fn stop(mut self) {
+        for w in self.workers.drain(..) {
+            w.stop();
+        }
+        let _ = self.relay_stop.send(true);
+        if let Some(r) = self.relay.take() {
+            let _ = r.join();
+        }
+        if let Some(rt) = self.accounts_rt.take() {
+            rt.shutdown_background();
+        }
+        info!("msa stopped");
+    }
+}
+
+struct Txn {
+    sender: String,
+    params: MailParams,
+    recipients: Vec<String>,
+    all_local: bool,
+    incoming: Option<Incoming>,
+    headers: Vec<u8>,
+    headers_done: bool,
+}
+
+struct Ctx<'a> {
+    msa: &'a Msa,
+    client: SocketAddr,
+    helo: String,
+    tls: bool,
+    account: Option<Account>,
+    txn: Option<Txn>,
+    close: bool,
+}
+
+/// One session. `implicit`: TLS at accept (port 465).
+pub async fn run(msa: Arc<Msa>, mut stream: TcpStream, peer: SocketAddr, implicit: bool) {
+    let msa = &*msa;
+    inc(&msa.stats.sessions);
+    let mut trusted = msa
+        .cfg
+        .trusted_proxies
+        .iter()
+        .any(|c| c.contains(peer.ip()));
+    if trusted && implicit {
+        // On an implicit TLS port a client speaks first: a TLS handshake record (0x16) from a
+        // trusted address is a direct client (e.g. on the same host as the LB), not a PROXY
+        // header.
+        let mut first = [0u8; 1];
+        if let Ok(Ok(1)) =
+            tokio::time::timeout(Duration::from_secs(10), stream.peek(&mut first)).await
+            && first[0] == 0x16
+        {
+            trusted = false;
+        }
+    }
+    let mut early = Vec::new();
+    let client = if trusted {
+        match crate::proxy::read_header(&mut stream, Duration::from_secs(10)).await {
+            Ok(info) => {
+                early = info.rest;
+                info.client.unwrap_or(peer)
+            }
+            Err(e) => {
+                inc(&msa.stats.refused_proxy);
+                warn!(%peer, error = %e, "refused: a trusted proxy sent no valid PROXY header");
+                return;
+            }
+        }
+    } else {
+        peer
+    };
+    let mut ctx = Ctx {
+        msa,
+        client,
+        helo: String::new(),
+        tls: implicit,
+        account: None,
+        txn: None,
+        close: false,
+    };
+    if implicit {
+        // With implicit TLS, bytes after the PROXY header belong to the handshake.
+        let io = Prefixed {
+            pre: early,
+            inner: stream,
+        };
+        let acceptor = msa.tls.acceptor();
+        match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(io)).await {
+            Ok(Ok(mut tls)) => {
+                let mut server = Server::new(Arc::clone(&msa.smtp), true);
+                server.greet();
+                let _ = drive(&mut tls, &mut server, &mut ctx).await;
+                let _ = tls.shutdown().await;
+            }
+            Ok(Err(e)) => debug!(client = %client.ip(), error = %e, "TLS handshake failed"),
+            Err(_) => debug!(client = %client.ip(), "TLS handshake timed out"),
+        }
+        return;
+    }
+    let mut server = Server::new(Arc::clone(&msa.smtp), false);
+    server.greet();
+    if !early.is_empty() {
+        server.receive(&early);
+    }
+    match drive(&mut stream, &mut server, &mut ctx).await {
+        Ok(Next::StartTls) => {
+            let acceptor = msa.tls.acceptor();
+            match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(stream)).await {
+                Ok(Ok(mut tls)) => {
+                    ctx.tls = true;
+                    ctx.account = None;
+                    server.tls_established();
+                    let _ = drive(&mut tls, &mut server, &mut ctx).await;
+                    let _ = tls.shutdown().await;
+                }
+                Ok(Err(e)) => debug!(client = %client.ip(), error = %e, "TLS handshake failed"),
+                Err(_) => debug!(client = %client.ip(), "TLS handshake timed out"),
+            }
+        }
+        Ok(Next::Closed) => {
+            let _ = stream.shutdown().await;
+        }
+        Err(e) => debug!(client = %client.ip(), error = %e, "session ended"),
+    }
+}
+
+/// A stream with bytes already read in front (what followed a PROXY header).
+struct Prefixed<S> {
+    pre: Vec<u8>,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            self.pre.drain(..n);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    server: &mut Server,
+    ctx: &mut Ctx<'_>,
+) -> io::Result<Next> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut data_deadline: Option<tokio::time::Instant> = None;
+    loop {
+        while let Some(event) = server.poll_event() {
+            match event {
+                Event::StartTls => {
+                    flush(stream, server).await?;
+                    return Ok(Next::StartTls);
+                }
+                Event::DataStart => {
+                    data_deadline = Some(tokio::time::Instant::now() + ctx.msa.cfg.data_timeout);
+                    if let Some(txn) = ctx.txn.as_mut() {
+                        match ctx.msa.spool.begin() {
+                            Ok(i) => txn.incoming = Some(i),
+                            Err(e) => warn!(error = %e, "cannot start a spool file"),
+                        }
+                    }
+                }
+                Event::DataChunk(bytes) => on_chunk(ctx, &bytes),
+                Event::DataEnd => {
+                    data_deadline = None;
+                    let committed = on_data_end(server, ctx).await;
+                    if let Err(e) = flush(stream, server).await {
+                        if committed {
+                            ctx.msa.spool.note_ack_maybe_lost();
+                        }
+                        return Err(e);
+                    }
+                }
+                Event::DataAborted { .. } => {
+                    data_deadline = None;
+                    ctx.txn = None;
+                }
+                Event::Helo { name, .. } => {
+                    ctx.helo = name;
+                    ctx.txn = None;
+                    server.accept();
+                }
+                Event::AuthPlain {
+                    authzid,
+                    authcid,
+                    password,
+                }
+                | Event::AuthLogin {
+                    authzid,
+                    authcid,
+                    password,
+                } => {
+                    // Flush what is queued before a possibly slow verdict.
+                    flush(stream, server).await?;
+                    on_auth(server, ctx, authzid, &authcid, password.expose_str()).await;
+                }
+                Event::MailFrom {
+                    reverse_path,
+                    params,
+                } => on_mail(server, ctx, reverse_path, params).await,
+                Event::RcptTo { forward_path, .. } => on_rcpt(server, ctx, &forward_path).await,
+                Event::Reset => ctx.txn = None,
+                Event::Quit => {}
+            }
+        }
+        flush(stream, server).await?;
+        if server.should_close() || ctx.close {
+            let _ = stream.shutdown().await;
+            return Ok(Next::Closed);
+        }
+        let deadline = data_deadline
+            .unwrap_or_else(|| tokio::time::Instant::now() + ctx.msa.cfg.command_timeout);
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) => return Ok(Next::Closed),
+            Ok(Ok(n)) => server.receive(&buf[..n]),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                server.timeout();
+                data_deadline = None;
+            }
+        }
+    }
+}
+
+/// The delay before a failure reply: 0.5 s, doubling per recent failure, at most 8 s.
+pub fn failure_delay(failures: usize) -> Duration {
+    let exp = failures.saturating_sub(1).min(4) as u32;
+    Duration::from_millis(500 * (1u64 << exp))
+}
+
+async fn on_auth(
+    server: &mut Server,
+    ctx: &mut Ctx<'_>,
+    authzid: Option<String>,
+    user: &str,
+    password: Option<&str>,
+) {
+    let msa = ctx.msa;
+    let ip = ctx.client.ip();
+    let shown = printable(user);
+    let user_key = user.trim().to_ascii_lowercase();
+    let max = msa.cfg.max_auth_failures as usize;
+    if msa.ip_failures.count(&ip, FAILURE_WINDOW) >= max {
+        inc(&msa.stats.auth_locked_out);
+        info!(client = %ip, user = %shown, "refused: too many authentication failures");
+        server.reject(Reply::new(
+            421,
+            "4.7.0",
+            &format!(
+                "{} Error: too many authentication failures",
+                msa.cfg.hostname
+            ),
+        ));
+        ctx.close = true;
+        return;
+    }
+    // An authorization identity other than the login is not supported.
+    let authz_ok = authzid
+        .as_deref()
+        .is_none_or(|z| z.is_empty() || z.eq_ignore_ascii_case(user));
+    let outcome = match password {
+        Some(pw) if authz_ok => msa.accounts.authenticate(user, pw).await,
+        _ => Ok(AuthOutcome::BadCredentials),
+    };
+    match outcome {
+        Ok(AuthOutcome::Ok(account)) => {
+            inc(&msa.stats.auth_ok);
+            info!(client = %ip, user = %shown, result = "ok", "authentication");
+            ctx.account = Some(account);
+            server.auth_result(true);
+        }
+        Ok(o) => {
+            inc(&msa.stats.auth_failed);
+            let n_ip = msa.ip_failures.add(ip, FAILURE_WINDOW);
+            let n_user = msa.user_failures.add(user_key, FAILURE_WINDOW);
+            let delay = failure_delay(n_ip.max(n_user));
+            let result = if o == AuthOutcome::Disabled {
+                "disabled"
+            } else {
+                "bad credentials"
+            };
+            info!(client = %ip, user = %shown, result, failures = n_ip, "authentication failed");
+            tokio::time::sleep(delay).await;
+            if n_ip >= max {
+                inc(&msa.stats.auth_locked_out);
+                server.reject(Reply::new(
+                    421,
+                    "4.7.0",
+                    &format!(
+                        "{} Error: too many authentication failures",
+                        msa.cfg.hostname
+                    ),
+                ));
+                ctx.close = true;
+            } else {
+                server.auth_result(false);
+            }
+        }
+        Err(e) => {
+            inc(&msa.stats.auth_unavailable);
+            warn!(client = %ip, user = %shown, error = %e, "authentication: account store unavailable");
+            server.reject(Reply::new(454, "4.7.0", "Temporary authentication failure"));
+        }
+    }
+}
+
+async fn on_mail(
+    server: &mut Server,
+    ctx: &mut Ctx<'_>,
+    reverse_path: Option<Mailbox>,
+    params: MailParams,
+) {
+    let msa = ctx.msa;
+    let Some(account) = ctx.account.clone() else {
+        inc(&msa.stats.refused_unauthenticated);
+        server.reject(Reply::new(530, "5.7.0", "Authentication required"));
+        return;
+    };
+    let user = printable(&account.address);
+    let owned = match &reverse_path {
+        Some(m) => msa.accounts.owns(&account, m.raw()).await,
+        None => false,
+    };
+    if !owned {
+        inc(&msa.stats.refused_sender);
+        let sender = reverse_path.as_ref().map_or("", |m| m.raw());
+        info!(client = %ctx.client.ip(), user = %user, sender = %printable(sender), "refused: sender not owned");
+        server.reject(Reply::new(
+            553,
+            "5.7.1",
+            &format!(
+                "<{}>: Sender address rejected: not owned by user {user}",
+                printable(sender)
+            ),
+        ));
+        return;
+    }
+    let key = account.address.to_ascii_lowercase();
+    if msa.sent.count(&key, Duration::from_secs(3600)) >= msa.cfg.max_messages_per_hour as usize {
+        inc(&msa.stats.refused_rate);
+        info!(user = %user, "refused: hourly message limit");
+        server.reject(Reply::new(
+            450,
+            "4.7.1",
+            "Error: too many messages from your account; try again later",
+        ));
+        return;
+    }
+    ctx.txn = Some(Txn {
+        sender: reverse_path
+            .map(|m| m.raw().to_string())
+            .unwrap_or_default(),
+        params,
+        recipients: Vec::new(),
+        all_local: true,
+        incoming: None,
+        headers: Vec::new(),
+        headers_done: false,
+    });
+    server.accept();
+}
+
+async fn on_rcpt(server: &mut Server, ctx: &mut Ctx<'_>, rcpt: &Mailbox) {
+    if ctx.account.is_none() {
+        inc(&ctx.msa.stats.refused_unauthenticated);
+        server.reject(Reply::new(530, "5.7.0", "Authentication required"));
+        return;
+    }
+    let local = match rcpt.domain() {
+        Domain::Name(d) => ctx.msa.accounts.is_local_domain(d).await.unwrap_or(false),
+        _ => false,
+    };
+    let Some(txn) = ctx.txn.as_mut() else {
+        server.reject(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+        return;
+    };
+    txn.all_local &= local;
+    txn.recipients.push(rcpt.raw().to_string());
+    server.accept();
+}
+
+fn on_chunk(ctx: &mut Ctx<'_>, bytes: &[u8]) {
+    let Some(txn) = ctx.txn.as_mut() else {
+        return;
+    };
+    if let Some(inc) = txn.incoming.as_mut()
+        && let Err(e) = inc.write(bytes)
+    {
+        warn!(error = %e, "spool write failed");
+        txn.incoming = None;
+    }
+    if !txn.headers_done {
+        let room = MAX_HEADER_COPY.saturating_sub(txn.headers.len());
+        txn.headers
+            .extend_from_slice(&bytes[..bytes.len().min(room)]);
+        if let Some(i) = header_end(&txn.headers) {
+            txn.headers.truncate(i);
+            txn.headers_done = true;
+        } else if txn.headers.len() >= MAX_HEADER_COPY {
+            txn.headers_done = true;
+        }
+    }
+}
+
+/// Where the header section ends (the empty line), if it does in `b`.
+fn header_end(b: &[u8]) -> Option<usize> {
+    if b.starts_with(b"\r\n") {
+        return Some(0);
+    }
+    b.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 2)
+}
+
+/// The header fields of a header section: (name, unfolded value).
+pub fn header_fields(section: &[u8]) -> Vec<(String, String)> {
+    let text = String::from_utf8_lossy(section);
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in text.split("\r\n") {
+        if line.starts_with([' ', '\t']) {
+            if let Some(last) = out.last_mut() {
+                last.1.push(' ');
+                last.1.push_str(line.trim());
+            }
+        } else if let Some((name, value)) = line.split_once(':') {
+            out.push((name.trim().to_string(), value.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// The addresses of an address-list header value (RFC 5322 section 3.4): display names,
+/// quoted strings, comments and groups handled.
+pub fn header_addresses(value: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut angle: Option<String> = None;
+    let (mut in_quote, mut depth, mut in_angle) = (false, 0usize, false);
+    let mut chars = value.chars();
+    let finish = |cur: &mut String, angle: &mut Option<String>, out: &mut Vec<String>| {
+        let a = angle.take().unwrap_or_else(|| cur.trim().to_string());
+        let a = a.trim().to_string();
+        if !a.is_empty() {
+            out.push(a);
+        }
+        cur.clear();
+    };
+    while let Some(c) = chars.next() {
+        if in_quote {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => in_quote = false,
+                _ => {}
+            }
+            continue;
+        }
+        if depth > 0 {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+            continue;
+        }
+        if in_angle {
+            if c == '>' {
+                in_angle = false;
+            } else if let Some(a) = angle.as_mut() {
+                a.push(c);
+            }
+            continue;
+        }
+        match c {
+            '"' => in_quote = true,
+            '(' => depth = 1,
+            '<' => {
+                in_angle = true;
+                angle = Some(String::new());
+            }
+            // A group's display name: what came before is not an address.
+            ':' => cur.clear(),
+            ',' | ';' => finish(&mut cur, &mut angle, &mut out),
+            _ => cur.push(c),
+        }
+    }
+    finish(&mut cur, &mut angle, &mut out);
+    out
+}
+
+fn random_token() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    let a = h.finish();
+    h.write_u8(1);
+    format!("{a:016x}{:016x}", h.finish())
+}
+
+async fn on_data_end(server: &mut Server, ctx: &mut Ctx<'_>) -> bool {
+    let msa = ctx.msa;
+    let Some(mut txn) = ctx.txn.take() else {
+        server.reject(Reply::new(503, "5.5.1", "Error: no transaction"));
+        return false;
+    };
+    let Some(account) = ctx.account.clone() else {
+        server.reject(Reply::new(530, "5.7.0", "Authentication required"));
+        return false;
+    };
+    let Some(incoming) = txn.incoming.take() else {
+        server.reject(Reply::new(451, "4.3.0", "Error: queue file write error"));
+        return false;
+    };
+    let fields = header_fields(&txn.headers);
+    let has = |n: &str| fields.iter().any(|(k, _)| k.eq_ignore_ascii_case(n));
+    let user = printable(&account.address);
+    // Every From: address must be the user's.
+    let mut from = Vec::new();
+    for (_, v) in fields
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("from"))
+    {
+        from.extend(header_addresses(v));
+    }
+    let mut bad = None;
+    for a in &from {
+        if !msa.accounts.owns(&account, a).await {
+            bad = Some(a.clone());
+            break;
+        }
+    }
+    if let Some(a) = bad {
+        inc(&msa.stats.refused_sender);
+        info!(client = %ctx.client.ip(), user = %user, from = %printable(&a), "refused: header From not owned");
+        incoming.abort();
+        server.reject(Reply::new(
+            553,
+            "5.7.1",
+            &format!(
+                "<{}>: Sender address rejected: not owned by user {user}",
+                printable(&a)
+            ),
+        ));
+        return false;
+    }
+    let id = incoming.id().to_string();
+    let now = ringmail_queue::rfc5322_date(ringmail_queue::to_unix(std::time::SystemTime::now()));
+    let ip = ctx.client.ip();
+    let ipt = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("IPv6:{v6}"),
+    };
+    let helo = {
+        let h = printable(&ctx.helo).replace([' ', '(', ')'], "");
+        if h.is_empty() {
+            "unknown".to_string()
+        } else {
+            h
+        }
+    };
+    let proto = if txn.params.smtputf8 {
+        "UTF8SMTPSA"
+    } else {
+        "ESMTPSA"
+    };
+    let rcpt = if txn.recipients.len() == 1 {
+        let safe: String = txn.recipients[0]
+            .chars()
+            .filter(|c| !c.is_control() && *c != '<' && *c != '>')
+            .take(300)
+            .collect();
+        format!("\r\n\tfor <{safe}>")
+    } else {
+        String::new()
+    };
+    let mut headers = format!(
+        "Received: from {helo} (unknown [{ipt}])\r\n\t(Authenticated sender: {user})\r\n\tby {host} (ringmail) with {proto} id {id}{rcpt};\r\n\t{now}\r\n",
+        host = msa.cfg.hostname,
+    );
+    if !has("message-id") {
+        let _ = write!(
+            headers,
+            "Message-ID: <{}@{}>\r\n",
+            random_token(),
+            msa.cfg.hostname
+        );
+    }
+    if !has("date") {
+        let _ = write!(headers, "Date: {now}\r\n");
+    }
+    let route = if txn.all_local && msa.cfg.local_route == LocalRoute::Mda {
+        "mda"
+    } else {
+        "mta"
+    };
+    let recipients: Vec<NewRecipient> = txn
+        .recipients
+        .iter()
+        .map(|r| NewRecipient::new(r.clone()))
+        .collect();
+    let sender = (!txn.sender.is_empty()).then(|| txn.sender.clone());
+    let mut env = NewEnvelope::new(sender, recipients, route);
+    env.smtputf8 = txn.params.smtputf8;
+    env.envid = txn.params.envid.clone();
+    env.client = Some(ClientInfo {
+        addr: ctx.client.to_string(),
+        helo: ctx.helo.clone(),
+        tls: ctx.tls,
+        auth: Some(account.address.clone()),
+    });
+    env.headers = headers;
+    match incoming.commit(env).await {
+        Ok(qid) => {
+            msa.sent.add(
+                account.address.to_ascii_lowercase(),
+                Duration::from_secs(3600),
+            );
+            inc(&msa.stats.messages_accepted);
+            info!(id = %qid, client = %ip, user = %user, sender = %printable(&txn.sender), rcpts = txn.recipients.len(), route, "queued");
+            server.data_committed(&qid.to_string());
+            msa.queued.notify_one();
+            true
+        }
+        Err(e) => {
+            warn!(error = %e, "queue commit failed");
+            server.reject(Reply::new(451, "4.3.0", "Error: queue file write error"));
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_of_from_headers() {
+        assert_eq!(
+            header_addresses("\"Doe, Jane\" <jane@example.test>, bob@example.test (Bob)"),
+            ["jane@example.test", "bob@example.test"]
+        );
+        assert_eq!(
+            header_addresses("Team: a@x.test, B <b@x.test>;"),
+            ["a@x.test", "b@x.test"]
+        );
+        let f = header_fields(b"From: Alice\r\n <alice@example.test>\r\nSubject: x\r\n");
+        assert_eq!(f[0].1, "Alice <alice@example.test>");
+    }
+
+    #[test]
+    fn delay_grows_and_caps() {
+        assert_eq!(failure_delay(1), Duration::from_millis(500));
+        assert_eq!(failure_delay(2), Duration::from_secs(1));
+        assert_eq!(failure_delay(9), Duration::from_secs(8));
+    }
+}

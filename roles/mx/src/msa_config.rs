@@ -1,0 +1,395 @@
+//! The MSA configuration: the validated model and its `[msa]` TOML schema (the same toolkit and
+//! all-errors-at-once reporting as `[mx]`).
+//!
+//! ```toml
+//! [msa]
+//! hostname = "smtp.example.com"        # required: greeting, Received, Message-ID
+//! listen = ["0.0.0.0:587"]             # STARTTLS listeners (at least one of listen/listen_tls)
+//! listen_tls = ["0.0.0.0:465"]         # implicit TLS listeners
+//! accounts = "sqlite:/var/lib/ringmail/accounts.db"  # required: logins and sender ownership
+//! spool = "/var/spool/ringmail/msa"    # required: the durable queue
+//! relay = "10.0.0.30:25"               # required: the MTA next hop
+//! local_relay = "10.0.0.20:24"         # the MDA (SMTP); used when local_route = "mda"
+//! local_route = "mta"                  # mta | mda: where mail for our own domains goes
+//! workers = 2                          # default: one per CPU
+//! max_message_size = 52428800          # bytes                               (default 50 MB)
+//! max_recipients = 100                 # per message (452 beyond)            (default 100)
+//! max_messages_per_hour = 500          # per account (450 4.7.1 beyond)      (default 500)
+//! max_auth_failures = 10               # per client address in 10 minutes, then 421 (default 10)
+//! trusted_proxies = ["10.0.0.1"]       # PROXY v1/v2 accepted (and required) from these only
+//! command_timeout = "5m"
+//! data_timeout = "10m"
+//! admin = "127.0.0.1:9111"             # /metrics and the queue API
+//! tls = { cert = "/etc/ringmail/smtp.crt", key = "/etc/ringmail/smtp.key" }  # absent: self-signed
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ringmail_proxy_core::config::parse::{
+    Ctx, DeTable, DeValue, check_keys, choice, duration, integer, mismatch, required, set,
+    socket_addr, string, table,
+};
+use ringmail_proxy_core::config::{ConfigErrors, load_file_with, load_str_with};
+
+use crate::config::{Cidr, TlsFiles, valid_domain};
+
+/// Where mail for our own domains goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalRoute {
+    Mta,
+    Mda,
+}
+
+/// What the MSA runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MsaConfig {
+    pub hostname: String,
+    pub runtime: crate::runtime::RuntimeMode,
+    pub listen: Vec<SocketAddr>,
+    pub listen_tls: Vec<SocketAddr>,
+    pub accounts: String,
+    pub spool: PathBuf,
+    pub relay: SocketAddr,
+    pub local_relay: Option<SocketAddr>,
+    pub local_route: LocalRoute,
+    pub workers: Option<usize>,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub max_messages_per_hour: u32,
+    pub max_auth_failures: u32,
+    pub trusted_proxies: Vec<Cidr>,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub admin: Option<SocketAddr>,
+    pub tls: Option<TlsFiles>,
+    pub connections: usize,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    pub max_lifetime: Duration,
+}
+
+impl MsaConfig {
+    /// Quick mode defaults.
+    pub fn quick(
+        hostname: String,
+        listen: Vec<SocketAddr>,
+        listen_tls: Vec<SocketAddr>,
+        accounts: String,
+        spool: PathBuf,
+        relay: SocketAddr,
+    ) -> MsaConfig {
+        MsaConfig {
+            hostname,
+            runtime: crate::runtime::RuntimeMode::PerCore,
+            listen,
+            listen_tls,
+            accounts,
+            spool,
+            relay,
+            local_relay: None,
+            local_route: LocalRoute::Mta,
+            workers: None,
+            max_message_size: 50_000_000,
+            max_recipients: 100,
+            max_messages_per_hour: 500,
+            max_auth_failures: 10,
+            trusted_proxies: Vec::new(),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            admin: None,
+            tls: None,
+            connections: 4,
+            retry_min: Duration::from_secs(300),
+            retry_max: Duration::from_secs(3600),
+            max_lifetime: Duration::from_secs(5 * 24 * 3600),
+        }
+    }
+
+    /// Sets `--local-relay`: mail for our domains goes to the MDA there.
+    pub fn with_local_relay(mut self, addr: Option<SocketAddr>) -> MsaConfig {
+        self.local_relay = addr;
+        if addr.is_some() {
+            self.local_route = LocalRoute::Mda;
+        }
+        self
+    }
+}
+
+pub fn load_file(path: &Path) -> Result<MsaConfig, ConfigErrors> {
+    load_file_with(path, schema)
+}
+
+pub fn load_str(text: &str, file: &str) -> Result<MsaConfig, ConfigErrors> {
+    load_str_with(text, file, schema)
+}
+
+const MSA: &[&str] = &[
+    "hostname",
+    "listen",
+    "listen_tls",
+    "accounts",
+    "spool",
+    "relay",
+    "local_relay",
+    "local_route",
+    "workers",
+    "max_message_size",
+    "max_recipients",
+    "max_messages_per_hour",
+    "max_auth_failures",
+    "trusted_proxies",
+    "command_timeout",
+    "data_timeout",
+    "admin",
+    "tls",
+    "retry_min",
+    "retry_max",
+    "max_lifetime",
+];
+
+fn addr_list(
+    ctx: &mut Ctx<'_>,
+    v: &ringmail_proxy_core::config::parse::Value<'_>,
+    what: &str,
+) -> Option<Vec<SocketAddr>> {
+    let DeValue::Array(items) = v.get_ref() else {
+        mismatch(ctx, v, what, "an array");
+        return None;
+    };
+    let mut ok = true;
+    let mut out = Vec::new();
+    for item in items.iter() {
+        match socket_addr(ctx, item, what) {
+            Some(a) => out.push(a),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MsaConfig> {
+    check_keys(ctx, root, &["msa"], "the top level");
+    let Some(v) = root.get("msa") else {
+        ctx.error(0..0, "no [msa] section");
+        return None;
+    };
+    let t = table(ctx, v, "msa")?;
+    check_keys(ctx, t, MSA, "[msa]");
+    let mut ok = true;
+    let hostname = required(ctx, v, t, "hostname", "msa").and_then(|h| {
+        let s = string(ctx, h, "msa.hostname")?;
+        if valid_domain(s) {
+            Some(s.to_ascii_lowercase())
+        } else {
+            ctx.error(
+                h.span(),
+                format!("`msa.hostname`: {s:?} is not a fully qualified host name"),
+            );
+            None
+        }
+    });
+    let listen = match t.get("listen") {
+        Some(x) => addr_list(ctx, x, "msa.listen"),
+        None => Some(Vec::new()),
+    };
+    let listen_tls = match t.get("listen_tls") {
+        Some(x) => addr_list(ctx, x, "msa.listen_tls"),
+        None => Some(Vec::new()),
+    };
+    if let (Some(a), Some(b)) = (&listen, &listen_tls)
+        && a.is_empty()
+        && b.is_empty()
+    {
+        ctx.error(v.span(), "[msa] needs `listen` or `listen_tls`");
+        ok = false;
+    }
+    let accounts = required(ctx, v, t, "accounts", "msa").and_then(|x| {
+        let url = string(ctx, x, "msa.accounts")?;
+        if [
+            "sqlite:",
+            "postgres://",
+            "postgresql://",
+            "ldap://",
+            "ldaps://",
+        ]
+        .iter()
+        .any(|p| url.starts_with(p))
+        {
+            Some(url.to_string())
+        } else {
+            ctx.error(
+                x.span(),
+                format!("`msa.accounts`: {url:?} is not sqlite:PATH, postgres://… or ldap(s)://…"),
+            );
+            None
+        }
+    });
+    let spool = required(ctx, v, t, "spool", "msa")
+        .and_then(|s| string(ctx, s, "msa.spool"))
+        .map(PathBuf::from);
+    let relay = required(ctx, v, t, "relay", "msa").and_then(|x| socket_addr(ctx, x, "msa.relay"));
+    let required_ok = hostname.is_some()
+        && listen.is_some()
+        && listen_tls.is_some()
+        && accounts.is_some()
+        && spool.is_some()
+        && relay.is_some();
+    ok &= required_ok;
+    let mut c = MsaConfig::quick(
+        hostname.unwrap_or_default(),
+        listen.unwrap_or_default(),
+        listen_tls.unwrap_or_default(),
+        accounts.unwrap_or_default(),
+        spool.unwrap_or_default(),
+        relay.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 25))),
+    );
+    if let Some(x) = t.get("local_relay") {
+        match socket_addr(ctx, x, "msa.local_relay") {
+            Some(a) => c = c.with_local_relay(Some(a)),
+            None => ok = false,
+        }
+    }
+    ok &= set(
+        &mut c.local_route,
+        t.get("local_route").map(|x| {
+            choice(
+                ctx,
+                x,
+                "msa.local_route",
+                &[("mta", LocalRoute::Mta), ("mda", LocalRoute::Mda)],
+            )
+        }),
+    );
+    if c.local_route == LocalRoute::Mda && c.local_relay.is_none() {
+        let span = t.get("local_route").map_or(v.span(), |x| x.span());
+        ctx.error(span, "`msa.local_route = \"mda\"` needs `msa.local_relay`");
+        ok = false;
+    }
+    if let Some(w) = t.get("workers") {
+        match integer(ctx, w, "msa.workers", 1, 4096) {
+            Some(n) => c.workers = usize::try_from(n).ok(),
+            None => ok = false,
+        }
+    }
+    ok &= set(
+        &mut c.max_message_size,
+        t.get("max_message_size")
+            .map(|x| integer(ctx, x, "msa.max_message_size", 1024, 1 << 40)),
+    );
+    ok &= set(
+        &mut c.max_recipients,
+        t.get("max_recipients").map(|x| {
+            integer(ctx, x, "msa.max_recipients", 1, 100_000).and_then(|n| usize::try_from(n).ok())
+        }),
+    );
+    for (key, field) in [
+        ("max_messages_per_hour", &mut c.max_messages_per_hour),
+        ("max_auth_failures", &mut c.max_auth_failures),
+    ] {
+        ok &= set(
+            field,
+            t.get(key).map(|x| {
+                integer(ctx, x, &format!("msa.{key}"), 1, 10_000_000)
+                    .and_then(|n| u32::try_from(n).ok())
+            }),
+        );
+    }
+    if let Some(x) = t.get("trusted_proxies") {
+        let DeValue::Array(items) = x.get_ref() else {
+            mismatch(ctx, x, "msa.trusted_proxies", "an array");
+            return None;
+        };
+        for item in items.iter() {
+            let Some(s) = string(ctx, item, "msa.trusted_proxies") else {
+                ok = false;
+                continue;
+            };
+            match Cidr::parse(s) {
+                Ok(cidr) => c.trusted_proxies.push(cidr),
+                Err(e) => {
+                    ctx.error(item.span(), format!("`msa.trusted_proxies`: {e}"));
+                    ok = false;
+                }
+            }
+        }
+    }
+    for (key, field) in [
+        ("command_timeout", &mut c.command_timeout),
+        ("data_timeout", &mut c.data_timeout),
+        ("retry_min", &mut c.retry_min),
+        ("retry_max", &mut c.retry_max),
+        ("max_lifetime", &mut c.max_lifetime),
+    ] {
+        ok &= set(
+            field,
+            t.get(key)
+                .map(|x| duration(ctx, x, &format!("msa.{key}"), false)),
+        );
+    }
+    if let Some(x) = t.get("admin") {
+        match socket_addr(ctx, x, "msa.admin") {
+            Some(a) => c.admin = Some(a),
+            None => ok = false,
+        }
+    }
+    if let Some(x) = t.get("tls") {
+        match table(ctx, x, "msa.tls").and_then(|tt| {
+            check_keys(ctx, tt, &["cert", "key"], "msa.tls");
+            let cert = required(ctx, x, tt, "cert", "msa.tls")
+                .and_then(|c| string(ctx, c, "msa.tls.cert"));
+            let key =
+                required(ctx, x, tt, "key", "msa.tls").and_then(|k| string(ctx, k, "msa.tls.key"));
+            Some(TlsFiles {
+                cert: PathBuf::from(cert?),
+                key: PathBuf::from(key?),
+            })
+        }) {
+            Some(f) => c.tls = Some(f),
+            None => ok = false,
+        }
+    }
+    ok.then_some(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_and_reports_every_error() {
+        let c = load_str(
+            r#"[msa]
+hostname = "smtp.example.com"
+listen = ["127.0.0.1:587"]
+listen_tls = ["127.0.0.1:465"]
+accounts = "sqlite:/tmp/a.db"
+spool = "/tmp/s"
+relay = "127.0.0.1:25"
+local_relay = "127.0.0.1:24"
+max_auth_failures = 3
+"#,
+            "msa.toml",
+        )
+        .unwrap();
+        assert_eq!(c.local_route, LocalRoute::Mda);
+        assert_eq!(c.max_auth_failures, 3);
+        assert_eq!(c.max_messages_per_hour, 500);
+        let e = load_str(
+            "[msa]\nhostname = \"x\"\naccounts = \"mysql:x\"\nspool = \"/s\"\nrelay = \"127.0.0.1:25\"\ncolour = 1\n",
+            "msa.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "msa.toml:2:",
+            "msa.toml:3:",
+            "msa.toml:6:",
+            "colour",
+            "listen",
+        ] {
+            assert!(e.contains(want), "{want} missing from {e}");
+        }
+    }
+}

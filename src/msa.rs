@@ -1,0 +1,126 @@
+//! `ringmail msa`: wiring of the submission role.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use ringmail_mx::config::{Cidr, valid_domain};
+use ringmail_mx::msa::MsaServer;
+use ringmail_mx::msa_config::{self, MsaConfig};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tracing::info;
+
+#[derive(Args)]
+pub struct MsaArgs {
+    /// TOML configuration file with [msa]. Without it, quick mode.
+    #[arg(long, conflicts_with_all = ["listen", "listen_tls", "accounts", "spool", "relay"])]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long, requires = "config")]
+    check: bool,
+    /// Quick mode: submission with STARTTLS (e.g. 0.0.0.0:587).
+    #[arg(long, required_unless_present = "config")]
+    listen: Option<SocketAddr>,
+    /// Quick mode: submission with implicit TLS (e.g. 0.0.0.0:465).
+    #[arg(long)]
+    listen_tls: Option<SocketAddr>,
+    /// Quick mode: account store (sqlite:PATH, postgres://…, ldap://…).
+    #[arg(long, required_unless_present = "config")]
+    accounts: Option<String>,
+    /// Quick mode: the spool (durable queue) directory.
+    #[arg(long, required_unless_present = "config")]
+    spool: Option<PathBuf>,
+    /// Quick mode: the MTA next hop everything is relayed to.
+    #[arg(long, required_unless_present = "config")]
+    relay: Option<SocketAddr>,
+    /// Quick mode: the MDA (SMTP) mail for our own domains goes to; absent: the MTA.
+    #[arg(long)]
+    local_relay: Option<SocketAddr>,
+    /// Quick mode: host name in the greeting, Received and Message-ID.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Quick mode: admin listener (/metrics, queue API).
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Quick mode: a load balancer whose PROXY v1/v2 headers are accepted (repeatable).
+    #[arg(long)]
+    trusted_proxy: Vec<IpAddr>,
+}
+
+fn pin(cpu: usize) -> std::io::Result<()> {
+    ringmail_dataplane::sys::pin_current_thread(cpu)
+}
+
+pub fn cmd_msa(args: MsaArgs) -> Result<ExitCode> {
+    let cfg = match &args.config {
+        Some(path) => match msa_config::load_file(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None => {
+            let hostname = args
+                .hostname
+                .clone()
+                .unwrap_or_else(crate::mx::quick_hostname);
+            if !valid_domain(&hostname) {
+                bail!("--hostname {hostname:?} is not a fully qualified host name");
+            }
+            let mut c = MsaConfig::quick(
+                hostname,
+                vec![args.listen.context("--listen")?],
+                args.listen_tls.into_iter().collect(),
+                args.accounts.clone().context("--accounts")?,
+                args.spool.clone().context("--spool")?,
+                args.relay.context("--relay")?,
+            )
+            .with_local_relay(args.local_relay);
+            c.admin = args.admin;
+            c.trusted_proxies = args
+                .trusted_proxy
+                .iter()
+                .map(|ip| Cidr {
+                    addr: *ip,
+                    prefix: if ip.is_ipv4() { 32 } else { 128 },
+                })
+                .collect();
+            c
+        }
+    };
+    if args.check {
+        println!(
+            "{}: ok ({} STARTTLS and {} implicit TLS listeners, relay {})",
+            args.config
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            cfg.listen.len(),
+            cfg.listen_tls.len(),
+            cfg.relay
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    let server = start(cfg)?;
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            server.reload_tls();
+            continue;
+        }
+        info!(signal = sig, "stopping");
+        break;
+    }
+    server.stop();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts an MSA (also for `ringmail up`).
+pub fn start(cfg: MsaConfig) -> Result<MsaServer> {
+    MsaServer::start(cfg, Some(pin)).context("starting the MSA")
+}

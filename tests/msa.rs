@@ -1,0 +1,512 @@
+//! The MSA (`ringmail msa`) against real clients: Python smtplib, swaks, curl; through the LB
+//! with PROXY v2; with SQLite and PostgreSQL account stores.
+
+mod common;
+
+#[path = "../roles/accounts/tests/fixtures/mod.rs"]
+mod fixtures;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// An SMTP next hop that accepts everything and keeps the messages' text.
+struct Sink {
+    addr: SocketAddr,
+    msgs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Sink {
+    fn start() -> Sink {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let msgs = Arc::new(Mutex::new(Vec::new()));
+        let m = Arc::clone(&msgs);
+        thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let m = Arc::clone(&m);
+                thread::spawn(move || {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+                    let _ = sink_session(s, &m);
+                });
+            }
+        });
+        Sink { addr, msgs }
+    }
+
+    fn wait(&self, n: usize) -> Vec<String> {
+        wait_for(Duration::from_secs(20), || {
+            let v = self.msgs.lock().unwrap().clone();
+            (v.len() >= n).then_some(v)
+        })
+        .unwrap_or_else(|| panic!("{n} messages did not reach the next hop"))
+    }
+}
+
+fn sink_session(s: TcpStream, msgs: &Mutex<Vec<String>>) -> std::io::Result<()> {
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    w.write_all(b"220 sink.test ESMTP\r\n")?;
+    loop {
+        let mut line = String::new();
+        if r.by_ref().take(65536).read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let up = line.trim_end().to_ascii_uppercase();
+        if up.starts_with("EHLO") {
+            w.write_all(b"250-sink.test\r\n250-8BITMIME\r\n250 PIPELINING\r\n")?;
+        } else if up == "DATA" {
+            w.write_all(b"354 go\r\n")?;
+            let mut text = String::new();
+            loop {
+                let mut l = String::new();
+                if r.read_line(&mut l)? == 0 {
+                    return Ok(());
+                }
+                if l == ".\r\n" {
+                    break;
+                }
+                text.push_str(&l);
+            }
+            msgs.lock().unwrap().push(text);
+            w.write_all(b"250 2.0.0 Ok\r\n")?;
+        } else if up == "QUIT" {
+            w.write_all(b"221 Bye\r\n")?;
+            return Ok(());
+        } else {
+            w.write_all(b"250 2.0.0 Ok\r\n")?;
+        }
+    }
+}
+
+fn accounts(db: &str, args: &[&str], stdin: Option<&str>) {
+    let mut child = Command::new(RINGMAIL)
+        .arg("accounts")
+        .args(["--db", db])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "accounts {args:?}: {out:?}");
+}
+
+const PASSWORD: &str = "alice-password";
+
+fn seed(db: &str) {
+    accounts(db, &["domain", "add", "example.test"], None);
+    accounts(
+        db,
+        &["add", "alice@example.test", "--password-stdin"],
+        Some(&format!("{PASSWORD}\n")),
+    );
+    accounts(
+        db,
+        &["alias", "add", "sales@example.test", "alice@example.test"],
+        None,
+    );
+}
+
+struct Msa {
+    _child: ChildGuard,
+    addr: SocketAddr,
+    tls_addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Msa {
+    fn start(db: Option<&str>, relay: SocketAddr, extra: &[&str]) -> Msa {
+        let dir = TempDir::new("msa");
+        let db = match db {
+            Some(d) => d.to_string(),
+            None => {
+                let d = format!("sqlite:{}", dir.path().join("accounts.db").display());
+                seed(&d);
+                d
+            }
+        };
+        let (addr, tls_addr) = (free_addr(), free_addr());
+        let child = ChildGuard::spawn(
+            "ringmail msa",
+            Command::new(RINGMAIL)
+                .env("RUST_LOG", "info")
+                .args(["msa", "--listen", &addr.to_string()])
+                .args(["--listen-tls", &tls_addr.to_string()])
+                .args(["--accounts", &db, "--relay", &relay.to_string()])
+                .args(["--hostname", "smtp.example.test"])
+                .arg("--spool")
+                .arg(dir.path().join("spool"))
+                .args(extra),
+            dir.path().join("msa.log"),
+        )
+        .unwrap();
+        Msa::ready(child, addr, tls_addr, dir)
+    }
+
+    fn from_config(dir: TempDir, config: &str, addr: SocketAddr) -> Msa {
+        let path = dir.write("msa.toml", config);
+        let child = ChildGuard::spawn(
+            "ringmail msa",
+            Command::new(RINGMAIL)
+                .env("RUST_LOG", "info")
+                .args(["msa", "--config"])
+                .arg(path),
+            dir.path().join("msa.log"),
+        )
+        .unwrap();
+        Msa::ready(child, addr, addr, dir)
+    }
+
+    fn ready(child: ChildGuard, addr: SocketAddr, tls_addr: SocketAddr, dir: TempDir) -> Msa {
+        wait_for(Duration::from_secs(20), || {
+            TcpStream::connect(addr).ok().map(|_| ())
+        })
+        .unwrap_or_else(|| panic!("msa did not start: {}", child.log_text()));
+        Msa {
+            _child: child,
+            addr,
+            tls_addr,
+            _dir: dir,
+        }
+    }
+}
+
+/// Runs a Python script with HOST, PORT and PW defined; returns (success, output).
+fn python(addr: SocketAddr, script: &str) -> (bool, String) {
+    let full = format!(
+        "import smtplib, ssl, socket, time\nHOST='{}'\nPORT={}\nPW='{PASSWORD}'\nctx=ssl.create_default_context()\nctx.check_hostname=False\nctx.verify_mode=ssl.CERT_NONE\n{script}",
+        addr.ip(),
+        addr.port()
+    );
+    let (status, out) = run_bounded(
+        Command::new("python3").arg("-c").arg(&full),
+        Duration::from_secs(60),
+    );
+    (status.success(), out)
+}
+
+fn send_ok(addr: SocketAddr) {
+    let (ok, out) = python(
+        addr,
+        "s=smtplib.SMTP(HOST, PORT, timeout=20); s.starttls(context=ctx); s.login('alice@example.test', PW)\n\
+         s.sendmail('alice@example.test', ['bob@example.org'], 'From: Alice <alice@example.test>\\r\\nSubject: hi\\r\\n\\r\\nhello\\r\\n'); s.quit()",
+    );
+    assert!(ok, "{out}");
+}
+
+fn check_trace(msg: &str) {
+    assert!(msg.contains("with ESMTPSA"), "{msg}");
+    assert!(
+        msg.contains("(Authenticated sender: alice@example.test)"),
+        "{msg}"
+    );
+    let lower = msg.to_ascii_lowercase();
+    assert_eq!(lower.matches("\nmessage-id: <").count(), 1, "{msg}");
+    assert_eq!(lower.matches("\ndate: ").count(), 1, "{msg}");
+    assert!(!msg.contains(PASSWORD), "{msg}");
+}
+
+#[test]
+fn smtplib_starttls_login_and_send_adds_trace_headers() {
+    let sink = Sink::start();
+    let msa = Msa::start(None, sink.addr, &[]);
+    send_ok(msa.addr);
+    let msgs = sink.wait(1);
+    check_trace(&msgs[0]);
+    assert!(msgs[0].contains("hello"));
+}
+
+#[test]
+fn swaks_plain_and_login_and_curl_implicit_tls() {
+    let sink = Sink::start();
+    let msa = Msa::start(None, sink.addr, &[]);
+    for mech in ["PLAIN", "LOGIN"] {
+        let (status, out) = run_bounded(
+            Command::new("swaks")
+                .args([
+                    "--server",
+                    "127.0.0.1",
+                    "--port",
+                    &msa.addr.port().to_string(),
+                ])
+                .args(["--tls", "--auth", mech, "--auth-user", "alice@example.test"])
+                .args(["--auth-password", PASSWORD])
+                .args(["--from", "alice@example.test", "--to", "bob@example.org"]),
+            Duration::from_secs(60),
+        );
+        assert!(status.success(), "swaks {mech}: {out}");
+        assert!(out.contains("235 2.7.0"), "{out}");
+    }
+    let dir = TempDir::new("curl");
+    let body = dir.write(
+        "message.txt",
+        "From: alice@example.test\r\nSubject: curl\r\n\r\nvia 465\r\n",
+    );
+    let (status, out) = run_bounded(
+        Command::new("curl")
+            .args(["-sS", "--url", &format!("smtps://{}", msa.tls_addr)])
+            .args(["--ssl-reqd", "-k", "--mail-from", "alice@example.test"])
+            .args(["--mail-rcpt", "bob@example.org"])
+            .args(["-u", &format!("alice@example.test:{PASSWORD}")])
+            .arg("-T")
+            .arg(&body),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "curl: {out}");
+    let msgs = sink.wait(3);
+    assert!(msgs.iter().any(|m| m.contains("via 465")));
+    for m in &msgs {
+        check_trace(m);
+    }
+}
+
+#[test]
+fn refusals() {
+    let sink = Sink::start();
+    let msa = Msa::start(None, sink.addr, &[]);
+    let (ok, out) = python(
+        msa.addr,
+        r#"
+def code(r): return r[0]
+s=smtplib.SMTP(HOST, PORT, timeout=20); s.ehlo()
+assert not s.has_extn('auth'), 'AUTH advertised before TLS'
+assert code(s.docmd('AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdAB4')) in (503, 538)
+r = s.docmd('MAIL FROM:<alice@example.test>'); assert r[0] == 530 and b'5.7.0' in r[1], r
+s.starttls(context=ctx); s.ehlo()
+assert s.has_extn('auth')
+r = s.docmd('MAIL FROM:<alice@example.test>'); assert r[0] == 530, r
+r = s.docmd('RCPT TO:<bob@example.org>'); assert r[0] in (503, 530), r
+try:
+    s.login('alice@example.test', 'wrong'); raise SystemExit('wrong password accepted')
+except smtplib.SMTPAuthenticationError as e:
+    assert e.smtp_code == 535, e
+s.login('alice@example.test', PW)
+r = s.docmd('MAIL FROM:<eve@example.test>'); assert r[0] == 553 and b'5.7.1' in r[1] and b'not owned by user alice@example.test' in r[1], r
+r = s.docmd('MAIL FROM:<>'); assert r[0] == 553, r
+r = s.docmd('MAIL FROM:<sales@example.test>'); assert r[0] == 250, r
+s.docmd('RSET')
+try:
+    s.sendmail('alice@example.test', ['bob@example.org'], 'From: Eve <eve@example.test>\r\nSubject: x\r\n\r\nforged\r\n')
+    raise SystemExit('forged From accepted')
+except smtplib.SMTPDataError as e:
+    assert e.smtp_code == 553, e
+s.sendmail('sales@example.test', ['bob@example.org'], 'From: "Sales, Team" <sales@example.test>,\r\n alice@example.test (me)\r\nMessage-ID: <mine@example.test>\r\nSubject: x\r\n\r\nalias ok\r\n')
+s.quit()
+# Commands pipelined with STARTTLS are discarded, not executed after the handshake.
+sock = socket.create_connection((HOST, PORT), timeout=20)
+f = sock.makefile('rb')
+def reply():
+    lines = []
+    while True:
+        l = f.readline(); lines.append(l)
+        if l[3:4] != b'-': return lines
+reply(); sock.sendall(b'EHLO x\r\n'); reply()
+sock.sendall(b'STARTTLS\r\nMAIL FROM:<alice@example.test>\r\n')
+assert reply()[0].startswith(b'220')
+t = ctx.wrap_socket(sock); g = t.makefile('rb')
+def treply():
+    while True:
+        l = g.readline()
+        if l[3:4] != b'-': return l
+t.sendall(b'EHLO x\r\n'); treply()
+import base64
+t.sendall(b'AUTH PLAIN ' + base64.b64encode(b'\0alice@example.test\0' + PW.encode()) + b'\r\n')
+assert treply().startswith(b'235')
+t.sendall(b'MAIL FROM:<alice@example.test>\r\n'); r = treply()
+assert r.startswith(b'250'), r
+print('ok')
+"#,
+    );
+    assert!(ok && out.contains("ok"), "{out}");
+    let msgs = sink.wait(1);
+    assert!(msgs[0].contains("alias ok"));
+    assert!(msgs[0].contains("Message-ID: <mine@example.test>"));
+    assert_eq!(msgs[0].matches("Message-ID:").count(), 1, "{}", msgs[0]);
+}
+
+#[test]
+fn failures_are_delayed_more_each_time_then_421() {
+    let sink = Sink::start();
+    let dir = TempDir::new("msa-fail");
+    let db = format!("sqlite:{}", dir.path().join("a.db").display());
+    seed(&db);
+    let addr = free_addr();
+    let config = format!(
+        "[msa]\nhostname = \"smtp.example.test\"\nlisten = [\"{addr}\"]\naccounts = \"{db}\"\nspool = \"{}\"\nrelay = \"{}\"\nmax_auth_failures = 3\n",
+        dir.path().join("spool").display(),
+        sink.addr
+    );
+    let msa = Msa::from_config(dir, &config, addr);
+    let (ok, out) = python(
+        msa.addr,
+        r#"
+s=smtplib.SMTP(HOST, PORT, timeout=30); s.starttls(context=ctx); s.ehlo()
+times = []
+for i in range(2):
+    t = time.time()
+    r = s.docmd('AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdAB3cm9uZw==')
+    times.append(time.time() - t)
+    assert r[0] == 535, r
+assert times[1] > times[0] and times[0] >= 0.4, times
+r = s.docmd('AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdAB3cm9uZw==')
+assert r[0] == 421, r
+print('ok', times)
+"#,
+    );
+    assert!(ok && out.contains("ok"), "{out}");
+}
+
+#[test]
+fn per_account_limits_and_config_check() {
+    let sink = Sink::start();
+    let dir = TempDir::new("msa-rate");
+    let db = format!("sqlite:{}", dir.path().join("a.db").display());
+    seed(&db);
+    let addr = free_addr();
+    let config = format!(
+        "[msa]\nhostname = \"smtp.example.test\"\nlisten = [\"{addr}\"]\naccounts = \"{db}\"\nspool = \"{}\"\nrelay = \"{}\"\nmax_messages_per_hour = 1\nmax_recipients = 2\n",
+        dir.path().join("spool").display(),
+        sink.addr
+    );
+    let path = dir.write("check.toml", &config);
+    let (status, out) = run_bounded(
+        Command::new(RINGMAIL)
+            .args(["msa", "--check", "--config"])
+            .arg(&path),
+        Duration::from_secs(20),
+    );
+    assert!(status.success() && out.contains("ok"), "{out}");
+    let bad = dir.write("bad.toml", "[msa]\nhostname = \"x\"\ncolour = 1\n");
+    let (status, out) = run_bounded(
+        Command::new(RINGMAIL)
+            .args(["msa", "--check", "--config"])
+            .arg(&bad),
+        Duration::from_secs(20),
+    );
+    assert!(
+        !status.success() && out.contains("bad.toml:3") && out.contains("colour"),
+        "{out}"
+    );
+    let msa = Msa::from_config(dir, &config, addr);
+    let (ok, out) = python(
+        msa.addr,
+        r#"
+s=smtplib.SMTP(HOST, PORT, timeout=20); s.starttls(context=ctx); s.login('alice@example.test', PW)
+s.mail('alice@example.test')
+for r in ['a@x.test', 'b@x.test']: assert s.rcpt(r)[0] == 250
+r = s.rcpt('c@x.test'); assert r[0] == 452, r
+s.rset()
+s.sendmail('alice@example.test', ['a@x.test'], 'Subject: 1\r\n\r\none\r\n')
+r = s.docmd('MAIL FROM:<alice@example.test>'); assert r[0] == 450 and b'4.7.1' in r[1], r
+print('ok')
+"#,
+    );
+    assert!(ok && out.contains("ok"), "{out}");
+    sink.wait(1);
+}
+
+#[test]
+fn through_the_lb_with_proxy_v2_the_real_client_is_recorded() {
+    let sink = Sink::start();
+    let msa = Msa::start(None, sink.addr, &["--trusted-proxy", "127.0.0.1"]);
+    let lb_addr = free_addr();
+    let dir = TempDir::new("msa-lb");
+    let _lb = ChildGuard::spawn(
+        "ringmail lb",
+        Command::new(RINGMAIL)
+            .args(["lb", "--listen", &lb_addr.to_string()])
+            .args(["--backend", &msa.addr.to_string()])
+            .args(["--proxy-protocol", "v2", "--engine", "epoll"]),
+        dir.path().join("lb.log"),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(20), || {
+        TcpStream::connect(lb_addr).ok().map(|_| ())
+    })
+    .expect("lb listening");
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < Duration::from_secs(20) {
+        let (ok, out) = python(
+            lb_addr,
+            "s=smtplib.SMTP(HOST, PORT, timeout=20); s.starttls(context=ctx); s.login('alice@example.test', PW)\n\
+             s.sendmail('alice@example.test', ['bob@example.org'], 'Subject: lb\\r\\n\\r\\nvia lb\\r\\n'); s.quit()",
+        );
+        if ok {
+            last.clear();
+            break;
+        }
+        last = out;
+        thread::sleep(Duration::from_millis(300));
+    }
+    assert!(last.is_empty(), "{last}");
+    let msgs = sink.wait(1);
+    // The LB connects from 127.0.0.1 as well; the PROXY header names the client's port too,
+    // and without it the session would have been refused (a trusted peer must send one).
+    assert!(msgs[0].contains("[127.0.0.1]"), "{}", msgs[0]);
+    check_trace(&msgs[0]);
+    // PROXY v1 from the trusted address: the client it names is the one recorded.
+    let (ok, out) = python(
+        msa.addr,
+        r#"
+class P(smtplib.SMTP):
+    def _get_socket(self, host, port, timeout):
+        s = socket.create_connection((host, port), timeout)
+        s.sendall(b'PROXY TCP4 192.0.2.7 127.0.0.1 40000 587\r\n')
+        return s
+s=P(HOST, PORT, timeout=20); s.starttls(context=ctx); s.login('alice@example.test', PW)
+s.sendmail('alice@example.test', ['bob@example.org'], 'Subject: v1\r\n\r\nvia v1\r\n'); s.quit()
+"#,
+    );
+    assert!(ok, "{out}");
+    let msgs = sink.wait(2);
+    let v1 = msgs.iter().find(|m| m.contains("via v1")).unwrap();
+    assert!(v1.contains("[192.0.2.7]"), "{v1}");
+    // A direct implicit-TLS client from the trusted address (no PROXY header) still works.
+    let body = dir.write("message.txt", "Subject: direct\r\n\r\ndirect 465\r\n");
+    let (status, out) = run_bounded(
+        Command::new("curl")
+            .args(["-sS", "--url", &format!("smtps://{}", msa.tls_addr)])
+            .args(["--ssl-reqd", "-k", "--mail-from", "alice@example.test"])
+            .args(["--mail-rcpt", "bob@example.org"])
+            .args(["-u", &format!("alice@example.test:{PASSWORD}")])
+            .arg("-T")
+            .arg(&body),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "curl: {out}");
+    assert!(sink.wait(3).iter().any(|m| m.contains("direct 465")));
+}
+
+#[test]
+fn postgres_store_login_and_sender_ownership() {
+    let Some(pg) = fixtures::PgCluster::start() else {
+        skip("PostgreSQL not installed");
+        return;
+    };
+    let url = pg.url();
+    seed(&url);
+    let sink = Sink::start();
+    let msa = Msa::start(Some(&url), sink.addr, &[]);
+    send_ok(msa.addr);
+    let (ok, out) = python(
+        msa.addr,
+        "s=smtplib.SMTP(HOST, PORT, timeout=20); s.starttls(context=ctx); s.login('alice@example.test', PW)\n\
+         r=s.docmd('MAIL FROM:<eve@example.test>'); assert r[0]==553, r\n\
+         r=s.docmd('MAIL FROM:<sales@example.test>'); assert r[0]==250, r\nprint('ok')",
+    );
+    assert!(ok, "{out}");
+    check_trace(&sink.wait(1)[0]);
+}
