@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod config;
+mod driver;
 pub mod msa;
 pub mod msa_config;
 pub mod proxy;
@@ -60,7 +61,7 @@ pub enum MxError {
 /// Opens the account store on a runtime of its own that lives as long as the server: the
 /// connection tasks a database or directory client spawns at open keep running there, while
 /// sessions on the per-core runtimes use the store.
-fn open_accounts(
+pub(crate) fn open_accounts(
     url: &str,
 ) -> Result<(ringmail_accounts::Accounts, tokio::runtime::Runtime), MxError> {
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -21,16 +21,17 @@ use std::time::{Duration, Instant};
 use ringmail_accounts::{Account, Accounts, AuthOutcome};
 use ringmail_queue::{ClientInfo, Incoming, NewEnvelope, NewRecipient, QueueConfig, Spool};
 use ringmail_smtp::{Domain, Event, MailParams, Mailbox, Reply, Server, ServerConfig};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::MxError;
 use crate::admin::{Metrics, MxStats};
+use crate::driver::{Next, Policy, drive};
 use crate::msa_config::{LocalRoute, MsaConfig};
 use crate::relay::{RelayCtx, Route};
 use crate::runtime::Workers;
-use crate::session::{Next, flush, printable};
+use crate::session::printable;
 use crate::tls::TlsStore;
 
 /// Failures counted per address and per account within this window.
@@ -173,18 +174,6 @@ pub struct Msa {
     sent: Window<String>,
 }
 
-/// The account store's own runtime (see `open_accounts` in the MX).
-fn open_accounts(url: &str) -> Result<(Accounts, tokio::runtime::Runtime), MxError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("ringmail-accounts")
-        .enable_all()
-        .build()
-        .map_err(MxError::Thread)?;
-    let accounts = rt.block_on(Accounts::open(url))?;
-    Ok((accounts, rt))
-}
-
 /// A running MSA.
 pub struct MsaServer {
     msa: Arc<Msa>,
@@ -212,7 +201,7 @@ impl MsaServer {
         })?;
         info!(spool = %cfg.spool.display(), messages = recovery.messages, "spool opened");
         let tls = Arc::new(TlsStore::new(cfg.tls.clone(), &cfg.hostname)?);
-        let (accounts, accounts_rt) = open_accounts(&cfg.accounts)?;
+        let (accounts, accounts_rt) = crate::open_accounts(&cfg.accounts)?;
         let relay_stats = Arc::new(MxStats::default());
         let stats = Arc::new(MsaStats {
             relay: Arc::clone(&relay_stats),
@@ -501,88 +490,75 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    server: &mut Server,
-    ctx: &mut Ctx<'_>,
-) -> io::Result<Next> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut data_deadline: Option<tokio::time::Instant> = None;
-    loop {
-        while let Some(event) = server.poll_event() {
-            match event {
-                Event::StartTls => {
-                    flush(stream, server).await?;
-                    return Ok(Next::StartTls);
-                }
-                Event::DataStart => {
-                    data_deadline = Some(tokio::time::Instant::now() + ctx.msa.cfg.data_timeout);
-                    if let Some(txn) = ctx.txn.as_mut() {
-                        match ctx.msa.spool.begin() {
-                            Ok(i) => txn.incoming = Some(i),
-                            Err(e) => warn!(error = %e, "cannot start a spool file"),
-                        }
-                    }
-                }
-                Event::DataChunk(bytes) => on_chunk(ctx, &bytes),
-                Event::DataEnd => {
-                    data_deadline = None;
-                    let committed = on_data_end(server, ctx).await;
-                    if let Err(e) = flush(stream, server).await {
-                        if committed {
-                            ctx.msa.spool.note_ack_maybe_lost();
-                        }
-                        return Err(e);
-                    }
-                }
-                Event::DataAborted { .. } => {
-                    data_deadline = None;
-                    ctx.txn = None;
-                }
-                Event::Helo { name, .. } => {
-                    ctx.helo = name;
-                    ctx.txn = None;
-                    server.accept();
-                }
-                Event::AuthPlain {
-                    authzid,
-                    authcid,
-                    password,
-                }
-                | Event::AuthLogin {
-                    authzid,
-                    authcid,
-                    password,
-                } => {
-                    // Flush what is queued before a possibly slow verdict.
-                    flush(stream, server).await?;
-                    on_auth(server, ctx, authzid, &authcid, password.expose_str()).await;
-                }
-                Event::MailFrom {
-                    reverse_path,
-                    params,
-                } => on_mail(server, ctx, reverse_path, params).await,
-                Event::RcptTo { forward_path, .. } => on_rcpt(server, ctx, &forward_path).await,
-                Event::Reset => ctx.txn = None,
-                Event::Quit => {}
+impl Policy for Ctx<'_> {
+    fn command_timeout(&self) -> Duration {
+        self.msa.cfg.command_timeout
+    }
+
+    fn data_timeout(&self) -> Duration {
+        self.msa.cfg.data_timeout
+    }
+
+    async fn on_event(&mut self, server: &mut Server, event: Event) {
+        match event {
+            Event::DataChunk(bytes) => on_chunk(self, &bytes),
+            Event::Helo { name, .. } => {
+                self.helo = name;
+                self.txn = None;
+                server.accept();
+            }
+            Event::AuthPlain {
+                authzid,
+                authcid,
+                password,
+            }
+            | Event::AuthLogin {
+                authzid,
+                authcid,
+                password,
+            } => on_auth(server, self, authzid, &authcid, password.expose_str()).await,
+            Event::MailFrom {
+                reverse_path,
+                params,
+            } => on_mail(server, self, reverse_path, params).await,
+            Event::RcptTo { forward_path, .. } => on_rcpt(server, self, &forward_path).await,
+            Event::Reset => self.txn = None,
+            // Handled by the driver.
+            Event::Quit
+            | Event::StartTls
+            | Event::DataStart
+            | Event::DataEnd
+            | Event::DataAborted { .. } => {}
+        }
+    }
+
+    fn on_data_start(&mut self, _server: &mut Server) {
+        if let Some(txn) = self.txn.as_mut() {
+            match self.msa.spool.begin() {
+                Ok(i) => txn.incoming = Some(i),
+                Err(e) => warn!(error = %e, "cannot start a spool file"),
             }
         }
-        flush(stream, server).await?;
-        if server.should_close() || ctx.close {
-            let _ = stream.shutdown().await;
-            return Ok(Next::Closed);
-        }
-        let deadline = data_deadline
-            .unwrap_or_else(|| tokio::time::Instant::now() + ctx.msa.cfg.command_timeout);
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Ok(Ok(0)) => return Ok(Next::Closed),
-            Ok(Ok(n)) => server.receive(&buf[..n]),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                server.timeout();
-                data_deadline = None;
-            }
-        }
+    }
+
+    async fn on_data_end(&mut self, server: &mut Server) -> bool {
+        on_data_end(server, self).await
+    }
+
+    fn on_data_aborted(&mut self, _reason: ringmail_smtp::AbortReason) {
+        self.txn = None;
+    }
+
+    fn on_ack_maybe_lost(&mut self) {
+        self.msa.spool.note_ack_maybe_lost();
+    }
+
+    fn on_disconnect(&mut self) {
+        self.txn = None;
+    }
+
+    fn wants_close(&self) -> bool {
+        self.close
     }
 }
 

@@ -10,7 +10,6 @@
 //! ```
 
 use std::collections::HashMap;
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,12 +24,13 @@ use ringmail_smtp::{
     Body, Domain, DsnNotify, DsnRet, Event, MailParams, Mailbox, RcptParams, Reply, Server,
     ServerConfig,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::admin::MxStats;
 use crate::config::{Enforce, MxConfig};
+use crate::driver::{Next, Policy, drive, flush};
 use crate::tls::TlsStore;
 
 /// Everything the sessions of all workers share.
@@ -309,89 +309,40 @@ async fn dnsbl_listed(checker: &Checker, zones: &[String], ip: IpAddr) -> Option
     None
 }
 
-pub(crate) enum Next {
-    Closed,
-    StartTls,
-}
-
-pub(crate) async fn flush<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    server: &mut Server,
-) -> io::Result<()> {
-    let mut wrote = false;
-    while let Some(bytes) = server.poll_transmit() {
-        stream.write_all(&bytes).await?;
-        wrote = true;
+impl Policy for Ctx<'_> {
+    fn command_timeout(&self) -> Duration {
+        self.mx.cfg.command_timeout
     }
-    if wrote {
-        stream.flush().await?;
-    }
-    Ok(())
-}
 
-/// Runs the core over `stream` until the session ends or STARTTLS needs a handshake.
-async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    server: &mut Server,
-    ctx: &mut Ctx<'_>,
-) -> io::Result<Next> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut data_deadline: Option<tokio::time::Instant> = None;
-    loop {
-        while let Some(event) = server.poll_event() {
-            match event {
-                Event::StartTls => {
-                    flush(stream, server).await?;
-                    return Ok(Next::StartTls);
-                }
-                Event::DataStart => {
-                    data_deadline = Some(tokio::time::Instant::now() + ctx.mx.cfg.data_timeout);
-                    on_data_start(server, ctx);
-                }
-                Event::DataEnd => {
-                    data_deadline = None;
-                    let committed = on_data_end(server, ctx).await;
-                    // The 250 must reach the client; if writing it fails the message is queued
-                    // anyway and may come again: count it (possible duplicate).
-                    if let Err(e) = flush(stream, server).await {
-                        if committed {
-                            ctx.mx.spool.note_ack_maybe_lost();
-                            MxStats::inc(&ctx.mx.stats.acks_maybe_lost);
-                        }
-                        return Err(e);
-                    }
-                }
-                Event::DataAborted { reason } => {
-                    data_deadline = None;
-                    debug!(client = %ctx.client.ip(), ?reason, "message refused by the protocol core");
-                    MxStats::inc(&ctx.mx.stats.refused_other);
-                    ctx.txn = None;
-                }
-                other => on_event(server, ctx, other).await,
-            }
-        }
-        flush(stream, server).await?;
-        if server.should_close() {
-            let _ = stream.shutdown().await;
-            return Ok(Next::Closed);
-        }
-        let deadline = data_deadline
-            .unwrap_or_else(|| tokio::time::Instant::now() + ctx.mx.cfg.command_timeout);
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Ok(Ok(0)) => {
-                ctx.txn = None;
-                return Ok(Next::Closed);
-            }
-            Ok(Ok(n)) => server.receive(&buf[..n]),
-            Ok(Err(e)) => {
-                ctx.txn = None;
-                return Err(e);
-            }
-            Err(_) => {
-                server.timeout();
-                data_deadline = None;
-            }
-        }
+    fn data_timeout(&self) -> Duration {
+        self.mx.cfg.data_timeout
+    }
+
+    async fn on_event(&mut self, server: &mut Server, event: Event) {
+        on_event(server, self, event).await
+    }
+
+    fn on_data_start(&mut self, server: &mut Server) {
+        on_data_start(server, self)
+    }
+
+    async fn on_data_end(&mut self, server: &mut Server) -> bool {
+        on_data_end(server, self).await
+    }
+
+    fn on_data_aborted(&mut self, reason: ringmail_smtp::AbortReason) {
+        debug!(client = %self.client.ip(), ?reason, "message refused by the protocol core");
+        MxStats::inc(&self.mx.stats.refused_other);
+        self.txn = None;
+    }
+
+    fn on_ack_maybe_lost(&mut self) {
+        self.mx.spool.note_ack_maybe_lost();
+        MxStats::inc(&self.mx.stats.acks_maybe_lost);
+    }
+
+    fn on_disconnect(&mut self) {
+        self.txn = None;
     }
 }
 
