@@ -9,6 +9,7 @@ mod idle;
 mod logins;
 mod rr;
 mod server;
+mod submit;
 mod util;
 
 use std::net::SocketAddr;
@@ -38,6 +39,8 @@ enum Cmd {
     },
     /// Logins per second against an account store.
     Logins(logins::LoginArgs),
+    /// Authenticated submissions (STARTTLS + AUTH PLAIN + one message per connection).
+    Submit(submit::SubmitArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,6 +97,7 @@ fn main() -> Result<()> {
             TcpTest::Idle(a) => idle::run(a),
         },
         Cmd::Logins(a) => logins::run(a),
+        Cmd::Submit(a) => submit::run(a),
     }
 }
 
