@@ -9,9 +9,6 @@ use clap::Args;
 use ringmail_mx::config::{Cidr, valid_domain};
 use ringmail_mx::msa::MsaServer;
 use ringmail_mx::msa_config::{self, MsaConfig};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
-use tracing::info;
 
 #[derive(Args)]
 pub struct MsaArgs {
@@ -48,10 +45,6 @@ pub struct MsaArgs {
     /// Quick mode: a load balancer whose PROXY v1/v2 headers are accepted (repeatable).
     #[arg(long)]
     trusted_proxy: Vec<IpAddr>,
-}
-
-fn pin(cpu: usize) -> std::io::Result<()> {
-    ringmail_dataplane::sys::pin_current_thread(cpu)
 }
 
 pub fn cmd_msa(args: MsaArgs) -> Result<ExitCode> {
@@ -105,22 +98,10 @@ pub fn cmd_msa(args: MsaArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let mut signals =
-        Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
-    let server = start(cfg)?;
-    for sig in signals.forever() {
-        if sig == SIGHUP {
-            server.reload_tls();
-            continue;
-        }
-        info!(signal = sig, "stopping");
-        break;
-    }
-    server.stop();
-    Ok(ExitCode::SUCCESS)
+    crate::mx::serve_until_signal(|| start(cfg), MsaServer::reload_tls, MsaServer::stop)
 }
 
 /// Starts an MSA (also for `ringmail up`).
 pub fn start(cfg: MsaConfig) -> Result<MsaServer> {
-    MsaServer::start(cfg, Some(pin)).context("starting the MSA")
+    MsaServer::start(cfg, Some(crate::mx::pin)).context("starting the MSA")
 }

@@ -72,8 +72,31 @@ pub enum RuntimeArg {
     MultiThread,
 }
 
-fn pin(cpu: usize) -> std::io::Result<()> {
+/// Pins a role's worker N to CPU N (the role crates forbid the unsafe code it needs).
+pub fn pin(cpu: usize) -> std::io::Result<()> {
     ringmail_dataplane::sys::pin_current_thread(cpu)
+}
+
+/// Serves until SIGTERM or SIGINT; SIGHUP re-reads the TLS certificates. Handlers are installed
+/// before `start` runs, so a signal during start-up is not lost.
+pub fn serve_until_signal<S>(
+    start: impl FnOnce() -> Result<S>,
+    reload_tls: impl Fn(&S),
+    stop: impl FnOnce(S),
+) -> Result<ExitCode> {
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    let server = start()?;
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            reload_tls(&server);
+            continue;
+        }
+        info!(signal = sig, "stopping");
+        break;
+    }
+    stop(server);
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn quick_hostname() -> String {
@@ -141,22 +164,10 @@ pub fn cmd_mx(args: MxArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let mut signals =
-        Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
-    let server = MxServer::start(cfg, Some(pin)).context("starting the MX")?;
-    for sig in signals.forever() {
-        if sig == SIGHUP {
-            server.reload_tls();
-            continue;
-        }
-        info!(signal = sig, "stopping");
-        break;
-    }
-    server.stop();
-    Ok(ExitCode::SUCCESS)
+    serve_until_signal(|| start_for_up(cfg), MxServer::reload_tls, MxServer::stop)
 }
 
-/// Starts an MX for `ringmail up`.
+/// Starts an MX (also for `ringmail up`).
 pub fn start_for_up(cfg: MxConfig) -> Result<MxServer> {
     MxServer::start(cfg, Some(pin)).context("starting the MX")
 }

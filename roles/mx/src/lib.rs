@@ -74,6 +74,29 @@ pub(crate) fn open_accounts(
     Ok((accounts, rt))
 }
 
+/// Opens a role's spool, recovering what a crash left, with the role's retry schedule; bounces
+/// are routed to the MTA.
+pub(crate) fn open_spool(
+    dir: &std::path::Path,
+    hostname: &str,
+    retry_min: std::time::Duration,
+    retry_max: std::time::Duration,
+    max_lifetime: std::time::Duration,
+) -> Result<Spool, MxError> {
+    let mut qcfg = QueueConfig::new(dir);
+    qcfg.hostname = hostname.to_string();
+    qcfg.retry_min = retry_min;
+    qcfg.retry_max = retry_max;
+    qcfg.max_lifetime = max_lifetime;
+    qcfg.bounce_route = "mta".into();
+    let (spool, recovery) = Spool::open(qcfg).map_err(|e| MxError::Spool {
+        path: dir.display().to_string(),
+        source: e,
+    })?;
+    info!(spool = %dir.display(), messages = recovery.messages, ?recovery, "spool opened");
+    Ok(spool)
+}
+
 /// A running MX.
 pub struct MxServer {
     mx: Arc<Mx>,
@@ -93,17 +116,13 @@ impl MxServer {
         pin: Option<fn(usize) -> io::Result<()>>,
     ) -> Result<MxServer, MxError> {
         let cfg = Arc::new(cfg);
-        let mut qcfg = QueueConfig::new(&cfg.spool);
-        qcfg.hostname = cfg.hostname.clone();
-        qcfg.retry_min = cfg.relay.retry_min;
-        qcfg.retry_max = cfg.relay.retry_max;
-        qcfg.max_lifetime = cfg.relay.max_lifetime;
-        qcfg.bounce_route = "mta".into();
-        let (spool, recovery) = Spool::open(qcfg).map_err(|e| MxError::Spool {
-            path: cfg.spool.display().to_string(),
-            source: e,
-        })?;
-        info!(spool = %cfg.spool.display(), messages = recovery.messages, ?recovery, "spool opened");
+        let spool = open_spool(
+            &cfg.spool,
+            &cfg.hostname,
+            cfg.relay.retry_min,
+            cfg.relay.retry_max,
+            cfg.relay.max_lifetime,
+        )?;
         let checker = if cfg.checks.enabled {
             let mut a = AuthConfig::new(cfg.hostname.clone());
             a.nameserver = cfg.checks.dns;

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ringmail_accounts::{Account, Accounts, AuthOutcome};
-use ringmail_queue::{ClientInfo, Incoming, NewEnvelope, NewRecipient, QueueConfig, Spool};
+use ringmail_queue::{ClientInfo, Incoming, NewEnvelope, NewRecipient, Spool};
 use ringmail_smtp::{Domain, Event, MailParams, Mailbox, Reply, Server, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -189,17 +189,13 @@ impl MsaServer {
         pin: Option<fn(usize) -> io::Result<()>>,
     ) -> Result<MsaServer, MxError> {
         let cfg = Arc::new(cfg);
-        let mut qcfg = QueueConfig::new(&cfg.spool);
-        qcfg.hostname = cfg.hostname.clone();
-        qcfg.retry_min = cfg.retry_min;
-        qcfg.retry_max = cfg.retry_max;
-        qcfg.max_lifetime = cfg.max_lifetime;
-        qcfg.bounce_route = "mta".into();
-        let (spool, recovery) = Spool::open(qcfg).map_err(|e| MxError::Spool {
-            path: cfg.spool.display().to_string(),
-            source: e,
-        })?;
-        info!(spool = %cfg.spool.display(), messages = recovery.messages, "spool opened");
+        let spool = crate::open_spool(
+            &cfg.spool,
+            &cfg.hostname,
+            cfg.retry_min,
+            cfg.retry_max,
+            cfg.max_lifetime,
+        )?;
         let tls = Arc::new(TlsStore::new(cfg.tls.clone(), &cfg.hostname)?);
         let (accounts, accounts_rt) = crate::open_accounts(&cfg.accounts)?;
         let relay_stats = Arc::new(MxStats::default());
