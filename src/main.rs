@@ -23,6 +23,7 @@ use tracing::{error, info, warn};
 mod accounts;
 mod announce;
 mod msa;
+mod mta;
 mod mx;
 
 #[derive(Parser)]
@@ -49,6 +50,8 @@ enum Command {
     Mx(mx::MxArgs),
     /// The MSA: authenticated submission (587 STARTTLS, 465 implicit TLS), relay to the MTA.
     Msa(msa::MsaArgs),
+    /// The MTA: DKIM signing, MX resolution, delivery to the world with retries and bounces.
+    Mta(mta::MtaArgs),
     /// Inspect and manage a role's queue (list, show, delete, retry, flush).
     Queue(mx::QueueArgs),
     /// Manage the account store: domains, accounts, passwords, aliases.
@@ -195,6 +198,18 @@ struct UpArgs {
     #[arg(long, default_value = "127.0.0.1:9111")]
     msa_admin: SocketAddr,
     /// Data directory (DATA/mx-spool, DATA/msa-spool, the account store DATA/accounts.db).
+    /// The MTA's listener (the MSA relays mail for other domains to it).
+    #[arg(long, default_value = "127.0.0.1:10025")]
+    mta_listen: SocketAddr,
+    /// The MTA's admin listener.
+    #[arg(long, default_value = "127.0.0.1:9112")]
+    mta_admin: SocketAddr,
+    /// The MTA's DNS server for MX lookups (default: /etc/resolv.conf).
+    #[arg(long)]
+    mta_resolver: Option<SocketAddr>,
+    /// The port the MTA delivers to on remote MX hosts (default 25; labs may change it).
+    #[arg(long, default_value_t = 25)]
+    mta_remote_port: u16,
     #[arg(long, default_value = ".ringmail")]
     data: PathBuf,
 }
@@ -257,6 +272,7 @@ fn main() -> ExitCode {
         Command::Mx(args) => mx::cmd_mx(args),
         Command::Queue(args) => mx::cmd_queue(args),
         Command::Msa(args) => msa::cmd_msa(args),
+        Command::Mta(args) => mta::cmd_mta(args),
         Command::Accounts(args) => accounts::cmd_accounts(args),
     };
     match result {
@@ -525,7 +541,22 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
     mx_cfg.relay.retry_max = Duration::from_secs(300);
     let mx_server = mx::start_for_up(mx_cfg)?;
 
-    // The MSA: until the MTA exists it hands mail to the MX (which takes @domain only).
+    // The MTA: outbound mail, DKIM-signed with a key made on first start.
+    let (dkim, dkim_record) = up_dkim_key(&args.data, &args.domain)?;
+    let mut mta_cfg = ringmail_mx::mta_config::MtaConfig::quick(
+        "mta.example.test".to_string(),
+        vec![args.mta_listen],
+        args.data.join("mta-spool"),
+    );
+    mta_cfg.admin = Some(args.mta_admin);
+    mta_cfg.resolver = args.mta_resolver;
+    mta_cfg.remote_port = args.mta_remote_port;
+    mta_cfg.dkim = vec![dkim];
+    mta_cfg.retry_min = Duration::from_secs(60);
+    mta_cfg.retry_max = Duration::from_secs(900);
+    let mta_server = mta::start(mta_cfg)?;
+
+    // The MSA: mail for our domain goes to the MX, everything else to the MTA.
     let accounts_url = seed_up_accounts(&args.data.join("accounts.db"), &args.domain)?;
     let msa_spool = args.data.join("msa-spool");
     let mut msa_cfg = ringmail_mx::msa_config::MsaConfig::quick(
@@ -534,8 +565,9 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
         vec![args.msa_listen_tls],
         accounts_url,
         msa_spool,
-        args.mx_listen,
-    );
+        args.mta_listen,
+    )
+    .with_local_relay(Some(args.mx_listen));
     msa_cfg.admin = Some(args.msa_admin);
     msa_cfg.retry_min = Duration::from_secs(30);
     msa_cfg.retry_max = Duration::from_secs(300);
@@ -577,6 +609,8 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
     let relay = args.mx_relay;
     let spool_shown = spool.display().to_string();
     let (msal, msat, msa_admin) = (args.msa_listen, args.msa_listen_tls, args.msa_admin);
+    let (mtal, mta_admin) = (args.mta_listen, args.mta_admin);
+    let mta_spool = args.data.join("mta-spool").display().to_string();
     let user = format!("{UP_USER}@{domain}");
     let result = run_lb(config, None, move |lb| {
         let list = backends
@@ -589,15 +623,18 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
              \n\n  started  MX              {mxl}  for @{domain}, spool {spool_shown}, admin http://{mx_admin}/metrics\
              \n           relays to {relay} (the MDA's LMTP port; until it exists, mail stays queued)\
              \n  started  MSA             {msal} (STARTTLS), {msat} (implicit TLS), admin http://{msa_admin}/metrics\
-             \n           login {user} / {UP_PASSWORD}; relays to the MX at {mxl} until the MTA exists\
+             \n           login {user} / {UP_PASSWORD}; @{domain} goes to the MX at {mxl}, the rest to the MTA\
+             \n  started  MTA             {mtal}  delivers to the recipients' MX hosts, spool {mta_spool}, admin http://{mta_admin}/metrics\
+             \n           DKIM-signs mail from @{domain}; publish: {dkim_record}\
              \n  started  load balancer   {listen} -> [{list}]  (PROXY v2, engine: {engine})\
              \n  started  admin listener  http://{admin}/metrics\
-             \n  not yet  MTA, MDA/IMAP (they arrive with later releases)\
+             \n  not yet  MDA/IMAP (it arrives with a later release)\
              \n\nTry it:\
              \n  swaks --server {ip} --port {port} --tls --auth LOGIN --auth-user {user} --auth-password {UP_PASSWORD} --from {user} --to bob@{domain}\
              \n  curl --url smtps://{tip}:{tport} --ssl-reqd -k --mail-from {user} --mail-rcpt bob@{domain} -u {user}:{UP_PASSWORD} -T message.txt\
              \n  python3 -c \"import smtplib, ssl; c=ssl.create_default_context(); c.check_hostname=False; c.verify_mode=ssl.CERT_NONE; s=smtplib.SMTP('{ip}', {port}); s.starttls(context=c); s.login('{user}', '{UP_PASSWORD}'); s.sendmail('{user}', ['bob@{domain}'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n'); s.quit()\"\
              \n  ringmail queue --spool {spool_shown} --admin {mx_admin} list\
+             \n  ringmail queue --spool {mta_spool} --admin {mta_admin} list\
              \n  curl -s http://{msa_admin}/metrics | grep ringmail_msa_auth_total\
              \n  curl -s http://{mx_admin}/metrics | grep ringmail_mx_messages_accepted_total\
              \n  curl -s http://{admin}/api/backends; echo\
@@ -610,6 +647,30 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
         );
     });
     msa_server.stop();
+    mta_server.stop();
     mx_server.stop();
     result
+}
+
+/// The DKIM key of `up` (Ed25519, made on first start) and the TXT record to publish for it.
+fn up_dkim_key(data: &Path, domain: &str) -> Result<(ringmail_mx::dkim::DkimKeySpec, String)> {
+    use ringmail_mx::dkim;
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let path = data.join(format!("dkim-up.{domain}.key"));
+    let selector = "up";
+    let record = if path.exists() {
+        dkim::txt_record_for(&path, domain, selector)
+            .with_context(|| format!("reading {}", path.display()))?
+    } else {
+        dkim::keygen(dkim::DkimAlgo::Ed25519, 0, domain, selector, &path)
+            .with_context(|| format!("writing {}", path.display()))?
+    };
+    Ok((
+        dkim::DkimKeySpec {
+            domain: domain.to_string(),
+            selector: selector.to_string(),
+            key_file: path,
+        },
+        record,
+    ))
 }

@@ -14,6 +14,8 @@
 
 #[macro_use]
 mod common;
+#[path = "common/postfix.rs"]
+mod postfix;
 #[path = "../roles/mailauth/tests/common/mod.rs"]
 mod dnsfix;
 
@@ -29,13 +31,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::*;
+use postfix::{POSTFIX, Postfix, SENDMAIL};
 
 const HOST: &str = "mx.example.test";
 const PY: &str = "/usr/bin/python3";
 const SWAKS: &str = "/usr/bin/swaks";
 const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
-const POSTFIX: &str = "/usr/sbin/postfix";
-const SENDMAIL: &str = "/usr/sbin/sendmail";
 
 // ---------------------------------------------------------------------------------------------
 // The next hop: a small SMTP/LMTP sink that records every transaction
@@ -1595,196 +1596,22 @@ fn smtputf8_message_keeps_its_addresses() {
 // ---------------------------------------------------------------------------------------------
 // 9. Postfix as the sending MTA
 
-/// A private Postfix instance in a temporary directory, stopped (bounded) on drop.
-struct Postfix {
-    dir: TempDir,
-}
-
-impl Postfix {
-    fn etc(&self) -> PathBuf {
-        self.dir.path().join("etc")
-    }
-
-    fn maillog(&self) -> String {
-        fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default()
-    }
-
-    fn master_pid(&self) -> Option<i32> {
-        let pid: i32 = fs::read_to_string(self.dir.path().join("queue/pid/master.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
-    }
-
-    fn setup(relay: SocketAddr) -> Postfix {
-        let dir = TempDir::new("postfix");
-        let d = dir.path().display().to_string();
-        for sub in ["etc", "queue", "data"] {
-            fs::create_dir_all(dir.path().join(sub)).unwrap();
-        }
-        run_bounded(
-            Command::new("chmod").args(["755", &d, &format!("{d}/etc"), &format!("{d}/queue")]),
-            Duration::from_secs(5),
-        );
-        let (st, out) = run_bounded(
-            Command::new("chown").args(["postfix", &format!("{d}/data")]),
-            Duration::from_secs(5),
-        );
-        assert!(st.success(), "chown: {out}");
-        let main = format!(
-            "# Private test instance (tests/mx.rs), not the system Postfix.\n\
-             compatibility_level = 3.6\n\
-             config_directory = {d}/etc\nqueue_directory = {d}/queue\ndata_directory = {d}/data\n\
-             mail_owner = postfix\nsetgid_group = postdrop\n\
-             myhostname = mta.sender.test\nmydomain = sender.test\nmyorigin = $mydomain\n\
-             mydestination =\nlocal_recipient_maps =\nalias_maps =\nalias_database =\n\
+/// The sending Postfix: relays everything to `relay` (us), with opportunistic STARTTLS.
+fn postfix_sender(relay: SocketAddr) -> Postfix {
+    Postfix::with_config(
+        "postfix",
+        &format!(
+            "myhostname = mta.sender.test\nmydomain = sender.test\nmyorigin = $mydomain\n\
+             mydestination =\nlocal_recipient_maps =\n\
              relayhost = [{}]:{}\n\
              inet_interfaces = 127.0.0.1\ninet_protocols = ipv4\nmynetworks = 127.0.0.0/8\n\
              smtp_dns_support_level = disabled\nsmtp_host_lookup = native\n\
-             smtp_tls_security_level = may\nsmtp_tls_loglevel = 1\n\
-             biff = no\nmaillog_file_prefixes = {d}\nmaillog_file = {d}/maillog\n",
+             smtp_tls_security_level = may\nsmtp_tls_loglevel = 1\n",
             relay.ip(),
             relay.port()
-        );
-        fs::write(dir.path().join("etc/main.cf"), main).unwrap();
-        // Debian's services with chroot off (the queue is a temp dir) and no smtpd listener.
-        let master = "\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-";
-        fs::write(dir.path().join("etc/master.cf"), master).unwrap();
-        Postfix { dir }
-    }
-
-    fn start(&self) {
-        let etc = self.etc();
-        // `postfix check` creates the queue directories.
-        let (st, out) = run_bounded(
-            Command::new(POSTFIX).arg("-c").arg(&etc).arg("check"),
-            Duration::from_secs(30),
-        );
-        assert!(st.success(), "postfix check: {out}\n{}", self.maillog());
-        let (st, out) = run_bounded(
-            Command::new(POSTFIX).arg("-c").arg(&etc).arg("start"),
-            Duration::from_secs(30),
-        );
-        assert!(st.success(), "postfix start: {out}\n{}", self.maillog());
-        assert!(
-            wait_for(Duration::from_secs(10), || self.master_pid()).is_some(),
-            "postfix master not running:\n{}",
-            self.maillog()
-        );
-    }
-
-    /// `sendmail -C etc -f from to` with `msg` on stdin, bounded.
-    fn sendmail(&self, from: &str, to: &str, msg: &[u8]) {
-        let mut child = Command::new(SENDMAIL)
-            .arg("-C")
-            .arg(self.etc())
-            .args(["-f", from, to])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn sendmail");
-        child.stdin.take().unwrap().write_all(msg).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("sendmail did not finish within 30 s");
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
-        let mut err = String::new();
-        let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-        assert!(
-            status.success(),
-            "sendmail: {status}: {err}\n{}",
-            self.maillog()
-        );
-    }
-}
-
-/// Every descendant of `pid` (from /proc), deepest last.
-fn descendants(pid: i32) -> Vec<i32> {
-    let mut parent: HashMap<i32, i32> = HashMap::new();
-    if let Ok(rd) = fs::read_dir("/proc") {
-        for e in rd.flatten() {
-            let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            if let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat"))
-                && let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..])
-                && let Some(pp) = after.split(' ').nth(1).and_then(|s| s.parse().ok())
-            {
-                parent.insert(p, pp);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    let mut frontier = vec![pid];
-    while let Some(p) = frontier.pop() {
-        for (&c, &pp) in &parent {
-            if pp == p && !out.contains(&c) {
-                out.push(c);
-                frontier.push(c);
-            }
-        }
-    }
-    out
-}
-
-impl Drop for Postfix {
-    fn drop(&mut self) {
-        let pid = self.master_pid();
-        let mut stop = Command::new(POSTFIX);
-        stop.arg("-c").arg(self.etc()).arg("stop");
-        if let Ok(mut g) =
-            ChildGuard::spawn("postfix stop", &mut stop, self.dir.path().join("stop.log"))
-        {
-            let _ = g.wait_timeout(Duration::from_secs(20));
-        }
-        if let Some(pid) = pid {
-            let gone = wait_for(Duration::from_secs(10), || {
-                (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
-            });
-            if gone.is_none() {
-                let mut all = descendants(pid);
-                all.insert(0, pid);
-                for p in all {
-                    let _ = Command::new("kill")
-                        .args(["-KILL", &p.to_string()])
-                        .status();
-                }
-            }
-        }
-    }
+        ),
+        "",
+    )
 }
 
 #[test]
@@ -1796,7 +1623,7 @@ fn postfix_relays_to_us_over_starttls() {
     }
     let sink = Sink::start(false);
     let mx = Mx::quick(sink.addr, &[]);
-    let pf = Postfix::setup(mx.addr);
+    let pf = postfix_sender(mx.addr);
     pf.start();
     pf.sendmail(
         "a@sender.test",

@@ -162,6 +162,33 @@ impl Metrics for MxStats {
     }
 }
 
+/// Binds `addr` and serves the admin API on a thread of its own (named `name`) until the
+/// process exits.
+pub fn spawn<M: Metrics>(
+    addr: std::net::SocketAddr,
+    stats: Arc<M>,
+    spool: Spool,
+    name: &str,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let std_listener = std::net::TcpListener::bind(addr)?;
+    std_listener.set_nonblocking(true)?;
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(l) = tokio::net::TcpListener::from_std(std_listener) {
+                    serve_listener(l, stats, spool).await;
+                }
+            });
+        })
+}
+
 /// Serves the admin API on an already bound listener.
 pub async fn serve_listener<M: Metrics>(
     listener: tokio::net::TcpListener,

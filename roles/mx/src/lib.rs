@@ -15,13 +15,19 @@
 
 pub mod admin;
 pub mod config;
+pub mod dkim;
 mod driver;
 pub mod msa;
 pub mod msa_config;
+pub mod mta;
+pub mod mta_config;
+pub mod outbound;
 pub mod proxy;
 pub mod relay;
+pub mod resolve;
 pub mod runtime;
 pub mod session;
+pub mod sts;
 pub mod tls;
 
 use std::io;
@@ -56,6 +62,10 @@ pub enum MxError {
     Thread(io::Error),
     #[error("account store: {0}")]
     Accounts(#[from] ringmail_accounts::AccountError),
+    #[error("DKIM keys: {0}")]
+    Dkim(dkim::DkimError),
+    #[error("resolver: {0}")]
+    Resolver(String),
 }
 
 /// Opens the account store on a runtime of its own that lives as long as the server: the
@@ -82,12 +92,14 @@ pub(crate) fn open_spool(
     retry_min: std::time::Duration,
     retry_max: std::time::Duration,
     max_lifetime: std::time::Duration,
+    delay_warning: Option<std::time::Duration>,
 ) -> Result<Spool, MxError> {
     let mut qcfg = QueueConfig::new(dir);
     qcfg.hostname = hostname.to_string();
     qcfg.retry_min = retry_min;
     qcfg.retry_max = retry_max;
     qcfg.max_lifetime = max_lifetime;
+    qcfg.bounce_after_delay_warning = delay_warning;
     qcfg.bounce_route = "mta".into();
     let (spool, recovery) = Spool::open(qcfg).map_err(|e| MxError::Spool {
         path: dir.display().to_string(),
@@ -122,6 +134,7 @@ impl MxServer {
             cfg.relay.retry_min,
             cfg.relay.retry_max,
             cfg.relay.max_lifetime,
+            None,
         )?;
         let checker = if cfg.checks.enabled {
             let mut a = AuthConfig::new(cfg.hostname.clone());
@@ -179,30 +192,10 @@ impl MxServer {
             .map_err(MxError::Thread)?;
 
         let admin = match cfg.admin {
-            Some(addr) => {
-                let stats = Arc::clone(&stats);
-                let spool = spool.clone();
-                let std_listener = std::net::TcpListener::bind(addr).map_err(MxError::Listen)?;
-                let _ = std_listener.set_nonblocking(true);
-                Some(
-                    std::thread::Builder::new()
-                        .name("ringmail-mx-admin".into())
-                        .spawn(move || {
-                            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                                .enable_all()
-                                .build()
-                            else {
-                                return;
-                            };
-                            rt.block_on(async move {
-                                if let Ok(l) = tokio::net::TcpListener::from_std(std_listener) {
-                                    admin::serve_listener(l, stats, spool).await;
-                                }
-                            });
-                        })
-                        .map_err(MxError::Thread)?,
-                )
-            }
+            Some(addr) => Some(
+                admin::spawn(addr, Arc::clone(&stats), spool.clone(), "ringmail-mx-admin")
+                    .map_err(MxError::Listen)?,
+            ),
             None => None,
         };
         info!(

@@ -195,6 +195,7 @@ impl MsaServer {
             cfg.retry_min,
             cfg.retry_max,
             cfg.max_lifetime,
+            None,
         )?;
         let tls = Arc::new(TlsStore::new(cfg.tls.clone(), &cfg.hostname)?);
         let (accounts, accounts_rt) = crate::open_accounts(&cfg.accounts)?;
@@ -277,25 +278,8 @@ impl MsaServer {
             })
             .map_err(MxError::Thread)?;
         if let Some(addr) = cfg.admin {
-            let std_listener = std::net::TcpListener::bind(addr).map_err(MxError::Listen)?;
-            let _ = std_listener.set_nonblocking(true);
-            let stats = Arc::clone(&stats);
-            std::thread::Builder::new()
-                .name("ringmail-msa-admin".into())
-                .spawn(move || {
-                    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    else {
-                        return;
-                    };
-                    rt.block_on(async move {
-                        if let Ok(l) = tokio::net::TcpListener::from_std(std_listener) {
-                            crate::admin::serve_listener(l, stats, spool).await;
-                        }
-                    });
-                })
-                .map_err(MxError::Thread)?;
+            crate::admin::spawn(addr, Arc::clone(&stats), spool, "ringmail-msa-admin")
+                .map_err(MxError::Listen)?;
         }
         info!(listen = ?cfg.listen, listen_tls = ?cfg.listen_tls, relay = %cfg.relay, local_relay = ?cfg.local_relay, "msa started");
         Ok(MsaServer {

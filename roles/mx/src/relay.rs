@@ -14,13 +14,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ringmail_queue::{BodyType, Claim, Envelope as QEnvelope, Outcome as QOutcome, Ret};
+use ringmail_queue::{
+    BodyType, Claim, Envelope as QEnvelope, Outcome as QOutcome, RecipientState, Ret,
+};
 use ringmail_smtp::client::Outcome;
 use ringmail_smtp::{
     Body, Client, ClientConfig, ClientEvent, DsnNotify, DsnRet, Envelope, Orcpt, RcptParams,
     StartTlsPolicy,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -151,20 +153,94 @@ pub async fn run(mx: Arc<RelayCtx>, mut stop: tokio::sync::watch::Receiver<bool>
     .await;
 }
 
-/// A connection to the next hop.
-struct Conn {
-    stream: TcpStream,
-    client: Client,
+/// A byte stream a connection runs over: TCP, then TLS after STARTTLS.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// How to do the TLS handshake when the client core asks for it (STARTTLS).
+#[derive(Clone)]
+pub(crate) struct TlsSetup {
+    pub connector: tokio_rustls::TlsConnector,
+    pub name: rustls::pki_types::ServerName<'static>,
+}
+
+/// Why a connection attempt or a transaction failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConnError {
+    pub message: String,
+    /// The TLS handshake after STARTTLS failed (an opportunistic sender retries in plaintext).
+    pub tls_handshake: bool,
+}
+
+impl From<String> for ConnError {
+    fn from(message: String) -> ConnError {
+        ConnError {
+            message,
+            tls_handshake: false,
+        }
+    }
+}
+
+impl From<&str> for ConnError {
+    fn from(message: &str) -> ConnError {
+        ConnError::from(message.to_string())
+    }
+}
+
+impl std::fmt::Display for ConnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A connection to a next hop, driven by the I/O-free client core.
+pub(crate) struct Conn {
+    stream: Option<Box<dyn Io>>,
+    pub client: Client,
     buf: Vec<u8>,
+    tls: Option<TlsSetup>,
+    pub peer: SocketAddr,
+    /// When the connection was opened (reuse is bounded in time).
+    pub opened: std::time::Instant,
+    /// Transactions run on it.
+    pub transactions: u32,
 }
 
 impl Conn {
-    async fn open(mx: &RelayCtx, addr: SocketAddr, lmtp: bool) -> Result<Conn, String> {
-        let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+    /// Connects, reads the greeting, says EHLO/LHLO and does STARTTLS when the client
+    /// configuration asks for it (with `tls` for the handshake).
+    pub(crate) async fn connect(
+        addr: SocketAddr,
+        cfg: Arc<ClientConfig>,
+        tls: Option<TlsSetup>,
+        connect_timeout: Duration,
+    ) -> Result<Conn, ConnError> {
+        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| format!("connect to {addr} timed out"))?
             .map_err(|e| format!("connect to {addr}: {e}"))?;
         let _ = stream.set_nodelay(true);
+        let mut conn = Conn {
+            stream: Some(Box::new(stream)),
+            client: Client::new(cfg, false),
+            buf: vec![0u8; 16 * 1024],
+            tls,
+            peer: addr,
+            opened: std::time::Instant::now(),
+            transactions: 0,
+        };
+        match conn.next_event().await {
+            Ok(ClientEvent::Ready) => Ok(conn),
+            Ok(ClientEvent::Failed(e)) => Err(format!("{addr}: {e}").into()),
+            Ok(other) => Err(format!("{addr}: unexpected {other:?}").into()),
+            Err(e) => Err(ConnError {
+                message: format!("{addr}: {}", e.message),
+                ..e
+            }),
+        }
+    }
+
+    async fn open(mx: &RelayCtx, addr: SocketAddr, lmtp: bool) -> Result<Conn, ConnError> {
         let cfg = Arc::new(ClientConfig {
             helo_name: mx.hostname.clone(),
             lmtp,
@@ -172,21 +248,18 @@ impl Conn {
             use_starttls: StartTlsPolicy::Never,
             ..ClientConfig::default()
         });
-        let mut conn = Conn {
-            stream,
-            client: Client::new(cfg, false),
-            buf: vec![0u8; 16 * 1024],
-        };
-        match conn.next_event().await? {
-            ClientEvent::Ready => Ok(conn),
-            ClientEvent::Failed(e) => Err(format!("{addr}: {e}")),
-            other => Err(format!("{addr}: unexpected {other:?}")),
-        }
+        Conn::connect(addr, cfg, None, Duration::from_secs(10)).await
     }
 
-    async fn flush(&mut self) -> Result<(), String> {
+    fn stream(&mut self) -> Result<&mut Box<dyn Io>, ConnError> {
+        self.stream
+            .as_mut()
+            .ok_or_else(|| ConnError::from("connection lost in a TLS handshake"))
+    }
+
+    async fn flush(&mut self) -> Result<(), ConnError> {
         while let Some(b) = self.client.poll_transmit() {
-            self.stream
+            self.stream()?
                 .write_all(&b)
                 .await
                 .map_err(|e| format!("write: {e}"))?;
@@ -194,34 +267,77 @@ impl Conn {
         Ok(())
     }
 
-    /// Writes what is queued and reads until the client has an event.
-    async fn next_event(&mut self) -> Result<ClientEvent, String> {
+    async fn starttls(&mut self) -> Result<(), ConnError> {
+        let setup = self.tls.clone().ok_or("STARTTLS without a TLS configuration")?;
+        let plain = self.stream.take().ok_or("connection lost")?;
+        let hs = tokio::time::timeout(
+            Duration::from_secs(30),
+            setup.connector.connect(setup.name, plain),
+        )
+        .await;
+        match hs {
+            Ok(Ok(tls)) => {
+                self.stream = Some(Box::new(tls));
+                self.client.tls_established();
+                Ok(())
+            }
+            Ok(Err(e)) => Err(ConnError {
+                message: format!("TLS handshake: {e}"),
+                tls_handshake: true,
+            }),
+            Err(_) => Err(ConnError {
+                message: "TLS handshake timed out".into(),
+                tls_handshake: true,
+            }),
+        }
+    }
+
+    /// Writes what is queued and reads until the client has an event; does the TLS
+    /// handshake itself when STARTTLS was accepted.
+    pub(crate) async fn next_event(&mut self) -> Result<ClientEvent, ConnError> {
         loop {
             self.flush().await?;
             if let Some(ev) = self.client.poll_event() {
+                if ev == ClientEvent::StartTls {
+                    self.starttls().await?;
+                    continue;
+                }
                 return Ok(ev);
             }
             if self.client.should_close() {
                 return Err("connection closed by the protocol".into());
             }
-            let n = tokio::time::timeout(REPLY_TIMEOUT, self.stream.read(&mut self.buf))
-                .await
-                .map_err(|_| "timeout waiting for a reply".to_string())?
-                .map_err(|e| format!("read: {e}"))?;
+            let mut buf = std::mem::take(&mut self.buf);
+            let read = tokio::time::timeout(REPLY_TIMEOUT, self.stream()?.read(&mut buf)).await;
+            let n = match read {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    self.buf = buf;
+                    return Err(format!("read: {e}").into());
+                }
+                Err(_) => {
+                    self.buf = buf;
+                    return Err("timeout waiting for a reply".into());
+                }
+            };
             if n == 0 {
+                self.buf = buf;
                 return Err("connection closed by the next hop".into());
             }
-            let data = self.buf[..n].to_vec();
-            self.client.receive(&data);
+            self.client.receive(&buf[..n]);
+            self.buf = buf;
         }
     }
 
-    async fn quit(mut self) {
+    pub(crate) async fn quit(mut self) {
         self.client.quit();
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             let _ = self.flush().await;
             let mut b = [0u8; 512];
-            let _ = self.stream.read(&mut b).await;
+            if let Some(s) = self.stream.as_mut() {
+                let _ = s.read(&mut b).await;
+                let _ = s.shutdown().await;
+            }
         })
         .await;
     }
@@ -320,12 +436,13 @@ async fn deliver_one(
     drop(claim);
 }
 
-fn client_envelope(env: &QEnvelope) -> Envelope {
-    let pending: Vec<_> = env.pending().collect();
+/// The client-side envelope of a queued message for some of its pending recipients; `extra`
+/// octets are sent in front of the stored content (SIZE=).
+pub(crate) fn client_envelope(env: &QEnvelope, rcpts: &[&RecipientState], extra: u64) -> Envelope {
     Envelope {
         mail_from: env.sender.clone(),
-        rcpt_to: pending.iter().map(|r| r.address.clone()).collect(),
-        size: Some(env.size + env.headers.len() as u64),
+        rcpt_to: rcpts.iter().map(|r| r.address.clone()).collect(),
+        size: Some(env.size + env.headers.len() as u64 + extra),
         body: match env.body {
             BodyType::SevenBit => Body::SevenBit,
             BodyType::EightBitMime => Body::EightBitMime,
@@ -337,7 +454,7 @@ fn client_envelope(env: &QEnvelope) -> Envelope {
             Ret::Hdrs => DsnRet::Hdrs,
         }),
         envid: env.envid.clone(),
-        rcpt_params: pending
+        rcpt_params: rcpts
             .iter()
             .map(|r| {
                 let n = &r.notify;
@@ -377,12 +494,31 @@ async fn attempt(
     lmtp: bool,
     conn: &mut Option<Conn>,
     env: &QEnvelope,
-) -> Result<Vec<(String, QOutcome)>, String> {
+) -> Result<Vec<(String, QOutcome)>, ConnError> {
     if conn.is_none() {
         *conn = Some(Conn::open(mx, addr, lmtp).await?);
     }
     let c = conn.as_mut().ok_or("no connection")?;
-    if let Err(e) = c.client.start_transaction(client_envelope(env)) {
+    let rcpts: Vec<&RecipientState> = env.pending().collect();
+    transaction(&mx.spool, c, env, &rcpts, "").await
+}
+
+/// Runs one transaction for `rcpts` of `env` on `c`: `prefix` (e.g. DKIM-Signature fields),
+/// the envelope's trace headers, then the content streamed from the spool. Per-recipient
+/// outcomes; `Err` when the connection failed (every recipient is then still pending).
+pub(crate) async fn transaction(
+    spool: &ringmail_queue::Spool,
+    c: &mut Conn,
+    env: &QEnvelope,
+    rcpts: &[&RecipientState],
+    prefix: &str,
+) -> Result<Vec<(String, QOutcome)>, ConnError> {
+    let addr = c.peer;
+    c.transactions += 1;
+    if let Err(e) = c
+        .client
+        .start_transaction(client_envelope(env, rcpts, prefix.len() as u64))
+    {
         // The next hop cannot take this message: a missing extension (SMTPUTF8, 8BITMIME,
         // BINARYMIME) will not appear by retrying, so it bounces (RFC 6531 section 3.2: 5.6.7
         // for SMTPUTF8); anything else is retried.
@@ -392,8 +528,8 @@ async fn attempt(
         } else {
             format!("cannot send to {addr}: {e}")
         };
-        return Ok(env
-            .pending()
+        return Ok(rcpts
+            .iter()
             .map(|r| {
                 let o = if permanent {
                     QOutcome::PermFail {
@@ -411,7 +547,7 @@ async fn attempt(
     loop {
         match c.next_event().await? {
             ClientEvent::SendBody => {
-                send_body(mx, c, env).await?;
+                send_body(spool, c, env, prefix).await?;
             }
             ClientEvent::TransactionDone(result) => {
                 return Ok(result
@@ -433,7 +569,7 @@ async fn attempt(
                     })
                     .collect());
             }
-            ClientEvent::Failed(e) => return Err(e.to_string()),
+            ClientEvent::Failed(e) => return Err(e.to_string().into()),
             ClientEvent::Closed => return Err("connection closed".into()),
             ClientEvent::Ready | ClientEvent::StartTls => {}
         }
@@ -442,23 +578,29 @@ async fn attempt(
 
 /// The reply as the next hop sent it, enhanced status code included: DSNs take their
 /// `Status:` from it (RFC 3463), so `550 5.1.1 ...` must not become `550 ...`.
-fn reply_line(reply: &ringmail_smtp::Reply) -> String {
+pub(crate) fn reply_line(reply: &ringmail_smtp::Reply) -> String {
     match reply.enhanced() {
         Some(e) => format!("{} {e} {}", reply.code(), reply.text()),
         None => format!("{} {}", reply.code(), reply.text()),
     }
 }
 
-/// Trace headers, then the content, streamed from the spool file.
-async fn send_body(mx: &RelayCtx, c: &mut Conn, env: &QEnvelope) -> Result<(), String> {
-    if !env.headers.is_empty() {
-        c.client
-            .send_body_chunk(env.headers.as_bytes())
-            .map_err(|e| e.to_string())?;
-        c.flush().await?;
+/// `prefix`, the trace headers, then the content, streamed from the spool file.
+pub(crate) async fn send_body(
+    spool: &ringmail_queue::Spool,
+    c: &mut Conn,
+    env: &QEnvelope,
+    prefix: &str,
+) -> Result<(), ConnError> {
+    for part in [prefix, env.headers.as_str()] {
+        if !part.is_empty() {
+            c.client
+                .send_body_chunk(part.as_bytes())
+                .map_err(|e| e.to_string())?;
+            c.flush().await?;
+        }
     }
-    let mut file = mx
-        .spool
+    let mut file = spool
         .open_body(&env.id)
         .map_err(|e| format!("spool: {e}"))?;
     let mut chunk = vec![0u8; CHUNK];

@@ -669,39 +669,49 @@ fn received_header(ctx: &Ctx<'_>, txn: &Txn, id: String) -> String {
     )
 }
 
+/// Carries RCPT parameters (NOTIFY=, ORCPT=) into the queued recipient.
+pub(crate) fn apply_rcpt_params(r: &mut NewRecipient, p: &RcptParams) {
+    r.orcpt = p
+        .orcpt
+        .as_ref()
+        .map(|o| format!("{};{}", o.addr_type, o.addr));
+    if let Some(list) = &p.notify {
+        r.notify = Notify {
+            never: list.contains(&DsnNotify::Never),
+            success: list.contains(&DsnNotify::Success),
+            failure: list.contains(&DsnNotify::Failure),
+            delay: list.contains(&DsnNotify::Delay),
+        };
+    }
+}
+
+/// Carries MAIL parameters (RET=, ENVID=, BODY=, SMTPUTF8) into the queued envelope.
+pub(crate) fn apply_mail_params(env: &mut NewEnvelope, p: &MailParams) {
+    env.ret = p.ret.map(|r| match r {
+        DsnRet::Full => Ret::Full,
+        DsnRet::Hdrs => Ret::Hdrs,
+    });
+    env.envid = p.envid.clone();
+    env.body = match p.body {
+        Body::SevenBit => BodyType::SevenBit,
+        Body::EightBitMime => BodyType::EightBitMime,
+        Body::BinaryMime => BodyType::BinaryMime,
+    };
+    env.smtputf8 = p.smtputf8;
+}
+
 fn new_envelope(ctx: &Ctx<'_>, txn: &Txn, headers: String) -> NewEnvelope {
     let recipients = txn
         .recipients
         .iter()
         .map(|(addr, p)| {
             let mut r = NewRecipient::new(addr.clone());
-            r.orcpt = p
-                .orcpt
-                .as_ref()
-                .map(|o| format!("{};{}", o.addr_type, o.addr));
-            if let Some(list) = &p.notify {
-                r.notify = Notify {
-                    never: list.contains(&DsnNotify::Never),
-                    success: list.contains(&DsnNotify::Success),
-                    failure: list.contains(&DsnNotify::Failure),
-                    delay: list.contains(&DsnNotify::Delay),
-                };
-            }
+            apply_rcpt_params(&mut r, p);
             r
         })
         .collect::<Vec<_>>();
     let mut env = NewEnvelope::new(txn.sender.clone(), recipients, "mda");
-    env.ret = txn.params.ret.map(|r| match r {
-        DsnRet::Full => Ret::Full,
-        DsnRet::Hdrs => Ret::Hdrs,
-    });
-    env.envid = txn.params.envid.clone();
-    env.body = match txn.params.body {
-        Body::SevenBit => BodyType::SevenBit,
-        Body::EightBitMime => BodyType::EightBitMime,
-        Body::BinaryMime => BodyType::BinaryMime,
-    };
-    env.smtputf8 = txn.params.smtputf8;
+    apply_mail_params(&mut env, &txn.params);
     env.client = Some(ClientInfo {
         addr: ctx.client.to_string(),
         helo: ctx.helo.clone(),

@@ -321,6 +321,14 @@ pub fn summary_line(env: &Envelope) -> String {
         rfc5322_date(to_unix(env.received_at)),
         env.sender.as_deref().unwrap_or("MAILER-DAEMON"),
     );
+    if env.pending().next().is_some() && env.attempts > 0 {
+        let _ = write!(
+            s,
+            "\n    next attempt {} (after {} attempts)",
+            rfc5322_date(env.next_attempt),
+            env.attempts
+        );
+    }
     for r in &env.recipients {
         let _ = match &r.status {
             RcptStatus::Pending => match &r.last_reply {

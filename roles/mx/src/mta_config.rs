@@ -1,0 +1,449 @@
+//! The MTA configuration: the validated model and its `[mta]` TOML schema (the same toolkit and
+//! all-errors-at-once reporting as `[mx]` and `[msa]`).
+//!
+//! ```toml
+//! [mta]
+//! hostname = "mta-a1.example.com"      # required: EHLO name; the name its PTR and SPF records give
+//! listen = ["10.0.0.30:25"]            # required: where our MSAs and MXs hand mail over
+//! spool = "/var/spool/ringmail/mta"    # required: the durable queue
+//! trusted_clients = ["10.0.0.0/24"]    # may relay without AUTH (our MSAs and MXs)
+//! accounts = "sqlite:/var/lib/ringmail/accounts.db"  # optional: AUTH (under TLS) may relay too
+//! relay = "smarthost.example.net:25"   # optional: everything to one smart host, no MX lookups
+//! resolver = "10.0.0.53:53"            # optional: one DNS server (default: /etc/resolv.conf)
+//! remote_port = 25                     # port of the remote MX hosts (labs may change it)
+//! dkim = [                             # signing keys; several per domain sign with each
+//!   { domain = "example.com", selector = "s2026r", key = "/etc/ringmail/dkim/s2026r.key" },
+//!   { domain = "example.com", selector = "s2026e", key = "/etc/ringmail/dkim/s2026e.key" },
+//! ]
+//! mta_sts = true                       # RFC 8461 policies of recipient domains (default true)
+//! mta_sts_ca = "/etc/ringmail/lab-ca.pem"  # an extra CA for policy hosts and MX certificates
+//! max_connections = 100                # outbound connections in all          (default 100)
+//! max_per_destination = 20             # concurrent connections per domain   (default 20)
+//! workers = 2                          # listener threads (default: one per CPU, at most 4)
+//! max_message_size = 52428800          # bytes                               (default 50 MB)
+//! max_recipients = 1000                # per message                         (default 1000)
+//! retry_min = "5m"                     # first retry after a temporary failure
+//! retry_max = "1h"                     # the backoff's ceiling
+//! max_lifetime = "5d"                  # then the message bounces
+//! delay_warning = "4h"                 # a delay notice to the sender (default: none)
+//! command_timeout = "5m"
+//! data_timeout = "10m"
+//! admin = "127.0.0.1:9112"             # /metrics and the queue API
+//! tls = { cert = "/etc/ringmail/mta.crt", key = "/etc/ringmail/mta.key" }  # absent: self-signed
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ringmail_proxy_core::config::parse::{
+    Ctx, DeTable, DeValue, check_keys, duration, integer, mismatch, required, set, socket_addr,
+    string, table,
+};
+use ringmail_proxy_core::config::{ConfigErrors, load_file_with, load_str_with};
+
+use crate::config::{Cidr, TlsFiles, valid_domain};
+use crate::dkim::DkimKeySpec;
+
+/// What the MTA runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MtaConfig {
+    pub hostname: String,
+    pub runtime: crate::runtime::RuntimeMode,
+    pub listen: Vec<SocketAddr>,
+    pub spool: PathBuf,
+    pub trusted_clients: Vec<Cidr>,
+    pub accounts: Option<String>,
+    pub relay: Option<SocketAddr>,
+    pub resolver: Option<SocketAddr>,
+    pub remote_port: u16,
+    pub dkim: Vec<DkimKeySpec>,
+    pub mta_sts: bool,
+    pub mta_sts_ca: Option<PathBuf>,
+    pub max_connections: usize,
+    pub max_per_destination: usize,
+    pub workers: Option<usize>,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    pub max_lifetime: Duration,
+    pub delay_warning: Option<Duration>,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    /// Connect timeout per remote address.
+    pub connect_timeout: Duration,
+    pub admin: Option<SocketAddr>,
+    pub tls: Option<TlsFiles>,
+}
+
+impl MtaConfig {
+    /// Quick mode defaults: relaying allowed from loopback only.
+    pub fn quick(hostname: String, listen: Vec<SocketAddr>, spool: PathBuf) -> MtaConfig {
+        MtaConfig {
+            hostname,
+            runtime: crate::runtime::RuntimeMode::PerCore,
+            listen,
+            spool,
+            trusted_clients: vec![
+                Cidr::parse("127.0.0.0/8").expect("valid"),
+                Cidr::parse("::1/128").expect("valid"),
+            ],
+            accounts: None,
+            relay: None,
+            resolver: None,
+            remote_port: 25,
+            dkim: Vec::new(),
+            mta_sts: true,
+            mta_sts_ca: None,
+            max_connections: 100,
+            max_per_destination: 20,
+            workers: None,
+            max_message_size: 50_000_000,
+            max_recipients: 1000,
+            retry_min: Duration::from_secs(300),
+            retry_max: Duration::from_secs(3600),
+            max_lifetime: Duration::from_secs(5 * 24 * 3600),
+            delay_warning: None,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            connect_timeout: Duration::from_secs(30),
+            admin: None,
+            tls: None,
+        }
+    }
+}
+
+pub fn load_file(path: &Path) -> Result<MtaConfig, ConfigErrors> {
+    load_file_with(path, schema)
+}
+
+pub fn load_str(text: &str, file: &str) -> Result<MtaConfig, ConfigErrors> {
+    load_str_with(text, file, schema)
+}
+
+const MTA: &[&str] = &[
+    "hostname",
+    "listen",
+    "spool",
+    "trusted_clients",
+    "accounts",
+    "relay",
+    "resolver",
+    "remote_port",
+    "dkim",
+    "mta_sts",
+    "mta_sts_ca",
+    "max_connections",
+    "max_per_destination",
+    "workers",
+    "max_message_size",
+    "max_recipients",
+    "retry_min",
+    "retry_max",
+    "max_lifetime",
+    "delay_warning",
+    "command_timeout",
+    "data_timeout",
+    "connect_timeout",
+    "admin",
+    "tls",
+];
+
+fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MtaConfig> {
+    check_keys(ctx, root, &["mta"], "the top level");
+    let Some(v) = root.get("mta") else {
+        ctx.error(0..0, "no [mta] section");
+        return None;
+    };
+    let t = table(ctx, v, "mta")?;
+    check_keys(ctx, t, MTA, "[mta]");
+    let mut ok = true;
+    let hostname = required(ctx, v, t, "hostname", "mta").and_then(|h| {
+        let s = string(ctx, h, "mta.hostname")?;
+        if valid_domain(s) {
+            Some(s.to_ascii_lowercase())
+        } else {
+            ctx.error(
+                h.span(),
+                format!("`mta.hostname`: {s:?} is not a fully qualified host name"),
+            );
+            None
+        }
+    });
+    let listen = required(ctx, v, t, "listen", "mta").and_then(|x| {
+        let DeValue::Array(items) = x.get_ref() else {
+            mismatch(ctx, x, "mta.listen", "an array");
+            return None;
+        };
+        let mut out = Vec::new();
+        let mut good = true;
+        for item in items.iter() {
+            match socket_addr(ctx, item, "mta.listen") {
+                Some(a) => out.push(a),
+                None => good = false,
+            }
+        }
+        if good && out.is_empty() {
+            ctx.error(x.span(), "`mta.listen` is empty");
+            good = false;
+        }
+        good.then_some(out)
+    });
+    let spool = required(ctx, v, t, "spool", "mta")
+        .and_then(|s| string(ctx, s, "mta.spool"))
+        .map(PathBuf::from);
+    ok &= hostname.is_some() && listen.is_some() && spool.is_some();
+    let mut c = MtaConfig::quick(
+        hostname.unwrap_or_default(),
+        listen.unwrap_or_default(),
+        spool.unwrap_or_default(),
+    );
+    if let Some(x) = t.get("trusted_clients") {
+        c.trusted_clients.clear();
+        match x.get_ref() {
+            DeValue::Array(items) => {
+                for item in items.iter() {
+                    let Some(s) = string(ctx, item, "mta.trusted_clients") else {
+                        ok = false;
+                        continue;
+                    };
+                    match Cidr::parse(s) {
+                        Ok(cidr) => c.trusted_clients.push(cidr),
+                        Err(e) => {
+                            ctx.error(item.span(), format!("`mta.trusted_clients`: {e}"));
+                            ok = false;
+                        }
+                    }
+                }
+            }
+            _ => {
+                mismatch(ctx, x, "mta.trusted_clients", "an array");
+                ok = false;
+            }
+        }
+    }
+    if let Some(x) = t.get("accounts") {
+        match string(ctx, x, "mta.accounts") {
+            Some(url)
+                if [
+                    "sqlite:",
+                    "postgres://",
+                    "postgresql://",
+                    "ldap://",
+                    "ldaps://",
+                ]
+                .iter()
+                .any(|p| url.starts_with(p)) =>
+            {
+                c.accounts = Some(url.to_string())
+            }
+            Some(url) => {
+                ctx.error(
+                    x.span(),
+                    format!(
+                        "`mta.accounts`: {url:?} is not sqlite:PATH, postgres://… or ldap(s)://…"
+                    ),
+                );
+                ok = false;
+            }
+            None => ok = false,
+        }
+    }
+    for (key, field) in [("relay", &mut c.relay), ("resolver", &mut c.resolver)] {
+        if let Some(x) = t.get(key) {
+            match socket_addr(ctx, x, &format!("mta.{key}")) {
+                Some(a) => *field = Some(a),
+                None => ok = false,
+            }
+        }
+    }
+    ok &= set(
+        &mut c.remote_port,
+        t.get("remote_port").map(|x| {
+            integer(ctx, x, "mta.remote_port", 1, 65535).and_then(|n| u16::try_from(n).ok())
+        }),
+    );
+    if let Some(x) = t.get("dkim") {
+        match x.get_ref() {
+            DeValue::Array(items) => {
+                for item in items.iter() {
+                    let Some(tt) = table(ctx, item, "mta.dkim") else {
+                        ok = false;
+                        continue;
+                    };
+                    check_keys(ctx, tt, &["domain", "selector", "key"], "mta.dkim");
+                    let domain = required(ctx, item, tt, "domain", "mta.dkim")
+                        .and_then(|d| string(ctx, d, "mta.dkim.domain"));
+                    let selector = required(ctx, item, tt, "selector", "mta.dkim")
+                        .and_then(|d| string(ctx, d, "mta.dkim.selector"));
+                    let key = required(ctx, item, tt, "key", "mta.dkim")
+                        .and_then(|d| string(ctx, d, "mta.dkim.key"));
+                    match (domain, selector, key) {
+                        (Some(d), Some(s), Some(k)) => {
+                            if !valid_domain(d) {
+                                ctx.error(
+                                    item.span(),
+                                    format!("`mta.dkim.domain`: {d:?} is not a domain name"),
+                                );
+                                ok = false;
+                            } else if s.is_empty()
+                                || !s.split('.').all(|l| {
+                                    !l.is_empty()
+                                        && l.bytes()
+                                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                                })
+                            {
+                                ctx.error(
+                                    item.span(),
+                                    format!("`mta.dkim.selector`: {s:?} is not a valid selector"),
+                                );
+                                ok = false;
+                            } else {
+                                c.dkim.push(DkimKeySpec {
+                                    domain: d.to_ascii_lowercase(),
+                                    selector: s.to_string(),
+                                    key_file: PathBuf::from(k),
+                                });
+                            }
+                        }
+                        _ => ok = false,
+                    }
+                }
+            }
+            _ => {
+                mismatch(ctx, x, "mta.dkim", "an array of tables");
+                ok = false;
+            }
+        }
+    }
+    if let Some(x) = t.get("mta_sts") {
+        match x.get_ref() {
+            DeValue::Boolean(b) => c.mta_sts = *b,
+            _ => {
+                mismatch(ctx, x, "mta.mta_sts", "true or false");
+                ok = false;
+            }
+        }
+    }
+    if let Some(x) = t.get("mta_sts_ca") {
+        match string(ctx, x, "mta.mta_sts_ca") {
+            Some(p) => c.mta_sts_ca = Some(PathBuf::from(p)),
+            None => ok = false,
+        }
+    }
+    for (key, field, max) in [
+        ("max_connections", &mut c.max_connections, 100_000),
+        ("max_per_destination", &mut c.max_per_destination, 10_000),
+        ("max_recipients", &mut c.max_recipients, 100_000),
+    ] {
+        ok &= set(
+            field,
+            t.get(key).map(|x| {
+                integer(ctx, x, &format!("mta.{key}"), 1, max).and_then(|n| usize::try_from(n).ok())
+            }),
+        );
+    }
+    if let Some(w) = t.get("workers") {
+        match integer(ctx, w, "mta.workers", 1, 4096) {
+            Some(n) => c.workers = usize::try_from(n).ok(),
+            None => ok = false,
+        }
+    }
+    ok &= set(
+        &mut c.max_message_size,
+        t.get("max_message_size")
+            .map(|x| integer(ctx, x, "mta.max_message_size", 1024, 1 << 40)),
+    );
+    for (key, field) in [
+        ("command_timeout", &mut c.command_timeout),
+        ("data_timeout", &mut c.data_timeout),
+        ("connect_timeout", &mut c.connect_timeout),
+        ("retry_min", &mut c.retry_min),
+        ("retry_max", &mut c.retry_max),
+        ("max_lifetime", &mut c.max_lifetime),
+    ] {
+        ok &= set(
+            field,
+            t.get(key)
+                .map(|x| duration(ctx, x, &format!("mta.{key}"), false)),
+        );
+    }
+    if let Some(x) = t.get("delay_warning") {
+        match duration(ctx, x, "mta.delay_warning", false) {
+            Some(d) => c.delay_warning = Some(d),
+            None => ok = false,
+        }
+    }
+    if let Some(x) = t.get("admin") {
+        match socket_addr(ctx, x, "mta.admin") {
+            Some(a) => c.admin = Some(a),
+            None => ok = false,
+        }
+    }
+    if let Some(x) = t.get("tls") {
+        match table(ctx, x, "mta.tls").and_then(|tt| {
+            check_keys(ctx, tt, &["cert", "key"], "mta.tls");
+            let cert = required(ctx, x, tt, "cert", "mta.tls")
+                .and_then(|c| string(ctx, c, "mta.tls.cert"));
+            let key =
+                required(ctx, x, tt, "key", "mta.tls").and_then(|k| string(ctx, k, "mta.tls.key"));
+            Some(TlsFiles {
+                cert: PathBuf::from(cert?),
+                key: PathBuf::from(key?),
+            })
+        }) {
+            Some(f) => c.tls = Some(f),
+            None => ok = false,
+        }
+    }
+    if c.trusted_clients.is_empty() && c.accounts.is_none() {
+        ctx.error(
+            v.span(),
+            "[mta] accepts from nobody: set `trusted_clients` or `accounts`",
+        );
+        ok = false;
+    }
+    ok.then_some(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_and_reports_every_error() {
+        let c = load_str(
+            r#"[mta]
+hostname = "mta-a1.example.com"
+listen = ["127.0.0.1:25"]
+spool = "/tmp/s"
+trusted_clients = ["10.0.0.0/24"]
+resolver = "127.0.0.1:53"
+dkim = [{ domain = "example.com", selector = "s1", key = "/k" }]
+delay_warning = "4h"
+"#,
+            "mta.toml",
+        )
+        .unwrap();
+        assert_eq!(c.dkim.len(), 1);
+        assert_eq!(c.delay_warning, Some(Duration::from_secs(4 * 3600)));
+        assert_eq!(c.max_per_destination, 20);
+        assert!(c.trusted_clients[0].contains("10.0.0.9".parse().unwrap()));
+        let e = load_str(
+            "[mta]\nhostname = \"x\"\nlisten = []\nspool = \"/s\"\ndkim = [{ domain = \"example.com\", selector = \"a b\", key = \"/k\" }]\nrelay = \"nowhere\"\ncolour = 1\n",
+            "mta.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "mta.toml:2:",
+            "mta.toml:3:",
+            "mta.toml:5:",
+            "mta.toml:6:",
+            "colour",
+        ] {
+            assert!(e.contains(want), "{want} missing from {e}");
+        }
+    }
+}

@@ -1,0 +1,600 @@
+//! Delivery to the world: the MTA's side of the queue.
+//!
+//! ```text
+//!  spool.due() ─▶ dispatcher ─claim─▶ one task per message (at most max_connections)
+//!                                      │ DKIM: sign once per attempt (blocking pool)
+//!                                      │ recipients grouped by domain, domains in parallel
+//!                                      ▼
+//!   per domain: permit (max_per_destination) ─▶ idle cached connection for the domain?
+//!      └─ else: MX hosts (preference, shuffled ties; implicit MX; null MX = bounce)
+//!              ─▶ MTA-STS policy (enforce: only matching MX hosts, verified TLS)
+//!              ─▶ each address of each host until one session takes the transaction
+//!   STARTTLS when offered (opportunistic: any certificate; a failed handshake retries in
+//!   plaintext), MAIL/RCPT/DATA, body streamed from the spool ─▶ connection back to the cache
+//!  record_attempt: delivered / retry with backoff / bounce (DSN through this same MTA)
+//! ```
+//!
+//! A transaction that every recipient answers with 4xx, or a session that breaks, moves on to
+//! the next MX host (as Postfix does); nothing was accepted there, so no duplicate arises,
+//! except when the connection breaks after the end of data and before the reply (RFC 5321
+//! section 6.1 accepts that duplicate).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use ringmail_queue::{Claim, Envelope as QEnvelope, Outcome as QOutcome, RecipientState, Spool};
+use ringmail_smtp::{ClientConfig, StartTlsPolicy};
+use tokio::sync::{Notify, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::admin::{Metrics, MxStats};
+use crate::dkim::DkimSigner;
+use crate::mta_config::MtaConfig;
+use crate::relay::{Conn, ConnError, TlsSetup, transaction};
+use crate::resolve::{MxHost, MxResolver, ResolveError};
+use crate::sts::{Mode, Sts};
+
+/// An idle cached connection is closed after this.
+const CACHE_IDLE: Duration = Duration::from_secs(3);
+/// A connection is not reused after this long or this many transactions.
+const CACHE_MAX_AGE: Duration = Duration::from_secs(300);
+const CACHE_MAX_TRANSACTIONS: u32 = 100;
+/// Most idle connections kept per destination.
+const CACHE_PER_DESTINATION: usize = 8;
+/// Largest message signed in memory; larger ones go unsigned (and are logged).
+const MAX_SIGNED: u64 = 64 * 1024 * 1024;
+
+/// Counters of the outbound side.
+#[derive(Debug, Default)]
+pub struct OutboundStats {
+    pub connections_opened: AtomicU64,
+    pub connections_reused: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub tls_sessions: AtomicU64,
+    pub tls_fallbacks: AtomicU64,
+    pub sts_enforced: AtomicU64,
+    pub dkim_signed: AtomicU64,
+    pub dkim_errors: AtomicU64,
+    /// Deliveries, shared with the generic relay counters.
+    pub relay: Arc<MxStats>,
+}
+
+impl Metrics for OutboundStats {
+    fn render(&self, spool: &Spool, out: &mut String) {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        for (name, help, c) in [
+            (
+                "ringmail_mta_connections_total",
+                "Outbound SMTP connections opened.",
+                &self.connections_opened,
+            ),
+            (
+                "ringmail_mta_connections_reused_total",
+                "Transactions run on a cached connection.",
+                &self.connections_reused,
+            ),
+            (
+                "ringmail_mta_connect_failures_total",
+                "Remote addresses that could not be reached or refused the session.",
+                &self.connect_failures,
+            ),
+            (
+                "ringmail_mta_tls_sessions_total",
+                "Outbound sessions with STARTTLS.",
+                &self.tls_sessions,
+            ),
+            (
+                "ringmail_mta_tls_fallbacks_total",
+                "Opportunistic TLS handshakes that failed and were retried in plaintext.",
+                &self.tls_fallbacks,
+            ),
+            (
+                "ringmail_mta_sts_enforced_total",
+                "Deliveries under an MTA-STS policy in enforce mode.",
+                &self.sts_enforced,
+            ),
+            (
+                "ringmail_mta_dkim_signed_total",
+                "Messages signed (per delivery attempt).",
+                &self.dkim_signed,
+            ),
+            (
+                "ringmail_mta_dkim_errors_total",
+                "Messages that could not be signed (sent unsigned).",
+                &self.dkim_errors,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                g(c)
+            );
+        }
+        self.relay.render(spool, out);
+    }
+}
+
+/// Everything the delivery tasks share.
+pub struct Outbound {
+    pub cfg: Arc<MtaConfig>,
+    pub spool: Spool,
+    pub stats: Arc<OutboundStats>,
+    pub queued: Arc<Notify>,
+    resolver: MxResolver,
+    sts: Option<Sts>,
+    dkim: Arc<DkimSigner>,
+    tls_any: tokio_rustls::TlsConnector,
+    tls_verified: tokio_rustls::TlsConnector,
+    cache: Mutex<HashMap<String, Vec<(Conn, Instant)>>>,
+    per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
+    signing: Arc<Semaphore>,
+}
+
+impl Outbound {
+    pub fn new(
+        cfg: Arc<MtaConfig>,
+        spool: Spool,
+        stats: Arc<OutboundStats>,
+        queued: Arc<Notify>,
+        resolver: MxResolver,
+        sts: Option<Sts>,
+        dkim: Arc<DkimSigner>,
+        tls_any: Arc<rustls::ClientConfig>,
+        tls_verified: Arc<rustls::ClientConfig>,
+    ) -> Outbound {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Outbound {
+            cfg,
+            spool,
+            stats,
+            queued,
+            resolver,
+            sts,
+            dkim,
+            tls_any: tokio_rustls::TlsConnector::from(tls_any),
+            tls_verified: tokio_rustls::TlsConnector::from(tls_verified),
+            cache: Mutex::new(HashMap::new()),
+            per_destination: Mutex::new(HashMap::new()),
+            signing: Arc::new(Semaphore::new(cores)),
+        }
+    }
+
+    fn take_cached(&self, dest: &str) -> Option<Conn> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let list = cache.get_mut(dest)?;
+        while let Some((c, since)) = list.pop() {
+            if since.elapsed() < CACHE_IDLE && !c.client.should_close() {
+                return Some(c);
+            }
+            drop_conn(c);
+        }
+        None
+    }
+
+    fn put_back(&self, dest: &str, c: Conn) {
+        if c.client.should_close()
+            || c.opened.elapsed() > CACHE_MAX_AGE
+            || c.transactions >= CACHE_MAX_TRANSACTIONS
+        {
+            drop_conn(c);
+            return;
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let list = cache.entry(dest.to_string()).or_default();
+        if list.len() >= CACHE_PER_DESTINATION {
+            drop_conn(c);
+        } else {
+            list.push((c, Instant::now()));
+        }
+    }
+
+    /// Closes idle connections that have waited too long.
+    fn reap(&self) {
+        let mut expired = Vec::new();
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.retain(|_, list| {
+                let (keep, old): (Vec<_>, Vec<_>) = std::mem::take(list)
+                    .into_iter()
+                    .partition(|(_, since)| since.elapsed() < CACHE_IDLE);
+                *list = keep;
+                expired.extend(old.into_iter().map(|(c, _)| c));
+                !list.is_empty()
+            });
+        }
+        for c in expired {
+            drop_conn(c);
+        }
+    }
+
+    fn destination_permit(&self, dest: &str) -> Arc<Semaphore> {
+        let mut m = self
+            .per_destination
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if m.len() > 10_000 {
+            // Forget idle destinations now and then.
+            m.retain(|_, s| s.available_permits() < self.cfg.max_per_destination);
+        }
+        Arc::clone(
+            m.entry(dest.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.cfg.max_per_destination))),
+        )
+    }
+
+    fn close_all(&self) -> Vec<Conn> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .drain()
+            .flat_map(|(_, l)| l.into_iter().map(|(c, _)| c))
+            .collect()
+    }
+}
+
+/// QUIT in the background.
+fn drop_conn(c: Conn) {
+    if let Ok(h) = tokio::runtime::Handle::try_current() {
+        h.spawn(c.quit());
+    }
+}
+
+/// Runs the dispatcher until `stop` fires.
+pub async fn run(out: Arc<Outbound>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(out.cfg.max_connections.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut last_reap = Instant::now();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        while tasks.try_join_next().is_some() {}
+        if last_reap.elapsed() >= Duration::from_secs(1) {
+            out.reap();
+            last_reap = Instant::now();
+        }
+        let due = out.spool.due_limited(SystemTime::now(), 512);
+        let mut sent = 0usize;
+        for id in due {
+            let permit = tokio::select! {
+                p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = stop.changed() => break,
+            };
+            let Some(claim) = out.spool.claim(&id) else {
+                continue;
+            };
+            let o = Arc::clone(&out);
+            tasks.spawn(async move {
+                deliver_message(&o, claim).await;
+                drop(permit);
+            });
+            sent += 1;
+        }
+        if sent > 0 {
+            continue;
+        }
+        let wait = out
+            .spool
+            .next_due()
+            .and_then(|t| t.duration_since(SystemTime::now()).ok())
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1));
+        tokio::select! {
+            _ = out.queued.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    for c in out.close_all() {
+        c.quit().await;
+    }
+}
+
+/// The domain of an address (lower case; a domain literal as written).
+fn domain_of(address: &str) -> Option<String> {
+    let (local, domain) = address.rsplit_once('@')?;
+    if local.is_empty() || domain.is_empty() {
+        return None;
+    }
+    Some(domain.to_lowercase())
+}
+
+async fn deliver_message(out: &Outbound, claim: Claim) {
+    let id = claim.id().clone();
+    let env = match out.spool.get(&id) {
+        Ok(Some(e)) => e,
+        Ok(None) => return,
+        Err(e) => {
+            warn!(%id, error = %e, "cannot read the envelope");
+            return;
+        }
+    };
+    let mut results: Vec<(String, QOutcome)> = Vec::new();
+    let mut groups: BTreeMap<String, Vec<&RecipientState>> = BTreeMap::new();
+    for r in env.pending() {
+        match domain_of(&r.address) {
+            Some(d) => groups.entry(d).or_default().push(r),
+            None => results.push((
+                r.address.clone(),
+                QOutcome::PermFail {
+                    reply: "501 5.1.3 bad recipient address syntax".into(),
+                },
+            )),
+        }
+    }
+    if groups.is_empty() && results.is_empty() {
+        return;
+    }
+    let prefix = sign(out, &env).await;
+    let attempts = groups
+        .iter()
+        .map(|(domain, rcpts)| deliver_domain(out, &env, domain, rcpts, &prefix));
+    for r in futures_util::future::join_all(attempts).await {
+        results.extend(r);
+    }
+    let (mut ok, mut deferred, mut failed) = (0u64, 0u64, 0u64);
+    for (_, o) in &results {
+        match o {
+            QOutcome::Delivered { .. } => ok += 1,
+            QOutcome::TempFail { .. } => deferred += 1,
+            QOutcome::PermFail { .. } => failed += 1,
+        }
+    }
+    match out
+        .spool
+        .record_attempt(&id, results, SystemTime::now())
+        .await
+    {
+        Ok(summary) => {
+            info!(%id, delivered = summary.delivered, deferred = summary.deferred, failed = summary.failed, bounce = ?summary.bounce.map(|b| b.to_string()), "delivery attempt");
+        }
+        Err(e) => warn!(%id, error = %e, "cannot record the delivery attempt"),
+    }
+    let relay = &out.stats.relay;
+    relay.deliveries_ok.fetch_add(ok, Ordering::Relaxed);
+    relay.deliveries_deferred.fetch_add(deferred, Ordering::Relaxed);
+    relay.deliveries_failed.fetch_add(failed, Ordering::Relaxed);
+    drop(claim);
+}
+
+/// The DKIM-Signature fields for this message ("" when no key applies), computed on the
+/// blocking pool from the stored content.
+async fn sign(out: &Outbound, env: &QEnvelope) -> String {
+    if out.dkim.is_empty() {
+        return String::new();
+    }
+    if env.size > MAX_SIGNED {
+        warn!(id = %env.id, size = env.size, "message too large to sign; sent unsigned");
+        return String::new();
+    }
+    let Ok(_permit) = out.signing.acquire().await else {
+        return String::new();
+    };
+    let dkim = Arc::clone(&out.dkim);
+    let file = out.spool.open_body(&env.id);
+    let id = env.id.clone();
+    let signed = tokio::task::spawn_blocking(move || -> Result<String, String> {
+        let mut file = file.map_err(|e| e.to_string())?;
+        let mut msg = Vec::new();
+        file.read_to_end(&mut msg).map_err(|e| e.to_string())?;
+        dkim.sign(&msg).map_err(|e| e.to_string())
+    })
+    .await;
+    match signed {
+        Ok(Ok(s)) => {
+            if !s.is_empty() {
+                out.stats.dkim_signed.fetch_add(1, Ordering::Relaxed);
+            }
+            s
+        }
+        Ok(Err(e)) => {
+            out.stats.dkim_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(%id, error = %e, "DKIM signing failed; sent unsigned");
+            String::new()
+        }
+        Err(e) => {
+            out.stats.dkim_errors.fetch_add(1, Ordering::Relaxed);
+            warn!(%id, error = %e, "DKIM signing task failed; sent unsigned");
+            String::new()
+        }
+    }
+}
+
+fn all(rcpts: &[&RecipientState], o: impl Fn() -> QOutcome) -> Vec<(String, QOutcome)> {
+    rcpts.iter().map(|r| (r.address.clone(), o())).collect()
+}
+
+/// The hosts to try for a domain, or the verdict for all its recipients.
+async fn plan(
+    out: &Outbound,
+    domain: &str,
+) -> Result<(Vec<MxHost>, bool), Result<String, String>> {
+    if let Some(relay) = out.cfg.relay {
+        return Ok((
+            vec![MxHost {
+                name: relay.ip().to_string(),
+                preference: 0,
+                implicit: false,
+                literal: Some(relay.ip()),
+            }],
+            false,
+        ));
+    }
+    let mut hosts = match out.resolver.mx_hosts(domain).await {
+        Ok(h) => h,
+        Err(ResolveError::Permanent { code, message }) => {
+            let basic = if code == "5.1.10" { 556 } else { 550 };
+            return Err(Err(format!("{basic} {code} {domain}: {message}")));
+        }
+        Err(e) => return Err(Ok(format!("451 4.4.3 {domain}: {e}"))),
+    };
+    let mut enforce = false;
+    if let Some(sts) = &out.sts
+        && hosts.iter().all(|h| h.literal.is_none())
+        && let Some(policy) = sts.policy(domain).await
+        && policy.mode() == Mode::Enforce
+    {
+        enforce = true;
+        out.stats.sts_enforced.fetch_add(1, Ordering::Relaxed);
+        hosts.retain(|h| policy.mx_matches(&h.name));
+        if hosts.is_empty() {
+            return Err(Ok(format!(
+                "451 4.7.5 {domain}: no MX host matches the domain's MTA-STS policy"
+            )));
+        }
+    }
+    Ok((hosts, enforce))
+}
+
+async fn deliver_domain(
+    out: &Outbound,
+    env: &QEnvelope,
+    domain: &str,
+    rcpts: &[&RecipientState],
+    prefix: &str,
+) -> Vec<(String, QOutcome)> {
+    let temp = |reply: String| {
+        all(rcpts, || QOutcome::TempFail {
+            reply: reply.clone(),
+        })
+    };
+    let dest = out.destination_permit(domain);
+    let Ok(_permit) = dest.acquire().await else {
+        return temp("451 4.3.0 shutting down".into());
+    };
+    // A cached connection to this domain first (a stale one fails fast; then a fresh one).
+    if let Some(mut c) = out.take_cached(domain) {
+        out.stats.connections_reused.fetch_add(1, Ordering::Relaxed);
+        if let Ok(r) = transaction(&out.spool, &mut c, env, rcpts, prefix).await {
+            out.put_back(domain, c);
+            return r;
+        }
+    }
+    let (hosts, enforce) = match plan(out, domain).await {
+        Ok(p) => p,
+        Err(Ok(temp_reply)) => return temp(temp_reply),
+        Err(Err(perm_reply)) => {
+            return all(rcpts, || QOutcome::PermFail {
+                reply: perm_reply.clone(),
+            });
+        }
+    };
+    let mut last_error = format!("451 4.4.1 {domain}: no MX host could be reached");
+    for host in &hosts {
+        let addrs: Vec<IpAddr> = match host.literal {
+            Some(ip) => vec![ip],
+            None => match out.resolver.addresses(&host.name).await {
+                Ok(a) if !a.is_empty() => a,
+                Ok(_) => {
+                    last_error = format!("451 4.4.4 {}: host has no address", host.name);
+                    continue;
+                }
+                Err(e) => {
+                    last_error = format!("451 4.4.3 {}: {e}", host.name);
+                    continue;
+                }
+            },
+        };
+        for ip in addrs {
+            let port = out.cfg.relay.map_or(out.cfg.remote_port, |r| r.port());
+            let addr = SocketAddr::new(ip, port);
+            let mut c = match open(out, addr, &host.name, enforce).await {
+                Ok(c) => c,
+                Err(e) => {
+                    out.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    debug!(%domain, host = %host.name, %addr, error = %e, "session failed; next address");
+                    last_error = format!("451 4.4.1 {} [{}]: {e}", host.name, addr.ip());
+                    continue;
+                }
+            };
+            match transaction(&out.spool, &mut c, env, rcpts, prefix).await {
+                Ok(r) if r.iter().all(|(_, o)| matches!(o, QOutcome::TempFail { .. })) => {
+                    // Nothing accepted here: the next MX host may do better.
+                    if let Some((_, QOutcome::TempFail { reply })) = r.first() {
+                        last_error = format!("{reply} (from {} [{}])", host.name, addr.ip());
+                    }
+                    c.quit().await;
+                }
+                Ok(r) => {
+                    out.put_back(domain, c);
+                    return r;
+                }
+                Err(e) => {
+                    debug!(%domain, host = %host.name, %addr, error = %e, "transaction failed; next address");
+                    last_error = format!("451 4.4.2 {} [{}]: {e}", host.name, addr.ip());
+                }
+            }
+        }
+    }
+    temp(last_error)
+}
+
+/// Opens a session with opportunistic STARTTLS (RFC 7435: any certificate; a failed
+/// handshake is retried once in plaintext), or with verified TLS required (MTA-STS enforce).
+async fn open(out: &Outbound, addr: SocketAddr, host: &str, enforce: bool) -> Result<Conn, ConnError> {
+    let name = match host.parse::<IpAddr>() {
+        Ok(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
+        Err(_) => rustls::pki_types::ServerName::try_from(host.trim_end_matches('.').to_string())
+            .map_err(|e| format!("{host}: {e}"))?,
+    };
+    let policy = if enforce {
+        StartTlsPolicy::Required
+    } else {
+        StartTlsPolicy::Opportunistic
+    };
+    let cfg = |use_starttls| {
+        Arc::new(ClientConfig {
+            helo_name: out.cfg.hostname.clone(),
+            use_starttls,
+            ..ClientConfig::default()
+        })
+    };
+    let tls = TlsSetup {
+        connector: if enforce {
+            out.tls_verified.clone()
+        } else {
+            out.tls_any.clone()
+        },
+        name,
+    };
+    let timeout = out.cfg.connect_timeout;
+    out.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+    match Conn::connect(addr, cfg(policy), Some(tls), timeout).await {
+        Ok(c) => {
+            if c.client.is_tls() {
+                out.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(c)
+        }
+        Err(e) if e.tls_handshake && !enforce => {
+            out.stats.tls_fallbacks.fetch_add(1, Ordering::Relaxed);
+            info!(%addr, %host, error = %e, "TLS handshake failed; retrying in plaintext");
+            out.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+            Conn::connect(addr, cfg(StartTlsPolicy::Never), None, timeout).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains_of_addresses() {
+        assert_eq!(domain_of("a@Example.COM").as_deref(), Some("example.com"));
+        assert_eq!(domain_of("\"a@b\"@x.test").as_deref(), Some("x.test"));
+        assert_eq!(domain_of("a@[192.0.2.1]").as_deref(), Some("[192.0.2.1]"));
+        assert_eq!(domain_of("nodomain"), None);
+        assert_eq!(domain_of("@x.test"), None);
+        assert_eq!(domain_of("a@"), None);
+    }
+}
