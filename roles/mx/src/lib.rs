@@ -20,8 +20,10 @@ pub mod msa;
 pub mod msa_config;
 pub mod proxy;
 pub mod relay;
+pub mod resolve;
 pub mod runtime;
 pub mod session;
+pub mod sts;
 pub mod tls;
 
 use std::io;
