@@ -410,18 +410,17 @@ impl Sts {
                 return None;
             }
         };
-        let id = match self.discover(&domain).await {
-            Ok(id) => id,
-            Err(e) => {
-                debug!(domain, error = %e, "MTA-STS: no TXT record; cached policy if any");
-                return self.cached(&domain);
+        let txt = self.discover(&domain).await;
+        let cached = self.cached(&domain);
+        let id = match decide(cached.as_deref(), &txt) {
+            Decision::Cached => {
+                if let Err(e) = &txt {
+                    debug!(domain, error = %e, "MTA-STS: no usable TXT record; cached policy if any");
+                }
+                return cached;
             }
+            Decision::Fetch(id) => id,
         };
-        if let Some(p) = self.cached(&domain)
-            && p.id == id
-        {
-            return Some(p);
-        }
         match self.fetch(&domain).await {
             Ok(mut p) => {
                 p.id = id;
@@ -436,7 +435,27 @@ impl Sts {
             }
         }
     }
+}
 
+/// What [`Sts::policy`] does, given the unexpired cached policy and the TXT lookup.
+#[derive(Debug, PartialEq, Eq)]
+enum Decision {
+    /// The cached policy, or none when there is none (no TXT record, DNS failure, or the
+    /// TXT `id` is the cached policy's).
+    Cached,
+    /// Fetch the policy; it is stored under this `id`.
+    Fetch(String),
+}
+
+fn decide(cached: Option<&Policy>, txt: &Result<String, StsError>) -> Decision {
+    match (cached, txt) {
+        (_, Err(_)) => Decision::Cached,
+        (Some(p), Ok(id)) if p.id == *id => Decision::Cached,
+        (_, Ok(id)) => Decision::Fetch(id.clone()),
+    }
+}
+
+impl Sts {
     /// The `id` of the `_mta-sts.<domain>` TXT record.
     pub async fn discover(&self, domain: &str) -> Result<String, StsError> {
         let records = self.resolver.txt(&format!("_mta-sts.{domain}")).await?;
@@ -799,6 +818,21 @@ mod tests {
         assert!(r(&["v=STSv1; id=a; garbage;"]).is_err());
         assert!(r(&["v=STSv10; id=a;"]).is_err());
         assert!(r(&["id=a; v=STSv1;"]).is_err());
+    }
+
+    #[test]
+    fn cache_decisions() {
+        let mut p = Policy::parse(GOOD.as_bytes()).unwrap();
+        p.id = "one".into();
+        let ok = |s: &str| Ok(s.to_string());
+        let none = || Err(StsError::Txt("0 STSv1 records".into()));
+        // Same id: the cached policy; another id: a new fetch (RFC 8461 §3.3).
+        assert_eq!(decide(Some(&p), &ok("one")), Decision::Cached);
+        assert_eq!(decide(Some(&p), &ok("two")), Decision::Fetch("two".into()));
+        assert_eq!(decide(None, &ok("one")), Decision::Fetch("one".into()));
+        // No TXT record or a DNS failure: keep the cached policy (or none).
+        assert_eq!(decide(Some(&p), &none()), Decision::Cached);
+        assert_eq!(decide(None, &none()), Decision::Cached);
     }
 
     #[test]
