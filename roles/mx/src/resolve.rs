@@ -342,6 +342,7 @@ impl MxResolver {
 
     /// AAAA then A addresses of `host` (see the module documentation). Empty when the host
     /// has none or does not exist; temporary failure when neither family could be asked.
+    /// An IP address given as `host` is returned as is.
     pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, ResolveError> {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![ip]);

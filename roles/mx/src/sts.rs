@@ -400,7 +400,8 @@ impl Sts {
     /// which the caller treats as no policy). Never fails: every error means "no policy",
     /// or the cached one while it has not expired.
     pub async fn policy(&self, domain: &str) -> Option<Arc<Policy>> {
-        if !self.cfg.enabled {
+        // Domain literals have no MTA-STS.
+        if !self.cfg.enabled || domain.starts_with('[') {
             return None;
         }
         let domain = match to_ascii_domain(domain) {

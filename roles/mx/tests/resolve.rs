@@ -444,6 +444,8 @@ async fn sts_discovery_fetch_and_cache() {
     assert!(s.policy("nofetch.dest.test").await.is_none());
     // Two STSv1 records: no policy (RFC 8461 §3.1), nothing fetched.
     assert!(s.policy("twotxt.dest.test").await.is_none());
+    // Domain literals have no policy.
+    assert!(s.policy("[127.0.0.1]").await.is_none());
     assert_eq!(srv.hits(), 2);
 
     // Disabled: nothing at all.
