@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dkim;
 mod driver;
 pub mod msa;
 pub mod msa_config;
