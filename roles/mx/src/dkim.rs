@@ -21,7 +21,7 @@
 //! message of a listed name is signed (bottom-up, as verifiers select them); then each list
 //! *entry* whose position was never the first match of an occurrence is appended once, as an
 //! absent field. So a name listed once costs one extra entry only when it is absent, and a name
-//! listed twice gets exactly one extra entry (N+1) when present, two when absent. [`header_list`]
+//! listed twice gets exactly one extra entry (N+1) when present, two when absent. `header_list`
 //! builds the list from the fields present so that the result is exactly the policy above.
 //!
 //! Key material is never logged nor put in an error message.
@@ -364,7 +364,7 @@ impl DkimSigner {
             return Ok(String::new());
         }
         let fields = HeaderFields::scan(message);
-        let from_domain = match fields.from_domain() {
+        let from_domain = match fields.author_domain() {
             Ok(d) => d,
             Err(why) => {
                 debug!(reason = why, "DKIM: not signed");
@@ -432,7 +432,7 @@ impl<'a> HeaderFields<'a> {
     }
 
     /// The domain of the From: address, lower case without a trailing dot.
-    fn from_domain(&self) -> Result<String, &'static str> {
+    fn author_domain(&self) -> Result<String, &'static str> {
         let value = match self.from.as_slice() {
             [] => return Err("no From: field"),
             [one] => *one,
@@ -1220,7 +1220,8 @@ Received: from x\r\nReceived: from y\r\n\r\nbody\r\n";
             let (label, der) = decode_pem(pkcs1.as_bytes()).unwrap();
             pem_encode(&label, &der[..der.len() / 2])
         };
-        let cases: Vec<(DkimKeySpec, fn(&KeyProblem) -> bool)> = vec![
+        type Check = fn(&KeyProblem) -> bool;
+        let cases: Vec<(DkimKeySpec, Check)> = vec![
             (spec("example.com", "missing", &d.join("nope.key")), |p| {
                 matches!(p, KeyProblem::Read(_))
             }),

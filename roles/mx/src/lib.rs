@@ -10,7 +10,8 @@
 //!
 //! The pieces: [`config`] (TOML schema), [`session`] (one SMTP session), [`relay`] (delivery),
 //! [`runtime`] (thread-per-core listeners), [`proxy`] (PROXY headers from trusted LBs), [`tls`]
-//! (certificates, reload), [`admin`] (metrics and the queue API).
+//! (certificates, reload), [`admin`] (metrics and the queue API), [`dkim`] (DKIM signing and keys
+//! for outbound mail).
 #![forbid(unsafe_code)]
 
 pub mod admin;
