@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 
 mod accounts;
 mod announce;
+mod dkim;
 mod msa;
 mod mx;
 
@@ -53,6 +54,8 @@ enum Command {
     Queue(mx::QueueArgs),
     /// Manage the account store: domains, accounts, passwords, aliases.
     Accounts(accounts::AccountsArgs),
+    /// DKIM keys for the MTA's signer: `dkim keygen` writes a key and prints its DNS record.
+    Dkim(dkim::DkimArgs),
 }
 
 #[derive(Args)]
@@ -258,6 +261,7 @@ fn main() -> ExitCode {
         Command::Queue(args) => mx::cmd_queue(args),
         Command::Msa(args) => msa::cmd_msa(args),
         Command::Accounts(args) => accounts::cmd_accounts(args),
+        Command::Dkim(args) => dkim::cmd_dkim(args),
     };
     match result {
         Ok(code) => code,
