@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 
 mod accounts;
 mod announce;
+mod dkim;
 mod msa;
 mod mta;
 mod mx;
@@ -56,6 +57,8 @@ enum Command {
     Queue(mx::QueueArgs),
     /// Manage the account store: domains, accounts, passwords, aliases.
     Accounts(accounts::AccountsArgs),
+    /// DKIM keys for the MTA's signer: `dkim keygen` writes a key and prints its DNS record.
+    Dkim(dkim::DkimArgs),
 }
 
 #[derive(Args)]
@@ -274,6 +277,7 @@ fn main() -> ExitCode {
         Command::Msa(args) => msa::cmd_msa(args),
         Command::Mta(args) => mta::cmd_mta(args),
         Command::Accounts(args) => accounts::cmd_accounts(args),
+        Command::Dkim(args) => dkim::cmd_dkim(args),
     };
     match result {
         Ok(code) => code,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 
 #[test]
-fn up_starts_the_mx_the_msa_and_the_lb_and_its_try_lines_work() {
+fn up_starts_the_mx_the_msa_the_mta_and_the_lb_and_its_try_lines_work() {
     let dir = TempDir::new("up");
     let (lb, admin, mx, mx_admin) = (free_addr(), free_addr(), free_addr(), free_addr());
     let data = dir.path().join("data");
@@ -31,6 +31,8 @@ fn up_starts_the_mx_the_msa_and_the_lb_and_its_try_lines_work() {
             .args(["--msa-listen", &free_addr().to_string()])
             .args(["--msa-listen-tls", &free_addr().to_string()])
             .args(["--msa-admin", &free_addr().to_string()])
+            .args(["--mta-listen", &free_addr().to_string()])
+            .args(["--mta-admin", &free_addr().to_string()])
             .arg("--data")
             .arg(&data),
         dir.path().join("up.log"),
@@ -44,6 +46,8 @@ fn up_starts_the_mx_the_msa_and_the_lb_and_its_try_lines_work() {
     for want in [
         "started  MX",
         "started  MSA",
+        "started  MTA",
+        "._domainkey.example.test",
         "started  load balancer",
         "--auth-user alice@example.test",
         "smtps://",

@@ -20,6 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+/// Independent DKIM verification (dkimpy).
+pub mod dkimverify;
+
 /// Path of the binary under test.
 pub const RINGMAIL: &str = env!("CARGO_BIN_EXE_ringmail");
 

@@ -10,8 +10,9 @@
 //!
 //! The pieces: [`config`] (TOML schema), [`session`] (one SMTP session), [`relay`] (delivery),
 //! [`runtime`] (thread-per-core listeners), [`proxy`] (PROXY headers from trusted LBs), [`tls`]
-//! (certificates, reload), [`admin`] (metrics and the queue API). For outbound delivery (the
-//! MTA): [`resolve`] (MX hosts and their addresses) and [`sts`] (MTA-STS, delivery TLS).
+//! (certificates, reload), [`admin`] (metrics and the queue API). The MTA ([`mta`]) adds
+//! [`outbound`] (delivery to the world), [`resolve`] (MX hosts and their addresses), [`sts`]
+//! (MTA-STS, delivery TLS) and [`dkim`] (signing and keys).
 #![forbid(unsafe_code)]
 
 pub mod admin;
