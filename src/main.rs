@@ -662,12 +662,19 @@ fn up_dkim_key(data: &Path, domain: &str) -> Result<(ringmail_mx::dkim::DkimKeyS
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     let path = data.join(format!("dkim-up.{domain}.key"));
     let selector = "up";
+    // The record is kept beside the key, to print it again on later starts.
+    let record_file = data.join(format!("dkim-up.{domain}.txt"));
     let record = if path.exists() {
-        dkim::txt_record_for(&path, domain, selector)
-            .with_context(|| format!("reading {}", path.display()))?
+        std::fs::read_to_string(&record_file)
+            .with_context(|| format!("reading {}", record_file.display()))?
+            .trim()
+            .to_string()
     } else {
-        dkim::keygen(dkim::DkimAlgo::Ed25519, 0, domain, selector, &path)
-            .with_context(|| format!("writing {}", path.display()))?
+        let r = dkim::keygen(dkim::DkimAlgo::Ed25519, 0, domain, selector, &path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&record_file, format!("{r}\n"))
+            .with_context(|| format!("writing {}", record_file.display()))?;
+        r
     };
     Ok((
         dkim::DkimKeySpec {

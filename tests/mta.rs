@@ -13,8 +13,6 @@
 
 #[macro_use]
 mod common;
-#[path = "common/dkimverify.rs"]
-mod dkimverify;
 #[path = "../roles/mailauth/tests/common/mod.rs"]
 mod dnsfix;
 #[path = "common/postfix.rs"]
@@ -224,7 +222,11 @@ fn keygen(dir: &Path, algo: &str, selector: &str) -> (PathBuf, String, String) {
         .unwrap()
         .trim_end_matches('.')
         .to_string();
-    assert_eq!(name, format!("{selector}._domainkey.example.test"), "{line}");
+    assert_eq!(
+        name,
+        format!("{selector}._domainkey.example.test"),
+        "{line}"
+    );
     // The TXT data: every quoted string of the record, concatenated.
     let mut txt = String::new();
     let mut rest = line.as_str();
@@ -285,8 +287,16 @@ fn remote_mx(dir: &Path, ip: IpAddr, port: u16) -> Postfix {
     let (st, out) = run_bounded(
         Command::new(OPENSSL)
             .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                "/CN=mx2.remote.test", "-keyout",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=mx2.remote.test",
+                "-keyout",
             ])
             .arg(&key)
             .arg("-out")
@@ -298,7 +308,7 @@ fn remote_mx(dir: &Path, ip: IpAddr, port: u16) -> Postfix {
         "postfix-remote",
         &format!(
             "myhostname = mx2.remote.test\nmydomain = remote.test\nmydestination =\n\
-             inet_interfaces = {ip}\ninet_protocols = ipv4\nmynetworks =\n\
+             inet_interfaces = loopback-only\ninet_protocols = ipv4\nmynetworks =\n\
              smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {crt}\nsmtpd_tls_key_file = {key}\n\
              smtpd_tls_received_header = yes\nsmtpd_tls_loglevel = 1\n\
              virtual_mailbox_domains = remote.test implicit.test example.test\n\
@@ -356,7 +366,7 @@ fn mta_delivers_through_dns_to_postfix_with_dkim_retries_and_bounces() {
     if !have(&[POSTFIX, PY, OPENSSL]) || !dnsfix::tools_available(&["nsd"]) {
         return;
     }
-    if !dkimverify::available() {
+    if !dkimverify::dkimpy_available() {
         return;
     }
     if !is_root() {
@@ -444,7 +454,9 @@ fn mta_delivers_through_dns_to_postfix_with_dkim_retries_and_bounces() {
             .unwrap_or_else(|e| panic!("dkimverify: {e}\n{got}"));
         assert_eq!(results.len(), 2, "{results:?}\n{got}");
         assert!(
-            results.iter().any(|r| r.contains("a=rsa-sha256") && r.ends_with("pass")),
+            results
+                .iter()
+                .any(|r| r.contains("a=rsa-sha256") && r.ends_with("pass")),
             "{results:?}"
         );
         assert!(
@@ -458,7 +470,7 @@ fn mta_delivers_through_dns_to_postfix_with_dkim_retries_and_bounces() {
     let altered = with_crlf(&got_bob.replace("Hello over DNS.", "Hello over DNS!"));
     let results = dkimverify::dkim_verify(&altered, &records).unwrap();
     assert!(
-        results.iter().all(|r| r.ends_with("fail")),
+        results.iter().all(|r| r.contains(" fail")),
         "altered body still verifies: {results:?}"
     );
     let log = pf.maillog();
@@ -483,14 +495,21 @@ fn mta_delivers_through_dns_to_postfix_with_dkim_retries_and_bounces() {
     .unwrap_or_else(|| panic!("{}", ctx("no DSN for the 5xx")));
     let h = headers(&dsn);
     assert!(
-        h.iter().any(|l| l.to_ascii_lowercase().starts_with("return-path: <>")),
+        h.iter()
+            .any(|l| l.to_ascii_lowercase().starts_with("return-path: <>")),
         "a DSN has a null sender: {dsn}"
     );
     assert!(dsn.contains("report-type=delivery-status"), "{dsn}");
-    assert!(dsn.contains("Final-Recipient: rfc822; nobody@remote.test"), "{dsn}");
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; nobody@remote.test"),
+        "{dsn}"
+    );
     assert!(dsn.contains("Action: failed"), "{dsn}");
     assert!(dsn.contains("Status: 5.1.1"), "{dsn}");
-    assert!(dsn.contains("550 5.1.1"), "the remote's reply is quoted: {dsn}");
+    assert!(
+        dsn.contains("550 5.1.1"),
+        "the remote's reply is quoted: {dsn}"
+    );
     let results = dkimverify::dkim_verify(&with_crlf(&dsn), &records).unwrap();
     assert!(
         !results.is_empty() && results.iter().all(|r| r.ends_with("pass")),
@@ -534,8 +553,7 @@ fn mta_delivers_through_dns_to_postfix_with_dkim_retries_and_bounces() {
     assert!(
         wait_for(Duration::from_secs(20), || mta
             .queue(&["list"])
-            .trim()
-            .is_empty()
+            .contains("Mail queue is empty")
             .then_some(()))
         .is_some(),
         "{}",
@@ -559,7 +577,11 @@ fn mta_delivers_through_dns_to_postfix_with_dkim_retries_and_bounces() {
     let reused = mta
         .metric("ringmail_mta_connections_reused_total")
         .unwrap_or(0.0);
-    assert!(reused >= 1.0, "{}", ctx(&format!("no connection reuse: {reused}")));
+    assert!(
+        reused >= 1.0,
+        "{}",
+        ctx(&format!("no connection reuse: {reused}"))
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -633,8 +655,16 @@ fn starttls_reply_injection_by_the_remote_is_discarded() {
     let (st, out) = run_bounded(
         Command::new(OPENSSL)
             .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-                "/CN=inject.test", "-keyout",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=inject.test",
+                "-keyout",
             ])
             .arg(&key)
             .arg("-out")
@@ -659,7 +689,11 @@ fn starttls_reply_injection_by_the_remote_is_discarded() {
     .expect("injector did not start");
     let mta = Mta::start(
         &dir,
-        &["--relay".into(), format!("127.0.0.1:{port}"), "--no-mta-sts".into()],
+        &[
+            "--relay".into(),
+            format!("127.0.0.1:{port}"),
+            "--no-mta-sts".into(),
+        ],
     );
     submit(
         mta.addr,
@@ -679,15 +713,21 @@ fn starttls_reply_injection_by_the_remote_is_discarded() {
         .skip(1)
         .collect();
     assert!(
-        after.first().is_some_and(|l| l.to_ascii_uppercase().starts_with("EHLO")),
+        after
+            .first()
+            .is_some_and(|l| l.to_ascii_uppercase().starts_with("EHLO")),
         "{session}"
     );
-    assert!(after.iter().any(|l| l.starts_with("MAIL FROM:<alice@example.test>")), "{session}");
+    assert!(
+        after
+            .iter()
+            .any(|l| l.starts_with("MAIL FROM:<alice@example.test>")),
+        "{session}"
+    );
     assert!(
         wait_for(Duration::from_secs(20), || mta
             .queue(&["list"])
-            .trim()
-            .is_empty()
+            .contains("Mail queue is empty")
             .then_some(()))
         .is_some(),
         "not delivered:\n{}",
@@ -773,7 +813,11 @@ fn kill9_during_delivery_loses_no_acknowledged_message() {
     let sink = Sink::start(Duration::from_millis(30));
     let mut mta = Mta::start(
         &dir,
-        &["--relay".into(), sink.addr.to_string(), "--no-mta-sts".into()],
+        &[
+            "--relay".into(),
+            sink.addr.to_string(),
+            "--no-mta-sts".into(),
+        ],
     );
     const N: usize = 60;
     let script = format!(
@@ -785,26 +829,39 @@ fn kill9_during_delivery_loses_no_acknowledged_message() {
         ip = mta.addr.ip(),
         port = mta.addr.port()
     );
-    let (st, out) = run_bounded(Command::new(PY).arg("-c").arg(&script), Duration::from_secs(120));
+    let (st, out) = run_bounded(
+        Command::new(PY).arg("-c").arg(&script),
+        Duration::from_secs(120),
+    );
     assert!(st.success(), "smtplib: {out}");
     // Every message was acknowledged; kill the MTA while it is still delivering.
     assert!(
-        wait_for(Duration::from_secs(30), || (!sink.ids.lock().unwrap().is_empty())
-            .then_some(()))
+        wait_for(Duration::from_secs(30), || (!sink
+            .ids
+            .lock()
+            .unwrap()
+            .is_empty())
+        .then_some(()))
         .is_some(),
         "no delivery started:\n{}",
         mta.log()
     );
     mta.kill9();
     let before = sink.ids.lock().unwrap().len();
-    assert!(before < N, "everything was delivered before the kill ({before})");
+    assert!(
+        before < N,
+        "everything was delivered before the kill ({before})"
+    );
     mta.restart();
     let all = wait_for(Duration::from_secs(90), || {
         (sink.ids.lock().unwrap().len() >= N).then_some(())
     });
     let ids = sink.ids.lock().unwrap().clone();
     let dups: usize = ids.values().map(|n| n - 1).sum();
-    eprintln!("crash test: {before} delivered before kill -9, {} unique after restart, {dups} duplicates", ids.len());
+    eprintln!(
+        "crash test: {before} delivered before kill -9, {} unique after restart, {dups} duplicates",
+        ids.len()
+    );
     assert!(
         all.is_some(),
         "only {} of {N} messages delivered after the restart:\n{}",
@@ -812,7 +869,10 @@ fn kill9_during_delivery_loses_no_acknowledged_message() {
         mta.log()
     );
     for i in 0..N {
-        assert!(ids.contains_key(&format!("<crash-{i}@example.test>")), "lost crash-{i}");
+        assert!(
+            ids.contains_key(&format!("<crash-{i}@example.test>")),
+            "lost crash-{i}"
+        );
     }
     assert!(dups <= 20, "too many duplicates: {dups}");
 }

@@ -14,17 +14,16 @@
 
 #[macro_use]
 mod common;
-#[path = "common/postfix.rs"]
-mod postfix;
 #[path = "../roles/mailauth/tests/common/mod.rs"]
 mod dnsfix;
+#[path = "common/postfix.rs"]
+mod postfix;
 
-use std::collections::HashMap;
 use std::fs;
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};

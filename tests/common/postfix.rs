@@ -137,7 +137,10 @@ impl Postfix {
         );
         assert!(st.success(), "postconf -e: {out}");
         let (st, out) = run_bounded(
-            Command::new(POSTFIX).arg("-c").arg(self.etc()).arg("reload"),
+            Command::new(POSTFIX)
+                .arg("-c")
+                .arg(self.etc())
+                .arg("reload"),
             Duration::from_secs(30),
         );
         assert!(st.success(), "postfix reload: {out}\n{}", self.maillog());

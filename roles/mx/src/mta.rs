@@ -137,11 +137,14 @@ impl MtaServer {
                 .min(4)
         });
         let m = Arc::clone(&mta);
-        let workers =
-            Workers::start_mode(cfg.runtime, nworkers, &cfg.listen, pin, move |s, peer, _| {
-                run(Arc::clone(&m), s, peer)
-            })
-            .map_err(MxError::Listen)?;
+        let workers = Workers::start_mode(
+            cfg.runtime,
+            nworkers,
+            &cfg.listen,
+            pin,
+            move |s, peer, _| run(Arc::clone(&m), s, peer),
+        )
+        .map_err(MxError::Listen)?;
 
         let out_stats = Arc::new(OutboundStats {
             relay: Arc::new(MxStats::default()),
@@ -243,7 +246,11 @@ struct Ctx<'a> {
 pub async fn run(mta: Arc<Mta>, mut stream: TcpStream, peer: SocketAddr) {
     let mta = &*mta;
     inc(&mta.stats.sessions);
-    let trusted = mta.cfg.trusted_clients.iter().any(|c| c.contains(peer.ip()));
+    let trusted = mta
+        .cfg
+        .trusted_clients
+        .iter()
+        .any(|c| c.contains(peer.ip()));
     let mut ctx = Ctx {
         mta,
         client: peer,
@@ -392,7 +399,11 @@ impl Ctx<'_> {
         password: Option<&str>,
     ) {
         let Some(accounts) = &self.mta.accounts else {
-            server.reject(Reply::new(503, "5.5.1", "Error: authentication not enabled"));
+            server.reject(Reply::new(
+                503,
+                "5.5.1",
+                "Error: authentication not enabled",
+            ));
             return;
         };
         let authz_ok = authzid
@@ -469,7 +480,11 @@ impl Ctx<'_> {
         };
         let helo = {
             let h = printable(&self.helo).replace([' ', '(', ')'], "");
-            if h.is_empty() { "unknown".to_string() } else { h }
+            if h.is_empty() {
+                "unknown".to_string()
+            } else {
+                h
+            }
         };
         let proto = match (self.params_utf8(&txn.params), self.tls, self.user.is_some()) {
             (true, _, true) => "UTF8SMTPSA",

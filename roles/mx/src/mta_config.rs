@@ -290,8 +290,7 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MtaConfig> {
                             } else if s.is_empty()
                                 || !s.split('.').all(|l| {
                                     !l.is_empty()
-                                        && l.bytes()
-                                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
                                 })
                             {
                                 ctx.error(

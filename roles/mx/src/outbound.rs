@@ -360,7 +360,9 @@ async fn deliver_message(out: &Outbound, claim: Claim) {
     }
     let relay = &out.stats.relay;
     relay.deliveries_ok.fetch_add(ok, Ordering::Relaxed);
-    relay.deliveries_deferred.fetch_add(deferred, Ordering::Relaxed);
+    relay
+        .deliveries_deferred
+        .fetch_add(deferred, Ordering::Relaxed);
     relay.deliveries_failed.fetch_add(failed, Ordering::Relaxed);
     drop(claim);
 }
@@ -413,10 +415,7 @@ fn all(rcpts: &[&RecipientState], o: impl Fn() -> QOutcome) -> Vec<(String, QOut
 }
 
 /// The hosts to try for a domain, or the verdict for all its recipients.
-async fn plan(
-    out: &Outbound,
-    domain: &str,
-) -> Result<(Vec<MxHost>, bool), Result<String, String>> {
+async fn plan(out: &Outbound, domain: &str) -> Result<(Vec<MxHost>, bool), Result<String, String>> {
     if let Some(relay) = out.cfg.relay {
         return Ok((
             vec![MxHost {
@@ -473,9 +472,20 @@ async fn deliver_domain(
     // A cached connection to this domain first (a stale one fails fast; then a fresh one).
     if let Some(mut c) = out.take_cached(domain) {
         out.stats.connections_reused.fetch_add(1, Ordering::Relaxed);
-        if let Ok(r) = transaction(&out.spool, &mut c, env, rcpts, prefix).await {
-            out.put_back(domain, c);
-            return r;
+        match transaction(&out.spool, &mut c, env, rcpts, prefix).await {
+            Ok(r)
+                if r.iter()
+                    .all(|(_, o)| matches!(o, QOutcome::TempFail { .. })) =>
+            {
+                // Nothing accepted on the old session: a fresh one (or another MX) may do
+                // better, e.g. after the remote changed its mind.
+                c.quit().await;
+            }
+            Ok(r) => {
+                out.put_back(domain, c);
+                return r;
+            }
+            Err(_) => {}
         }
     }
     let (hosts, enforce) = match plan(out, domain).await {
@@ -516,7 +526,10 @@ async fn deliver_domain(
                 }
             };
             match transaction(&out.spool, &mut c, env, rcpts, prefix).await {
-                Ok(r) if r.iter().all(|(_, o)| matches!(o, QOutcome::TempFail { .. })) => {
+                Ok(r)
+                    if r.iter()
+                        .all(|(_, o)| matches!(o, QOutcome::TempFail { .. })) =>
+                {
                     // Nothing accepted here: the next MX host may do better.
                     if let Some((_, QOutcome::TempFail { reply })) = r.first() {
                         last_error = format!("{reply} (from {} [{}])", host.name, addr.ip());
@@ -539,7 +552,12 @@ async fn deliver_domain(
 
 /// Opens a session with opportunistic STARTTLS (RFC 7435: any certificate; a failed
 /// handshake is retried once in plaintext), or with verified TLS required (MTA-STS enforce).
-async fn open(out: &Outbound, addr: SocketAddr, host: &str, enforce: bool) -> Result<Conn, ConnError> {
+async fn open(
+    out: &Outbound,
+    addr: SocketAddr,
+    host: &str,
+    enforce: bool,
+) -> Result<Conn, ConnError> {
     let name = match host.parse::<IpAddr>() {
         Ok(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
         Err(_) => rustls::pki_types::ServerName::try_from(host.trim_end_matches('.').to_string())

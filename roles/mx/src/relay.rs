@@ -268,7 +268,10 @@ impl Conn {
     }
 
     async fn starttls(&mut self) -> Result<(), ConnError> {
-        let setup = self.tls.clone().ok_or("STARTTLS without a TLS configuration")?;
+        let setup = self
+            .tls
+            .clone()
+            .ok_or("STARTTLS without a TLS configuration")?;
         let plain = self.stream.take().ok_or("connection lost")?;
         let hs = tokio::time::timeout(
             Duration::from_secs(30),
