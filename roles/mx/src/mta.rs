@@ -28,7 +28,6 @@ use crate::dkim::DkimSigner;
 use crate::driver::{Next, Policy, drive};
 use crate::mta_config::MtaConfig;
 use crate::outbound::{Outbound, OutboundStats};
-use crate::resolve::MxResolver;
 use crate::runtime::Workers;
 use crate::session::printable;
 use crate::tls::TlsStore;
@@ -75,26 +74,6 @@ impl MtaServer {
     ) -> Result<MtaServer, MxError> {
         let cfg = Arc::new(cfg);
         let dkim = Arc::new(DkimSigner::load(&cfg.dkim).map_err(MxError::Dkim)?);
-        let resolver = MxResolver::new(cfg.resolver, Duration::from_secs(5))
-            .map_err(|e| MxError::Resolver(e.to_string()))?;
-        let sts = if cfg.mta_sts && cfg.relay.is_none() {
-            Some(
-                crate::sts::Sts::new(
-                    crate::sts::StsConfig {
-                        enabled: true,
-                        extra_ca: cfg.mta_sts_ca.clone(),
-                        ..crate::sts::StsConfig::default()
-                    },
-                    resolver.clone(),
-                )
-                .map_err(|e| MxError::Resolver(e.to_string()))?,
-            )
-        } else {
-            None
-        };
-        let tls_verified = crate::sts::tls_verified(cfg.mta_sts_ca.as_deref())
-            .map_err(|e| MxError::Resolver(e.to_string()))?;
-        let tls_any = crate::sts::tls_opportunistic();
         let spool = crate::open_spool(
             &cfg.spool,
             &cfg.hostname,
@@ -130,6 +109,17 @@ impl MtaServer {
             stats,
             queued: Arc::clone(&queued),
         });
+        let out_stats = Arc::new(OutboundStats {
+            relay: Arc::new(MxStats::default()),
+            ..OutboundStats::default()
+        });
+        let outbound = Arc::new(Outbound::new(
+            Arc::clone(&cfg),
+            spool.clone(),
+            Arc::clone(&out_stats),
+            Arc::clone(&queued),
+            dkim,
+        )?);
         let nworkers = cfg.workers.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -146,21 +136,6 @@ impl MtaServer {
         )
         .map_err(MxError::Listen)?;
 
-        let out_stats = Arc::new(OutboundStats {
-            relay: Arc::new(MxStats::default()),
-            ..OutboundStats::default()
-        });
-        let outbound = Arc::new(Outbound::new(
-            Arc::clone(&cfg),
-            spool.clone(),
-            Arc::clone(&out_stats),
-            queued,
-            resolver,
-            sts,
-            dkim,
-            tls_any,
-            tls_verified,
-        ));
         let (out_stop, stop_rx) = tokio::sync::watch::channel(false);
         let outbound = std::thread::Builder::new()
             .name("ringmail-mta-out".into())

@@ -136,19 +136,33 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// The resolver, MTA-STS and the two TLS client configurations from the configuration.
     pub fn new(
         cfg: Arc<MtaConfig>,
         spool: Spool,
         stats: Arc<OutboundStats>,
         queued: Arc<Notify>,
-        resolver: MxResolver,
-        sts: Option<Sts>,
         dkim: Arc<DkimSigner>,
-        tls_any: Arc<rustls::ClientConfig>,
-        tls_verified: Arc<rustls::ClientConfig>,
-    ) -> Outbound {
+    ) -> Result<Outbound, crate::MxError> {
+        let resolver = MxResolver::new(cfg.resolver, Duration::from_secs(5))
+            .map_err(|e| crate::MxError::Resolver(e.to_string()))?;
+        let sts = if cfg.mta_sts && cfg.relay.is_none() {
+            let sts_cfg = crate::sts::StsConfig {
+                enabled: true,
+                extra_ca: cfg.mta_sts_ca.clone(),
+                ..crate::sts::StsConfig::default()
+            };
+            Some(
+                Sts::new(sts_cfg, resolver.clone())
+                    .map_err(|e| crate::MxError::Resolver(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let tls_verified = crate::sts::tls_verified(cfg.mta_sts_ca.as_deref())
+            .map_err(|e| crate::MxError::Resolver(e.to_string()))?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Outbound {
+        Ok(Outbound {
             cfg,
             spool,
             stats,
@@ -156,12 +170,12 @@ impl Outbound {
             resolver,
             sts,
             dkim,
-            tls_any: tokio_rustls::TlsConnector::from(tls_any),
+            tls_any: tokio_rustls::TlsConnector::from(crate::sts::tls_opportunistic()),
             tls_verified: tokio_rustls::TlsConnector::from(tls_verified),
             cache: Mutex::new(HashMap::new()),
             per_destination: Mutex::new(HashMap::new()),
             signing: Arc::new(Semaphore::new(cores)),
-        }
+        })
     }
 
     fn take_cached(&self, dest: &str) -> Option<Conn> {
