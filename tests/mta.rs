@@ -18,13 +18,12 @@ mod dnsfix;
 #[path = "common/postfix.rs"]
 mod postfix;
 
-use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -738,71 +737,6 @@ fn starttls_reply_injection_by_the_remote_is_discarded() {
 // ---------------------------------------------------------------------------------------------
 // Crash safety: kill -9 while delivering
 
-/// A slow SMTP sink (each end of data answered after `delay`) recording Message-IDs.
-struct Sink {
-    addr: SocketAddr,
-    ids: Arc<Mutex<HashMap<String, usize>>>,
-}
-
-impl Sink {
-    fn start(delay: Duration) -> Sink {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let ids: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-        let ids2 = Arc::clone(&ids);
-        thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                let ids = Arc::clone(&ids2);
-                thread::spawn(move || {
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-                    let mut w = s.try_clone().unwrap();
-                    let mut r = BufReader::new(s);
-                    let _ = w.write_all(b"220 sink ESMTP\r\n");
-                    let mut line = String::new();
-                    let mut in_data = false;
-                    let mut id = String::new();
-                    loop {
-                        line.clear();
-                        match r.read_line(&mut line) {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) => {}
-                        }
-                        if in_data {
-                            if line == ".\r\n" {
-                                in_data = false;
-                                thread::sleep(delay);
-                                *ids.lock().unwrap().entry(id.clone()).or_default() += 1;
-                                if w.write_all(b"250 2.0.0 ok\r\n").is_err() {
-                                    return;
-                                }
-                            } else if line.to_ascii_lowercase().starts_with("message-id:") {
-                                id = line[11..].trim().to_string();
-                            }
-                            continue;
-                        }
-                        let u = line.to_ascii_uppercase();
-                        let reply: &[u8] = if u.starts_with("EHLO") {
-                            b"250-sink\r\n250 PIPELINING\r\n"
-                        } else if u.starts_with("DATA") {
-                            in_data = true;
-                            b"354 go\r\n"
-                        } else if u.starts_with("QUIT") {
-                            let _ = w.write_all(b"221 bye\r\n");
-                            return;
-                        } else {
-                            b"250 ok\r\n"
-                        };
-                        if w.write_all(reply).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Sink { addr, ids }
-    }
-}
-
 #[test]
 fn kill9_during_delivery_loses_no_acknowledged_message() {
     if !have(&[PY]) {
@@ -810,7 +744,7 @@ fn kill9_during_delivery_loses_no_acknowledged_message() {
     }
     let tmp = TempDir::new("mta-crash");
     let dir = tmp.path().to_path_buf();
-    let sink = Sink::start(Duration::from_millis(30));
+    let sink = IdSink::start(Duration::from_millis(30));
     let mut mta = Mta::start(
         &dir,
         &[
@@ -875,4 +809,65 @@ fn kill9_during_delivery_loses_no_acknowledged_message() {
         );
     }
     assert!(dups <= 20, "too many duplicates: {dups}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nothing from outside: only trusted clients relay
+
+#[test]
+fn untrusted_clients_are_refused_and_bad_configs_are_reported() {
+    let tmp = TempDir::new("mta-refuse");
+    let dir = tmp.path().to_path_buf();
+    // Loopback is not trusted here, and there is no AUTH: 554 at connect.
+    let mta = Mta::start(
+        &dir,
+        &[
+            "--relay".into(),
+            "127.0.0.1:9".into(),
+            "--trusted".into(),
+            "10.0.0.0/8".into(),
+        ],
+    );
+    let s = TcpStream::connect(mta.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    assert!(line.starts_with("554 5.7.1"), "{line}");
+    assert!(
+        mta.queue(&["list"]).contains("Mail queue is empty"),
+        "{}",
+        mta.log()
+    );
+
+    // --check reports every error with file and line, and exits 2.
+    let cfg = dir.join("mta.toml");
+    fs::write(
+        &cfg,
+        "[mta]\nhostname = \"mta\"\nlisten = [\"127.0.0.1:25\"]\nspool = \"/tmp/x\"\nmax_per_destination = 0\ncolour = \"blue\"\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["mta", "--check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in ["mta.toml:2:", "mta.toml:5:", "mta.toml:6:", "colour"] {
+        assert!(err.contains(want), "{want} missing from {err}");
+    }
+    // A missing key file is a configuration error too.
+    fs::write(
+        &cfg,
+        "[mta]\nhostname = \"mta.example.test\"\nlisten = [\"127.0.0.1:25\"]\nspool = \"/tmp/x\"\ndkim = [{ domain = \"example.test\", selector = \"s1\", key = \"/nonexistent/s1.key\" }]\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["mta", "--check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/s1.key"), "{err}");
 }

@@ -2,6 +2,8 @@
 //! try it, and what it prints works.
 
 mod common;
+#[path = "../roles/mailauth/tests/common/mod.rs"]
+mod dnsfix;
 
 use std::process::Command;
 use std::time::Duration;
@@ -13,6 +15,17 @@ fn up_starts_the_mx_the_msa_the_mta_and_the_lb_and_its_try_lines_work() {
     let dir = TempDir::new("up");
     let (lb, admin, mx, mx_admin) = (free_addr(), free_addr(), free_addr(), free_addr());
     let data = dir.path().join("data");
+    // The outside world: remote.test's MX is a small SMTP server on 127.0.0.5, found through a
+    // real DNS server (NSD), so the MTA's outbound path is the real one.
+    let world = dnsfix::tools_available(&["nsd"]).then(|| {
+        let ip: std::net::IpAddr = "127.0.0.5".parse().unwrap();
+        let port = free_port_on(ip);
+        let sink = IdSink::start_on(std::net::SocketAddr::new(ip, port), Duration::ZERO);
+        let dns = dnsfix::DnsServer::start(&[dnsfix::Zone::new("remote.test")
+            .rr("@ MX 10 mx.remote.test.")
+            .rr("mx A 127.0.0.5")]);
+        (sink, dns, port)
+    });
     let mut up = ChildGuard::spawn(
         "ringmail up",
         Command::new(RINGMAIL)
@@ -33,6 +46,15 @@ fn up_starts_the_mx_the_msa_the_mta_and_the_lb_and_its_try_lines_work() {
             .args(["--msa-admin", &free_addr().to_string()])
             .args(["--mta-listen", &free_addr().to_string()])
             .args(["--mta-admin", &free_addr().to_string()])
+            .args(match &world {
+                Some((_, dns, port)) => vec![
+                    "--mta-resolver".to_string(),
+                    dns.addr().to_string(),
+                    "--mta-remote-port".to_string(),
+                    port.to_string(),
+                ],
+                None => vec![],
+            })
             .arg("--data")
             .arg(&data),
         dir.path().join("up.log"),
@@ -88,6 +110,42 @@ fn up_starts_the_mx_the_msa_the_mta_and_the_lb_and_its_try_lines_work() {
     })
     .expect("the message is in the queue");
     assert!(listed.contains("1 Requests"), "{listed}");
+    // Outbound: the same python line to a remote address goes MSA -> MTA -> remote.test's MX,
+    // DKIM-signed with up's key.
+    if let Some((sink, _dns, _)) = &world {
+        let out_line = line
+            .replace("bob@example.test", "carol@remote.test")
+            .replace(
+                "'Subject: hi",
+                "'From: <alice@example.test>\\r\\nSubject: hi",
+            );
+        assert!(out_line.contains("From: <alice"), "{out_line}");
+        let (status, out) = run_bounded(
+            Command::new("sh").arg("-c").arg(&out_line),
+            Duration::from_secs(30),
+        );
+        assert!(status.success(), "{out_line}\n{out}");
+        assert!(
+            wait_for(Duration::from_secs(60), || (!sink
+                .ids
+                .lock()
+                .unwrap()
+                .is_empty())
+            .then_some(()))
+            .is_some(),
+            "nothing reached remote.test's MX:\n{}",
+            up.log_text()
+        );
+        let text = sink.last.lock().unwrap().clone();
+        assert!(
+            text.starts_with("DKIM-Signature:") && text.contains("d=example.test"),
+            "{text}"
+        );
+        assert!(
+            text.contains("(Authenticated sender: alice@example.test)"),
+            "{text}"
+        );
+    }
     up.signal(libc::SIGTERM);
     let status = up
         .wait_timeout(Duration::from_secs(30))

@@ -9,9 +9,9 @@
 // io_uring with a raw syscall. Each block says why it is sound.
 #![allow(unsafe_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -1087,4 +1087,86 @@ pub fn read_all(s: &mut TcpStream, limit: usize) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
     s.take(limit as u64).read_to_end(&mut out)?;
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A remote SMTP server for delivery tests
+
+/// A small SMTP sink (each end of data answered after `delay`) that counts messages by
+/// Message-ID (duplicates show as counts above 1) and keeps the last message's text.
+pub struct IdSink {
+    pub addr: SocketAddr,
+    pub ids: Arc<Mutex<HashMap<String, usize>>>,
+    pub last: Arc<Mutex<String>>,
+}
+
+impl IdSink {
+    pub fn start(delay: Duration) -> IdSink {
+        IdSink::start_on("127.0.0.1:0".parse().unwrap(), delay)
+    }
+
+    pub fn start_on(bind: SocketAddr, delay: Duration) -> IdSink {
+        let l = TcpListener::bind(bind).unwrap();
+        let addr = l.local_addr().unwrap();
+        let ids: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let ids2 = Arc::clone(&ids);
+        let last: Arc<Mutex<String>> = Arc::default();
+        let last2 = Arc::clone(&last);
+        thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let ids = Arc::clone(&ids2);
+                let last = Arc::clone(&last2);
+                thread::spawn(move || {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                    let mut w = s.try_clone().unwrap();
+                    let mut r = BufReader::new(s);
+                    let _ = w.write_all(b"220 sink ESMTP\r\n");
+                    let mut line = String::new();
+                    let mut in_data = false;
+                    let mut id = String::new();
+                    let mut text = String::new();
+                    loop {
+                        line.clear();
+                        match r.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if in_data {
+                            if line == ".\r\n" {
+                                in_data = false;
+                                thread::sleep(delay);
+                                *ids.lock().unwrap().entry(id.clone()).or_default() += 1;
+                                *last.lock().unwrap() = std::mem::take(&mut text);
+                                if w.write_all(b"250 2.0.0 ok\r\n").is_err() {
+                                    return;
+                                }
+                            } else {
+                                if line.to_ascii_lowercase().starts_with("message-id:") {
+                                    id = line[11..].trim().to_string();
+                                }
+                                text.push_str(&line);
+                            }
+                            continue;
+                        }
+                        let u = line.to_ascii_uppercase();
+                        let reply: &[u8] = if u.starts_with("EHLO") {
+                            b"250-sink\r\n250 PIPELINING\r\n"
+                        } else if u.starts_with("DATA") {
+                            in_data = true;
+                            b"354 go\r\n"
+                        } else if u.starts_with("QUIT") {
+                            let _ = w.write_all(b"221 bye\r\n");
+                            return;
+                        } else {
+                            b"250 ok\r\n"
+                        };
+                        if w.write_all(reply).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        IdSink { addr, ids, last }
+    }
 }
