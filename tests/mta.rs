@@ -871,3 +871,214 @@ fn untrusted_clients_are_refused_and_bad_configs_are_reported() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/s1.key"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// MTA-STS: policies fetched over HTTPS, enforce mode honoured
+
+const POLICY_SERVER: &str = r#"
+import http.server, ssl, sys
+crt, key, ip, root = sys.argv[1:5]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        host = (self.headers.get("Host") or "").split(":")[0]
+        try:
+            body = open(root + "/" + host + ".txt", "rb").read()
+        except OSError:
+            self.send_error(404)
+            return
+        if self.path != "/.well-known/mta-sts.txt":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        sys.stderr.write((a[0] % a[1:]) + "\n")
+srv = http.server.HTTPServer((ip, 443), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(crt, key)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+
+#[test]
+fn mta_sts_enforce_refuses_unlisted_mx_and_plaintext() {
+    if !have(&[PY, OPENSSL]) || !dnsfix::tools_available(&["nsd"]) {
+        return;
+    }
+    if !is_root() {
+        skip("the MTA-STS policy server listens on port 443, which needs root");
+        return;
+    }
+    let tmp = TempDir::new("mta-sts");
+    let dir = tmp.path().to_path_buf();
+    let domains = ["mismatch.test", "notls.test", "testing.test"];
+    // A lab CA and one certificate for every mta-sts.<domain> name.
+    let ca_key = dir.join("ca.key");
+    let ca = dir.join("ca.crt");
+    let key = dir.join("sts.key");
+    let csr = dir.join("sts.csr");
+    let crt = dir.join("sts.crt");
+    let ext = dir.join("ext.cnf");
+    let sans: Vec<String> = domains.iter().map(|d| format!("DNS:mta-sts.{d}")).collect();
+    fs::write(&ext, format!("subjectAltName={}\n", sans.join(","))).unwrap();
+    for args in [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ringmail test CA",
+            "-keyout",
+            ca_key.to_str().unwrap(),
+            "-out",
+            ca.to_str().unwrap(),
+        ],
+        vec![
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=mta-sts.testing.test",
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            csr.to_str().unwrap(),
+        ],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            csr.to_str().unwrap(),
+            "-CA",
+            ca.to_str().unwrap(),
+            "-CAkey",
+            ca_key.to_str().unwrap(),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext.to_str().unwrap(),
+            "-out",
+            crt.to_str().unwrap(),
+        ],
+    ] {
+        let (st, out) = run_bounded(Command::new(OPENSSL).args(&args), Duration::from_secs(60));
+        assert!(st.success(), "openssl {args:?}: {out}");
+    }
+    let policies = dir.join("policies");
+    fs::create_dir_all(&policies).unwrap();
+    for (d, mode, mx) in [
+        ("mismatch.test", "enforce", "mx.elsewhere.test"),
+        ("notls.test", "enforce", "mx.notls.test"),
+        ("testing.test", "testing", "mx.elsewhere.test"),
+    ] {
+        fs::write(
+            policies.join(format!("mta-sts.{d}.txt")),
+            format!("version: STSv1\r\nmode: {mode}\r\nmx: {mx}\r\nmax_age: 86400\r\n"),
+        )
+        .unwrap();
+    }
+    let https_ip = "127.0.0.4";
+    let script = dir.join("policy.py");
+    fs::write(&script, POLICY_SERVER).unwrap();
+    let mut cmd = Command::new(PY);
+    cmd.arg(&script)
+        .arg(&crt)
+        .arg(&key)
+        .arg(https_ip)
+        .arg(&policies);
+    let _https = ChildGuard::spawn("policy server", &mut cmd, dir.join("policy.log")).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(20), || TcpStream::connect((
+            https_ip, 443
+        ))
+        .ok()
+        .map(|_| ()))
+        .is_some(),
+        "policy server did not start"
+    );
+    // Every MX is a plaintext SMTP server (no STARTTLS) on 127.0.0.6.
+    let mx_ip: IpAddr = "127.0.0.6".parse().unwrap();
+    let port = free_port_on(mx_ip);
+    let sink = IdSink::start_on(SocketAddr::new(mx_ip, port), Duration::ZERO);
+    let zones: Vec<dnsfix::Zone> = domains
+        .iter()
+        .map(|d| {
+            let label = d.split('.').next().unwrap();
+            dnsfix::Zone::new(d)
+                .rr(&format!("@ MX 10 mx.{d}."))
+                .rr("mx A 127.0.0.6")
+                .rr(&format!("mta-sts A {https_ip}"))
+                .txt("_mta-sts", &format!("v=STSv1; id={label}1;"))
+        })
+        .collect();
+    let dns = dnsfix::DnsServer::start(&zones);
+    let mta = Mta::start(
+        &dir,
+        &[
+            "--resolver".into(),
+            dns.addr().to_string(),
+            "--remote-port".into(),
+            port.to_string(),
+            "--mta-sts-ca".into(),
+            ca.display().to_string(),
+        ],
+    );
+    for d in domains {
+        submit(
+            mta.addr,
+            "alice@example.test",
+            &[&format!("u@{d}")],
+            &message(
+                "alice@example.test",
+                &format!("u@{d}"),
+                &format!("to {d}"),
+                "x",
+            ),
+        );
+    }
+    // testing mode: delivered in plaintext to the unlisted MX (the policy only reports).
+    assert!(
+        wait_for(Duration::from_secs(60), || sink
+            .ids
+            .lock()
+            .unwrap()
+            .contains_key("<to-testing.test@example.test>")
+            .then_some(()))
+        .is_some(),
+        "testing-mode domain not delivered:\n{}",
+        mta.log()
+    );
+    // enforce mode: an MX the policy does not list is never used; a listed one without TLS
+    // is not used either. Both stay queued with the reason.
+    let listed = wait_for(Duration::from_secs(60), || {
+        let l = mta.queue(&["list"]);
+        (l.contains("u@mismatch.test")
+            && l.contains("4.7.5")
+            && l.contains("u@notls.test")
+            && l.contains("STARTTLS"))
+        .then_some(l)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "enforce not applied:\n{}\n{}",
+            mta.queue(&["list"]),
+            mta.log()
+        )
+    });
+    let ids = sink.ids.lock().unwrap().clone();
+    assert_eq!(ids.len(), 1, "{ids:?}\n{listed}");
+    assert!(
+        mta.metric("ringmail_mta_sts_enforced_total").unwrap_or(0.0) >= 2.0,
+        "{}",
+        mta.log()
+    );
+}
