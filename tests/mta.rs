@@ -281,28 +281,7 @@ fn remote_mx(dir: &Path, ip: IpAddr, port: u16) -> Postfix {
             .stdout,
     )
     .unwrap();
-    let crt = dir.join("remote.crt");
-    let key = dir.join("remote.key");
-    let (st, out) = run_bounded(
-        Command::new(OPENSSL)
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=mx2.remote.test",
-                "-keyout",
-            ])
-            .arg(&key)
-            .arg("-out")
-            .arg(&crt),
-        Duration::from_secs(60),
-    );
-    assert!(st.success(), "openssl: {out}");
+    let (crt, key) = self_signed(dir, "remote", "mx2.remote.test");
     let pf = Postfix::with_config(
         "postfix-remote",
         &format!(
@@ -334,6 +313,26 @@ fn remote_mx(dir: &Path, ip: IpAddr, port: u16) -> Postfix {
         Duration::from_secs(5),
     );
     pf
+}
+
+/// An RSA certificate for `cn`, self-signed with openssl: (`name.crt`, `name.key`) in `dir`.
+fn self_signed(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) {
+    let crt = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    let (st, out) = run_bounded(
+        Command::new(OPENSSL)
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            ])
+            .arg(format!("/CN={cn}"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt),
+        Duration::from_secs(60),
+    );
+    assert!(st.success(), "openssl: {out}");
+    (crt, key)
 }
 
 fn inbox(dir: &Path) -> Vec<String> {
@@ -649,28 +648,7 @@ fn starttls_reply_injection_by_the_remote_is_discarded() {
     }
     let tmp = TempDir::new("mta-inject");
     let dir = tmp.path().to_path_buf();
-    let crt = dir.join("i.crt");
-    let key = dir.join("i.key");
-    let (st, out) = run_bounded(
-        Command::new(OPENSSL)
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=inject.test",
-                "-keyout",
-            ])
-            .arg(&key)
-            .arg("-out")
-            .arg(&crt),
-        Duration::from_secs(60),
-    );
-    assert!(st.success(), "openssl: {out}");
+    let (crt, key) = self_signed(&dir, "i", "inject.test");
     let script = dir.join("inject.py");
     fs::write(&script, INJECTOR).unwrap();
     let port_file = dir.join("port");

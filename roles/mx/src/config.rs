@@ -156,6 +156,21 @@ impl Relay {
     }
 }
 
+/// `ROLE.tls = { cert = "…", key = "…" }`: PEM certificate chain and key files.
+pub(crate) fn tls_files(ctx: &mut Ctx<'_>, x: &Value<'_>, role: &str) -> Option<TlsFiles> {
+    let what = format!("{role}.tls");
+    let tt = table(ctx, x, &what)?;
+    check_keys(ctx, tt, &["cert", "key"], &what);
+    let cert =
+        required(ctx, x, tt, "cert", &what).and_then(|c| string(ctx, c, &format!("{what}.cert")));
+    let key =
+        required(ctx, x, tt, "key", &what).and_then(|k| string(ctx, k, &format!("{what}.key")));
+    Some(TlsFiles {
+        cert: PathBuf::from(cert?),
+        key: PathBuf::from(key?),
+    })
+}
+
 /// An address block, for `trusted_proxies`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -488,17 +503,7 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MxConfig> {
         }
     }
     if let Some(x) = t.get("tls") {
-        match table(ctx, x, "mx.tls").and_then(|tt| {
-            check_keys(ctx, tt, &["cert", "key"], "mx.tls");
-            let cert =
-                required(ctx, x, tt, "cert", "mx.tls").and_then(|c| string(ctx, c, "mx.tls.cert"));
-            let key =
-                required(ctx, x, tt, "key", "mx.tls").and_then(|k| string(ctx, k, "mx.tls.key"));
-            Some(TlsFiles {
-                cert: PathBuf::from(cert?),
-                key: PathBuf::from(key?),
-            })
-        }) {
+        match tls_files(ctx, x, "mx") {
             Some(f) => c.tls = Some(f),
             None => ok = false,
         }

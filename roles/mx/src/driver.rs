@@ -42,6 +42,37 @@ pub(crate) trait Policy {
     fn wants_close(&self) -> bool {
         false
     }
+    /// STARTTLS completed: the session starts over under TLS (forget logins, transactions).
+    fn tls_started(&mut self) {}
+}
+
+/// Runs a plaintext session (port 25/587 style) to its end, with the STARTTLS handshake
+/// (`acceptor`, 30 s) when the client asks for it and the rest of the session under TLS.
+pub(crate) async fn serve_with_starttls<P: Policy>(
+    mut stream: tokio::net::TcpStream,
+    server: &mut Server,
+    policy: &mut P,
+    acceptor: tokio_rustls::TlsAcceptor,
+    client: std::net::IpAddr,
+) {
+    match drive(&mut stream, server, policy).await {
+        Ok(Next::StartTls) => {
+            match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(stream)).await {
+                Ok(Ok(mut tls)) => {
+                    policy.tls_started();
+                    server.tls_established();
+                    let _ = drive(&mut tls, server, policy).await;
+                    let _ = tls.shutdown().await;
+                }
+                Ok(Err(e)) => tracing::debug!(%client, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%client, "TLS handshake timed out"),
+            }
+        }
+        Ok(Next::Closed) => {
+            let _ = stream.shutdown().await;
+        }
+        Err(e) => tracing::debug!(%client, error = %e, "session ended"),
+    }
 }
 
 /// Writes every reply the core has queued.

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use crate::MxError;
 use crate::admin::{Metrics, MxStats};
-use crate::driver::{Next, Policy, drive};
+use crate::driver::{Policy, drive};
 use crate::msa_config::{LocalRoute, MsaConfig};
 use crate::relay::{RelayCtx, Route};
 use crate::runtime::Workers;
@@ -404,26 +404,14 @@ pub async fn run(msa: Arc<Msa>, mut stream: TcpStream, peer: SocketAddr, implici
     if !early.is_empty() {
         server.receive(&early);
     }
-    match drive(&mut stream, &mut server, &mut ctx).await {
-        Ok(Next::StartTls) => {
-            let acceptor = msa.tls.acceptor();
-            match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(stream)).await {
-                Ok(Ok(mut tls)) => {
-                    ctx.tls = true;
-                    ctx.account = None;
-                    server.tls_established();
-                    let _ = drive(&mut tls, &mut server, &mut ctx).await;
-                    let _ = tls.shutdown().await;
-                }
-                Ok(Err(e)) => debug!(client = %client.ip(), error = %e, "TLS handshake failed"),
-                Err(_) => debug!(client = %client.ip(), "TLS handshake timed out"),
-            }
-        }
-        Ok(Next::Closed) => {
-            let _ = stream.shutdown().await;
-        }
-        Err(e) => debug!(client = %client.ip(), error = %e, "session ended"),
-    }
+    crate::driver::serve_with_starttls(
+        stream,
+        &mut server,
+        &mut ctx,
+        msa.tls.acceptor(),
+        client.ip(),
+    )
+    .await;
 }
 
 /// A stream with bytes already read in front (what followed a PROXY header).
@@ -539,6 +527,11 @@ impl Policy for Ctx<'_> {
 
     fn wants_close(&self) -> bool {
         self.close
+    }
+
+    fn tls_started(&mut self) {
+        self.tls = true;
+        self.account = None;
     }
 }
 

@@ -33,7 +33,7 @@ use ringmail_proxy_core::config::parse::{
 };
 use ringmail_proxy_core::config::{ConfigErrors, load_file_with, load_str_with};
 
-use crate::config::{Cidr, TlsFiles, valid_domain};
+use crate::config::{Cidr, TlsFiles, tls_files, valid_domain};
 
 /// Where mail for our own domains goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,17 +335,7 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MsaConfig> {
         }
     }
     if let Some(x) = t.get("tls") {
-        match table(ctx, x, "msa.tls").and_then(|tt| {
-            check_keys(ctx, tt, &["cert", "key"], "msa.tls");
-            let cert = required(ctx, x, tt, "cert", "msa.tls")
-                .and_then(|c| string(ctx, c, "msa.tls.cert"));
-            let key =
-                required(ctx, x, tt, "key", "msa.tls").and_then(|k| string(ctx, k, "msa.tls.key"));
-            Some(TlsFiles {
-                cert: PathBuf::from(cert?),
-                key: PathBuf::from(key?),
-            })
-        }) {
+        match tls_files(ctx, x, "msa") {
             Some(f) => c.tls = Some(f),
             None => ok = false,
         }

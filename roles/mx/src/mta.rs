@@ -20,12 +20,12 @@ use ringmail_queue::{ClientInfo, Incoming, NewEnvelope, NewRecipient, Spool};
 use ringmail_smtp::{Event, MailParams, Mailbox, Reply, Server, ServerConfig};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::MxError;
 use crate::admin::MxStats;
 use crate::dkim::DkimSigner;
-use crate::driver::{Next, Policy, drive};
+use crate::driver::Policy;
 use crate::mta_config::MtaConfig;
 use crate::outbound::{Outbound, OutboundStats};
 use crate::runtime::Workers;
@@ -248,27 +248,14 @@ pub async fn run(mta: Arc<Mta>, mut stream: TcpStream, peer: SocketAddr) {
         return;
     }
     server.greet();
-    match drive(&mut stream, &mut server, &mut ctx).await {
-        Ok(Next::StartTls) => {
-            let acceptor = mta.tls.acceptor();
-            match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(stream)).await {
-                Ok(Ok(mut tls)) => {
-                    ctx.tls = true;
-                    ctx.user = None;
-                    ctx.txn = None;
-                    server.tls_established();
-                    let _ = drive(&mut tls, &mut server, &mut ctx).await;
-                    let _ = tls.shutdown().await;
-                }
-                Ok(Err(e)) => debug!(client = %peer.ip(), error = %e, "TLS handshake failed"),
-                Err(_) => debug!(client = %peer.ip(), "TLS handshake timed out"),
-            }
-        }
-        Ok(Next::Closed) => {
-            let _ = stream.shutdown().await;
-        }
-        Err(e) => debug!(client = %peer.ip(), error = %e, "session ended"),
-    }
+    crate::driver::serve_with_starttls(
+        stream,
+        &mut server,
+        &mut ctx,
+        mta.tls.acceptor(),
+        peer.ip(),
+    )
+    .await;
 }
 
 impl Policy for Ctx<'_> {
@@ -362,6 +349,12 @@ impl Policy for Ctx<'_> {
 
     fn wants_close(&self) -> bool {
         self.close
+    }
+
+    fn tls_started(&mut self) {
+        self.tls = true;
+        self.user = None;
+        self.txn = None;
     }
 }
 

@@ -42,7 +42,7 @@ use ringmail_proxy_core::config::parse::{
 };
 use ringmail_proxy_core::config::{ConfigErrors, load_file_with, load_str_with};
 
-use crate::config::{Cidr, TlsFiles, valid_domain};
+use crate::config::{Cidr, TlsFiles, tls_files, valid_domain};
 use crate::dkim::DkimKeySpec;
 
 /// What the MTA runs with.
@@ -381,17 +381,7 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MtaConfig> {
         }
     }
     if let Some(x) = t.get("tls") {
-        match table(ctx, x, "mta.tls").and_then(|tt| {
-            check_keys(ctx, tt, &["cert", "key"], "mta.tls");
-            let cert = required(ctx, x, tt, "cert", "mta.tls")
-                .and_then(|c| string(ctx, c, "mta.tls.cert"));
-            let key =
-                required(ctx, x, tt, "key", "mta.tls").and_then(|k| string(ctx, k, "mta.tls.key"));
-            Some(TlsFiles {
-                cert: PathBuf::from(cert?),
-                key: PathBuf::from(key?),
-            })
-        }) {
+        match tls_files(ctx, x, "mta") {
             Some(f) => c.tls = Some(f),
             None => ok = false,
         }

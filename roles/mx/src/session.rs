@@ -24,13 +24,13 @@ use ringmail_smtp::{
     Body, Domain, DsnNotify, DsnRet, Event, MailParams, Mailbox, RcptParams, Reply, Server,
     ServerConfig,
 };
-use tokio::io::AsyncWriteExt;
+
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::admin::MxStats;
 use crate::config::{Enforce, MxConfig};
-use crate::driver::{Next, Policy, drive, flush};
+use crate::driver::{Policy, flush};
 use crate::tls::TlsStore;
 
 /// Everything the sessions of all workers share.
@@ -240,26 +240,7 @@ pub async fn run(mx: Arc<Mx>, mut stream: TcpStream, peer: SocketAddr, _local: S
     if !early.is_empty() {
         server.receive(&early);
     }
-    match drive(&mut stream, &mut server, &mut ctx).await {
-        Ok(Next::StartTls) => {
-            let acceptor = mx.tls.acceptor();
-            match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(stream)).await {
-                Ok(Ok(mut tls)) => {
-                    MxStats::inc(&mx.stats.tls_sessions);
-                    ctx.tls = true;
-                    server.tls_established();
-                    let _ = drive(&mut tls, &mut server, &mut ctx).await;
-                    let _ = tls.shutdown().await;
-                }
-                Ok(Err(e)) => debug!(client = %ip, error = %e, "TLS handshake failed"),
-                Err(_) => debug!(client = %ip, "TLS handshake timed out"),
-            }
-        }
-        Ok(Next::Closed) => {
-            let _ = stream.shutdown().await;
-        }
-        Err(e) => debug!(client = %ip, error = %e, "session ended"),
-    }
+    crate::driver::serve_with_starttls(stream, &mut server, &mut ctx, mx.tls.acceptor(), ip).await;
     drop(ctx);
 }
 
@@ -310,6 +291,11 @@ async fn dnsbl_listed(checker: &Checker, zones: &[String], ip: IpAddr) -> Option
 }
 
 impl Policy for Ctx<'_> {
+    fn tls_started(&mut self) {
+        MxStats::inc(&self.mx.stats.tls_sessions);
+        self.tls = true;
+    }
+
     fn command_timeout(&self) -> Duration {
         self.mx.cfg.command_timeout
     }
