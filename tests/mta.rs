@@ -1060,3 +1060,118 @@ fn mta_sts_enforce_refuses_unlisted_mx_and_plaintext() {
         mta.log()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// IPv6 MX hosts, and a remote that cannot take what we have
+
+#[test]
+fn delivers_to_an_ipv6_only_mx() {
+    if !have(&[PY]) || !dnsfix::tools_available(&["nsd"]) {
+        return;
+    }
+    if let Err(e) = ipv6_available() {
+        skip(&e);
+        return;
+    }
+    let tmp = TempDir::new("mta-v6");
+    let dir = tmp.path().to_path_buf();
+    let port = free_port_on("::1".parse().unwrap());
+    let sink = IdSink::start_on(
+        SocketAddr::new("::1".parse().unwrap(), port),
+        Duration::ZERO,
+    );
+    let dns = dnsfix::DnsServer::start(&[dnsfix::Zone::new("v6.test")
+        .rr("@ MX 10 mx.v6.test.")
+        .rr("mx AAAA ::1")]);
+    let mta = Mta::start(
+        &dir,
+        &[
+            "--resolver".into(),
+            dns.addr().to_string(),
+            "--remote-port".into(),
+            port.to_string(),
+            "--no-mta-sts".into(),
+        ],
+    );
+    submit(
+        mta.addr,
+        "alice@example.test",
+        &["u@v6.test"],
+        &message("alice@example.test", "u@v6.test", "over v6", "x"),
+    );
+    assert!(
+        wait_for(Duration::from_secs(60), || sink
+            .ids
+            .lock()
+            .unwrap()
+            .contains_key("<over-v6@example.test>")
+            .then_some(()))
+        .is_some(),
+        "not delivered over IPv6:\n{}\n{}",
+        mta.queue(&["list"]),
+        mta.log()
+    );
+}
+
+#[test]
+fn smtputf8_mail_to_a_remote_without_it_bounces() {
+    if !have(&[PY]) || !dnsfix::tools_available(&["nsd"]) {
+        return;
+    }
+    let tmp = TempDir::new("mta-utf8");
+    let dir = tmp.path().to_path_buf();
+    // example.net's MX offers neither SMTPUTF8 nor 8BITMIME; example.test's (where the bounce
+    // goes) offers both.
+    let ip: IpAddr = "127.0.0.7".parse().unwrap();
+    let port = free_port_on(ip);
+    let old = IdSink::start_on(SocketAddr::new(ip, port), Duration::ZERO);
+    let ip2: IpAddr = "127.0.0.8".parse().unwrap();
+    let home = IdSink::start_with(
+        SocketAddr::new(ip2, port),
+        Duration::ZERO,
+        "250-8BITMIME\r\n250-SMTPUTF8\r\n",
+    );
+    let dns = dnsfix::DnsServer::start(&[
+        dnsfix::Zone::new("example.net")
+            .rr("@ MX 10 mx.example.net.")
+            .rr("mx A 127.0.0.7"),
+        dnsfix::Zone::new("example.test")
+            .rr("@ MX 10 mx.example.test.")
+            .rr("mx A 127.0.0.8"),
+    ]);
+    let mta = Mta::start(
+        &dir,
+        &[
+            "--resolver".into(),
+            dns.addr().to_string(),
+            "--remote-port".into(),
+            port.to_string(),
+            "--no-mta-sts".into(),
+        ],
+    );
+    let script = format!(
+        "import smtplib\n\
+         s = smtplib.SMTP('{ip}', {port}, timeout=30)\n\
+         s.ehlo('msa.example.test')\n\
+         msg = 'From: <alice@example.test>\\r\\nTo: <jörg@example.net>\\r\\nMessage-ID: <utf8@example.test>\\r\\nSubject: grüße\\r\\n\\r\\nhallo\\r\\n'.encode()\n\
+         s.sendmail('alice@example.test', ['jörg@example.net'], msg, mail_options=['SMTPUTF8', 'BODY=8BITMIME'])\n\
+         s.quit()\n",
+        ip = mta.addr.ip(),
+        port = mta.addr.port()
+    );
+    let (st, out) = run_bounded(
+        Command::new(PY).arg("-c").arg(&script),
+        Duration::from_secs(60),
+    );
+    assert!(st.success(), "smtplib: {out}");
+    let dsn = wait_for(Duration::from_secs(60), || {
+        let t = home.last.lock().unwrap().clone();
+        t.contains("multipart/report").then_some(t)
+    })
+    .unwrap_or_else(|| panic!("no bounce:\n{}\n{}", mta.queue(&["list"]), mta.log()));
+    assert!(dsn.contains("Status: 5.6.7"), "{dsn}");
+    assert!(
+        old.ids.lock().unwrap().is_empty(),
+        "the UTF-8 message was sent to a server without SMTPUTF8"
+    );
+}

@@ -1106,6 +1106,12 @@ impl IdSink {
     }
 
     pub fn start_on(bind: SocketAddr, delay: Duration) -> IdSink {
+        IdSink::start_with(bind, delay, "")
+    }
+
+    /// `extensions`: extra EHLO reply lines, e.g. `"250-8BITMIME\r\n250-SMTPUTF8\r\n"`
+    /// (PIPELINING always comes last).
+    pub fn start_with(bind: SocketAddr, delay: Duration, extensions: &'static str) -> IdSink {
         let l = TcpListener::bind(bind).unwrap();
         let addr = l.local_addr().unwrap();
         let ids: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
@@ -1149,8 +1155,9 @@ impl IdSink {
                             continue;
                         }
                         let u = line.to_ascii_uppercase();
+                        let ehlo = format!("250-sink\r\n{extensions}250 PIPELINING\r\n");
                         let reply: &[u8] = if u.starts_with("EHLO") {
-                            b"250-sink\r\n250 PIPELINING\r\n"
+                            ehlo.as_bytes()
                         } else if u.starts_with("DATA") {
                             in_data = true;
                             b"354 go\r\n"
