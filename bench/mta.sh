@@ -555,6 +555,7 @@ run_one() { # run_one CONTENDER ROUND
     esac
     local release_cmd_s
     release_cmd_s=$(awk -v a="$t0" -v b="$(now)" 'BEGIN{printf "%.3f", b-a}')
+    [[ $name == smtp-sink-direct ]] || log "  $name: release command returned after ${release_cmd_s}s"
     if ((flush_rc != 0)); then
         log "  $name: release/flush command exit $flush_rc"
     fi
@@ -605,7 +606,7 @@ run_one() { # run_one CONTENDER ROUND
     ((flush_rc != 0)) && fail="${fail:+$fail; }release/flush/source exit $flush_rc"
     ((alive)) || fail="contender exited during the run${fail:+; $fail}"
     [[ -n $fail ]] && { echo "$fail" >"$BASE.fail"; log "  $name: $fail"; }
-    log "  $name: drained $delivered/$accepted in $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}')s (sink final $sink_final${signed:+, signed $signed}${queue_left:+, left in queue $queue_left})"
+    log "  $name: drained $delivered/$accepted in $(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}')s (sink final $sink_final${signed:+, signed $((signed - ${signed_held:-0}))}${queue_left:+, left in queue $queue_left})"
 }
 
 # ---------------------------------------------------------------- main

@@ -141,12 +141,14 @@ def cmd_report(a):
         "the relay is down, every first attempt deferred; Postfix: defer_transports), then starts "
         "the downstream smtp-sink, releases (`ringmail queue flush` / `postqueue -f`) and times "
         "until the sink has every message. smtp-sink-direct: smtp-source straight into the sink. "
-        "CPU = the contender's process tree during the drain (Postfix: master and all its "
+        "release cmd s = how long `ringmail queue flush` / `postqueue -f` took to return "
+        "(the drain may overlap it). CPU = the contender's process tree during the drain (Postfix: master and all its "
         "daemons; smtp-sink-direct: smtp-source); sink CPU = the downstream smtp-sink. Ratios are "
         "median / median. Loopback, shared cores: compare within one run only.")
     lines += ["", "| contender | ok runs | msgs/s min | median | max | vs postfix | vs smtp-sink-direct "
-              "| CPU ms/msg | sink CPU ms/msg | drain s (median) | delivered/messages | DKIM signed |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| CPU ms/msg | sink CPU ms/msg | drain s (median) | release cmd s (median) "
+              "| delivered/messages | DKIM signed |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     summary = {}
     for name in contenders:
         all_runs = runs.get(name, {})
@@ -168,6 +170,7 @@ def cmd_report(a):
         cpu = median([r["cpu_ms_per_msg"] for r in ok])
         scpu = median([r["sink_cpu_ms_per_msg"] for r in ok])
         drain = median([r["drain_s"] for r in ok])
+        rel = median([r.get("release_cmd_s") for r in ok]) if name != "smtp-sink-direct" else None
         dcell = f"{dlv}/{msgs}" + (f" (+{dups} extra)" if dups else "") if results else "n/a"
         scell = f"{sum(signed)}" if signed and name.startswith("ringmail") else "n/a"
         lines.append("| " + " | ".join([
@@ -175,13 +178,14 @@ def cmd_report(a):
             fmt_rate(min(vals)) if vals else "n/a", fmt_rate(med),
             fmt_rate(max(vals)) if vals else "n/a",
             fmt(ratio("postfix"), "{:.2f}x"), fmt(ratio("smtp-sink-direct"), "{:.2f}x"),
-            fmt(cpu, "{:.3f}"), fmt(scpu, "{:.3f}"), fmt(drain, "{:.2f}"), dcell, scell]) + " |")
+            fmt(cpu, "{:.3f}"), fmt(scpu, "{:.3f}"), fmt(drain, "{:.2f}"), fmt(rel, "{:.2f}"), dcell, scell]) + " |")
         summary[name] = {
             "runs": len(all_runs), "ok": len(ok),
             "msgs_per_s": {"min": min(vals) if vals else None, "median": med,
                            "max": max(vals) if vals else None},
             "vs_postfix": ratio("postfix"), "vs_smtp_sink_direct": ratio("smtp-sink-direct"),
             "cpu_ms_per_msg": cpu, "sink_cpu_ms_per_msg": scpu, "drain_s_median": drain,
+            "release_cmd_s_median": rel,
             "messages": msgs, "delivered": dlv, "extra_at_sink": dups,
             "dkim_signed": sum(signed) if signed else None,
             "fill_s_median": median([r["fill_s"] for r in results]),
