@@ -347,7 +347,9 @@ async fn deliver_message(out: &Outbound, claim: Claim) {
     if groups.is_empty() && results.is_empty() {
         return;
     }
-    let prefix = sign(out, &env).await;
+    // Signed once per attempt, and only when some session is ready to take the message: a
+    // destination that is down costs no signature.
+    let prefix = tokio::sync::OnceCell::new();
     let attempts = groups
         .iter()
         .map(|(domain, rcpts)| deliver_domain(out, &env, domain, rcpts, &prefix));
@@ -472,8 +474,9 @@ async fn deliver_domain(
     env: &QEnvelope,
     domain: &str,
     rcpts: &[&RecipientState],
-    prefix: &str,
+    prefix: &tokio::sync::OnceCell<String>,
 ) -> Vec<(String, QOutcome)> {
+    let signed = || prefix.get_or_init(|| sign(out, env));
     let temp = |reply: String| {
         all(rcpts, || QOutcome::TempFail {
             reply: reply.clone(),
@@ -486,6 +489,7 @@ async fn deliver_domain(
     // A cached connection to this domain first (a stale one fails fast; then a fresh one).
     if let Some(mut c) = out.take_cached(domain) {
         out.stats.connections_reused.fetch_add(1, Ordering::Relaxed);
+        let prefix = signed().await;
         match transaction(&out.spool, &mut c, env, rcpts, prefix).await {
             Ok(r)
                 if r.iter()
@@ -539,6 +543,7 @@ async fn deliver_domain(
                     continue;
                 }
             };
+            let prefix = signed().await;
             match transaction(&out.spool, &mut c, env, rcpts, prefix).await {
                 Ok(r)
                     if r.iter()

@@ -21,8 +21,6 @@ use crate::{QueueError, QueueId, dsn};
 
 /// Buffer of a message being written.
 const WRITE_BUFFER: usize = 64 * 1024;
-/// Envelopes rewritten per group commit by [`Spool::flush`] (bounds open files).
-const FLUSH_CHUNK: usize = 256;
 
 /// Spool configuration.
 #[derive(Debug, Clone)]
@@ -777,50 +775,30 @@ impl Spool {
     }
 
     /// Makes every queued, unfrozen message not currently being delivered due now; returns how
-    /// many were rescheduled. Rewrites their envelopes in group commits of 256. Blocking.
+    /// many were rescheduled (like `postqueue -f`). Only the in-memory schedule changes: the
+    /// envelopes keep their stored next attempt, so a flush of a large queue costs no disk
+    /// writes and delivery starts at once; after a restart a message not yet attempted waits
+    /// for its stored time again, which is never later than before the flush.
     pub fn flush(&self) -> Result<usize, QueueError> {
-        let now = SystemTime::now();
-        let now_secs = to_unix(now);
-        let later: Vec<QueueId> = {
-            let index = self.index();
-            index
-                .schedule
-                .range((now_secs + 1, QueueId::parse("0000000000000000000")?)..)
-                .map(|(_, id)| id.clone())
-                .collect()
-        };
+        let now_secs = to_unix(SystemTime::now());
+        let mut index = self.index();
+        let later: Vec<(u64, QueueId)> = index
+            .schedule
+            .range((now_secs + 1, QueueId::parse("0000000000000000000")?)..)
+            .cloned()
+            .collect();
         let mut done = 0;
-        for chunk in later.chunks(FLUSH_CHUNK) {
-            let mut claims = Vec::with_capacity(chunk.len());
-            let mut job = Self::empty_job();
-            let mut tmps = Vec::new();
-            for id in chunk {
-                let Some(claim) = self.claim(id) else {
-                    continue;
-                };
-                let mut env = match self.read_env(id) {
-                    Ok(env) => env,
-                    Err(QueueError::NotFound(_)) => continue,
-                    Err(e) => return Err(e),
-                };
-                env.next_attempt = now_secs;
-                let (mut j, tmp) = self.replace_job(&env)?;
-                job.syncs.append(&mut j.syncs);
-                job.renames.append(&mut j.renames);
-                job.index.append(&mut j.index);
-                tmps.push(tmp);
-                claims.push(claim);
-            }
-            if claims.is_empty() {
+        for (at, id) in later {
+            let Some(e) = index.entries.get_mut(&id) else {
+                continue;
+            };
+            if e.claimed || e.frozen {
                 continue;
             }
-            if let Err(e) = self.submit_blocking(job) {
-                for tmp in tmps {
-                    let _ = fs::remove_file(tmp);
-                }
-                return Err(e);
-            }
-            done += claims.len();
+            e.next_attempt = now_secs;
+            index.schedule.remove(&(at, id.clone()));
+            index.schedule.insert((now_secs, id));
+            done += 1;
         }
         Ok(done)
     }
