@@ -234,12 +234,28 @@ impl MboxDir {
             }
         }
         st.records = kept;
+        // Files we do not know may have been given UIDs by Dovecot (running on this Maildir
+        // before or alongside): take those from its dovecot-uidlist if it belongs to the same
+        // UIDVALIDITY and the UID was never handed out here (>= our UIDNEXT).
+        let live_uidlist;
+        let (recovered, min_uid) = match recovered {
+            Some(r) => (Some(r), 1),
+            None if !listing.is_empty() => {
+                live_uidlist = index::read_optional(&self.sub(index::UIDLIST_FILE))?
+                    .and_then(|b| index::parse_uidlist(&b))
+                    .filter(|u| u.uidvalidity == st.uidvalidity);
+                (live_uidlist.as_ref().map(|u| &u.uids), st.uidnext)
+            }
+            None => (None, 1),
+        };
         // New files, in a deterministic order: recovered UIDs first, then by name (which
         // starts with the delivery time).
         let mut fresh: Vec<(Option<u32>, String, bool, String)> = listing
             .into_iter()
             .map(|(base, (in_new, file))| {
-                let uid = recovered.and_then(|m| m.get(&base).copied());
+                let uid = recovered
+                    .and_then(|m| m.get(&base).copied())
+                    .filter(|u| *u >= min_uid);
                 (uid, base, in_new, file)
             })
             .collect();

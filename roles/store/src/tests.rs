@@ -1089,3 +1089,31 @@ fn message_read_follows_renames_by_others() {
             .ends_with(":2,S")
     );
 }
+
+#[test]
+fn uids_given_by_dovecot_alongside_are_adopted() {
+    let dir = TempDir::new("adopt-live");
+    let s = store(&dir);
+    let u = s.user("bob@example.org").unwrap();
+    let d = deliver(&u, None, 1);
+    let mut mb = u.open("INBOX").unwrap();
+    let md = u.maildir().to_owned();
+    // Dovecot saved a message and gave it UID 10 (it had seen UIDs up to 9 elsewhere).
+    fs::write(md.join("new/1700000000.M9P9.dovecot,S=3"), b"hi\n").unwrap();
+    let mut ul = fs::read_to_string(md.join("dovecot-uidlist")).unwrap();
+    ul = ul.replacen(" N2 ", " N11 ", 1);
+    ul.push_str("10 :1700000000.M9P9.dovecot,S=3\n");
+    fs::write(md.join("dovecot-uidlist"), ul).unwrap();
+    assert_eq!(mb.refresh().unwrap().new, vec![10]);
+    assert_eq!(mb.uidnext(), 11);
+    // A UID below our UIDNEXT (possibly used before) is never taken over.
+    fs::write(md.join("new/1700000001.M9P9.dovecot,S=3"), b"ho\n").unwrap();
+    let ul = fs::read_to_string(md.join("dovecot-uidlist")).unwrap();
+    let (head, rest) = ul.split_once('\n').unwrap();
+    let (first, tail) = rest.split_once('\n').unwrap();
+    let ul = format!("{head}\n{first}\n5 :1700000001.M9P9.dovecot,S=3\n{tail}");
+    assert!(index::parse_uidlist(ul.as_bytes()).is_some());
+    fs::write(md.join("dovecot-uidlist"), ul).unwrap();
+    assert_eq!(mb.refresh().unwrap().new, vec![11]);
+    assert_eq!(mb.uidvalidity(), d.uidvalidity);
+}
