@@ -141,6 +141,7 @@ fn meta(r: &Record, keywords: &[String], recent: bool) -> MessageMeta {
 impl Mailbox {
     pub(crate) fn open(user: UserStore, m: MboxDir) -> Result<Mailbox, StoreError> {
         let signal = user.ctx.signals.get(&m.dir);
+        m.clean_tmp()?;
         let (st, file) = m.snapshot(true)?;
         let mut mb = Mailbox {
             user,

@@ -351,6 +351,35 @@ impl MboxDir {
         Ok(())
     }
 
+    /// Removes files in `tmp/` older than 36 hours: writes that a crash interrupted (Dovecot
+    /// applies the same rule). Returns how many were removed.
+    pub fn clean_tmp(&self) -> Result<usize, StoreError> {
+        const STALE: std::time::Duration = std::time::Duration::from_secs(36 * 3600);
+        let tmp = self.sub("tmp");
+        let rd = match fs::read_dir(&tmp) {
+            Ok(rd) => rd,
+            Err(e) if not_found(&e) => return Ok(0),
+            Err(e) => return Err(StoreError::io("read directory", tmp, e)),
+        };
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for entry in rd.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age > STALE);
+            if meta.is_file() && old && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(mailbox = %self.dir.display(), removed, "stale tmp files removed");
+        }
+        Ok(removed)
+    }
+
     /// Finds the current file of `uid`, rescanning once if the name in `st` is stale
     /// (renamed by another writer). `None` if the message is gone.
     pub fn resolve(&self, st: &mut State, uid: u32) -> Result<Option<PathBuf>, StoreError> {

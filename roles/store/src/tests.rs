@@ -1117,3 +1117,23 @@ fn uids_given_by_dovecot_alongside_are_adopted() {
     assert_eq!(mb.refresh().unwrap().new, vec![11]);
     assert_eq!(mb.uidvalidity(), d.uidvalidity);
 }
+
+#[test]
+fn stale_tmp_files_are_removed_at_open() {
+    let dir = TempDir::new("tmpclean");
+    let s = store(&dir);
+    let u = s.user("bob@example.org").unwrap();
+    let tmp = u.maildir().join("tmp");
+    fs::write(tmp.join("old"), b"x").unwrap();
+    fs::write(tmp.join("fresh"), b"x").unwrap();
+    let f = fs::File::options()
+        .write(true)
+        .open(tmp.join("old"))
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(37 * 3600))
+        .unwrap();
+    drop(f);
+    u.open("INBOX").unwrap();
+    assert!(!tmp.join("old").exists());
+    assert!(tmp.join("fresh").exists());
+}
