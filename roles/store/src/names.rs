@@ -161,7 +161,8 @@ impl MailboxName {
         let parsed = MailboxName::parse(&name).ok()?;
         // `.inbox` on disk is a folder named "inbox", which we would normalise to INBOX;
         // such a directory cannot be addressed and is not listed.
-        (parsed.as_str() == name).then_some(parsed)
+        // `.INBOX` would duplicate the real INBOX (the Maildir itself).
+        (parsed.as_str() == name && !parsed.is_inbox()).then_some(parsed)
     }
 
     /// The parent in the hierarchy (`A` for `A/B`), if any.

@@ -190,6 +190,23 @@ impl MboxDir {
         recovered: Option<&HashMap<String, u32>>,
     ) -> Result<bool, StoreError> {
         let scanned = now_ns();
+        // Keywords another Maildir writer (Dovecot) defined since: adopt letters we do not use.
+        let mut keywords_changed = false;
+        if let Some(b) = index::read_optional(&self.sub(index::KEYWORDS_FILE))? {
+            let theirs = index::parse_keywords(&String::from_utf8_lossy(&b));
+            for (i, k) in theirs.into_iter().enumerate() {
+                if k.is_empty() || st.keywords.contains(&k) {
+                    continue;
+                }
+                if st.keywords.len() <= i {
+                    st.keywords.resize(i + 1, String::new());
+                }
+                if st.keywords[i].is_empty() {
+                    st.keywords[i] = k;
+                    keywords_changed = true;
+                }
+            }
+        }
         let mut listing: HashMap<String, (bool, String)> = HashMap::new();
         for (sub, in_new) in [("new", true), ("cur", false)] {
             let path = self.sub(sub);
@@ -210,7 +227,7 @@ impl MboxDir {
                 }
             }
         }
-        let mut changed = false;
+        let mut changed = keywords_changed;
         let mut kept = Vec::with_capacity(st.records.len());
         let records = std::mem::take(&mut st.records);
         for mut r in records {

@@ -81,6 +81,10 @@ fn mailbox_names_map_to_maildir_plus_plus() {
     assert_eq!(n("with space").dir_name(), ".with space");
     assert_eq!(MailboxName::from_dir_name(".A.B.C"), Some(n("A/B/C")));
     assert_eq!(MailboxName::from_dir_name(".cur"), Some(n("cur")));
+    assert_eq!(
+        MailboxName::from_dir_name(".INBOX.Sub"),
+        Some(n("INBOX/Sub"))
+    );
     for not_a_mailbox in [
         "",
         ".",
@@ -93,6 +97,7 @@ fn mailbox_names_map_to_maildir_plus_plus() {
         "tmp",
         "..ringmail-deleted-x",
         ".inbox",
+        ".INBOX",
         ".a*b",
     ] {
         assert_eq!(

@@ -233,7 +233,15 @@ fn dovecot_reads_the_store_and_the_store_reads_dovecot() {
     assert_eq!(p[0]["uid"], "1");
 
     // Changed by Dovecot, seen by the store.
-    dv.run(&["flags", "add", "\\Flagged", "mailbox", "INBOX", "uid", "3"]);
+    dv.run(&[
+        "flags",
+        "add",
+        "\\Flagged $Custom",
+        "mailbox",
+        "INBOX",
+        "uid",
+        "3",
+    ]);
     let saved = dv
         .command(&["save", "-m", "INBOX"])
         .stdin(std::process::Stdio::piped())
@@ -262,6 +270,13 @@ fn dovecot_reads_the_store_and_the_store_reads_dovecot() {
         "Dovecot's UID is kept"
     );
     assert!(inbox.messages()[1].flags.contains(&Flag::Flagged));
+    assert!(
+        inbox.messages()[1]
+            .flags
+            .contains(&Flag::Keyword("$Custom".into())),
+        "a keyword Dovecot defined is read: {:?}",
+        inbox.messages()[1].flags
+    );
     let m = inbox.read(changes.new[0]).unwrap();
     assert!(String::from_utf8_lossy(&m).contains("from dovecot"));
     // And back: a delivery after that is visible to Dovecot with the next UID.
