@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::StoreError;
@@ -336,6 +337,7 @@ pub(crate) fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, StoreError> 
 /// Writes `tmp` fully and fsyncs it (the first half of an atomic replace).
 pub(crate) fn write_synced(tmp: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let mut f = OpenOptions::new()
+        .mode(0o600)
         .write(true)
         .create(true)
         .truncate(true)
@@ -372,6 +374,7 @@ pub(crate) struct FileLock(#[allow(dead_code)] File);
 impl FileLock {
     pub fn acquire(path: &Path) -> Result<FileLock, StoreError> {
         let f = OpenOptions::new()
+            .mode(0o600)
             .create(true)
             .truncate(false)
             .read(true)
@@ -389,4 +392,19 @@ pub(crate) fn read_all(mut f: &File, path: &Path) -> Result<Vec<u8>, StoreError>
     f.read_to_end(&mut v)
         .map_err(|e| StoreError::io("read", path, e))?;
     Ok(v)
+}
+
+/// Creates a directory (mode 0700: mail is private) if it is missing, and fsyncs its parent
+/// when it did, so the new entry survives a power loss. Returns whether it was created.
+pub(crate) fn ensure_dir(path: &Path) -> Result<bool, StoreError> {
+    match fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {
+            if let Some(parent) = path.parent() {
+                fsync_dir(parent)?;
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(StoreError::io("create directory", path, e)),
+    }
 }

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -605,6 +605,7 @@ fn copy_file(src: &Path, dst: &Path) -> Result<(), StoreError> {
         .and_then(|m| m.modified())
         .map_err(|e| StoreError::io("stat", src, e))?;
     let mut to = OpenOptions::new()
+        .mode(0o600)
         .write(true)
         .create_new(true)
         .open(dst)

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -66,10 +67,19 @@ impl Store {
     /// A user's mail, creating the home and INBOX if needed.
     pub fn user(&self, address: &str) -> Result<UserStore, StoreError> {
         let user = UserAddress::parse(address)?;
-        let maildir = self.home(&user).join("Maildir");
-        for sub in ["cur", "new", "tmp"] {
-            let p = maildir.join(sub);
-            fs::create_dir_all(&p).map_err(|e| StoreError::io("create directory", p, e))?;
+        let home = self.home(&user);
+        let maildir = home.join("Maildir");
+        if !maildir.join("tmp").is_dir() {
+            for p in [
+                self.root.join(user.domain()),
+                home,
+                maildir.clone(),
+                maildir.join("cur"),
+                maildir.join("new"),
+                maildir.join("tmp"),
+            ] {
+                index::ensure_dir(&p)?;
+            }
         }
         Ok(UserStore {
             ctx: Arc::new(UserCtx {
@@ -326,18 +336,12 @@ impl UserStore {
         for (i, n) in chain.iter().rev().enumerate() {
             let last = i == chain.len() - 1;
             let dir = self.ctx.maildir.join(n.dir_name());
-            match fs::create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    if last && dir.join("cur").is_dir() {
-                        return Err(StoreError::MailboxExists(n.to_string()));
-                    }
-                }
-                Err(e) => return Err(StoreError::io("create directory", dir, e)),
+            if !index::ensure_dir(&dir)? && last && dir.join("cur").is_dir() {
+                return Err(StoreError::MailboxExists(n.to_string()));
             }
+            // cur/ last: a mailbox exists once its cur/ does.
             for sub in ["tmp", "new", "cur"] {
-                let p = dir.join(sub);
-                fs::create_dir_all(&p).map_err(|e| StoreError::io("create directory", p, e))?;
+                index::ensure_dir(&dir.join(sub))?;
             }
             let mf = dir.join("maildirfolder");
             File::create(&mf).map_err(|e| StoreError::io("create", mf, e))?;
@@ -510,6 +514,7 @@ pub(crate) fn add_message(
     let tmp = target.sub("tmp").join(&unique);
     let result = (|| {
         let file = OpenOptions::new()
+            .mode(0o600)
             .write(true)
             .create_new(true)
             .open(&tmp)

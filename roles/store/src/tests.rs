@@ -415,6 +415,13 @@ fn deliver_open_read_status() {
     assert_eq!(u.status("INBOX").unwrap().recent, 0);
     let mb2 = u.open("INBOX").unwrap();
     assert!(mb2.messages().iter().all(|m| !m.recent));
+    // Mail is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&mb.path_of(1).unwrap()), 0o600);
+    assert_eq!(mode(&u.maildir().join("ringmail-index")), 0o600);
+    assert_eq!(mode(u.maildir()), 0o700);
+    assert_eq!(mode(&u.maildir().join("cur")), 0o700);
     // The Dovecot files are there.
     let uidlist = fs::read_to_string(u.maildir().join("dovecot-uidlist")).unwrap();
     assert!(uidlist.starts_with(&format!("3 V{} N3 G", d1.uidvalidity)));

@@ -81,13 +81,19 @@ struct Doveadm {
     bin: PathBuf,
     conf: PathBuf,
     home: PathBuf,
+    /// The store root (chowned to `owner` before each run when we are root).
+    root: PathBuf,
     owner: (u32, u32),
 }
 
 impl Doveadm {
     fn command(&self, args: &[&str]) -> Command {
-        if self.owner.0 != std::fs::metadata(&self.home).unwrap().uid() {
-            chown_tree(&self.home, self.owner.0, self.owner.1);
+        // Files the store wrote since the last run are ours: hand them to Dovecot's user.
+        let ours = std::fs::metadata(self.root.parent().unwrap())
+            .unwrap()
+            .uid();
+        if self.owner.0 != ours {
+            chown_tree(&self.root, self.owner.0, self.owner.1);
         }
         let mut c = Command::new(&self.bin);
         c.arg("-c")
@@ -191,6 +197,7 @@ fn dovecot_reads_the_store_and_the_store_reads_dovecot() {
         bin,
         conf,
         home: user.maildir().parent().unwrap().to_owned(),
+        root: root.clone(),
         owner: mail_owner(&root),
     };
     let status = rows(&dv.run(&[
