@@ -1,0 +1,429 @@
+//! One mailbox directory: loading, scanning and committing its index under the lock.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::StoreError;
+use crate::index::{self, FileLock, Record, State};
+use crate::maildir::FileName;
+use crate::names::MailboxName;
+use crate::store::UserCtx;
+
+/// A directory mtime younger than this (relative to the scan) may hide a later change made in
+/// the same timestamp tick, so the next check rescans.
+const DIRTY_NS: i128 = 2_000_000_000;
+
+/// How much work [`MboxDir::locked_state`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SyncMode {
+    /// Use the index as it is (rebuild only if missing or damaged): enough to add messages.
+    LoadOnly,
+    /// Rescan the directories only if their mtimes say something changed.
+    IfStale,
+    /// Always rescan.
+    Scan,
+}
+
+pub(crate) fn now_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+fn mtime_ns(m: &fs::Metadata) -> i128 {
+    m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
+}
+
+/// A mailbox directory of one user.
+#[derive(Clone)]
+pub(crate) struct MboxDir {
+    pub name: MailboxName,
+    pub dir: PathBuf,
+    pub user: Arc<UserCtx>,
+}
+
+impl MboxDir {
+    pub fn new(user: Arc<UserCtx>, name: MailboxName) -> MboxDir {
+        let dir = if name.is_inbox() {
+            user.maildir.clone()
+        } else {
+            user.maildir.join(name.dir_name())
+        };
+        MboxDir { name, dir, user }
+    }
+
+    pub fn exists(&self) -> bool {
+        self.dir.join("cur").is_dir()
+    }
+
+    pub fn sub(&self, sub: &str) -> PathBuf {
+        self.dir.join(sub)
+    }
+
+    pub fn index_path(&self) -> PathBuf {
+        self.dir.join(index::INDEX_FILE)
+    }
+
+    pub fn lock(&self) -> Result<FileLock, StoreError> {
+        if !self.exists() {
+            return Err(StoreError::NoSuchMailbox(self.name.to_string()));
+        }
+        FileLock::acquire(&self.dir.join(index::LOCK_FILE))
+    }
+
+    /// Reads the index without the lock (it is only ever replaced by rename, so a reader sees
+    /// one whole version). Also returns the open file, whose inode identifies the version.
+    pub fn load_index(&self) -> Result<Option<(State, File)>, StoreError> {
+        let path = self.index_path();
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io("open", &path, e)),
+        };
+        let bytes = index::read_all(&f, &path)?;
+        match State::decode(&bytes) {
+            Some(st) => Ok(Some((st, f))),
+            None => {
+                tracing::warn!(path = %path.display(), "mailbox index damaged; rebuilding");
+                Ok(None)
+            }
+        }
+    }
+
+    fn dir_mtimes(&self) -> Result<(i128, i128), StoreError> {
+        let stat = |sub: &str| {
+            let p = self.sub(sub);
+            fs::metadata(&p)
+                .map(|m| mtime_ns(&m))
+                .map_err(|e| StoreError::io("stat", p, e))
+        };
+        Ok((stat("new")?, stat("cur")?))
+    }
+
+    /// True if `st` describes the directories as they are (cheap: two stats).
+    pub fn is_fresh(&self, st: &State) -> Result<bool, StoreError> {
+        let (n, c) = self.dir_mtimes()?;
+        Ok(n == st.new_mtime && c == st.cur_mtime && st.scanned - n.max(c) >= DIRTY_NS)
+    }
+
+    /// The current state, taking the lock only if the index is missing or stale.
+    pub fn snapshot(&self, force_scan: bool) -> Result<(State, Option<File>), StoreError> {
+        if !force_scan
+            && let Some((st, f)) = self.load_index()?
+            && self.is_fresh(&st)?
+        {
+            return Ok((st, Some(f)));
+        }
+        let _lock = self.lock()?;
+        let st = self.locked_state(SyncMode::Scan)?;
+        let f = File::open(self.index_path()).ok();
+        Ok((st, f))
+    }
+
+    /// The state, brought up to date according to `mode`. The caller holds the lock.
+    pub fn locked_state(&self, mode: SyncMode) -> Result<State, StoreError> {
+        let (mut st, recovered, rebuilt) = match self.load_index()? {
+            Some((st, _)) => {
+                if mode == SyncMode::LoadOnly
+                    || (mode == SyncMode::IfStale && self.is_fresh(&st)?)
+                {
+                    return Ok(st);
+                }
+                (st, None, false)
+            }
+            None => {
+                let (st, rec) = self.fresh_state()?;
+                (st, rec, true)
+            }
+        };
+        let was_dirty = !self.is_fresh(&st)?;
+        let changed = self.scan(&mut st, recovered.as_ref())?;
+        if changed || rebuilt || (was_dirty && self.is_fresh(&st)?) {
+            self.commit(&st, rebuilt)?;
+        }
+        Ok(st)
+    }
+
+    /// A state to rebuild from: UIDVALIDITY and UIDs from `dovecot-uidlist` if it is there,
+    /// else a new UIDVALIDITY. MODSEQs cannot be recovered: they restart above the current
+    /// time in microseconds, which is above any MODSEQ handed out before as long as fewer
+    /// than a million changes per second were made.
+    fn fresh_state(&self) -> Result<(State, Option<HashMap<String, u32>>), StoreError> {
+        let modseq_base = (now_ns() / 1000) as u64;
+        let uidlist = index::read_optional(&self.sub(index::UIDLIST_FILE))?
+            .and_then(|b| index::parse_uidlist(&b));
+        let keywords = index::read_optional(&self.sub(index::KEYWORDS_FILE))?
+            .map(|b| index::parse_keywords(&String::from_utf8_lossy(&b)))
+            .unwrap_or_default();
+        let (mut st, rec) = match uidlist {
+            Some(u) => {
+                tracing::info!(mailbox = %self.dir.display(), uidvalidity = u.uidvalidity,
+                    "index rebuilt from dovecot-uidlist");
+                let guid = u.guid.unwrap_or_else(random_guid);
+                (
+                    State::new(u.uidvalidity, guid, u.uidnext, modseq_base),
+                    Some(u.uids),
+                )
+            }
+            None => {
+                let v = self.user.next_uidvalidity()?;
+                tracing::info!(mailbox = %self.dir.display(), uidvalidity = v,
+                    "index rebuilt with a new UIDVALIDITY");
+                (State::new(v, random_guid(), 1, modseq_base), None)
+            }
+        };
+        st.keywords = keywords;
+        Ok((st, rec))
+    }
+
+    /// Reconciles `st` with new/ and cur/: vanished files are expunged, renamed files update
+    /// flags, unknown files get UIDs (the recovered ones if known), files in new/ move to cur/.
+    fn scan(
+        &self,
+        st: &mut State,
+        recovered: Option<&HashMap<String, u32>>,
+    ) -> Result<bool, StoreError> {
+        let scanned = now_ns();
+        // Keywords another Maildir writer (Dovecot) defined since: adopt letters we do not use.
+        let mut keywords_changed = false;
+        if let Some(b) = index::read_optional(&self.sub(index::KEYWORDS_FILE))? {
+            let theirs = index::parse_keywords(&String::from_utf8_lossy(&b));
+            for (i, k) in theirs.into_iter().enumerate() {
+                if k.is_empty() || st.keywords.contains(&k) {
+                    continue;
+                }
+                if st.keywords.len() <= i {
+                    st.keywords.resize(i + 1, String::new());
+                }
+                if st.keywords[i].is_empty() {
+                    st.keywords[i] = k;
+                    keywords_changed = true;
+                }
+            }
+        }
+        let mut listing: HashMap<String, (bool, String)> = HashMap::new();
+        for (sub, in_new) in [("new", true), ("cur", false)] {
+            let path = self.sub(sub);
+            let rd = fs::read_dir(&path).map_err(|e| StoreError::io("read directory", &path, e))?;
+            for entry in rd {
+                let entry = entry.map_err(|e| StoreError::io("read directory", &path, e))?;
+                let Ok(name) = entry.file_name().into_string() else {
+                    continue;
+                };
+                let Some(parsed) = FileName::parse(&name) else {
+                    continue;
+                };
+                match listing.get(&parsed.base) {
+                    Some((false, _)) => {} // cur/ wins over new/
+                    _ => {
+                        listing.insert(parsed.base, (in_new, name));
+                    }
+                }
+            }
+        }
+        let mut changed = keywords_changed;
+        let mut kept = Vec::with_capacity(st.records.len());
+        let records = std::mem::take(&mut st.records);
+        for mut r in records {
+            match listing.remove(r.base()) {
+                Some((in_new, file)) => {
+                    if file != r.file || in_new != r.in_new {
+                        let old_info = r.name().info.unwrap_or_default();
+                        r.file = file;
+                        r.in_new = in_new;
+                        if r.name().info.unwrap_or_default() != old_info {
+                            r.modseq = st.next_modseq();
+                        }
+                        changed = true;
+                    }
+                    kept.push(r);
+                }
+                None => {
+                    changed = true;
+                    st.next_modseq();
+                }
+            }
+        }
+        st.records = kept;
+        // Files we do not know may have been given UIDs by Dovecot (running on this Maildir
+        // before or alongside): take those from its dovecot-uidlist if it belongs to the same
+        // UIDVALIDITY and the UID was never handed out here (>= our UIDNEXT).
+        let live_uidlist;
+        let (recovered, min_uid) = match recovered {
+            Some(r) => (Some(r), 1),
+            None if !listing.is_empty() => {
+                live_uidlist = index::read_optional(&self.sub(index::UIDLIST_FILE))?
+                    .and_then(|b| index::parse_uidlist(&b))
+                    .filter(|u| u.uidvalidity == st.uidvalidity);
+                (live_uidlist.as_ref().map(|u| &u.uids), st.uidnext)
+            }
+            None => (None, 1),
+        };
+        // New files, in a deterministic order: recovered UIDs first, then by name (which
+        // starts with the delivery time).
+        let mut fresh: Vec<(Option<u32>, String, bool, String)> = listing
+            .into_iter()
+            .map(|(base, (in_new, file))| {
+                let uid = recovered
+                    .and_then(|m| m.get(&base).copied())
+                    .filter(|u| *u >= min_uid);
+                (uid, base, in_new, file)
+            })
+            .collect();
+        fresh.sort_by(|a, b| (a.0.is_none(), a.0, &a.1).cmp(&(b.0.is_none(), b.0, &b.1)));
+        let used: std::collections::HashSet<u32> = st.records.iter().map(|r| r.uid).collect();
+        let mut taken = used;
+        for (uid, _base, in_new, file) in fresh {
+            let path = self.sub(if in_new { "new" } else { "cur" }).join(&file);
+            let meta = match fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io("stat", path, e)),
+            };
+            let parsed = FileName::parse(&file).expect("listed names parse");
+            let uid = match uid {
+                Some(u) if u > 0 && !taken.contains(&u) => {
+                    st.uidnext = st.uidnext.max(u.saturating_add(1));
+                    u
+                }
+                _ => {
+                    let u = st.uidnext;
+                    if u == u32::MAX {
+                        return Err(StoreError::UidsExhausted);
+                    }
+                    st.uidnext += 1;
+                    u
+                }
+            };
+            taken.insert(uid);
+            let size = parsed.size().unwrap_or(meta.len());
+            let modseq = st.next_modseq();
+            st.records.push(Record {
+                uid,
+                modseq,
+                size,
+                vsize: parsed.vsize().unwrap_or(size),
+                date: meta.mtime(),
+                in_new,
+                file,
+            });
+            changed = true;
+        }
+        st.records.sort_by_key(|r| r.uid);
+        // Move new/ to cur/ (Dovecot does the same when a mailbox is synced).
+        let mut moved = false;
+        for r in st.records.iter_mut().filter(|r| r.in_new) {
+            let mut name = r.name();
+            if name.info.is_none() {
+                name.info = Some(String::new());
+            }
+            let target = name.to_name();
+            match fs::rename(self.sub("new").join(&r.file), self.sub("cur").join(&target)) {
+                Ok(()) => {
+                    r.file = target;
+                    r.in_new = false;
+                    moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("rename", self.sub("new").join(&r.file), e)),
+            }
+        }
+        if moved {
+            index::fsync_dir(&self.sub("cur"))?;
+            index::fsync_dir(&self.sub("new"))?;
+            changed = true;
+        }
+        let (n, c) = self.dir_mtimes()?;
+        st.new_mtime = n;
+        st.cur_mtime = c;
+        st.scanned = scanned;
+        Ok(changed)
+    }
+
+    /// Writes the index and `dovecot-uidlist` atomically (both tmp files fsynced, renamed,
+    /// then one directory fsync), and `dovecot-keywords` if asked; wakes waiters of this
+    /// process.
+    pub fn commit(&self, st: &State, keywords: bool) -> Result<(), StoreError> {
+        if keywords {
+            index::replace_file(
+                &self.dir,
+                index::KEYWORDS_FILE,
+                &index::encode_keywords(&st.keywords),
+            )?;
+        }
+        let idx_tmp = self.dir.join(format!("{}.tmp", index::INDEX_FILE));
+        let ul_tmp = self.dir.join(format!("{}.tmp", index::UIDLIST_FILE));
+        index::write_synced(&idx_tmp, &st.encode())?;
+        index::write_synced(&ul_tmp, &st.encode_uidlist())?;
+        index::rename(&ul_tmp, &self.sub(index::UIDLIST_FILE))?;
+        index::rename(&idx_tmp, &self.index_path())?;
+        index::fsync_dir(&self.dir)?;
+        self.user.signals.get(&self.dir).bump();
+        Ok(())
+    }
+
+    /// Removes files in `tmp/` older than 36 hours: writes that a crash interrupted (Dovecot
+    /// applies the same rule). Returns how many were removed.
+    pub fn clean_tmp(&self) -> Result<usize, StoreError> {
+        const STALE: std::time::Duration = std::time::Duration::from_secs(36 * 3600);
+        let tmp = self.sub("tmp");
+        let rd = match fs::read_dir(&tmp) {
+            Ok(rd) => rd,
+            Err(e) if not_found(&e) => return Ok(0),
+            Err(e) => return Err(StoreError::io("read directory", tmp, e)),
+        };
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for entry in rd.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_some_and(|age| age > STALE);
+            if meta.is_file() && old && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(mailbox = %self.dir.display(), removed, "stale tmp files removed");
+        }
+        Ok(removed)
+    }
+
+    /// Finds the current file of `uid`, rescanning once if the name in `st` is stale
+    /// (renamed by another writer). `None` if the message is gone.
+    pub fn resolve(&self, st: &mut State, uid: u32) -> Result<Option<PathBuf>, StoreError> {
+        if let Some(r) = st.find(uid) {
+            let p = self.sub(r.subdir()).join(&r.file);
+            if p.exists() {
+                return Ok(Some(p));
+            }
+        } else {
+            return Ok(None);
+        }
+        if self.scan(st, None)? {
+            self.commit(st, false)?;
+        }
+        Ok(st.find(uid).map(|r| self.sub(r.subdir()).join(&r.file)))
+    }
+}
+
+pub(crate) fn random_guid() -> String {
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        let t = now_ns() as u128 ^ ((std::process::id() as u128) << 64);
+        b = t.to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub(crate) fn not_found(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound
+}
