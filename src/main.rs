@@ -23,6 +23,7 @@ use tracing::{error, info, warn};
 mod accounts;
 mod announce;
 mod dkim;
+mod mda;
 mod msa;
 mod mta;
 mod mx;
@@ -53,6 +54,8 @@ enum Command {
     Msa(msa::MsaArgs),
     /// The MTA: DKIM signing, MX resolution, delivery to the world with retries and bounces.
     Mta(mta::MtaArgs),
+    /// The MDA: LMTP delivery into Maildir++ mailboxes (or to programs).
+    Mda(mda::MdaArgs),
     /// Inspect and manage a role's queue (list, show, delete, retry, flush).
     Queue(mx::QueueArgs),
     /// Manage the account store: domains, accounts, passwords, aliases.
@@ -220,6 +223,8 @@ struct UpArgs {
 /// The demo login of `ringmail up`, created with the account store on first run.
 const UP_USER: &str = "alice";
 const UP_PASSWORD: &str = "alice-password";
+const UP_USER2: &str = "bob";
+const UP_PASSWORD2: &str = "bob-password";
 
 /// Creates the account store of `up` with `domain` and `alice@domain` unless it exists.
 fn seed_up_accounts(db: &Path, domain: &str) -> Result<String> {
@@ -238,6 +243,9 @@ fn seed_up_accounts(db: &Path, domain: &str) -> Result<String> {
         store.domain_add(domain).await?;
         store
             .account_add(&format!("{UP_USER}@{domain}"), UP_PASSWORD, None)
+            .await?;
+        store
+            .account_add(&format!("{UP_USER2}@{domain}"), UP_PASSWORD2, None)
             .await?;
         Ok::<_, anyhow::Error>(())
     })
@@ -276,6 +284,7 @@ fn main() -> ExitCode {
         Command::Queue(args) => mx::cmd_queue(args),
         Command::Msa(args) => msa::cmd_msa(args),
         Command::Mta(args) => mta::cmd_mta(args),
+        Command::Mda(args) => mda::cmd_mda(args),
         Command::Accounts(args) => accounts::cmd_accounts(args),
         Command::Dkim(args) => dkim::cmd_dkim(args),
     };
@@ -531,6 +540,16 @@ fn describe(config: &LbConfig) -> String {
 }
 
 fn cmd_up(args: UpArgs) -> Result<ExitCode> {
+    // The account store first: the MDA and the MSA use it.
+    let accounts_url = seed_up_accounts(&args.data.join("accounts.db"), &args.domain)?;
+    // The MDA: LMTP from the MX into Maildirs under DATA/mail.
+    let maildir = args.data.join("mail");
+    let mda_server = mda::start(ringmail_mx::mda::MdaConfig::quick(
+        "mda.example.test".to_string(),
+        vec![args.mx_relay],
+        maildir.clone(),
+        accounts_url.clone(),
+    ))?;
     let spool = args.data.join("mx-spool");
     let mx_admin = args.mx_admin;
     let mut mx_cfg = ringmail_mx::config::MxConfig::quick(
@@ -561,7 +580,6 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
     let mta_server = mta::start(mta_cfg)?;
 
     // The MSA: mail for our domain goes to the MX, everything else to the MTA.
-    let accounts_url = seed_up_accounts(&args.data.join("accounts.db"), &args.domain)?;
     let msa_spool = args.data.join("msa-spool");
     let mut msa_cfg = ringmail_mx::msa_config::MsaConfig::quick(
         "smtp.example.test".to_string(),
@@ -612,6 +630,7 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
     let domain = args.domain.clone();
     let relay = args.mx_relay;
     let spool_shown = spool.display().to_string();
+    let maildir_shown = maildir.display().to_string();
     let (msal, msat, msa_admin) = (args.msa_listen, args.msa_listen_tls, args.msa_admin);
     let (mtal, mta_admin) = (args.mta_listen, args.mta_admin);
     let mta_spool = args.data.join("mta-spool").display().to_string();
@@ -625,14 +644,14 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
         println!(
             "\nringmail up: all-in-one node on loopback\
              \n\n  started  MX              {mxl}  for @{domain}, spool {spool_shown}, admin http://{mx_admin}/metrics\
-             \n           relays to {relay} (the MDA's LMTP port; until it exists, mail stays queued)\
+             \n  started  MDA (LMTP)      {relay}  delivers into {maildir_shown}/<domain>/<user>/Maildir (Dovecot's layout)\
              \n  started  MSA             {msal} (STARTTLS), {msat} (implicit TLS), admin http://{msa_admin}/metrics\
              \n           login {user} / {UP_PASSWORD}; @{domain} goes to the MX at {mxl}, the rest to the MTA\
              \n  started  MTA             {mtal}  delivers to the recipients' MX hosts, spool {mta_spool}, admin http://{mta_admin}/metrics\
              \n           DKIM-signs mail from @{domain}; publish: {dkim_record}\
              \n  started  load balancer   {listen} -> [{list}]  (PROXY v2, engine: {engine})\
              \n  started  admin listener  http://{admin}/metrics\
-             \n  not yet  MDA/IMAP (it arrives with a later release)\
+             \n  not yet  IMAP (it arrives with a later release)\
              \n\nTry it:\
              \n  swaks --server {ip} --port {port} --tls --auth LOGIN --auth-user {user} --auth-password {UP_PASSWORD} --from {user} --to bob@{domain}\
              \n  curl --url smtps://{tip}:{tport} --ssl-reqd -k --mail-from {user} --mail-rcpt bob@{domain} -u {user}:{UP_PASSWORD} -T message.txt\
@@ -653,6 +672,7 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
     msa_server.stop();
     mta_server.stop();
     mx_server.stop();
+    mda_server.stop();
     result
 }
 

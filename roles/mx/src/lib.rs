@@ -19,6 +19,7 @@ pub mod admin;
 pub mod config;
 pub mod dkim;
 mod driver;
+pub mod mda;
 pub mod msa;
 pub mod msa_config;
 pub mod mta;
@@ -68,6 +69,8 @@ pub enum MxError {
     Dkim(dkim::DkimError),
     #[error("resolver: {0}")]
     Resolver(String),
+    #[error("mailbox store: {0}")]
+    Store(String),
 }
 
 /// Opens the account store on a runtime of its own that lives as long as the server: the

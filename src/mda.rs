@@ -1,0 +1,90 @@
+//! `ringmail mda`: wiring of the delivery role (LMTP into Maildir++) and its IMAP server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use ringmail_mx::config::{Cidr, valid_domain};
+use ringmail_mx::mda::{MdaConfig, MdaServer};
+
+#[derive(Args)]
+pub struct MdaArgs {
+    /// LMTP listener for our MX and MSA (e.g. 10.0.0.20:24).
+    #[arg(long)]
+    lmtp: SocketAddr,
+    /// IMAP listener with STARTTLS (e.g. 0.0.0.0:143).
+    #[arg(long)]
+    imap: Option<SocketAddr>,
+    /// IMAP listener with implicit TLS (e.g. 0.0.0.0:993).
+    #[arg(long)]
+    imaps: Option<SocketAddr>,
+    /// Root of the users' homes: DIR/<domain>/<user>/Maildir (Dovecot's layout).
+    #[arg(long)]
+    maildir: PathBuf,
+    /// Account store (sqlite:PATH, postgres://…, ldap://…).
+    #[arg(long)]
+    accounts: String,
+    /// Host name in the LMTP greeting and message file names.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Clients allowed to deliver over LMTP, as addresses or CIDR blocks (repeatable;
+    /// default: loopback).
+    #[arg(long)]
+    trusted: Vec<String>,
+    /// Deliver mail for ADDRESS to a program instead of a mailbox: ADDRESS=/path/to/cmd
+    /// [ARG ...] (repeatable; no shell; message on stdin; exit 75 = try again later).
+    #[arg(long, value_parser = parse_program)]
+    program: Vec<(String, Vec<String>)>,
+    /// Seconds a delivery program may run.
+    #[arg(long, default_value_t = 60)]
+    program_timeout: u64,
+}
+
+fn parse_program(s: &str) -> Result<(String, Vec<String>), String> {
+    let (addr, cmd) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not ADDRESS=/path/to/cmd [ARG ...]"))?;
+    let argv: Vec<String> = cmd.split_whitespace().map(str::to_string).collect();
+    if !addr.contains('@') || argv.is_empty() || !argv[0].starts_with('/') {
+        return Err(format!(
+            "{s:?} is not ADDRESS=/path/to/cmd [ARG ...] (an absolute path)"
+        ));
+    }
+    Ok((addr.to_ascii_lowercase(), argv))
+}
+
+pub fn cmd_mda(args: MdaArgs) -> Result<ExitCode> {
+    let hostname = args
+        .hostname
+        .clone()
+        .unwrap_or_else(crate::mx::quick_hostname);
+    if !valid_domain(&hostname) {
+        bail!("--hostname {hostname:?} is not a fully qualified host name");
+    }
+    let mut cfg = MdaConfig::quick(
+        hostname,
+        vec![args.lmtp],
+        args.maildir.clone(),
+        args.accounts.clone(),
+    );
+    if !args.trusted.is_empty() {
+        cfg.trusted_clients = args
+            .trusted
+            .iter()
+            .map(|t| Cidr::parse(t).map_err(|e| anyhow::anyhow!("--trusted {t:?}: {e}")))
+            .collect::<Result<_>>()?;
+    }
+    cfg.programs = args.program.iter().cloned().collect();
+    cfg.program_timeout = std::time::Duration::from_secs(args.program_timeout);
+    if args.imap.is_some() || args.imaps.is_some() {
+        bail!("the IMAP server is not wired into `ringmail mda` yet");
+    }
+    crate::mx::serve_until_signal(|| start(cfg), |_| {}, MdaServer::stop)
+}
+
+/// Starts the LMTP side of an MDA (also for `ringmail up`).
+pub fn start(cfg: MdaConfig) -> Result<MdaServer> {
+    MdaServer::start(cfg, Some(crate::mx::pin)).context("starting the MDA")
+}
