@@ -176,7 +176,15 @@ fn run(rx: Receiver<Job>, shared: Arc<Shared>) {
     }
 }
 
-/// Renames and unlinks of the jobs in phase two; whether anything changed in the directory.
+/// Renames and unlinks of the jobs in phase two; whether a name was created or replaced (the
+/// directory then needs its fsync).
+///
+/// Unlinks alone do not: a removal is visible to everyone the moment `unlink(2)` returns and
+/// survives the death of this process (`kill -9`); only a power loss before the file system
+/// commits it (seconds) can bring a removed message back, and a message is removed only once
+/// it is delivered or bounced, so it is delivered again: at least once, never lost. Postfix
+/// does not fsync its queue-file removals either. Recovery at open handles a data file left
+/// without its envelope.
 fn apply_renames(stage: &mut [Pending]) -> bool {
     let mut changed = false;
     for p in stage.iter_mut().filter(|p| p.result.is_ok()) {
@@ -192,7 +200,7 @@ fn apply_renames(stage: &mut [Pending]) -> bool {
         }
         for path in &p.job.unlinks {
             match std::fs::remove_file(path) {
-                Ok(()) => changed = true,
+                Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     p.result = Err(QueueError::io("unlink", path, e));

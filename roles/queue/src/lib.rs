@@ -60,8 +60,10 @@
 //! Envelope updates ([`Spool::record_attempt`], [`Spool::retry_now`], ...) write a new
 //! `tmp/ID.R.env`, fdatasync it and rename it over `msg/ID.env` (atomic), then fsync `msg/`:
 //! after a crash either the old or the new envelope is there, never a mix. Deletion unlinks the
-//! envelope first, then the data, then fsyncs `msg/`; a crash in between leaves a data file
-//! without envelope, removed at open.
+//! envelope first, then the data, without a directory fsync (as Postfix): an unlink survives
+//! `kill -9` at once, and only a power loss within the file system's commit interval can bring
+//! a delivered message back, to be delivered again (at least once, never lost). A crash
+//! between the two unlinks leaves a data file without envelope, removed at open.
 //!
 //! A DSN is committed (durably) before the failed message's envelope is updated: a crash in
 //! between re-attempts the failed recipients and may send a second DSN, but never loses one.
