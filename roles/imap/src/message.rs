@@ -281,7 +281,10 @@ fn structure(raw: &[u8], n: &Node, ext: bool) -> BodyStructure<'static> {
         };
     }
     let body_bytes = &raw[n.body.clone()];
-    let lines = u32::try_from(body_bytes.iter().filter(|&&b| b == b'\n').count()).unwrap_or(0);
+    // Lines, counting an unterminated last line.
+    let lf = body_bytes.iter().filter(|&&b| b == b'\n').count();
+    let partial = usize::from(body_bytes.last().is_some_and(|&b| b != b'\n'));
+    let lines = u32::try_from(lf + partial).unwrap_or(u32::MAX);
     let specific = match (n.ctype.as_str(), &n.message) {
         ("text", _) => SpecificFields::Text {
             subtype: istring(&n.subtype),

@@ -1337,7 +1337,6 @@ impl Session {
         let sel_special = ex.list_select.iter().any(|s| s == "SPECIAL-USE");
         let ret_subscribed = sel_subscribed || ex.list_return.iter().any(|s| s == "SUBSCRIBED");
         let all = self.store()?.list().map_err(|e| store_error(&e))?;
-        let mut status_for = Vec::new();
         for mb in &all {
             let matches = if mb.name == "INBOX" {
                 pattern_match(&full.to_ascii_uppercase(), b"INBOX", b'/')
@@ -1392,14 +1391,11 @@ impl Session {
                 }
             };
             self.send(&Response::Data(data));
-            if status_items.is_some() && !mb.noselect {
-                status_for.push(mb.name.clone());
-            }
-        }
-        if let Some(items) = status_items {
-            for name in status_for {
+            if let Some(items) = &status_items
+                && !mb.noselect
+            {
                 // LIST-STATUS: failures for one mailbox are left out.
-                let _ = self.status(&name, &items);
+                let _ = self.status(&mb.name, items);
             }
         }
         Ok(Done::ok("LIST completed"))
