@@ -34,7 +34,7 @@ use imap_codec::encode::Encoder;
 use imap_codec::imap_types::command::{Command, CommandBody};
 use imap_codec::imap_types::core::LiteralMode;
 use imap_codec::imap_types::core::{AString, Atom, NonEmptyVec, QuotedChar, Tag, Text};
-use imap_codec::imap_types::extensions::enable::{CapabilityEnable, Utf8Kind};
+use imap_codec::imap_types::extensions::enable::CapabilityEnable;
 use imap_codec::imap_types::fetch::{
     MacroOrMessageDataItemNames, MessageDataItem, MessageDataItemName,
 };
@@ -387,7 +387,6 @@ pub struct Session {
     throttled_until: Option<Instant>,
     condstore: bool,
     rev2: bool,
-    utf8: bool,
     closing: bool,
 }
 
@@ -426,7 +425,6 @@ impl Session {
             throttled_until: None,
             condstore: false,
             rev2: false,
-            utf8: false,
             closing: false,
         };
         let caps = s.capabilities().join(" ");
@@ -929,10 +927,6 @@ impl Session {
                         CapabilityEnable::CondStore => {
                             self.condstore = true;
                             enabled.push("CONDSTORE");
-                        }
-                        CapabilityEnable::Utf8(Utf8Kind::Accept) => {
-                            self.utf8 = true;
-                            enabled.push("UTF8=ACCEPT");
                         }
                         // imap-types 1.0 has no accessor for other capabilities; Debug shows
                         // the atom.
@@ -1455,6 +1449,18 @@ impl Session {
                 .collect())
         } else {
             let n = u32::try_from(sel.msgs.len()).unwrap_or(u32::MAX);
+            let star = set.0.as_ref().iter().any(|s| {
+                matches!(
+                    s,
+                    Sequence::Single(SeqOrUid::Asterisk)
+                        | Sequence::Range(SeqOrUid::Asterisk, _)
+                        | Sequence::Range(_, SeqOrUid::Asterisk)
+                )
+            });
+            if n == 0 && star {
+                // `1:*` in an empty mailbox names no message.
+                return Ok(vec![]);
+            }
             let r = ranges(set, n);
             if r.iter().any(|&(a, b)| a == 0 || b > n) {
                 return Err(Done::bad("Invalid message sequence number"));
@@ -1881,7 +1887,12 @@ impl Session {
         }
         let nums: Vec<u32> = hits.iter().map(|h| if uid { h.1 } else { h.0 }).collect();
         let max_modseq = hits.iter().map(|h| h.2).max();
-        if let Some(r) = ex.search_return {
+        // IMAP4rev2 has no SEARCH response: ESEARCH (ALL) is the default.
+        let ret = ex.search_return.or(self.rev2.then_some(ext::SearchReturn {
+            all: true,
+            ..Default::default()
+        }));
+        if let Some(r) = ret {
             let mut line = format!("* ESEARCH (TAG \"{}\")", tag.replace(['"', '\\'], ""));
             if uid {
                 line.push_str(" UID");
