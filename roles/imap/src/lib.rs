@@ -19,6 +19,7 @@
 //! * [`MailStore`] and its types ([`store`]): what a mailbox backend implements; a Maildir
 //!   implementation lives in its own crate.
 //! * [`MemoryStore`]: an in-memory store shared by sessions, for tests and fuzzing.
+//! * `server` (cargo feature `server`): a tokio driver with implicit TLS and STARTTLS.
 //!
 //! Commands are parsed and responses encoded with `imap-codec`/`imap-types` 1.0; the few
 //! extensions that 1.0 lacks (NAMESPACE, ID, UID EXPUNGE, CONDSTORE modifiers, ESEARCH
@@ -33,6 +34,8 @@ mod ext;
 pub mod memory;
 mod message;
 pub mod secret;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod session;
 pub mod store;
 

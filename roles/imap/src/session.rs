@@ -761,7 +761,7 @@ impl Session {
         let buf = std::mem::take(&mut self.cmd);
         let decoded = CommandCodec::default().decode(&buf);
         match decoded {
-            Ok((rest, cmd)) if rest.is_empty() => {
+            Ok(([], cmd)) => {
                 self.literals_in_cmd = 0;
                 self.execute(cmd, Extras::default());
             }
@@ -812,7 +812,7 @@ impl Session {
                     Some(Recognised::UidExpunge(set)) => self.simple(&tag, Simple::UidExpunge(set)),
                     Some(Recognised::Rewritten(b, extras)) => {
                         match CommandCodec::default().decode(&b) {
-                            Ok((rest, cmd)) if rest.is_empty() => self.execute(cmd, extras),
+                            Ok(([], cmd)) => self.execute(cmd, extras),
                             _ => self.finish(&tag, Done::bad("Syntax error")),
                         }
                     }

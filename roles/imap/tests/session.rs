@@ -737,9 +737,13 @@ d APPEND INBOX {3+}\r\nabc\r\ne SEARCH TEXT bob\r\nf STORE 1 +FLAGS (\\Seen)\r\n
 fn rev2_and_empty_mailbox() {
     let store = store_with_mail();
     let mut c = Client::logged_in(&store);
-    let r = c.send("a SELECT Trash\r\nb FETCH 1:* FLAGS\r\nc UID FETCH 1:* FLAGS\r\nd SEARCH ALL\r\n");
+    let r =
+        c.send("a SELECT Trash\r\nb FETCH 1:* FLAGS\r\nc UID FETCH 1:* FLAGS\r\nd SEARCH ALL\r\n");
     assert!(r.contains("* 0 EXISTS\r\n* 0 RECENT\r\n"), "{r}");
-    assert!(r.contains("b OK FETCH completed\r\nc OK FETCH completed\r\n* SEARCH\r\nd OK"), "{r}");
+    assert!(
+        r.contains("b OK FETCH completed\r\nc OK FETCH completed\r\n* SEARCH\r\nd OK"),
+        "{r}"
+    );
     let r = c.send("e FETCH 1 FLAGS\r\n");
     assert_eq!(r, "e BAD Invalid message sequence number\r\n");
     let r = c.send("f ENABLE IMAP4rev2\r\ng SELECT INBOX\r\nh SEARCH UNSEEN\r\n");
