@@ -139,9 +139,6 @@ fn handle_events(s: &mut Session, store: &MemoryStore, t: &mut Tracker) {
             Event::Idle => {}
         }
     }
-    if !t.out.is_empty() && s.should_close() {
-        // A closed session stays silent.
-    }
 }
 
 fn run_split(cfg: &Arc<Config>, tls: bool, input: &[u8], step: usize) -> Vec<u8> {

@@ -1760,7 +1760,7 @@ impl Session {
         }
         let done_uids: Vec<u32> = res.iter().map(|r| r.0).collect();
         let mut modified: Vec<u32> = Vec::new();
-        if let Some(sel) = self.sel.as_ref() {
+        if let Some(sel) = self.sel.as_ref().filter(|_| ex.unchanged_since.is_some()) {
             for (k, u) in uids.iter().enumerate() {
                 if !done_uids.contains(u) && sel.index_of(*u).is_some() {
                     modified.push(if uid { *u } else { idx[k] as u32 + 1 });

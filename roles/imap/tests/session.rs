@@ -751,3 +751,17 @@ fn rev2_and_empty_mailbox() {
     assert!(r.contains("* OK [CLOSED]"), "{r}");
     assert!(r.contains("* ESEARCH (TAG \"h\") ALL 1:3\r\nh OK"), "{r}");
 }
+
+#[test]
+fn store_on_message_expunged_elsewhere() {
+    let store = store_with_mail();
+    let mut a = Client::logged_in(&store);
+    let mut b = Client::logged_in(&store);
+    a.send("s SELECT INBOX\r\n");
+    b.send("s SELECT INBOX\r\nx STORE 2 +FLAGS.SILENT (\\Deleted)\r\ny EXPUNGE\r\n");
+    let r = a.send("t STORE 1:3 +FLAGS (\\Seen)\r\n");
+    assert_eq!(
+        r,
+        "* 1 FETCH (FLAGS (\\Seen))\r\n* 3 FETCH (FLAGS (\\Seen))\r\nt OK STORE completed\r\n"
+    );
+}
