@@ -171,6 +171,11 @@ enum Kind {
     Ok,
     No,
     Bad,
+    /// No tagged reply now: the command continues (LOGIN and AUTHENTICATE wait for the
+    /// driver, IDLE for DONE, AUTHENTICATE for the client's response).
+    Later,
+    /// OK, then wait for the TLS handshake.
+    StartTls,
 }
 
 /// The tagged reply a command ends with.
@@ -200,6 +205,13 @@ impl Done {
             kind: Kind::Bad,
             code: None,
             text,
+        }
+    }
+    fn later() -> Done {
+        Done {
+            kind: Kind::Later,
+            code: None,
+            text: "",
         }
     }
     fn code(mut self, code: String) -> Done {
@@ -617,7 +629,8 @@ impl Session {
         let code = d.code.as_deref().map(other_code);
         let text = Text::try_from(d.text).unwrap_or_else(|_| Text::unvalidated("done"));
         let st = match d.kind {
-            Kind::Ok => Status::Ok { tag, code, text },
+            Kind::Ok | Kind::StartTls => Status::Ok { tag, code, text },
+            Kind::Later => return,
             Kind::No => Status::No { tag, code, text },
             Kind::Bad => {
                 self.bad += 1;
@@ -884,7 +897,11 @@ impl Session {
                 if self.tls || !self.cfg.offer_starttls {
                     return Err(Done::bad("STARTTLS not available"));
                 }
-                Ok(Done::ok("Begin TLS negotiation now"))
+                Ok(Done {
+                    kind: Kind::StartTls,
+                    code: None,
+                    text: "Begin TLS negotiation now",
+                })
             }
             CommandBody::Login { username, password } => {
                 need(state == State::NotAuthenticated)?;
@@ -894,7 +911,7 @@ impl Session {
                     .to_owned();
                 let password = Secret::new(password.declassify().as_ref().to_vec());
                 self.events.push_back(Event::Login { user, password });
-                Err(Done::ok("wait"))
+                Err(Done::later())
             }
             CommandBody::Authenticate {
                 mechanism,
@@ -908,14 +925,14 @@ impl Session {
                 match initial_response {
                     Some(ir) => {
                         self.sasl_plain(ir.declassify().as_ref())?;
-                        Err(Done::ok("wait"))
+                        Err(Done::later())
                     }
                     None => {
                         self.send(&Response::CommandContinuationRequest(
                             CommandContinuationRequest::base64(Vec::new()),
                         ));
                         self.mode = Mode::AuthData(tag.clone());
-                        Err(Done::ok("wait"))
+                        Err(Done::later())
                     }
                 }
             }
@@ -1048,7 +1065,7 @@ impl Session {
                 ));
                 self.mode = Mode::Idle(tag.clone());
                 self.events.push_back(Event::Idle);
-                Err(Done::ok("wait"))
+                Err(Done::later())
             }
             CommandBody::Check => {
                 need(selected)?;
@@ -1131,11 +1148,8 @@ impl Session {
             }
             _ => Err(Done::bad("Command not supported")),
         })();
-        // "wait" is the marker for commands that answer later (LOGIN, IDLE, AUTHENTICATE).
         if let Err(Done {
-            kind: Kind::Ok,
-            text: "wait",
-            ..
+            kind: Kind::Later, ..
         }) = &r
         {
             if matches!(self.events.back(), Some(Event::Login { .. })) {
@@ -1143,9 +1157,13 @@ impl Session {
             }
             return;
         }
-        let starttls = r
-            .as_ref()
-            .is_ok_and(|d| d.text == "Begin TLS negotiation now");
+        let starttls = matches!(
+            r,
+            Ok(Done {
+                kind: Kind::StartTls,
+                ..
+            })
+        );
         let logout = self.state == State::Logout;
         self.complete(&tag, r, allow_expunge);
         if starttls {
