@@ -28,8 +28,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+fn tls_pair_pem() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>, String) {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let pem = ck.cert.pem();
     let cert: CertificateDer<'static> = ck.cert.der().clone();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
     let server = rustls::ServerConfig::builder_with_provider(provider())
@@ -45,7 +46,7 @@ fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    (Arc::new(server), Arc::new(client))
+    (Arc::new(server), Arc::new(client), pem)
 }
 
 async fn read_until<S: AsyncRead + Unpin>(
@@ -96,7 +97,15 @@ async fn start(
     implicit: bool,
     store: &MemoryStore,
 ) -> (std::net::SocketAddr, Arc<rustls::ClientConfig>) {
-    let (server_tls, client_tls) = tls_pair();
+    let (addr, client_tls, _) = start_pem(implicit, store).await;
+    (addr, client_tls)
+}
+
+async fn start_pem(
+    implicit: bool,
+    store: &MemoryStore,
+) -> (std::net::SocketAddr, Arc<rustls::ClientConfig>, String) {
+    let (server_tls, client_tls, pem) = tls_pair_pem();
     let cfg = Arc::new(ServerConfig {
         tls: Some(server_tls),
         idle_poll: Duration::from_millis(100),
@@ -106,7 +115,7 @@ async fn start(
     let addr = listener.local_addr().unwrap();
     let backend: Arc<dyn Backend> = Arc::new(TestBackend(store.clone()));
     tokio::spawn(serve(listener, implicit, cfg, backend));
-    (addr, client_tls)
+    (addr, client_tls, pem)
 }
 
 async fn session_over_tls<S: AsyncRead + AsyncWrite + Unpin>(
@@ -193,4 +202,71 @@ async fn starttls_injection_fails_the_handshake() {
     if let Ok(Ok(n)) = n {
         assert!(!String::from_utf8_lossy(&buf[..n]).contains("b OK"));
     }
+}
+
+const IMAPLIB_SCRIPT: &str = r#"
+import imaplib, ssl, sys
+port, ca = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=ca)
+M = imaplib.IMAP4("localhost", port)
+assert "STARTTLS" in M.capabilities, M.capabilities
+M.starttls(ssl_context=ctx)
+assert "AUTH=PLAIN" in M.capabilities, M.capabilities
+typ, d = M.login("alice", "secret"); assert typ == "OK", d
+msg = b"From: a@example.org\r\nSubject: interop\r\n\r\nhello imaplib\r\n"
+typ, d = M.append("INBOX", r"(\Seen)", imaplib.Time2Internaldate(1700000000), msg)
+assert typ == "OK" and b"APPENDUID" in d[0], d
+typ, d = M.select("INBOX"); assert typ == "OK" and d[0] == b"1", d
+typ, d = M.search(None, "SUBJECT", "interop"); assert d[0] == b"1", d
+typ, d = M.fetch("1", "(FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)] BODY[TEXT] INTERNALDATE)")
+assert typ == "OK", d
+assert d[0][1] == b"Subject: interop\r\n\r\n", d
+assert d[1][1] == b"hello imaplib\r\n", d
+typ, d = M.uid("STORE", "1", "+FLAGS", r"(\Flagged)"); assert typ == "OK", d
+assert b"\\Flagged" in d[0], d
+typ, d = M.copy("1", "Trash"); assert typ == "OK", d
+typ, d = M.store("1", "+FLAGS", r"\Deleted"); assert typ == "OK", d
+typ, d = M.expunge(); assert d == [b"1"], d
+typ, d = M.list(); assert typ == "OK" and any(b"Trash" in x for x in d), d
+typ, d = M.status("Trash", "(MESSAGES)"); assert d == [b"Trash (MESSAGES 1)"], d
+typ, d = M.namespace(); assert typ == "OK", d
+M.close()
+M.logout()
+print("imaplib ok")
+"#;
+
+/// Python's imaplib against the driver: STARTTLS, LOGIN, APPEND, SELECT, SEARCH, FETCH,
+/// UID STORE, COPY, EXPUNGE, LIST, STATUS, NAMESPACE, CLOSE, LOGOUT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_imaplib_interop() {
+    if std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        if std::env::var("RINGMAIL_REQUIRE_ALL").as_deref() == Ok("1") {
+            panic!("python3 is not installed (RINGMAIL_REQUIRE_ALL=1)");
+        }
+        eprintln!("SKIP: python3 is not installed");
+        return;
+    }
+    let store = MemoryStore::new();
+    let (addr, _, pem) = start_pem(false, &store).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let port = addr.port().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("timeout")
+            .args(["60", "python3", "-c", IMAPLIB_SCRIPT, &port])
+            .arg(&ca)
+            .output()
+    });
+    let out = out.await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("imaplib ok"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
