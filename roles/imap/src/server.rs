@@ -1,0 +1,222 @@
+//! A tokio driver for [`Session`] (cargo feature `server`): TCP accept, implicit TLS (993)
+//! or STARTTLS (143) with tokio-rustls, login through an async [`Backend`] that hands out
+//! the user's [`MailStore`], and IDLE wake-ups by polling the store every
+//! [`ServerConfig::idle_poll`].
+//!
+//! Every call into the session (which may call the synchronous store) runs on tokio's
+//! blocking pool, so a slow disk does not stall other connections.
+//!
+//! Limitation: output is written as the session produces it, without backpressure inside a
+//! command (a `FETCH 1:* BODY[]` of a large mailbox is produced whole before it is sent).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::secret::Secret;
+use crate::session::{Config, Event, Session};
+use crate::store::MailStore;
+
+/// What a login resolves to: the user's store, or `None` for bad credentials.
+pub type LoginFuture = Pin<Box<dyn Future<Output = Option<Box<dyn MailStore>>> + Send>>;
+
+/// Checks credentials and opens the user's store (the store factory).
+pub trait Backend: Send + Sync + 'static {
+    /// Checks `user`/`password`; on success returns a new store handle for this session.
+    fn login(&self, user: String, password: Secret) -> LoginFuture;
+}
+
+/// Driver settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Session limits and offers. `offer_starttls` is ignored: the driver offers STARTTLS
+    /// on plaintext listeners exactly when it has a TLS configuration.
+    pub session: Config,
+    /// Certificates for implicit TLS and STARTTLS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// How often the store is polled during IDLE.
+    pub idle_poll: Duration,
+    /// Inactivity before the session is logged out (RFC 9051: at least 30 minutes).
+    pub inactivity: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            session: Config::default(),
+            tls: None,
+            idle_poll: Duration::from_millis(500),
+            inactivity: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// Errors that end the accept loop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Implicit TLS without a TLS configuration.
+    #[error("implicit TLS needs a TLS configuration")]
+    NoTls,
+    /// Accepting failed.
+    #[error("accept failed: {0}")]
+    Accept(#[from] io::Error),
+}
+
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    Gone,
+}
+
+impl Conn {
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf).await,
+            Conn::Tls(s) => s.read(buf).await,
+            Conn::Gone => Ok(0),
+        }
+    }
+
+    async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.write_all(buf).await,
+            Conn::Tls(s) => s.write_all(buf).await,
+            Conn::Gone => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush().await,
+            Conn::Tls(s) => s.flush().await,
+            Conn::Gone => Ok(()),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = match self {
+            Conn::Plain(s) => s.shutdown().await,
+            Conn::Tls(s) => s.shutdown().await,
+            Conn::Gone => Ok(()),
+        };
+    }
+}
+
+/// Accepts connections until the listener fails. `implicit_tls`: port 993 style.
+pub async fn serve(
+    listener: TcpListener,
+    implicit_tls: bool,
+    cfg: Arc<ServerConfig>,
+    backend: Arc<dyn Backend>,
+) -> Result<(), ServerError> {
+    if implicit_tls && cfg.tls.is_none() {
+        return Err(ServerError::NoTls);
+    }
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let cfg = cfg.clone();
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            let _ = connection(tcp, implicit_tls, cfg, backend).await;
+        });
+    }
+}
+
+/// Runs `f` on the session on the blocking pool.
+async fn blocking<F>(mut s: Session, f: F) -> io::Result<Session>
+where
+    F: FnOnce(&mut Session) + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        f(&mut s);
+        s
+    })
+    .await
+    .map_err(io::Error::other)
+}
+
+/// Drives one connection to its end.
+pub async fn connection(
+    tcp: TcpStream,
+    implicit_tls: bool,
+    cfg: Arc<ServerConfig>,
+    backend: Arc<dyn Backend>,
+) -> io::Result<()> {
+    let _ = tcp.set_nodelay(true);
+    let acceptor = cfg.tls.clone().map(TlsAcceptor::from);
+    let mut conn = match (&acceptor, implicit_tls) {
+        (Some(a), true) => Conn::Tls(Box::new(a.accept(tcp).await?)),
+        (None, true) => return Err(io::ErrorKind::InvalidInput.into()),
+        _ => Conn::Plain(tcp),
+    };
+    let session_cfg = Arc::new(Config {
+        offer_starttls: acceptor.is_some(),
+        ..cfg.session.clone()
+    });
+    let mut s = Session::new(session_cfg, implicit_tls, Instant::now());
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut last_input = tokio::time::Instant::now();
+    loop {
+        // Output first, then driver actions, until the session is quiet.
+        loop {
+            while let Some(b) = s.poll_transmit() {
+                conn.write_all(&b).await?;
+            }
+            conn.flush().await?;
+            let Some(ev) = s.poll_event() else { break };
+            match ev {
+                Event::StartTls => {
+                    let Some(a) = &acceptor else {
+                        return Ok(());
+                    };
+                    let Conn::Plain(tcp) = std::mem::replace(&mut conn, Conn::Gone) else {
+                        return Ok(());
+                    };
+                    // Bytes the client sent after STARTTLS are still in the socket: the TLS
+                    // handshake reads them, so injected plaintext fails the handshake.
+                    conn = Conn::Tls(Box::new(a.accept(tcp).await?));
+                    s.tls_established();
+                }
+                Event::Login { user, password } => {
+                    let store = backend.login(user, password).await;
+                    s = blocking(s, move |s| s.login_result(store)).await?;
+                }
+                Event::Idle => {}
+            }
+        }
+        if s.should_close() {
+            conn.shutdown().await;
+            return Ok(());
+        }
+        let throttle = s.poll_timeout();
+        let idling = s.is_idling();
+        let inactivity = last_input + cfg.inactivity;
+        tokio::select! {
+            r = conn.read(&mut buf), if throttle.is_none() => {
+                let n = r?;
+                if n == 0 {
+                    return Ok(());
+                }
+                last_input = tokio::time::Instant::now();
+                let data = buf[..n].to_vec();
+                s = blocking(s, move |s| s.receive(&data, Instant::now())).await?;
+            }
+            _ = tokio::time::sleep_until(throttle.map_or(inactivity, tokio::time::Instant::from_std)), if throttle.is_some() => {
+                s = blocking(s, |s| s.handle_timeout(Instant::now())).await?;
+            }
+            _ = tokio::time::sleep(cfg.idle_poll), if idling => {
+                s = blocking(s, |s| s.changes_available()).await?;
+            }
+            _ = tokio::time::sleep_until(inactivity) => {
+                s.timeout();
+            }
+        }
+    }
+}

@@ -1,0 +1,2195 @@
+//! [`Session`]: one IMAP server connection, I/O-free.
+//!
+//! Bytes from the client go into [`Session::receive`] together with the current time;
+//! replies come out of [`Session::poll_transmit`], and things only the driver can do come out
+//! of [`Session::poll_event`] ([`Event::StartTls`], [`Event::Login`], [`Event::Idle`]). The
+//! driver answers with [`Session::tls_established`] and [`Session::login_result`] (the latter
+//! hands over the user's [`MailStore`]). While an answer is pending the session buffers input
+//! (bounded) and does nothing else.
+//!
+//! ```text
+//!  not authenticated ──LOGIN/AUTHENTICATE──▶ Event::Login ──login_result(Some(store))──▶
+//!  authenticated ◀──CLOSE/UNSELECT── selected ◀──SELECT/EXAMINE──┘        LOGOUT ──▶ logout
+//! ```
+//!
+//! Framing: lines end in CRLF; a line ending in `{n}` is followed by a `+` continuation and
+//! `n` literal octets, `{n+}` (LITERAL+) by the octets at once. imap-codec decides whether a
+//! complete command has arrived or a literal follows, and parses it; [`crate::ext`] covers
+//! the extension syntax imap-codec 1.0 lacks.
+//!
+//! Sequence numbers: the session keeps the selected mailbox's UID list; expunges that the
+//! store reports are announced only after commands that may announce them (never after
+//! FETCH, STORE or SEARCH without UID: RFC 9051 7.5.1), so sequence numbers the client holds
+//! stay valid.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use imap_codec::decode::{CommandDecodeError, Decoder};
+use imap_codec::encode::Encoder;
+use imap_codec::imap_types::command::{Command, CommandBody};
+use imap_codec::imap_types::core::LiteralMode;
+use imap_codec::imap_types::core::{AString, Atom, NonEmptyVec, QuotedChar, Tag, Text};
+use imap_codec::imap_types::extensions::enable::CapabilityEnable;
+use imap_codec::imap_types::fetch::{
+    MacroOrMessageDataItemNames, MessageDataItem, MessageDataItemName,
+};
+use imap_codec::imap_types::flag::{
+    Flag as ImapFlag, FlagFetch, FlagNameAttribute, FlagPerm, StoreResponse, StoreType,
+};
+use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
+use imap_codec::imap_types::response::{
+    Code, CodeOther, CommandContinuationRequest, Data, Response, Status,
+};
+use imap_codec::imap_types::search::SearchKey;
+use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
+use imap_codec::imap_types::status::{StatusDataItem, StatusDataItemName};
+use imap_codec::{CommandCodec, ResponseCodec};
+
+use crate::ext::{self, Extras, Recognised};
+use crate::message::{self, Parsed, SearchView};
+use crate::secret::Secret;
+use crate::store::{Flag, FlagOp, MailStore, MessageMeta, StoreError};
+
+/// Limits and offers of a session.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Text of the greeting.
+    pub greeting: String,
+    /// Offer STARTTLS on plaintext connections.
+    pub offer_starttls: bool,
+    /// Allow LOGIN/AUTHENTICATE without TLS (tests and loopback only).
+    pub allow_plaintext_auth: bool,
+    /// Longest command line in octets, without literals.
+    pub max_line: usize,
+    /// Largest literal outside APPEND.
+    pub max_literal: u32,
+    /// Largest APPEND message literal.
+    pub max_append: u32,
+    /// Most literals in one command.
+    pub max_literals_per_command: usize,
+    /// Invalid commands (BAD) before the session says BYE.
+    pub max_bad_commands: u32,
+    /// Failed logins before the session says BYE.
+    pub max_login_failures: u32,
+    /// Sustained commands per second (token bucket refill rate).
+    pub commands_per_second: u32,
+    /// Commands that may arrive at once (token bucket size).
+    pub command_burst: u32,
+    /// Input the session buffers while it waits (for the driver or the rate limit).
+    pub max_pending_input: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            greeting: "ringmail IMAP4rev2 server ready".into(),
+            offer_starttls: true,
+            allow_plaintext_auth: false,
+            max_line: 64 * 1024,
+            max_literal: 64 * 1024,
+            max_append: 50 * 1024 * 1024,
+            max_literals_per_command: 64,
+            max_bad_commands: 10,
+            max_login_failures: 3,
+            commands_per_second: 50,
+            command_burst: 200,
+            max_pending_input: 256 * 1024,
+        }
+    }
+}
+
+/// Something only the driver can do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The client asked for TLS and the OK is queued: flush [`Session::poll_transmit`], run
+    /// the handshake, then call [`Session::tls_established`]. Plaintext that arrived after
+    /// the command has been discarded.
+    StartTls,
+    /// Check these credentials (LOGIN or AUTHENTICATE PLAIN) and call
+    /// [`Session::login_result`].
+    Login {
+        /// The user name (authentication identity).
+        user: String,
+        /// The password.
+        password: Secret,
+    },
+    /// The client entered IDLE: call [`Session::changes_available`] when the store may have
+    /// changed (or on a timer) until [`Session::is_idling`] turns false.
+    Idle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    NotAuthenticated,
+    Authenticated,
+    Selected,
+    Logout,
+}
+
+#[derive(Debug)]
+enum Mode {
+    Line,
+    Literal(usize),
+    /// Dropping an oversized non-synchronising literal, then the rest of its command.
+    Skip(usize),
+    /// Dropping the lines left of a command whose literal was refused.
+    DiscardRest,
+    /// Dropping the rest of an overlong line.
+    SkipLine,
+    Idle(String),
+    AuthData(String),
+}
+
+#[derive(Debug)]
+enum Wait {
+    Tls,
+    Login(String),
+}
+
+#[derive(Debug)]
+struct Sel {
+    writable: bool,
+    uidnext: u32,
+    highestmodseq: u64,
+    msgs: Vec<MessageMeta>,
+    /// Expunged in the store, not yet announced (still hold sequence numbers).
+    pending_expunge: Vec<u32>,
+}
+
+impl Sel {
+    fn index_of(&self, uid: u32) -> Option<usize> {
+        self.msgs.binary_search_by_key(&uid, |m| m.uid).ok()
+    }
+}
+
+enum Kind {
+    Ok,
+    No,
+    Bad,
+    /// No tagged reply now: the command continues (LOGIN and AUTHENTICATE wait for the
+    /// driver, IDLE for DONE, AUTHENTICATE for the client's response).
+    Later,
+    /// OK, then wait for the TLS handshake.
+    StartTls,
+}
+
+/// The tagged reply a command ends with.
+struct Done {
+    kind: Kind,
+    code: Option<String>,
+    text: &'static str,
+}
+
+impl Done {
+    fn ok(text: &'static str) -> Done {
+        Done {
+            kind: Kind::Ok,
+            code: None,
+            text,
+        }
+    }
+    fn no(code: &str, text: &'static str) -> Done {
+        Done {
+            kind: Kind::No,
+            code: (!code.is_empty()).then(|| code.to_owned()),
+            text,
+        }
+    }
+    fn bad(text: &'static str) -> Done {
+        Done {
+            kind: Kind::Bad,
+            code: None,
+            text,
+        }
+    }
+    fn later() -> Done {
+        Done {
+            kind: Kind::Later,
+            code: None,
+            text: "",
+        }
+    }
+    fn code(mut self, code: String) -> Done {
+        self.code = Some(code);
+        self
+    }
+}
+
+fn store_error(e: &StoreError) -> Done {
+    match e {
+        StoreError::NotFound => Done::no("NONEXISTENT", "No such mailbox or message"),
+        StoreError::AlreadyExists => Done::no("ALREADYEXISTS", "Mailbox already exists"),
+        StoreError::InvalidName => Done::no("CANNOT", "Invalid mailbox name"),
+        StoreError::NotAllowed(_) => Done::no("CANNOT", "Operation not allowed"),
+        StoreError::OverQuota => Done::no("OVERQUOTA", "Quota exceeded"),
+        StoreError::TooBig => Done::no("TOOBIG", "Message too large"),
+        StoreError::NotSelected => Done::bad("No mailbox selected"),
+        StoreError::Unavailable(_) => Done::no("UNAVAILABLE", "Temporary failure, try again"),
+    }
+}
+
+type Reply<T> = Result<T, Done>;
+
+/// Longest mailbox name the session passes to the store, in octets.
+pub const MAX_MAILBOX_NAME: usize = 1024;
+
+/// Checks and converts a mailbox name from the client.
+fn mailbox_name(mb: &Mailbox<'_>) -> Reply<String> {
+    match mb {
+        Mailbox::Inbox => Ok("INBOX".into()),
+        Mailbox::Other(o) => name_from_bytes(o.as_ref()),
+    }
+}
+
+fn name_from_bytes(b: &[u8]) -> Reply<String> {
+    let s = std::str::from_utf8(b).map_err(|_| Done::bad("Mailbox name is not UTF-8"))?;
+    if s.is_empty() || s.len() > MAX_MAILBOX_NAME || s.chars().any(char::is_control) {
+        return Err(Done::no("CANNOT", "Invalid mailbox name"));
+    }
+    if s.eq_ignore_ascii_case("INBOX") {
+        return Ok("INBOX".into());
+    }
+    Ok(s.to_owned())
+}
+
+fn from_imap_flag(f: &ImapFlag<'_>) -> Option<Flag> {
+    Some(match f {
+        ImapFlag::Seen => Flag::Seen,
+        ImapFlag::Answered => Flag::Answered,
+        ImapFlag::Flagged => Flag::Flagged,
+        ImapFlag::Deleted => Flag::Deleted,
+        ImapFlag::Draft => Flag::Draft,
+        ImapFlag::Keyword(a) => Flag::Keyword(a.as_ref().to_owned()),
+        // \Recent and unknown system flags cannot be stored.
+        ImapFlag::Extension(_) => return None,
+    })
+}
+
+fn to_imap_flag(f: &Flag) -> Option<ImapFlag<'static>> {
+    Some(match f {
+        Flag::Seen => ImapFlag::Seen,
+        Flag::Answered => ImapFlag::Answered,
+        Flag::Flagged => ImapFlag::Flagged,
+        Flag::Deleted => ImapFlag::Deleted,
+        Flag::Draft => ImapFlag::Draft,
+        Flag::Keyword(k) => ImapFlag::Keyword(Atom::try_from(k.clone()).ok()?),
+    })
+}
+
+fn other_code(s: &str) -> Code<'static> {
+    Code::Other(CodeOther::unvalidated(s.as_bytes().to_vec()))
+}
+
+/// Sorted, merged inclusive ranges of a sequence set, with `*` as `largest`.
+fn ranges(set: &SequenceSet, largest: u32) -> Vec<(u32, u32)> {
+    let val = |s: &SeqOrUid| match s {
+        SeqOrUid::Value(v) => v.get(),
+        SeqOrUid::Asterisk => largest,
+    };
+    let mut r: Vec<(u32, u32)> = set
+        .0
+        .as_ref()
+        .iter()
+        .map(|s| match s {
+            Sequence::Single(x) => (val(x), val(x)),
+            Sequence::Range(a, b) => {
+                let (a, b) = (val(a), val(b));
+                (a.min(b), a.max(b))
+            }
+        })
+        .collect();
+    r.sort_unstable();
+    let mut out: Vec<(u32, u32)> = Vec::with_capacity(r.len());
+    for (a, b) in r {
+        match out.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+fn in_ranges(r: &[(u32, u32)], n: u32) -> bool {
+    let i = r.partition_point(|&(_, b)| b < n);
+    r.get(i).is_some_and(|&(a, _)| a <= n)
+}
+
+/// `1:3,5` style set of sorted numbers.
+fn compact_set(nums: &[u32]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < nums.len() {
+        let start = nums[i];
+        let mut end = start;
+        while i + 1 < nums.len() && nums[i + 1] == end + 1 {
+            i += 1;
+            end = nums[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+/// IMAP list-pattern match: `*` matches anything, `%` anything but the delimiter.
+fn pattern_match(pattern: &[u8], name: &[u8], delim: u8) -> bool {
+    // Dynamic programming over (pattern position, name position): linear memory, no
+    // exponential backtracking on hostile patterns like `*a*a*a*a*b`.
+    let mut cur = vec![false; name.len() + 1];
+    cur[0] = true;
+    for &p in pattern {
+        let mut next = vec![false; name.len() + 1];
+        match p {
+            b'*' | b'%' => {
+                let mut reach = false;
+                for j in 0..=name.len() {
+                    if cur[j] {
+                        reach = true;
+                    }
+                    next[j] = reach;
+                    if p == b'%' && j < name.len() && name[j] == delim {
+                        reach = false;
+                    }
+                }
+            }
+            c => {
+                for j in 0..name.len() {
+                    if cur[j] && name[j] == c {
+                        next[j + 1] = true;
+                    }
+                }
+            }
+        }
+        cur = next;
+    }
+    cur[name.len()]
+}
+
+/// One IMAP server connection. See the module docs.
+pub struct Session {
+    cfg: Arc<Config>,
+    tls: bool,
+    state: State,
+    store: Option<Box<dyn MailStore>>,
+    sel: Option<Sel>,
+    inbuf: Vec<u8>,
+    cmd: Vec<u8>,
+    literals_in_cmd: usize,
+    mode: Mode,
+    wait: Option<Wait>,
+    out: VecDeque<Bytes>,
+    events: VecDeque<Event>,
+    bad: u32,
+    login_failures: u32,
+    tokens: f64,
+    last_refill: Instant,
+    now: Instant,
+    throttled_until: Option<Instant>,
+    condstore: bool,
+    rev2: bool,
+    closing: bool,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("tls", &self.tls)
+            .field("state", &self.state)
+            .field("mode", &self.mode)
+            .field("closing", &self.closing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A new session; the greeting is queued. `tls_active` is true on implicit-TLS ports.
+    pub fn new(cfg: Arc<Config>, tls_active: bool, now: Instant) -> Session {
+        let mut s = Session {
+            tokens: f64::from(cfg.command_burst),
+            cfg,
+            tls: tls_active,
+            state: State::NotAuthenticated,
+            store: None,
+            sel: None,
+            inbuf: Vec::new(),
+            cmd: Vec::new(),
+            literals_in_cmd: 0,
+            mode: Mode::Line,
+            wait: None,
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            bad: 0,
+            login_failures: 0,
+            last_refill: now,
+            now,
+            throttled_until: None,
+            condstore: false,
+            rev2: false,
+            closing: false,
+        };
+        let caps = s.capabilities().join(" ");
+        let text = s.cfg.greeting.clone();
+        s.raw(format!("* OK [CAPABILITY {caps}] {text}\r\n"));
+        s
+    }
+
+    /// Feeds bytes from the client.
+    pub fn receive(&mut self, data: &[u8], now: Instant) {
+        self.now = now;
+        if self.closing {
+            return;
+        }
+        if matches!(self.wait, Some(Wait::Tls)) {
+            // Plaintext after STARTTLS and before the handshake: injected, drop it.
+            return;
+        }
+        if self.inbuf.len() + data.len() > self.cfg.max_pending_input + self.cfg.max_line
+            && (self.wait.is_some() || self.throttled_until.is_some())
+        {
+            self.bye("Too much pipelined input");
+            return;
+        }
+        self.inbuf.extend_from_slice(data);
+        self.process();
+    }
+
+    /// Lets a rate-limited session go on; call at [`Session::poll_timeout`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        self.process();
+    }
+
+    /// When the session wants [`Session::handle_timeout`] (it is rate-limiting the client).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.throttled_until
+    }
+
+    /// Next bytes for the client.
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.out.pop_front()
+    }
+
+    /// Next driver action.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Whether the driver should close the connection once the output is flushed.
+    pub fn should_close(&self) -> bool {
+        self.closing
+    }
+
+    /// Whether the session is in IDLE.
+    pub fn is_idling(&self) -> bool {
+        matches!(self.mode, Mode::Idle(_))
+    }
+
+    /// Whether the session runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// Whether a user is logged in.
+    pub fn is_authenticated(&self) -> bool {
+        matches!(self.state, State::Authenticated | State::Selected)
+    }
+
+    /// Octets of unprocessed input held by the session.
+    pub fn buffered_len(&self) -> usize {
+        self.inbuf.len() + self.cmd.len()
+    }
+
+    /// The TLS handshake after [`Event::StartTls`] succeeded.
+    pub fn tls_established(&mut self) {
+        if !matches!(self.wait, Some(Wait::Tls)) || self.closing {
+            return;
+        }
+        self.wait = None;
+        self.tls = true;
+        self.inbuf.clear();
+        self.cmd.clear();
+        self.mode = Mode::Line;
+    }
+
+    /// The verdict on [`Event::Login`]: the user's store, or `None` for bad credentials.
+    pub fn login_result(&mut self, store: Option<Box<dyn MailStore>>) {
+        let Some(Wait::Login(tag)) = self.wait.take() else {
+            return;
+        };
+        if self.closing {
+            return;
+        }
+        match store {
+            Some(store) => {
+                self.store = Some(store);
+                self.state = State::Authenticated;
+                let caps = self.capabilities().join(" ");
+                self.raw(format!("{tag} OK [CAPABILITY {caps}] Logged in\r\n"));
+            }
+            None => {
+                self.login_failures += 1;
+                self.finish(
+                    &tag,
+                    Done::no("AUTHENTICATIONFAILED", "Authentication failed"),
+                );
+                if self.login_failures >= self.cfg.max_login_failures {
+                    self.bye("Too many failed logins");
+                    return;
+                }
+            }
+        }
+        self.process();
+    }
+
+    /// The store may have changed (a timer or a notification): during IDLE the changes are
+    /// sent at once; otherwise they wait for the next command.
+    pub fn changes_available(&mut self) {
+        if self.is_idling() && !self.closing {
+            self.updates(true);
+        }
+    }
+
+    /// The driver's inactivity timer fired: say BYE and close.
+    pub fn timeout(&mut self) {
+        if !self.closing {
+            self.bye("Autologout; idle for too long");
+        }
+    }
+
+    fn capabilities(&self) -> Vec<&'static str> {
+        let mut c = vec!["IMAP4rev2", "IMAP4rev1"];
+        if !self.is_authenticated() {
+            if !self.tls && self.cfg.offer_starttls {
+                c.push("STARTTLS");
+            }
+            if self.tls || self.cfg.allow_plaintext_auth {
+                c.push("AUTH=PLAIN");
+            } else {
+                c.push("LOGINDISABLED");
+            }
+        }
+        c.extend([
+            "SASL-IR",
+            "LITERAL+",
+            "ID",
+            "IDLE",
+            "NAMESPACE",
+            "UIDPLUS",
+            "MOVE",
+            "UNSELECT",
+            "ENABLE",
+            "CONDSTORE",
+            "ESEARCH",
+            "LIST-EXTENDED",
+            "LIST-STATUS",
+            "SPECIAL-USE",
+            "CHILDREN",
+        ]);
+        c
+    }
+
+    fn raw(&mut self, s: String) {
+        self.out.push_back(Bytes::from(s));
+    }
+
+    fn send(&mut self, r: &Response<'_>) {
+        self.out
+            .push_back(Bytes::from(ResponseCodec::default().encode(r).dump()));
+    }
+
+    fn send_with(&mut self, r: &Response<'_>, extra: &str) {
+        // Appends items imap-codec 1.0 cannot express (MODSEQ, HIGHESTMODSEQ) inside the
+        // closing parenthesis of a FETCH/STATUS response, or before the CRLF otherwise.
+        let mut b = ResponseCodec::default().encode(r).dump();
+        if !extra.is_empty() {
+            let at = if b.ends_with(b")\r\n") {
+                b.len() - 3
+            } else {
+                b.len() - 2
+            };
+            b.splice(at..at, extra.bytes());
+        }
+        self.out.push_back(Bytes::from(b));
+    }
+
+    fn finish(&mut self, tag: &str, d: Done) {
+        let tag = Tag::try_from(tag.to_owned()).ok();
+        let code = d.code.as_deref().map(other_code);
+        let text = Text::try_from(d.text).unwrap_or_else(|_| Text::unvalidated("done"));
+        let st = match d.kind {
+            Kind::Ok | Kind::StartTls => Status::Ok { tag, code, text },
+            Kind::Later => return,
+            Kind::No => Status::No { tag, code, text },
+            Kind::Bad => {
+                self.bad += 1;
+                Status::Bad { tag, code, text }
+            }
+        };
+        self.send(&Response::Status(st));
+        if self.bad >= self.cfg.max_bad_commands && !self.closing {
+            self.bye("Too many invalid commands");
+        }
+    }
+
+    fn bye(&mut self, text: &'static str) {
+        self.send(&Response::Status(Status::Bye {
+            code: None,
+            text: Text::unvalidated(text),
+        }));
+        self.closing = true;
+        self.state = State::Logout;
+        self.inbuf.clear();
+        self.cmd.clear();
+    }
+
+    /// Takes one token from the bucket, or sets `throttled_until`.
+    fn take_token(&mut self) -> bool {
+        let rate = f64::from(self.cfg.commands_per_second.max(1));
+        let elapsed = self.now.saturating_duration_since(self.last_refill);
+        self.last_refill = self.now;
+        self.tokens =
+            (self.tokens + elapsed.as_secs_f64() * rate).min(f64::from(self.cfg.command_burst));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.throttled_until = None;
+            true
+        } else {
+            let wait = (1.0 - self.tokens) / rate;
+            self.throttled_until = Some(self.now + Duration::from_secs_f64(wait));
+            false
+        }
+    }
+
+    fn process(&mut self) {
+        let mut pos = 0;
+        while !self.closing && self.wait.is_none() {
+            let avail = self.inbuf.len() - pos;
+            match self.mode {
+                Mode::Literal(n) | Mode::Skip(n) => {
+                    let k = n.min(avail);
+                    if k == 0 {
+                        break;
+                    }
+                    if matches!(self.mode, Mode::Literal(_)) {
+                        self.cmd.extend_from_slice(&self.inbuf[pos..pos + k]);
+                    }
+                    pos += k;
+                    self.mode = match (&self.mode, n - k) {
+                        (Mode::Literal(_), 0) => Mode::Line,
+                        (Mode::Literal(_), r) => Mode::Literal(r),
+                        (_, 0) => Mode::DiscardRest,
+                        (_, r) => Mode::Skip(r),
+                    };
+                }
+                _ => {
+                    let starts_command = matches!(self.mode, Mode::Line) && self.cmd.is_empty();
+                    let Some(nl) = self.inbuf[pos..].iter().position(|&b| b == b'\n') else {
+                        if avail > self.cfg.max_line {
+                            self.line_too_long();
+                            pos = self.inbuf.len();
+                        }
+                        break;
+                    };
+                    if nl + 1 > self.cfg.max_line {
+                        pos += nl + 1;
+                        self.line_too_long();
+                        self.mode = Mode::Line;
+                        continue;
+                    }
+                    if starts_command && !self.take_token() {
+                        break;
+                    }
+                    let line = self.inbuf[pos..pos + nl + 1].to_vec();
+                    pos += nl + 1;
+                    self.line(line);
+                }
+            }
+        }
+        if self.closing {
+            self.inbuf.clear();
+        } else if pos > 0 {
+            let pos = pos.min(self.inbuf.len());
+            self.inbuf.drain(..pos);
+        }
+    }
+
+    fn line_too_long(&mut self) {
+        self.cmd.clear();
+        self.literals_in_cmd = 0;
+        if matches!(self.mode, Mode::SkipLine) {
+            return;
+        }
+        self.mode = Mode::SkipLine;
+        self.bad += 1;
+        self.raw("* BAD [TOOBIG] Line too long\r\n".into());
+        if self.bad >= self.cfg.max_bad_commands {
+            self.bye("Too many invalid commands");
+        }
+    }
+
+    fn line(&mut self, line: Vec<u8>) {
+        let bare_lf = !line.ends_with(b"\r\n");
+        match std::mem::replace(&mut self.mode, Mode::Line) {
+            Mode::SkipLine => {}
+            Mode::DiscardRest => {
+                if let Some(n) = trailing_literal(&line) {
+                    self.mode = if n.1 { Mode::Skip(n.0) } else { Mode::Line };
+                }
+            }
+            Mode::Idle(tag) => {
+                if line.trim_ascii().eq_ignore_ascii_case(b"DONE") {
+                    self.finish(&tag, Done::ok("IDLE terminated"));
+                } else {
+                    self.finish(&tag, Done::bad("Expected DONE"));
+                }
+            }
+            Mode::AuthData(tag) => self.auth_data(&tag, line.trim_ascii()),
+            Mode::Line | Mode::Literal(_) | Mode::Skip(_) => {
+                if bare_lf {
+                    // CRLF only: a bare LF is not a line end in IMAP.
+                    self.cmd.clear();
+                    self.literals_in_cmd = 0;
+                    self.finish("*", Done::bad("Lines must end in CRLF"));
+                    return;
+                }
+                self.cmd.extend_from_slice(&line);
+                self.command();
+            }
+        }
+    }
+
+    fn command(&mut self) {
+        let buf = std::mem::take(&mut self.cmd);
+        let decoded = CommandCodec::default().decode(&buf);
+        match decoded {
+            Ok(([], cmd)) => {
+                self.literals_in_cmd = 0;
+                self.execute(cmd, Extras::default());
+            }
+            Err(CommandDecodeError::LiteralFound { tag, length, mode }) => {
+                let tag = tag.inner().to_owned();
+                let append = is_append(&buf);
+                let limit = if append {
+                    self.cfg.max_append
+                } else {
+                    self.cfg.max_literal
+                };
+                self.literals_in_cmd += 1;
+                let too_many = self.literals_in_cmd > self.cfg.max_literals_per_command;
+                if length > limit || too_many {
+                    self.literals_in_cmd = 0;
+                    let text = if too_many {
+                        "Too many literals"
+                    } else {
+                        "Literal too large"
+                    };
+                    self.finish(&tag, Done::no("TOOBIG", text));
+                    if mode == LiteralMode::NonSync {
+                        // The client sends the octets anyway (LITERAL+): drop them, then the
+                        // rest of the command. Beyond twice the APPEND limit, hang up.
+                        if u64::from(length) > 2 * u64::from(self.cfg.max_append) {
+                            self.bye("Literal too large");
+                        } else {
+                            self.mode = Mode::Skip(length as usize);
+                        }
+                    }
+                    return;
+                }
+                if mode == LiteralMode::Sync {
+                    self.send(&Response::CommandContinuationRequest(
+                        CommandContinuationRequest::basic(None, "Ready for literal data")
+                            .unwrap_or_else(|_| CommandContinuationRequest::base64(Vec::new())),
+                    ));
+                }
+                self.cmd = buf;
+                self.mode = Mode::Literal(length as usize);
+            }
+            _ => {
+                self.literals_in_cmd = 0;
+                let tag = tag_of(&buf);
+                match ext::recognise(&buf) {
+                    Some(Recognised::Namespace) => self.simple(&tag, Simple::Namespace),
+                    Some(Recognised::Id) => self.simple(&tag, Simple::Id),
+                    Some(Recognised::UidExpunge(set)) => self.simple(&tag, Simple::UidExpunge(set)),
+                    Some(Recognised::Rewritten(b, extras)) => {
+                        match CommandCodec::default().decode(&b) {
+                            Ok(([], cmd)) => self.execute(cmd, extras),
+                            _ => self.finish(&tag, Done::bad("Syntax error")),
+                        }
+                    }
+                    None => self.finish(&tag, Done::bad("Syntax error or unknown command")),
+                }
+            }
+        }
+    }
+
+    fn simple(&mut self, tag: &str, s: Simple) {
+        let r = match s {
+            Simple::Namespace => {
+                if self.is_authenticated() {
+                    self.raw("* NAMESPACE ((\"\" \"/\")) NIL NIL\r\n".into());
+                    Ok(Done::ok("NAMESPACE completed"))
+                } else {
+                    Err(Done::bad("Not authenticated"))
+                }
+            }
+            Simple::Id => {
+                self.raw("* ID (\"name\" \"ringmail\")\r\n".into());
+                Ok(Done::ok("ID completed"))
+            }
+            Simple::UidExpunge(set) => self.expunge(Some(&set)),
+        };
+        let allow = true;
+        self.complete(tag, r, allow);
+    }
+
+    /// Sends pending updates, then the tagged reply.
+    fn complete(&mut self, tag: &str, r: Reply<Done>, allow_expunge: bool) {
+        let d = r.unwrap_or_else(|e| e);
+        if !self.closing {
+            self.updates(allow_expunge);
+        }
+        self.finish(tag, d);
+    }
+
+    fn execute(&mut self, cmd: Command<'_>, ex: Extras) {
+        let tag = cmd.tag.inner().to_owned();
+        let state = self.state;
+        let authed = matches!(state, State::Authenticated | State::Selected);
+        let selected = state == State::Selected;
+        let need = |ok: bool| -> Reply<()> {
+            if ok {
+                Ok(())
+            } else {
+                Err(Done::bad("Command not valid in this state"))
+            }
+        };
+        // Expunge announcements are allowed after everything but FETCH, STORE, SEARCH
+        // without UID (and COPY, which RFC 3501 listed too).
+        let mut allow_expunge = true;
+        let is_close = matches!(cmd.body, CommandBody::Close);
+        let r: Reply<Done> = (|| match cmd.body {
+            CommandBody::Capability => {
+                let caps = self.capabilities().join(" ");
+                self.raw(format!("* CAPABILITY {caps}\r\n"));
+                Ok(Done::ok("CAPABILITY completed"))
+            }
+            CommandBody::Noop => Ok(Done::ok("NOOP completed")),
+            CommandBody::Logout => {
+                self.raw("* BYE Logging out\r\n".into());
+                self.state = State::Logout;
+                Ok(Done::ok("LOGOUT completed"))
+            }
+            CommandBody::StartTLS => {
+                need(state == State::NotAuthenticated)?;
+                if self.tls || !self.cfg.offer_starttls {
+                    return Err(Done::bad("STARTTLS not available"));
+                }
+                Ok(Done {
+                    kind: Kind::StartTls,
+                    code: None,
+                    text: "Begin TLS negotiation now",
+                })
+            }
+            CommandBody::Login { username, password } => {
+                need(state == State::NotAuthenticated)?;
+                self.privacy()?;
+                let user = std::str::from_utf8(username.as_ref())
+                    .map_err(|_| Done::no("AUTHENTICATIONFAILED", "Authentication failed"))?
+                    .to_owned();
+                let password = Secret::new(password.declassify().as_ref().to_vec());
+                self.events.push_back(Event::Login { user, password });
+                Err(Done::later())
+            }
+            CommandBody::Authenticate {
+                mechanism,
+                initial_response,
+            } => {
+                need(state == State::NotAuthenticated)?;
+                if !mechanism.to_string().eq_ignore_ascii_case("PLAIN") {
+                    return Err(Done::no("CANNOT", "Unsupported mechanism"));
+                }
+                self.privacy()?;
+                match initial_response {
+                    Some(ir) => {
+                        self.sasl_plain(ir.declassify().as_ref())?;
+                        Err(Done::later())
+                    }
+                    None => {
+                        self.send(&Response::CommandContinuationRequest(
+                            CommandContinuationRequest::base64(Vec::new()),
+                        ));
+                        self.mode = Mode::AuthData(tag.clone());
+                        Err(Done::later())
+                    }
+                }
+            }
+            CommandBody::Enable { capabilities } => {
+                need(authed)?;
+                let mut enabled = Vec::new();
+                for c in capabilities.as_ref() {
+                    match c {
+                        CapabilityEnable::CondStore => {
+                            self.condstore = true;
+                            enabled.push("CONDSTORE");
+                        }
+                        // imap-types 1.0 has no accessor for other capabilities; Debug shows
+                        // the atom.
+                        CapabilityEnable::Other(o)
+                            if format!("{o:?}")
+                                .to_ascii_lowercase()
+                                .contains("\"imap4rev2\"") =>
+                        {
+                            self.rev2 = true;
+                            enabled.push("IMAP4rev2");
+                        }
+                        _ => {}
+                    }
+                }
+                self.raw(format!("* ENABLED {}\r\n", enabled.join(" ")).replace(" \r\n", "\r\n"));
+                Ok(Done::ok("ENABLE completed"))
+            }
+            CommandBody::Select { mailbox } => {
+                need(authed)?;
+                self.select(&mailbox, true, ex.condstore_select)
+            }
+            CommandBody::Examine { mailbox } => {
+                need(authed)?;
+                self.select(&mailbox, false, ex.condstore_select)
+            }
+            CommandBody::Create { mailbox } => {
+                need(authed)?;
+                let name = mailbox_name(&mailbox)?;
+                let name = name.trim_end_matches('/');
+                if name.eq_ignore_ascii_case("INBOX") {
+                    return Err(Done::no("ALREADYEXISTS", "INBOX exists"));
+                }
+                self.store()?.create(name).map_err(|e| store_error(&e))?;
+                Ok(Done::ok("CREATE completed"))
+            }
+            CommandBody::Delete { mailbox } => {
+                need(authed)?;
+                let name = mailbox_name(&mailbox)?;
+                self.store()?.delete(&name).map_err(|e| store_error(&e))?;
+                Ok(Done::ok("DELETE completed"))
+            }
+            CommandBody::Rename { from, to } => {
+                need(authed)?;
+                let (from, to) = (mailbox_name(&from)?, mailbox_name(&to)?);
+                self.store()?
+                    .rename(&from, &to)
+                    .map_err(|e| store_error(&e))?;
+                Ok(Done::ok("RENAME completed"))
+            }
+            CommandBody::Subscribe { mailbox } => {
+                need(authed)?;
+                let name = mailbox_name(&mailbox)?;
+                self.store()?
+                    .subscribe(&name, true)
+                    .map_err(|e| store_error(&e))?;
+                Ok(Done::ok("SUBSCRIBE completed"))
+            }
+            CommandBody::Unsubscribe { mailbox } => {
+                need(authed)?;
+                let on = false;
+                let name = mailbox_name(&mailbox)?;
+                self.store()?
+                    .subscribe(&name, on)
+                    .map_err(|e| store_error(&e))?;
+                Ok(Done::ok("Subscription changed"))
+            }
+            CommandBody::List {
+                reference,
+                mailbox_wildcard,
+            } => {
+                need(authed)?;
+                self.list(&reference, &mailbox_wildcard, &ex, false)
+            }
+            CommandBody::Lsub {
+                reference,
+                mailbox_wildcard,
+            } => {
+                need(authed)?;
+                self.list(&reference, &mailbox_wildcard, &ex, true)
+            }
+            CommandBody::Status {
+                mailbox,
+                item_names,
+            } => {
+                need(authed)?;
+                let name = mailbox_name(&mailbox)?;
+                self.status(&name, item_names.as_ref())?;
+                Ok(Done::ok("STATUS completed"))
+            }
+            CommandBody::Append {
+                mailbox,
+                flags,
+                date,
+                message,
+            } => {
+                need(authed)?;
+                let name = mailbox_name(&mailbox)?;
+                let flags: Vec<Flag> = flags.iter().filter_map(from_imap_flag).collect();
+                let date = date.map(|d| SystemTime::from(*d.as_ref()));
+                let data = message.data();
+                if data.len() > self.cfg.max_append as usize {
+                    return Err(Done::no("TOOBIG", "Message too large"));
+                }
+                let (validity, uid) =
+                    self.store()?
+                        .append(&name, data, &flags, date)
+                        .map_err(|e| match e {
+                            StoreError::NotFound => Done::no("TRYCREATE", "No such mailbox"),
+                            e => store_error(&e),
+                        })?;
+                Ok(Done::ok("APPEND completed").code(format!("APPENDUID {validity} {uid}")))
+            }
+            CommandBody::Idle => {
+                need(authed)?;
+                self.updates(true);
+                self.send(&Response::CommandContinuationRequest(
+                    CommandContinuationRequest::basic(None, "idling")
+                        .unwrap_or_else(|_| CommandContinuationRequest::base64(Vec::new())),
+                ));
+                self.mode = Mode::Idle(tag.clone());
+                self.events.push_back(Event::Idle);
+                Err(Done::later())
+            }
+            CommandBody::Check => {
+                need(selected)?;
+                Ok(Done::ok("CHECK completed"))
+            }
+            CommandBody::Close | CommandBody::Unselect => {
+                need(selected)?;
+                let close = is_close;
+                if close && self.sel.as_ref().is_some_and(|s| s.writable) {
+                    // Silent expunge.
+                    let _ = self.store()?.expunge(None);
+                }
+                self.store()?.unselect();
+                self.sel = None;
+                self.state = State::Authenticated;
+                Ok(Done::ok("Mailbox closed"))
+            }
+            CommandBody::Expunge => {
+                need(selected)?;
+                self.expunge(None)
+            }
+            CommandBody::Search {
+                charset,
+                criteria,
+                uid,
+            } => {
+                need(selected)?;
+                allow_expunge = uid;
+                if let Some(c) = charset {
+                    use imap_codec::imap_types::core::Charset;
+                    let c = match &c {
+                        Charset::Atom(a) => a.as_ref().to_owned(),
+                        Charset::Quoted(q) => q.inner().to_owned(),
+                    };
+                    if !c.eq_ignore_ascii_case("UTF-8") && !c.eq_ignore_ascii_case("US-ASCII") {
+                        return Err(Done::no(
+                            "BADCHARSET (UTF-8 US-ASCII)",
+                            "Unsupported charset",
+                        ));
+                    }
+                }
+                self.search(&tag, &criteria, uid, &ex)
+            }
+            CommandBody::Fetch {
+                sequence_set,
+                macro_or_item_names,
+                uid,
+            } => {
+                need(selected)?;
+                allow_expunge = uid;
+                self.fetch(&sequence_set, macro_or_item_names, uid, &ex)
+            }
+            CommandBody::Store {
+                sequence_set,
+                kind,
+                response,
+                flags,
+                uid,
+            } => {
+                need(selected)?;
+                allow_expunge = uid;
+                self.store_cmd(&sequence_set, &kind, &response, &flags, uid, &ex)
+            }
+            CommandBody::Copy {
+                sequence_set,
+                mailbox,
+                uid,
+            } => {
+                need(selected)?;
+                allow_expunge = uid;
+                self.copy_move(&sequence_set, &mailbox, uid, false)
+            }
+            CommandBody::Move {
+                sequence_set,
+                mailbox,
+                uid,
+            } => {
+                need(selected)?;
+                self.copy_move(&sequence_set, &mailbox, uid, true)
+            }
+            _ => Err(Done::bad("Command not supported")),
+        })();
+        if let Err(Done {
+            kind: Kind::Later, ..
+        }) = &r
+        {
+            if matches!(self.events.back(), Some(Event::Login { .. })) {
+                self.wait = Some(Wait::Login(tag));
+            }
+            return;
+        }
+        let starttls = matches!(
+            r,
+            Ok(Done {
+                kind: Kind::StartTls,
+                ..
+            })
+        );
+        let logout = self.state == State::Logout;
+        self.complete(&tag, r, allow_expunge);
+        if starttls {
+            // Anything pipelined after STARTTLS was sent in plaintext: drop it.
+            self.inbuf.clear();
+            self.cmd.clear();
+            self.wait = Some(Wait::Tls);
+            self.events.push_back(Event::StartTls);
+        }
+        if logout {
+            self.closing = true;
+            self.inbuf.clear();
+        }
+    }
+
+    fn privacy(&self) -> Reply<()> {
+        if self.tls || self.cfg.allow_plaintext_auth {
+            Ok(())
+        } else {
+            Err(Done::no(
+                "PRIVACYREQUIRED",
+                "Authentication requires TLS: use STARTTLS first",
+            ))
+        }
+    }
+
+    fn sasl_plain(&mut self, msg: &[u8]) -> Reply<()> {
+        let mut parts = msg.split(|&b| b == 0);
+        let (Some(authz), Some(authc), Some(pass), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(Done::bad("Malformed PLAIN response"));
+        };
+        let user = std::str::from_utf8(authc)
+            .map_err(|_| Done::no("AUTHENTICATIONFAILED", "Authentication failed"))?;
+        if !authz.is_empty() && authz != authc {
+            return Err(Done::no(
+                "AUTHORIZATIONFAILED",
+                "Cannot act as another user",
+            ));
+        }
+        self.events.push_back(Event::Login {
+            user: user.to_owned(),
+            password: Secret::new(pass.to_vec()),
+        });
+        Ok(())
+    }
+
+    fn auth_data(&mut self, tag: &str, line: &[u8]) {
+        if line == b"*" {
+            self.finish(tag, Done::bad("Authentication cancelled"));
+            return;
+        }
+        let decoded = base64::engine::general_purpose::STANDARD.decode(line);
+        match decoded {
+            Ok(d) => match self.sasl_plain(&d) {
+                Ok(()) => self.wait = Some(Wait::Login(tag.to_owned())),
+                Err(e) => self.finish(tag, e),
+            },
+            Err(_) => self.finish(tag, Done::bad("Invalid base64")),
+        }
+    }
+
+    fn store(&mut self) -> Reply<&mut Box<dyn MailStore>> {
+        self.store
+            .as_mut()
+            .ok_or_else(|| Done::bad("Not authenticated"))
+    }
+
+    fn select(&mut self, mailbox: &Mailbox<'_>, writable: bool, condstore: bool) -> Reply<Done> {
+        let name = mailbox_name(mailbox)?;
+        if self.sel.take().is_some() {
+            self.state = State::Authenticated;
+            self.store()?.unselect();
+            self.raw("* OK [CLOSED] Previous mailbox closed\r\n".into());
+        }
+        let s = self.store()?.select(&name).map_err(|e| store_error(&e))?;
+        if condstore {
+            self.condstore = true;
+        }
+        let writable = writable && s.writable;
+        let exists = s.messages.len();
+        self.raw(format!("* {exists} EXISTS\r\n"));
+        if !self.rev2 {
+            self.raw("* 0 RECENT\r\n".into());
+        }
+        self.send(&Response::Data(Data::Flags(
+            Flag::SYSTEM.iter().filter_map(to_imap_flag).collect(),
+        )));
+        let perm = if writable {
+            let mut p: Vec<FlagPerm> = Flag::SYSTEM
+                .iter()
+                .filter_map(to_imap_flag)
+                .map(FlagPerm::Flag)
+                .collect();
+            p.push(FlagPerm::Asterisk);
+            p
+        } else {
+            vec![]
+        };
+        self.send(&Response::Status(Status::Ok {
+            tag: None,
+            code: Some(Code::PermanentFlags(perm)),
+            text: Text::unvalidated("Flags permitted"),
+        }));
+        if let Some(v) = NonZeroU32::new(s.uidvalidity) {
+            self.send(&Response::Status(Status::Ok {
+                tag: None,
+                code: Some(Code::UidValidity(v)),
+                text: Text::unvalidated("UIDs valid"),
+            }));
+        }
+        if let Some(n) = NonZeroU32::new(s.uidnext) {
+            self.send(&Response::Status(Status::Ok {
+                tag: None,
+                code: Some(Code::UidNext(n)),
+                text: Text::unvalidated("Predicted next UID"),
+            }));
+        }
+        self.raw(format!(
+            "* OK [HIGHESTMODSEQ {}] Highest\r\n",
+            s.highestmodseq.max(1)
+        ));
+        self.sel = Some(Sel {
+            writable,
+            uidnext: s.uidnext,
+            highestmodseq: s.highestmodseq,
+            msgs: s.messages,
+            pending_expunge: vec![],
+        });
+        self.state = State::Selected;
+        Ok(if writable {
+            Done::ok("SELECT completed").code("READ-WRITE".into())
+        } else {
+            Done::ok("EXAMINE completed").code("READ-ONLY".into())
+        })
+    }
+
+    fn list(
+        &mut self,
+        reference: &Mailbox<'_>,
+        pattern: &ListMailbox<'_>,
+        ex: &Extras,
+        lsub: bool,
+    ) -> Reply<Done> {
+        let reference = match reference {
+            Mailbox::Inbox => b"INBOX".to_vec(),
+            Mailbox::Other(o) => o.as_ref().to_vec(),
+        };
+        let pattern = match pattern {
+            ListMailbox::Token(t) => t.as_ref().to_vec(),
+            ListMailbox::String(s) => s.as_ref().to_vec(),
+        };
+        let word = if lsub { "LSUB" } else { "LIST" };
+        if pattern.is_empty() {
+            self.raw(format!("* {word} (\\Noselect) \"/\" \"\"\r\n"));
+            return Ok(Done::ok("LIST completed"));
+        }
+        let mut full = reference;
+        if !full.is_empty() && !full.ends_with(b"/") && !pattern.starts_with(b"/") {
+            full.push(b'/');
+        }
+        full.extend_from_slice(&pattern);
+        let status_items: Option<Vec<StatusDataItemName>> = match &ex.list_status {
+            None => None,
+            Some(items) => {
+                let mut c = b"x STATUS x ".to_vec();
+                c.extend_from_slice(items);
+                c.extend_from_slice(b"\r\n");
+                match CommandCodec::default().decode(&c) {
+                    Ok((
+                        _,
+                        Command {
+                            body: CommandBody::Status { item_names, .. },
+                            ..
+                        },
+                    )) => Some(item_names.into_owned()),
+                    _ => return Err(Done::bad("Invalid STATUS return option")),
+                }
+            }
+        };
+        let sel_subscribed = lsub || ex.list_select.iter().any(|s| s == "SUBSCRIBED");
+        let sel_special = ex.list_select.iter().any(|s| s == "SPECIAL-USE");
+        let ret_subscribed = sel_subscribed || ex.list_return.iter().any(|s| s == "SUBSCRIBED");
+        let all = self.store()?.list().map_err(|e| store_error(&e))?;
+        for mb in &all {
+            let matches = if mb.name == "INBOX" {
+                pattern_match(&full.to_ascii_uppercase(), b"INBOX", b'/')
+                    || pattern_match(&full, b"INBOX", b'/')
+            } else {
+                pattern_match(&full, mb.name.as_bytes(), b'/')
+            };
+            if !matches
+                || (sel_subscribed && !mb.subscribed)
+                || (sel_special && mb.special_use.is_none())
+            {
+                continue;
+            }
+            let prefix = format!("{}/", mb.name);
+            let children = all.iter().any(|o| o.name.starts_with(&prefix));
+            let mut attrs: Vec<FlagNameAttribute> = Vec::new();
+            let mut attr = |s: &str| {
+                if let Ok(a) = Atom::try_from(s.to_owned()) {
+                    attrs.push(FlagNameAttribute::from(a));
+                }
+            };
+            if mb.noselect {
+                attr("Noselect");
+            }
+            if !lsub {
+                attr(if children {
+                    "HasChildren"
+                } else {
+                    "HasNoChildren"
+                });
+                if let Some(su) = mb.special_use {
+                    attr(&su.as_str()[1..]);
+                }
+                if ret_subscribed && mb.subscribed {
+                    attr("Subscribed");
+                }
+            }
+            let Ok(name) = Mailbox::try_from(mb.name.clone()) else {
+                continue;
+            };
+            let data = if lsub {
+                Data::Lsub {
+                    items: attrs,
+                    delimiter: mb.delimiter.and_then(|c| QuotedChar::try_from(c).ok()),
+                    mailbox: name,
+                }
+            } else {
+                Data::List {
+                    items: attrs,
+                    delimiter: mb.delimiter.and_then(|c| QuotedChar::try_from(c).ok()),
+                    mailbox: name,
+                }
+            };
+            self.send(&Response::Data(data));
+            if let Some(items) = &status_items
+                && !mb.noselect
+            {
+                // LIST-STATUS: failures for one mailbox are left out.
+                let _ = self.status(&mb.name, items);
+            }
+        }
+        Ok(Done::ok("LIST completed"))
+    }
+
+    fn status(&mut self, name: &str, items: &[StatusDataItemName]) -> Reply<()> {
+        let st = self.store()?.status(name).map_err(|e| store_error(&e))?;
+        let mut out = Vec::new();
+        let mut extra = String::new();
+        for it in items {
+            match it {
+                StatusDataItemName::Messages => out.push(StatusDataItem::Messages(st.messages)),
+                StatusDataItemName::Recent => out.push(StatusDataItem::Recent(st.recent)),
+                StatusDataItemName::UidNext => {
+                    if let Some(n) = NonZeroU32::new(st.uidnext) {
+                        out.push(StatusDataItem::UidNext(n));
+                    }
+                }
+                StatusDataItemName::UidValidity => {
+                    if let Some(n) = NonZeroU32::new(st.uidvalidity) {
+                        out.push(StatusDataItem::UidValidity(n));
+                    }
+                }
+                StatusDataItemName::Unseen => out.push(StatusDataItem::Unseen(st.unseen)),
+                StatusDataItemName::Deleted => out.push(StatusDataItem::Deleted(st.deleted)),
+                StatusDataItemName::DeletedStorage => {}
+                StatusDataItemName::HighestModSeq => {
+                    extra = format!(" HIGHESTMODSEQ {}", st.highestmodseq.max(1));
+                }
+            }
+        }
+        let mailbox = Mailbox::try_from(name.to_owned()).map_err(|_| Done::bad("Bad name"))?;
+        if out.is_empty() && !extra.is_empty() {
+            extra.remove(0);
+        }
+        self.send_with(
+            &Response::Data(Data::Status {
+                mailbox,
+                items: out.into(),
+            }),
+            &extra,
+        );
+        Ok(())
+    }
+
+    /// The messages a set names: (index into `msgs`) in ascending order.
+    fn resolve(&self, set: &SequenceSet, uid: bool) -> Reply<Vec<usize>> {
+        let sel = self
+            .sel
+            .as_ref()
+            .ok_or_else(|| Done::bad("No mailbox selected"))?;
+        if uid {
+            let largest = sel.msgs.last().map_or(0, |m| m.uid);
+            let r = ranges(set, largest);
+            Ok((0..sel.msgs.len())
+                .filter(|&i| in_ranges(&r, sel.msgs[i].uid))
+                .collect())
+        } else {
+            let n = u32::try_from(sel.msgs.len()).unwrap_or(u32::MAX);
+            let star = set.0.as_ref().iter().any(|s| {
+                matches!(
+                    s,
+                    Sequence::Single(SeqOrUid::Asterisk)
+                        | Sequence::Range(SeqOrUid::Asterisk, _)
+                        | Sequence::Range(_, SeqOrUid::Asterisk)
+                )
+            });
+            if n == 0 && star {
+                // `1:*` in an empty mailbox names no message.
+                return Ok(vec![]);
+            }
+            let r = ranges(set, n);
+            if r.iter().any(|&(a, b)| a == 0 || b > n) {
+                return Err(Done::bad("Invalid message sequence number"));
+            }
+            Ok(r.iter()
+                .flat_map(|&(a, b)| (a..=b).map(|s| s as usize - 1))
+                .collect())
+        }
+    }
+
+    fn expunge(&mut self, set: Option<&SequenceSet>) -> Reply<Done> {
+        if self.state != State::Selected {
+            return Err(Done::bad("No mailbox selected"));
+        }
+        let uids: Option<Vec<u32>> = match set {
+            Some(set) => {
+                let idx = self.resolve(set, true)?;
+                let sel = self
+                    .sel
+                    .as_ref()
+                    .ok_or_else(|| Done::bad("No mailbox selected"))?;
+                Some(idx.iter().map(|&i| sel.msgs[i].uid).collect())
+            }
+            None => None,
+        };
+        if !self.sel.as_ref().is_some_and(|s| s.writable) {
+            return Err(Done::no("READ-ONLY", "Mailbox is read-only"));
+        }
+        let gone = self
+            .store()?
+            .expunge(uids.as_deref())
+            .map_err(|e| store_error(&e))?;
+        self.announce_expunged(&gone);
+        Ok(Done::ok("EXPUNGE completed"))
+    }
+
+    fn announce_expunged(&mut self, uids: &[u32]) {
+        let Some(sel) = self.sel.as_mut() else { return };
+        let mut lines = Vec::new();
+        for uid in uids {
+            if let Some(i) = sel.index_of(*uid) {
+                sel.msgs.remove(i);
+                lines.push(format!("* {} EXPUNGE\r\n", i + 1));
+            }
+        }
+        sel.pending_expunge.retain(|u| !uids.contains(u));
+        for l in lines {
+            self.raw(l);
+        }
+    }
+
+    /// Folds store changes into the session and announces them.
+    fn updates(&mut self, allow_expunge: bool) {
+        if self.state != State::Selected {
+            return;
+        }
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        let Ok(ch) = store.refresh() else { return };
+        let Some(sel) = self.sel.as_mut() else { return };
+        let mut lines = Vec::new();
+        for (uid, flags, modseq) in &ch.flags {
+            if let Some(i) = sel.index_of(*uid)
+                && *modseq > sel.msgs[i].modseq
+            {
+                sel.msgs[i].flags = flags.clone();
+                sel.msgs[i].modseq = *modseq;
+                lines.push((i + 1, *uid, flags.clone(), *modseq));
+            }
+        }
+        for uid in &ch.expunged {
+            if sel.index_of(*uid).is_some() && !sel.pending_expunge.contains(uid) {
+                sel.pending_expunge.push(*uid);
+            }
+        }
+        let last = sel.msgs.last().map_or(0, |m| m.uid);
+        let fresh: Vec<MessageMeta> = ch.new.iter().filter(|m| m.uid > last).cloned().collect();
+        sel.highestmodseq = sel.highestmodseq.max(ch.highestmodseq);
+        sel.uidnext = sel.uidnext.max(ch.uidnext);
+        let condstore = self.condstore;
+        for (seq, uid, flags, modseq) in lines {
+            let modseq = if condstore {
+                format!(" MODSEQ ({modseq})")
+            } else {
+                String::new()
+            };
+            self.fetch_flags_line(seq, uid, &flags, &modseq);
+        }
+        if allow_expunge {
+            let pending = self
+                .sel
+                .as_mut()
+                .map(|s| std::mem::take(&mut s.pending_expunge))
+                .unwrap_or_default();
+            self.announce_expunged(&pending);
+        }
+        if !fresh.is_empty()
+            && let Some(sel) = self.sel.as_mut()
+        {
+            sel.msgs.extend(fresh);
+            let n = sel.msgs.len();
+            self.raw(format!("* {n} EXISTS\r\n"));
+        }
+    }
+
+    fn fetch_flags_line(&mut self, seq: usize, uid: u32, flags: &[Flag], extra: &str) {
+        let Some(seq) = u32::try_from(seq).ok().and_then(NonZeroU32::new) else {
+            return;
+        };
+        let mut items = vec![MessageDataItem::Flags(
+            flags
+                .iter()
+                .filter_map(to_imap_flag)
+                .map(FlagFetch::Flag)
+                .collect(),
+        )];
+        if let Some(u) = NonZeroU32::new(uid) {
+            items.push(MessageDataItem::Uid(u));
+        }
+        if let Ok(items) = NonEmptyVec::try_from(items) {
+            self.send_with(&Response::Data(Data::Fetch { seq, items }), extra);
+        }
+    }
+
+    fn fetch(
+        &mut self,
+        set: &SequenceSet,
+        items: MacroOrMessageDataItemNames<'_>,
+        uid: bool,
+        ex: &Extras,
+    ) -> Reply<Done> {
+        let mut names = match items {
+            MacroOrMessageDataItemNames::Macro(m) => {
+                use MessageDataItemName as N;
+                use imap_codec::imap_types::fetch::Macro;
+                match m {
+                    Macro::All => vec![N::Flags, N::InternalDate, N::Rfc822Size, N::Envelope],
+                    Macro::Fast => vec![N::Flags, N::InternalDate, N::Rfc822Size],
+                    _ => vec![
+                        N::Flags,
+                        N::InternalDate,
+                        N::Rfc822Size,
+                        N::Envelope,
+                        N::Body,
+                    ],
+                }
+            }
+            MacroOrMessageDataItemNames::MessageDataItemNames(v) => v,
+        };
+        if uid && !names.contains(&MessageDataItemName::Uid) {
+            names.insert(0, MessageDataItemName::Uid);
+        }
+        let want_modseq = ex.fetch_modseq || ex.changed_since.is_some();
+        if want_modseq {
+            self.condstore = true;
+        }
+        let sets_seen = names.iter().any(|n| {
+            matches!(
+                n,
+                MessageDataItemName::BodyExt { peek: false, .. }
+                    | MessageDataItemName::Rfc822
+                    | MessageDataItemName::Rfc822Text
+            )
+        });
+        let needs_content = names.iter().any(|n| {
+            !matches!(
+                n,
+                MessageDataItemName::Flags
+                    | MessageDataItemName::Uid
+                    | MessageDataItemName::InternalDate
+                    | MessageDataItemName::Rfc822Size
+            )
+        });
+        let idx = self.resolve(set, uid)?;
+        let writable = self.sel.as_ref().is_some_and(|s| s.writable);
+        let mut missing = false;
+        for i in idx {
+            let Some(meta) = self.sel.as_ref().and_then(|s| s.msgs.get(i)).cloned() else {
+                continue;
+            };
+            if ex.changed_since.is_some_and(|c| meta.modseq <= c) {
+                continue;
+            }
+            let mut meta = meta;
+            let content = if needs_content {
+                match self.store()?.read(meta.uid) {
+                    Ok(c) => Some(c),
+                    Err(_) => {
+                        missing = true;
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            let mut add_flags = false;
+            if sets_seen && writable && !meta.flags.contains(&Flag::Seen) {
+                if let Ok(res) =
+                    self.store()?
+                        .store_flags(&[meta.uid], FlagOp::Add, &[Flag::Seen], None)
+                    && let Some((_, f, m)) = res.into_iter().next()
+                {
+                    meta.flags = f;
+                    meta.modseq = m;
+                    if let Some(s) = self.sel.as_mut() {
+                        s.msgs[i] = meta.clone();
+                    }
+                }
+                add_flags = !names.contains(&MessageDataItemName::Flags);
+            }
+            let parsed = content.as_deref().map(Parsed::new);
+            let mut out = Vec::new();
+            for n in &names {
+                if let Some(item) = fetch_item(n, &meta, parsed.as_ref()) {
+                    out.push(item);
+                }
+            }
+            if add_flags {
+                out.push(fetch_item(&MessageDataItemName::Flags, &meta, None).expect("flags"));
+            }
+            let extra = if want_modseq {
+                format!(" MODSEQ ({})", meta.modseq)
+            } else {
+                String::new()
+            };
+            let Some(seq) = u32::try_from(i + 1).ok().and_then(NonZeroU32::new) else {
+                continue;
+            };
+            match NonEmptyVec::try_from(out) {
+                Ok(items) => self.send_with(&Response::Data(Data::Fetch { seq, items }), &extra),
+                Err(_) if want_modseq => {
+                    self.raw(format!("* {seq} FETCH (MODSEQ ({}))\r\n", meta.modseq))
+                }
+                Err(_) => {}
+            }
+        }
+        if missing {
+            return Ok(Done::no("EXPUNGEISSUED", "Some messages were expunged"));
+        }
+        Ok(Done::ok("FETCH completed"))
+    }
+
+    fn store_cmd(
+        &mut self,
+        set: &SequenceSet,
+        kind: &StoreType,
+        response: &StoreResponse,
+        flags: &[ImapFlag<'_>],
+        uid: bool,
+        ex: &Extras,
+    ) -> Reply<Done> {
+        let idx = self.resolve(set, uid)?;
+        if !self.sel.as_ref().is_some_and(|s| s.writable) {
+            return Err(Done::no("READ-ONLY", "Mailbox is read-only"));
+        }
+        if ex.unchanged_since.is_some() {
+            self.condstore = true;
+        }
+        let flags: Vec<Flag> = flags.iter().filter_map(from_imap_flag).collect();
+        let op = match kind {
+            StoreType::Add => FlagOp::Add,
+            StoreType::Remove => FlagOp::Remove,
+            StoreType::Replace => FlagOp::Replace,
+        };
+        let uids: Vec<u32> = {
+            let sel = self
+                .sel
+                .as_ref()
+                .ok_or_else(|| Done::bad("No mailbox selected"))?;
+            idx.iter().map(|&i| sel.msgs[i].uid).collect()
+        };
+        let res = self
+            .store()?
+            .store_flags(&uids, op, &flags, ex.unchanged_since)
+            .map_err(|e| store_error(&e))?;
+        let silent = matches!(response, StoreResponse::Silent);
+        let mut changed = Vec::new();
+        for (u, f, m) in &res {
+            let Some(sel) = self.sel.as_mut() else { break };
+            if let Some(i) = sel.index_of(*u) {
+                sel.msgs[i].flags = f.clone();
+                sel.msgs[i].modseq = *m;
+                sel.highestmodseq = sel.highestmodseq.max(*m);
+                changed.push((i + 1, *u, f.clone(), *m));
+            }
+        }
+        for (seq, u, f, m) in changed {
+            if !silent {
+                let extra = if self.condstore {
+                    format!(" MODSEQ ({m})")
+                } else {
+                    String::new()
+                };
+                self.fetch_flags_line_uid(seq, u, &f, uid, &extra);
+            }
+        }
+        let done_uids: Vec<u32> = res.iter().map(|r| r.0).collect();
+        let mut modified: Vec<u32> = Vec::new();
+        if let Some(sel) = self.sel.as_ref().filter(|_| ex.unchanged_since.is_some()) {
+            for (k, u) in uids.iter().enumerate() {
+                if !done_uids.contains(u) && sel.index_of(*u).is_some() {
+                    modified.push(if uid { *u } else { idx[k] as u32 + 1 });
+                }
+            }
+        }
+        if !modified.is_empty() {
+            return Ok(Done::ok("Conditional STORE failed")
+                .code(format!("MODIFIED {}", compact_set(&modified))));
+        }
+        Ok(Done::ok("STORE completed"))
+    }
+
+    fn fetch_flags_line_uid(
+        &mut self,
+        seq: usize,
+        uid: u32,
+        flags: &[Flag],
+        with_uid: bool,
+        extra: &str,
+    ) {
+        if with_uid {
+            self.fetch_flags_line(seq, uid, flags, extra);
+        } else {
+            self.fetch_flags_line(seq, 0, flags, extra);
+        }
+    }
+
+    fn copy_move(
+        &mut self,
+        set: &SequenceSet,
+        mailbox: &Mailbox<'_>,
+        uid: bool,
+        mv: bool,
+    ) -> Reply<Done> {
+        let dest = mailbox_name(mailbox)?;
+        let idx = self.resolve(set, uid)?;
+        if mv && !self.sel.as_ref().is_some_and(|s| s.writable) {
+            return Err(Done::no("READ-ONLY", "Mailbox is read-only"));
+        }
+        let uids: Vec<u32> = {
+            let sel = self
+                .sel
+                .as_ref()
+                .ok_or_else(|| Done::bad("No mailbox selected"))?;
+            idx.iter().map(|&i| sel.msgs[i].uid).collect()
+        };
+        if uids.is_empty() {
+            return Ok(Done::ok("No messages"));
+        }
+        let store = self.store()?;
+        let r = if mv {
+            store.move_to(&uids, &dest)
+        } else {
+            store.copy(&uids, &dest)
+        };
+        let (validity, map) = r.map_err(|e| match e {
+            StoreError::NotFound => Done::no("TRYCREATE", "No such mailbox"),
+            e => store_error(&e),
+        })?;
+        let code = if map.is_empty() {
+            None
+        } else {
+            let src: Vec<String> = map.iter().map(|m| m.0.to_string()).collect();
+            let dst: Vec<String> = map.iter().map(|m| m.1.to_string()).collect();
+            Some(format!(
+                "COPYUID {validity} {} {}",
+                src.join(","),
+                dst.join(",")
+            ))
+        };
+        if mv {
+            if let Some(c) = code {
+                self.raw(format!("* OK [{c}] Moved\r\n"));
+            }
+            let moved: Vec<u32> = map.iter().map(|m| m.0).collect();
+            self.announce_expunged(&moved);
+            return Ok(Done::ok("MOVE completed"));
+        }
+        let d = Done::ok("COPY completed");
+        Ok(match code {
+            Some(c) => d.code(c),
+            None => d,
+        })
+    }
+
+    fn search(&mut self, tag: &str, key: &SearchKey<'_>, uid: bool, ex: &Extras) -> Reply<Done> {
+        let n = self.sel.as_ref().map_or(0, |s| s.msgs.len());
+        let mut hits: Vec<(u32, u32, u64)> = Vec::new();
+        let content_needed = needs_content(key);
+        if depth(key) > 64 {
+            return Err(Done::bad("Search criteria too deeply nested"));
+        }
+        let (largest_seq, largest_uid) = {
+            let sel = self
+                .sel
+                .as_ref()
+                .ok_or_else(|| Done::bad("No mailbox selected"))?;
+            (
+                u32::try_from(sel.msgs.len()).unwrap_or(u32::MAX),
+                sel.msgs.last().map_or(0, |m| m.uid),
+            )
+        };
+        for i in 0..n {
+            let Some(meta) = self.sel.as_ref().and_then(|s| s.msgs.get(i)).cloned() else {
+                break;
+            };
+            let content = if content_needed {
+                self.store()?.read(meta.uid).ok()
+            } else {
+                None
+            };
+            let view = content.as_deref().map(SearchView::new);
+            let ctx = Ctx {
+                seq: i as u32 + 1,
+                meta: &meta,
+                largest_seq,
+                largest_uid,
+                view: view.as_ref(),
+            };
+            if eval(key, &ctx) {
+                hits.push((i as u32 + 1, meta.uid, meta.modseq));
+            }
+        }
+        let nums: Vec<u32> = hits.iter().map(|h| if uid { h.1 } else { h.0 }).collect();
+        let max_modseq = hits.iter().map(|h| h.2).max();
+        // IMAP4rev2 has no SEARCH response: ESEARCH (ALL) is the default.
+        let ret = ex.search_return.or(self.rev2.then_some(ext::SearchReturn {
+            all: true,
+            ..Default::default()
+        }));
+        if let Some(r) = ret {
+            let mut line = format!("* ESEARCH (TAG \"{}\")", tag.replace(['"', '\\'], ""));
+            if uid {
+                line.push_str(" UID");
+            }
+            if !nums.is_empty() {
+                if r.min {
+                    line.push_str(&format!(" MIN {}", nums[0]));
+                }
+                if r.max {
+                    line.push_str(&format!(" MAX {}", nums[nums.len() - 1]));
+                }
+                if r.all {
+                    line.push_str(&format!(" ALL {}", compact_set(&nums)));
+                }
+            }
+            if r.count {
+                line.push_str(&format!(" COUNT {}", nums.len()));
+            }
+            if ex.search_modseq
+                && let Some(m) = max_modseq
+            {
+                line.push_str(&format!(" MODSEQ {m}"));
+            }
+            line.push_str("\r\n");
+            self.raw(line);
+        } else {
+            let extra = match max_modseq {
+                Some(m) if ex.search_modseq => format!(" (MODSEQ {m})"),
+                _ => String::new(),
+            };
+            let found: Vec<NonZeroU32> = nums.iter().filter_map(|&n| NonZeroU32::new(n)).collect();
+            self.send_with(&Response::Data(Data::Search(found)), &extra);
+        }
+        Ok(Done::ok("SEARCH completed"))
+    }
+}
+
+enum Simple {
+    Namespace,
+    Id,
+    UidExpunge(SequenceSet),
+}
+
+fn is_append(buf: &[u8]) -> bool {
+    let mut words = buf.split(|&b| b == b' ');
+    let _tag = words.next();
+    words
+        .next()
+        .is_some_and(|w| w.eq_ignore_ascii_case(b"APPEND"))
+}
+
+fn tag_of(buf: &[u8]) -> String {
+    let first = buf
+        .split(|&b| b == b' ' || b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or(b"");
+    match Tag::try_from(first) {
+        Ok(t) if !first.is_empty() => t.inner().to_owned(),
+        _ => "*".into(),
+    }
+}
+
+/// `{n}` / `{n+}` at the end of a line: (n, non-synchronising).
+fn trailing_literal(line: &[u8]) -> Option<(usize, bool)> {
+    let l = line.strip_suffix(b"\r\n")?.strip_suffix(b"}")?;
+    let open = l.iter().rposition(|&b| b == b'{')?;
+    let inner = &l[open + 1..];
+    let (digits, plus) = match inner.strip_suffix(b"+") {
+        Some(d) => (d, true),
+        None => (inner, false),
+    };
+    let n = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some((n, plus))
+}
+
+fn chrono_date(t: SystemTime) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::<chrono::Utc>::from(t)
+}
+
+fn fetch_item(
+    n: &MessageDataItemName<'_>,
+    meta: &MessageMeta,
+    parsed: Option<&Parsed<'_>>,
+) -> Option<MessageDataItem<'static>> {
+    use imap_codec::imap_types::datetime::DateTime as ImapDateTime;
+    Some(match n {
+        MessageDataItemName::Flags => MessageDataItem::Flags(
+            meta.flags
+                .iter()
+                .filter_map(to_imap_flag)
+                .map(FlagFetch::Flag)
+                .collect(),
+        ),
+        MessageDataItemName::Uid => MessageDataItem::Uid(NonZeroU32::new(meta.uid)?),
+        MessageDataItemName::InternalDate => {
+            let d = chrono_date(meta.internal_date).fixed_offset();
+            MessageDataItem::InternalDate(ImapDateTime::try_from(d).ok()?)
+        }
+        MessageDataItemName::Rfc822Size => MessageDataItem::Rfc822Size(meta.size),
+        MessageDataItemName::Envelope => {
+            MessageDataItem::Envelope(message::envelope(parsed?.header()))
+        }
+        MessageDataItemName::BodyStructure => {
+            MessageDataItem::BodyStructure(parsed?.body_structure(true))
+        }
+        MessageDataItemName::Body => MessageDataItem::Body(parsed?.body_structure(false)),
+        MessageDataItemName::Rfc822 => {
+            MessageDataItem::Rfc822(message::nstring_bytes(parsed?.raw.to_vec()))
+        }
+        MessageDataItemName::Rfc822Header => {
+            MessageDataItem::Rfc822Header(message::nstring_bytes(parsed?.header().to_vec()))
+        }
+        MessageDataItemName::Rfc822Text => {
+            MessageDataItem::Rfc822Text(message::nstring_bytes(parsed?.text().to_vec()))
+        }
+        MessageDataItemName::BodyExt {
+            section, partial, ..
+        } => {
+            let p = parsed?;
+            let mut data = p.section(section.as_ref()).unwrap_or_default();
+            let origin = partial.map(|(o, len)| {
+                let start = (o as usize).min(data.len());
+                let end = start.saturating_add(len.get() as usize).min(data.len());
+                data = data[start..end].to_vec();
+                o
+            });
+            MessageDataItem::BodyExt {
+                section: section.as_ref().map(owned_section),
+                origin,
+                data: message::nstring_bytes(data),
+            }
+        }
+    })
+}
+
+fn owned_section(
+    s: &imap_codec::imap_types::fetch::Section<'_>,
+) -> imap_codec::imap_types::fetch::Section<'static> {
+    use imap_codec::imap_types::fetch::Section;
+    let names = |v: &NonEmptyVec<AString<'_>>| -> NonEmptyVec<AString<'static>> {
+        NonEmptyVec::unvalidated(
+            v.as_ref()
+                .iter()
+                .map(|a| AString::try_from(a.as_ref().to_vec()).expect("valid astring"))
+                .collect(),
+        )
+    };
+    match s {
+        Section::Part(p) => Section::Part(p.clone()),
+        Section::Header(p) => Section::Header(p.clone()),
+        Section::HeaderFields(p, n) => Section::HeaderFields(p.clone(), names(n)),
+        Section::HeaderFieldsNot(p, n) => Section::HeaderFieldsNot(p.clone(), names(n)),
+        Section::Text(p) => Section::Text(p.clone()),
+        Section::Mime(p) => Section::Mime(p.clone()),
+    }
+}
+
+struct Ctx<'a> {
+    seq: u32,
+    meta: &'a MessageMeta,
+    largest_seq: u32,
+    largest_uid: u32,
+    view: Option<&'a SearchView<'a>>,
+}
+
+fn depth(k: &SearchKey<'_>) -> usize {
+    match k {
+        SearchKey::And(v) => 1 + v.as_ref().iter().map(depth).max().unwrap_or(0),
+        SearchKey::Not(k) => 1 + depth(k),
+        SearchKey::Or(a, b) => 1 + depth(a).max(depth(b)),
+        _ => 1,
+    }
+}
+
+fn needs_content(k: &SearchKey<'_>) -> bool {
+    match k {
+        SearchKey::And(v) => v.as_ref().iter().any(needs_content),
+        SearchKey::Not(k) => needs_content(k),
+        SearchKey::Or(a, b) => needs_content(a) || needs_content(b),
+        SearchKey::Header(name, _) => !name
+            .as_ref()
+            .eq_ignore_ascii_case(ext::MODSEQ_HEADER.as_bytes()),
+        SearchKey::Bcc(_)
+        | SearchKey::Body(_)
+        | SearchKey::Cc(_)
+        | SearchKey::From(_)
+        | SearchKey::SentBefore(_)
+        | SearchKey::SentOn(_)
+        | SearchKey::SentSince(_)
+        | SearchKey::Subject(_)
+        | SearchKey::Text(_)
+        | SearchKey::To(_) => true,
+        _ => false,
+    }
+}
+
+fn eval(k: &SearchKey<'_>, c: &Ctx<'_>) -> bool {
+    let has = |f: Flag| c.meta.flags.contains(&f);
+    let hdr =
+        |name: &str, v: &AString<'_>| c.view.is_some_and(|w| w.header_contains(name, v.as_ref()));
+    let idate = || chrono_date(c.meta.internal_date).date_naive();
+    let sent = || c.view.and_then(|w| w.sent_date());
+    match k {
+        SearchKey::And(v) => v.as_ref().iter().all(|k| eval(k, c)),
+        SearchKey::SequenceSet(s) => in_ranges(&ranges(s, c.largest_seq), c.seq),
+        SearchKey::Uid(s) => in_ranges(&ranges(s, c.largest_uid), c.meta.uid),
+        SearchKey::All => true,
+        SearchKey::Answered => has(Flag::Answered),
+        SearchKey::Unanswered => !has(Flag::Answered),
+        SearchKey::Deleted => has(Flag::Deleted),
+        SearchKey::Undeleted => !has(Flag::Deleted),
+        SearchKey::Draft => has(Flag::Draft),
+        SearchKey::Undraft => !has(Flag::Draft),
+        SearchKey::Flagged => has(Flag::Flagged),
+        SearchKey::Unflagged => !has(Flag::Flagged),
+        SearchKey::Seen => has(Flag::Seen),
+        SearchKey::Unseen => !has(Flag::Seen),
+        SearchKey::New | SearchKey::Recent => false,
+        SearchKey::Old => true,
+        SearchKey::Keyword(a) => c
+            .meta
+            .flags
+            .iter()
+            .any(|f| matches!(f, Flag::Keyword(k) if k.eq_ignore_ascii_case(a.as_ref()))),
+        SearchKey::Unkeyword(a) => !c
+            .meta
+            .flags
+            .iter()
+            .any(|f| matches!(f, Flag::Keyword(k) if k.eq_ignore_ascii_case(a.as_ref()))),
+        SearchKey::Larger(n) => c.meta.size > *n,
+        SearchKey::Smaller(n) => c.meta.size < *n,
+        SearchKey::Before(d) => idate() < *d.as_ref(),
+        SearchKey::On(d) => idate() == *d.as_ref(),
+        SearchKey::Since(d) => idate() >= *d.as_ref(),
+        SearchKey::SentBefore(d) => sent().is_some_and(|s| s < *d.as_ref()),
+        SearchKey::SentOn(d) => sent().is_some_and(|s| s == *d.as_ref()),
+        SearchKey::SentSince(d) => sent().is_some_and(|s| s >= *d.as_ref()),
+        SearchKey::From(v) => hdr("From", v),
+        SearchKey::To(v) => hdr("To", v),
+        SearchKey::Cc(v) => hdr("Cc", v),
+        SearchKey::Bcc(v) => hdr("Bcc", v),
+        SearchKey::Subject(v) => hdr("Subject", v),
+        SearchKey::Header(name, v) => {
+            let name = String::from_utf8_lossy(name.as_ref()).into_owned();
+            if name.eq_ignore_ascii_case(ext::MODSEQ_HEADER) {
+                let min: u64 = std::str::from_utf8(v.as_ref())
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(u64::MAX);
+                return c.meta.modseq >= min;
+            }
+            hdr(&name, v)
+        }
+        SearchKey::Body(v) => c.view.is_some_and(|w| w.body_contains(v.as_ref())),
+        SearchKey::Text(v) => c.view.is_some_and(|w| w.text_contains(v.as_ref())),
+        SearchKey::Not(k) => !eval(k, c),
+        SearchKey::Or(a, b) => eval(a, c) || eval(b, c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        assert!(pattern_match(b"*", b"a/b", b'/'));
+        assert!(!pattern_match(b"%", b"a/b", b'/'));
+        assert!(pattern_match(b"a/%", b"a/b", b'/'));
+        assert!(pattern_match(b"INBOX", b"INBOX", b'/'));
+        assert!(!pattern_match(b"*a*a*a*a*a*a*a*a*b", &[b'a'; 200], b'/'));
+    }
+
+    #[test]
+    fn sets() {
+        assert_eq!(compact_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
+        let s = SequenceSet::try_from("5:*,1").unwrap();
+        assert_eq!(ranges(&s, 7), vec![(1, 1), (5, 7)]);
+        assert!(in_ranges(&ranges(&s, 7), 6));
+        assert!(!in_ranges(&ranges(&s, 7), 3));
+    }
+}

@@ -1,0 +1,767 @@
+//! IMAP sessions against scripted clients, in memory, with fake time.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use ringmail_imap::{Config, Event, MailStore, MemoryStore, Session};
+
+const M1: &str = "From: Alice <alice@example.org>\r\n\
+To: bob@example.org\r\n\
+Subject: Hello\r\n\
+Date: Mon, 2 Nov 2026 10:00:00 +0000\r\n\
+Message-ID: <1@example.org>\r\n\
+\r\n\
+Hi Bob, lunch?\r\n";
+
+const M2: &str = "From: Carol <carol@example.net>\r\n\
+To: bob@example.org\r\n\
+Cc: dave@example.org\r\n\
+Subject: Report\r\n\
+Date: Tue, 3 Nov 2026 11:00:00 +0000\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/mixed; boundary=\"XX\"\r\n\
+\r\n\
+--XX\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+\r\n\
+See attachment.\r\n\
+--XX\r\n\
+Content-Type: application/octet-stream; name=\"r.bin\"\r\n\
+Content-Transfer-Encoding: base64\r\n\
+Content-Disposition: attachment; filename=\"r.bin\"\r\n\
+\r\n\
+AAECAw==\r\n\
+--XX--\r\n";
+
+const M3: &str = "From: Eve <eve@example.com>\r\n\
+To: bob@example.org\r\n\
+Subject: Fwd: Hello\r\n\
+Date: Wed, 4 Nov 2026 12:00:00 +0000\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/mixed; boundary=\"YY\"\r\n\
+\r\n\
+--YY\r\n\
+Content-Type: text/plain\r\n\
+\r\n\
+Forwarding.\r\n\
+--YY\r\n\
+Content-Type: message/rfc822\r\n\
+\r\n\
+From: Alice <alice@example.org>\r\n\
+Subject: Inner\r\n\
+\r\n\
+Inner body\r\n\
+--YY--\r\n";
+
+fn date(days: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(1_793_000_000 + days * 86_400)
+}
+
+fn store_with_mail() -> MemoryStore {
+    let store = MemoryStore::new();
+    let mut s = store.session();
+    for (i, m) in [M1, M2, M3].iter().enumerate() {
+        s.append("INBOX", m.as_bytes(), &[], Some(date(i as u64)))
+            .unwrap();
+    }
+    store
+}
+
+struct Client {
+    s: Session,
+    store: MemoryStore,
+    now: Instant,
+    events: Vec<String>,
+}
+
+impl Client {
+    fn with(store: &MemoryStore, cfg: Config, tls: bool) -> (Client, String) {
+        let now = Instant::now();
+        let mut c = Client {
+            s: Session::new(Arc::new(cfg), tls, now),
+            store: store.clone(),
+            now,
+            events: vec![],
+        };
+        let g = c.pump();
+        (c, g)
+    }
+
+    fn new(store: &MemoryStore) -> Client {
+        Client::with(store, Config::default(), true).0
+    }
+
+    fn logged_in(store: &MemoryStore) -> Client {
+        let mut c = Client::new(store);
+        let r = c.send("l LOGIN alice secret\r\n");
+        assert!(r.contains("l OK"), "{r}");
+        c
+    }
+
+    fn pump(&mut self) -> String {
+        let mut out = Vec::new();
+        loop {
+            while let Some(b) = self.s.poll_transmit() {
+                out.extend_from_slice(&b);
+            }
+            let Some(e) = self.s.poll_event() else { break };
+            self.events.push(format!("{e:?}"));
+            match e {
+                Event::Login { user, password } => {
+                    let ok = user == "alice" && password.expose() == b"secret";
+                    let store: Option<Box<dyn MailStore>> =
+                        ok.then(|| Box::new(self.store.session()) as Box<dyn MailStore>);
+                    self.s.login_result(store);
+                }
+                Event::StartTls => {
+                    // The driver flushes the OK, then handshakes.
+                    while let Some(b) = self.s.poll_transmit() {
+                        out.extend_from_slice(&b);
+                    }
+                    self.s.tls_established();
+                }
+                Event::Idle => {}
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn send(&mut self, data: &str) -> String {
+        self.send_bytes(data.as_bytes())
+    }
+
+    fn send_bytes(&mut self, data: &[u8]) -> String {
+        self.s.receive(data, self.now);
+        self.pump()
+    }
+}
+
+fn count(hay: &str, needle: &str) -> usize {
+    hay.matches(needle).count()
+}
+
+#[test]
+fn full_session_transcript() {
+    let store = store_with_mail();
+    let (mut c, greeting) = Client::with(&store, Config::default(), true);
+    assert!(greeting.starts_with("* OK [CAPABILITY IMAP4rev2 IMAP4rev1 AUTH=PLAIN"));
+    assert!(!greeting.contains("LOGINDISABLED"));
+
+    let r = c.send("a1 CAPABILITY\r\n");
+    assert!(r.contains("* CAPABILITY IMAP4rev2 IMAP4rev1 AUTH=PLAIN SASL-IR LITERAL+ ID IDLE"));
+    assert!(r.ends_with("a1 OK CAPABILITY completed\r\n"));
+
+    let r = c.send("a2 LOGIN alice wrong\r\n");
+    assert_eq!(r, "a2 NO [AUTHENTICATIONFAILED] Authentication failed\r\n");
+    let r = c.send("a3 LOGIN alice secret\r\n");
+    assert!(r.starts_with("a3 OK [CAPABILITY IMAP4rev2"), "{r}");
+    assert!(c.s.is_authenticated());
+
+    let r = c.send("a4 SELECT INBOX\r\n");
+    assert!(r.contains("* 3 EXISTS\r\n"), "{r}");
+    assert!(r.contains("* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n"));
+    assert!(
+        r.contains("* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)]")
+    );
+    assert!(r.contains("* OK [UIDVALIDITY 1]"));
+    assert!(r.contains("* OK [UIDNEXT 4]"));
+    assert!(r.contains("* OK [HIGHESTMODSEQ "));
+    assert!(r.ends_with("a4 OK [READ-WRITE] SELECT completed\r\n"));
+
+    let r = c.send("a5 FETCH 1:* (FLAGS UID RFC822.SIZE)\r\n");
+    assert!(
+        r.contains(&format!(
+            "* 1 FETCH (FLAGS () UID 1 RFC822.SIZE {})\r\n",
+            M1.len()
+        )),
+        "{r}"
+    );
+    assert!(r.contains("* 3 FETCH (FLAGS () UID 3 "));
+    assert!(r.ends_with("a5 OK FETCH completed\r\n"));
+
+    let r = c.send("a6 FETCH 1 ENVELOPE\r\n");
+    assert!(
+        r.contains("ENVELOPE (\"Mon, 2 Nov 2026 10:00:00 +0000\" \"Hello\" ((\"Alice\" NIL \"alice\" \"example.org\")) ((\"Alice\" NIL \"alice\" \"example.org\")) ((\"Alice\" NIL \"alice\" \"example.org\")) ((NIL NIL \"bob\" \"example.org\")) NIL NIL NIL \"<1@example.org>\")"),
+        "{r}"
+    );
+
+    let r = c.send("a7 FETCH 2 BODYSTRUCTURE\r\n");
+    assert!(
+        r.contains("((\"TEXT\" \"plain\" (\"charset\" \"utf-8\") NIL NIL \"7bit\" 15 1"),
+        "{r}"
+    );
+    assert!(r.contains("\"application\" \"octet-stream\" (\"name\" \"r.bin\") NIL NIL \"base64\" 8 NIL (\"attachment\" (\"filename\" \"r.bin\")) NIL NIL)"), "{r}");
+    assert!(
+        r.contains(" \"mixed\" (\"boundary\" \"XX\") NIL NIL NIL))"),
+        "{r}"
+    );
+
+    let r = c.send("a8 FETCH 3 (BODY BODY[2.HEADER] BODY[2.1] BODY.PEEK[1.MIME])\r\n");
+    assert!(
+        r.contains("(\"MESSAGE\" \"RFC822\" NIL NIL NIL \"7bit\" 61 (NIL \"Inner\""),
+        "{r}"
+    );
+    assert!(
+        r.contains(
+            "BODY[2.HEADER] {51}\r\nFrom: Alice <alice@example.org>\r\nSubject: Inner\r\n\r\n"
+        ),
+        "{r}"
+    );
+    assert!(r.contains("BODY[2.1] {10}\r\nInner body"), "{r}");
+    assert!(
+        r.contains("BODY[1.MIME] {28}\r\nContent-Type: text/plain\r\n\r\n"),
+        "{r}"
+    );
+    // BODY[...] without PEEK set \Seen, reported with FLAGS.
+    assert!(r.contains("FLAGS (\\Seen)"), "{r}");
+
+    let r = c.send("a9 FETCH 1 (BODY.PEEK[HEADER.FIELDS (Subject)] BODY.PEEK[TEXT]<0.6>)\r\n");
+    assert!(
+        r.contains("BODY[HEADER.FIELDS (Subject)] {18}\r\nSubject: Hello\r\n\r\n"),
+        "{r}"
+    );
+    assert!(r.contains("BODY[TEXT]<0> {6}\r\nHi Bob"), "{r}");
+    assert!(!r.contains("\\Seen"), "{r}");
+
+    let r = c.send(
+        "b1 FETCH 1 (BODY.PEEK[HEADER.FIELDS.NOT (Subject Date Message-ID)] RFC822.HEADER)\r\n",
+    );
+    assert!(
+        r.contains("{56}\r\nFrom: Alice <alice@example.org>\r\nTo: bob@example.org\r\n\r\n"),
+        "{r}"
+    );
+    assert!(r.contains("RFC822.HEADER {"), "{r}");
+
+    let r = c.send("b2 STORE 1 +FLAGS (\\Flagged $Work)\r\n");
+    assert!(r.contains("* 1 FETCH (FLAGS (\\Flagged $Work))\r\n"), "{r}");
+    let r = c.send("b3 SEARCH FLAGGED\r\n");
+    assert!(r.starts_with("* SEARCH 1\r\n"), "{r}");
+    let r = c.send("b4 SEARCH OR FROM carol (SUBJECT fwd)\r\n");
+    assert!(r.starts_with("* SEARCH 2 3\r\n"), "{r}");
+    let r = c.send("b5 UID SEARCH NOT SEEN KEYWORD $work\r\n");
+    assert!(r.starts_with("* SEARCH 1\r\n"), "{r}");
+    let r = c.send("b6 SEARCH BODY \"attachment\" SENTSINCE 3-Nov-2026\r\n");
+    assert!(r.starts_with("* SEARCH 2\r\n"), "{r}");
+    let r = c.send("b7 SEARCH LARGER 300 2:3 SENTBEFORE 4-Nov-2026\r\n");
+    assert!(r.starts_with("* SEARCH 2\r\n"), "{r}");
+    let r = c.send("b8 SEARCH HEADER Message-ID \"<1@\" TEXT lunch UID 1:*\r\n");
+    assert!(r.starts_with("* SEARCH 1\r\n"), "{r}");
+
+    let r = c.send("c1 COPY 1 Trash\r\n");
+    assert_eq!(r, "c1 OK [COPYUID 4 1 1] COPY completed\r\n");
+    let r = c.send("c2 MOVE 2 Sent\r\n");
+    assert_eq!(
+        r,
+        "* OK [COPYUID 3 2 1] Moved\r\n* 2 EXPUNGE\r\nc2 OK MOVE completed\r\n"
+    );
+    let r = c.send("c3 FETCH 2 UID\r\n");
+    assert!(r.starts_with("* 2 FETCH (UID 3)\r\n"), "{r}");
+
+    let r = c.send("c4 STORE 1:2 +FLAGS.SILENT (\\Deleted)\r\n");
+    assert_eq!(r, "c4 OK STORE completed\r\n");
+    let r = c.send("c5 EXPUNGE\r\n");
+    assert_eq!(
+        r,
+        "* 1 EXPUNGE\r\n* 1 EXPUNGE\r\nc5 OK EXPUNGE completed\r\n"
+    );
+
+    let r = c.send("c6 STATUS Sent (MESSAGES UIDNEXT UNSEEN)\r\n");
+    assert!(
+        r.starts_with("* STATUS Sent (MESSAGES 1 UIDNEXT 2 UNSEEN 1)\r\n"),
+        "{r}"
+    );
+
+    let r = c.send("z LOGOUT\r\n");
+    assert_eq!(r, "* BYE Logging out\r\nz OK LOGOUT completed\r\n");
+    assert!(c.s.should_close());
+    assert_eq!(c.send("y NOOP\r\n"), "");
+}
+
+#[test]
+fn mailbox_management_and_list() {
+    let store = MemoryStore::new();
+    let mut c = Client::logged_in(&store);
+    assert_eq!(
+        c.send("a CREATE Work/Projects\r\n"),
+        "a OK CREATE completed\r\n"
+    );
+    let r = c.send("b CREATE Work\r\n");
+    assert_eq!(r, "b NO [ALREADYEXISTS] Mailbox already exists\r\n");
+    let r = c.send("c LIST \"\" \"*\"\r\n");
+    assert!(
+        r.contains("* LIST (\\HasNoChildren) \"/\" INBOX\r\n"),
+        "{r}"
+    );
+    assert!(r.contains("* LIST (\\HasChildren) \"/\" Work\r\n"), "{r}");
+    assert!(
+        r.contains("* LIST (\\HasNoChildren \\Sent) \"/\" Sent\r\n"),
+        "{r}"
+    );
+    let r = c.send("d LIST \"\" %/%\r\n");
+    assert!(
+        r.starts_with("* LIST (\\HasNoChildren) \"/\" Work/Projects\r\nd OK"),
+        "{r}"
+    );
+    let r = c.send("e LIST \"\" \"\"\r\n");
+    assert_eq!(
+        r,
+        "* LIST (\\Noselect) \"/\" \"\"\r\ne OK LIST completed\r\n"
+    );
+    assert_eq!(c.send("f RENAME Work Job\r\n"), "f OK RENAME completed\r\n");
+    let r = c.send("g LIST Job *\r\n");
+    assert!(r.contains("Job/Projects"), "{r}");
+    assert_eq!(
+        c.send("h SUBSCRIBE Job\r\n"),
+        "h OK SUBSCRIBE completed\r\n"
+    );
+    let r = c.send("i LSUB \"\" Jo*\r\n");
+    assert_eq!(r, "* LSUB () \"/\" Job\r\ni OK LIST completed\r\n");
+    let r = c.send("j LIST (SUBSCRIBED) \"\" * RETURN (STATUS (MESSAGES))\r\n");
+    assert!(
+        r.contains(
+            "* LIST (\\HasChildren \\Subscribed) \"/\" Job\r\n* STATUS Job (MESSAGES 0)\r\n"
+        ),
+        "{r}"
+    );
+    assert!(!r.contains("Job/Projects"), "{r}");
+    let r = c.send("k LIST (SPECIAL-USE) \"\" *\r\n");
+    assert_eq!(count(&r, "* LIST"), 4, "{r}");
+    assert_eq!(
+        c.send("l DELETE Job/Projects\r\n"),
+        "l OK DELETE completed\r\n"
+    );
+    let r = c.send("m DELETE INBOX\r\n");
+    assert_eq!(r, "m NO [CANNOT] Operation not allowed\r\n");
+    let r = c.send("n SELECT Nope\r\n");
+    assert_eq!(r, "n NO [NONEXISTENT] No such mailbox or message\r\n");
+    let r = c.send("o NAMESPACE\r\n");
+    assert_eq!(
+        r,
+        "* NAMESPACE ((\"\" \"/\")) NIL NIL\r\no OK NAMESPACE completed\r\n"
+    );
+    let r = c.send("p ID (\"name\" \"test\")\r\n");
+    assert_eq!(r, "* ID (\"name\" \"ringmail\")\r\np OK ID completed\r\n");
+    let r = c.send("q ENABLE CONDSTORE UTF8=ACCEPT IMAP4rev2 FOO\r\n");
+    assert_eq!(
+        r,
+        "* ENABLED CONDSTORE IMAP4rev2\r\nq OK ENABLE completed\r\n"
+    );
+}
+
+#[test]
+fn literals_sync_and_nonsync() {
+    let store = MemoryStore::new();
+    let mut c = Client::new(&store);
+    let r = c.send("a LOGIN {5}\r\n");
+    assert_eq!(r, "+ Ready for literal data\r\n");
+    let r = c.send("alice {6}\r\n");
+    assert_eq!(r, "+ Ready for literal data\r\n");
+    let r = c.send("secret\r\n");
+    assert!(r.starts_with("a OK"), "{r}");
+
+    let msg = "Subject: x\r\n\r\nbody\r\n";
+    let r = c.send(&format!("b APPEND INBOX (\\Seen) {{{}}}\r\n", msg.len()));
+    assert_eq!(r, "+ Ready for literal data\r\n");
+    let r = c.send(&format!("{msg}\r\n"));
+    assert_eq!(r, "b OK [APPENDUID 1 1] APPEND completed\r\n");
+
+    // LITERAL+: no continuation, everything in one go, and pipelined.
+    let r = c.send(&format!(
+        "c APPEND INBOX \"05-Nov-2026 10:00:00 +0100\" {{{}+}}\r\n{msg}\r\nd STATUS INBOX (MESSAGES)\r\n",
+        msg.len()
+    ));
+    assert_eq!(
+        r,
+        "c OK [APPENDUID 1 2] APPEND completed\r\n* STATUS INBOX (MESSAGES 2)\r\nd OK STATUS completed\r\n"
+    );
+    let r = c.send("e SELECT INBOX\r\nf FETCH 2 (INTERNALDATE FLAGS)\r\n");
+    assert!(
+        r.contains("* 2 FETCH (INTERNALDATE \"05-Nov-2026 09:00:00 +0000\" FLAGS ())"),
+        "{r}"
+    );
+    let r = c.send("g FETCH 1 FLAGS\r\n");
+    assert!(r.contains("* 1 FETCH (FLAGS (\\Seen))"), "{r}");
+    // A literal split over many receive calls.
+    c.s.receive(b"h SEARCH SUBJECT {1+}\r\n", c.now);
+    c.s.receive(b"x", c.now);
+    let r = c.send("\r\n");
+    assert_eq!(r, "* SEARCH 1 2\r\nh OK SEARCH completed\r\n");
+}
+
+#[test]
+fn starttls_discards_pipelined_plaintext() {
+    let store = MemoryStore::new();
+    let (mut c, greeting) = Client::with(&store, Config::default(), false);
+    assert!(greeting.contains("STARTTLS LOGINDISABLED"), "{greeting}");
+    let r = c.send("a STARTTLS\r\nb LOGIN alice secret\r\n");
+    assert_eq!(r, "a OK Begin TLS negotiation now\r\n");
+    assert_eq!(c.events, ["StartTls"]);
+    assert!(c.s.is_tls());
+    assert!(!c.s.is_authenticated());
+    let r = c.send("c CAPABILITY\r\n");
+    assert!(r.contains("AUTH=PLAIN"), "{r}");
+    assert!(!r.contains("STARTTLS"), "{r}");
+    let r = c.send("d STARTTLS\r\n");
+    assert_eq!(r, "d BAD STARTTLS not available\r\n");
+}
+
+#[test]
+fn plaintext_injection_before_handshake_is_dropped() {
+    let store = MemoryStore::new();
+    let (mut c, _) = Client::with(&store, Config::default(), false);
+    c.s.receive(b"a STARTTLS\r\n", c.now);
+    let mut out = Vec::new();
+    while let Some(b) = c.s.poll_transmit() {
+        out.extend_from_slice(&b);
+    }
+    assert_eq!(c.s.poll_event(), Some(Event::StartTls));
+    // Bytes that arrive before the handshake completes are plaintext: dropped.
+    c.s.receive(b"x LOGIN alice secret\r\n", c.now);
+    assert!(c.s.poll_event().is_none());
+    c.s.tls_established();
+    assert_eq!(c.s.buffered_len(), 0);
+    assert_eq!(c.send("y NOOP\r\n"), "y OK NOOP completed\r\n");
+    assert!(!c.s.is_authenticated());
+}
+
+#[test]
+fn login_before_tls_is_refused() {
+    let store = MemoryStore::new();
+    let (mut c, _) = Client::with(&store, Config::default(), false);
+    let r = c.send("a LOGIN alice secret\r\n");
+    assert_eq!(
+        r,
+        "a NO [PRIVACYREQUIRED] Authentication requires TLS: use STARTTLS first\r\n"
+    );
+    let r = c.send("b AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+    assert!(r.starts_with("b NO [PRIVACYREQUIRED]"), "{r}");
+    assert!(c.events.is_empty());
+    let r = c.send("c SELECT INBOX\r\n");
+    assert_eq!(r, "c BAD Command not valid in this state\r\n");
+}
+
+#[test]
+fn authenticate_plain() {
+    let store = MemoryStore::new();
+    let mut c = Client::new(&store);
+    let r = c.send("a AUTHENTICATE PLAIN\r\n");
+    assert_eq!(r, "+ \r\n");
+    let r = c.send("AGFsaWNlAHdyb25n\r\n");
+    assert_eq!(r, "a NO [AUTHENTICATIONFAILED] Authentication failed\r\n");
+    let r = c.send("b AUTHENTICATE PLAIN\r\n*\r\n");
+    assert_eq!(r, "+ \r\nb BAD Authentication cancelled\r\n");
+    let r = c.send("c AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+    assert!(r.starts_with("c OK [CAPABILITY"), "{r}");
+    let r = c.send("d AUTHENTICATE PLAIN AGFsaWNlAHNlY3JldA==\r\n");
+    assert_eq!(r, "d BAD Command not valid in this state\r\n");
+}
+
+#[test]
+fn too_many_failed_logins() {
+    let store = MemoryStore::new();
+    let mut c = Client::new(&store);
+    c.send("a LOGIN alice x\r\nb LOGIN alice y\r\n");
+    let r = c.send("c LOGIN alice z\r\nd LOGIN alice secret\r\n");
+    assert!(r.ends_with("* BYE Too many failed logins\r\n"), "{r}");
+    assert!(c.s.should_close());
+    assert!(!c.s.is_authenticated());
+}
+
+#[test]
+fn hostile_input() {
+    let store = store_with_mail();
+    let cfg = Config {
+        max_append: 1000,
+        ..Config::default()
+    };
+    let (mut c, _) = Client::with(&store, cfg, true);
+    c.send("l LOGIN alice secret\r\n");
+
+    // Oversized synchronising literal: refused before the client sends it.
+    let r = c.send("a APPEND INBOX {1001}\r\n");
+    assert_eq!(r, "a NO [TOOBIG] Literal too large\r\n");
+    // Oversized literal outside APPEND.
+    let r = c.send("b LOGIN {70000}\r\n");
+    assert_eq!(r, "b NO [TOOBIG] Literal too large\r\n");
+    // Oversized non-synchronising literal: the octets are skipped, the session goes on.
+    let junk = "x".repeat(1500);
+    let r = c.send(&format!(
+        "c APPEND INBOX {{1500+}}\r\n{junk} more\r\nd NOOP\r\n"
+    ));
+    assert_eq!(
+        r,
+        "c NO [TOOBIG] Literal too large\r\nd OK NOOP completed\r\n"
+    );
+
+    // Endless line: refused once, memory stays bounded, next line works.
+    let chunk = "A".repeat(16 * 1024);
+    let mut r = String::new();
+    for _ in 0..20 {
+        r.push_str(&c.send(&chunk));
+        assert!(c.s.buffered_len() <= 64 * 1024 + chunk.len());
+    }
+    assert_eq!(r, "* BAD [TOOBIG] Line too long\r\n");
+    let r = c.send("\r\ne NOOP\r\n");
+    assert_eq!(r, "e OK NOOP completed\r\n");
+
+    // Deep nesting: imap-codec's recursion limit, then a BAD.
+    let deep = format!("f SEARCH {}ALL{}\r\n", "(".repeat(200), ")".repeat(200));
+    let r = c.send(&deep);
+    assert!(r.starts_with("f BAD"), "{r}");
+    let deep = format!("f2 SEARCH {}ALL\r\n", "NOT ".repeat(500));
+    let r = c.send(&deep);
+    assert!(r.starts_with("f2 BAD"), "{r}");
+
+    // Mailbox names: invalid UTF-8, traversal, control characters.
+    let r = c.send_bytes(b"g CREATE {4}\r\n\xff\xfe.x\r\n");
+    assert_eq!(
+        r,
+        "+ Ready for literal data\r\ng BAD Mailbox name is not UTF-8\r\n"
+    );
+    let r = c.send("h CREATE ../../etc\r\n");
+    assert_eq!(r, "h NO [CANNOT] Invalid mailbox name\r\n");
+    let r = c.send("i CREATE a/../b\r\n");
+    assert_eq!(r, "i NO [CANNOT] Invalid mailbox name\r\n");
+    let r = c.send_bytes(b"j CREATE {3}\r\na\x01b\r\n");
+    assert!(r.ends_with("j NO [CANNOT] Invalid mailbox name\r\n"), "{r}");
+    let r = c.send_bytes(b"k SELECT {3}\r\na\x00b\r\n");
+    assert!(r.contains("k BAD") || r.contains("k NO"), "{r}");
+    let r = c.send("m SELECT \"\"\r\n");
+    assert!(r.starts_with("m NO [CANNOT]"), "{r}");
+    // Sequence numbers out of range.
+    c.send("n SELECT INBOX\r\n");
+    let r = c.send("o FETCH 9 FLAGS\r\n");
+    assert_eq!(r, "o BAD Invalid message sequence number\r\n");
+    // A hostile LIST pattern does not blow up.
+    let r = c.send(&format!("p LIST \"\" \"{}b\"\r\n", "*a".repeat(200)));
+    assert_eq!(r, "p OK LIST completed\r\n");
+
+    // Binary garbage: BAD until the limit, then BYE.
+    let mut r = String::new();
+    for i in 0..20u8 {
+        r.push_str(&c.send_bytes(&[0x80 + i, 0, 0xff, b' ', 7, b'\r', b'\n']));
+    }
+    assert!(r.ends_with("* BYE Too many invalid commands\r\n"), "{r}");
+    assert!(c.s.should_close());
+}
+
+#[test]
+fn bare_lf_is_not_a_line_end() {
+    let store = MemoryStore::new();
+    let mut c = Client::new(&store);
+    let r = c.send("a NOOP\nb NOOP\r\n");
+    assert_eq!(r, "* BAD Lines must end in CRLF\r\nb OK NOOP completed\r\n");
+}
+
+#[test]
+fn idle_sees_other_sessions() {
+    let store = store_with_mail();
+    let mut a = Client::logged_in(&store);
+    let mut b = Client::logged_in(&store);
+    a.send("s SELECT INBOX\r\n");
+    b.send("s SELECT INBOX\r\n");
+    let r = a.send("i IDLE\r\n");
+    assert_eq!(r, "+ idling\r\n");
+    assert!(a.s.is_idling());
+    assert!(a.events.iter().any(|e| e == "Idle"));
+
+    // Another session appends, flags and expunges.
+    store.deliver("INBOX", M1.as_bytes()).unwrap();
+    a.s.changes_available();
+    assert_eq!(a.pump(), "* 4 EXISTS\r\n");
+    let r = b.send("f STORE 2 +FLAGS (\\Deleted)\r\n");
+    assert!(r.contains("* 2 FETCH (FLAGS (\\Deleted))"), "{r}");
+    a.s.changes_available();
+    assert_eq!(a.pump(), "* 2 FETCH (FLAGS (\\Deleted) UID 2)\r\n");
+    let r = b.send("e EXPUNGE\r\n");
+    assert!(r.starts_with("* 2 EXPUNGE\r\n"), "{r}");
+    a.s.changes_available();
+    assert_eq!(a.pump(), "* 2 EXPUNGE\r\n");
+    a.s.changes_available();
+    assert_eq!(a.pump(), "");
+    let r = a.send("DONE\r\n");
+    assert_eq!(r, "i OK IDLE terminated\r\n");
+    assert!(!a.s.is_idling());
+    let r = a.send("u UID FETCH 1:* UID\r\n");
+    assert_eq!(
+        r,
+        "* 1 FETCH (UID 1)\r\n* 2 FETCH (UID 3)\r\n* 3 FETCH (UID 4)\r\nu OK FETCH completed\r\n"
+    );
+}
+
+#[test]
+fn sequence_numbers_stay_consistent() {
+    let store = store_with_mail();
+    let mut a = Client::logged_in(&store);
+    let mut b = Client::logged_in(&store);
+    a.send("s SELECT INBOX\r\n");
+    b.send("s SELECT INBOX\r\n");
+    b.send("x STORE 2 +FLAGS.SILENT (\\Deleted)\r\ny EXPUNGE\r\n");
+    store.deliver("INBOX", M1.as_bytes()).unwrap();
+
+    // FETCH, STORE and SEARCH (without UID) must not announce the expunge.
+    let r = a.send("f FETCH 1:* UID\r\n");
+    assert!(!r.contains("EXPUNGE"), "{r}");
+    assert!(r.contains("* 3 FETCH (UID 3)"), "{r}");
+    assert!(r.contains("* 4 EXISTS"), "{r}");
+    let r = a.send("g SEARCH ALL\r\n");
+    assert!(r.starts_with("* SEARCH 1 2 3 4\r\n"), "{r}");
+    let r = a.send("h STORE 3 +FLAGS (\\Flagged)\r\n");
+    assert!(!r.contains("EXPUNGE"), "{r}");
+    assert!(r.contains("* 3 FETCH (FLAGS (\\Flagged))"), "{r}");
+    // Content of the expunged message is gone.
+    let r = a.send("i FETCH 2 BODY.PEEK[]\r\n");
+    assert_eq!(r, "i NO [EXPUNGEISSUED] Some messages were expunged\r\n");
+    // NOOP may announce it; numbers shift afterwards.
+    let r = a.send("n NOOP\r\n");
+    assert_eq!(r, "* 2 EXPUNGE\r\nn OK NOOP completed\r\n");
+    let r = a.send("j FETCH 2:3 UID\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (UID 3)\r\n* 3 FETCH (UID 4)\r\nj OK FETCH completed\r\n"
+    );
+    // UID commands may announce expunges.
+    b.send("k STORE 1 +FLAGS.SILENT (\\Deleted)\r\nl EXPUNGE\r\n");
+    let r = a.send("m UID FETCH 4 UID\r\n");
+    assert_eq!(
+        r,
+        "* 3 FETCH (UID 4)\r\n* 1 EXPUNGE\r\nm OK FETCH completed\r\n"
+    );
+}
+
+#[test]
+fn condstore_esearch_uidplus() {
+    let store = store_with_mail();
+    let mut c = Client::logged_in(&store);
+    let r = c.send("a SELECT INBOX (CONDSTORE)\r\n");
+    assert!(r.contains("* OK [HIGHESTMODSEQ 4] Highest\r\n"), "{r}");
+    let r = c.send("b FETCH 1 (FLAGS MODSEQ)\r\n");
+    assert_eq!(
+        r,
+        "* 1 FETCH (FLAGS () MODSEQ (2))\r\nb OK FETCH completed\r\n"
+    );
+    let r = c.send("c STORE 1 (UNCHANGEDSINCE 2) +FLAGS (\\Seen)\r\n");
+    assert_eq!(
+        r,
+        "* 1 FETCH (FLAGS (\\Seen) MODSEQ (5))\r\nc OK STORE completed\r\n"
+    );
+    let r = c.send("d STORE 1,2 (UNCHANGEDSINCE 4) +FLAGS (\\Answered)\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (FLAGS (\\Answered) MODSEQ (6))\r\nd OK [MODIFIED 1] Conditional STORE failed\r\n"
+    );
+    let r = c.send("e FETCH 1:* (UID) (CHANGEDSINCE 4)\r\n");
+    assert_eq!(
+        r,
+        "* 1 FETCH (UID 1 MODSEQ (5))\r\n* 2 FETCH (UID 2 MODSEQ (6))\r\ne OK FETCH completed\r\n"
+    );
+    let r = c.send("f SEARCH MODSEQ 6\r\n");
+    assert_eq!(r, "* SEARCH 2 (MODSEQ 6)\r\nf OK SEARCH completed\r\n");
+    let r = c.send("g SEARCH RETURN (MIN MAX COUNT ALL) NOT ANSWERED\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"g\") MIN 1 MAX 3 ALL 1,3 COUNT 2\r\ng OK SEARCH completed\r\n"
+    );
+    let r = c.send("h UID SEARCH RETURN () ALL\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"h\") UID ALL 1:3\r\nh OK SEARCH completed\r\n"
+    );
+    let r = c.send("i STATUS INBOX (HIGHESTMODSEQ MESSAGES)\r\n");
+    assert_eq!(
+        r,
+        "* STATUS INBOX (MESSAGES 3 HIGHESTMODSEQ 6)\r\ni OK STATUS completed\r\n"
+    );
+    c.send("j STORE 1:3 +FLAGS.SILENT (\\Deleted)\r\n");
+    let r = c.send("k UID EXPUNGE 2:3\r\n");
+    assert_eq!(
+        r,
+        "* 2 EXPUNGE\r\n* 2 EXPUNGE\r\nk OK EXPUNGE completed\r\n"
+    );
+    let r = c.send("l EXAMINE INBOX\r\n");
+    assert!(r.starts_with("* OK [CLOSED]"), "{r}");
+    assert!(r.contains("* OK [PERMANENTFLAGS ()]"), "{r}");
+    assert!(r.ends_with("l OK [READ-ONLY] EXAMINE completed\r\n"), "{r}");
+    let r = c.send("m STORE 1 +FLAGS (\\Seen)\r\n");
+    assert_eq!(r, "m NO [READ-ONLY] Mailbox is read-only\r\n");
+    let r = c.send("n UNSELECT\r\no FETCH 1 UID\r\n");
+    assert_eq!(
+        r,
+        "n OK Mailbox closed\r\no BAD Command not valid in this state\r\n"
+    );
+}
+
+#[test]
+fn rate_limit_with_fake_time() {
+    let store = MemoryStore::new();
+    let cfg = Config {
+        commands_per_second: 2,
+        command_burst: 3,
+        ..Config::default()
+    };
+    let (mut c, _) = Client::with(&store, cfg, true);
+    let r = c.send(&"n NOOP\r\n".repeat(6));
+    assert_eq!(count(&r, "n OK"), 3);
+    let t = c.s.poll_timeout().expect("throttled");
+    assert_eq!(t, c.now + Duration::from_millis(500));
+    c.s.handle_timeout(t);
+    assert_eq!(count(&c.pump(), "n OK"), 1);
+    c.s.handle_timeout(t + Duration::from_secs(5));
+    assert_eq!(count(&c.pump(), "n OK"), 2);
+    assert!(c.s.poll_timeout().is_none());
+}
+
+/// The same conversation fed whole and byte by byte gives the same bytes back.
+#[test]
+fn split_invariance() {
+    let script = "a LOGIN alice secret\r\nb SELECT INBOX\r\nc FETCH 1:* (FLAGS BODY.PEEK[HEADER] BODYSTRUCTURE)\r\n\
+d APPEND INBOX {3+}\r\nabc\r\ne SEARCH TEXT bob\r\nf STORE 1 +FLAGS (\\Seen)\r\ng UID FETCH 1:* (UID FLAGS)\r\nh LOGOUT\r\n";
+    let run = |step: usize| {
+        let store = store_with_mail();
+        let cfg = Config::default();
+        let (mut c, _) = Client::with(&store, cfg, true);
+        let mut out = String::new();
+        for chunk in script.as_bytes().chunks(step) {
+            out.push_str(&c.send_bytes(chunk));
+        }
+        out
+    };
+    let whole = run(script.len());
+    assert!(whole.contains("h OK LOGOUT"), "{whole}");
+    for step in [1, 2, 3, 7, 64] {
+        assert_eq!(run(step), whole, "step {step}");
+    }
+}
+
+#[test]
+fn rev2_and_empty_mailbox() {
+    let store = store_with_mail();
+    let mut c = Client::logged_in(&store);
+    let r =
+        c.send("a SELECT Trash\r\nb FETCH 1:* FLAGS\r\nc UID FETCH 1:* FLAGS\r\nd SEARCH ALL\r\n");
+    assert!(r.contains("* 0 EXISTS\r\n* 0 RECENT\r\n"), "{r}");
+    assert!(
+        r.contains("b OK FETCH completed\r\nc OK FETCH completed\r\n* SEARCH\r\nd OK"),
+        "{r}"
+    );
+    let r = c.send("e FETCH 1 FLAGS\r\n");
+    assert_eq!(r, "e BAD Invalid message sequence number\r\n");
+    let r = c.send("f ENABLE IMAP4rev2\r\ng SELECT INBOX\r\nh SEARCH UNSEEN\r\n");
+    assert!(!r.contains("RECENT"), "{r}");
+    assert!(r.contains("* OK [CLOSED]"), "{r}");
+    assert!(r.contains("* ESEARCH (TAG \"h\") ALL 1:3\r\nh OK"), "{r}");
+}
+
+#[test]
+fn store_on_message_expunged_elsewhere() {
+    let store = store_with_mail();
+    let mut a = Client::logged_in(&store);
+    let mut b = Client::logged_in(&store);
+    a.send("s SELECT INBOX\r\n");
+    b.send("s SELECT INBOX\r\nx STORE 2 +FLAGS.SILENT (\\Deleted)\r\ny EXPUNGE\r\n");
+    let r = a.send("t STORE 1:3 +FLAGS (\\Seen)\r\n");
+    assert_eq!(
+        r,
+        "* 1 FETCH (FLAGS (\\Seen))\r\n* 3 FETCH (FLAGS (\\Seen))\r\nt OK STORE completed\r\n"
+    );
+}
