@@ -216,6 +216,14 @@ struct UpArgs {
     /// The port the MTA delivers to on remote MX hosts (default 25; labs may change it).
     #[arg(long, default_value_t = 25)]
     mta_remote_port: u16,
+    /// The MDA's IMAP listeners: STARTTLS and implicit TLS.
+    #[arg(long, default_value = "127.0.0.1:10143")]
+    imap_listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:11993")]
+    imaps_listen: SocketAddr,
+    /// The load balancer's IMAPS listener (TCP passthrough to the MDA's implicit TLS port).
+    #[arg(long, default_value = "127.0.0.1:10993")]
+    lb_imaps: SocketAddr,
     #[arg(long, default_value = ".ringmail")]
     data: PathBuf,
 }
@@ -544,12 +552,15 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
     let accounts_url = seed_up_accounts(&args.data.join("accounts.db"), &args.domain)?;
     // The MDA: LMTP from the MX into Maildirs under DATA/mail.
     let maildir = args.data.join("mail");
-    let mda_server = mda::start(ringmail_mx::mda::MdaConfig::quick(
+    let mut mda_cfg = ringmail_mx::mda::MdaConfig::quick(
         "mda.example.test".to_string(),
         vec![args.mx_relay],
         maildir.clone(),
         accounts_url.clone(),
-    ))?;
+    );
+    mda_cfg.imap = vec![args.imap_listen];
+    mda_cfg.imaps = vec![args.imaps_listen];
+    let mda_server = mda::start(mda_cfg)?;
     let spool = args.data.join("mx-spool");
     let mx_admin = args.mx_admin;
     let mut mx_cfg = ringmail_mx::config::MxConfig::quick(
@@ -623,7 +634,22 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
         drain_timeout: Some(Duration::from_secs(10)),
         maxconn: None,
     };
-    let config = quick_config(args.listen, backends.clone(), &quick);
+    let mut config = quick_config(args.listen, backends.clone(), &quick);
+    if args.backend.is_empty() {
+        // IMAPS through the LB: TCP passthrough to the MDA's implicit TLS port, checked with a
+        // TLS handshake.
+        let mut pool = Pool::quick("imaps", vec![args.imaps_listen]);
+        pool.algorithm = Algorithm::LeastConn;
+        pool.health.kind = CheckKind::Tls;
+        pool.health.interval = Duration::from_secs(2);
+        pool.health.timeout = pool.health.timeout.min(Duration::from_millis(1600));
+        config.pools.push(pool);
+        config.listeners.push(Listener {
+            name: "imaps".into(),
+            bind: args.lb_imaps,
+            pool: config.pools.len() - 1,
+        });
+    }
     let listen = args.listen;
     let admin = args.admin;
     let mxl = args.mx_listen;
@@ -633,6 +659,8 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
     let maildir_shown = maildir.display().to_string();
     let (msal, msat, msa_admin) = (args.msa_listen, args.msa_listen_tls, args.msa_admin);
     let (mtal, mta_admin) = (args.mta_listen, args.mta_admin);
+    let (imapl, imapsl, lbi) = (args.imap_listen, args.imaps_listen, args.lb_imaps);
+    let user2 = format!("{UP_USER2}@{domain}");
     let mta_spool = args.data.join("mta-spool").display().to_string();
     let user = format!("{UP_USER}@{domain}");
     let result = run_lb(config, None, move |lb| {
@@ -645,17 +673,20 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
             "\nringmail up: all-in-one node on loopback\
              \n\n  started  MX              {mxl}  for @{domain}, spool {spool_shown}, admin http://{mx_admin}/metrics\
              \n  started  MDA (LMTP)      {relay}  delivers into {maildir_shown}/<domain>/<user>/Maildir (Dovecot's layout)\
+             \n  started  IMAP            {imapl} (STARTTLS), {imapsl} (implicit TLS); through the LB at {lbi}\
              \n  started  MSA             {msal} (STARTTLS), {msat} (implicit TLS), admin http://{msa_admin}/metrics\
              \n           login {user} / {UP_PASSWORD}; @{domain} goes to the MX at {mxl}, the rest to the MTA\
              \n  started  MTA             {mtal}  delivers to the recipients' MX hosts, spool {mta_spool}, admin http://{mta_admin}/metrics\
              \n           DKIM-signs mail from @{domain}; publish: {dkim_record}\
              \n  started  load balancer   {listen} -> [{list}]  (PROXY v2, engine: {engine})\
              \n  started  admin listener  http://{admin}/metrics\
-             \n  not yet  IMAP (it arrives with a later release)\
+             \n  not yet  deployment generator (it arrives with a later release)\
              \n\nTry it:\
              \n  swaks --server {ip} --port {port} --tls --auth LOGIN --auth-user {user} --auth-password {UP_PASSWORD} --from {user} --to bob@{domain}\
              \n  curl --url smtps://{tip}:{tport} --ssl-reqd -k --mail-from {user} --mail-rcpt bob@{domain} -u {user}:{UP_PASSWORD} -T message.txt\
              \n  python3 -c \"import smtplib, ssl; c=ssl.create_default_context(); c.check_hostname=False; c.verify_mode=ssl.CERT_NONE; s=smtplib.SMTP('{ip}', {port}); s.starttls(context=c); s.login('{user}', '{UP_PASSWORD}'); s.sendmail('{user}', ['bob@{domain}'], 'Subject: hi\\r\\n\\r\\nhello\\r\\n'); s.quit()\"\
+             \n  python3 -c \"import imaplib, ssl; c=ssl.create_default_context(); c.check_hostname=False; c.verify_mode=ssl.CERT_NONE; m=imaplib.IMAP4_SSL('{lbip}', {lbport}, ssl_context=c); m.login('{user2}', '{UP_PASSWORD2}'); m.select('INBOX'); print(m.fetch('1:*', '(BODY[HEADER.FIELDS (SUBJECT FROM)])')); m.logout()\"\
+             \n  curl -k --url 'imaps://{lbip}:{lbport}/INBOX;UID=1' -u {user2}:{UP_PASSWORD2}\
              \n  ringmail queue --spool {spool_shown} --admin {mx_admin} list\
              \n  ringmail queue --spool {mta_spool} --admin {mta_admin} list\
              \n  curl -s http://{msa_admin}/metrics | grep ringmail_msa_auth_total\
@@ -667,6 +698,8 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
             port = listen.port(),
             tip = msat.ip(),
             tport = msat.port(),
+            lbip = lbi.ip(),
+            lbport = lbi.port(),
         );
     });
     msa_server.stop();

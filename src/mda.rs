@@ -37,6 +37,12 @@ pub struct MdaArgs {
     /// [ARG ...] (repeatable; no shell; message on stdin; exit 75 = try again later).
     #[arg(long, value_parser = parse_program)]
     program: Vec<(String, Vec<String>)>,
+    /// IMAP certificate chain (PEM); without it a self-signed certificate for --hostname.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// IMAP private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Seconds a delivery program may run.
     #[arg(long, default_value_t = 60)]
     program_timeout: u64,
@@ -78,8 +84,13 @@ pub fn cmd_mda(args: MdaArgs) -> Result<ExitCode> {
     }
     cfg.programs = args.program.iter().cloned().collect();
     cfg.program_timeout = std::time::Duration::from_secs(args.program_timeout);
-    if args.imap.is_some() || args.imaps.is_some() {
-        bail!("the IMAP server is not wired into `ringmail mda` yet");
+    cfg.imap = args.imap.into_iter().collect();
+    cfg.imaps = args.imaps.into_iter().collect();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        cfg.tls = Some(ringmail_mx::config::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        });
     }
     crate::mx::serve_until_signal(|| start(cfg), |_| {}, MdaServer::stop)
 }

@@ -46,6 +46,9 @@ fn up_starts_the_mx_the_msa_the_mta_and_the_lb_and_its_try_lines_work() {
             .args(["--msa-admin", &free_addr().to_string()])
             .args(["--mta-listen", &free_addr().to_string()])
             .args(["--mta-admin", &free_addr().to_string()])
+            .args(["--imap-listen", &free_addr().to_string()])
+            .args(["--imaps-listen", &free_addr().to_string()])
+            .args(["--lb-imaps", &free_addr().to_string()])
             .args(match &world {
                 Some((_, dns, port)) => vec![
                     "--mta-resolver".to_string(),
@@ -70,6 +73,7 @@ fn up_starts_the_mx_the_msa_the_mta_and_the_lb_and_its_try_lines_work() {
         "started  MSA",
         "started  MTA",
         "started  MDA (LMTP)",
+        "started  IMAP",
         "._domainkey.example.test",
         "started  load balancer",
         "--auth-user alice@example.test",
@@ -112,6 +116,19 @@ fn up_starts_the_mx_the_msa_the_mta_and_the_lb_and_its_try_lines_work() {
         "{delivered}"
     );
     assert!(delivered.contains("hello"), "{delivered}");
+    // The imaplib line, as printed: IMAPS through the LB to the MDA, bob reads the message.
+    let iline = banner
+        .lines()
+        .find(|l| l.trim_start().starts_with("python3 -c \"import imaplib"))
+        .expect("an imaplib line")
+        .trim()
+        .to_string();
+    let (status, out) = run_bounded(
+        Command::new("sh").arg("-c").arg(&iline),
+        Duration::from_secs(30),
+    );
+    assert!(status.success(), "{iline}\n{out}");
+    assert!(out.contains("Subject: hi"), "{iline}\n{out}");
     // The queue line works (the MX's queue is empty again).
     let qline = banner
         .lines()

@@ -46,6 +46,11 @@ pub struct MdaConfig {
     pub program_timeout: Duration,
     pub max_message_size: u64,
     pub workers: Option<usize>,
+    /// IMAP listeners with STARTTLS (143) and with implicit TLS (993).
+    pub imap: Vec<SocketAddr>,
+    pub imaps: Vec<SocketAddr>,
+    /// Certificate for IMAP; absent: self-signed for `hostname`.
+    pub tls: Option<crate::config::TlsFiles>,
 }
 
 impl MdaConfig {
@@ -68,6 +73,9 @@ impl MdaConfig {
             program_timeout: Duration::from_secs(60),
             max_message_size: 50_000_000,
             workers: None,
+            imap: Vec::new(),
+            imaps: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -143,6 +151,22 @@ impl MdaServer {
             move |s, peer, _| run(Arc::clone(&m), s, peer),
         )
         .map_err(MxError::Listen)?;
+        if !cfg.imap.is_empty() || !cfg.imaps.is_empty() {
+            let tls = crate::tls::TlsStore::new(cfg.tls.clone(), &cfg.hostname)?;
+            let backend = Arc::new(crate::mda_imap::ImapBackend {
+                accounts: mda.accounts.clone(),
+                store: mda.store.clone(),
+            });
+            crate::mda_imap::start(
+                &cfg.imap,
+                &cfg.imaps,
+                Arc::clone(tls.acceptor().config()),
+                backend,
+                format!("{} ringmail IMAP ready", cfg.hostname),
+            )
+            .map_err(MxError::Listen)?;
+            info!(imap = ?cfg.imap, imaps = ?cfg.imaps, "imap started");
+        }
         info!(lmtp = ?cfg.lmtp, maildir = %cfg.maildir.display(), programs = cfg.programs.len(), "mda (lmtp) started");
         Ok(MdaServer {
             mda,

@@ -1,0 +1,366 @@
+//! The MDA's IMAP server: the I/O-free IMAP core and its driver (`ringmail-imap`) over the
+//! Maildir++ store (`ringmail-store`), logins checked against the account store.
+//!
+//! ```text
+//!  client ─▶ 993 (TLS) / 143 (STARTTLS) ─▶ ringmail_imap::server (tokio, blocking pool for
+//!    store calls) ─▶ LOGIN/AUTHENTICATE ─▶ accounts.authenticate ─▶ MaildirStore(user)
+//! ```
+//!
+//! [`MaildirStore`] is one session's view of one user's mailboxes; the selected mailbox is a
+//! store [`ringmail_store::Mailbox`] refreshed on demand (IDLE polls it).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+use ringmail_accounts::{Accounts, AuthOutcome};
+use ringmail_imap::server::{Backend, LoginFuture, ServerConfig as ImapServerConfig};
+use ringmail_imap::store::{
+    Changes, Flag, FlagOp, MailStore, MailboxInfo, MessageMeta, Selected, SpecialUse, Status,
+    StoreError,
+};
+use ringmail_store as ms;
+use tracing::{info, warn};
+
+/// Logins against the account store; each session gets the user's Maildir store.
+pub struct ImapBackend {
+    pub accounts: Accounts,
+    pub store: ms::Store,
+}
+
+impl Backend for ImapBackend {
+    fn login(&self, user: String, password: ringmail_imap::Secret) -> LoginFuture {
+        let accounts = self.accounts.clone();
+        let store = self.store.clone();
+        Box::pin(async move {
+            let shown = crate::session::printable(&user);
+            // A password that is not UTF-8 cannot match any stored one.
+            let Some(pw) = password.expose_str() else {
+                return None;
+            };
+            match accounts.authenticate(&user, pw).await {
+                Ok(AuthOutcome::Ok(account)) => match store.user(&account.address) {
+                    Ok(u) => {
+                        info!(user = %shown, "imap login");
+                        Some(Box::new(MaildirStore::new(u)) as Box<dyn MailStore>)
+                    }
+                    Err(e) => {
+                        warn!(user = %shown, error = %e, "imap login: mailbox store");
+                        None
+                    }
+                },
+                Ok(_) => {
+                    info!(user = %shown, "imap login failed");
+                    None
+                }
+                Err(e) => {
+                    warn!(user = %shown, error = %e, "imap login: account store unavailable");
+                    None
+                }
+            }
+        })
+    }
+}
+
+/// The IMAP listeners on a thread of their own (a small multi-thread runtime: store calls run
+/// on its blocking pool).
+pub fn start(
+    plain: &[SocketAddr],
+    implicit: &[SocketAddr],
+    tls: Arc<rustls::ServerConfig>,
+    backend: Arc<ImapBackend>,
+    greeting: String,
+) -> io::Result<JoinHandle<()>> {
+    let mut listeners = Vec::new();
+    for (addrs, implicit) in [(plain, false), (implicit, true)] {
+        for a in addrs {
+            let l = std::net::TcpListener::bind(a)?;
+            l.set_nonblocking(true)?;
+            listeners.push((l, implicit));
+        }
+    }
+    let mut session = ringmail_imap::session::Config::default();
+    session.greeting = greeting;
+    let cfg = Arc::new(ImapServerConfig {
+        session,
+        tls: Some(tls),
+        ..ImapServerConfig::default()
+    });
+    std::thread::Builder::new()
+        .name("ringmail-imap".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("ringmail-imap")
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    warn!(error = %e, "cannot build the IMAP runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let mut tasks = tokio::task::JoinSet::new();
+                for (l, implicit) in listeners {
+                    let Ok(l) = tokio::net::TcpListener::from_std(l) else {
+                        continue;
+                    };
+                    let (cfg, backend) = (Arc::clone(&cfg), Arc::clone(&backend));
+                    tasks.spawn(async move {
+                        if let Err(e) =
+                            ringmail_imap::server::serve(l, implicit, cfg, backend).await
+                        {
+                            warn!(error = %e, "IMAP listener stopped");
+                        }
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+            });
+        })
+}
+
+/// One user's mailboxes.
+pub struct MaildirStore {
+    user: ms::UserStore,
+    selected: Option<ms::Mailbox>,
+}
+
+impl MaildirStore {
+    pub fn new(user: ms::UserStore) -> MaildirStore {
+        MaildirStore {
+            user,
+            selected: None,
+        }
+    }
+
+    /// The change signal of the selected mailbox (IDLE wake-ups within this process).
+    pub fn signal(&self) -> Option<ms::ChangeSignal> {
+        self.selected.as_ref().map(|m| m.signal())
+    }
+
+    fn mailbox(&mut self) -> Result<&mut ms::Mailbox, StoreError> {
+        self.selected.as_mut().ok_or(StoreError::NotSelected)
+    }
+}
+
+fn err(e: ms::StoreError) -> StoreError {
+    match e {
+        ms::StoreError::NoSuchMailbox(_) | ms::StoreError::NoSuchMessage(_) => StoreError::NotFound,
+        ms::StoreError::MailboxExists(_) => StoreError::AlreadyExists,
+        ms::StoreError::InvalidName(..) | ms::StoreError::InvalidUser(..) => {
+            StoreError::InvalidName
+        }
+        ms::StoreError::InboxProtected => {
+            StoreError::NotAllowed("INBOX cannot be changed that way")
+        }
+        ms::StoreError::QuotaExceeded { .. } => StoreError::OverQuota,
+        ms::StoreError::InvalidKeyword(..) => StoreError::NotAllowed("keyword refused"),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn flag_in(f: &ms::Flag) -> Flag {
+    match f {
+        ms::Flag::Answered => Flag::Answered,
+        ms::Flag::Deleted => Flag::Deleted,
+        ms::Flag::Draft => Flag::Draft,
+        ms::Flag::Flagged => Flag::Flagged,
+        ms::Flag::Seen => Flag::Seen,
+        ms::Flag::Keyword(k) => Flag::Keyword(k.clone()),
+    }
+}
+
+fn flag_out(f: &Flag) -> ms::Flag {
+    match f {
+        Flag::Answered => ms::Flag::Answered,
+        Flag::Deleted => ms::Flag::Deleted,
+        Flag::Draft => ms::Flag::Draft,
+        Flag::Flagged => ms::Flag::Flagged,
+        Flag::Seen => ms::Flag::Seen,
+        Flag::Keyword(k) => ms::Flag::Keyword(k.clone()),
+    }
+}
+
+fn flags_out(flags: &[Flag]) -> Vec<ms::Flag> {
+    flags.iter().map(flag_out).collect()
+}
+
+fn meta(m: &ms::MessageMeta) -> MessageMeta {
+    MessageMeta {
+        uid: m.uid,
+        flags: m.flags.iter().map(flag_in).collect(),
+        modseq: m.modseq,
+        size: u32::try_from(m.vsize).unwrap_or(u32::MAX),
+        internal_date: m.internal_date,
+    }
+}
+
+impl MailStore for MaildirStore {
+    fn list(&self) -> Result<Vec<MailboxInfo>, StoreError> {
+        Ok(self
+            .user
+            .list()
+            .map_err(err)?
+            .into_iter()
+            .map(|m| MailboxInfo {
+                name: m.name,
+                delimiter: Some('/'),
+                special_use: m.special_use.map(|s| match s {
+                    ms::SpecialUse::Sent => SpecialUse::Sent,
+                    ms::SpecialUse::Drafts => SpecialUse::Drafts,
+                    ms::SpecialUse::Trash => SpecialUse::Trash,
+                    ms::SpecialUse::Junk => SpecialUse::Junk,
+                    ms::SpecialUse::Archive => SpecialUse::Archive,
+                }),
+                subscribed: m.subscribed,
+                noselect: !m.selectable,
+            })
+            .collect())
+    }
+
+    fn create(&mut self, name: &str) -> Result<(), StoreError> {
+        self.user.create(name).map_err(err)
+    }
+
+    fn delete(&mut self, name: &str) -> Result<(), StoreError> {
+        if name.eq_ignore_ascii_case("INBOX") {
+            return Err(StoreError::NotAllowed("INBOX cannot be deleted"));
+        }
+        self.user.delete(name).map_err(err)
+    }
+
+    fn rename(&mut self, from: &str, to: &str) -> Result<(), StoreError> {
+        self.user.rename(from, to).map_err(err)
+    }
+
+    fn subscribe(&mut self, name: &str, on: bool) -> Result<(), StoreError> {
+        self.user.subscribe(name, on).map_err(err)
+    }
+
+    fn status(&self, name: &str) -> Result<Status, StoreError> {
+        let s = self.user.status(name).map_err(err)?;
+        let deleted = if s.messages > 0 {
+            self.user
+                .open(name)
+                .map_err(err)?
+                .messages()
+                .iter()
+                .filter(|m| m.flags.contains(&ms::Flag::Deleted))
+                .count() as u32
+        } else {
+            0
+        };
+        Ok(Status {
+            messages: s.messages,
+            recent: s.recent,
+            uidnext: s.uidnext,
+            uidvalidity: s.uidvalidity,
+            unseen: s.unseen,
+            deleted,
+            highestmodseq: s.highestmodseq,
+            size: s.size,
+        })
+    }
+
+    fn select(&mut self, name: &str) -> Result<Selected, StoreError> {
+        self.selected = None;
+        let m = self.user.open(name).map_err(err)?;
+        let sel = Selected {
+            uidvalidity: m.uidvalidity(),
+            uidnext: m.uidnext(),
+            highestmodseq: m.highestmodseq(),
+            messages: m.messages().iter().map(meta).collect(),
+            writable: true,
+        };
+        self.selected = Some(m);
+        Ok(sel)
+    }
+
+    fn unselect(&mut self) {
+        self.selected = None;
+    }
+
+    fn refresh(&mut self) -> Result<Changes, StoreError> {
+        let m = self.mailbox()?;
+        let c = m.refresh().map_err(err)?;
+        if c.uidvalidity_changed {
+            return Err(StoreError::Unavailable(
+                "the mailbox was rebuilt with a new UIDVALIDITY".into(),
+            ));
+        }
+        let by_uid = |uid: u32| m.messages().iter().find(|x| x.uid == uid).map(meta);
+        Ok(Changes {
+            new: c.new.iter().filter_map(|&u| by_uid(u)).collect(),
+            expunged: c.expunged.iter().map(|e| e.uid).collect(),
+            flags: c
+                .flags
+                .iter()
+                .filter_map(|&u| by_uid(u).map(|x| (x.uid, x.flags, x.modseq)))
+                .collect(),
+            highestmodseq: m.highestmodseq(),
+            uidnext: m.uidnext(),
+        })
+    }
+
+    fn read(&mut self, uid: u32) -> Result<Vec<u8>, StoreError> {
+        self.mailbox()?.read(uid).map_err(err)
+    }
+
+    fn store_flags(
+        &mut self,
+        uids: &[u32],
+        op: FlagOp,
+        flags: &[Flag],
+        unchanged_since: Option<u64>,
+    ) -> Result<Vec<(u32, Vec<Flag>, u64)>, StoreError> {
+        let op = match op {
+            FlagOp::Add => ms::FlagOp::Add,
+            FlagOp::Remove => ms::FlagOp::Remove,
+            FlagOp::Replace => ms::FlagOp::Replace,
+        };
+        let u = self
+            .mailbox()?
+            .store_flags(uids, op, &flags_out(flags), unchanged_since)
+            .map_err(err)?;
+        Ok(u.updated
+            .into_iter()
+            .map(|(uid, f, modseq)| (uid, f.iter().map(flag_in).collect(), modseq))
+            .collect())
+    }
+
+    fn append(
+        &mut self,
+        mailbox: &str,
+        message: &[u8],
+        flags: &[Flag],
+        date: Option<SystemTime>,
+    ) -> Result<(u32, u32), StoreError> {
+        let m = self.user.open(mailbox).map_err(err)?;
+        let uid = m.append(message, &flags_out(flags), date).map_err(err)?;
+        Ok((m.uidvalidity(), uid))
+    }
+
+    fn copy(&mut self, uids: &[u32], dest: &str) -> Result<(u32, Vec<(u32, u32)>), StoreError> {
+        let c = self.mailbox()?.copy(uids, dest).map_err(err)?;
+        Ok((c.uidvalidity, c.uids))
+    }
+
+    fn move_to(&mut self, uids: &[u32], dest: &str) -> Result<(u32, Vec<(u32, u32)>), StoreError> {
+        let c = self.mailbox()?.move_to(uids, dest).map_err(err)?;
+        Ok((c.uidvalidity, c.uids))
+    }
+
+    fn expunge(&mut self, uids: Option<&[u32]>) -> Result<Vec<u32>, StoreError> {
+        Ok(self
+            .mailbox()?
+            .expunge(uids)
+            .map_err(err)?
+            .into_iter()
+            .map(|e| e.uid)
+            .collect())
+    }
+}
