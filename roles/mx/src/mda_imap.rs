@@ -37,9 +37,7 @@ impl Backend for ImapBackend {
         Box::pin(async move {
             let shown = crate::session::printable(&user);
             // A password that is not UTF-8 cannot match any stored one.
-            let Some(pw) = password.expose_str() else {
-                return None;
-            };
+            let pw = password.expose_str()?;
             match accounts.authenticate(&user, pw).await {
                 Ok(AuthOutcome::Ok(account)) => match store.user(&account.address) {
                     Ok(u) => {
@@ -81,8 +79,10 @@ pub fn start(
             listeners.push((l, implicit));
         }
     }
-    let mut session = ringmail_imap::session::Config::default();
-    session.greeting = greeting;
+    let session = ringmail_imap::session::Config {
+        greeting,
+        ..ringmail_imap::session::Config::default()
+    };
     let cfg = Arc::new(ImapServerConfig {
         session,
         tls: Some(tls),
