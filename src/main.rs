@@ -44,7 +44,7 @@ enum Command {
     /// The anycast TCP load balancer (HAProxy TCP mode replacement) for IMAPS and submission.
     Lb(LbArgs),
     /// All-in-one node on loopback with embedded defaults; prints how to try it.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// The anycast glue alone: checks backends itself and announces the VIPs of `[announce]`
     /// (BGP or a kernel table for BIRD/FRR), for hosts that run another proxy.
     Announce(AnnounceArgs),
@@ -286,7 +286,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Lb(args) => cmd_lb(args),
-        Command::Up(args) => cmd_up(args),
+        Command::Up(args) => cmd_up(*args),
         Command::Announce(args) => cmd_announce(args),
         Command::Mx(args) => mx::cmd_mx(args),
         Command::Queue(args) => mx::cmd_queue(args),
