@@ -1,0 +1,304 @@
+//! `ringmail mda`'s IMAP server against real clients: Python's `imaplib` over implicit TLS and
+//! STARTTLS, `curl imaps://`, two concurrent sessions with IDLE seeing new mail and expunges,
+//! APPEND/FETCH byte-exact round trips, isolation between users and mailbox-name traversal.
+//! Mail arrives over LMTP (`smtplib.LMTP`) into the same Maildir++ store.
+//!
+//! Debian packages: python3, curl.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const PY: &str = "/usr/bin/python3";
+const CURL: &str = "/usr/bin/curl";
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ringmail")
+}
+
+fn accounts(db: &str, args: &[&str], stdin: Option<&str>) {
+    let mut child = Command::new(bin())
+        .args(["accounts", "--db", db])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "accounts {args:?}");
+}
+
+struct Server {
+    lmtp: SocketAddr,
+    imap: SocketAddr,
+    imaps: SocketAddr,
+    _child: ChildGuard,
+    log: std::path::PathBuf,
+}
+
+fn start(dir: &Path) -> Server {
+    let db = format!("sqlite:{}", dir.join("accounts.db").display());
+    accounts(&db, &["domain", "add", "example.test"], None);
+    for (u, p) in [("bob", "bob-pw"), ("alice", "alice-pw")] {
+        accounts(
+            &db,
+            &["add", &format!("{u}@example.test"), "--password-stdin"],
+            Some(&format!("{p}\n")),
+        );
+    }
+    let (lmtp, imap, imaps) = (free_addr(), free_addr(), free_addr());
+    let log = dir.join("mda.log");
+    let child = ChildGuard::spawn(
+        "ringmail mda",
+        Command::new(bin())
+            .args(["mda", "--lmtp", &lmtp.to_string()])
+            .args(["--imap", &imap.to_string(), "--imaps", &imaps.to_string()])
+            .arg("--maildir")
+            .arg(dir.join("mail"))
+            .args(["--accounts", &db, "--hostname", "mda.example.test"])
+            .env("RUST_LOG", "info"),
+        log.clone(),
+    )
+    .unwrap();
+    for a in [lmtp, imap, imaps] {
+        assert!(
+            wait_for(Duration::from_secs(20), || TcpStream::connect(a)
+                .ok()
+                .map(|_| ()))
+            .is_some(),
+            "not listening on {a}: {}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    Server {
+        lmtp,
+        imap,
+        imaps,
+        _child: child,
+        log,
+    }
+}
+
+/// Runs a Python script (bounded); returns its output, asserting success.
+fn python(script: &str) -> String {
+    let (st, out) = run_bounded(
+        Command::new(PY).arg("-c").arg(script),
+        Duration::from_secs(90),
+    );
+    assert!(st.success(), "python failed:\n{out}\n--- script:\n{script}");
+    out
+}
+
+const PRELUDE: &str = r#"
+import imaplib, smtplib, socket, ssl, sys, time
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+def lmtp(host, port, rcpt, body):
+    s = smtplib.LMTP(host, port); s.sendmail('carol@example.net', [rcpt], body); s.quit()
+def check(cond, what):
+    if not cond:
+        print('FAILED:', what); sys.exit(1)
+"#;
+
+#[test]
+fn imap_clients_read_mail_delivered_over_lmtp() {
+    if !Path::new(PY).exists() || !Path::new(CURL).exists() {
+        skip("python3 or curl not installed");
+        return;
+    }
+    let tmp = TempDir::new("imap");
+    let s = start(tmp.path());
+    let script = format!(
+        "{PRELUDE}
+L = ('{li}', {lp}); S = ('{si}', {sp}); P = ('{pi}', {pp})
+lmtp(*L, 'bob@example.test', b'From: <carol@example.net>\\r\\nSubject: first\\r\\n\\r\\nHello Bob.\\r\\n')
+m = imaplib.IMAP4_SSL(*S, ssl_context=ctx)
+check(b'IMAP4rev2' in m.capability()[1][0] or b'IMAP4REV2' in m.capability()[1][0].upper(), 'IMAP4rev2 capability')
+m.login('bob@example.test', 'bob-pw')
+typ, data = m.select('INBOX')
+check(typ == 'OK' and data[0] == b'1', 'one message: %r' % data)
+typ, data = m.fetch('1', '(BODY.PEEK[])')
+body = data[0][1]
+check(body.startswith(b'Return-Path: <carol@example.net>') and body.endswith(b'Hello Bob.\\r\\n'), 'fetched: %r' % body)
+# APPEND then FETCH: byte-exact round trip (8-bit, long lines, a lone dot line).
+msg = b'From: <bob@example.test>\\r\\nSubject: kept\\r\\n\\r\\n.\\r\\n' + ('\\u00e9' * 300).encode() + b'\\r\\n' + bytes(range(32, 127)) + b'\\r\\n'
+typ, data = m.append('INBOX', '(\\\\Seen)', None, msg)
+check(typ == 'OK' and b'APPENDUID' in data[0], 'append: %r' % data)
+import re; uid = re.search(rb'APPENDUID \\d+ (\\d+)', data[0]).group(1).decode()
+typ, data = m.uid('FETCH', uid, '(BODY[] FLAGS)')
+check(data[0][1] == msg, 'round trip differs')
+typ, data = m.uid('FETCH', uid, '(FLAGS)')
+check(b'\\\\Seen' in data[0], 'flags: %r' % data)
+# Flags, search, copy, expunge.
+m.create('Archive')
+typ, data = m.uid('COPY', uid, 'Archive')
+check(typ == 'OK', 'copy: %r' % data)
+check(m.response('COPYUID')[1][0] is not None, 'no COPYUID')
+typ, data = m.search(None, 'SUBJECT', 'first')
+check(data[0] == b'1', 'search: %r' % data)
+typ, data = m.status('Archive', '(MESSAGES UIDNEXT)')
+check(b'MESSAGES 1' in data[0], 'status: %r' % data)
+typ, data = m.list()
+names = b' '.join(data)
+check(b'INBOX' in names and b'Archive' in names, 'list: %r' % data)
+m.logout()
+# STARTTLS on the plain port; no login before it.
+p = imaplib.IMAP4(*P)
+check(b'LOGINDISABLED' in p.capability()[1][0].upper(), 'LOGINDISABLED before TLS')
+try:
+    p.login('bob@example.test', 'bob-pw'); check(False, 'login before STARTTLS accepted')
+except imaplib.IMAP4.error:
+    pass
+p.starttls(ssl_context=ctx)
+p.login('bob@example.test', 'bob-pw')
+typ, data = p.select('INBOX')
+check(data[0] == b'2', 'after STARTTLS: %r' % data)
+p.logout()
+# Wrong password.
+try:
+    x = imaplib.IMAP4_SSL(*S, ssl_context=ctx); x.login('bob@example.test', 'wrong'); check(False, 'bad password accepted')
+except imaplib.IMAP4.error:
+    pass
+print('OK')
+",
+        li = s.lmtp.ip(),
+        lp = s.lmtp.port(),
+        si = s.imaps.ip(),
+        sp = s.imaps.port(),
+        pi = s.imap.ip(),
+        pp = s.imap.port(),
+    );
+    let out = python(&script);
+    assert!(out.contains("OK"), "{out}");
+
+    // curl: list and fetch over imaps://.
+    let (st, out) = run_bounded(
+        Command::new(CURL)
+            .args(["-sk", "--max-time", "20", "-u", "bob@example.test:bob-pw"])
+            .arg(format!("imaps://{}/", s.imaps)),
+        Duration::from_secs(30),
+    );
+    assert!(
+        st.success() && out.contains("INBOX") && out.contains("Archive"),
+        "curl list: {out}"
+    );
+    let (st, out) = run_bounded(
+        Command::new(CURL)
+            .args(["-sk", "--max-time", "20", "-u", "bob@example.test:bob-pw"])
+            .arg(format!("imaps://{}/INBOX;UID=1", s.imaps)),
+        Duration::from_secs(30),
+    );
+    assert!(
+        st.success() && out.contains("Hello Bob."),
+        "curl fetch: {out}\n{}",
+        fs::read_to_string(&s.log).unwrap_or_default()
+    );
+}
+
+#[test]
+fn idle_sessions_see_new_mail_and_expunges_and_users_are_isolated() {
+    if !Path::new(PY).exists() {
+        skip("python3 not installed");
+        return;
+    }
+    let tmp = TempDir::new("imap-idle");
+    let s = start(tmp.path());
+    let script = format!(
+        "{PRELUDE}
+L = ('{li}', {lp}); S = ('{si}', {sp})
+lmtp(*L, 'bob@example.test', b'Subject: one\\r\\n\\r\\nx\\r\\n')
+# Session A idles on INBOX (raw protocol over TLS).
+raw = ctx.wrap_socket(socket.create_connection(S), server_hostname='mda')
+f = raw.makefile('rb')
+def send(line): raw.sendall(line + b'\\r\\n')
+def until(pred, secs):
+    raw.settimeout(secs); end = time.time() + secs; seen = []
+    while time.time() < end:
+        try:
+            l = f.readline()
+        except socket.timeout:
+            break
+        if not l: break
+        seen.append(l)
+        if pred(l): return seen
+    print('SEEN', seen); check(False, 'timed out')
+until(lambda l: l.startswith(b'* OK'), 10)
+send(b'a1 LOGIN bob@example.test bob-pw'); until(lambda l: l.startswith(b'a1 OK'), 10)
+send(b'a2 SELECT INBOX'); until(lambda l: l.startswith(b'a2 OK'), 10)
+send(b'a3 IDLE'); until(lambda l: l.startswith(b'+'), 10)
+t0 = time.time()
+lmtp(*L, 'bob@example.test', b'Subject: two\\r\\n\\r\\ny\\r\\n')
+until(lambda l: l.strip() == b'* 2 EXISTS', 5)
+print('new mail seen in IDLE after %.2fs' % (time.time() - t0))
+# Session B expunges message 1; A sees it while idling.
+b = imaplib.IMAP4_SSL(*S, ssl_context=ctx); b.login('bob@example.test', 'bob-pw'); b.select('INBOX')
+b.store('1', '+FLAGS', '(\\\\Deleted)'); b.expunge(); b.logout()
+until(lambda l: l.strip() == b'* 1 EXPUNGE', 5)
+send(b'DONE'); until(lambda l: l.startswith(b'a3 OK'), 10)
+send(b'a4 LOGOUT')
+# Isolation: alice sees none of bob's mail, and names cannot escape her store.
+a = imaplib.IMAP4_SSL(*S, ssl_context=ctx); a.login('alice@example.test', 'alice-pw')
+typ, data = a.select('INBOX'); check(data[0] == b'0', 'alice INBOX: %r' % data)
+for name in ['../bob/Maildir', '../../example.test/bob', '/etc', '..', 'a/../../b', 'x\\x7fy']:
+    try:
+        typ, data = a.select('\"%s\"' % name)
+    except Exception as e:
+        typ = 'ERR'
+    check(typ != 'OK', 'selected %r' % name)
+    try:
+        typ, data = a.create('\"%s\"' % name)
+    except Exception as e:
+        typ = 'ERR'
+    check(typ != 'OK', 'created %r' % name)
+typ, data = a.list(); check(b'bob' not in b' '.join(data), 'list leaks: %r' % data)
+a.logout()
+print('OK')
+",
+        li = s.lmtp.ip(),
+        lp = s.lmtp.port(),
+        si = s.imaps.ip(),
+        sp = s.imaps.port(),
+    );
+    let out = python(&script);
+    assert!(out.contains("OK"), "{out}");
+    eprintln!(
+        "{}",
+        out.lines().find(|l| l.contains("IDLE after")).unwrap_or("")
+    );
+    // Nothing was created outside the users' Maildirs.
+    let root = tmp.path().join("mail");
+    for e in walk(&root) {
+        let rel = e.strip_prefix(&root).unwrap().to_string_lossy().to_string();
+        assert!(
+            rel.starts_with("example.test/bob")
+                || rel.starts_with("example.test/alice")
+                || rel == "example.test",
+            "unexpected path {rel}"
+        );
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            out.push(p.clone());
+            if p.is_dir() {
+                out.extend(walk(&p));
+            }
+        }
+    }
+    out
+}
