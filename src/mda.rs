@@ -33,6 +33,10 @@ pub struct MdaArgs {
     /// default: loopback).
     #[arg(long)]
     trusted: Vec<String>,
+    /// A load balancer whose PROXY v1/v2 headers the IMAP listeners accept (and require;
+    /// repeatable). On the implicit TLS port a direct TLS client from that address still works.
+    #[arg(long)]
+    trusted_proxy: Vec<std::net::IpAddr>,
     /// Deliver mail for ADDRESS to a program instead of a mailbox: ADDRESS=/path/to/cmd
     /// [ARG ...] (repeatable; no shell; message on stdin; exit 75 = try again later).
     #[arg(long, value_parser = parse_program)]
@@ -84,6 +88,14 @@ pub fn cmd_mda(args: MdaArgs) -> Result<ExitCode> {
     }
     cfg.programs = args.program.iter().cloned().collect();
     cfg.program_timeout = std::time::Duration::from_secs(args.program_timeout);
+    cfg.trusted_proxies = args
+        .trusted_proxy
+        .iter()
+        .map(|ip| Cidr {
+            addr: *ip,
+            prefix: if ip.is_ipv4() { 32 } else { 128 },
+        })
+        .collect();
     cfg.imap = args.imap.into_iter().collect();
     cfg.imaps = args.imaps.into_iter().collect();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {

@@ -49,6 +49,10 @@ struct Server {
 }
 
 fn start(dir: &Path) -> Server {
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &Path, extra: &[&str]) -> Server {
     let db = format!("sqlite:{}", dir.join("accounts.db").display());
     accounts(&db, &["domain", "add", "example.test"], None);
     for (u, p) in [("bob", "bob-pw"), ("alice", "alice-pw")] {
@@ -68,6 +72,7 @@ fn start(dir: &Path) -> Server {
             .arg("--maildir")
             .arg(dir.join("mail"))
             .args(["--accounts", &db, "--hostname", "mda.example.test"])
+            .args(extra)
             .env("RUST_LOG", "info"),
         log.clone(),
     )
@@ -301,4 +306,39 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+#[test]
+fn proxy_headers_are_accepted_from_trusted_balancers_only() {
+    if !Path::new(PY).exists() {
+        skip("python3 not installed");
+        return;
+    }
+    let tmp = TempDir::new("imap-proxy");
+    let s = start_with(tmp.path(), &["--trusted-proxy", "127.0.0.1"]);
+    let script = format!(
+        "{PRELUDE}
+S = ('{si}', {sp})
+class Proxied(imaplib.IMAP4_SSL):
+    def _create_socket(self, timeout):
+        sock = socket.create_connection((self.host, self.port), timeout)
+        sock.sendall(b'PROXY TCP4 192.0.2.9 127.0.0.1 40000 993\\r\\n')
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+m = Proxied(*S, ssl_context=ctx); m.login('bob@example.test', 'bob-pw'); m.select('INBOX'); m.logout()
+# A direct TLS client from the same (trusted) address still works on the implicit TLS port.
+d = imaplib.IMAP4_SSL(*S, ssl_context=ctx); d.login('bob@example.test', 'bob-pw'); d.logout()
+# Garbage instead of a header from a trusted address: dropped.
+raw = socket.create_connection(S, 10); raw.sendall(b'HELLO THERE\\r\\n'); raw.settimeout(15)
+try:
+    got = raw.recv(100)
+except ConnectionResetError:
+    got = b''
+check(got == b'', 'garbage from a trusted proxy was served: %r' % got)
+print('OK')
+",
+        si = s.imaps.ip(),
+        sp = s.imaps.port(),
+    );
+    let out = python(&script);
+    assert!(out.contains("OK"), "{out}");
 }

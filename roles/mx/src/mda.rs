@@ -51,6 +51,8 @@ pub struct MdaConfig {
     pub imaps: Vec<SocketAddr>,
     /// Certificate for IMAP; absent: self-signed for `hostname`.
     pub tls: Option<crate::config::TlsFiles>,
+    /// Load balancers whose PROXY v1/v2 headers the IMAP listeners accept (and require).
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 impl MdaConfig {
@@ -76,6 +78,7 @@ impl MdaConfig {
             imap: Vec::new(),
             imaps: Vec::new(),
             tls: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -163,6 +166,7 @@ impl MdaServer {
                 Arc::clone(tls.acceptor().config()),
                 backend,
                 format!("{} ringmail IMAP ready", cfg.hostname),
+                cfg.trusted_proxies.clone(),
             )
             .map_err(MxError::Listen)?;
             info!(imap = ?cfg.imap, imaps = ?cfg.imaps, "imap started");

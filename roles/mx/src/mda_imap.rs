@@ -24,6 +24,57 @@ use ringmail_imap::store::{
 use ringmail_store as ms;
 use tracing::{info, warn};
 
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    implicit: bool,
+    cfg: Arc<ImapServerConfig>,
+    backend: Arc<ImapBackend>,
+    trusted: Arc<Vec<crate::config::Cidr>>,
+) {
+    loop {
+        let (mut tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "IMAP accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (cfg, backend) = (Arc::clone(&cfg), Arc::clone(&backend));
+        let mut proxied = trusted.iter().any(|c| c.contains(peer.ip()));
+        tokio::spawn(async move {
+            if proxied && implicit {
+                // On the implicit TLS port a TLS record (0x16) first is a direct client (e.g.
+                // the LB's own TLS health check), not a PROXY header.
+                let mut first = [0u8; 1];
+                if let Ok(Ok(1)) =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), tcp.peek(&mut first))
+                        .await
+                    && first[0] == 0x16
+                {
+                    proxied = false;
+                }
+            }
+            let mut client = peer;
+            if proxied {
+                match crate::proxy::read_header_exact(&mut tcp, std::time::Duration::from_secs(10))
+                    .await
+                {
+                    Ok(Some(c)) => client = c,
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(%peer, error = %e, "refused: a trusted proxy sent no valid PROXY header");
+                        return;
+                    }
+                }
+            }
+            tracing::debug!(%client, %peer, "imap connection");
+            let backend: Arc<dyn Backend> = backend;
+            let _ = ringmail_imap::server::connection(tcp, implicit, cfg, backend).await;
+        });
+    }
+}
+
 /// Logins against the account store; each session gets the user's Maildir store.
 pub struct ImapBackend {
     pub accounts: Accounts,
@@ -64,12 +115,15 @@ impl Backend for ImapBackend {
 
 /// The IMAP listeners on a thread of their own (a small multi-thread runtime: store calls run
 /// on its blocking pool).
+/// Connections from `trusted_proxies` must start with a PROXY v1/v2 header (the LB's), whose
+/// client address is logged; from anyone else no header is read.
 pub fn start(
     plain: &[SocketAddr],
     implicit: &[SocketAddr],
     tls: Arc<rustls::ServerConfig>,
     backend: Arc<ImapBackend>,
     greeting: String,
+    trusted_proxies: Vec<crate::config::Cidr>,
 ) -> io::Result<JoinHandle<()>> {
     let mut listeners = Vec::new();
     for (addrs, implicit) in [(plain, false), (implicit, true)] {
@@ -105,18 +159,14 @@ pub fn start(
             };
             rt.block_on(async move {
                 let mut tasks = tokio::task::JoinSet::new();
+                let trusted = Arc::new(trusted_proxies);
                 for (l, implicit) in listeners {
                     let Ok(l) = tokio::net::TcpListener::from_std(l) else {
                         continue;
                     };
                     let (cfg, backend) = (Arc::clone(&cfg), Arc::clone(&backend));
-                    tasks.spawn(async move {
-                        if let Err(e) =
-                            ringmail_imap::server::serve(l, implicit, cfg, backend).await
-                        {
-                            warn!(error = %e, "IMAP listener stopped");
-                        }
-                    });
+                    let trusted = Arc::clone(&trusted);
+                    tasks.spawn(accept_loop(l, implicit, cfg, backend, trusted));
                 }
                 while tasks.join_next().await.is_some() {}
             });
