@@ -62,6 +62,52 @@ pub async fn read_header<S: AsyncRead + Unpin>(
         .map_err(|_| "no PROXY header in time".to_string())?
 }
 
+/// Reads one PROXY header from a TCP stream without consuming anything after it (the header is
+/// peeked until complete, then exactly its bytes are read), so the stream can be handed on as
+/// is, e.g. to a TLS handshake. Within `timeout`.
+pub async fn read_header_exact(
+    stream: &mut tokio::net::TcpStream,
+    timeout: Duration,
+) -> Result<Option<SocketAddr>, String> {
+    let read = async {
+        let mut buf = vec![0u8; MAX_HEADER];
+        let mut last = 0;
+        loop {
+            let n = stream
+                .peek(&mut buf)
+                .await
+                .map_err(|e| format!("reading the PROXY header: {e}"))?;
+            if n == 0 {
+                return Err("connection closed before the PROXY header".to_string());
+            }
+            match proxy_protocol::parse_with_limit(&buf[..n], MAX_HEADER) {
+                Ok(Parsed::Complete { header, len }) => {
+                    let mut consumed = vec![0u8; len];
+                    stream
+                        .read_exact(&mut consumed)
+                        .await
+                        .map_err(|e| format!("reading the PROXY header: {e}"))?;
+                    return Ok(header.addresses.map(|(src, _)| src));
+                }
+                Ok(Parsed::Incomplete) if n >= MAX_HEADER => {
+                    return Err("PROXY header too long".to_string());
+                }
+                Ok(Parsed::Incomplete) => {
+                    // peek returns at once while data is queued: wait a little for the rest.
+                    if n == last {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    last = n;
+                }
+                Err(e) => return Err(format!("invalid PROXY header: {e}")),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| "no PROXY header in time".to_string())?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,50 +153,4 @@ mod tests {
                 .is_err()
         );
     }
-}
-
-/// Reads one PROXY header from a TCP stream without consuming anything after it (the header is
-/// peeked until complete, then exactly its bytes are read), so the stream can be handed on as
-/// is, e.g. to a TLS handshake. Within `timeout`.
-pub async fn read_header_exact(
-    stream: &mut tokio::net::TcpStream,
-    timeout: Duration,
-) -> Result<Option<SocketAddr>, String> {
-    let read = async {
-        let mut buf = vec![0u8; MAX_HEADER];
-        let mut last = 0;
-        loop {
-            let n = stream
-                .peek(&mut buf)
-                .await
-                .map_err(|e| format!("reading the PROXY header: {e}"))?;
-            if n == 0 {
-                return Err("connection closed before the PROXY header".to_string());
-            }
-            match proxy_protocol::parse_with_limit(&buf[..n], MAX_HEADER) {
-                Ok(Parsed::Complete { header, len }) => {
-                    let mut consumed = vec![0u8; len];
-                    stream
-                        .read_exact(&mut consumed)
-                        .await
-                        .map_err(|e| format!("reading the PROXY header: {e}"))?;
-                    return Ok(header.addresses.map(|(src, _)| src));
-                }
-                Ok(Parsed::Incomplete) if n >= MAX_HEADER => {
-                    return Err("PROXY header too long".to_string());
-                }
-                Ok(Parsed::Incomplete) => {
-                    // peek returns at once while data is queued: wait a little for the rest.
-                    if n == last {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    last = n;
-                }
-                Err(e) => return Err(format!("invalid PROXY header: {e}")),
-            }
-        }
-    };
-    tokio::time::timeout(timeout, read)
-        .await
-        .map_err(|_| "no PROXY header in time".to_string())?
 }
