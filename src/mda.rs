@@ -11,21 +11,27 @@ use ringmail_mx::mda::{MdaConfig, MdaServer};
 
 #[derive(Args)]
 pub struct MdaArgs {
-    /// LMTP listener for our MX and MSA (e.g. 10.0.0.20:24).
-    #[arg(long)]
-    lmtp: SocketAddr,
+    /// TOML configuration file with [mda]. Without it, quick mode.
+    #[arg(long, conflicts_with_all = ["lmtp", "maildir", "accounts"])]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long, requires = "config")]
+    check: bool,
+    /// Quick mode: LMTP listener for our MX and MSA (e.g. 10.0.0.20:24).
+    #[arg(long, required_unless_present = "config")]
+    lmtp: Option<SocketAddr>,
     /// IMAP listener with STARTTLS (e.g. 0.0.0.0:143).
     #[arg(long)]
     imap: Option<SocketAddr>,
     /// IMAP listener with implicit TLS (e.g. 0.0.0.0:993).
     #[arg(long)]
     imaps: Option<SocketAddr>,
-    /// Root of the users' homes: DIR/<domain>/<user>/Maildir (Dovecot's layout).
-    #[arg(long)]
-    maildir: PathBuf,
-    /// Account store (sqlite:PATH, postgres://…, ldap://…).
-    #[arg(long)]
-    accounts: String,
+    /// Quick mode: root of the users' homes: DIR/<domain>/<user>/Maildir (Dovecot's layout).
+    #[arg(long, required_unless_present = "config")]
+    maildir: Option<PathBuf>,
+    /// Quick mode: account store (sqlite:PATH, postgres://…, ldap://…).
+    #[arg(long, required_unless_present = "config")]
+    accounts: Option<String>,
     /// Host name in the LMTP greeting and message file names.
     #[arg(long)]
     hostname: Option<String>,
@@ -66,6 +72,34 @@ fn parse_program(s: &str) -> Result<(String, Vec<String>), String> {
 }
 
 pub fn cmd_mda(args: MdaArgs) -> Result<ExitCode> {
+    let cfg = match &args.config {
+        Some(path) => match ringmail_mx::mda_config::load_file(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None => quick(&args)?,
+    };
+    if args.check {
+        println!(
+            "{}: ok ({} LMTP, {} IMAP, {} IMAPS listeners, {} program addresses)",
+            args.config
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            cfg.lmtp.len(),
+            cfg.imap.len(),
+            cfg.imaps.len(),
+            cfg.programs.len()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    crate::mx::serve_until_signal(|| start(cfg), |_| {}, MdaServer::stop)
+}
+
+fn quick(args: &MdaArgs) -> Result<MdaConfig> {
     let hostname = args
         .hostname
         .clone()
@@ -75,9 +109,9 @@ pub fn cmd_mda(args: MdaArgs) -> Result<ExitCode> {
     }
     let mut cfg = MdaConfig::quick(
         hostname,
-        vec![args.lmtp],
-        args.maildir.clone(),
-        args.accounts.clone(),
+        vec![args.lmtp.context("--lmtp")?],
+        args.maildir.clone().context("--maildir")?,
+        args.accounts.clone().context("--accounts")?,
     );
     if !args.trusted.is_empty() {
         cfg.trusted_clients = args
@@ -104,7 +138,7 @@ pub fn cmd_mda(args: MdaArgs) -> Result<ExitCode> {
             key: key.clone(),
         });
     }
-    crate::mx::serve_until_signal(|| start(cfg), |_| {}, MdaServer::stop)
+    Ok(cfg)
 }
 
 /// Starts the LMTP side of an MDA (also for `ringmail up`).

@@ -1,0 +1,288 @@
+//! The MDA configuration file: the `[mda]` TOML schema for [`MdaConfig`] (the same toolkit and
+//! all-errors-at-once reporting as `[mx]`, `[msa]` and `[mta]`).
+//!
+//! ```toml
+//! [mda]
+//! hostname = "mda-a1.example.com"       # required: LMTP greeting, IMAP greeting, file names
+//! lmtp = ["10.0.0.20:24"]               # required: LMTP for our MX and MSA
+//! imaps = ["0.0.0.0:993"]               # IMAP with implicit TLS
+//! imap = ["0.0.0.0:143"]                # IMAP with STARTTLS
+//! maildir = "/var/vmail"                # required: <maildir>/<domain>/<user>/Maildir
+//! accounts = "sqlite:/var/lib/ringmail/accounts.db"  # required: users, aliases, quotas, logins
+//! trusted_clients = ["10.0.0.0/24"]     # may deliver over LMTP (default: loopback)
+//! trusted_proxies = ["10.0.0.1"]        # LBs whose PROXY headers the IMAP listeners take
+//! program_timeout = "60s"
+//! max_message_size = 52428800
+//! workers = 2                           # LMTP listener threads
+//! tls = { cert = "/etc/ringmail/imap.crt", key = "/etc/ringmail/imap.key" }  # absent: self-signed
+//!
+//! [mda.programs]                        # addresses delivered to a program (argv, no shell)
+//! "lists@example.com" = ["/usr/local/bin/list-handler", "--list", "main"]
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ringmail_proxy_core::config::parse::{
+    Ctx, DeTable, DeValue, Value, check_keys, duration, integer, mismatch, required, set,
+    socket_addr, string, table,
+};
+use ringmail_proxy_core::config::{ConfigErrors, load_file_with, load_str_with};
+
+use crate::config::{Cidr, tls_files, valid_domain};
+use crate::mda::MdaConfig;
+
+pub fn load_file(path: &Path) -> Result<MdaConfig, ConfigErrors> {
+    load_file_with(path, schema)
+}
+
+pub fn load_str(text: &str, file: &str) -> Result<MdaConfig, ConfigErrors> {
+    load_str_with(text, file, schema)
+}
+
+const MDA: &[&str] = &[
+    "hostname",
+    "lmtp",
+    "imap",
+    "imaps",
+    "maildir",
+    "accounts",
+    "trusted_clients",
+    "trusted_proxies",
+    "programs",
+    "program_timeout",
+    "max_message_size",
+    "workers",
+    "tls",
+];
+
+fn addrs(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<Vec<SocketAddr>> {
+    let DeValue::Array(items) = v.get_ref() else {
+        mismatch(ctx, v, what, "an array");
+        return None;
+    };
+    let mut ok = true;
+    let mut out = Vec::new();
+    for item in items.iter() {
+        match socket_addr(ctx, item, what) {
+            Some(a) => out.push(a),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+fn cidrs(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<Vec<Cidr>> {
+    let DeValue::Array(items) = v.get_ref() else {
+        mismatch(ctx, v, what, "an array");
+        return None;
+    };
+    let mut ok = true;
+    let mut out = Vec::new();
+    for item in items.iter() {
+        let Some(s) = string(ctx, item, what) else {
+            ok = false;
+            continue;
+        };
+        match Cidr::parse(s) {
+            Ok(c) => out.push(c),
+            Err(e) => {
+                ctx.error(item.span(), format!("`{what}`: {e}"));
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(out)
+}
+
+fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MdaConfig> {
+    check_keys(ctx, root, &["mda"], "the top level");
+    let Some(v) = root.get("mda") else {
+        ctx.error(0..0, "no [mda] section");
+        return None;
+    };
+    let t = table(ctx, v, "mda")?;
+    check_keys(ctx, t, MDA, "[mda]");
+    let mut ok = true;
+    let hostname = required(ctx, v, t, "hostname", "mda").and_then(|h| {
+        let s = string(ctx, h, "mda.hostname")?;
+        if valid_domain(s) {
+            Some(s.to_ascii_lowercase())
+        } else {
+            ctx.error(
+                h.span(),
+                format!("`mda.hostname`: {s:?} is not a fully qualified host name"),
+            );
+            None
+        }
+    });
+    let lmtp = required(ctx, v, t, "lmtp", "mda").and_then(|x| {
+        let a = addrs(ctx, x, "mda.lmtp")?;
+        if a.is_empty() {
+            ctx.error(x.span(), "`mda.lmtp` is empty");
+            return None;
+        }
+        Some(a)
+    });
+    let maildir = required(ctx, v, t, "maildir", "mda")
+        .and_then(|s| string(ctx, s, "mda.maildir"))
+        .map(PathBuf::from);
+    let accounts = required(ctx, v, t, "accounts", "mda").and_then(|x| {
+        let url = string(ctx, x, "mda.accounts")?;
+        if [
+            "sqlite:",
+            "postgres://",
+            "postgresql://",
+            "ldap://",
+            "ldaps://",
+        ]
+        .iter()
+        .any(|p| url.starts_with(p))
+        {
+            Some(url.to_string())
+        } else {
+            ctx.error(
+                x.span(),
+                format!("`mda.accounts`: {url:?} is not sqlite:PATH, postgres://… or ldap(s)://…"),
+            );
+            None
+        }
+    });
+    ok &= hostname.is_some() && lmtp.is_some() && maildir.is_some() && accounts.is_some();
+    let mut c = MdaConfig::quick(
+        hostname.unwrap_or_default(),
+        lmtp.unwrap_or_default(),
+        maildir.unwrap_or_default(),
+        accounts.unwrap_or_default(),
+    );
+    for (key, field) in [("imap", &mut c.imap), ("imaps", &mut c.imaps)] {
+        if let Some(x) = t.get(key) {
+            match addrs(ctx, x, &format!("mda.{key}")) {
+                Some(a) => *field = a,
+                None => ok = false,
+            }
+        }
+    }
+    for (key, field) in [
+        ("trusted_clients", &mut c.trusted_clients),
+        ("trusted_proxies", &mut c.trusted_proxies),
+    ] {
+        if let Some(x) = t.get(key) {
+            match cidrs(ctx, x, &format!("mda.{key}")) {
+                Some(a) => *field = a,
+                None => ok = false,
+            }
+        }
+    }
+    if let Some(x) = t.get("programs") {
+        match table(ctx, x, "mda.programs") {
+            Some(pt) => {
+                for (k, item) in pt.iter() {
+                    let address = k.get_ref().to_ascii_lowercase();
+                    let argv = match item.get_ref() {
+                        DeValue::Array(parts) => {
+                            let mut argv = Vec::new();
+                            for p in parts.iter() {
+                                match string(ctx, p, "mda.programs") {
+                                    Some(s) => argv.push(s.to_string()),
+                                    None => ok = false,
+                                }
+                            }
+                            argv
+                        }
+                        _ => {
+                            mismatch(ctx, item, "mda.programs", "an array of strings (argv)");
+                            ok = false;
+                            continue;
+                        }
+                    };
+                    if !address.contains('@') {
+                        ctx.error(
+                            item.span(),
+                            format!("`mda.programs`: {address:?} is not an address"),
+                        );
+                        ok = false;
+                    } else if argv.first().is_none_or(|p| !p.starts_with('/')) {
+                        ctx.error(
+                            item.span(),
+                            format!(
+                                "`mda.programs.\"{address}\"`: the command must start with an absolute path"
+                            ),
+                        );
+                        ok = false;
+                    } else {
+                        c.programs.insert(address, argv);
+                    }
+                }
+            }
+            None => ok = false,
+        }
+    }
+    if let Some(x) = t.get("program_timeout") {
+        match duration(ctx, x, "mda.program_timeout", false) {
+            Some(d) => c.program_timeout = d.max(Duration::from_secs(1)),
+            None => ok = false,
+        }
+    }
+    ok &= set(
+        &mut c.max_message_size,
+        t.get("max_message_size")
+            .map(|x| integer(ctx, x, "mda.max_message_size", 1024, 1 << 40)),
+    );
+    if let Some(w) = t.get("workers") {
+        match integer(ctx, w, "mda.workers", 1, 4096) {
+            Some(n) => c.workers = usize::try_from(n).ok(),
+            None => ok = false,
+        }
+    }
+    if let Some(x) = t.get("tls") {
+        match tls_files(ctx, x, "mda") {
+            Some(f) => c.tls = Some(f),
+            None => ok = false,
+        }
+    }
+    ok.then_some(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_and_reports_every_error() {
+        let c = load_str(
+            r#"[mda]
+hostname = "mda-a1.example.com"
+lmtp = ["127.0.0.1:24"]
+imaps = ["127.0.0.1:993"]
+maildir = "/var/vmail"
+accounts = "sqlite:/tmp/a.db"
+trusted_proxies = ["10.0.0.1"]
+
+[mda.programs]
+"Lists@example.com" = ["/usr/bin/true", "x"]
+"#,
+            "mda.toml",
+        )
+        .unwrap();
+        assert_eq!(c.imaps.len(), 1);
+        assert_eq!(c.programs["lists@example.com"], ["/usr/bin/true", "x"]);
+        let e = load_str(
+            "[mda]\nhostname = \"x\"\nlmtp = []\nmaildir = \"/m\"\naccounts = \"mysql:x\"\ncolour = 1\n[mda.programs]\n\"a@b\" = [\"relative\"]\n",
+            "mda.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "mda.toml:2:",
+            "mda.toml:3:",
+            "mda.toml:5:",
+            "mda.toml:6:",
+            "mda.toml:8:",
+            "colour",
+        ] {
+            assert!(e.contains(want), "{want} missing from {e}");
+        }
+    }
+}
