@@ -1,4 +1,5 @@
-//! Fuzzes the role configuration front ends (`[mx]`, `[msa]`, `[mta]`) with arbitrary UTF-8.
+//! Fuzzes the role configuration front ends (`[mx]`, `[msa]`, `[mta]`, `[mda]`) with arbitrary
+//! UTF-8.
 //!
 //! Invariants: no loader panics; a rejected file always carries at least one error, each
 //! naming the file and sitting on a real position (line and column >= 1, line within the
@@ -37,6 +38,13 @@ fuzz_target!(|data: &[u8]| {
             assert!(!c.listen.is_empty());
             assert!(!c.trusted_clients.is_empty() || c.accounts.is_some());
             assert!(c.max_per_destination >= 1 && c.max_connections >= 1);
+        }
+    }
+    match ringmail_mx::mda_config::load_str(text, "fuzz.toml") {
+        Err(e) => check_errors(text, &e),
+        Ok(c) => {
+            assert!(!c.lmtp.is_empty());
+            assert!(c.programs.values().all(|argv| argv.first().is_some_and(|p| p.starts_with('/'))));
         }
     }
 });
