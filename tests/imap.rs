@@ -8,10 +8,10 @@
 mod common;
 
 use std::fs;
-use std::io::Write;
+
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -21,23 +21,6 @@ const CURL: &str = "/usr/bin/curl";
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_ringmail")
-}
-
-fn accounts(db: &str, args: &[&str], stdin: Option<&str>) {
-    let mut child = Command::new(bin())
-        .args(["accounts", "--db", db])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(s) = stdin {
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "accounts {args:?}");
 }
 
 struct Server {

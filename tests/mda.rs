@@ -25,27 +25,6 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_ringmail")
 }
 
-fn accounts(db: &str, args: &[&str], stdin: Option<&str>) {
-    let mut child = Command::new(bin())
-        .args(["accounts", "--db", db])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(s) = stdin {
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "accounts {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 struct Mda {
     lmtp: SocketAddr,
     maildir: PathBuf,

@@ -1177,3 +1177,26 @@ impl IdSink {
         IdSink { addr, ids, last }
     }
 }
+
+/// `ringmail accounts --db DB ARGS...`, with `stdin` (e.g. a password) on standard input;
+/// asserts success.
+pub fn accounts(db: &str, args: &[&str], stdin: Option<&str>) {
+    let mut child = Command::new(RINGMAIL)
+        .args(["accounts", "--db", db])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "accounts {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
