@@ -330,18 +330,7 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MxConfig> {
     check_keys(ctx, t, MX, "[mx]");
     let mut ok = true;
 
-    let hostname = required(ctx, v, t, "hostname", "mx").and_then(|h| {
-        let s = string(ctx, h, "mx.hostname")?;
-        if valid_domain(s) {
-            Some(s.to_ascii_lowercase())
-        } else {
-            ctx.error(
-                h.span(),
-                format!("`mx.hostname`: {s:?} is not a fully qualified host name"),
-            );
-            None
-        }
-    });
+    let hostname = hostname_key(ctx, v, t, "mx");
     let listen = required(ctx, v, t, "listen", "mx").and_then(|l| {
         list(ctx, l, "mx.listen", |ctx, item| {
             socket_addr(ctx, item, "mx.listen")
@@ -472,16 +461,7 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MxConfig> {
         }
     }
     if let Some(x) = t.get("trusted_proxies") {
-        match list(ctx, x, "mx.trusted_proxies", |ctx, item| {
-            let s = string(ctx, item, "mx.trusted_proxies")?;
-            match Cidr::parse(s) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    ctx.error(item.span(), format!("`mx.trusted_proxies`: {e}"));
-                    None
-                }
-            }
-        }) {
+        match cidr_list(ctx, x, "mx.trusted_proxies") {
             Some(l) => c.trusted_proxies = l,
             None => ok = false,
         }
@@ -645,6 +625,69 @@ fn rate(ctx: &mut Ctx<'_>, v: &Value<'_>, t: &DeTable<'_>, key: &str) -> Option<
 }
 
 /// A non-empty array, each item converted by `f` (every bad item reported).
+/// `ROLE.hostname`: required, a fully qualified host name; lower-cased.
+pub(crate) fn hostname_key(
+    ctx: &mut Ctx<'_>,
+    v: &Value<'_>,
+    t: &DeTable<'_>,
+    role: &str,
+) -> Option<String> {
+    let what = format!("{role}.hostname");
+    let h = required(ctx, v, t, "hostname", role)?;
+    let s = string(ctx, h, &what)?;
+    if valid_domain(s) {
+        Some(s.to_ascii_lowercase())
+    } else {
+        ctx.error(
+            h.span(),
+            format!("`{what}`: {s:?} is not a fully qualified host name"),
+        );
+        None
+    }
+}
+
+/// A non-empty list of `HOST:PORT`.
+pub(crate) fn addr_list(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<Vec<SocketAddr>> {
+    list(ctx, v, what, |ctx, item| socket_addr(ctx, item, what))
+}
+
+/// A non-empty list of addresses or CIDR blocks.
+pub(crate) fn cidr_list(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<Vec<Cidr>> {
+    list(ctx, v, what, |ctx, item| {
+        let s = string(ctx, item, what)?;
+        match Cidr::parse(s) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                ctx.error(item.span(), format!("`{what}`: {e}"));
+                None
+            }
+        }
+    })
+}
+
+/// An account store URL: `sqlite:PATH`, `postgres://…` or `ldap(s)://…`.
+pub(crate) fn accounts_url(ctx: &mut Ctx<'_>, x: &Value<'_>, what: &str) -> Option<String> {
+    let url = string(ctx, x, what)?;
+    if [
+        "sqlite:",
+        "postgres://",
+        "postgresql://",
+        "ldap://",
+        "ldaps://",
+    ]
+    .iter()
+    .any(|p| url.starts_with(p))
+    {
+        Some(url.to_string())
+    } else {
+        ctx.error(
+            x.span(),
+            format!("`{what}`: {url:?} is not sqlite:PATH, postgres://… or ldap(s)://…"),
+        );
+        None
+    }
+}
+
 fn list<T>(
     ctx: &mut Ctx<'_>,
     v: &Value<'_>,

@@ -20,17 +20,15 @@
 //! "lists@example.com" = ["/usr/local/bin/list-handler", "--list", "main"]
 //! ```
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ringmail_proxy_core::config::parse::{
-    Ctx, DeTable, DeValue, Value, check_keys, duration, integer, mismatch, required, set,
-    socket_addr, string, table,
+    Ctx, DeTable, DeValue, check_keys, duration, integer, mismatch, required, set, string, table,
 };
 use ringmail_proxy_core::config::{ConfigErrors, load_file_with, load_str_with};
 
-use crate::config::{Cidr, tls_files, valid_domain};
+use crate::config::{accounts_url, addr_list, cidr_list, hostname_key, tls_files};
 use crate::mda::MdaConfig;
 
 pub fn load_file(path: &Path) -> Result<MdaConfig, ConfigErrors> {
@@ -57,45 +55,6 @@ const MDA: &[&str] = &[
     "tls",
 ];
 
-fn addrs(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<Vec<SocketAddr>> {
-    let DeValue::Array(items) = v.get_ref() else {
-        mismatch(ctx, v, what, "an array");
-        return None;
-    };
-    let mut ok = true;
-    let mut out = Vec::new();
-    for item in items.iter() {
-        match socket_addr(ctx, item, what) {
-            Some(a) => out.push(a),
-            None => ok = false,
-        }
-    }
-    ok.then_some(out)
-}
-
-fn cidrs(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<Vec<Cidr>> {
-    let DeValue::Array(items) = v.get_ref() else {
-        mismatch(ctx, v, what, "an array");
-        return None;
-    };
-    let mut ok = true;
-    let mut out = Vec::new();
-    for item in items.iter() {
-        let Some(s) = string(ctx, item, what) else {
-            ok = false;
-            continue;
-        };
-        match Cidr::parse(s) {
-            Ok(c) => out.push(c),
-            Err(e) => {
-                ctx.error(item.span(), format!("`{what}`: {e}"));
-                ok = false;
-            }
-        }
-    }
-    ok.then_some(out)
-}
-
 fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MdaConfig> {
     check_keys(ctx, root, &["mda"], "the top level");
     let Some(v) = root.get("mda") else {
@@ -105,50 +64,13 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MdaConfig> {
     let t = table(ctx, v, "mda")?;
     check_keys(ctx, t, MDA, "[mda]");
     let mut ok = true;
-    let hostname = required(ctx, v, t, "hostname", "mda").and_then(|h| {
-        let s = string(ctx, h, "mda.hostname")?;
-        if valid_domain(s) {
-            Some(s.to_ascii_lowercase())
-        } else {
-            ctx.error(
-                h.span(),
-                format!("`mda.hostname`: {s:?} is not a fully qualified host name"),
-            );
-            None
-        }
-    });
-    let lmtp = required(ctx, v, t, "lmtp", "mda").and_then(|x| {
-        let a = addrs(ctx, x, "mda.lmtp")?;
-        if a.is_empty() {
-            ctx.error(x.span(), "`mda.lmtp` is empty");
-            return None;
-        }
-        Some(a)
-    });
+    let hostname = hostname_key(ctx, v, t, "mda");
+    let lmtp = required(ctx, v, t, "lmtp", "mda").and_then(|x| addr_list(ctx, x, "mda.lmtp"));
     let maildir = required(ctx, v, t, "maildir", "mda")
         .and_then(|s| string(ctx, s, "mda.maildir"))
         .map(PathBuf::from);
-    let accounts = required(ctx, v, t, "accounts", "mda").and_then(|x| {
-        let url = string(ctx, x, "mda.accounts")?;
-        if [
-            "sqlite:",
-            "postgres://",
-            "postgresql://",
-            "ldap://",
-            "ldaps://",
-        ]
-        .iter()
-        .any(|p| url.starts_with(p))
-        {
-            Some(url.to_string())
-        } else {
-            ctx.error(
-                x.span(),
-                format!("`mda.accounts`: {url:?} is not sqlite:PATH, postgres://… or ldap(s)://…"),
-            );
-            None
-        }
-    });
+    let accounts =
+        required(ctx, v, t, "accounts", "mda").and_then(|x| accounts_url(ctx, x, "mda.accounts"));
     ok &= hostname.is_some() && lmtp.is_some() && maildir.is_some() && accounts.is_some();
     let mut c = MdaConfig::quick(
         hostname.unwrap_or_default(),
@@ -158,7 +80,7 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MdaConfig> {
     );
     for (key, field) in [("imap", &mut c.imap), ("imaps", &mut c.imaps)] {
         if let Some(x) = t.get(key) {
-            match addrs(ctx, x, &format!("mda.{key}")) {
+            match addr_list(ctx, x, &format!("mda.{key}")) {
                 Some(a) => *field = a,
                 None => ok = false,
             }
@@ -169,7 +91,7 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MdaConfig> {
         ("trusted_proxies", &mut c.trusted_proxies),
     ] {
         if let Some(x) = t.get(key) {
-            match cidrs(ctx, x, &format!("mda.{key}")) {
+            match cidr_list(ctx, x, &format!("mda.{key}")) {
                 Some(a) => *field = a,
                 None => ok = false,
             }

@@ -28,12 +28,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ringmail_proxy_core::config::parse::{
-    Ctx, DeTable, DeValue, check_keys, choice, duration, integer, mismatch, required, set,
-    socket_addr, string, table,
+    Ctx, DeTable, check_keys, choice, duration, integer, required, set, socket_addr, string, table,
 };
 use ringmail_proxy_core::config::{ConfigErrors, load_file_with, load_str_with};
 
-use crate::config::{Cidr, TlsFiles, tls_files, valid_domain};
+use crate::config::{Cidr, TlsFiles, accounts_url, addr_list, cidr_list, hostname_key, tls_files};
 
 /// Where mail for our own domains goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,26 +148,6 @@ const MSA: &[&str] = &[
     "max_lifetime",
 ];
 
-fn addr_list(
-    ctx: &mut Ctx<'_>,
-    v: &ringmail_proxy_core::config::parse::Value<'_>,
-    what: &str,
-) -> Option<Vec<SocketAddr>> {
-    let DeValue::Array(items) = v.get_ref() else {
-        mismatch(ctx, v, what, "an array");
-        return None;
-    };
-    let mut ok = true;
-    let mut out = Vec::new();
-    for item in items.iter() {
-        match socket_addr(ctx, item, what) {
-            Some(a) => out.push(a),
-            None => ok = false,
-        }
-    }
-    ok.then_some(out)
-}
-
 fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MsaConfig> {
     check_keys(ctx, root, &["msa"], "the top level");
     let Some(v) = root.get("msa") else {
@@ -178,18 +157,7 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MsaConfig> {
     let t = table(ctx, v, "msa")?;
     check_keys(ctx, t, MSA, "[msa]");
     let mut ok = true;
-    let hostname = required(ctx, v, t, "hostname", "msa").and_then(|h| {
-        let s = string(ctx, h, "msa.hostname")?;
-        if valid_domain(s) {
-            Some(s.to_ascii_lowercase())
-        } else {
-            ctx.error(
-                h.span(),
-                format!("`msa.hostname`: {s:?} is not a fully qualified host name"),
-            );
-            None
-        }
-    });
+    let hostname = hostname_key(ctx, v, t, "msa");
     let listen = match t.get("listen") {
         Some(x) => addr_list(ctx, x, "msa.listen"),
         None => Some(Vec::new()),
@@ -205,27 +173,8 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MsaConfig> {
         ctx.error(v.span(), "[msa] needs `listen` or `listen_tls`");
         ok = false;
     }
-    let accounts = required(ctx, v, t, "accounts", "msa").and_then(|x| {
-        let url = string(ctx, x, "msa.accounts")?;
-        if [
-            "sqlite:",
-            "postgres://",
-            "postgresql://",
-            "ldap://",
-            "ldaps://",
-        ]
-        .iter()
-        .any(|p| url.starts_with(p))
-        {
-            Some(url.to_string())
-        } else {
-            ctx.error(
-                x.span(),
-                format!("`msa.accounts`: {url:?} is not sqlite:PATH, postgres://… or ldap(s)://…"),
-            );
-            None
-        }
-    });
+    let accounts =
+        required(ctx, v, t, "accounts", "msa").and_then(|x| accounts_url(ctx, x, "msa.accounts"));
     let spool = required(ctx, v, t, "spool", "msa")
         .and_then(|s| string(ctx, s, "msa.spool"))
         .map(PathBuf::from);
@@ -297,22 +246,9 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MsaConfig> {
         );
     }
     if let Some(x) = t.get("trusted_proxies") {
-        let DeValue::Array(items) = x.get_ref() else {
-            mismatch(ctx, x, "msa.trusted_proxies", "an array");
-            return None;
-        };
-        for item in items.iter() {
-            let Some(s) = string(ctx, item, "msa.trusted_proxies") else {
-                ok = false;
-                continue;
-            };
-            match Cidr::parse(s) {
-                Ok(cidr) => c.trusted_proxies.push(cidr),
-                Err(e) => {
-                    ctx.error(item.span(), format!("`msa.trusted_proxies`: {e}"));
-                    ok = false;
-                }
-            }
+        match cidr_list(ctx, x, "msa.trusted_proxies") {
+            Some(l) => c.trusted_proxies = l,
+            None => ok = false,
         }
     }
     for (key, field) in [

@@ -42,7 +42,9 @@ use ringmail_proxy_core::config::parse::{
 };
 use ringmail_proxy_core::config::{ConfigErrors, load_file_with, load_str_with};
 
-use crate::config::{Cidr, TlsFiles, tls_files, valid_domain};
+use crate::config::{
+    Cidr, TlsFiles, accounts_url, addr_list, cidr_list, hostname_key, tls_files, valid_domain,
+};
 use crate::dkim::DkimKeySpec;
 
 /// What the MTA runs with.
@@ -159,37 +161,8 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MtaConfig> {
     let t = table(ctx, v, "mta")?;
     check_keys(ctx, t, MTA, "[mta]");
     let mut ok = true;
-    let hostname = required(ctx, v, t, "hostname", "mta").and_then(|h| {
-        let s = string(ctx, h, "mta.hostname")?;
-        if valid_domain(s) {
-            Some(s.to_ascii_lowercase())
-        } else {
-            ctx.error(
-                h.span(),
-                format!("`mta.hostname`: {s:?} is not a fully qualified host name"),
-            );
-            None
-        }
-    });
-    let listen = required(ctx, v, t, "listen", "mta").and_then(|x| {
-        let DeValue::Array(items) = x.get_ref() else {
-            mismatch(ctx, x, "mta.listen", "an array");
-            return None;
-        };
-        let mut out = Vec::new();
-        let mut good = true;
-        for item in items.iter() {
-            match socket_addr(ctx, item, "mta.listen") {
-                Some(a) => out.push(a),
-                None => good = false,
-            }
-        }
-        if good && out.is_empty() {
-            ctx.error(x.span(), "`mta.listen` is empty");
-            good = false;
-        }
-        good.then_some(out)
-    });
+    let hostname = hostname_key(ctx, v, t, "mta");
+    let listen = required(ctx, v, t, "listen", "mta").and_then(|x| addr_list(ctx, x, "mta.listen"));
     let spool = required(ctx, v, t, "spool", "mta")
         .and_then(|s| string(ctx, s, "mta.spool"))
         .map(PathBuf::from);
@@ -201,52 +174,14 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MtaConfig> {
     );
     if let Some(x) = t.get("trusted_clients") {
         c.trusted_clients.clear();
-        match x.get_ref() {
-            DeValue::Array(items) => {
-                for item in items.iter() {
-                    let Some(s) = string(ctx, item, "mta.trusted_clients") else {
-                        ok = false;
-                        continue;
-                    };
-                    match Cidr::parse(s) {
-                        Ok(cidr) => c.trusted_clients.push(cidr),
-                        Err(e) => {
-                            ctx.error(item.span(), format!("`mta.trusted_clients`: {e}"));
-                            ok = false;
-                        }
-                    }
-                }
-            }
-            _ => {
-                mismatch(ctx, x, "mta.trusted_clients", "an array");
-                ok = false;
-            }
+        match cidr_list(ctx, x, "mta.trusted_clients") {
+            Some(l) => c.trusted_clients = l,
+            None => ok = false,
         }
     }
     if let Some(x) = t.get("accounts") {
-        match string(ctx, x, "mta.accounts") {
-            Some(url)
-                if [
-                    "sqlite:",
-                    "postgres://",
-                    "postgresql://",
-                    "ldap://",
-                    "ldaps://",
-                ]
-                .iter()
-                .any(|p| url.starts_with(p)) =>
-            {
-                c.accounts = Some(url.to_string())
-            }
-            Some(url) => {
-                ctx.error(
-                    x.span(),
-                    format!(
-                        "`mta.accounts`: {url:?} is not sqlite:PATH, postgres://… or ldap(s)://…"
-                    ),
-                );
-                ok = false;
-            }
+        match accounts_url(ctx, x, "mta.accounts") {
+            Some(url) => c.accounts = Some(url),
             None => ok = false,
         }
     }
