@@ -6,6 +6,7 @@
 mod bulk;
 mod connrate;
 mod idle;
+mod imap;
 mod logins;
 mod rr;
 mod server;
@@ -41,6 +42,11 @@ enum Cmd {
     Logins(logins::LoginArgs),
     /// Authenticated submissions (STARTTLS + AUTH PLAIN + one message per connection).
     Submit(submit::SubmitArgs),
+    /// IMAP over implicit TLS: an operation mix, or sessions held in IDLE (memory per session).
+    Imap {
+        #[command(subcommand)]
+        test: imap::ImapTest,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +104,7 @@ fn main() -> Result<()> {
         },
         Cmd::Logins(a) => logins::run(a),
         Cmd::Submit(a) => submit::run(a),
+        Cmd::Imap { test } => imap::run(test),
     }
 }
 

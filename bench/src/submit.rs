@@ -41,7 +41,7 @@ pub struct SubmitArgs {
 }
 
 #[derive(Debug)]
-struct AnyCert(WebPkiSupportedAlgorithms);
+pub(crate) struct AnyCert(pub(crate) WebPkiSupportedAlgorithms);
 
 impl ServerCertVerifier for AnyCert {
     fn verify_server_cert(
