@@ -53,7 +53,10 @@
 //! Every change takes the mailbox's flock (`ringmail-index.lock`; flock excludes other
 //! threads too, as each operation opens its own descriptor), loads the index, changes files,
 //! and commits: both index files written to tmp files and fsynced, renamed, then one fsync of
-//! the mailbox directory. Readers need no lock: the index is only ever replaced whole.
+//! the mailbox directory. A flag change (STORE) commits the same way without the fsyncs, as
+//! Dovecot's `fsync_mode = optimized` does: the flags are in the renamed file names already,
+//! and an index that lost them in a power loss is rebuilt from those names. Readers need no
+//! lock: the index is only ever replaced whole.
 //!
 //! # Delivery and crash safety
 //!

@@ -397,8 +397,10 @@ impl Mailbox {
             out.updated.push((uid, next, modseq));
             changed = true;
         }
-        if changed {
-            self.m.commit(&st, kw_changed)?;
+        if kw_changed {
+            self.m.commit(&st, true)?;
+        } else if changed {
+            self.m.commit_flags(&st)?;
         }
         for (uid, f, modseq) in &out.updated {
             if let Some(i) = self.seq_of(*uid) {

@@ -368,6 +368,23 @@ impl MboxDir {
         Ok(())
     }
 
+    /// Like [`commit`](Self::commit) without the fsyncs, for flag changes only (the way
+    /// Dovecot's `fsync_mode = optimized` treats them): the message files already carry their
+    /// flags in their names (renamed before this), the replace is still atomic for every
+    /// process, and after a power loss an index that lost its last writes is either the older
+    /// one or fails its checksum and is rebuilt from the file names (flags recovered, MODSEQs
+    /// restarted above the old ones).
+    pub fn commit_flags(&self, st: &State) -> Result<(), StoreError> {
+        let idx_tmp = self.dir.join(format!("{}.tmp", index::INDEX_FILE));
+        let ul_tmp = self.dir.join(format!("{}.tmp", index::UIDLIST_FILE));
+        fs::write(&idx_tmp, st.encode()).map_err(|e| StoreError::io("write", &idx_tmp, e))?;
+        fs::write(&ul_tmp, st.encode_uidlist()).map_err(|e| StoreError::io("write", &ul_tmp, e))?;
+        index::rename(&ul_tmp, &self.sub(index::UIDLIST_FILE))?;
+        index::rename(&idx_tmp, &self.index_path())?;
+        self.user.signals.get(&self.dir).bump();
+        Ok(())
+    }
+
     /// Removes files in `tmp/` older than 36 hours: writes that a crash interrupted (Dovecot
     /// applies the same rule). Returns how many were removed.
     pub fn clean_tmp(&self) -> Result<usize, StoreError> {
