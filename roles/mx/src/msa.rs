@@ -866,18 +866,6 @@ async fn on_data_end(server: &mut Server, ctx: &mut Ctx<'_>) -> bool {
     let id = incoming.id().to_string();
     let now = ringmail_queue::rfc5322_date(ringmail_queue::to_unix(std::time::SystemTime::now()));
     let ip = ctx.client.ip();
-    let ipt = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("IPv6:{v6}"),
-    };
-    let helo = {
-        let h = printable(&ctx.helo).replace([' ', '(', ')'], "");
-        if h.is_empty() {
-            "unknown".to_string()
-        } else {
-            h
-        }
-    };
     let proto = if txn.params.smtputf8 {
         "UTF8SMTPSA"
     } else {
@@ -894,7 +882,8 @@ async fn on_data_end(server: &mut Server, ctx: &mut Ctx<'_>) -> bool {
         String::new()
     };
     let mut headers = format!(
-        "Received: from {helo} (unknown [{ipt}])\r\n\t(Authenticated sender: {user})\r\n\tby {host} (ringmail) with {proto} id {id}{rcpt};\r\n\t{now}\r\n",
+        "Received: {from}\r\n\t(Authenticated sender: {user})\r\n\tby {host} (ringmail) with {proto} id {id}{rcpt};\r\n\t{now}\r\n",
+        from = crate::session::received_from(&ctx.helo, "unknown", ip),
         host = msa.cfg.hostname,
     );
     if !has("message-id") {

@@ -9,7 +9,7 @@
 //! ```
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -442,19 +442,7 @@ impl Ctx<'_> {
         let now =
             ringmail_queue::rfc5322_date(ringmail_queue::to_unix(std::time::SystemTime::now()));
         let ip = self.client.ip();
-        let ipt = match ip {
-            IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => format!("IPv6:{v6}"),
-        };
-        let helo = {
-            let h = printable(&self.helo).replace([' ', '(', ')'], "");
-            if h.is_empty() {
-                "unknown".to_string()
-            } else {
-                h
-            }
-        };
-        let proto = match (self.params_utf8(&txn.params), self.tls, self.user.is_some()) {
+        let proto = match (txn.params.smtputf8, self.tls, self.user.is_some()) {
             (true, _, true) => "UTF8SMTPSA",
             (true, true, false) => "UTF8SMTPS",
             (true, false, false) => "UTF8SMTP",
@@ -464,7 +452,8 @@ impl Ctx<'_> {
             (false, false, false) => "ESMTP",
         };
         let headers = format!(
-            "Received: from {helo} (unknown [{ipt}])\r\n\tby {host} (ringmail) with {proto} id {id};\r\n\t{now}\r\n",
+            "Received: {from}\r\n\tby {host} (ringmail) with {proto} id {id};\r\n\t{now}\r\n",
+            from = crate::session::received_from(&self.helo, "unknown", ip),
             host = mta.cfg.hostname,
         );
         let rcpts = txn.recipients.len();
@@ -491,9 +480,5 @@ impl Ctx<'_> {
                 false
             }
         }
-    }
-
-    fn params_utf8(&self, p: &MailParams) -> bool {
-        p.smtputf8
     }
 }

@@ -616,14 +616,6 @@ fn received_header(ctx: &Ctx<'_>, txn: &Txn, id: String) -> String {
         .and_then(|i| i.name.clone())
         .map(|n| printable(&n).replace(' ', ""))
         .unwrap_or_else(|| "unknown".into());
-    let helo = {
-        let h = printable(&ctx.helo).replace([' ', '(', ')'], "");
-        if h.is_empty() {
-            "unknown".to_string()
-        } else {
-            h
-        }
-    };
     let proto = match (ctx.tls, txn.params.smtputf8) {
         (true, true) => "UTF8SMTPS",
         (false, true) => "UTF8SMTP",
@@ -644,15 +636,24 @@ fn received_header(ctx: &Ctx<'_>, txn: &Txn, id: String) -> String {
     } else {
         String::new()
     };
-    let ipt = match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("IPv6:{v6}"),
-    };
     format!(
-        "Received: from {helo} ({rdns} [{ipt}])\r\n\tby {} (ringmail) with {proto} id {id}{rcpt};\r\n\t{}\r\n",
+        "Received: {}\r\n\tby {} (ringmail) with {proto} id {id}{rcpt};\r\n\t{}\r\n",
+        received_from(&ctx.helo, &rdns, ip),
         ctx.mx.cfg.hostname,
         ringmail_queue::rfc5322_date(ringmail_queue::to_unix(std::time::SystemTime::now())),
     )
+}
+
+/// The `from HELO (RDNS [IP])` clause of a Received header: the HELO name made printable
+/// without spaces or parentheses (`unknown` when empty), the address as a literal
+/// (`IPv6:` prefixed for IPv6).
+pub(crate) fn received_from(helo: &str, rdns: &str, ip: IpAddr) -> String {
+    let helo = printable(helo).replace([' ', '(', ')'], "");
+    let helo = if helo.is_empty() { "unknown" } else { &helo };
+    match ip {
+        IpAddr::V4(v4) => format!("from {helo} ({rdns} [{v4}])"),
+        IpAddr::V6(v6) => format!("from {helo} ({rdns} [IPv6:{v6}])"),
+    }
 }
 
 /// Carries RCPT parameters (NOTIFY=, ORCPT=) into the queued recipient.
