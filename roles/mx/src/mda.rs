@@ -387,9 +387,9 @@ impl Ctx<'_> {
                             });
                         }
                     }
-                    let mut reader = io::Cursor::new(prefix.into_bytes()).chain(io::Cursor::new(
-                        Arc::try_unwrap(data).unwrap_or_else(|a| (*a).clone()),
-                    ));
+                    // The message is shared by every recipient's copy, never cloned.
+                    let mut reader =
+                        io::Cursor::new(prefix.into_bytes()).chain(io::Cursor::new(Shared(data)));
                     user.deliver(folder2.as_deref(), &mut reader, Some(size))
                 })
                 .await;
@@ -425,6 +425,15 @@ impl Ctx<'_> {
 }
 
 use std::io::Read as _;
+
+/// The received message, shared (read-only) by the deliveries of all its recipients.
+struct Shared(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for Shared {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 /// Runs `argv` (no shell) with the message on stdin, within `timeout`. Exit 0: delivered;
 /// 75 (EX_TEMPFAIL) or a timeout or a signal: temporary; anything else: permanent (the way

@@ -342,7 +342,17 @@ impl MailStore for MaildirStore {
                 "the mailbox was rebuilt with a new UIDVALIDITY".into(),
             ));
         }
-        let by_uid = |uid: u32| m.messages().iter().find(|x| x.uid == uid).map(meta);
+        // Sequence positions by UID, built once per refresh (not a scan per changed message).
+        let pos: std::collections::HashMap<u32, usize> = if c.new.is_empty() && c.flags.is_empty() {
+            Default::default()
+        } else {
+            m.messages()
+                .iter()
+                .enumerate()
+                .map(|(i, x)| (x.uid, i))
+                .collect()
+        };
+        let by_uid = |uid: u32| pos.get(&uid).map(|&i| meta(&m.messages()[i]));
         Ok(Changes {
             new: c.new.iter().filter_map(|&u| by_uid(u)).collect(),
             expunged: c.expunged.iter().map(|e| e.uid).collect(),
