@@ -398,35 +398,21 @@ fn kill9_during_lmtp_delivery_loses_no_acknowledged_message() {
 #[test]
 fn mda_config_check_reports_every_error() {
     let tmp = TempDir::new("mda-check");
-    let cfg = tmp.path().join("mda.toml");
-    fs::write(
-        &cfg,
+    let dir = tmp.path().to_path_buf();
+    let (code, out) = check_config(
+        &dir,
+        "mda",
         "[mda]\nhostname = \"mda\"\nlmtp = [\"127.0.0.1:24\"]\nmaildir = \"/var/vmail\"\naccounts = \"sqlite:/tmp/a.db\"\nimaps = [\"nowhere\"]\nquota = 5\n",
-    )
-    .unwrap();
-    let out = Command::new(bin())
-        .args(["mda", "--check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
+    assert_eq!(code, Some(2), "{out}");
+    let err = out;
     for want in ["mda.toml:2:", "mda.toml:6:", "mda.toml:7:", "quota"] {
         assert!(err.contains(want), "{want} missing from {err}");
     }
-    fs::write(
-        &cfg,
+    let (code, out) = check_config(
+        &dir,
+        "mda",
         "[mda]\nhostname = \"mda.example.test\"\nlmtp = [\"127.0.0.1:24\"]\nmaildir = \"/var/vmail\"\naccounts = \"sqlite:/tmp/a.db\"\n",
-    )
-    .unwrap();
-    let out = Command::new(bin())
-        .args(["mda", "--check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
+    assert_eq!(code, Some(0), "{out}");
 }

@@ -818,35 +818,24 @@ fn untrusted_clients_are_refused_and_bad_configs_are_reported() {
     );
 
     // --check reports every error with file and line, and exits 2.
-    let cfg = dir.join("mta.toml");
-    fs::write(
-        &cfg,
+    let (code, out) = check_config(
+        &dir,
+        "mta",
         "[mta]\nhostname = \"mta\"\nlisten = [\"127.0.0.1:25\"]\nspool = \"/tmp/x\"\nmax_per_destination = 0\ncolour = \"blue\"\n",
-    )
-    .unwrap();
-    let out = Command::new(bin())
-        .args(["mta", "--check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
+    assert_eq!(code, Some(2), "{out}");
+    let err = out;
     for want in ["mta.toml:2:", "mta.toml:5:", "mta.toml:6:", "colour"] {
         assert!(err.contains(want), "{want} missing from {err}");
     }
     // A missing key file is a configuration error too.
-    fs::write(
-        &cfg,
+    let (code, out) = check_config(
+        &dir,
+        "mta",
         "[mta]\nhostname = \"mta.example.test\"\nlisten = [\"127.0.0.1:25\"]\nspool = \"/tmp/x\"\ndkim = [{ domain = \"example.test\", selector = \"s1\", key = \"/nonexistent/s1.key\" }]\n",
-    )
-    .unwrap();
-    let out = Command::new(bin())
-        .args(["mta", "--check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
+    assert_eq!(code, Some(2), "{out}");
+    let err = out;
     assert!(err.contains("/nonexistent/s1.key"), "{err}");
 }
 

@@ -1200,3 +1200,17 @@ pub fn accounts(db: &str, args: &[&str], stdin: Option<&str>) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `ringmail ROLE --check --config FILE`, FILE (`ROLE.toml` in `dir`) holding `text`: the exit
+/// code and what it printed (stdout and stderr).
+pub fn check_config(dir: &Path, role: &str, text: &str) -> (Option<i32>, String) {
+    let path = dir.join(format!("{role}.toml"));
+    fs::write(&path, text).unwrap();
+    let (status, out) = run_bounded(
+        Command::new(RINGMAIL)
+            .args([role, "--check", "--config"])
+            .arg(&path),
+        Duration::from_secs(20),
+    );
+    (status.code(), out)
+}
