@@ -293,17 +293,7 @@ pub async fn run(out: Arc<Outbound>, mut stop: tokio::sync::watch::Receiver<bool
         if sent > 0 {
             continue;
         }
-        let wait = out
-            .spool
-            .next_due()
-            .and_then(|t| t.duration_since(SystemTime::now()).ok())
-            .unwrap_or(Duration::from_secs(1))
-            .min(Duration::from_secs(1));
-        tokio::select! {
-            _ = out.queued.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.changed() => {}
-        }
+        crate::relay::idle_until_due(&out.spool, &out.queued, &mut stop).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while tasks.join_next().await.is_some() {}

@@ -134,23 +134,32 @@ pub async fn run(mx: Arc<RelayCtx>, mut stop: tokio::sync::watch::Receiver<bool>
         if sent > 0 {
             continue;
         }
-        let wait = mx
-            .spool
-            .next_due()
-            .and_then(|t| t.duration_since(SystemTime::now()).ok())
-            .unwrap_or(Duration::from_secs(1))
-            .min(Duration::from_secs(1));
-        tokio::select! {
-            _ = mx.queued.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.changed() => {}
-        }
+        idle_until_due(&mx.spool, &mx.queued, &mut stop).await;
     }
     drop(txs);
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
+}
+
+/// Waits, with nothing to dispatch, until a message is queued, the next retry is due (at most
+/// a second), or `stop` changes.
+pub(crate) async fn idle_until_due(
+    spool: &ringmail_queue::Spool,
+    queued: &tokio::sync::Notify,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) {
+    let wait = spool
+        .next_due()
+        .and_then(|t| t.duration_since(SystemTime::now()).ok())
+        .unwrap_or(Duration::from_secs(1))
+        .min(Duration::from_secs(1));
+    tokio::select! {
+        _ = queued.notified() => {}
+        _ = tokio::time::sleep(wait) => {}
+        _ = stop.changed() => {}
+    }
 }
 
 /// A byte stream a connection runs over: TCP, then TLS after STARTTLS.
