@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 
 mod accounts;
 mod announce;
+mod deploy;
 mod dkim;
 mod mda;
 mod msa;
@@ -62,6 +63,9 @@ enum Command {
     Accounts(accounts::AccountsArgs),
     /// DKIM keys for the MTA's signer: `dkim keygen` writes a key and prints its DNS record.
     Dkim(dkim::DkimArgs),
+    /// Render a deployment (DNS zones, nftables, BIRD/FRR, role configs, systemd units) from
+    /// one topology file, and check the live DNS against it.
+    Deploy(deploy::DeployArgs),
 }
 
 #[derive(Args)]
@@ -295,6 +299,7 @@ fn main() -> ExitCode {
         Command::Mda(args) => mda::cmd_mda(args),
         Command::Accounts(args) => accounts::cmd_accounts(args),
         Command::Dkim(args) => dkim::cmd_dkim(args),
+        Command::Deploy(args) => deploy::cmd_deploy(args),
     };
     match result {
         Ok(code) => code,

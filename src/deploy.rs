@@ -1,0 +1,147 @@
+//! `ringmail deploy`: render a topology into zones, rulesets, BGP configs and units; check the
+//! live DNS against it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use ringmail_deploy::check::{self, Status};
+
+#[derive(Args)]
+pub struct DeployArgs {
+    #[command(subcommand)]
+    command: DeployCommand,
+}
+
+#[derive(Subcommand)]
+enum DeployCommand {
+    /// Write every file of the deployment under --out: dns/ (forward and reverse zones, an NSD
+    /// include), hosts/<host>/ (nftables ruleset, ringmail config and systemd unit per role,
+    /// BIRD/FRR config on LB hosts), routers/<router>/ (BIRD and FRR with ECMP).
+    Render(RenderArgs),
+    /// Query DNS and report, record by record, what is missing or differs from the topology;
+    /// exit status 1 when anything does.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct RenderArgs {
+    /// The topology file (TOML; see deploy/examples/example.com.toml).
+    #[arg(long)]
+    topology: PathBuf,
+    /// Output directory (created; existing files with the same names are replaced).
+    #[arg(long, required_unless_present = "check")]
+    out: Option<PathBuf>,
+    /// Only validate the topology (every error at once) and list the files it would write.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// The topology file.
+    #[arg(long)]
+    topology: PathBuf,
+    /// The DNS server to ask (IP:PORT, or IP for port 53) [default: the system resolver].
+    #[arg(long)]
+    resolver: Option<String>,
+    /// Per-query timeout in seconds.
+    #[arg(long, default_value_t = 3)]
+    timeout: u64,
+    /// Print only what is wrong.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+pub fn cmd_deploy(args: DeployArgs) -> Result<ExitCode> {
+    match args.command {
+        DeployCommand::Render(a) => render(a),
+        DeployCommand::Check(a) => check_dns(a),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Option<ringmail_deploy::Topology>> {
+    match ringmail_deploy::load_file(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(errors) => {
+            eprintln!("{errors}");
+            Ok(None)
+        }
+    }
+}
+
+fn render(a: RenderArgs) -> Result<ExitCode> {
+    let Some(t) = load(&a.topology)? else {
+        return Ok(ExitCode::from(2));
+    };
+    let files = ringmail_deploy::render(&t);
+    match a.out {
+        Some(out) if !a.check => {
+            ringmail_deploy::write_tree(&out, &files)
+                .with_context(|| format!("writing under {}", out.display()))?;
+            eprintln!(
+                "ringmail: wrote {} files under {} ({} hosts, {} domains)",
+                files.len(),
+                out.display(),
+                t.hosts.len(),
+                t.domains.len()
+            );
+        }
+        _ => {
+            eprintln!(
+                "ringmail: {} is valid; it renders {} files:",
+                a.topology.display(),
+                files.len()
+            );
+            for f in &files {
+                println!("{}", f.path.display());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_dns(a: CheckArgs) -> Result<ExitCode> {
+    let Some(t) = load(&a.topology)? else {
+        return Ok(ExitCode::from(2));
+    };
+    let server = match &a.resolver {
+        None => None,
+        Some(s) => Some(match s.parse::<SocketAddr>() {
+            Ok(sa) => sa,
+            Err(_) => SocketAddr::new(
+                s.parse()
+                    .with_context(|| format!("--resolver {s}: not IP or IP:PORT"))?,
+                53,
+            ),
+        }),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let found = rt.block_on(check::query_live(
+        &t,
+        server,
+        Duration::from_secs(a.timeout.max(1)),
+    ))?;
+    let findings = check::compare(&t, &found);
+    let bad = findings.iter().filter(|f| f.status != Status::Ok).count();
+    for f in &findings {
+        if !(a.quiet && f.status == Status::Ok) {
+            println!("{f}");
+        }
+    }
+    println!(
+        "{} records checked: {} ok, {bad} missing or different",
+        findings.len(),
+        findings.len() - bad
+    );
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
