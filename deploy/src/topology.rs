@@ -361,6 +361,9 @@ pub struct Bgp {
     pub kernel_table: u32,
 }
 
+/// The account store when the topology names none (one SQLite file per host: a trial setup).
+pub const DEFAULT_ACCOUNTS: &str = "sqlite:/var/lib/ringmail/accounts.db";
+
 /// A validated deployment.
 #[derive(Clone, Debug)]
 pub struct Topology {
@@ -373,6 +376,8 @@ pub struct Topology {
     pub hosts: Vec<Host>,
     pub services: Vec<Service>,
     pub bgp: Bgp,
+    /// The account store the MSAs and MDAs use (`sqlite:PATH`, `postgres://…`, `ldap(s)://…`).
+    pub accounts: String,
 }
 
 impl Topology {
@@ -446,6 +451,13 @@ struct RawTopology {
     service: Vec<Spanned<RawService>>,
     #[serde(default)]
     bgp: Option<RawBgp>,
+    #[serde(default)]
+    accounts: Option<RawAccounts>,
+}
+
+#[derive(Deserialize)]
+struct RawAccounts {
+    url: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -579,6 +591,7 @@ const TOP_KEYS: &[&str] = &[
     "host",
     "service",
     "bgp",
+    "accounts",
 ];
 const DNS_KEYS: &[&str] = &["serial", "ttl", "hostmaster", "nameserver", "reverse_zones"];
 const NS_KEYS: &[&str] = &["name", "ipv4", "ipv6"];
@@ -592,6 +605,7 @@ const HOST_KEYS: &[&str] = &["name", "site", "roles", "ipv4", "ipv6", "bgp"];
 const HOST_BGP_KEYS: &[&str] = &["router_id", "neighbors"];
 const SERVICE_KEYS: &[&str] = &["name", "kind", "ipv4", "ipv6"];
 const BGP_KEYS: &[&str] = &["lb_asn", "mode", "kernel_table"];
+const ACCOUNTS_KEYS: &[&str] = &["url"];
 
 fn check_tables(ctx: &mut Ctx<'_>, v: Option<&Value<'_>>, allowed: &[&str], section: &str) {
     let Some(v) = v else { return };
@@ -649,6 +663,7 @@ fn check_all_keys(ctx: &mut Ctx<'_>, root: &DeTable<'_>) {
     }
     check_tables(ctx, root.get("service"), SERVICE_KEYS, "[[service]]");
     check_tables(ctx, root.get("bgp"), BGP_KEYS, "[bgp]");
+    check_tables(ctx, root.get("accounts"), ACCOUNTS_KEYS, "[accounts]");
 }
 
 /// Loads and validates a topology file. Relative key paths are resolved against the file's
@@ -1121,7 +1136,31 @@ impl Validator<'_, '_, '_> {
             );
         }
 
+        let accounts = match &raw.accounts {
+            None => DEFAULT_ACCOUNTS.to_string(),
+            Some(a) => {
+                let url = a.url.get_ref().trim();
+                let known = [
+                    "sqlite:",
+                    "postgres://",
+                    "postgresql://",
+                    "ldap://",
+                    "ldaps://",
+                ];
+                if !known.iter().any(|k| url.starts_with(k)) {
+                    self.err(
+                        a.url.span(),
+                        format!(
+                            "accounts.url `{url}`: want sqlite:PATH, postgres://…, ldap://… or ldaps://…"
+                        ),
+                    );
+                }
+                url.to_string()
+            }
+        };
+
         Some(Topology {
+            accounts,
             dns: dns?,
             management,
             domains,
