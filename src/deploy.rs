@@ -1,6 +1,7 @@
 //! `ringmail deploy`: render a topology into zones, rulesets, BGP configs and units; check the
 //! live DNS against it.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -96,8 +97,12 @@ fn render(a: RenderArgs) -> Result<ExitCode> {
                 a.topology.display(),
                 files.len()
             );
+            let mut out = std::io::stdout().lock();
             for f in &files {
-                println!("{}", f.path.display());
+                // A closed pipe (`| head`) ends the listing, quietly.
+                if writeln!(out, "{}", f.path.display()).is_err() {
+                    break;
+                }
             }
         }
     }
@@ -129,16 +134,22 @@ fn check_dns(a: CheckArgs) -> Result<ExitCode> {
     ))?;
     let findings = check::compare(&t, &found);
     let bad = findings.iter().filter(|f| f.status != Status::Ok).count();
-    for f in &findings {
-        if !(a.quiet && f.status == Status::Ok) {
-            println!("{f}");
-        }
-    }
-    println!(
-        "{} records checked: {} ok, {bad} missing or different",
-        findings.len(),
-        findings.len() - bad
-    );
+    let mut out = std::io::stdout().lock();
+    let shown = findings
+        .iter()
+        .filter(|f| !(a.quiet && f.status == Status::Ok));
+    // A closed pipe (`| head`) ends the report, quietly; the exit status still tells.
+    let _ = shown
+        .into_iter()
+        .try_for_each(|f| writeln!(out, "{f}"))
+        .and_then(|()| {
+            writeln!(
+                out,
+                "{} records checked: {} ok, {bad} missing or different",
+                findings.len(),
+                findings.len() - bad
+            )
+        });
     Ok(if bad == 0 {
         ExitCode::SUCCESS
     } else {

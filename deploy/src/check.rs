@@ -78,8 +78,17 @@ impl fmt::Display for Finding {
     }
 }
 
-/// The records the topology says must be published, grouped by (name, type).
-pub fn expected(t: &Topology) -> BTreeMap<(String, &'static str), (Vec<Record>, &'static str)> {
+/// One (name, type) the topology says must be published, with its records.
+pub struct Expected {
+    pub name: String,
+    pub rtype: &'static str,
+    pub purpose: &'static str,
+    pub records: Vec<Record>,
+}
+
+/// The records the topology says must be published, grouped by (name, type), in zone-file
+/// order (forward zones first, then reverse zones).
+pub fn expected(t: &Topology) -> Vec<Expected> {
     let mut records: Vec<Record> = t
         .domains
         .iter()
@@ -88,12 +97,22 @@ pub fn expected(t: &Topology) -> BTreeMap<(String, &'static str), (Vec<Record>, 
     for z in &t.dns.reverse_zones {
         records.extend(zone::reverse_records(t, z));
     }
-    let mut out: BTreeMap<(String, &'static str), (Vec<Record>, &'static str)> = BTreeMap::new();
+    let mut out: Vec<Expected> = Vec::new();
+    let mut index: BTreeMap<(String, &'static str), usize> = BTreeMap::new();
     for r in records {
-        let e = out
-            .entry((r.name.clone(), r.data.type_name()))
-            .or_insert_with(|| (Vec::new(), r.purpose));
-        e.0.push(r);
+        let key = (r.name.clone(), r.data.type_name());
+        match index.get(&key) {
+            Some(&i) => out[i].records.push(r),
+            None => {
+                index.insert(key, out.len());
+                out.push(Expected {
+                    name: r.name.clone(),
+                    rtype: r.data.type_name(),
+                    purpose: r.purpose,
+                    records: vec![r],
+                });
+            }
+        }
     }
     out
 }
@@ -217,9 +236,15 @@ fn compare_group(want: &[Record], found: &BTreeSet<String>) -> (Status, String) 
 pub fn compare(t: &Topology, found: &Found) -> Vec<Finding> {
     let empty = BTreeSet::new();
     let mut out = Vec::new();
-    for ((name, rtype), (want, purpose)) in expected(t) {
+    for Expected {
+        name,
+        rtype,
+        purpose,
+        records,
+    } in expected(t)
+    {
         let f = found.get(&(name.clone(), rtype)).unwrap_or(&empty);
-        let (status, detail) = compare_group(&want, f);
+        let (status, detail) = compare_group(&records, f);
         out.push(Finding {
             status,
             name,
@@ -270,7 +295,7 @@ pub fn compare(t: &Topology, found: &Found) -> Vec<Finding> {
 
 /// The (name, type) pairs [`query_live`] asks for, before the PTR targets' forward lookups.
 pub fn queries(t: &Topology) -> Vec<(String, &'static str)> {
-    expected(t).into_keys().collect()
+    expected(t).into_iter().map(|e| (e.name, e.rtype)).collect()
 }
 
 fn record_type(t: &str) -> RecordType {

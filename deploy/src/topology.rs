@@ -1032,6 +1032,19 @@ impl Validator<'_, '_, '_> {
                 claim(&mut self, a, format!("service {}", s.name), span.clone());
             }
         }
+        if let Some(dns) = &dns {
+            for (ns, raw_ns) in dns.nameservers.iter().zip(&raw.dns.get_ref().nameserver) {
+                let v4 = ns.ipv4.map(IpAddr::V4);
+                for a in v4.into_iter().chain(ns.ipv6.map(IpAddr::V6)) {
+                    claim(
+                        &mut self,
+                        a,
+                        format!("name server {}", ns.name),
+                        raw_ns.span(),
+                    );
+                }
+            }
+        }
         for (r, raw_r) in routers.iter().zip(&raw.router) {
             let span = raw_r.span();
             for a in r
@@ -1325,7 +1338,13 @@ impl Validator<'_, '_, '_> {
             return None;
         }
         let path = self.base.join(k.public_key.get_ref());
-        let pem = match std::fs::read_to_string(&path) {
+        // Bounded: a public key is a few hundred bytes, and the path could name a device.
+        let read = std::fs::File::open(&path).and_then(|f| {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::Read::take(f, 64 * 1024), &mut text)
+                .map(|_| text)
+        });
+        let pem = match read {
             Ok(p) => p,
             Err(e) => {
                 self.err(
@@ -1455,5 +1474,236 @@ pub fn parse_public_key(pem: &str) -> Result<(DkimAlgorithm, String), String> {
         ))
     } else {
         Err("not an RSA or Ed25519 public key".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+    }
+
+    fn load(text: &str) -> Result<Topology, String> {
+        load_str(text, "t.toml", &example_dir()).map_err(|e| e.to_string())
+    }
+
+    const SMALL: &str = r#"
+[dns]
+serial = 1
+hostmaster = "hostmaster@example.net"
+nameserver = [{ name = "ns1.example.net", ipv4 = "198.51.100.53" }, { name = "ns2.example.org" }]
+reverse_zones = ["198.51.100.0/24"]
+
+[[domain]]
+name = "example.net"
+dmarc = { p = "quarantine", rua = ["mailto:reports@example.net"] }
+
+[[site]]
+name = "one"
+
+[[host]]
+name = "mx1.example.net"
+site = "one"
+roles = ["mx", "mta"]
+ipv4 = "198.51.100.25"
+"#;
+
+    #[test]
+    fn the_example_is_the_seeds_deployment() {
+        let t = load_file(&example_dir().join("example.com.toml")).unwrap();
+        assert_eq!(t.hosts.len(), 20);
+        assert_eq!(t.sites.len(), 2);
+        let names = |r: Role| -> Vec<String> {
+            t.hosts_with(r)
+                .map(|h| h.name.short().to_string())
+                .collect()
+        };
+        assert_eq!(names(Role::Mx), ["mx-a1", "mx-a2", "mx-b1", "mx-b2"]);
+        assert_eq!(names(Role::Mta), ["mta-a1", "mta-a2", "mta-b1", "mta-b2"]);
+        let addr = |n: &str| {
+            t.hosts
+                .iter()
+                .find(|h| h.name.short() == n)
+                .and_then(|h| h.ipv4)
+                .unwrap()
+                .to_string()
+        };
+        // The seed's addresses.
+        for (h, a) in [
+            ("mta-a1", "192.0.2.28"),
+            ("mta-a2", "192.0.2.29"),
+            ("mta-b1", "192.0.2.44"),
+            ("mta-b2", "192.0.2.45"),
+            ("mx-a1", "192.0.2.24"),
+            ("mx-a2", "192.0.2.25"),
+            ("mx-b1", "192.0.2.40"),
+            ("mx-b2", "192.0.2.41"),
+        ] {
+            assert_eq!(addr(h), a, "{h}");
+        }
+        let svc: Vec<(String, String)> = t
+            .services
+            .iter()
+            .map(|s| (s.name.to_string(), s.ipv4.unwrap().to_string()))
+            .collect();
+        assert_eq!(
+            svc,
+            [
+                ("imap.example.com".to_string(), "192.0.2.1".to_string()),
+                ("smtp.example.com".to_string(), "192.0.2.2".to_string())
+            ]
+        );
+        assert_eq!(t.primary().dkim[0].selector, "202401");
+        assert_eq!(t.primary().dkim[0].algorithm, DkimAlgorithm::Rsa);
+        assert!(t.hosts.iter().all(|h| h.ipv6.is_some()));
+    }
+
+    #[test]
+    fn a_small_topology_loads_with_defaults() {
+        let t = load(SMALL).unwrap();
+        assert_eq!(t.dns.ttl, 3600);
+        assert_eq!(t.primary().mx_priority, 10);
+        assert_eq!(
+            t.primary().dmarc.record(),
+            "v=DMARC1;p=quarantine;sp=quarantine;np=quarantine;adkim=r;aspf=r;rf=afrf;rua=mailto:reports@example.net"
+        );
+        assert_eq!(t.accounts, DEFAULT_ACCOUNTS);
+        assert_eq!(t.hosts[0].roles, [Role::Mx, Role::Mta]);
+    }
+
+    #[test]
+    fn every_error_at_once_with_its_line() {
+        let text = r#"
+[dns]
+serial = 1
+hostmaster = "hostmaster@example.net"
+nameserver = [{ name = "ns1.example.net" }, { name = "ns2.example.net", ipv4 = "203.0.113.5" }]
+reverse_zones = ["198.51.100.0/24", "2001:db8::/30"]
+
+[[domain]]
+name = "example.net"
+dmarc = { p = "rejected", rua = ["dmarc@example.net"] }
+
+[[site]]
+name = "one"
+
+[[router]]
+name = "rt1"
+site = "two"
+asn = 65000
+ipv4 = "198.51.100.1"
+
+[[host]]
+name = "mta1.example.net"
+site = "one"
+roles = ["mta", "relay"]
+ipv4 = "203.0.113.5"
+
+[[host]]
+name = "lb1.example.net"
+site = "one"
+roles = ["lb"]
+ipv4 = "198.51.100.1"
+bgp = { router_id = "198.51.100.7", neighbors = ["rt9"] }
+
+[[host]]
+name = "mx1.example.org"
+site = "one"
+roles = ["mx"]
+ipv6 = "2001:db8::25"
+"#;
+        let e = load(text).unwrap_err();
+        for want in [
+            "t.toml:5:",  // ns1 in zone without address
+            "t.toml:6:",  // /30 not nibble-aligned
+            "t.toml:10:", // dmarc p and rua
+            "`rejected` is not one of none, quarantine, reject",
+            "`dmarc@example.net` is not a mailto: URI",
+            "t.toml:17:", // router site
+            "unknown site `two`",
+            "unknown role `relay`",
+            "MTA mta1.example.net address 203.0.113.5 is in no `dns.reverse_zones` prefix",
+            "address 198.51.100.1 of router rt1 is also host lb1.example.net's",
+            "bgp neighbor `rt9` is no [[router]]",
+            "host mx1.example.org is not under any [[domain]]",
+            "address 203.0.113.5 of name server ns2.example.net is also host mta1.example.net's",
+        ] {
+            assert!(e.contains(want), "`{want}` missing from:\n{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_everywhere_are_all_reported() {
+        let text = SMALL
+            .replace("serial = 1", "serial = 1\nserail = 2")
+            .replace("site = \"one\"", "site = \"one\"\ncolour = \"blue\"")
+            .replace("p = \"quarantine\"", "p = \"quarantine\", pct = 50")
+            + "\n[bgp]\nlb_asn = 1\nmodus = \"x\"\n";
+        let e = load(&text).unwrap_err();
+        for want in [
+            "t.toml:4:1: unknown key \"serail\" in [dns]",
+            "unknown key \"colour\" in [[host]]",
+            "unknown key \"pct\" in [domain.dmarc]",
+            "unknown key \"modus\" in [bgp] (did you mean `mode`?)",
+        ] {
+            assert!(e.contains(want), "`{want}` missing from:\n{e}");
+        }
+    }
+
+    #[test]
+    fn hostile_input_is_an_error_not_a_panic() {
+        for text in [
+            "",
+            "[dns]",
+            "dns = 5",
+            "[[host]]\nname = \"\\u0000\"",
+            "[dns]\nserial = -1",
+            "[dns]\nserial = 99999999999",
+            &format!("[[domain]]\nname = \"{}.com\"", "a".repeat(300)),
+            &SMALL.replace("198.51.100.25", "::ffff:198.51.100.25"),
+            &SMALL.replace("mx1.example.net", "mx1..example.net"),
+            &SMALL.replace("mx1.example.net", "-mx.example.net"),
+            &SMALL.replace("198.51.100.0/24", "198.51.100.1/24"),
+            &SMALL.replace("198.51.100.0/24", "0.0.0.0/0"),
+        ] {
+            assert!(load(text).is_err(), "accepted: {text}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        let f = Fqdn::parse("MTA-A1.Example.COM.").unwrap();
+        assert_eq!(f.as_str(), "mta-a1.example.com");
+        let zone = Fqdn::parse("example.com").unwrap();
+        assert!(f.is_in(&zone));
+        assert!(!Fqdn::parse("badexample.com").unwrap().is_in(&zone));
+        assert_eq!(f.relative_to(&zone), "mta-a1");
+        assert_eq!(zone.relative_to(&zone), "@");
+        assert!(Fqdn::parse("localhost").is_err());
+        assert!(Fqdn::parse("a_b.example.com").is_err());
+    }
+
+    #[test]
+    fn public_keys() {
+        let rsa =
+            std::fs::read_to_string(example_dir().join("keys/202401._domainkey.example.com.pub"))
+                .unwrap();
+        let (alg, p) = parse_public_key(&rsa).unwrap();
+        assert_eq!(alg, DkimAlgorithm::Rsa);
+        assert!(p.starts_with("MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA"));
+        // Ed25519 SPKI (RFC 8410 example key): p= is the raw 32 bytes.
+        let ed = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n";
+        let (alg, p) = parse_public_key(ed).unwrap();
+        assert_eq!(alg, DkimAlgorithm::Ed25519);
+        assert_eq!(p, "Gb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=");
+        assert!(
+            parse_public_key("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----")
+                .is_err()
+        );
+        assert!(
+            parse_public_key("-----BEGIN PUBLIC KEY-----\n!!!\n-----END PUBLIC KEY-----").is_err()
+        );
     }
 }

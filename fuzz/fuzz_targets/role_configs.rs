@@ -1,5 +1,5 @@
-//! Fuzzes the role configuration front ends (`[mx]`, `[msa]`, `[mta]`, `[mda]`) with arbitrary
-//! UTF-8.
+//! Fuzzes the role configuration front ends (`[mx]`, `[msa]`, `[mta]`, `[mda]`) and the
+//! deployment topology (`ringmail deploy`) with arbitrary UTF-8.
 //!
 //! Invariants: no loader panics; a rejected file always carries at least one error, each
 //! naming the file and sitting on a real position (line and column >= 1, line within the
@@ -45,6 +45,14 @@ fuzz_target!(|data: &[u8]| {
         Ok(c) => {
             assert!(!c.lmtp.is_empty());
             assert!(c.programs.values().all(|argv| argv.first().is_some_and(|p| p.starts_with('/'))));
+        }
+    }
+    // Relative DKIM key paths resolve against a directory that does not exist.
+    match ringmail_deploy::topology::load_str(text, "fuzz.toml", std::path::Path::new("/nonexistent")) {
+        Err(e) => check_errors(text, &e),
+        Ok(t) => {
+            assert!(!t.domains.is_empty() && !t.hosts.is_empty());
+            let _ = ringmail_deploy::render(&t);
         }
     }
 });

@@ -228,6 +228,44 @@ impl DnsServer {
                 zones.push(Zone::new(&tld));
             }
         }
+        let probe = zones
+            .first()
+            .map_or("test".to_string(), |z| z.origin.clone());
+        DnsServer::launch(&probe, |dir| {
+            let mut conf = String::new();
+            for (i, z) in zones.iter().enumerate() {
+                let file = dir.join(format!("zone{i}.zone"));
+                std::fs::write(&file, z.file()).expect("write zone");
+                conf.push_str(&format!(
+                    "zone:\n  name: \"{}\"\n  zonefile: \"{}\"\n\n",
+                    z.origin,
+                    file.display()
+                ));
+            }
+            conf
+        })
+    }
+
+    /// Serves zone files written elsewhere: `(origin, path)` each.
+    #[allow(dead_code)]
+    pub fn start_files(files: &[(String, PathBuf)]) -> DnsServer {
+        let probe = files.first().map_or("test".to_string(), |f| f.0.clone());
+        DnsServer::launch(&probe, |_| {
+            files
+                .iter()
+                .map(|(origin, path)| {
+                    format!(
+                        "zone:\n  name: \"{origin}\"\n  zonefile: \"{}\"\n\n",
+                        path.display()
+                    )
+                })
+                .collect()
+        })
+    }
+
+    /// Starts NSD with the `zone:` stanzas `zones(dir)` returns (it may write files into the
+    /// server's directory), and waits until it answers for `probe` (at most 10 s).
+    fn launch(probe: &str, zones: impl Fn(&Path) -> String) -> DnsServer {
         let nsd = find_in_path("nsd").expect("nsd installed");
         let mut last_err = String::new();
         for _ in 0..5 {
@@ -241,15 +279,7 @@ impl DnsServer {
                  logfile: \"{d}/nsd.log\"\n  server-count: 1\n  verbosity: 1\n  hide-version: yes\n  \
                  refuse-any: yes\n\nremote-control:\n  control-enable: no\n\n"
             );
-            for (i, z) in zones.iter().enumerate() {
-                let file = dir.path().join(format!("zone{i}.zone"));
-                std::fs::write(&file, z.file()).expect("write zone");
-                conf.push_str(&format!(
-                    "zone:\n  name: \"{}\"\n  zonefile: \"{}\"\n\n",
-                    z.origin,
-                    file.display()
-                ));
-            }
+            conf.push_str(&zones(dir.path()));
             let conf_path = dir.path().join("nsd.conf");
             std::fs::write(&conf_path, conf).expect("write nsd.conf");
             let mut child = Command::new(&nsd)
@@ -262,7 +292,6 @@ impl DnsServer {
                 .spawn()
                 .expect("spawn nsd");
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let probe = zones.first().map_or("test", |z| z.origin.as_str());
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 if let Ok(Some(status)) = child.try_wait() {
