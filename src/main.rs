@@ -615,11 +615,12 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
     }];
     let msa_server = msa::start(msa_cfg)?;
 
-    // The LB's health check sends no PROXY header, so it checks the MSA at the TCP level.
+    // The MSA requires a PROXY header from the LB; the LB's checks send a LOCAL one, so they
+    // can do the whole SMTP + STARTTLS dialogue.
     let (backends, health, proxy) = if args.backend.is_empty() {
         (
             vec![args.msa_listen],
-            Some(HealthArg::Tcp),
+            Some(HealthArg::SmtpStarttls),
             Some(ProxyArg::V2),
         )
     } else {
@@ -685,7 +686,7 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
              \n           DKIM-signs mail from @{domain}; publish: {dkim_record}\
              \n  started  load balancer   {listen} -> [{list}]  (PROXY v2, engine: {engine})\
              \n  started  admin listener  http://{admin}/metrics\
-             \n  not yet  deployment generator (it arrives with a later release)\
+             \n  deploy   a whole site from one topology: ringmail deploy render --topology deploy/examples/example.com.toml --out site/\
              \n\nTry it:\
              \n  swaks --server {ip} --port {port} --tls --auth LOGIN --auth-user {user} --auth-password {UP_PASSWORD} --from {user} --to bob@{domain}\
              \n  curl --url smtps://{tip}:{tport} --ssl-reqd -k --mail-from {user} --mail-rcpt bob@{domain} -u {user}:{UP_PASSWORD} -T message.txt\

@@ -181,6 +181,15 @@ pub fn encode(version: Version, src: SocketAddr, dst: SocketAddr, out: &mut Vec<
     }
 }
 
+/// Appends the header a proxy sends on its own connections (health checks): v1
+/// `PROXY UNKNOWN`, v2 `LOCAL`. The receiver then uses the TCP peer address.
+pub fn encode_local(version: Version, out: &mut Vec<u8>) {
+    match version {
+        Version::V1 => out.extend_from_slice(b"PROXY UNKNOWN\r\n"),
+        Version::V2 => encode_local_v2(out),
+    }
+}
+
 /// Appends a v2 `LOCAL` header (no addresses): the connection is the proxy's own.
 pub fn encode_local_v2(out: &mut Vec<u8>) {
     out.extend_from_slice(&V2_SIGNATURE);

@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use ringmail_proxy_core::config::HealthCheck;
 use ringmail_proxy_core::health::{CheckFailure, Dialogue, RiseFall, Step};
+use ringmail_proxy_core::proxy_protocol::{self, Version as ProxyVersion};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -124,17 +125,32 @@ pub fn spawn(pools: Vec<Arc<PoolRuntime>>) -> std::io::Result<HealthChecker> {
 
 /// Runs one complete check of `addr` as configured by `hc`, bounded by `hc.timeout`.
 pub async fn check_once(addr: SocketAddr, hc: &HealthCheck) -> Result<(), CheckFailure> {
+    check_once_proxied(addr, hc, None).await
+}
+
+/// [`check_once`] for a pool that sends the PROXY protocol: the check's connection starts with
+/// the header a proxy sends for its own connections (v1 `PROXY UNKNOWN`, v2 `LOCAL`), as
+/// HAProxy's `check-send-proxy` does. Backends that trust the LB (Postfix's
+/// `smtpd_upstream_proxy_protocol`, Dovecot's `haproxy_trusted_networks`, ringmail's
+/// `trusted_proxies`) require a header on every connection from it, checks included.
+pub async fn check_once_proxied(
+    addr: SocketAddr,
+    hc: &HealthCheck,
+    proxy: Option<ProxyVersion>,
+) -> Result<(), CheckFailure> {
     let tls = client_config().map_err(CheckFailure::Tls)?;
-    check_with(addr, hc, &tls).await
+    check_with(addr, hc, &tls, proxy).await
 }
 
 async fn check_with(
     addr: SocketAddr,
     hc: &HealthCheck,
     tls: &Arc<ClientConfig>,
+    proxy: Option<ProxyVersion>,
 ) -> Result<(), CheckFailure> {
     let mut dialogue = Dialogue::new(hc.kind, &hc.ehlo_name);
-    let outcome = tokio::time::timeout(hc.timeout, drive(&mut dialogue, addr, hc, tls)).await;
+    let outcome =
+        tokio::time::timeout(hc.timeout, drive(&mut dialogue, addr, hc, tls, proxy)).await;
     match outcome {
         Ok(result) => result,
         Err(_) => Err(dialogue
@@ -192,12 +208,20 @@ async fn drive(
     addr: SocketAddr,
     hc: &HealthCheck,
     tls: &Arc<ClientConfig>,
+    proxy: Option<ProxyVersion>,
 ) -> Result<(), CheckFailure> {
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| CheckFailure::Connect(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
     let mut conn = Conn::Plain(tcp);
+    if let Some(version) = proxy {
+        let mut header = Vec::with_capacity(16);
+        proxy_protocol::encode_local(version, &mut header);
+        conn.write_all(&header)
+            .await
+            .map_err(|e| CheckFailure::Connect(format!("sending the PROXY header: {e}")))?;
+    }
     let mut buf = vec![0u8; READ_BUF];
     let mut step = dialogue.on_connected();
     for _ in 0..MAX_STEPS {
@@ -339,7 +363,7 @@ async fn backend_loop(pool: Arc<PoolRuntime>, idx: usize, tls: Arc<ClientConfig>
     let interval = hc.interval.max(MIN_INTERVAL);
     let jitter_max = (interval / 10).min(MAX_JITTER);
     loop {
-        let result = check_with(backend.addr, &hc, &tls).await;
+        let result = check_with(backend.addr, &hc, &tls, pool.config.proxy_protocol).await;
         match &result {
             Ok(()) => {
                 backend.checks_ok.fetch_add(1, Ordering::Relaxed);

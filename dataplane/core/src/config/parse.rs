@@ -41,7 +41,8 @@
 //!
 //! [pool.imap]                    # NAME: 1..=64 of A-Z a-z 0-9 _ . -
 //! algorithm = "leastconn"        # leastconn | roundrobin | weighted | source  (default leastconn)
-//! proxy_protocol = "v2"          # v1 | v2 | none                  (default none)
+//! proxy_protocol = "v2"          # v1 | v2 | none                  (default none); health
+//!                                 # checks then send a LOCAL header (v1: UNKNOWN) first
 //! connect_timeout = "3s"         # default 3s
 //! idle_timeout = "30m"           # default 30m (IMAP IDLE clients stay silent up to 29 minutes)
 //! connect_retries = 2            # default 2
