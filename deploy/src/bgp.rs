@@ -135,6 +135,9 @@ fn router_list(t: &Topology, neighbors: &[usize]) -> String {
         .join(", ")
 }
 
+/// (family digit, BIRD channel, router address, LB address, family announced).
+type Session<'a> = (&'a str, &'a str, Option<IpAddr>, Option<IpAddr>, bool);
+
 /// BIRD 2 on an LB host, kernel-table mode (deploy/examples/bird/bird-lb-kernel-table.conf).
 fn lb_bird(t: &Topology, h: &Host, router_id: Ipv4Addr, neighbors: &[usize]) -> String {
     let v4 = vips4(t);
@@ -234,7 +237,7 @@ fn lb_bird(t: &Topology, h: &Host, router_id: Ipv4Addr, neighbors: &[usize]) -> 
     }
     for &ri in neighbors {
         let r = &t.routers[ri];
-        let sessions: [(&str, &str, Option<IpAddr>, Option<IpAddr>, bool); 2] = [
+        let sessions: [Session; 2] = [
             (
                 "4",
                 "ipv4",
@@ -462,7 +465,7 @@ fn lb_frr(t: &Topology, h: &Host, router_id: Ipv4Addr, neighbors: &[usize]) -> S
 }
 
 /// The sessions of router `ri`: (LB, family digit, LB address, router address).
-fn router_sessions<'t>(t: &'t Topology, ri: usize) -> Vec<(&'t Host, char, IpAddr, IpAddr)> {
+fn router_sessions(t: &Topology, ri: usize) -> Vec<(&Host, char, IpAddr, IpAddr)> {
     let r = &t.routers[ri];
     let v4 = !vips4(t).is_empty();
     // FRR 8.4 on the LBs announces IPv4 only: no IPv6 sessions that would never come up.

@@ -127,7 +127,7 @@ fn listen(h: &Host, port: u16) -> Vec<String> {
 }
 
 /// Hosts with `role` in `site`; all hosts with `role` when the site has none.
-fn site_hosts<'t>(t: &'t Topology, role: Role, site: usize) -> (Vec<&'t Host>, bool) {
+fn site_hosts(t: &Topology, role: Role, site: usize) -> (Vec<&Host>, bool) {
     let own: Vec<&Host> = t.hosts_with(role).filter(|h| h.site == site).collect();
     if own.is_empty() {
         (t.hosts_with(role).collect(), false)
@@ -213,7 +213,7 @@ fn lb_config(t: &Topology, h: &Host) -> String {
         "\n[global]\n\
          maxconn = 200000\n\
          drain_timeout = \"{LB_DRAIN_TIMEOUT_S}s\"   # on SIGTERM, sessions get this long to finish\n\
-         admin = \"127.0.0.1:{}\"     # /metrics, backend and announce API; never on the VIPs",
+         admin = \"127.0.0.1:{}\"   # /metrics, backend and announce API; never on the VIPs",
         admin_port(Role::Lb).expect("lb has admin")
     );
     // Pools: one per backend role and port, used by the listeners of every service of that kind.
