@@ -3,9 +3,9 @@
 //! every unit. The example topology is rendered as is (mode bird) and with its mode switched to
 //! frr and speaker.
 //!
-//! A missing bird or vtysh skips its check with a message, unless RINGMAIL_REQUIRE_ALL=1 (CI),
-//! where it fails instead (.ci/run installs bird2 and frr); a missing systemd-analyze always
-//! skips. The role configs are checked by the root package's `tests/deploy_render.rs`
+//! A missing bird, vtysh or systemd-analyze skips its check with a message, unless
+//! RINGMAIL_REQUIRE_ALL=1 (CI), where it fails instead (.ci/run installs bird2, frr and
+//! systemd). The role configs are checked by the root package's `tests/deploy_render.rs`
 //! (it needs the `ringmail` binary).
 
 use std::path::{Path, PathBuf};
@@ -158,14 +158,7 @@ fn speaker_mode_configs_pass_bird_and_vtysh() {
 /// verified as rendered.
 #[test]
 fn units_pass_systemd_analyze_verify() {
-    // Not in .ci/run's package list (the `systemd` package): a skip, even under
-    // RINGMAIL_REQUIRE_ALL=1.
-    let Some(analyze) = ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-    else {
-        eprintln!("SKIP: systemd-analyze not installed: the units are not verified");
+    let Some(analyze) = tool(&["/usr/bin/systemd-analyze", "/bin/systemd-analyze"]) else {
         return;
     };
     for mode in [BgpMode::Bird, BgpMode::Speaker] {
