@@ -733,7 +733,7 @@ name = "x"
 [[host]]
 name = "mail.example.org"
 site = "x"
-roles = ["mx", "msa", "mta", "mda"]
+roles = ["mx", "msa", "mda"]
 ipv4 = "198.51.100.10"
 
 [[host]]
@@ -741,6 +741,12 @@ name = "mx2.example.org"
 site = "x"
 roles = ["mx"]
 ipv4 = "198.51.100.11"
+
+[[host]]
+name = "mta.example.org"
+site = "x"
+roles = ["mta", "mda"]
+ipv4 = "198.51.100.12"
 "#;
         let t = crate::topology::load_str(text, "inline.toml", Path::new("."))
             .unwrap_or_else(|e| panic!("{e}"));
@@ -751,7 +757,6 @@ ipv4 = "198.51.100.11"
             "tcp dport { 587, 465 } accept",
             "tcp dport 993 accept",
             "ip saddr @relays_v4 tcp dport 24 accept",
-            "ip saddr @relays_v4 tcp dport 25 accept",
         ] {
             assert!(input.contains(&rule), "missing `{rule}`:\n{r}");
         }
@@ -760,23 +765,39 @@ ipv4 = "198.51.100.11"
             ["198.51.100.10", "198.51.100.11"]
         );
         assert!(elements(&r, "relays_v6").is_empty());
-        // The MTA role lets 25 out anywhere; LMTP still only to the MDAs.
+        // MX and MSA: 25 only to the MTAs, LMTP only to the MDAs (this host is one).
         assert_eq!(
             chain(&r, "output")[2..],
             [
-                "tcp dport 25 accept",
+                "ip daddr @mtas_v4 tcp dport 25 accept",
+                "ip6 daddr @mtas_v6 tcp dport 25 accept",
                 "ip daddr @mdas_v4 tcp dport 24 accept",
                 "ip6 daddr @mdas_v6 tcp dport 24 accept",
                 "tcp dport { 24, 25 } counter drop",
             ]
         );
+        assert_eq!(elements(&r, "mdas_v4"), ["198.51.100.10", "198.51.100.12"]);
         // An empty set is declared without elements (nft refuses `elements = { }`).
         assert!(
             r.contains("\tset mdas_v6 {\n\t\ttype ipv6_addr\n\t}\n"),
             "{r}"
         );
+        // MTA and MDA on one host: 25 from the relays, LMTP from the relays, 25 out anywhere.
+        let mta = host_rules(&t, "mta.example.org");
+        let input = chain(&mta, "input");
+        for rule in [
+            "ip saddr @relays_v4 tcp dport 25 accept",
+            "ip saddr @relays_v4 tcp dport 24 accept",
+            "tcp dport 993 accept",
+        ] {
+            assert!(input.contains(&rule), "missing `{rule}`:\n{mta}");
+        }
+        assert_eq!(
+            chain(&mta, "output")[2..],
+            ["tcp dport 25 accept", "tcp dport { 24, 25 } counter drop"]
+        );
         let mx2 = host_rules(&t, "mx2.example.org");
         assert!(chain(&mx2, "output").contains(&"ip daddr @mtas_v4 tcp dport 25 accept"));
-        assert_eq!(elements(&mx2, "mtas_v4"), ["198.51.100.10"]);
+        assert_eq!(elements(&mx2, "mtas_v4"), ["198.51.100.12"]);
     }
 }

@@ -906,6 +906,14 @@ impl Validator<'_, '_, '_> {
                     ),
                 }
             }
+            if roles.contains(&Role::Mx) && roles.contains(&Role::Mta) {
+                self.err(
+                    h.roles.span(),
+                    format!(
+                        "host {name}: the mx and mta roles both listen on port 25 (inbound from the Internet, and from our MSAs and MXs): put them on separate hosts, as the seed does"
+                    ),
+                );
+            }
             if h.roles.get_ref().is_empty() {
                 self.err(h.roles.span(), format!("host {name} has no role"));
             }
@@ -1506,8 +1514,14 @@ name = "one"
 [[host]]
 name = "mx1.example.net"
 site = "one"
-roles = ["mx", "mta"]
+roles = ["mx"]
 ipv4 = "198.51.100.25"
+
+[[host]]
+name = "mta1.example.net"
+site = "one"
+roles = ["mta"]
+ipv4 = "198.51.100.26"
 "#;
 
     #[test]
@@ -1570,7 +1584,13 @@ ipv4 = "198.51.100.25"
             "v=DMARC1;p=quarantine;sp=quarantine;np=quarantine;adkim=r;aspf=r;rf=afrf;rua=mailto:reports@example.net"
         );
         assert_eq!(t.accounts, DEFAULT_ACCOUNTS);
-        assert_eq!(t.hosts[0].roles, [Role::Mx, Role::Mta]);
+        assert_eq!(t.hosts[0].roles, [Role::Mx]);
+        let both = SMALL.replace("roles = [\"mx\"]", "roles = [\"mta\", \"mx\"]");
+        assert!(
+            load(&both)
+                .unwrap_err()
+                .contains("the mx and mta roles both listen on port 25")
+        );
     }
 
     #[test]
