@@ -19,9 +19,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{
-    ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
-};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
@@ -321,20 +318,8 @@ pub async fn query_live(
     server: Option<SocketAddr>,
     timeout: Duration,
 ) -> Result<Found, CheckError> {
-    let (config, mut opts) = match server {
-        Some(addr) => {
-            let mut udp = ConnectionConfig::udp();
-            udp.port = addr.port();
-            let mut tcp = ConnectionConfig::tcp();
-            tcp.port = addr.port();
-            let ns = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
-            let mut opts = ResolverOpts::default();
-            opts.use_hosts_file = ResolveHosts::Never;
-            (ResolverConfig::from_name_servers(vec![ns]), opts)
-        }
-        None => hickory_resolver::system_conf::read_system_conf()
-            .map_err(|e| CheckError::Resolver(format!("reading resolv.conf: {e}")))?,
-    };
+    let (config, mut opts) =
+        ringmail_mailauth::resolver_config(server).map_err(CheckError::Resolver)?;
     opts.timeout = timeout;
     opts.attempts = 2;
     opts.cache_size = 0;

@@ -280,21 +280,7 @@ impl Checker {
         if cfg.timeout.is_zero() || cfg.check_timeout.is_zero() {
             return Err(AuthError::Config("timeouts must be positive".into()));
         }
-        let (config, mut opts) = match cfg.nameserver {
-            Some(addr) => {
-                let mut udp = ConnectionConfig::udp();
-                udp.port = addr.port();
-                let mut tcp = ConnectionConfig::tcp();
-                tcp.port = addr.port();
-                let ns = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
-                let mut opts = ResolverOpts::default();
-                // Only what the given server says counts: no /etc/hosts.
-                opts.use_hosts_file = ResolveHosts::Never;
-                (ResolverConfig::from_name_servers(vec![ns]), opts)
-            }
-            None => mail_auth::hickory_resolver::system_conf::read_system_conf()
-                .map_err(|e| AuthError::Resolver(format!("reading resolv.conf: {e}")))?,
-        };
+        let (config, mut opts) = resolver_config(cfg.nameserver).map_err(AuthError::Resolver)?;
         opts.timeout = cfg.timeout;
         opts.attempts = DNS_ATTEMPTS;
         opts.cache_size = 8192;
@@ -877,5 +863,28 @@ mod dnsbl_tests {
             dnsbl_name("2001:db8::1".parse().unwrap(), "bl.example.org."),
             "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.bl.example.org."
         );
+    }
+}
+
+/// The resolver configuration every ringmail DNS client starts from: with `nameserver`, that one
+/// server over UDP and TCP and nothing else (no `/etc/hosts`: only what the server says counts;
+/// tests and labs point it at their own server); without, the system's `/etc/resolv.conf`.
+/// Callers set their own timeouts, attempts and cache on the returned options.
+pub fn resolver_config(
+    nameserver: Option<SocketAddr>,
+) -> Result<(ResolverConfig, ResolverOpts), String> {
+    match nameserver {
+        Some(addr) => {
+            let mut udp = ConnectionConfig::udp();
+            udp.port = addr.port();
+            let mut tcp = ConnectionConfig::tcp();
+            tcp.port = addr.port();
+            let ns = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
+            let mut opts = ResolverOpts::default();
+            opts.use_hosts_file = ResolveHosts::Never;
+            Ok((ResolverConfig::from_name_servers(vec![ns]), opts))
+        }
+        None => mail_auth::hickory_resolver::system_conf::read_system_conf()
+            .map_err(|e| format!("reading resolv.conf: {e}")),
     }
 }

@@ -30,9 +30,6 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_resolver::config::{
-    ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
-};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
@@ -256,20 +253,8 @@ impl MxResolver {
         if timeout.is_zero() {
             return Err(ResolveError::Config("timeout must be positive".into()));
         }
-        let (config, mut opts) = match nameserver {
-            Some(addr) => {
-                let mut udp = ConnectionConfig::udp();
-                udp.port = addr.port();
-                let mut tcp = ConnectionConfig::tcp();
-                tcp.port = addr.port();
-                let ns = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
-                let mut opts = ResolverOpts::default();
-                opts.use_hosts_file = ResolveHosts::Never;
-                (ResolverConfig::from_name_servers(vec![ns]), opts)
-            }
-            None => hickory_resolver::system_conf::read_system_conf()
-                .map_err(|e| ResolveError::Config(format!("reading resolv.conf: {e}")))?,
-        };
+        let (config, mut opts) =
+            ringmail_mailauth::resolver_config(nameserver).map_err(ResolveError::Config)?;
         opts.timeout = timeout;
         opts.attempts = DNS_ATTEMPTS;
         opts.cache_size = 8192;
