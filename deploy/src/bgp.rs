@@ -733,20 +733,7 @@ fn router_frr(t: &Topology, ri: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    fn example() -> Topology {
-        crate::load_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/example.com.toml"))
-            .unwrap()
-    }
-
-    fn file<'a>(files: &'a [RenderedFile], path: &str) -> &'a str {
-        &files
-            .iter()
-            .find(|f| f.path == Path::new(path))
-            .unwrap_or_else(|| panic!("{path} not rendered"))
-            .contents
-    }
+    use crate::testutil::{example, file};
 
     #[test]
     fn bird_mode_lb_and_router_files() {

@@ -26,6 +26,28 @@ use std::path::{Path, PathBuf};
 
 pub use topology::{Topology, load_file};
 
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::path::Path;
+
+    use crate::{RenderedFile, Topology};
+
+    /// The shipped example topology (the seed's example.com).
+    pub fn example() -> Topology {
+        crate::load_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/example.com.toml"))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The contents of the rendered file at `path`.
+    pub fn file<'a>(files: &'a [RenderedFile], path: &str) -> &'a str {
+        &files
+            .iter()
+            .find(|f| f.path == Path::new(path))
+            .unwrap_or_else(|| panic!("{path} not rendered"))
+            .contents
+    }
+}
+
 /// One output file, by its path relative to the output directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RenderedFile {

@@ -452,11 +452,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-
-    fn example() -> Topology {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/example.com.toml");
-        crate::load_file(&path).expect("the example topology loads")
-    }
+    use crate::testutil::example;
 
     fn host_rules(t: &Topology, name: &str) -> String {
         let h = t

@@ -715,20 +715,7 @@ fn unit(t: &Topology, h: &Host, role: Role) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    fn example() -> Topology {
-        crate::load_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/example.com.toml"))
-            .unwrap()
-    }
-
-    fn file<'a>(files: &'a [RenderedFile], path: &str) -> &'a str {
-        &files
-            .iter()
-            .find(|f| f.path == Path::new(path))
-            .unwrap_or_else(|| panic!("{path} not rendered"))
-            .contents
-    }
+    use crate::testutil::{example, file};
 
     fn has(text: &str, wants: &[&str]) {
         for w in wants {
