@@ -720,27 +720,28 @@ impl Validator<'_, '_, '_> {
     }
 
     fn v4(&mut self, s: &Option<Spanned<String>>, what: &str) -> Option<Ipv4Addr> {
-        let s = s.as_ref()?;
-        match s.get_ref().parse::<Ipv4Addr>() {
-            Ok(a) if a.is_unspecified() || a.is_multicast() || a.is_broadcast() => {
-                self.err(s.span(), format!("{what}: {a} is not a host address"));
-                None
-            }
-            Ok(a) => Some(a),
-            Err(_) => {
-                self.err(
-                    s.span(),
-                    format!("{what}: `{}` is not an IPv4 address", s.get_ref()),
-                );
-                None
-            }
-        }
+        self.host_addr(s, what, "IPv4", |a: &Ipv4Addr| {
+            a.is_unspecified() || a.is_multicast() || a.is_broadcast()
+        })
     }
 
     fn v6(&mut self, s: &Option<Spanned<String>>, what: &str) -> Option<Ipv6Addr> {
+        self.host_addr(s, what, "IPv6", |a: &Ipv6Addr| {
+            a.is_unspecified() || a.is_multicast() || a.is_loopback()
+        })
+    }
+
+    /// An optional address of one family that must name a host (`not_host` says when not).
+    fn host_addr<A: std::str::FromStr + fmt::Display>(
+        &mut self,
+        s: &Option<Spanned<String>>,
+        what: &str,
+        family: &str,
+        not_host: impl Fn(&A) -> bool,
+    ) -> Option<A> {
         let s = s.as_ref()?;
-        match s.get_ref().parse::<Ipv6Addr>() {
-            Ok(a) if a.is_unspecified() || a.is_multicast() || a.is_loopback() => {
+        match s.get_ref().parse::<A>() {
+            Ok(a) if not_host(&a) => {
                 self.err(s.span(), format!("{what}: {a} is not a host address"));
                 None
             }
@@ -748,7 +749,7 @@ impl Validator<'_, '_, '_> {
             Err(_) => {
                 self.err(
                     s.span(),
-                    format!("{what}: `{}` is not an IPv6 address", s.get_ref()),
+                    format!("{what}: `{}` is not an {family} address", s.get_ref()),
                 );
                 None
             }
