@@ -111,6 +111,9 @@ pub struct ServerConfig {
     pub max_message_size: u64,
     /// Largest header section in octets (default 1 MiB).
     pub max_header_bytes: u64,
+    /// Most `Received:` header fields a message may carry (default 50, Postfix's
+    /// `hopcount_limit`): more is a mail loop (RFC 5321 6.3), refused with 554 5.4.6.
+    pub max_hops: u32,
     /// Error replies before `421 Too many errors` (default 20).
     pub max_errors: u32,
     /// Unparsed pipelined input allowed while a verdict is pending (default 64 KiB).
@@ -134,6 +137,7 @@ impl Default for ServerConfig {
             max_recipients: 1000,
             max_message_size: 50_000_000,
             max_header_bytes: 1 << 20,
+            max_hops: 50,
             max_errors: 20,
             max_pending_input: 64 * 1024,
             offer_starttls: false,
@@ -153,6 +157,9 @@ pub enum AbortReason {
     HeaderTooLarge,
     /// A line over `max_data_line` (550 5.6.0 at the end of the message).
     LineTooLong,
+    /// More than `max_hops` Received header fields: a mail loop (554 5.4.6 at the end of the
+    /// message).
+    TooManyHops,
     /// Bare CR or LF in BDAT content without BINARYMIME (550 5.6.0 after the chunk).
     BareLineEnding,
     /// Bare LF in DATA: the session closes.
@@ -173,6 +180,9 @@ impl AbortReason {
                 Reply::new(552, "5.3.4", "Error: message header too large")
             }
             AbortReason::LineTooLong => Reply::new(550, "5.6.0", "Error: message line too long"),
+            AbortReason::TooManyHops => {
+                Reply::new(554, "5.4.6", "Error: too many hops (mail loop)")
+            }
             _ => Reply::new(
                 550,
                 "5.6.0",
@@ -267,7 +277,14 @@ struct Content {
     prev_cr: bool,
     refused: Option<AbortReason>,
     reported: bool,
+    /// The first bytes of the current header line (enough to recognise `Received:`).
+    head: [u8; HOP_FIELD.len()],
+    /// `Received:` fields seen so far.
+    hops: u32,
 }
+
+/// The trace field counted for loop detection, lower case, colon included.
+const HOP_FIELD: &[u8] = b"received:";
 
 impl Content {
     fn new(strict: bool) -> Content {
@@ -279,6 +296,8 @@ impl Content {
             prev_cr: false,
             refused: None,
             reported: false,
+            head: [0; HOP_FIELD.len()],
+            hops: 0,
         }
     }
 
@@ -306,6 +325,15 @@ impl Content {
                             self.refused = Some(AbortReason::HeaderTooLarge);
                             return;
                         }
+                    } else if self.in_header
+                        && self.line_len >= HOP_FIELD.len()
+                        && self.head.eq_ignore_ascii_case(HOP_FIELD)
+                    {
+                        self.hops += 1;
+                        if self.hops > cfg.max_hops {
+                            self.refused = Some(AbortReason::TooManyHops);
+                            return;
+                        }
                     }
                     self.line_len = 0;
                     self.prev_cr = false;
@@ -327,6 +355,12 @@ impl Content {
                         .iter()
                         .position(|&c| c == b'\r' || c == b'\n')
                         .map_or(data.len(), |p| i + 1 + p);
+                    if self.in_header && self.line_len < HOP_FIELD.len() {
+                        // Keep the line's first bytes, even when it arrives split.
+                        let take = (HOP_FIELD.len() - self.line_len).min(end - i);
+                        self.head[self.line_len..self.line_len + take]
+                            .copy_from_slice(&data[i..i + take]);
+                    }
                     self.line_len += end - i;
                     i = end;
                     if self.strict && self.line_len + 2 > cfg.max_data_line {

@@ -798,6 +798,52 @@ fn huge_message_memory_stays_bounded() {
     assert!(!s.should_close());
 }
 
+/// A message with `hops` Received fields (plus look-alikes that must not count).
+fn looped_message(hops: usize) -> Vec<u8> {
+    let mut input =
+        b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n".to_vec();
+    for i in 0..hops {
+        input.extend_from_slice(
+            format!("ReCeIvEd: from hop{i}.example by mx.example;\r\n\tFri, 1 Jan 2027 00:00:00 +0000\r\n")
+                .as_bytes(),
+        );
+    }
+    input
+        .extend_from_slice(b"X-Received: not a hop\r\nReceived-SPF: pass\r\nSubject: loop\r\n\r\n");
+    input.extend_from_slice(b"Received: in the body, not a hop\r\n.\r\nNOOP\r\n");
+    input
+}
+
+#[test]
+fn mail_loops_are_refused_by_hop_count() {
+    // 50 Received fields (the default limit) pass; the look-alikes and the body do not count.
+    let r = check(cfg(), &looped_message(50));
+    assert!(r.events.contains(&Event::DataEnd), "{}", r.output);
+    // One more is a loop: 554 5.4.6 at the end of the message; the session goes on.
+    let r = check(cfg(), &looped_message(51));
+    assert!(
+        r.output.ends_with(
+            "354 End data with <CR><LF>.<CR><LF>\r\n554 5.4.6 Error: too many hops (mail loop)\r\n250 2.0.0 Ok\r\n"
+        ),
+        "{}",
+        r.output
+    );
+    assert!(r.events.contains(&Event::DataAborted {
+        reason: AbortReason::TooManyHops
+    }));
+    assert!(!r.events.contains(&Event::DataEnd));
+    assert!(!r.closed);
+    // The limit is configurable.
+    let r = check(
+        ServerConfig {
+            max_hops: 3,
+            ..cfg()
+        },
+        &looped_message(4),
+    );
+    assert!(r.output.contains("554 5.4.6"), "{}", r.output);
+}
+
 #[test]
 fn header_bomb() {
     let mut input =
