@@ -54,6 +54,10 @@ pub struct MtaArgs {
     /// Quick mode: admin listener (/metrics, queue API).
     #[arg(long)]
     admin: Option<SocketAddr>,
+    /// Quick mode: tell the sender once when a message is still undelivered after this long
+    /// (e.g. 4h; Postfix's delay_warning_time). Default: no delay notice.
+    #[arg(long, value_parser = crate::parse_duration)]
+    delay_warning: Option<std::time::Duration>,
 }
 
 fn parse_dkim(s: &str) -> Result<DkimKeySpec, String> {
@@ -98,6 +102,7 @@ pub fn cmd_mta(args: MtaArgs) -> Result<ExitCode> {
             c.admin = args.admin;
             c.mta_sts = !args.no_mta_sts;
             c.mta_sts_ca = args.mta_sts_ca.clone();
+            c.delay_warning = args.delay_warning;
             if let Some(p) = args.remote_port {
                 c.remote_port = p;
             }

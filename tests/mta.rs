@@ -407,6 +407,8 @@ fn mta_delivers_through_dns_to_postfix_with_dkim_retries_and_bounces() {
             format!("example.test:rsa2026:{}", rsa_key.display()),
             "--dkim".into(),
             format!("example.test:ed2026:{}", ed_key.display()),
+            "--delay-warning".into(),
+            "6s".into(),
         ],
     );
     let ctx = |what: &str| {
@@ -542,6 +544,23 @@ fn mta_delivers_through_dns_to_postfix_with_dkim_retries_and_bounces() {
     })
     .unwrap_or_else(|| panic!("{}", ctx("the 4xx was not recorded")));
     assert!(listed.contains("next attempt"), "{listed}");
+    // Still deferred after --delay-warning (6 s): one delay notice to the sender (RFC 3464
+    // Action: delayed), and the message stays queued.
+    std::thread::sleep(Duration::from_secs(6));
+    mta.queue(&["flush"]);
+    let notice = wait_inbox(&dir, 60, |m| {
+        m.contains("multipart/report") && m.contains("later@remote.test")
+    })
+    .unwrap_or_else(|| panic!("{}", ctx("no delay notice")));
+    assert!(notice.contains("Action: delayed"), "{notice}");
+    assert!(notice.contains("Status: 4.2.1"), "{notice}");
+    assert!(
+        headers(&notice)
+            .iter()
+            .any(|l| l.to_ascii_lowercase().starts_with("return-path: <>")),
+        "a delay notice has a null sender: {notice}"
+    );
+    assert!(mta.queue(&["list"]).contains("later@remote.test"));
     pf.reconfigure(&[
         "smtpd_recipient_restrictions = check_recipient_access inline:{ { nobody@remote.test = 550 5.1.1 no such user here } }, permit_mynetworks, reject_unauth_destination",
     ]);
