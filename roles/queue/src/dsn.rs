@@ -56,6 +56,14 @@ fn header_safe(s: &str) -> String {
         .collect()
 }
 
+/// Text for a DSN about an SMTPUTF8 message (RFC 6533): UTF-8 stays, controls do not.
+fn utf8_safe(s: &str) -> String {
+    one_line(s)
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// Builds and queues a DSN about `rcpts` (indices into `env.recipients`) to the sender of
 /// `env`, with the null sender, on the configured bounce route. Durable when it returns.
 pub(crate) async fn queue_dsn(
@@ -68,6 +76,11 @@ pub(crate) async fn queue_dsn(
     let Some(sender) = env.sender.clone() else {
         return Err(QueueError::NoRecipients);
     };
+    // A DSN about an SMTPUTF8 message is an internationalised one (RFC 6533): addresses and
+    // replies keep their UTF-8, the report is message/global-delivery-status, the returned
+    // message message/global (or message/global-headers), and it is sent with SMTPUTF8.
+    let global = env.smtputf8;
+    let text = |s: &str| if global { utf8_safe(s) } else { header_safe(s) };
     let cfg = spool.config();
     let host = header_safe(&cfg.hostname);
     let mut inc = spool.begin()?;
@@ -98,10 +111,11 @@ pub(crate) async fn queue_dsn(
          \r\n\
          --{boundary}\r\n\
          Content-Description: Notification\r\n\
-         Content-Type: text/plain; charset=us-ascii\r\n\
+         Content-Type: text/plain; charset={charset}\r\n\
          \r\n\
          This is the mail system at host {host}.\r\n\r\n",
-        to = header_safe(&sender),
+        to = text(&sender),
+        charset = if global { "utf-8" } else { "us-ascii" },
         date = rfc5322_date(now_secs),
     );
     match kind {
@@ -129,8 +143,8 @@ pub(crate) async fn queue_dsn(
         let _ = write!(
             head,
             "<{}>: {}\r\n",
-            header_safe(&r.address),
-            header_safe(reply.unwrap_or("no reply"))
+            text(&r.address),
+            text(reply.unwrap_or("no reply"))
         );
     }
     if kind == Kind::Failed && !return_full {
@@ -142,11 +156,12 @@ pub(crate) async fn queue_dsn(
         head,
         "\r\n--{boundary}\r\n\
          Content-Description: Delivery report\r\n\
-         Content-Type: message/delivery-status\r\n\
+         Content-Type: message/{global}delivery-status\r\n\
          \r\n\
          Reporting-MTA: dns; {host}\r\n\
          X-Ringmail-Queue-ID: {orig}\r\n",
         orig = env.id,
+        global = if global { "global-" } else { "" },
     );
     if let Some(envid) = &env.envid {
         let _ = write!(head, "Original-Envelope-Id: {}\r\n", header_safe(envid));
@@ -175,13 +190,19 @@ pub(crate) async fn queue_dsn(
         if kind == Kind::Delayed && !status.starts_with('4') {
             status = "4.0.0".to_owned();
         }
+        // RFC 6533 3.2: a non-ASCII address is of type utf-8 in a global report.
+        let addr_type = if global && !r.address.is_ascii() {
+            "utf-8"
+        } else {
+            "rfc822"
+        };
         let _ = write!(
             head,
-            "\r\nFinal-Recipient: rfc822; {}\r\n",
-            header_safe(&r.address)
+            "\r\nFinal-Recipient: {addr_type}; {}\r\n",
+            text(&r.address)
         );
         if let Some(orcpt) = &r.orcpt {
-            let orcpt = header_safe(orcpt);
+            let orcpt = text(orcpt);
             if orcpt.contains(';') {
                 let _ = write!(head, "Original-Recipient: {orcpt}\r\n");
             } else {
@@ -195,13 +216,9 @@ pub(crate) async fn queue_dsn(
                 .get(..3)
                 .is_some_and(|c| c.bytes().all(|b| b.is_ascii_digit()))
         {
-            let _ = write!(head, "Diagnostic-Code: smtp; {}\r\n", header_safe(reply));
+            let _ = write!(head, "Diagnostic-Code: smtp; {}\r\n", text(reply));
         } else if let Some(reply) = reply {
-            let _ = write!(
-                head,
-                "Diagnostic-Code: X-Ringmail; {}\r\n",
-                header_safe(reply)
-            );
+            let _ = write!(head, "Diagnostic-Code: X-Ringmail; {}\r\n", text(reply));
         }
         if kind == Kind::Delayed {
             let _ = write!(
@@ -224,10 +241,11 @@ pub(crate) async fn queue_dsn(
         } else {
             "Message Headers"
         },
-        if return_full {
-            "message/rfc822"
-        } else {
-            "text/rfc822-headers"
+        match (return_full, global) {
+            (true, false) => "message/rfc822",
+            (false, false) => "text/rfc822-headers",
+            (true, true) => "message/global",
+            (false, true) => "message/global-headers",
         },
     );
     inc.write(head.as_bytes())?;

@@ -540,6 +540,57 @@ async fn bounce_is_an_rfc3464_report() {
 }
 
 #[tokio::test]
+async fn bounce_of_an_smtputf8_message_is_a_global_report() {
+    let dir = TempDir::new("dsn-utf8");
+    let (spool, _) = open(&dir);
+    let mut env = new_env(
+        Some("álvaro@example.org"),
+        &["josé@例え.jp", "ascii@example.net"],
+    );
+    env.smtputf8 = true;
+    let msg = "From: álvaro@example.org\r\nTo: josé@例え.jp\r\nSubject: ¡hola!\r\n\r\nbody\r\n";
+    let id = commit(&spool, env, msg.as_bytes()).await;
+    let s = perm_fail(
+        &spool,
+        &id,
+        "josé@例え.jp",
+        "550 5.1.1 <josé@例え.jp>: no such user",
+    )
+    .await;
+    let bounce_id = s.bounce.expect("a bounce");
+    let bounce = spool.get(&bounce_id).unwrap().unwrap();
+    assert!(bounce.smtputf8, "sent with SMTPUTF8");
+    assert_eq!(bounce.recipients[0].address, "álvaro@example.org");
+    let text = String::from_utf8(body_of(&spool, &bounce_id)).unwrap();
+    let (headers, body) = split_message(&text);
+    assert!(headers.contains("To: <álvaro@example.org>"), "{headers}");
+    let parts = mime_parts(&body, &boundary_of(&headers));
+    assert!(parts[0].0.contains("charset=utf-8"));
+    assert!(
+        parts[0]
+            .1
+            .contains("<josé@例え.jp>: 550 5.1.1 <josé@例え.jp>: no such user")
+    );
+    assert!(
+        parts[1]
+            .0
+            .contains("Content-Type: message/global-delivery-status")
+    );
+    assert!(
+        parts[1]
+            .1
+            .contains("Final-Recipient: utf-8; josé@例え.jp\r\n")
+    );
+    assert!(
+        parts[1]
+            .1
+            .contains("Diagnostic-Code: smtp; 550 5.1.1 <josé@例え.jp>: no such user")
+    );
+    assert!(parts[2].0.contains("Content-Type: message/global"));
+    assert_eq!(parts[2].1, msg);
+}
+
+#[tokio::test]
 async fn ret_hdrs_returns_only_the_headers() {
     let dir = TempDir::new("hdrs");
     let (spool, _) = open(&dir);
