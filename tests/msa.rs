@@ -555,12 +555,13 @@ def forged(s, env_from, hdr_from, what):
         s.rset()
         return
     raise SystemExit(f'forged {{what}} accepted')
-# (port, mechanism, refused attempts before the good login)
+# (port, mechanism, refused attempts before the good login). Unescaped in an LDAP filter,
+# '*)(uid=*' would match every entry and 'alice@example.tes*' exactly the user's own.
 plan = [
     (PORT, 'PLAIN', [(USER, 'wrong-password'), ('*)(uid=*', PW)]),
     (PORT, 'LOGIN', []),
     (TLS_PORT, 'PLAIN', []),
-    (TLS_PORT, 'LOGIN', [(USER, PW + 'x'), ('*@example.test', PW)]),
+    (TLS_PORT, 'LOGIN', [(USER, PW + 'x'), (USER[:-1] + '*', PW)]),
 ]
 for port, mech, bad in plan:
     s = connect(port)
