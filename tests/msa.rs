@@ -1,5 +1,6 @@
 //! The MSA (`ringmail msa`) against real clients: Python smtplib, swaks, curl; through the LB
-//! with PROXY v2; with SQLite and PostgreSQL account stores.
+//! with PROXY v2; the same login and sender-authorisation checks against SQLite, PostgreSQL
+//! and LDAP (OpenLDAP slapd) account stores.
 
 mod common;
 
@@ -117,6 +118,11 @@ fn seed(db: &str) {
         &["alias", "add", "sales@example.test", "alice@example.test"],
         None,
     );
+    accounts(
+        db,
+        &["add", "bob@example.test", "--password-stdin"],
+        Some("bob-password\n"),
+    );
 }
 
 struct Msa {
@@ -207,15 +213,19 @@ fn send_ok(addr: SocketAddr) {
 }
 
 fn check_trace(msg: &str) {
+    check_trace_for(msg, "alice@example.test", PASSWORD);
+}
+
+fn check_trace_for(msg: &str, user: &str, password: &str) {
     assert!(msg.contains("with ESMTPSA"), "{msg}");
     assert!(
-        msg.contains("(Authenticated sender: alice@example.test)"),
+        msg.contains(&format!("(Authenticated sender: {user})")),
         "{msg}"
     );
     let lower = msg.to_ascii_lowercase();
     assert_eq!(lower.matches("\nmessage-id: <").count(), 1, "{msg}");
     assert_eq!(lower.matches("\ndate: ").count(), 1, "{msg}");
-    assert!(!msg.contains(PASSWORD), "{msg}");
+    assert!(!msg.contains(password), "{msg}");
 }
 
 #[test]
@@ -490,23 +500,154 @@ s.sendmail('alice@example.test', ['bob@example.org'], 'Subject: v1\r\n\r\nvia v1
     assert!(sink.wait(3).iter().any(|m| m.contains("direct 465")));
 }
 
+/// What the shared login/authorisation checks need to know about a store's contents.
+struct Store {
+    url: String,
+    /// Login name and primary address.
+    user: &'static str,
+    password: &'static str,
+    /// An alias the user may send as.
+    alias: &'static str,
+    /// Another account's address, which the user may not send as.
+    other: &'static str,
+}
+
+/// The login and sender-authorisation checks every backend must pass, through `ringmail msa`
+/// on 587 (STARTTLS) and 465 (implicit TLS): AUTH PLAIN and LOGIN; a wrong password and LDAP
+/// filter metacharacters in the user name (with the right password) refused with 535; MAIL FROM
+/// and header From: for the own address and an alias accepted, another user's refused with
+/// 553 5.7.1; what was accepted, and only that, reaches the next hop.
+fn login_and_authorisation(store: &Store) {
+    let sink = Sink::start();
+    let msa = Msa::start(Some(&store.url), sink.addr, &[]);
+    let (ok, out) = python(
+        msa.addr,
+        &format!(
+            r#"
+import smtplib
+USER={user:?}; PW={pw:?}; ALIAS={alias:?}; OTHER={other:?}; TLS_PORT={tls_port}
+def connect(port):
+    if port == TLS_PORT:
+        s = smtplib.SMTP_SSL(HOST, port, timeout=30, context=ctx)
+    else:
+        s = smtplib.SMTP(HOST, port, timeout=30); s.starttls(context=ctx)
+    s.ehlo()
+    assert s.has_extn('auth') and 'PLAIN' in s.esmtp_features['auth'] and 'LOGIN' in s.esmtp_features['auth'], s.esmtp_features
+    return s
+def auth(s, mech, user, pw):
+    s.user, s.password = user, pw
+    if mech == 'PLAIN':
+        return s.auth('PLAIN', s.auth_plain)
+    # The two-step exchange (334 Username:, 334 Password:), no initial response.
+    return s.auth('LOGIN', s.auth_login, initial_response_ok=False)
+def refused(s, mech, user, pw):
+    try:
+        auth(s, mech, user, pw)
+    except smtplib.SMTPAuthenticationError as e:
+        assert e.smtp_code == 535, (mech, user, e)
+        return
+    raise SystemExit(f'{{mech}} login {{user!r}} accepted')
+def forged(s, env_from, hdr_from, what):
+    try:
+        s.sendmail(env_from, ['rcpt@example.org'], f'From: {{hdr_from}}\r\nSubject: forged\r\n\r\nforged {{what}}\r\n')
+    except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as e:
+        assert e.smtp_code == 553 and b'5.7.1' in e.smtp_error, (what, e)
+        s.rset()
+        return
+    raise SystemExit(f'forged {{what}} accepted')
+# (port, mechanism, refused attempts before the good login). Unescaped in an LDAP filter,
+# '*)(uid=*' would match every entry and 'alice@example.tes*' exactly the user's own.
+plan = [
+    (PORT, 'PLAIN', [(USER, 'wrong-password'), ('*)(uid=*', PW)]),
+    (PORT, 'LOGIN', []),
+    (TLS_PORT, 'PLAIN', []),
+    (TLS_PORT, 'LOGIN', [(USER, PW + 'x'), (USER[:-1] + '*', PW)]),
+]
+for port, mech, bad in plan:
+    s = connect(port)
+    for user, pw in bad:
+        refused(s, mech, user, pw)
+    r = auth(s, mech, USER, PW); assert r[0] == 235, r
+    r = s.docmd(f'MAIL FROM:<{{OTHER}}>'); assert r[0] == 553 and b'5.7.1' in r[1], r
+    s.rset()
+    forged(s, OTHER, OTHER, 'envelope')
+    forged(s, USER, OTHER, 'header')
+    forged(s, ALIAS, f'"Someone" <{{OTHER}}>', 'header behind an alias')
+    r = s.docmd(f'MAIL FROM:<{{ALIAS}}>'); assert r[0] == 250, r
+    s.rset()
+    sender = ALIAS if mech == 'LOGIN' else USER
+    s.sendmail(sender, ['rcpt@example.org'], f'From: <{{sender}}>\r\nSubject: ok\r\n\r\nsent via {{port}} {{mech}}\r\n')
+    s.quit()
+print('ok')
+"#,
+            user = store.user,
+            pw = store.password,
+            alias = store.alias,
+            other = store.other,
+            tls_port = msa.tls_addr.port(),
+        ),
+    );
+    assert!(ok && out.contains("ok"), "{out}");
+    sink.wait(4);
+    // Anything refused must not follow late.
+    thread::sleep(Duration::from_millis(500));
+    let msgs = sink.msgs.lock().unwrap().clone();
+    assert_eq!(msgs.len(), 4, "{msgs:#?}");
+    for port in [msa.addr.port(), msa.tls_addr.port()] {
+        for mech in ["PLAIN", "LOGIN"] {
+            let m = msgs
+                .iter()
+                .find(|m| m.contains(&format!("sent via {port} {mech}")))
+                .unwrap_or_else(|| panic!("{port} {mech} missing: {msgs:#?}"));
+            check_trace_for(m, store.user, store.password);
+        }
+    }
+    assert!(!msgs.iter().any(|m| m.contains("forged")), "{msgs:#?}");
+}
+
 #[test]
-fn postgres_store_login_and_sender_ownership() {
+fn sqlite_store_login_and_sender_authorisation() {
+    let dir = TempDir::new("msa-sqlite");
+    let url = format!("sqlite:{}", dir.path().join("accounts.db").display());
+    seed(&url);
+    login_and_authorisation(&Store {
+        url,
+        user: "alice@example.test",
+        password: PASSWORD,
+        alias: "sales@example.test",
+        other: "bob@example.test",
+    });
+}
+
+#[test]
+fn postgres_store_login_and_sender_authorisation() {
     let Some(pg) = fixtures::PgCluster::start() else {
         skip("PostgreSQL not installed");
         return;
     };
     let url = pg.url();
     seed(&url);
-    let sink = Sink::start();
-    let msa = Msa::start(Some(&url), sink.addr, &[]);
-    send_ok(msa.addr);
-    let (ok, out) = python(
-        msa.addr,
-        "s=smtplib.SMTP(HOST, PORT, timeout=20); s.starttls(context=ctx); s.login('alice@example.test', PW)\n\
-         r=s.docmd('MAIL FROM:<eve@example.test>'); assert r[0]==553, r\n\
-         r=s.docmd('MAIL FROM:<sales@example.test>'); assert r[0]==250, r\nprint('ok')",
-    );
-    assert!(ok, "{out}");
-    check_trace(&sink.wait(1)[0]);
+    login_and_authorisation(&Store {
+        url,
+        user: "alice@example.test",
+        password: PASSWORD,
+        alias: "sales@example.test",
+        other: "bob@example.test",
+    });
+}
+
+#[test]
+fn ldap_store_login_and_sender_authorisation() {
+    // alice's other `mail` values are her aliases; bob is another account (fixtures::USERS).
+    let Some(slapd) = fixtures::Slapd::start() else {
+        skip("slapd not installed");
+        return;
+    };
+    login_and_authorisation(&Store {
+        url: slapd.url(),
+        user: "alice@example.test",
+        password: "alice-pw",
+        alias: "al@example.test",
+        other: "bob@example.test",
+    });
 }

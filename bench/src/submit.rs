@@ -35,6 +35,9 @@ pub struct SubmitArgs {
     concurrency: usize,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
+    /// Stop early once this many messages have been accepted.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_messages: u64,
     /// Message size in bytes.
     #[arg(long, default_value_t = 2048)]
     size: usize,
@@ -188,7 +191,9 @@ pub fn run(args: SubmitArgs) -> Result<()> {
                     match one(&args, &cfg, &tls, &body).await {
                         Ok(()) => {
                             let _ = h.record(t.elapsed().as_micros() as u64);
-                            ok.fetch_add(1, Ordering::Relaxed);
+                            if ok.fetch_add(1, Ordering::Relaxed) + 1 >= args.max_messages {
+                                stop.store(true, Ordering::Relaxed);
+                            }
                         }
                         Err(e) => {
                             failed.fetch_add(1, Ordering::Relaxed);
@@ -201,7 +206,9 @@ pub fn run(args: SubmitArgs) -> Result<()> {
             }));
         }
         let start = Instant::now();
-        tokio::time::sleep(args.duration).await;
+        while start.elapsed() < args.duration && !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         stop.store(true, Ordering::Relaxed);
         let mut all = Histogram::<u64>::new(3)?;
         let mut err = None;
@@ -215,11 +222,14 @@ pub fn run(args: SubmitArgs) -> Result<()> {
         let secs = start.elapsed().as_secs_f64();
         let n = ok.load(Ordering::Relaxed);
         println!(
-            "{{\"messages\":{n},\"failed\":{},\"seconds\":{secs:.2},\"msgs_per_sec\":{:.1},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"first_error\":{}}}",
+            "{{\"messages\":{n},\"failed\":{},\"seconds\":{secs:.2},\"msgs_per_sec\":{:.1},\"p50_ms\":{:.2},\"p90_ms\":{:.2},\"p99_ms\":{:.2},\"p999_ms\":{:.2},\"max_ms\":{:.2},\"first_error\":{}}}",
             failed.load(Ordering::Relaxed),
             n as f64 / secs,
             all.value_at_quantile(0.5) as f64 / 1000.0,
+            all.value_at_quantile(0.9) as f64 / 1000.0,
             all.value_at_quantile(0.99) as f64 / 1000.0,
+            all.value_at_quantile(0.999) as f64 / 1000.0,
+            all.max() as f64 / 1000.0,
             serde_json::to_string(&err)?,
         );
         Ok(())
