@@ -1180,7 +1180,10 @@ fn smtputf8_mail_to_a_remote_without_it_bounces() {
     assert!(dsn.contains("Status: 5.6.7"), "{dsn}");
     // About an SMTPUTF8 message, the report is an internationalised one (RFC 6533).
     assert!(dsn.contains("message/global-delivery-status"), "{dsn}");
-    assert!(dsn.contains("Final-Recipient: utf-8; jörg@example.net"), "{dsn}");
+    assert!(
+        dsn.contains("Final-Recipient: utf-8; jörg@example.net"),
+        "{dsn}"
+    );
     assert!(
         old.ids.lock().unwrap().is_empty(),
         "the UTF-8 message was sent to a server without SMTPUTF8"
