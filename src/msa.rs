@@ -7,13 +7,14 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use ringmail_mx::config::{Cidr, valid_domain};
+use ringmail_mx::hop::HopSecurity;
 use ringmail_mx::msa::MsaServer;
 use ringmail_mx::msa_config::{self, MsaConfig};
 
 #[derive(Args)]
 pub struct MsaArgs {
     /// TOML configuration file with [msa]. Without it, quick mode.
-    #[arg(long, conflicts_with_all = ["listen", "listen_tls", "accounts", "spool", "relay"])]
+    #[arg(long, conflicts_with_all = ["listen", "listen_tls", "accounts", "spool", "relay", "relay_tls", "relay_ca", "relay_tls_name", "relay_tls_no_verify", "relay_auth_user", "relay_password_file"])]
     config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long, requires = "config")]
@@ -45,6 +46,8 @@ pub struct MsaArgs {
     /// Quick mode: a load balancer whose PROXY v1/v2 headers are accepted (repeatable).
     #[arg(long)]
     trusted_proxy: Vec<IpAddr>,
+    #[command(flatten)]
+    hop: crate::hop::HopArgs,
 }
 
 pub fn cmd_msa(args: MsaArgs) -> Result<ExitCode> {
@@ -73,6 +76,7 @@ pub fn cmd_msa(args: MsaArgs) -> Result<ExitCode> {
                 args.relay.context("--relay")?,
             )
             .with_local_relay(args.local_relay);
+            c.relay_security = args.hop.security(HopSecurity::default())?;
             c.admin = args.admin;
             c.trusted_proxies = args
                 .trusted_proxy
@@ -87,14 +91,15 @@ pub fn cmd_msa(args: MsaArgs) -> Result<ExitCode> {
     };
     if args.check {
         println!(
-            "{}: ok ({} STARTTLS and {} implicit TLS listeners, relay {})",
+            "{}: ok ({} STARTTLS and {} implicit TLS listeners, relay {} with {})",
             args.config
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             cfg.listen.len(),
             cfg.listen_tls.len(),
-            cfg.relay
+            cfg.relay,
+            cfg.relay_security.describe()
         );
         return Ok(ExitCode::SUCCESS);
     }

@@ -8,13 +8,14 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use ringmail_mx::config::{Cidr, valid_domain};
 use ringmail_mx::dkim::DkimKeySpec;
+use ringmail_mx::hop::{HopSecurity, TlsLevel};
 use ringmail_mx::mta::MtaServer;
 use ringmail_mx::mta_config::{self, MtaConfig};
 
 #[derive(Args)]
 pub struct MtaArgs {
     /// TOML configuration file with [mta]. Without it, quick mode.
-    #[arg(long, conflicts_with_all = ["listen", "spool", "relay", "resolver", "dkim"])]
+    #[arg(long, conflicts_with_all = ["listen", "spool", "relay", "resolver", "dkim", "relay_tls", "relay_ca", "relay_tls_name", "relay_tls_no_verify", "relay_auth_user", "relay_password_file"])]
     config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long, requires = "config")]
@@ -58,6 +59,8 @@ pub struct MtaArgs {
     /// (e.g. 4h; Postfix's delay_warning_time). Default: no delay notice.
     #[arg(long, value_parser = crate::parse_duration)]
     delay_warning: Option<std::time::Duration>,
+    #[command(flatten)]
+    hop: crate::hop::HopArgs,
 }
 
 fn parse_dkim(s: &str) -> Result<DkimKeySpec, String> {
@@ -97,6 +100,10 @@ pub fn cmd_mta(args: MtaArgs) -> Result<ExitCode> {
                 args.spool.clone().context("--spool")?,
             );
             c.relay = args.relay;
+            c.relay_security = args.hop.security(HopSecurity::level(TlsLevel::May))?;
+            if c.relay.is_none() && c.relay_security != HopSecurity::level(TlsLevel::May) {
+                bail!("--relay-tls and --relay-auth-user apply to the smart host: set --relay");
+            }
             c.resolver = args.resolver;
             c.dkim = args.dkim.clone();
             c.admin = args.admin;
@@ -131,7 +138,7 @@ pub fn cmd_mta(args: MtaArgs) -> Result<ExitCode> {
             cfg.listen.len(),
             cfg.dkim.len(),
             match cfg.relay {
-                Some(r) => format!("everything to {r}"),
+                Some(r) => format!("everything to {r} with {}", cfg.relay_security.describe()),
                 None => "MX lookups".to_string(),
             }
         );

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use ringmail_mx::MxServer;
 use ringmail_mx::config::{self as mxconfig, MxConfig, Relay, RelayProtocol};
+use ringmail_mx::hop::HopSecurity;
 use ringmail_queue::{Envelope, QueueConfig, QueueId, Spool, inspect, summary_line};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -24,7 +25,7 @@ pub enum ProtocolArg {
 #[derive(Args)]
 pub struct MxArgs {
     /// TOML configuration file. Without it, quick mode (--listen, --domain, --spool, --relay).
-    #[arg(long, conflicts_with_all = ["listen", "domain", "spool", "relay"])]
+    #[arg(long, conflicts_with_all = ["listen", "domain", "spool", "relay", "relay_tls", "relay_ca", "relay_tls_name", "relay_tls_no_verify", "relay_auth_user", "relay_password_file"])]
     config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long, requires = "config")]
@@ -64,6 +65,8 @@ pub struct MxArgs {
     /// Quick mode: per-core runtimes (default) or one multi-thread runtime.
     #[arg(long, value_enum, default_value = "per-core")]
     runtime: RuntimeArg,
+    #[command(flatten)]
+    hop: crate::hop::HopArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -137,6 +140,7 @@ pub fn cmd_mx(args: MxArgs) -> Result<ExitCode> {
                 args.spool.clone().context("--spool")?,
                 Relay::new(args.relay.context("--relay")?, protocol),
             );
+            c.relay.security = args.hop.security(HopSecurity::default())?;
             c.admin = args.admin;
             c.accounts = args.accounts.clone();
             c.workers = args.workers;

@@ -42,6 +42,12 @@
 //! retry_min = "5m"                   # first retry                        (default 5m)
 //! retry_max = "1h"                   # backoff cap                        (default 1h)
 //! max_lifetime = "5d"                # then bounce                        (default 5d)
+//! tls = "encrypt"                    # none | may | encrypt, or { level, ca, name, verify }
+//!                                    #   (see [`crate::hop`]; default none)
+//! auth = { user = "mx1@example.com", password_file = "/etc/ringmail/mx-relay.pass" }
+//! bounce_tls = "encrypt"             # the same for the bounce route; absent: the next hop's
+//! bounce_auth = { user = "mx1@example.com", password_file = "/etc/ringmail/mx-relay.pass" }
+//!                                    #   settings without `bounce_next_hop`, else none
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -53,6 +59,8 @@ use ringmail_proxy_core::config::parse::{
     required, set, socket_addr, string, table,
 };
 use ringmail_proxy_core::config::{ConfigErrors, load_file_with, load_str_with};
+
+use crate::hop::HopSecurity;
 
 /// What the MX runs with.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,6 +148,11 @@ pub struct Relay {
     pub retry_min: Duration,
     pub retry_max: Duration,
     pub max_lifetime: Duration,
+    /// TLS policy and credentials for the next hop (`tls`, `auth`; default: plaintext).
+    pub security: HopSecurity,
+    /// The same for the bounce route (`bounce_tls`, `bounce_auth`); `None`: see
+    /// [`Relay::bounce_security`].
+    pub bounce_security: Option<HopSecurity>,
 }
 
 impl Relay {
@@ -152,6 +165,18 @@ impl Relay {
             retry_min: Duration::from_secs(300),
             retry_max: Duration::from_secs(3600),
             max_lifetime: Duration::from_secs(5 * 24 * 3600),
+            security: HopSecurity::default(),
+            bounce_security: None,
+        }
+    }
+
+    /// The bounce route's security: as configured; else the next hop's when bounces go there
+    /// too (no `bounce_next_hop`); else plaintext (the MTA trusts our address).
+    pub fn bounce_security(&self) -> HopSecurity {
+        match (&self.bounce_security, self.bounce_next_hop) {
+            (Some(s), _) => s.clone(),
+            (None, None) => self.security.clone(),
+            (None, Some(_)) => HopSecurity::default(),
         }
     }
 }
@@ -315,6 +340,10 @@ const RELAY: &[&str] = &[
     "retry_min",
     "retry_max",
     "max_lifetime",
+    "tls",
+    "auth",
+    "bounce_tls",
+    "bounce_auth",
 ];
 const ENFORCE: &[(&str, Enforce)] = &[("record", Enforce::Record), ("reject", Enforce::Reject)];
 const PROTOCOLS: &[(&str, RelayProtocol)] =
@@ -606,6 +635,23 @@ fn parse_relay(ctx: &mut Ctx<'_>, v: &Value<'_>, t: &DeTable<'_>) -> Option<Rela
         let span = t.get("retry_max").map_or(v.span(), |x| x.span());
         ctx.error(span, "`mx.relay.retry_max` is shorter than `retry_min`");
         ok = false;
+    }
+    match crate::hop::parse_hop(ctx, t, "mx.relay", "tls", "auth", HopSecurity::default()) {
+        Some(s) => r.security = s,
+        None => ok = false,
+    }
+    if t.get("bounce_tls").is_some() || t.get("bounce_auth").is_some() {
+        match crate::hop::parse_hop(
+            ctx,
+            t,
+            "mx.relay",
+            "bounce_tls",
+            "bounce_auth",
+            HopSecurity::default(),
+        ) {
+            Some(s) => r.bounce_security = Some(s),
+            None => ok = false,
+        }
     }
     ok.then_some(r)
 }

@@ -19,6 +19,7 @@ pub mod admin;
 pub mod config;
 pub mod dkim;
 mod driver;
+pub mod hop;
 pub mod mda;
 pub mod mda_config;
 pub mod mda_imap;
@@ -73,6 +74,11 @@ pub enum MxError {
     Resolver(String),
     #[error("mailbox store: {0}")]
     Store(String),
+    #[error("next hop {addr}: {source}")]
+    NextHop {
+        addr: std::net::SocketAddr,
+        source: hop::HopError,
+    },
 }
 
 /// Opens the account store on a runtime of its own that lives as long as the server: the
@@ -168,6 +174,8 @@ impl MxServer {
             Arc::clone(&stats),
         ));
 
+        // The next hops' TLS settings are checked before anything listens.
+        let relay_mx = Arc::new(relay::RelayCtx::for_mx(&mx)?);
         let nworkers = cfg.workers.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -184,7 +192,6 @@ impl MxServer {
         .map_err(MxError::Listen)?;
 
         let (relay_stop, stop_rx) = tokio::sync::watch::channel(false);
-        let relay_mx = Arc::new(relay::RelayCtx::for_mx(&mx));
         let relay = std::thread::Builder::new()
             .name("ringmail-mx-relay".into())
             .spawn(move || {

@@ -224,6 +224,25 @@ impl MsaServer {
             user_failures: Window::default(),
             sent: Window::default(),
         });
+        // The next hops' TLS settings are checked before anything listens.
+        let mut routes = vec![Route::new(
+            "mta",
+            cfg.relay,
+            false,
+            cfg.connections,
+            &cfg.hostname,
+            &cfg.relay_security,
+        )?];
+        if let Some(mda) = cfg.local_relay {
+            routes.push(Route::new(
+                "mda",
+                mda,
+                false,
+                cfg.connections,
+                &cfg.hostname,
+                &cfg.local_relay_security,
+            )?);
+        }
         let nworkers = cfg.workers.unwrap_or_else(|| {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -242,20 +261,6 @@ impl MsaServer {
                 })
                 .map_err(MxError::Listen)?,
             );
-        }
-        let mut routes = vec![Route {
-            name: "mta".into(),
-            addr: cfg.relay,
-            lmtp: false,
-            connections: cfg.connections,
-        }];
-        if let Some(mda) = cfg.local_relay {
-            routes.push(Route {
-                name: "mda".into(),
-                addr: mda,
-                lmtp: false,
-                connections: cfg.connections,
-            });
         }
         let relay_ctx = Arc::new(RelayCtx {
             hostname: cfg.hostname.clone(),

@@ -21,6 +21,11 @@
 //! data_timeout = "10m"
 //! admin = "127.0.0.1:9111"             # /metrics and the queue API
 //! tls = { cert = "/etc/ringmail/smtp.crt", key = "/etc/ringmail/smtp.key" }  # absent: self-signed
+//! relay_tls = "encrypt"                # to `relay`: none | may | encrypt, or { level, ca, name,
+//!                                      #   verify } (see [`crate::hop`]; default none)
+//! relay_auth = { user = "msa1@example.com", password_file = "/etc/ringmail/msa-relay.pass" }
+//! local_relay_tls = "none"             # the same for `local_relay`
+//! local_relay_auth = { user = "…", password_file = "…" }
 //! ```
 
 use std::net::SocketAddr;
@@ -33,6 +38,7 @@ use ringmail_proxy_core::config::parse::{
 use ringmail_proxy_core::config::{ConfigErrors, load_file_with, load_str_with};
 
 use crate::config::{Cidr, TlsFiles, accounts_url, addr_list, cidr_list, hostname_key, tls_files};
+use crate::hop::HopSecurity;
 
 /// Where mail for our own domains goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +73,10 @@ pub struct MsaConfig {
     pub retry_min: Duration,
     pub retry_max: Duration,
     pub max_lifetime: Duration,
+    /// TLS policy and credentials for `relay` (`relay_tls`, `relay_auth`; default plaintext).
+    pub relay_security: HopSecurity,
+    /// The same for `local_relay` (`local_relay_tls`, `local_relay_auth`).
+    pub local_relay_security: HopSecurity,
 }
 
 impl MsaConfig {
@@ -103,6 +113,8 @@ impl MsaConfig {
             retry_min: Duration::from_secs(300),
             retry_max: Duration::from_secs(3600),
             max_lifetime: Duration::from_secs(5 * 24 * 3600),
+            relay_security: HopSecurity::default(),
+            local_relay_security: HopSecurity::default(),
         }
     }
 
@@ -146,6 +158,10 @@ const MSA: &[&str] = &[
     "retry_min",
     "retry_max",
     "max_lifetime",
+    "relay_tls",
+    "relay_auth",
+    "local_relay_tls",
+    "local_relay_auth",
 ];
 
 fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MsaConfig> {
@@ -273,6 +289,16 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MsaConfig> {
     if let Some(x) = t.get("tls") {
         match tls_files(ctx, x, "msa") {
             Some(f) => c.tls = Some(f),
+            None => ok = false,
+        }
+    }
+    for (prefix, field) in [
+        ("relay", &mut c.relay_security),
+        ("local_relay", &mut c.local_relay_security),
+    ] {
+        let (tls, auth) = (format!("{prefix}_tls"), format!("{prefix}_auth"));
+        match crate::hop::parse_hop(ctx, t, "msa", &tls, &auth, HopSecurity::default()) {
+            Some(s) => *field = s,
             None => ok = false,
         }
     }

@@ -156,7 +156,7 @@ impl MtaServer {
             crate::admin::spawn(addr, Arc::clone(&out_stats), spool, "ringmail-mta-admin")
                 .map_err(MxError::Listen)?;
         }
-        info!(listen = ?cfg.listen, relay = ?cfg.relay, resolver = ?cfg.resolver, dkim_keys = cfg.dkim.len(), mta_sts = cfg.mta_sts, "mta started");
+        info!(listen = ?cfg.listen, relay = ?cfg.relay, relay_security = %cfg.relay_security.describe(), resolver = ?cfg.resolver, dkim_keys = cfg.dkim.len(), mta_sts = cfg.mta_sts, "mta started");
         Ok(MtaServer {
             mta,
             out_stats,

@@ -8,7 +8,10 @@
 //! spool = "/var/spool/ringmail/mta"    # required: the durable queue
 //! trusted_clients = ["10.0.0.0/24"]    # may relay without AUTH (our MSAs and MXs)
 //! accounts = "sqlite:/var/lib/ringmail/accounts.db"  # optional: AUTH (under TLS) may relay too
-//! relay = "smarthost.example.net:25"   # optional: everything to one smart host, no MX lookups
+//! relay = "192.0.2.25:587"             # optional: everything to one smart host, no MX lookups
+//! relay_tls = "encrypt"                # to the smart host: none | may | encrypt, or { level, ca,
+//!                                      #   name, verify } (see [`crate::hop`]; default may)
+//! relay_auth = { user = "mta@example.com", password_file = "/etc/ringmail/smarthost.pass" }
 //! resolver = "10.0.0.53:53"            # optional: one DNS server (default: /etc/resolv.conf)
 //! remote_port = 25                     # port of the remote MX hosts (labs may change it)
 //! dkim = [                             # signing keys; several per domain sign with each
@@ -46,6 +49,7 @@ use crate::config::{
     Cidr, TlsFiles, accounts_url, addr_list, cidr_list, hostname_key, tls_files, valid_domain,
 };
 use crate::dkim::DkimKeySpec;
+use crate::hop::{HopSecurity, TlsLevel};
 
 /// What the MTA runs with.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +81,9 @@ pub struct MtaConfig {
     pub connect_timeout: Duration,
     pub admin: Option<SocketAddr>,
     pub tls: Option<TlsFiles>,
+    /// TLS policy and credentials for the smart host `relay` (`relay_tls`, `relay_auth`;
+    /// default `may`: STARTTLS when offered).
+    pub relay_security: HopSecurity,
 }
 
 impl MtaConfig {
@@ -112,6 +119,7 @@ impl MtaConfig {
             connect_timeout: Duration::from_secs(30),
             admin: None,
             tls: None,
+            relay_security: HopSecurity::level(TlsLevel::May),
         }
     }
 }
@@ -150,6 +158,8 @@ const MTA: &[&str] = &[
     "connect_timeout",
     "admin",
     "tls",
+    "relay_tls",
+    "relay_auth",
 ];
 
 fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MtaConfig> {
@@ -319,6 +329,28 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MtaConfig> {
         match tls_files(ctx, x, "mta") {
             Some(f) => c.tls = Some(f),
             None => ok = false,
+        }
+    }
+    match crate::hop::parse_hop(
+        ctx,
+        t,
+        "mta",
+        "relay_tls",
+        "relay_auth",
+        HopSecurity::level(TlsLevel::May),
+    ) {
+        Some(s) => c.relay_security = s,
+        None => ok = false,
+    }
+    if c.relay.is_none() {
+        for key in ["relay_tls", "relay_auth"] {
+            if let Some(x) = t.get(key) {
+                ctx.error(
+                    x.span(),
+                    format!("`mta.{key}` applies to the smart host: set `mta.relay`"),
+                );
+                ok = false;
+            }
         }
     }
     if c.trusted_clients.is_empty() && c.accounts.is_none() {

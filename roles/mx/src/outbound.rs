@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin::{Metrics, MxStats};
 use crate::dkim::DkimSigner;
+use crate::hop::Hop;
 use crate::mta_config::MtaConfig;
 use crate::relay::{Conn, ConnError, TlsSetup, transaction};
 use crate::resolve::{MxHost, MxResolver, ResolveError};
@@ -132,6 +133,8 @@ pub struct Outbound {
     dkim: Arc<DkimSigner>,
     tls_any: tokio_rustls::TlsConnector,
     tls_verified: tokio_rustls::TlsConnector,
+    /// The smart host (`relay`) with its TLS policy and credentials.
+    smart_host: Option<Hop>,
     cache: Mutex<HashMap<String, Vec<(Conn, Instant)>>>,
     per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
     signing: Arc<Semaphore>,
@@ -164,6 +167,13 @@ impl Outbound {
         let tls_verified = crate::sts::tls_verified(cfg.mta_sts_ca.as_deref())
             .map_err(|e| crate::MxError::Resolver(e.to_string()))?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let smart_host = match cfg.relay {
+            Some(addr) => Some(
+                Hop::new(addr, &cfg.hostname, false, &cfg.relay_security)
+                    .map_err(|source| crate::MxError::NextHop { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Outbound {
             cfg,
             spool,
@@ -174,6 +184,7 @@ impl Outbound {
             dkim,
             tls_any: tokio_rustls::TlsConnector::from(crate::sts::tls_opportunistic()),
             tls_verified: tokio_rustls::TlsConnector::from(tls_verified),
+            smart_host,
             cache: Mutex::new(HashMap::new()),
             per_destination: Mutex::new(HashMap::new()),
             signing: Arc::new(Semaphore::new(cores)),
@@ -603,6 +614,21 @@ async fn open(
     };
     let timeout = out.cfg.connect_timeout;
     out.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+    if let Some(hop) = &out.smart_host {
+        // The smart host: its own TLS policy and credentials (`relay_tls`, `relay_auth`).
+        return match Conn::open_hop(hop, timeout).await {
+            Ok(c) => {
+                if c.client.is_tls() {
+                    out.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(c)
+            }
+            Err(e) => {
+                warn!(%addr, security = %hop.describe, error = %e, "cannot open a session to the smart host; mail stays queued");
+                Err(e)
+            }
+        };
+    }
     match Conn::connect(addr, cfg(policy), Some(tls), timeout).await {
         Ok(c) => {
             if c.client.is_tls() {

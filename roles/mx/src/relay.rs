@@ -20,7 +20,6 @@ use ringmail_queue::{
 use ringmail_smtp::client::Outcome;
 use ringmail_smtp::{
     Body, Client, ClientConfig, ClientEvent, DsnNotify, DsnRet, Envelope, Orcpt, RcptParams,
-    StartTlsPolicy,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -29,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin::MxStats;
 use crate::config::RelayProtocol;
+use crate::hop::{Hop, HopSecurity, TlsLevel};
 use crate::session::Mx;
 
 /// A connection idle this long is closed with QUIT.
@@ -43,10 +43,34 @@ const CHUNK: usize = 64 * 1024;
 pub struct Route {
     /// The envelope's `route` (`"mda"`, `"mta"`).
     pub name: String,
-    pub addr: SocketAddr,
-    pub lmtp: bool,
     /// Concurrent deliveries on this route.
     pub connections: usize,
+    /// Address, protocol, TLS policy and credentials.
+    pub(crate) hop: Hop,
+}
+
+impl Route {
+    /// A route to `addr` (LMTP or SMTP) with the hop's TLS policy and credentials; fails when
+    /// those are unusable (e.g. an unreadable CA file).
+    pub fn new(
+        name: &str,
+        addr: SocketAddr,
+        lmtp: bool,
+        connections: usize,
+        helo_name: &str,
+        security: &HopSecurity,
+    ) -> Result<Route, crate::MxError> {
+        Ok(Route {
+            name: name.to_string(),
+            connections,
+            hop: Hop::new(addr, helo_name, lmtp, security)
+                .map_err(|source| crate::MxError::NextHop { addr, source })?,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.hop.addr
+    }
 }
 
 /// What the relay needs from the role that queued the mail (the MX or the MSA).
@@ -62,29 +86,34 @@ pub struct RelayCtx {
 
 impl RelayCtx {
     /// The MX's routes: `mda` (the next hop, LMTP or SMTP) and `mta` for bounces.
-    pub fn for_mx(mx: &Mx) -> RelayCtx {
-        let mda = mx.cfg.relay.next_hop;
-        RelayCtx {
-            hostname: mx.cfg.hostname.clone(),
+    pub fn for_mx(mx: &Mx) -> Result<RelayCtx, crate::MxError> {
+        let relay = &mx.cfg.relay;
+        let host = &mx.cfg.hostname;
+        Ok(RelayCtx {
+            hostname: host.clone(),
             spool: mx.spool.clone(),
             stats: Arc::clone(&mx.stats),
             queued: Arc::clone(&mx.queued),
             routes: vec![
-                Route {
-                    name: "mda".into(),
-                    addr: mda,
-                    lmtp: mx.cfg.relay.protocol == RelayProtocol::Lmtp,
-                    connections: mx.cfg.relay.connections.max(1),
-                },
+                Route::new(
+                    "mda",
+                    relay.next_hop,
+                    relay.protocol == RelayProtocol::Lmtp,
+                    relay.connections.max(1),
+                    host,
+                    &relay.security,
+                )?,
                 // Bounces go to the MTA over SMTP (two connections are plenty).
-                Route {
-                    name: "mta".into(),
-                    addr: mx.cfg.relay.bounce_next_hop.unwrap_or(mda),
-                    lmtp: false,
-                    connections: 2,
-                },
+                Route::new(
+                    "mta",
+                    relay.bounce_next_hop.unwrap_or(relay.next_hop),
+                    false,
+                    2,
+                    host,
+                    &relay.bounce_security(),
+                )?,
             ],
-        }
+        })
     }
 }
 
@@ -96,13 +125,9 @@ pub async fn run(mx: Arc<RelayCtx>, mut stop: tokio::sync::watch::Receiver<bool>
         let workers = route.connections.max(1);
         let (tx, rx) = mpsc::channel::<Claim>(workers * 4);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        info!(route = %route.name, next_hop = %route.hop.addr, security = %route.hop.describe, "relay route");
         for _ in 0..workers {
-            tasks.spawn(worker(
-                Arc::clone(&mx),
-                route.addr,
-                route.lmtp,
-                Arc::clone(&rx),
-            ));
+            tasks.spawn(worker(Arc::clone(&mx), route.hop.clone(), Arc::clone(&rx)));
         }
         txs.push(tx);
     }
@@ -249,15 +274,24 @@ impl Conn {
         }
     }
 
-    async fn open(mx: &RelayCtx, addr: SocketAddr, lmtp: bool) -> Result<Conn, ConnError> {
-        let cfg = Arc::new(ClientConfig {
-            helo_name: mx.hostname.clone(),
-            lmtp,
-            // The next hop is ours, on the internal network (see the README's architecture).
-            use_starttls: StartTlsPolicy::Never,
-            ..ClientConfig::default()
-        });
-        Conn::connect(addr, cfg, None, Duration::from_secs(10)).await
+    /// Opens a session to a fixed next hop with its TLS policy and credentials: `may` retries
+    /// in plaintext after a failed handshake; `encrypt` fails without TLS; AUTH follows TLS.
+    pub(crate) async fn open_hop(hop: &Hop, connect_timeout: Duration) -> Result<Conn, ConnError> {
+        let addr = hop.addr;
+        match Conn::connect(
+            addr,
+            Arc::clone(&hop.client),
+            hop.tls.clone(),
+            connect_timeout,
+        )
+        .await
+        {
+            Err(e) if e.tls_handshake && hop.level == TlsLevel::May => {
+                info!(next_hop = %addr, error = %e, "TLS handshake failed; retrying in plaintext");
+                Conn::connect(addr, Arc::clone(&hop.plain), None, connect_timeout).await
+            }
+            r => r,
+        }
     }
 
     fn stream(&mut self) -> Result<&mut Box<dyn Io>, ConnError> {
@@ -355,12 +389,7 @@ impl Conn {
     }
 }
 
-async fn worker(
-    mx: Arc<RelayCtx>,
-    addr: SocketAddr,
-    lmtp: bool,
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Claim>>>,
-) {
+async fn worker(mx: Arc<RelayCtx>, hop: Hop, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Claim>>>) {
     let mut conn: Option<Conn> = None;
     loop {
         let next = {
@@ -377,20 +406,15 @@ async fn worker(
                 continue;
             }
         };
-        deliver_one(&mx, addr, lmtp, &mut conn, claim).await;
+        deliver_one(&mx, &hop, &mut conn, claim).await;
     }
     if let Some(c) = conn.take() {
         c.quit().await;
     }
 }
 
-async fn deliver_one(
-    mx: &RelayCtx,
-    addr: SocketAddr,
-    lmtp: bool,
-    conn: &mut Option<Conn>,
-    claim: Claim,
-) {
+async fn deliver_one(mx: &RelayCtx, hop: &Hop, conn: &mut Option<Conn>, claim: Claim) {
+    let addr = hop.addr;
     let id = claim.id().clone();
     let env = match mx.spool.get(&id) {
         Ok(Some(e)) => e,
@@ -404,7 +428,7 @@ async fn deliver_one(
     if pending.is_empty() {
         return;
     }
-    let results = match attempt(mx, addr, lmtp, conn, &env).await {
+    let results = match attempt(mx, hop, conn, &env).await {
         Ok(r) => r,
         Err(why) => {
             // The connection is unusable: drop it; every pending recipient is retried later.
@@ -502,13 +526,20 @@ pub(crate) fn client_envelope(env: &QEnvelope, rcpts: &[&RecipientState], extra:
 /// One transaction on a (possibly reused) connection; per-recipient outcomes.
 async fn attempt(
     mx: &RelayCtx,
-    addr: SocketAddr,
-    lmtp: bool,
+    hop: &Hop,
     conn: &mut Option<Conn>,
     env: &QEnvelope,
 ) -> Result<Vec<(String, QOutcome)>, ConnError> {
     if conn.is_none() {
-        *conn = Some(Conn::open(mx, addr, lmtp).await?);
+        match Conn::open_hop(hop, Duration::from_secs(10)).await {
+            Ok(c) => *conn = Some(c),
+            Err(e) => {
+                // A refused STARTTLS or AUTH is a configuration problem worth seeing at once
+                // (the credentials themselves are never logged).
+                warn!(id = %env.id, next_hop = %hop.addr, security = %hop.describe, error = %e, "cannot open a session to the next hop; mail stays queued");
+                return Err(e);
+            }
+        }
     }
     let c = conn.as_mut().ok_or("no connection")?;
     let rcpts: Vec<&RecipientState> = env.pending().collect();
