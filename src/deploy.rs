@@ -39,6 +39,11 @@ struct RenderArgs {
     /// Only validate the topology (every error at once) and list the files it would write.
     #[arg(long)]
     check: bool,
+    /// Put every path the role configs and units name (/etc/ringmail, /var/lib/ringmail, the
+    /// DKIM keys, a SQLite account store) under this directory, for a lab or a staging copy
+    /// that runs unprivileged from one place.
+    #[arg(long)]
+    root: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -78,7 +83,13 @@ fn render(a: RenderArgs) -> Result<ExitCode> {
     let Some(t) = load(&a.topology)? else {
         return Ok(ExitCode::from(2));
     };
-    let files = ringmail_deploy::render(&t);
+    let root = match a.root {
+        Some(r) => {
+            Some(std::path::absolute(&r).with_context(|| format!("--root {}", r.display()))?)
+        }
+        None => None,
+    };
+    let files = ringmail_deploy::render_with(&t, &ringmail_deploy::RenderOptions { root });
     match a.out {
         Some(out) if !a.check => {
             ringmail_deploy::write_tree(&out, &files)
