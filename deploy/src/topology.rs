@@ -1553,6 +1553,27 @@ ipv4 = "198.51.100.26"
 "#;
 
     #[test]
+    fn resolver_is_an_address_with_port_53_by_default() {
+        assert_eq!(load(SMALL).unwrap().dns.resolver, None);
+        let with = |r: &str| {
+            load(&SMALL.replace(
+                "reverse_zones = [",
+                &format!("resolver = \"{r}\"\nreverse_zones = ["),
+            ))
+        };
+        assert_eq!(
+            with("198.51.100.53").unwrap().dns.resolver,
+            Some("198.51.100.53:53".parse().unwrap())
+        );
+        assert_eq!(
+            with("[2001:db8::53]:5353").unwrap().dns.resolver,
+            Some("[2001:db8::53]:5353".parse().unwrap())
+        );
+        let e = with("ns1.example.net").unwrap_err();
+        assert!(e.contains("dns.resolver `ns1.example.net`"), "{e}");
+    }
+
+    #[test]
     fn the_example_is_the_seeds_deployment() {
         let t = load_file(&example_dir().join("example.com.toml")).unwrap();
         assert_eq!(t.hosts.len(), 20);
