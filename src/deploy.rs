@@ -26,6 +26,11 @@ enum DeployCommand {
     /// Query DNS and report, record by record, what is missing or differs from the topology;
     /// exit status 1 when anything does.
     Check(CheckArgs),
+    /// Stand one site up for real from the rendered files, in network namespaces on this
+    /// machine (root): its routers (BIRD), LBs (ringmail lb + BIRD), the first host of each mail
+    /// role, its name server (NSD) and an Internet client and remote host; each host's ruleset
+    /// loaded. Runs until Ctrl-C or SIGTERM, then tears everything down.
+    Lab(crate::lab::LabArgs),
 }
 
 #[derive(Args)]
@@ -66,6 +71,7 @@ pub fn cmd_deploy(args: DeployArgs) -> Result<ExitCode> {
     match args.command {
         DeployCommand::Render(a) => render(a),
         DeployCommand::Check(a) => check_dns(a),
+        DeployCommand::Lab(a) => crate::lab::cmd_lab(a),
     }
 }
 

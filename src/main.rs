@@ -24,6 +24,7 @@ mod accounts;
 mod announce;
 mod deploy;
 mod dkim;
+mod lab;
 mod mda;
 mod msa;
 mod mta;
