@@ -745,13 +745,14 @@ impl Lab {
     }
 
     /// The next hops of the kernel route to `dst` in namespace `label`, sorted.
-    fn nexthops(&self, label: &str, dst: Ipv4Addr) -> Vec<Ipv4Addr> {
+    fn nexthops(&self, label: &str, dst: IpAddr) -> Vec<IpAddr> {
+        let family = if dst.is_ipv6() { "-6" } else { "-4" };
         let out = run(self
             .exec(label, "ip")
-            .args(["-4", "route", "show", &dst.to_string()]))
+            .args([family, "route", "show", &dst.to_string()]))
         .unwrap_or_default();
         let words: Vec<&str> = out.split_whitespace().collect();
-        let mut hops: Vec<Ipv4Addr> = words
+        let mut hops: Vec<IpAddr> = words
             .windows(2)
             .filter(|w| w[0] == "via")
             .filter_map(|w| w[1].parse().ok())
@@ -761,7 +762,8 @@ impl Lab {
     }
 
     /// Waits until the name server answers, every role listens and every router routes every
-    /// IPv4 VIP to every LB (ECMP). `Ok(false)` when a signal came first.
+    /// VIP to every LB (ECMP; IPv6 too when the routers have IPv6). `Ok(false)` when a signal
+    /// came first.
     fn wait_ready(
         &mut self,
         t: &Topology,
@@ -771,13 +773,23 @@ impl Lab {
         signals: &mut Signals,
     ) -> Result<bool> {
         let deadline = Instant::now() + timeout;
-        let mut lbs: Vec<Ipv4Addr> = hosts
+        let lbs = |v6: bool| -> Vec<IpAddr> {
+            let mut v: Vec<IpAddr> = hosts
+                .iter()
+                .filter(|h| h.has(Role::Lb))
+                .flat_map(|h| h.addrs())
+                .filter(|a| a.is_ipv6() == v6)
+                .collect();
+            v.sort();
+            v
+        };
+        let v6 = plan.routers.iter().all(|&r| t.routers[r].ipv6.is_some());
+        let vips: Vec<IpAddr> = t
+            .services
             .iter()
-            .filter(|h| h.has(Role::Lb))
-            .filter_map(|h| h.ipv4)
+            .flat_map(|s| s.addrs())
+            .filter(|a| a.is_ipv4() || v6)
             .collect();
-        lbs.sort();
-        let vips: Vec<Ipv4Addr> = t.services.iter().filter_map(|s| s.ipv4).collect();
         let ns = t.dns.nameservers[plan.nameserver].name.short().to_string();
         loop {
             if signals.pending().next().is_some() {
@@ -811,9 +823,9 @@ impl Lab {
             for &r in &plan.routers {
                 let r = &t.routers[r].name;
                 for &v in &vips {
-                    let hops = self.nexthops(r, v);
-                    if hops != lbs {
-                        waiting.push(format!("{r}: {v} via {hops:?}, not {lbs:?}"));
+                    let (hops, want) = (self.nexthops(r, v), lbs(v.is_ipv6()));
+                    if hops != want {
+                        waiting.push(format!("{r}: {v} via {hops:?}, not {want:?}"));
                     }
                 }
             }

@@ -310,7 +310,9 @@ impl Lab {
 
     /// The next hops of `label`'s kernel route to `dst`, sorted.
     fn nexthops(&self, label: &str, dst: &str) -> Vec<String> {
-        let out = run(self.cmd(label, "ip").args(["-4", "route", "show", dst])).unwrap_or_default();
+        let family = if dst.contains(':') { "-6" } else { "-4" };
+        let out =
+            run(self.cmd(label, "ip").args([family, "route", "show", dst])).unwrap_or_default();
         let words: Vec<&str> = out.split_whitespace().collect();
         let mut hops: Vec<String> = words
             .windows(2)
@@ -402,22 +404,23 @@ fn site_a_stands_up_from_the_rendered_files_and_carries_mail() {
     let t = lab.t.clone();
     let t = &t;
 
-    // Ready means ECMP: both routers route both VIPs over both LBs.
+    // Ready means ECMP: both routers route every VIP, IPv4 and IPv6, over both LBs.
     let site = t.sites.iter().position(|s| s.name == SITE).unwrap();
-    let mut lbs: Vec<String> = t
-        .hosts_with(Role::Lb)
-        .filter(|h| h.site == site)
-        .map(|h| h.ipv4.unwrap().to_string())
-        .collect();
-    lbs.sort();
+    let lbs = |v6: bool| -> Vec<String> {
+        let mut v: Vec<String> = t
+            .hosts_with(Role::Lb)
+            .filter(|h| h.site == site)
+            .flat_map(|h| h.addrs())
+            .filter(|a| a.is_ipv6() == v6)
+            .map(|a| a.to_string())
+            .collect();
+        v.sort();
+        v
+    };
     for r in t.routers.iter().filter(|r| r.site == site) {
-        for v in t.services.iter().filter_map(|s| s.ipv4) {
-            assert_eq!(
-                lab.nexthops(&r.name, &v.to_string()),
-                lbs,
-                "{} -> {v}",
-                r.name
-            );
+        for v in t.services.iter().flat_map(|s| s.addrs()) {
+            let hops = lab.nexthops(&r.name, &v.to_string());
+            assert_eq!(hops, lbs(v.is_ipv6()), "{} -> {v}", r.name);
         }
     }
 
