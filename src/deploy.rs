@@ -26,6 +26,11 @@ enum DeployCommand {
     /// Query DNS and report, record by record, what is missing or differs from the topology;
     /// exit status 1 when anything does.
     Check(CheckArgs),
+    /// Stand one site up for real from the rendered files, in network namespaces on this
+    /// machine (root): its routers (BIRD), LBs (ringmail lb + BIRD), the first host of each mail
+    /// role, its name server (NSD) and an Internet client and remote host; each host's ruleset
+    /// loaded. Runs until Ctrl-C or SIGTERM, then tears everything down.
+    Lab(crate::lab::LabArgs),
 }
 
 #[derive(Args)]
@@ -39,6 +44,11 @@ struct RenderArgs {
     /// Only validate the topology (every error at once) and list the files it would write.
     #[arg(long)]
     check: bool,
+    /// Put every path the role configs and units name (/etc/ringmail, /var/lib/ringmail, the
+    /// DKIM keys, a SQLite account store) under this directory, for a lab or a staging copy
+    /// that runs unprivileged from one place.
+    #[arg(long)]
+    root: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -61,6 +71,7 @@ pub fn cmd_deploy(args: DeployArgs) -> Result<ExitCode> {
     match args.command {
         DeployCommand::Render(a) => render(a),
         DeployCommand::Check(a) => check_dns(a),
+        DeployCommand::Lab(a) => crate::lab::cmd_lab(a),
     }
 }
 
@@ -78,7 +89,13 @@ fn render(a: RenderArgs) -> Result<ExitCode> {
     let Some(t) = load(&a.topology)? else {
         return Ok(ExitCode::from(2));
     };
-    let files = ringmail_deploy::render(&t);
+    let root = match a.root {
+        Some(r) => {
+            Some(std::path::absolute(&r).with_context(|| format!("--root {}", r.display()))?)
+        }
+        None => None,
+    };
+    let files = ringmail_deploy::render_with(&t, &ringmail_deploy::RenderOptions { root });
     match a.out {
         Some(out) if !a.check => {
             ringmail_deploy::write_tree(&out, &files)

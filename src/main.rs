@@ -25,6 +25,7 @@ mod announce;
 mod deploy;
 mod dkim;
 mod hop;
+mod lab;
 mod mda;
 mod msa;
 mod mta;

@@ -30,9 +30,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::netns::{Hub, Netns, run, seq};
 use common::*;
 use ringmail_deploy::topology::{Role, ServiceKind, Topology};
 
@@ -47,8 +47,6 @@ const INTERNET_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 const INTERNET_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xeeee, 0, 0, 0, 0, 7);
 const MGMT_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const MGMT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
-
-static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 fn example() -> Topology {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/example.com.toml");
@@ -88,54 +86,6 @@ fn prerequisites() -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Runs a command to completion (bounded) and returns its output, or the failure with stderr.
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let (status, out) = run_bounded(cmd, Duration::from_secs(20));
-    if status.success() {
-        Ok(out)
-    } else {
-        Err(format!("{cmd:?}: {status}\n{out}"))
-    }
-}
-
-/// A network namespace, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn create(name: String) -> Netns {
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run(Command::new("ip").args(["netns", "add", &name])).expect("create network namespace");
-        Netns(name)
-    }
-
-    fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0, program]);
-        c
-    }
-
-    /// Runs `ip [-6] -n NS -batch FILE` with `lines` (in the temporary directory).
-    fn ip_batch(&self, v6: bool, lines: &[String], dir: &TempDir) {
-        if lines.is_empty() {
-            return;
-        }
-        let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        let file = dir.write(&format!("ip-batch-{n}"), &(lines.join("\n") + "\n"));
-        let mut c = Command::new("ip");
-        if v6 {
-            c.arg("-6");
-        }
-        c.args(["-n", &self.0, "-batch"]).arg(&file);
-        run(&mut c).unwrap_or_else(|e| panic!("{e}\nbatch:\n{}", lines.join("\n")));
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,25 +397,15 @@ for p in probes:
 struct Lab {
     listeners: Vec<ChildGuard>,
     nodes_ns: Vec<Netns>,
-    hub: Netns,
+    hub: Hub,
     dir: TempDir,
 }
 
 impl Lab {
     fn build(t: &Topology, nodes: &[Node]) -> Lab {
-        let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        let prefix = format!("rmdn{}x{n}", std::process::id());
+        let prefix = format!("rmdn{}x{}", std::process::id(), seq());
         let dir = TempDir::new("deploy-netns");
-        let hub = Netns::create(format!("{prefix}-hub"));
-        hub.ip_batch(
-            false,
-            &[
-                "link set lo up".into(),
-                "link add br0 type bridge mcast_snooping 0".into(),
-                "link set br0 up".into(),
-            ],
-            &dir,
-        );
+        let hub = Hub::create(format!("{prefix}-hub"), &["br0"], &dir);
         let mut lab = Lab {
             listeners: Vec::new(),
             nodes_ns: Vec::new(),
@@ -475,15 +415,7 @@ impl Lab {
         let lbs = lb_nodes(t, nodes);
         for (i, node) in nodes.iter().enumerate() {
             let ns = Netns::create(format!("{prefix}-{}", node.label));
-            lab.hub.ip_batch(
-                false,
-                &[
-                    format!("link add v{i} type veth peer name eth0 netns {}", ns.0),
-                    format!("link set v{i} master br0"),
-                    format!("link set v{i} up"),
-                ],
-                &lab.dir,
-            );
+            lab.hub.plug("br0", &ns, "eth0", &lab.dir);
             let mut v4 = vec![
                 "link set lo up".to_string(),
                 "link set eth0 up".into(),

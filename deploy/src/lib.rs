@@ -64,12 +64,27 @@ impl RenderedFile {
     }
 }
 
-/// Every file of the deployment, sorted by path.
+/// How the rendered files place things on the hosts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RenderOptions {
+    /// A directory put in front of every path the role configs and units name: the configs
+    /// (/etc/ringmail), the TLS and DKIM keys, the state (/var/lib/ringmail) and a SQLite account
+    /// store. A lab or a staging copy then runs unprivileged from that one directory. `None`:
+    /// the paths of an installed host.
+    pub root: Option<PathBuf>,
+}
+
+/// Every file of the deployment, sorted by path, as installed on the hosts.
 pub fn render(t: &Topology) -> Vec<RenderedFile> {
+    render_with(t, &RenderOptions::default())
+}
+
+/// [`render`] with options (see [`RenderOptions`]).
+pub fn render_with(t: &Topology, opts: &RenderOptions) -> Vec<RenderedFile> {
     let mut files = zone::render(t);
     files.extend(nft::render(t));
     files.extend(bgp::render(t));
-    files.extend(units::render(t));
+    files.extend(units::render(t, opts));
     files.sort_by(|a, b| a.path.cmp(&b.path));
     files
 }

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -291,6 +291,9 @@ pub struct Dns {
     pub hostmaster: Fqdn,
     pub nameservers: Vec<NameServer>,
     pub reverse_zones: Vec<IpNet>,
+    /// The recursive resolver the MX hosts (sender checks) and the MTA hosts (MX lookups) ask;
+    /// `None`: each host's /etc/resolv.conf.
+    pub resolver: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -468,6 +471,8 @@ struct RawDns {
     hostmaster: Spanned<String>,
     nameserver: Vec<Spanned<RawNameServer>>,
     reverse_zones: Vec<Spanned<String>>,
+    #[serde(default)]
+    resolver: Option<Spanned<String>>,
 }
 
 fn default_ttl() -> Spanned<u32> {
@@ -593,7 +598,14 @@ const TOP_KEYS: &[&str] = &[
     "bgp",
     "accounts",
 ];
-const DNS_KEYS: &[&str] = &["serial", "ttl", "hostmaster", "nameserver", "reverse_zones"];
+const DNS_KEYS: &[&str] = &[
+    "serial",
+    "ttl",
+    "hostmaster",
+    "nameserver",
+    "reverse_zones",
+    "resolver",
+];
 const NS_KEYS: &[&str] = &["name", "ipv4", "ipv6"];
 const MGMT_KEYS: &[&str] = &["networks"];
 const DOMAIN_KEYS: &[&str] = &["name", "mx_priority", "adsp", "dmarc", "dkim"];
@@ -1252,12 +1264,27 @@ impl Validator<'_, '_, '_> {
         if *d.ttl.get_ref() == 0 {
             self.err(d.ttl.span(), "dns.ttl must be at least 1");
         }
+        let resolver = d.resolver.as_ref().and_then(|r| {
+            let s = r.get_ref().trim();
+            let parsed = s
+                .parse::<SocketAddr>()
+                .ok()
+                .or_else(|| s.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53)));
+            if parsed.is_none() {
+                self.err(
+                    r.span(),
+                    format!("dns.resolver `{s}` is not an IP address or IP:PORT"),
+                );
+            }
+            parsed
+        });
         Some(Dns {
             serial: *d.serial.get_ref(),
             ttl: *d.ttl.get_ref(),
             hostmaster: hostmaster?,
             nameservers,
             reverse_zones,
+            resolver,
         })
     }
 
@@ -1524,6 +1551,27 @@ site = "one"
 roles = ["mta"]
 ipv4 = "198.51.100.26"
 "#;
+
+    #[test]
+    fn resolver_is_an_address_with_port_53_by_default() {
+        assert_eq!(load(SMALL).unwrap().dns.resolver, None);
+        let with = |r: &str| {
+            load(&SMALL.replace(
+                "reverse_zones = [",
+                &format!("resolver = \"{r}\"\nreverse_zones = ["),
+            ))
+        };
+        assert_eq!(
+            with("198.51.100.53").unwrap().dns.resolver,
+            Some("198.51.100.53:53".parse().unwrap())
+        );
+        assert_eq!(
+            with("[2001:db8::53]:5353").unwrap().dns.resolver,
+            Some("[2001:db8::53]:5353".parse().unwrap())
+        );
+        let e = with("ns1.example.net").unwrap_err();
+        assert!(e.contains("dns.resolver `ns1.example.net`"), "{e}");
+    }
 
     #[test]
     fn the_example_is_the_seeds_deployment() {

@@ -16,7 +16,12 @@
 //! `tests/deploy_render.rs`). Where a schema takes one next hop and the topology has several
 //! candidates, the first host of the role in the host's own site (topology order) is taken, IPv4
 //! preferred, and the file says so. Fixed paths: the config at /etc/ringmail/<role>.toml, TLS at
-//! /etc/ringmail/tls/<fqdn>.crt|.key, state (spool, mail) under /var/lib/ringmail/<role>/.
+//! /etc/ringmail/tls/<fqdn>.crt|.key, state (spool, mail) under /var/lib/ringmail/<role>/; with
+//! [`RenderOptions::root`] all of them (and the DKIM keys and a SQLite account store) move under
+//! that directory, for a lab or a staging copy that runs unprivileged from one place.
+//!
+//! The topology's `[dns] resolver`, when set, is the MTA's `resolver` and the MX's
+//! `[mx.checks] dns`; otherwise both use the host's /etc/resolv.conf.
 //!
 //! The units run each role as its own static system user (`ringmail-<role>`, group `ringmail`)
 //! rather than with `DynamicUser=`: the spool and the mailboxes are long-lived data that backups,
@@ -28,9 +33,10 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::path::Path;
 
-use crate::RenderedFile;
 use crate::topology::{BgpMode, Host, Role, ServiceKind, Topology, ports};
+use crate::{RenderOptions, RenderedFile};
 
 /// Admin (metrics, queue API) listener ports on 127.0.0.1, per role.
 pub fn admin_port(role: Role) -> Option<u16> {
@@ -53,6 +59,49 @@ pub fn state_dir(role: Role) -> String {
     format!("/var/lib/ringmail/{role}")
 }
 
+/// The paths the configs and units name: as installed, or under [`RenderOptions::root`].
+#[derive(Clone, Copy)]
+struct Paths<'a> {
+    root: Option<&'a Path>,
+}
+
+impl Paths<'_> {
+    /// `path` (absolute) under the root.
+    fn at(&self, path: &str) -> String {
+        match self.root {
+            None => path.to_string(),
+            Some(root) => {
+                let root = root.display().to_string();
+                format!("{}{path}", root.trim_end_matches('/'))
+            }
+        }
+    }
+
+    fn config(&self, role: Role) -> String {
+        self.at(&config_path(role))
+    }
+
+    fn state(&self, role: Role) -> String {
+        self.at(&state_dir(role))
+    }
+
+    /// The account store URL; a SQLite file moves under the root like every other path.
+    fn accounts(&self, url: &str) -> String {
+        match url.strip_prefix("sqlite:") {
+            Some(path) if path.starts_with('/') => format!("sqlite:{}", self.at(path)),
+            _ => url.to_string(),
+        }
+    }
+
+    fn tls_line(&self, h: &Host) -> String {
+        format!(
+            "tls = {{ cert = {}, key = {} }}",
+            q(&self.at(&format!("/etc/ringmail/tls/{}.crt", h.name))),
+            q(&self.at(&format!("/etc/ringmail/tls/{}.key", h.name)))
+        )
+    }
+}
+
 /// How long the LB keeps draining sessions on SIGTERM.
 const LB_DRAIN_TIMEOUT_S: u64 = 60;
 /// How long the LB announces GRACEFUL_SHUTDOWN before it withdraws the VIPs.
@@ -60,16 +109,19 @@ const LB_GRACEFUL_WAIT_S: u64 = 15;
 
 const HEADER_NOTE: &str = "Rendered by `ringmail deploy render` from the topology file: change the topology, not this file.";
 
-pub fn render(t: &Topology) -> Vec<RenderedFile> {
+pub fn render(t: &Topology, opts: &RenderOptions) -> Vec<RenderedFile> {
+    let p = Paths {
+        root: opts.root.as_deref(),
+    };
     let mut out = Vec::new();
     for h in &t.hosts {
         for &role in &h.roles {
             let config = match role {
-                Role::Lb => lb_config(t, h),
-                Role::Mx => mx_config(t, h),
-                Role::Msa => msa_config(t, h),
-                Role::Mta => mta_config(t, h),
-                Role::Mda => mda_config(t, h),
+                Role::Lb => lb_config(t, h, p),
+                Role::Mx => mx_config(t, h, p),
+                Role::Msa => msa_config(t, h, p),
+                Role::Mta => mta_config(t, h, p),
+                Role::Mda => mda_config(t, h, p),
             };
             out.push(RenderedFile::new(
                 format!("hosts/{}/ringmail-{role}.toml", h.name),
@@ -77,7 +129,7 @@ pub fn render(t: &Topology) -> Vec<RenderedFile> {
             ));
             out.push(RenderedFile::new(
                 format!("hosts/{}/ringmail-{role}.service", h.name),
-                unit(t, h, role),
+                unit(t, h, role, p),
             ));
         }
     }
@@ -186,27 +238,19 @@ fn addrs_of(t: &Topology, roles: &[Role]) -> Vec<String> {
         .collect()
 }
 
-fn tls_line(h: &Host) -> String {
-    format!(
-        "tls = {{ cert = {}, key = {} }}",
-        q(&format!("/etc/ringmail/tls/{}.crt", h.name)),
-        q(&format!("/etc/ringmail/tls/{}.key", h.name))
-    )
-}
-
-fn header(h: &Host, role: Role, what: &str) -> String {
+fn header(h: &Host, role: Role, what: &str, p: Paths<'_>) -> String {
     format!(
         "# ringmail {role} on {} ({what}).\n\
          # {HEADER_NOTE}\n\
          # Install as {}; ringmail-{role}.service runs it.\n\
          # The TLS certificate must also name the client-facing service names this host serves.\n",
         h.name,
-        config_path(role)
+        p.config(role)
     )
 }
 
-fn lb_config(t: &Topology, h: &Host) -> String {
-    let mut s = header(h, Role::Lb, "anycast load balancer");
+fn lb_config(t: &Topology, h: &Host, p: Paths<'_>) -> String {
+    let mut s = header(h, Role::Lb, "anycast load balancer", p);
     let site = &t.sites[h.site].name;
     let _ = writeln!(
         s,
@@ -409,8 +453,8 @@ fn lb_config(t: &Topology, h: &Host) -> String {
     s
 }
 
-fn mx_config(t: &Topology, h: &Host) -> String {
-    let mut s = header(h, Role::Mx, "inbound SMTP for our domains");
+fn mx_config(t: &Topology, h: &Host, p: Paths<'_>) -> String {
+    let mut s = header(h, Role::Mx, "inbound SMTP for our domains", p);
     let domains: Vec<String> = t.domains.iter().map(|d| d.name.to_string()).collect();
     let (mda, mda_why) = one_next_hop(t, Role::Mda, h.site, ports::LMTP);
     let (mta, mta_why) = one_next_hop(t, Role::Mta, h.site, ports::SMTP);
@@ -434,18 +478,27 @@ fn mx_config(t: &Topology, h: &Host) -> String {
         q(h.name.as_str()),
         list(&listen(h, ports::SMTP)),
         list(&domains),
-        q(&format!("{}/spool", state_dir(Role::Mx))),
-        q(&t.accounts),
+        q(&format!("{}/spool", p.state(Role::Mx))),
+        q(&p.accounts(&t.accounts)),
         admin_port(Role::Mx).expect("mx has admin"),
-        tls_line(h),
+        p.tls_line(h),
         q(&mda),
         q(&mta)
     );
+    if let Some(r) = t.dns.resolver {
+        let _ = writeln!(
+            s,
+            "\n[mx.checks]\n\
+             # The sender checks (iprev, SPF, DKIM, DMARC) ask the topology's resolver.\n\
+             dns = {}",
+            q(&r.to_string())
+        );
+    }
     s
 }
 
-fn msa_config(t: &Topology, h: &Host) -> String {
-    let mut s = header(h, Role::Msa, "authenticated submission");
+fn msa_config(t: &Topology, h: &Host, p: Paths<'_>) -> String {
+    let mut s = header(h, Role::Msa, "authenticated submission", p);
     let (mta, why) = one_next_hop(t, Role::Mta, h.site, ports::SMTP);
     let lbs = addrs_of(t, &[Role::Lb]);
     let _ = writeln!(
@@ -468,18 +521,18 @@ fn msa_config(t: &Topology, h: &Host) -> String {
         q(h.name.as_str()),
         list(&listen(h, ports::SUBMISSION)),
         list(&listen(h, ports::SUBMISSIONS)),
-        q(&t.accounts),
-        q(&format!("{}/spool", state_dir(Role::Msa))),
+        q(&p.accounts(&t.accounts)),
+        q(&format!("{}/spool", p.state(Role::Msa))),
         q(&mta),
         list(&lbs),
         admin_port(Role::Msa).expect("msa has admin"),
-        tls_line(h)
+        p.tls_line(h)
     );
     s
 }
 
-fn mta_config(t: &Topology, h: &Host) -> String {
-    let mut s = header(h, Role::Mta, "outbound SMTP");
+fn mta_config(t: &Topology, h: &Host, p: Paths<'_>) -> String {
+    let mut s = header(h, Role::Mta, "outbound SMTP", p);
     let clients = addrs_of(t, &[Role::Msa, Role::Mx]);
     let _ = writeln!(
         s,
@@ -493,11 +546,18 @@ fn mta_config(t: &Topology, h: &Host) -> String {
          {}",
         q(h.name.as_str()),
         list(&listen(h, ports::SMTP)),
-        q(&format!("{}/spool", state_dir(Role::Mta))),
+        q(&format!("{}/spool", p.state(Role::Mta))),
         list(&clients),
         admin_port(Role::Mta).expect("mta has admin"),
-        tls_line(h)
+        p.tls_line(h)
     );
+    if let Some(r) = t.dns.resolver {
+        let _ = writeln!(
+            s,
+            "resolver = {}   # MX lookups: the topology's resolver",
+            q(&r.to_string())
+        );
+    }
     let keys: Vec<String> = t
         .domains
         .iter()
@@ -507,7 +567,7 @@ fn mta_config(t: &Topology, h: &Host) -> String {
                     "  {{ domain = {}, selector = {}, key = {} }},",
                     q(d.name.as_str()),
                     q(&k.selector),
-                    q(&k.private_key_path.display().to_string())
+                    q(&p.at(&k.private_key_path.display().to_string()))
                 )
             })
         })
@@ -521,8 +581,8 @@ fn mta_config(t: &Topology, h: &Host) -> String {
     s
 }
 
-fn mda_config(t: &Topology, h: &Host) -> String {
-    let mut s = header(h, Role::Mda, "LMTP delivery and IMAPS");
+fn mda_config(t: &Topology, h: &Host, p: Paths<'_>) -> String {
+    let mut s = header(h, Role::Mda, "LMTP delivery and IMAPS", p);
     let _ = writeln!(
         s,
         "\n[mda]\n\
@@ -539,11 +599,11 @@ fn mda_config(t: &Topology, h: &Host) -> String {
         q(h.name.as_str()),
         list(&listen(h, ports::LMTP)),
         list(&listen(h, ports::IMAPS)),
-        q(&format!("{}/mail", state_dir(Role::Mda))),
-        q(&t.accounts),
+        q(&format!("{}/mail", p.state(Role::Mda))),
+        q(&p.accounts(&t.accounts)),
         list(&addrs_of(t, &[Role::Mx, Role::Msa])),
         list(&addrs_of(t, &[Role::Lb])),
-        tls_line(h)
+        p.tls_line(h)
     );
     s
 }
@@ -559,7 +619,7 @@ fn describe(role: Role) -> &'static str {
 }
 
 /// The hardened systemd unit of `role` on `h`.
-fn unit(t: &Topology, h: &Host, role: Role) -> String {
+fn unit(t: &Topology, h: &Host, role: Role, p: Paths<'_>) -> String {
     let lb = role == Role::Lb;
     let mut s = format!(
         "# ringmail-{role}.service on {}.\n\
@@ -583,11 +643,11 @@ fn unit(t: &Topology, h: &Host, role: Role) -> String {
          Group=ringmail\n\
          ExecStart=/usr/bin/ringmail {role} --config {}\n",
         h.name,
-        config_path(role),
-        state_dir(role),
+        p.config(role),
+        p.state(role),
         describe(role),
         h.name,
-        config_path(role),
+        p.config(role),
     );
     match role {
         Role::Lb => s.push_str(
@@ -611,14 +671,26 @@ fn unit(t: &Topology, h: &Host, role: Role) -> String {
             LB_GRACEFUL_WAIT_S + LB_DRAIN_TIMEOUT_S + 15
         );
     }
-    let _ = writeln!(
-        s,
-        "StateDirectory=ringmail/{role}\n\
-         StateDirectoryMode=0750\n\
-         UMask=0027"
-    );
-    if t.accounts.starts_with("sqlite:") && matches!(role, Role::Msa | Role::Mda | Role::Mx) {
-        let path = t.accounts.trim_start_matches("sqlite:");
+    if p.root.is_some() {
+        // StateDirectory= is always under /var/lib: under a root the directory is made by hand.
+        let _ = writeln!(
+            s,
+            "# The state directory (create it, owned by ringmail-{role}, mode 0750).\n\
+             ReadWritePaths={}\n\
+             UMask=0027",
+            p.state(role)
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "StateDirectory=ringmail/{role}\n\
+             StateDirectoryMode=0750\n\
+             UMask=0027"
+        );
+    }
+    let accounts = p.accounts(&t.accounts);
+    if accounts.starts_with("sqlite:") && matches!(role, Role::Msa | Role::Mda | Role::Mx) {
+        let path = accounts.trim_start_matches("sqlite:");
         if let Some(dir) = std::path::Path::new(path).parent() {
             let _ = writeln!(
                 s,
@@ -726,9 +798,13 @@ mod tests {
     #[test]
     fn one_config_and_unit_per_host_role() {
         let t = example();
-        let files = render(&t);
+        let files = render(&t, &RenderOptions::default());
         assert_eq!(files.len(), 2 * t.hosts.len());
-        assert_eq!(render(&t), files, "deterministic");
+        assert_eq!(
+            render(&t, &RenderOptions::default()),
+            files,
+            "deterministic"
+        );
         has(
             file(&files, "hosts/mx-b1.example.com/ringmail-mx.toml"),
             &[
@@ -799,7 +875,7 @@ mod tests {
     fn announce_per_mode() {
         let mut t = example();
         t.bgp.mode = BgpMode::Speaker;
-        let files = render(&t);
+        let files = render(&t, &RenderOptions::default());
         has(
             file(&files, "hosts/lb-a1.example.com/ringmail-lb.toml"),
             &[
@@ -811,7 +887,7 @@ mod tests {
             ],
         );
         t.bgp.mode = BgpMode::Frr;
-        let files = render(&t);
+        let files = render(&t, &RenderOptions::default());
         has(
             file(&files, "hosts/lb-a1.example.com/ringmail-lb.toml"),
             &["mode = \"kernel-table\"", "loopback = \"local-route\""],
@@ -821,7 +897,7 @@ mod tests {
     #[test]
     fn units_are_hardened() {
         let t = example();
-        let files = render(&t);
+        let files = render(&t, &RenderOptions::default());
         let lb = file(&files, "hosts/lb-a1.example.com/ringmail-lb.service");
         has(
             lb,
@@ -855,6 +931,59 @@ mod tests {
             file(&files, "hosts/mta-b1.example.com/ringmail-mta.service")
                 .contains("ExecReload=/bin/kill -HUP $MAINPID")
         );
+    }
+
+    #[test]
+    fn root_moves_every_path_and_resolver_reaches_mx_and_mta() {
+        let mut t = example();
+        t.accounts = crate::topology::DEFAULT_ACCOUNTS.to_string();
+        t.dns.resolver = Some("192.0.2.30:53".parse().unwrap());
+        let opts = RenderOptions {
+            root: Some("/srv/lab/root/".into()),
+        };
+        let files = render(&t, &opts);
+        let r = "/srv/lab/root";
+        has(
+            file(&files, "hosts/mta-a1.example.com/ringmail-mta.toml"),
+            &[
+                &format!("spool = \"{r}/var/lib/ringmail/mta/spool\""),
+                &format!("cert = \"{r}/etc/ringmail/tls/mta-a1.example.com.crt\""),
+                &format!("key = \"{r}/etc/ringmail/dkim/202401._domainkey.example.com.key\""),
+                "resolver = \"192.0.2.30:53\"",
+            ],
+        );
+        has(
+            file(&files, "hosts/mx-a1.example.com/ringmail-mx.toml"),
+            &[
+                &format!("accounts = \"sqlite:{r}/var/lib/ringmail/accounts.db\""),
+                "[mx.checks]\n# The sender checks (iprev, SPF, DKIM, DMARC) ask the topology's resolver.\ndns = \"192.0.2.30:53\"",
+            ],
+        );
+        has(
+            file(&files, "hosts/mda-a1.example.com/ringmail-mda.toml"),
+            &[&format!("maildir = \"{r}/var/lib/ringmail/mda/mail\"")],
+        );
+        let unit = file(&files, "hosts/msa-a1.example.com/ringmail-msa.service");
+        has(
+            unit,
+            &[
+                &format!("--config {r}/etc/ringmail/msa.toml"),
+                &format!("ReadWritePaths={r}/var/lib/ringmail/msa\n"),
+                &format!("ReadWritePaths=-{r}/var/lib/ringmail\n"),
+            ],
+        );
+        assert!(!unit.contains("StateDirectory="), "{unit}");
+        for f in &files {
+            for line in f.contents.lines().filter(|l| !l.starts_with('#')) {
+                for fixed in ["\"/etc/ringmail", "\"/var/lib/ringmail", " /etc/ringmail"] {
+                    assert!(!line.contains(fixed), "{}: {line}", f.path.display());
+                }
+            }
+        }
+        // Without a resolver in the topology, the hosts' own resolv.conf (nothing rendered).
+        let plain = render(&example(), &RenderOptions::default());
+        let mx = file(&plain, "hosts/mx-a1.example.com/ringmail-mx.toml");
+        assert!(!mx.contains("[mx.checks]"), "{mx}");
     }
 
     #[test]

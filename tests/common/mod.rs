@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 /// Independent DKIM verification (dkimpy).
 pub mod dkimverify;
+/// Network namespaces, bridges and veth pairs (root-only tests).
+pub mod netns;
 
 /// Path of the binary under test.
 pub const RINGMAIL: &str = env!("CARGO_BIN_EXE_ringmail");
