@@ -238,23 +238,35 @@ type Reply<T> = Result<T, Done>;
 /// Longest mailbox name the session passes to the store, in octets.
 pub const MAX_MAILBOX_NAME: usize = 1024;
 
-/// Checks and converts a mailbox name from the client.
-fn mailbox_name(mb: &Mailbox<'_>) -> Reply<String> {
+/// Checks and converts a mailbox name from the client to the store's form (modified UTF-7,
+/// as Dovecot keeps it): a UTF-8 session's names are encoded; an IMAP4rev1 session's must
+/// already be canonical modified UTF-7.
+fn mailbox_name(mb: &Mailbox<'_>, utf8: bool) -> Reply<String> {
     match mb {
         Mailbox::Inbox => Ok("INBOX".into()),
-        Mailbox::Other(o) => name_from_bytes(o.as_ref()),
+        Mailbox::Other(o) => name_from_bytes(o.as_ref(), utf8),
     }
 }
 
-fn name_from_bytes(b: &[u8]) -> Reply<String> {
+fn name_from_bytes(b: &[u8], utf8: bool) -> Reply<String> {
     let s = std::str::from_utf8(b).map_err(|_| Done::bad("Mailbox name is not UTF-8"))?;
-    if s.is_empty() || s.len() > MAX_MAILBOX_NAME || s.chars().any(char::is_control) {
+    if s.is_empty() || s.chars().any(char::is_control) {
+        return Err(Done::no("CANNOT", "Invalid mailbox name"));
+    }
+    let s = if utf8 {
+        crate::utf7::encode(s)
+    } else {
+        crate::utf7::decode(s)
+            .map_err(|_| Done::no("CANNOT", "Mailbox name is not valid modified UTF-7"))?;
+        s.to_owned()
+    };
+    if s.len() > MAX_MAILBOX_NAME {
         return Err(Done::no("CANNOT", "Invalid mailbox name"));
     }
     if s.eq_ignore_ascii_case("INBOX") {
         return Ok("INBOX".into());
     }
-    Ok(s.to_owned())
+    Ok(s)
 }
 
 fn from_imap_flag(f: &ImapFlag<'_>) -> Option<Flag> {
@@ -971,7 +983,7 @@ impl Session {
             }
             CommandBody::Create { mailbox } => {
                 need(authed)?;
-                let name = mailbox_name(&mailbox)?;
+                let name = mailbox_name(&mailbox, self.rev2)?;
                 let name = name.trim_end_matches('/');
                 if name.eq_ignore_ascii_case("INBOX") {
                     return Err(Done::no("ALREADYEXISTS", "INBOX exists"));
@@ -981,13 +993,16 @@ impl Session {
             }
             CommandBody::Delete { mailbox } => {
                 need(authed)?;
-                let name = mailbox_name(&mailbox)?;
+                let name = mailbox_name(&mailbox, self.rev2)?;
                 self.store()?.delete(&name).map_err(|e| store_error(&e))?;
                 Ok(Done::ok("DELETE completed"))
             }
             CommandBody::Rename { from, to } => {
                 need(authed)?;
-                let (from, to) = (mailbox_name(&from)?, mailbox_name(&to)?);
+                let (from, to) = (
+                    mailbox_name(&from, self.rev2)?,
+                    mailbox_name(&to, self.rev2)?,
+                );
                 self.store()?
                     .rename(&from, &to)
                     .map_err(|e| store_error(&e))?;
@@ -995,7 +1010,7 @@ impl Session {
             }
             CommandBody::Subscribe { mailbox } => {
                 need(authed)?;
-                let name = mailbox_name(&mailbox)?;
+                let name = mailbox_name(&mailbox, self.rev2)?;
                 self.store()?
                     .subscribe(&name, true)
                     .map_err(|e| store_error(&e))?;
@@ -1004,7 +1019,7 @@ impl Session {
             CommandBody::Unsubscribe { mailbox } => {
                 need(authed)?;
                 let on = false;
-                let name = mailbox_name(&mailbox)?;
+                let name = mailbox_name(&mailbox, self.rev2)?;
                 self.store()?
                     .subscribe(&name, on)
                     .map_err(|e| store_error(&e))?;
@@ -1029,7 +1044,7 @@ impl Session {
                 item_names,
             } => {
                 need(authed)?;
-                let name = mailbox_name(&mailbox)?;
+                let name = mailbox_name(&mailbox, self.rev2)?;
                 self.status(&name, item_names.as_ref())?;
                 Ok(Done::ok("STATUS completed"))
             }
@@ -1040,7 +1055,7 @@ impl Session {
                 message,
             } => {
                 need(authed)?;
-                let name = mailbox_name(&mailbox)?;
+                let name = mailbox_name(&mailbox, self.rev2)?;
                 let flags: Vec<Flag> = flags.iter().filter_map(from_imap_flag).collect();
                 let date = date.map(|d| SystemTime::from(*d.as_ref()));
                 let data = message.data();
@@ -1234,7 +1249,7 @@ impl Session {
     }
 
     fn select(&mut self, mailbox: &Mailbox<'_>, writable: bool, condstore: bool) -> Reply<Done> {
-        let name = mailbox_name(mailbox)?;
+        let name = mailbox_name(mailbox, self.rev2)?;
         if self.sel.take().is_some() {
             self.state = State::Authenticated;
             self.store()?.unselect();
@@ -1317,6 +1332,17 @@ impl Session {
             ListMailbox::Token(t) => t.as_ref().to_vec(),
             ListMailbox::String(s) => s.as_ref().to_vec(),
         };
+        // A UTF-8 session's reference and pattern are matched in the store's form (the
+        // wildcards `*` and `%` encode as themselves).
+        let (reference, pattern) = if self.rev2 {
+            let enc = |b: Vec<u8>| match String::from_utf8(b) {
+                Ok(s) => Ok(crate::utf7::encode(&s).into_bytes()),
+                Err(_) => Err(Done::bad("Mailbox name is not UTF-8")),
+            };
+            (enc(reference)?, enc(pattern)?)
+        } else {
+            (reference, pattern)
+        };
         let word = if lsub { "LSUB" } else { "LIST" };
         if pattern.is_empty() {
             self.raw(format!("* {word} (\\Noselect) \"/\" \"\"\r\n"));
@@ -1386,7 +1412,7 @@ impl Session {
                     attr("Subscribed");
                 }
             }
-            let Ok(name) = Mailbox::try_from(mb.name.clone()) else {
+            let Ok(name) = Mailbox::try_from(self.display_name(&mb.name)) else {
                 continue;
             };
             let data = if lsub {
@@ -1411,6 +1437,17 @@ impl Session {
             }
         }
         Ok(Done::ok("LIST completed"))
+    }
+
+    /// A store name as this session shows it: UTF-8 after ENABLE IMAP4rev2, else as stored
+    /// (modified UTF-7). A name that is not canonical modified UTF-7 (made by another tool)
+    /// is shown as stored.
+    fn display_name(&self, stored: &str) -> String {
+        if self.rev2 {
+            crate::utf7::decode(stored).unwrap_or_else(|_| stored.to_owned())
+        } else {
+            stored.to_owned()
+        }
     }
 
     fn status(&mut self, name: &str, items: &[StatusDataItemName]) -> Reply<()> {
@@ -1439,7 +1476,8 @@ impl Session {
                 }
             }
         }
-        let mailbox = Mailbox::try_from(name.to_owned()).map_err(|_| Done::bad("Bad name"))?;
+        let mailbox =
+            Mailbox::try_from(self.display_name(name)).map_err(|_| Done::bad("Bad name"))?;
         if out.is_empty() && !extra.is_empty() {
             extra.remove(0);
         }
@@ -1814,7 +1852,7 @@ impl Session {
         uid: bool,
         mv: bool,
     ) -> Reply<Done> {
-        let dest = mailbox_name(mailbox)?;
+        let dest = mailbox_name(mailbox, self.rev2)?;
         let idx = self.resolve(set, uid)?;
         if mv && !self.sel.as_ref().is_some_and(|s| s.writable) {
             return Err(Done::no("READ-ONLY", "Mailbox is read-only"));

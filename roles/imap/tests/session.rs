@@ -349,6 +349,60 @@ fn mailbox_management_and_list() {
 }
 
 #[test]
+fn mailbox_names_are_modified_utf7_for_rev1_and_utf8_after_enable_imap4rev2() {
+    let store = MemoryStore::new();
+    // An IMAP4rev1 client speaks modified UTF-7, which is also the store's form.
+    let mut v1 = Client::logged_in(&store);
+    assert_eq!(
+        v1.send("a CREATE Entw&APw-rfe\r\n"),
+        "a OK CREATE completed\r\n"
+    );
+    // Only the canonical form: no second spelling, no 8-bit, no hidden controls.
+    for (tag, name) in [
+        ("b", "Entw&AHU-rfe"), // "u" encoded: not canonical
+        ("c", "&AAA-"),        // NUL in base64
+        ("d", "Tom&Jerry"),    // '&' must be "&-"
+    ] {
+        let r = v1.send(&format!("{tag} CREATE {name}\r\n"));
+        assert_eq!(
+            r,
+            format!("{tag} NO [CANNOT] Mailbox name is not valid modified UTF-7\r\n"),
+            "{name}"
+        );
+    }
+    let r = v1.send_bytes("e CREATE {4+}\r\nca\u{e9}\r\n".as_bytes());
+    assert!(
+        r.contains("e NO [CANNOT]"),
+        "8-bit name from a rev1 client: {r}"
+    );
+    // An IMAP4rev2 client (ENABLE IMAP4rev2) speaks UTF-8: its names are encoded for the
+    // store and shown decoded.
+    let mut v2 = Client::logged_in(&store);
+    assert!(
+        v2.send("f ENABLE IMAP4rev2\r\n")
+            .contains("* ENABLED IMAP4rev2")
+    );
+    let name = "Gr\u{fc}\u{df}e/\u{65e5}\u{672c}";
+    let r = v2.send_bytes(format!("g CREATE {{{}+}}\r\n{name}\r\n", name.len()).as_bytes());
+    assert_eq!(r, "g OK CREATE completed\r\n");
+    let r = v2.send("h LIST \"\" *\r\n");
+    assert!(r.contains("Entw\u{fc}rfe"), "{r}");
+    assert!(r.contains(name), "{r}");
+    assert!(!r.contains('&'), "{r}");
+    let r = v2.send_bytes(format!("i SELECT {{{}+}}\r\n{name}\r\n", name.len()).as_bytes());
+    assert!(r.contains("i OK [READ-WRITE]"), "{r}");
+    // The rev1 client sees the same mailboxes in modified UTF-7.
+    let r = v1.send("j LIST \"\" *\r\n");
+    assert!(r.contains("\"/\" Entw&APw-rfe\r\n"), "{r}");
+    assert!(r.contains("Gr&APwA3w-e/&ZeVnLA-"), "{r}");
+    let r = v1.send("k STATUS Gr&APwA3w-e/&ZeVnLA- (MESSAGES)\r\n");
+    assert!(
+        r.contains("* STATUS Gr&APwA3w-e/&ZeVnLA- (MESSAGES 0)"),
+        "{r}"
+    );
+}
+
+#[test]
 fn literals_sync_and_nonsync() {
     let store = MemoryStore::new();
     let mut c = Client::new(&store);
