@@ -1113,3 +1113,68 @@ fn kernel_table_mode_with_frr_on_the_lbs() {
         "local routes removed at exit: {local}"
     );
 }
+
+/// The router of [`router_config`] turned into an iBGP peer of the LBs: one AS (65010) on both
+/// sides, and `direct` (the LBs are on the router's link, so their next hops need no IGP).
+fn ibgp_router_config() -> String {
+    let text = router_config();
+    assert!(text.contains("local as 65000;"));
+    text.replace("local as 65000;", "local as 65010;\n\tdirect;")
+}
+
+/// iBGP with the built-in speaker against BIRD: ECMP over both LBs, withdrawal on backend
+/// failure, and the drain sequence, where iBGP carries LOCAL_PREF 0 (no AS to prepend to).
+#[test]
+fn builtin_speaker_over_ibgp_with_bird() {
+    if !preflight() {
+        return;
+    }
+    let lab = Lab::build();
+    let a = start_backend(&lab, "A");
+    let _b = start_backend(&lab, "B");
+    let router = Bird::start(&lab.router, lab.dir.path(), "router", &ibgp_router_config());
+    let ibgp =
+        |n: usize| ringmail_config(n, "bgp").replace("remote_as = 65000", "remote_as = 65010");
+    let _lb1 = start_ringmail_with(&lab, 1, &ibgp(1));
+    let mut lb2 = start_ringmail_with(&lab, 2, &ibgp(2));
+
+    wait_hops(&lab, &LB_HOPS4, &LB_HOPS6, Duration::from_secs(30));
+    wait_for(Duration::from_secs(10), || {
+        (router.established() == 4).then_some(())
+    })
+    .expect("4 iBGP sessions Established in BIRD");
+    let r = router.route_from(&format!("{VIP4}/32"), "lb1_v4");
+    assert!(
+        r.contains("BGP.local_pref: 100"),
+        "an iBGP route carries LOCAL_PREF: {r}"
+    );
+    assert!(
+        r.contains("BGP.as_path: \n") && r.contains("[i]"),
+        "iBGP adds no AS: {r}"
+    );
+    let r6 = router.route_from(&format!("{VIP6}/128"), "lb1_v6");
+    assert!(r6.contains("3fff:0:0:1::11"), "IPv6 next hop self: {r6}");
+    spread(&lab);
+
+    // Backend failure behind LB 1: withdrawn, then re-announced.
+    let _a = health_cycles(&lab, a, 1, "ibgp");
+
+    // SIGTERM on LB 2: LOCAL_PREF 0 and GRACEFUL_SHUTDOWN, which takes it out of ECMP at once,
+    // then the withdrawal.
+    lb2.signal(libc::SIGTERM);
+    let r = wait_for(Duration::from_secs(5), || {
+        let r = router.route_from(&format!("{VIP4}/32"), "lb2_v4");
+        (r.contains("(65535,0)") && r.contains("BGP.local_pref: 0")).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("lb2 never drained with LOCAL_PREF 0:\n{}", router.log()));
+    assert!(
+        r.contains("BGP.as_path: \n"),
+        "nothing prepended on iBGP: {r}"
+    );
+    wait_hops(&lab, &LB_HOPS4[..1], &LB_HOPS6[..1], Duration::from_secs(5));
+    router.wait_withdrawn(&format!("{VIP4}/32"), "lb2_v4", Duration::from_secs(15));
+    assert!(
+        lb2.wait_timeout(Duration::from_secs(20)).is_some(),
+        "LB 2 exits after the drain"
+    );
+}
