@@ -293,24 +293,13 @@ impl MailStore for MaildirStore {
 
     fn status(&self, name: &str) -> Result<Status, StoreError> {
         let s = self.user.status(name).map_err(err)?;
-        let deleted = if s.messages > 0 {
-            self.user
-                .open(name)
-                .map_err(err)?
-                .messages()
-                .iter()
-                .filter(|m| m.flags.contains(&ms::Flag::Deleted))
-                .count() as u32
-        } else {
-            0
-        };
         Ok(Status {
             messages: s.messages,
             recent: s.recent,
             uidnext: s.uidnext,
             uidvalidity: s.uidvalidity,
             unseen: s.unseen,
-            deleted,
+            deleted: s.deleted,
             highestmodseq: s.highestmodseq,
             size: s.size,
         })
@@ -342,17 +331,7 @@ impl MailStore for MaildirStore {
                 "the mailbox was rebuilt with a new UIDVALIDITY".into(),
             ));
         }
-        // Sequence positions by UID, built once per refresh (not a scan per changed message).
-        let pos: std::collections::HashMap<u32, usize> = if c.new.is_empty() && c.flags.is_empty() {
-            Default::default()
-        } else {
-            m.messages()
-                .iter()
-                .enumerate()
-                .map(|(i, x)| (x.uid, i))
-                .collect()
-        };
-        let by_uid = |uid: u32| pos.get(&uid).map(|&i| meta(&m.messages()[i]));
+        let by_uid = |uid: u32| m.meta(uid).map(|x| meta(&x));
         Ok(Changes {
             new: c.new.iter().filter_map(|&u| by_uid(u)).collect(),
             expunged: c.expunged.iter().map(|e| e.uid).collect(),

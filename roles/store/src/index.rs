@@ -24,6 +24,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::StoreError;
 use crate::maildir::FileName;
@@ -43,14 +44,15 @@ pub(crate) struct Record {
     pub vsize: u64,
     pub date: i64,
     pub in_new: bool,
-    /// The current full file name (base and info).
-    pub file: String,
+    /// The current full file name (base and info); shared, so that copies of a state (one
+    /// per change under the lock, one per cached version) do not copy the names.
+    pub file: Arc<str>,
 }
 
 impl Record {
     pub fn name(&self) -> FileName {
         FileName::parse(&self.file).unwrap_or(FileName {
-            base: self.file.clone(),
+            base: self.file.to_string(),
             info: None,
         })
     }
@@ -197,7 +199,7 @@ impl State {
                     "c" => false,
                     _ => return None,
                 },
-                file: p.next()?.to_owned(),
+                file: p.next()?.into(),
             };
             if r.uid == 0 || r.uid >= uidnext || records.last().is_some_and(|l| l.uid >= r.uid) {
                 return None;
