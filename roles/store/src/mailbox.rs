@@ -499,17 +499,14 @@ impl Mailbox {
         if changed {
             self.m.note_own_change(&mut st, before)?;
         }
-        let committed = if kw_changed {
-            self.m.commit(&st, true)?
-        } else if changed {
-            self.m.commit_flags(&st)?
-        } else {
-            None
-        };
-        if changed {
-            self.take_in(committed, &st, &touched);
-        }
         self.highestmodseq = self.highestmodseq.max(st.highestmodseq);
+        if kw_changed {
+            let committed = self.m.commit(&st, true)?;
+            self.take_in(committed, &st, &touched);
+        } else if changed {
+            let committed = self.m.commit_flags(st)?;
+            self.take_in(Some(committed.clone()), &committed, &touched);
+        }
         Ok(out)
     }
 

@@ -475,17 +475,20 @@ impl MboxDir {
     /// flags in their names (renamed before this), the replace is still atomic for every
     /// process, and after a power loss an index that lost its last writes is either the older
     /// one or fails its checksum and is rebuilt from the file names (flags recovered, MODSEQs
-    /// restarted above the old ones).
-    pub fn commit_flags(&self, st: &State) -> Result<Option<Arc<State>>, StoreError> {
+    /// restarted above the old ones). `dovecot-uidlist` is left alone: flag changes alter
+    /// neither UIDs nor base names. Returns the state as shared with this process's views.
+    pub fn commit_flags(&self, st: State) -> Result<Arc<State>, StoreError> {
         let idx_tmp = self.dir.join(format!("{}.tmp", index::INDEX_FILE));
-        let ul_tmp = self.dir.join(format!("{}.tmp", index::UIDLIST_FILE));
         fs::write(&idx_tmp, st.encode()).map_err(|e| StoreError::io("write", &idx_tmp, e))?;
-        fs::write(&ul_tmp, st.encode_uidlist()).map_err(|e| StoreError::io("write", &ul_tmp, e))?;
-        index::rename(&ul_tmp, &self.sub(index::UIDLIST_FILE))?;
         index::rename(&idx_tmp, &self.index_path())?;
-        let shared = self.publish(st);
+        let st = Arc::new(st);
+        if let Some(sh) = self.shared()
+            && let Ok(f) = File::open(self.index_path())
+        {
+            sh.put(f, st.clone());
+        }
         self.user.signals.get(&self.dir).bump();
-        Ok(shared)
+        Ok(st)
     }
 
     /// Removes files in `tmp/` older than 36 hours: writes that a crash interrupted (Dovecot
