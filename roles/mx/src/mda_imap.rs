@@ -116,7 +116,8 @@ impl Backend for ImapBackend {
 /// The IMAP listeners on a thread of their own (a small multi-thread runtime: store calls run
 /// on its blocking pool).
 /// Connections from `trusted_proxies` must start with a PROXY v1/v2 header (the LB's), whose
-/// client address is logged; from anyone else no header is read.
+/// client address is logged; from anyone else no header is read. `commands_per_second`
+/// overrides the session's sustained command rate (`None`: the core's default).
 pub fn start(
     plain: &[SocketAddr],
     implicit: &[SocketAddr],
@@ -124,6 +125,7 @@ pub fn start(
     backend: Arc<ImapBackend>,
     greeting: String,
     trusted_proxies: Vec<crate::config::Cidr>,
+    commands_per_second: Option<u32>,
 ) -> io::Result<JoinHandle<()>> {
     let mut listeners = Vec::new();
     for (addrs, implicit) in [(plain, false), (implicit, true)] {
@@ -133,9 +135,11 @@ pub fn start(
             listeners.push((l, implicit));
         }
     }
+    let defaults = ringmail_imap::session::Config::default();
     let session = ringmail_imap::session::Config {
         greeting,
-        ..ringmail_imap::session::Config::default()
+        commands_per_second: commands_per_second.unwrap_or(defaults.commands_per_second),
+        ..defaults
     };
     let cfg = Arc::new(ImapServerConfig {
         session,
