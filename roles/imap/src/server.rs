@@ -189,7 +189,9 @@ pub async fn connection(
         ..cfg.session.clone()
     });
     let mut s = Session::new(session_cfg, implicit_tls, Instant::now());
-    let mut buf = vec![0u8; 16 * 1024];
+    // Small: it is held for the whole connection, idle or not (TLS records are up to 16 KiB
+    // and simply take several reads).
+    let mut buf = vec![0u8; 4 * 1024];
     let mut last_input = tokio::time::Instant::now();
     loop {
         // Output first, then driver actions, until the session is quiet.

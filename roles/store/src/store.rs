@@ -497,8 +497,9 @@ impl UserStore {
         })
     }
 
-    /// Opens a session view of a mailbox (SELECT): rescans the directory and claims the
-    /// messages no session has seen as `\Recent` for this view.
+    /// Opens a session view of a mailbox (SELECT): rescans the directory (unless a session of
+    /// this process did within the last second) and claims the messages no session has seen
+    /// as `\Recent` for this view.
     pub fn open(&self, name: &str) -> Result<Mailbox, StoreError> {
         let m = self.existing(name)?;
         Mailbox::open(self.clone(), m)

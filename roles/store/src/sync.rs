@@ -191,8 +191,11 @@ impl MboxDir {
     }
 
     /// The current state, taking the lock only if the index is missing or stale. With
-    /// `force_scan`, the index file is read and the directories rescanned in any case.
+    /// `force_scan` (SELECT), the index file is read and the directories rescanned unless a
+    /// session of this process did so within [`crate::shared::RESCAN_INTERVAL`] (many
+    /// sessions opening the mailbox at once share one scan and one decoded copy).
     pub fn snapshot(&self, force_scan: bool) -> Result<Arc<State>, StoreError> {
+        let force_scan = force_scan && !self.shared().is_some_and(|sh| sh.scanned_recently());
         if !force_scan
             && let Some(st) = self.load_index()?
             && self.is_fresh(&st)?
