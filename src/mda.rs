@@ -56,6 +56,9 @@ pub struct MdaArgs {
     /// Seconds a delivery program may run.
     #[arg(long, default_value_t = 60)]
     program_timeout: u64,
+    /// Sustained IMAP commands per second per session (default: 50, bursts of 200).
+    #[arg(long)]
+    imap_commands_per_second: Option<u32>,
 }
 
 fn parse_program(s: &str) -> Result<(String, Vec<String>), String> {
@@ -131,6 +134,7 @@ fn quick(args: &MdaArgs) -> Result<MdaConfig> {
         })
         .collect();
     cfg.imap = args.imap.into_iter().collect();
+    cfg.imap_commands_per_second = args.imap_commands_per_second;
     cfg.imaps = args.imaps.into_iter().collect();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         cfg.tls = Some(ringmail_mx::config::TlsFiles {

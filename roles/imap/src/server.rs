@@ -142,6 +142,34 @@ where
     .map_err(io::Error::other)
 }
 
+/// Output is gathered into writes of up to this size: one TLS record and one system call
+/// per write, not one per response line (`FETCH 1:* (FLAGS)` is one line per message).
+const WRITE_CHUNK: usize = 16 * 1024;
+
+/// Sends everything the session has queued, in writes of up to [`WRITE_CHUNK`] bytes. The
+/// gathering buffer lives only as long as the call (an idle session keeps none).
+async fn write_out(conn: &mut Conn, s: &mut Session) -> io::Result<()> {
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(b) = s.poll_transmit() {
+        if pending.len() + b.len() > WRITE_CHUNK && !pending.is_empty() {
+            conn.write_all(&pending).await?;
+            pending.clear();
+        }
+        if b.len() >= WRITE_CHUNK {
+            conn.write_all(&b).await?;
+        } else {
+            if pending.capacity() == 0 {
+                pending.reserve(WRITE_CHUNK);
+            }
+            pending.extend_from_slice(&b);
+        }
+    }
+    if !pending.is_empty() {
+        conn.write_all(&pending).await?;
+    }
+    Ok(())
+}
+
 /// Drives one connection to its end.
 pub async fn connection(
     tcp: TcpStream,
@@ -161,14 +189,14 @@ pub async fn connection(
         ..cfg.session.clone()
     });
     let mut s = Session::new(session_cfg, implicit_tls, Instant::now());
-    let mut buf = vec![0u8; 16 * 1024];
+    // Small: it is held for the whole connection, idle or not (TLS records are up to 16 KiB
+    // and simply take several reads).
+    let mut buf = vec![0u8; 4 * 1024];
     let mut last_input = tokio::time::Instant::now();
     loop {
         // Output first, then driver actions, until the session is quiet.
         loop {
-            while let Some(b) = s.poll_transmit() {
-                conn.write_all(&b).await?;
-            }
+            write_out(&mut conn, &mut s).await?;
             conn.flush().await?;
             let Some(ev) = s.poll_event() else { break };
             match ev {

@@ -53,6 +53,9 @@ pub struct MdaConfig {
     pub tls: Option<crate::config::TlsFiles>,
     /// Load balancers whose PROXY v1/v2 headers the IMAP listeners accept (and require).
     pub trusted_proxies: Vec<Cidr>,
+    /// Sustained IMAP commands per second per session (the session's token bucket);
+    /// `None`: the IMAP core's default.
+    pub imap_commands_per_second: Option<u32>,
 }
 
 impl MdaConfig {
@@ -79,6 +82,7 @@ impl MdaConfig {
             imaps: Vec::new(),
             tls: None,
             trusted_proxies: Vec::new(),
+            imap_commands_per_second: None,
         }
     }
 }
@@ -167,6 +171,7 @@ impl MdaServer {
                 backend,
                 format!("{} ringmail IMAP ready", cfg.hostname),
                 cfg.trusted_proxies.clone(),
+                cfg.imap_commands_per_second,
             )
             .map_err(MxError::Listen)?;
             info!(imap = ?cfg.imap, imaps = ?cfg.imaps, "imap started");

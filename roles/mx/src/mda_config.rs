@@ -14,6 +14,7 @@
 //! program_timeout = "60s"
 //! max_message_size = 52428800
 //! workers = 2                           # LMTP listener threads
+//! imap_commands_per_second = 50         # per IMAP session, sustained (burst: 200)
 //! tls = { cert = "/etc/ringmail/imap.crt", key = "/etc/ringmail/imap.key" }  # absent: self-signed
 //!
 //! [mda.programs]                        # addresses delivered to a program (argv, no shell)
@@ -52,6 +53,7 @@ const MDA: &[&str] = &[
     "program_timeout",
     "max_message_size",
     "workers",
+    "imap_commands_per_second",
     "tls",
 ];
 
@@ -155,6 +157,12 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MdaConfig> {
     if let Some(w) = t.get("workers") {
         match integer(ctx, w, "mda.workers", 1, 4096) {
             Some(n) => c.workers = usize::try_from(n).ok(),
+            None => ok = false,
+        }
+    }
+    if let Some(r) = t.get("imap_commands_per_second") {
+        match integer(ctx, r, "mda.imap_commands_per_second", 1, 1_000_000) {
+            Some(n) => c.imap_commands_per_second = u32::try_from(n).ok(),
             None => ok = false,
         }
     }

@@ -116,7 +116,8 @@ impl Backend for ImapBackend {
 /// The IMAP listeners on a thread of their own (a small multi-thread runtime: store calls run
 /// on its blocking pool).
 /// Connections from `trusted_proxies` must start with a PROXY v1/v2 header (the LB's), whose
-/// client address is logged; from anyone else no header is read.
+/// client address is logged; from anyone else no header is read. `commands_per_second`
+/// overrides the session's sustained command rate (`None`: the core's default).
 pub fn start(
     plain: &[SocketAddr],
     implicit: &[SocketAddr],
@@ -124,6 +125,7 @@ pub fn start(
     backend: Arc<ImapBackend>,
     greeting: String,
     trusted_proxies: Vec<crate::config::Cidr>,
+    commands_per_second: Option<u32>,
 ) -> io::Result<JoinHandle<()>> {
     let mut listeners = Vec::new();
     for (addrs, implicit) in [(plain, false), (implicit, true)] {
@@ -133,9 +135,11 @@ pub fn start(
             listeners.push((l, implicit));
         }
     }
+    let defaults = ringmail_imap::session::Config::default();
     let session = ringmail_imap::session::Config {
         greeting,
-        ..ringmail_imap::session::Config::default()
+        commands_per_second: commands_per_second.unwrap_or(defaults.commands_per_second),
+        ..defaults
     };
     let cfg = Arc::new(ImapServerConfig {
         session,
@@ -293,24 +297,13 @@ impl MailStore for MaildirStore {
 
     fn status(&self, name: &str) -> Result<Status, StoreError> {
         let s = self.user.status(name).map_err(err)?;
-        let deleted = if s.messages > 0 {
-            self.user
-                .open(name)
-                .map_err(err)?
-                .messages()
-                .iter()
-                .filter(|m| m.flags.contains(&ms::Flag::Deleted))
-                .count() as u32
-        } else {
-            0
-        };
         Ok(Status {
             messages: s.messages,
             recent: s.recent,
             uidnext: s.uidnext,
             uidvalidity: s.uidvalidity,
             unseen: s.unseen,
-            deleted,
+            deleted: s.deleted,
             highestmodseq: s.highestmodseq,
             size: s.size,
         })
@@ -342,17 +335,7 @@ impl MailStore for MaildirStore {
                 "the mailbox was rebuilt with a new UIDVALIDITY".into(),
             ));
         }
-        // Sequence positions by UID, built once per refresh (not a scan per changed message).
-        let pos: std::collections::HashMap<u32, usize> = if c.new.is_empty() && c.flags.is_empty() {
-            Default::default()
-        } else {
-            m.messages()
-                .iter()
-                .enumerate()
-                .map(|(i, x)| (x.uid, i))
-                .collect()
-        };
-        let by_uid = |uid: u32| pos.get(&uid).map(|&i| meta(&m.messages()[i]));
+        let by_uid = |uid: u32| m.meta(uid).map(|x| meta(&x));
         Ok(Changes {
             new: c.new.iter().filter_map(|&u| by_uid(u)).collect(),
             expunged: c.expunged.iter().map(|e| e.uid).collect(),

@@ -24,6 +24,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::StoreError;
 use crate::maildir::FileName;
@@ -43,14 +44,15 @@ pub(crate) struct Record {
     pub vsize: u64,
     pub date: i64,
     pub in_new: bool,
-    /// The current full file name (base and info).
-    pub file: String,
+    /// The current full file name (base and info); shared, so that copies of a state (one
+    /// per change under the lock, one per cached version) do not copy the names.
+    pub file: Arc<str>,
 }
 
 impl Record {
     pub fn name(&self) -> FileName {
         FileName::parse(&self.file).unwrap_or(FileName {
-            base: self.file.clone(),
+            base: self.file.to_string(),
             info: None,
         })
     }
@@ -117,35 +119,46 @@ impl State {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut s = String::with_capacity(128 + self.records.len() * 96);
-        let _ = writeln!(s, "{MAGIC}");
-        let _ = writeln!(s, "uidvalidity {}", self.uidvalidity);
-        let _ = writeln!(s, "guid {}", self.guid);
-        let _ = writeln!(s, "uidnext {}", self.uidnext);
-        let _ = writeln!(s, "highestmodseq {}", self.highestmodseq);
-        let _ = writeln!(s, "firstrecent {}", self.first_recent);
-        let _ = writeln!(
-            s,
-            "dirs {} {} {}",
-            self.new_mtime, self.cur_mtime, self.scanned
-        );
-        let _ = writeln!(s, "keywords {}", self.keywords.join(" "));
+        // Written on every change (a STORE included): numbers are formatted by hand.
+        let mut s: Vec<u8> = Vec::with_capacity(192 + self.records.len() * 112);
+        s.extend_from_slice(MAGIC.as_bytes());
+        s.extend_from_slice(b"\nuidvalidity ");
+        push_num(&mut s, self.uidvalidity.into());
+        s.extend_from_slice(b"\nguid ");
+        s.extend_from_slice(self.guid.as_bytes());
+        s.extend_from_slice(b"\nuidnext ");
+        push_num(&mut s, self.uidnext.into());
+        s.extend_from_slice(b"\nhighestmodseq ");
+        push_num(&mut s, self.highestmodseq.into());
+        s.extend_from_slice(b"\nfirstrecent ");
+        push_num(&mut s, self.first_recent.into());
+        s.extend_from_slice(b"\ndirs ");
+        push_num(&mut s, self.new_mtime);
+        s.push(b' ');
+        push_num(&mut s, self.cur_mtime);
+        s.push(b' ');
+        push_num(&mut s, self.scanned);
+        s.extend_from_slice(b"\nkeywords ");
+        s.extend_from_slice(self.keywords.join(" ").as_bytes());
+        s.push(b'\n');
         for r in &self.records {
-            let _ = writeln!(
-                s,
-                "m {} {} {} {} {} {} {}",
-                r.uid,
-                r.modseq,
-                r.size,
-                r.vsize,
-                r.date,
-                if r.in_new { 'n' } else { 'c' },
-                r.file
-            );
+            s.extend_from_slice(b"m ");
+            push_u64(&mut s, r.uid.into());
+            s.push(b' ');
+            push_u64(&mut s, r.modseq);
+            s.push(b' ');
+            push_u64(&mut s, r.size);
+            s.push(b' ');
+            push_u64(&mut s, r.vsize);
+            s.push(b' ');
+            push_num(&mut s, r.date.into());
+            s.extend_from_slice(if r.in_new { b" n " } else { b" c " });
+            s.extend_from_slice(r.file.as_bytes());
+            s.push(b'\n');
         }
-        let crc = crc32fast::hash(s.as_bytes());
+        let crc = crc32fast::hash(&s);
         let _ = writeln!(s, "end {crc:08x}");
-        s.into_bytes()
+        s
     }
 
     /// Parses an index file; `None` if it is damaged in any way.
@@ -197,7 +210,7 @@ impl State {
                     "c" => false,
                     _ => return None,
                 },
-                file: p.next()?.to_owned(),
+                file: p.next()?.into(),
             };
             if r.uid == 0 || r.uid >= uidnext || records.last().is_some_and(|l| l.uid >= r.uid) {
                 return None;
@@ -221,12 +234,43 @@ impl State {
     /// `dovecot-uidlist` version 3: `3 V<uidvalidity> N<uidnext> G<guid>` then
     /// `<uid> :<base name>` per message.
     pub fn encode_uidlist(&self) -> Vec<u8> {
-        let mut s = format!("3 V{} N{} G{}\n", self.uidvalidity, self.uidnext, self.guid);
+        let mut s =
+            format!("3 V{} N{} G{}\n", self.uidvalidity, self.uidnext, self.guid).into_bytes();
+        s.reserve(self.records.len() * 72);
         for r in &self.records {
-            let _ = writeln!(s, "{} :{}", r.uid, r.base());
+            push_u64(&mut s, r.uid.into());
+            s.extend_from_slice(b" :");
+            s.extend_from_slice(r.base().as_bytes());
+            s.push(b'\n');
         }
-        s.into_bytes()
+        s
     }
+}
+
+/// Appends the decimal form of `n`.
+fn push_num(out: &mut Vec<u8>, n: i128) {
+    if n < 0 {
+        out.push(b'-');
+    }
+    let v = n.unsigned_abs();
+    match u64::try_from(v) {
+        Ok(v) => push_u64(out, v),
+        Err(_) => out.extend_from_slice(v.to_string().as_bytes()),
+    }
+}
+
+fn push_u64(out: &mut Vec<u8>, mut v: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
 }
 
 /// What `dovecot-uidlist` tells: UIDVALIDITY, next UID, mailbox GUID and UID per base name.

@@ -1,7 +1,8 @@
 //! ringmail-store: mailbox storage for LMTP delivery (the MDA) and the IMAP server.
 //!
 //! ```text
-//!   LMTP (MDA) ──deliver()──┐                 ┌── IMAP session: Mailbox (a snapshot)
+//!   LMTP (MDA) ──deliver()──┐                 ┌── IMAP session: Mailbox (a UID list over
+//!                           │                 │     the process's shared index version)
 //!                           ▼                 ▼       refresh() -> Changes (EXISTS/EXPUNGE/FETCH)
 //!                      UserStore ── open() ──►        store_flags / copy / move_to / expunge
 //!                           │
@@ -72,12 +73,21 @@
 //! # Noticing changes
 //!
 //! [`Mailbox::refresh`] is cheap when nothing changed: it compares the index file with the
-//! one the view was built from (held open, so its inode cannot be reused) and the mtimes of
-//! `new/` and `cur/` with those recorded at the last scan. Directory mtimes younger than two
-//! seconds at the scan are not trusted (a change in the same timestamp tick would not move
-//! them), so the directories are rescanned until they are older. Within a process,
-//! [`ChangeSignal`] wakes IDLE sessions on every change; other processes' changes are found
-//! by polling `refresh` (every ~500 ms).
+//! version the view was built from and the mtimes of `new/` and `cur/` with those recorded
+//! at the last scan (three stats). Directory mtimes younger than two seconds at the scan are
+//! not trusted (a change in the same timestamp tick would not move them), so the directories
+//! are rescanned until they are older; within a process, at most once a second per mailbox
+//! (other sessions meanwhile trust the mtimes they recorded). A change this process makes
+//! under the lock records the mtimes it leaves if they were the recorded ones before it.
+//! Within a process, [`ChangeSignal`] wakes IDLE sessions on every change; other processes'
+//! changes are found by polling `refresh` (every ~500 ms).
+//!
+//! The views of one process share the decoded index: one copy per mailbox, with the open
+//! file it came from (`shared.rs`). A version this process committed or read is reused as
+//! long as a stat shows the same file (inode, size, mtime), so a session picks up another
+//! session's change without reading or decoding anything, in one pass over its UID list.
+//! Another process's commit replaces the file and is read. Each view keeps only its UIDs in
+//! sequence order and its `\Recent` UIDs.
 //!
 //! # Quota
 //!
@@ -99,6 +109,7 @@ mod index;
 mod mailbox;
 mod maildir;
 mod names;
+mod shared;
 mod store;
 mod sync;
 

@@ -1,16 +1,18 @@
 //! [`Mailbox`]: one session's view of a mailbox.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::StoreError;
 use crate::index::{self, Record, State};
 use crate::maildir::{self, Flag};
 use crate::names::MailboxName;
+use crate::shared::SharedIndex;
 use crate::store::{ChangeSignal, UserStore, add_message, assign_keywords, info_for};
 use crate::sync::{MboxDir, SyncMode, not_found};
 
@@ -102,17 +104,34 @@ pub struct Copied {
 
 /// A session's view of one mailbox: a snapshot that changes only through this session's own
 /// operations and [`Mailbox::refresh`].
+///
+/// The view itself is compact: the UIDs in sequence order, the \Recent UIDs and a few
+/// counters. Message metadata comes from an index version shared with every other view of
+/// the mailbox in this process (see `shared.rs`); a refresh compares the view with the
+/// current version in one pass over both, without reading the index file when the change
+/// was made in this process.
 pub struct Mailbox {
     user: UserStore,
     m: MboxDir,
+    /// Keeps the mailbox's shared index alive while the view is open.
+    shared: Arc<SharedIndex>,
     uidvalidity: u32,
     uidnext: u32,
     highestmodseq: u64,
-    messages: Vec<MessageMeta>,
-    recent: HashSet<u32>,
-    /// The index version this view was built from (held open so its inode is not reused).
-    index_file: Option<File>,
-    index_state: Option<State>,
+    /// The view: UIDs in ascending order; sequence number = index + 1.
+    uids: Vec<u32>,
+    /// Metadata for the view: the index version of the last refresh, or a later one taken
+    /// in after an own change (shared when possible). Holds a record for every UID of
+    /// `uids`, and possibly changes the view has not been told about yet.
+    pub(crate) st: Arc<State>,
+    /// Flag changes with a MODSEQ above this are reported by the next refresh.
+    seen_modseq: u64,
+    /// This view's own flag changes since the last refresh (UID, MODSEQ): not reported again.
+    own: Vec<(u32, u64)>,
+    /// `st` was taken in by an own operation and may hold changes not reported yet.
+    unreported: bool,
+    /// `\Recent` UIDs of this view, sorted.
+    recent: Vec<u32>,
     signal: ChangeSignal,
 }
 
@@ -121,7 +140,7 @@ impl std::fmt::Debug for Mailbox {
         f.debug_struct("Mailbox")
             .field("name", &self.m.name)
             .field("uidvalidity", &self.uidvalidity)
-            .field("messages", &self.messages.len())
+            .field("messages", &self.uids.len())
             .finish()
     }
 }
@@ -138,48 +157,50 @@ fn meta(r: &Record, keywords: &[String], recent: bool) -> MessageMeta {
     }
 }
 
+/// True if the records of `st` are exactly the messages `uids`.
+fn same_uids(st: &State, uids: &[u32]) -> bool {
+    st.records.len() == uids.len() && st.records.iter().zip(uids).all(|(r, u)| r.uid == *u)
+}
+
 impl Mailbox {
     pub(crate) fn open(user: UserStore, m: MboxDir) -> Result<Mailbox, StoreError> {
         let signal = user.ctx.signals.get(&m.dir);
+        let shared = user.ctx.indexes.get(&m.dir);
         m.clean_tmp()?;
-        let (st, file) = m.snapshot(true)?;
+        let st = m.snapshot(true)?;
         let mut mb = Mailbox {
             user,
+            shared,
             uidvalidity: st.uidvalidity,
-            uidnext: 1,
-            highestmodseq: 0,
-            messages: Vec::new(),
-            recent: HashSet::new(),
-            index_file: None,
-            index_state: None,
+            uidnext: st.uidnext,
+            highestmodseq: st.highestmodseq,
+            uids: st.records.iter().map(|r| r.uid).collect(),
+            seen_modseq: st.highestmodseq,
+            own: Vec::new(),
+            unreported: false,
+            recent: Vec::new(),
+            st: st.clone(),
             signal,
             m,
         };
         mb.claim_recent(&st)?;
-        mb.messages = st
-            .records
-            .iter()
-            .map(|r| meta(r, &st.keywords, mb.recent.contains(&r.uid)))
-            .collect();
-        mb.uidnext = st.uidnext;
-        mb.highestmodseq = st.highestmodseq;
-        mb.index_file = file;
-        mb.index_state = Some(st);
         Ok(mb)
     }
 
     /// Claims the messages no session has seen yet as `\Recent` for this view.
     fn claim_recent(&mut self, st: &State) -> Result<(), StoreError> {
-        if !st.records.iter().any(|r| r.uid >= st.first_recent) {
+        if st.records.last().is_none_or(|r| r.uid < st.first_recent) {
             return Ok(());
         }
         let _lock = self.m.lock()?;
         let mut fresh = self.m.locked_state(SyncMode::LoadOnly)?;
         let first = fresh.first_recent;
-        for r in &st.records {
-            if r.uid >= first {
-                self.recent.insert(r.uid);
-            }
+        let before = self.recent.len();
+        self.recent
+            .extend(st.records.iter().map(|r| r.uid).filter(|u| *u >= first));
+        if self.recent.len() > before {
+            self.recent.sort_unstable();
+            self.recent.dedup();
         }
         let upto = st.records.last().map_or(first, |r| r.uid + 1);
         if upto > fresh.first_recent {
@@ -209,17 +230,41 @@ impl Mailbox {
         self.highestmodseq
     }
 
-    /// The messages; sequence number = index + 1.
-    pub fn messages(&self) -> &[MessageMeta] {
-        &self.messages
+    /// The number of messages in the view.
+    pub fn len(&self) -> usize {
+        self.uids.len()
+    }
+
+    /// True if the view has no messages.
+    pub fn is_empty(&self) -> bool {
+        self.uids.is_empty()
+    }
+
+    /// The UIDs of the view; sequence number = index + 1.
+    pub fn uids(&self) -> &[u32] {
+        &self.uids
+    }
+
+    /// The messages, built from the shared index (one allocation per message: prefer
+    /// [`Mailbox::uids`] and [`Mailbox::meta`]); sequence number = index + 1.
+    pub fn messages(&self) -> Vec<MessageMeta> {
+        self.uids.iter().filter_map(|&u| self.meta(u)).collect()
+    }
+
+    /// One message of the view.
+    pub fn meta(&self, uid: u32) -> Option<MessageMeta> {
+        self.seq_of(uid)?;
+        let r = self.st.find(uid)?;
+        Some(meta(
+            r,
+            &self.st.keywords,
+            self.recent.binary_search(&uid).is_ok(),
+        ))
     }
 
     /// The sequence number of a UID in this view.
     pub fn seq_of(&self, uid: u32) -> Option<u32> {
-        self.messages
-            .binary_search_by_key(&uid, |m| m.uid)
-            .ok()
-            .map(|i| i as u32 + 1)
+        self.uids.binary_search(&uid).ok().map(|i| i as u32 + 1)
     }
 
     /// The change signal for IDLE (see [`ChangeSignal`]).
@@ -227,78 +272,129 @@ impl Mailbox {
         self.signal.clone()
     }
 
-    /// True if neither the index file nor the directories changed since the snapshot.
-    fn unchanged(&self) -> Result<bool, StoreError> {
-        let (Some(f), Some(st)) = (&self.index_file, &self.index_state) else {
-            return Ok(false);
-        };
-        let held = f
-            .metadata()
-            .map_err(|e| StoreError::io("stat", self.m.index_path(), e))?;
-        let now = match fs::metadata(self.m.index_path()) {
-            Ok(m) => m,
-            Err(e) if not_found(&e) => return Ok(false),
-            Err(e) => return Err(StoreError::io("stat", self.m.index_path(), e)),
-        };
-        Ok(held.ino() == now.ino() && held.dev() == now.dev() && self.m.is_fresh(st)?)
-    }
-
     /// Picks up changes by other sessions and processes. Cheap when nothing changed (three
-    /// stats); otherwise reads the index, rescanning the directories if their mtimes moved.
+    /// stats); a change made in this process is taken from the shared index, one made by
+    /// another process is read from the index file (rescanning the directories if their
+    /// mtimes moved).
     pub fn refresh(&mut self) -> Result<Changes, StoreError> {
-        if self.unchanged()? {
+        let path = self.m.index_path();
+        let cached = match self.shared.current(&path) {
+            Ok(c) => c,
+            Err(e) if not_found(&e) => None,
+            Err(e) => return Err(StoreError::io("stat", path, e)),
+        };
+        if let Some(c) = &cached
+            && Arc::ptr_eq(c, &self.st)
+            && !self.unreported
+            && self.m.is_fresh(c)?
+        {
             return Ok(Changes::default());
         }
         if !self.m.exists() {
             return Err(StoreError::NoSuchMailbox(self.m.name.to_string()));
         }
-        let (st, file) = self.m.snapshot(false)?;
+        let st = self.m.snapshot(false)?;
         let mut changes = Changes::default();
         if st.uidvalidity != self.uidvalidity {
             changes.uidvalidity_changed = true;
             self.uidvalidity = st.uidvalidity;
             self.recent.clear();
-            self.messages.clear();
+            self.uids.clear();
+            self.own.clear();
         }
         self.claim_recent(&st)?;
-        let old: HashMap<u32, (usize, u64)> = self
-            .messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| (m.uid, (i, m.modseq)))
-            .collect();
-        let present: HashSet<u32> = st.records.iter().map(|r| r.uid).collect();
-        for (i, m) in self.messages.iter().enumerate().rev() {
-            if !present.contains(&m.uid) {
-                changes.expunged.push(Expunged {
-                    seq: i as u32 + 1,
-                    uid: m.uid,
-                });
-                self.recent.remove(&m.uid);
+        self.own.sort_unstable();
+        // One pass over the view and the new version, both in UID order.
+        let mut gone: Vec<Expunged> = Vec::new();
+        let (old, recs) = (&self.uids, &st.records);
+        let (mut i, mut j) = (0, 0);
+        loop {
+            match (old.get(i), recs.get(j)) {
+                (Some(&u), Some(r)) if u == r.uid => {
+                    if r.modseq > self.seen_modseq
+                        && self.own.binary_search(&(u, r.modseq)).is_err()
+                    {
+                        changes.flags.push(u);
+                    }
+                    i += 1;
+                    j += 1;
+                }
+                (Some(&u), Some(r)) if u < r.uid => {
+                    gone.push(Expunged {
+                        seq: i as u32 + 1,
+                        uid: u,
+                    });
+                    i += 1;
+                }
+                (Some(&u), None) => {
+                    gone.push(Expunged {
+                        seq: i as u32 + 1,
+                        uid: u,
+                    });
+                    i += 1;
+                }
+                (_, Some(r)) => {
+                    changes.new.push(r.uid);
+                    j += 1;
+                }
+                (None, None) => break,
             }
         }
-        for r in &st.records {
-            match old.get(&r.uid) {
-                None => changes.new.push(r.uid),
-                Some((_, modseq)) if *modseq != r.modseq => changes.flags.push(r.uid),
-                Some(_) => {}
-            }
-        }
+        gone.reverse();
+        changes.expunged = gone;
         // Messages the view never saw and that are already gone are simply not reported.
-        self.messages = st
-            .records
-            .iter()
-            .map(|r| meta(r, &st.keywords, self.recent.contains(&r.uid)))
-            .collect();
+        self.uids.clear();
+        self.uids.extend(st.records.iter().map(|r| r.uid));
+        if !changes.expunged.is_empty() {
+            let uids = &self.uids;
+            self.recent.retain(|u| uids.binary_search(u).is_ok());
+        }
         self.uidnext = st.uidnext;
         self.highestmodseq = st.highestmodseq;
-        self.index_file = file;
-        self.index_state = Some(st);
+        self.seen_modseq = st.highestmodseq;
+        self.own = Vec::new();
+        self.unreported = false;
+        self.st = st;
         Ok(changes)
+    }
+
+    /// Takes in the state an own operation committed: shared if it holds exactly the view's
+    /// messages, else the view's version patched with the records of `touched` (a private
+    /// copy until the next refresh).
+    fn take_in(&mut self, committed: Option<Arc<State>>, local: &State, touched: &[u32]) {
+        match committed {
+            Some(c) if same_uids(&c, &self.uids) => self.st = c,
+            _ => {
+                let st = Arc::make_mut(&mut self.st);
+                for &uid in touched {
+                    match local.find(uid) {
+                        Some(r) => {
+                            if let Some(x) = st.find_mut(uid) {
+                                *x = r.clone();
+                            }
+                        }
+                        None => st.records.retain(|x| x.uid != uid),
+                    }
+                }
+                st.keywords.clone_from(&local.keywords);
+            }
+        }
+        self.unreported = true;
     }
 
     /// The whole message as stored.
     pub fn read(&self, uid: u32) -> Result<Vec<u8>, StoreError> {
+        if self.seq_of(uid).is_none() {
+            return Err(StoreError::NoSuchMessage(uid));
+        }
+        if let Some(r) = self.st.find(uid) {
+            let p = self.m.sub(r.subdir()).join(&*r.file);
+            match fs::read(&p) {
+                Ok(b) => return Ok(b),
+                Err(e) if not_found(&e) => {} // renamed by another writer
+                Err(e) => return Err(StoreError::io("read", p, e)),
+            }
+        }
         let path = self.path_of(uid)?;
         fs::read(&path).map_err(|e| {
             if not_found(&e) {
@@ -314,10 +410,8 @@ impl Mailbox {
         if self.seq_of(uid).is_none() {
             return Err(StoreError::NoSuchMessage(uid));
         }
-        if let Some(st) = &self.index_state
-            && let Some(r) = st.find(uid)
-        {
-            let p = self.m.sub(r.subdir()).join(&r.file);
+        if let Some(r) = self.st.find(uid) {
+            let p = self.m.sub(r.subdir()).join(&*r.file);
             if p.exists() {
                 return Ok(p);
             }
@@ -351,6 +445,9 @@ impl Mailbox {
         wanted.sort_unstable();
         wanted.dedup();
         let mut changed = kw_changed;
+        let mut touched: Vec<u32> = Vec::new();
+        let _writing = self.m.begin_write();
+        let before = self.m.dir_mtimes()?;
         for uid in wanted {
             let Some(path) = self.m.resolve(&mut st, uid)? else {
                 continue;
@@ -391,25 +488,25 @@ impl Mailbox {
             }
             let modseq = st.next_modseq();
             let r = st.find_mut(uid).expect("resolved");
-            r.file = new_name;
+            r.file = new_name.into();
             r.in_new = false;
             r.modseq = modseq;
             out.updated.push((uid, next, modseq));
+            self.own.push((uid, modseq));
+            touched.push(uid);
             changed = true;
         }
-        if kw_changed {
-            self.m.commit(&st, true)?;
-        } else if changed {
-            self.m.commit_flags(&st)?;
-        }
-        for (uid, f, modseq) in &out.updated {
-            if let Some(i) = self.seq_of(*uid) {
-                let m = &mut self.messages[i as usize - 1];
-                m.flags = f.clone();
-                m.modseq = *modseq;
-            }
+        if changed {
+            self.m.note_own_change(&mut st, before)?;
         }
         self.highestmodseq = self.highestmodseq.max(st.highestmodseq);
+        if kw_changed {
+            let committed = self.m.commit(&st, true)?;
+            self.take_in(committed, &st, &touched);
+        } else if changed {
+            let committed = self.m.commit_flags(st)?;
+            self.take_in(Some(committed.clone()), &committed, &touched);
+        }
         Ok(out)
     }
 
@@ -481,6 +578,8 @@ impl Mailbox {
             let all: Vec<Flag> = staged.iter().flat_map(|s| s.3.clone()).collect();
             let kw_changed = assign_keywords(&mut st.keywords, &all)?;
             let mut map = Vec::new();
+            let _writing = dm.begin_write();
+            let before = dm.dir_mtimes()?;
             for (src_uid, tmp, base, flags, r) in &staged {
                 let file = format!("{base}:2,{}", info_for(flags, &st.keywords, ""));
                 index::rename(tmp, &dm.sub("cur").join(&file))?;
@@ -497,11 +596,12 @@ impl Mailbox {
                     vsize: r.vsize,
                     date: r.date,
                     in_new: false,
-                    file,
+                    file: file.into(),
                 });
                 map.push((*src_uid, uid));
             }
             index::fsync_dir(&dm.sub("cur"))?;
+            dm.note_own_change(&mut st, before)?;
             dm.commit(&st, kw_changed)?;
             Ok(Copied {
                 uidvalidity: st.uidvalidity,
@@ -549,9 +649,9 @@ impl Mailbox {
     /// for UID EXPUNGE). Returns them in the order to report.
     pub fn expunge(&mut self, uids: Option<&[u32]>) -> Result<Vec<Expunged>, StoreError> {
         let candidates: Vec<u32> = self
-            .messages
+            .uids
             .iter()
-            .map(|m| m.uid)
+            .copied()
             .filter(|u| uids.is_none_or(|l| l.contains(u)))
             .collect();
         self.remove(&candidates, true)
@@ -561,6 +661,8 @@ impl Mailbox {
         let _lock = self.m.lock()?;
         let mut st = self.m.locked_state(SyncMode::LoadOnly)?;
         let mut gone: HashSet<u32> = HashSet::new();
+        let _writing = self.m.begin_write();
+        let before = self.m.dir_mtimes()?;
         for &uid in uids {
             let Some(path) = self.m.resolve(&mut st, uid)? else {
                 continue;
@@ -576,25 +678,28 @@ impl Mailbox {
             }
             gone.insert(uid);
         }
-        if !gone.is_empty() {
-            index::fsync_dir(&self.m.sub("cur"))?;
-            st.records.retain(|r| !gone.contains(&r.uid));
-            st.next_modseq();
-            self.m.commit(&st, false)?;
-        }
         let mut out = Vec::new();
-        for (i, m) in self.messages.iter().enumerate().rev() {
-            if gone.contains(&m.uid) {
+        if gone.is_empty() {
+            return Ok(out);
+        }
+        index::fsync_dir(&self.m.sub("cur"))?;
+        st.records.retain(|r| !gone.contains(&r.uid));
+        st.next_modseq();
+        self.m.note_own_change(&mut st, before)?;
+        let committed = self.m.commit(&st, false)?;
+        for (i, u) in self.uids.iter().enumerate().rev() {
+            if gone.contains(u) {
                 out.push(Expunged {
                     seq: i as u32 + 1,
-                    uid: m.uid,
+                    uid: *u,
                 });
             }
         }
-        self.messages.retain(|m| !gone.contains(&m.uid));
-        for u in &gone {
-            self.recent.remove(u);
-        }
+        self.uids.retain(|u| !gone.contains(u));
+        self.recent.retain(|u| !gone.contains(u));
+        let mut touched: Vec<u32> = gone.into_iter().collect();
+        touched.sort_unstable();
+        self.take_in(committed, &st, &touched);
         self.highestmodseq = self.highestmodseq.max(st.highestmodseq);
         Ok(out)
     }

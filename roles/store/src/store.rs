@@ -13,6 +13,7 @@ use crate::index::{self, FileLock, Record};
 use crate::mailbox::Mailbox;
 use crate::maildir::{self, Flag, VsizeCounter};
 use crate::names::{MailboxName, SpecialUse, UserAddress};
+use crate::shared::Indexes;
 use crate::sync::{MboxDir, SyncMode};
 
 const SUBSCRIPTIONS: &str = "subscriptions";
@@ -38,6 +39,7 @@ pub struct Store {
     options: StoreOptions,
     host: String,
     signals: Arc<Signals>,
+    indexes: Arc<Indexes>,
 }
 
 impl std::fmt::Debug for Store {
@@ -56,6 +58,7 @@ impl Store {
             options,
             host,
             signals: Arc::new(Signals::default()),
+            indexes: Arc::new(Indexes::default()),
         })
     }
 
@@ -88,6 +91,7 @@ impl Store {
                 host: self.host.clone(),
                 options: self.options.clone(),
                 signals: self.signals.clone(),
+                indexes: self.indexes.clone(),
             }),
         })
     }
@@ -99,6 +103,7 @@ pub(crate) struct UserCtx {
     pub host: String,
     pub options: StoreOptions,
     pub signals: Arc<Signals>,
+    pub indexes: Arc<Indexes>,
 }
 
 impl UserCtx {
@@ -153,6 +158,8 @@ pub struct Status {
     pub uidvalidity: u32,
     /// Messages without `\Seen`.
     pub unseen: u32,
+    /// Messages with `\Deleted`.
+    pub deleted: u32,
     /// The highest MODSEQ (CONDSTORE).
     pub highestmodseq: u64,
     /// Sum of the message sizes in bytes.
@@ -260,7 +267,7 @@ impl UserStore {
         let mut bytes = 0;
         let mut count = 0;
         for name in self.mailbox_names()? {
-            let (st, _) = self.ctx.mbox(name).snapshot(false)?;
+            let st = self.ctx.mbox(name).snapshot(false)?;
             bytes += st.records.iter().map(|r| r.size).sum::<u64>();
             count += st.records.len() as u64;
         }
@@ -465,7 +472,7 @@ impl UserStore {
     /// STATUS of a mailbox (does not claim `\Recent`).
     pub fn status(&self, name: &str) -> Result<Status, StoreError> {
         let m = self.existing(name)?;
-        let (st, _) = m.snapshot(false)?;
+        let st = m.snapshot(false)?;
         Ok(Status {
             messages: st.records.len() as u32,
             recent: st
@@ -480,13 +487,19 @@ impl UserStore {
                 .iter()
                 .filter(|r| !r.name().info.unwrap_or_default().contains('S'))
                 .count() as u32,
+            deleted: st
+                .records
+                .iter()
+                .filter(|r| r.name().info.unwrap_or_default().contains('T'))
+                .count() as u32,
             highestmodseq: st.highestmodseq,
             size: st.records.iter().map(|r| r.size).sum(),
         })
     }
 
-    /// Opens a session view of a mailbox (SELECT): rescans the directory and claims the
-    /// messages no session has seen as `\Recent` for this view.
+    /// Opens a session view of a mailbox (SELECT): rescans the directory (unless a session of
+    /// this process did within the last second) and claims the messages no session has seen
+    /// as `\Recent` for this view.
     pub fn open(&self, name: &str) -> Result<Mailbox, StoreError> {
         let m = self.existing(name)?;
         Mailbox::open(self.clone(), m)
@@ -552,8 +565,11 @@ pub(crate) fn add_message(
         let base = format!("{unique},S={},W={}", counter.size, counter.vsize);
         let file_name = format!("{base}:2,{info}");
         let dest = target.sub("cur").join(&file_name);
+        let _writing = target.begin_write();
+        let before = target.dir_mtimes()?;
         index::rename(&tmp, &dest)?;
         index::fsync_dir(&target.sub("cur"))?;
+        target.note_own_change(&mut st, before)?;
         let uid = st.uidnext;
         if uid == u32::MAX {
             return Err(StoreError::UidsExhausted);
@@ -570,7 +586,7 @@ pub(crate) fn add_message(
             vsize: counter.vsize,
             date: mtime,
             in_new: false,
-            file: file_name,
+            file: file_name.into(),
         });
         target.commit(&st, kw_changed)?;
         Ok((st.uidvalidity, uid))

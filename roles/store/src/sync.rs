@@ -12,6 +12,7 @@ use crate::StoreError;
 use crate::index::{self, FileLock, Record, State};
 use crate::maildir::FileName;
 use crate::names::MailboxName;
+use crate::shared::{SharedIndex, Writing};
 use crate::store::UserCtx;
 
 /// A directory mtime younger than this (relative to the scan) may hide a later change made in
@@ -77,10 +78,30 @@ impl MboxDir {
         FileLock::acquire(&self.dir.join(index::LOCK_FILE))
     }
 
+    /// The shared index of this mailbox, if a view of this process holds one.
+    pub fn shared(&self) -> Option<Arc<SharedIndex>> {
+        self.user.indexes.lookup(&self.dir)
+    }
+
     /// Reads the index without the lock (it is only ever replaced by rename, so a reader sees
-    /// one whole version). Also returns the open file, whose inode identifies the version.
-    pub fn load_index(&self) -> Result<Option<(State, File)>, StoreError> {
+    /// one whole version). When a view of this process holds the mailbox, the version it
+    /// cached is used if the file is still that one (one stat), and a version read is cached.
+    pub fn load_index(&self) -> Result<Option<Arc<State>>, StoreError> {
+        self.load_index_with(true)
+    }
+
+    /// [`Self::load_index`]; `use_cache: false` always reads the file (a full sync).
+    fn load_index_with(&self, use_cache: bool) -> Result<Option<Arc<State>>, StoreError> {
         let path = self.index_path();
+        let shared = self.shared();
+        if let Some(sh) = shared.as_ref().filter(|_| use_cache) {
+            match sh.current(&path) {
+                Ok(Some(st)) => return Ok(Some(st)),
+                Ok(None) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(StoreError::io("stat", &path, e)),
+            }
+        }
         let f = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -88,7 +109,13 @@ impl MboxDir {
         };
         let bytes = index::read_all(&f, &path)?;
         match State::decode(&bytes) {
-            Some(st) => Ok(Some((st, f))),
+            Some(st) => {
+                let st = Arc::new(st);
+                if let Some(sh) = shared {
+                    sh.put(f, st.clone());
+                }
+                Ok(Some(st))
+            }
             None => {
                 tracing::warn!(path = %path.display(), "mailbox index damaged; rebuilding");
                 Ok(None)
@@ -96,7 +123,18 @@ impl MboxDir {
         }
     }
 
-    fn dir_mtimes(&self) -> Result<(i128, i128), StoreError> {
+    /// Publishes `st` as the current content of the index file to this process's views
+    /// (after a commit, or a rescan that found nothing to commit). The caller holds the lock,
+    /// so the file at the path is the one `st` was committed to.
+    fn publish(&self, st: &State) -> Option<Arc<State>> {
+        let sh = self.shared()?;
+        let f = File::open(self.index_path()).ok()?;
+        let st = Arc::new(st.clone());
+        sh.put(f, st.clone());
+        Some(st)
+    }
+
+    pub fn dir_mtimes(&self) -> Result<(i128, i128), StoreError> {
         let stat = |sub: &str| {
             let p = self.sub(sub);
             fs::metadata(&p)
@@ -106,46 +144,105 @@ impl MboxDir {
         Ok((stat("new")?, stat("cur")?))
     }
 
-    /// True if `st` describes the directories as they are (cheap: two stats).
-    pub fn is_fresh(&self, st: &State) -> Result<bool, StoreError> {
+    /// True if `st` describes the directories as they are and their mtimes are old enough
+    /// to be trusted (two stats).
+    fn is_clean(&self, st: &State) -> Result<bool, StoreError> {
         let (n, c) = self.dir_mtimes()?;
         Ok(n == st.new_mtime && c == st.cur_mtime && st.scanned - n.max(c) >= DIRTY_NS)
     }
 
-    /// The current state, taking the lock only if the index is missing or stale.
-    pub fn snapshot(&self, force_scan: bool) -> Result<(State, Option<File>), StoreError> {
+    /// True if `st` need not be rescanned (two stats): the directories' mtimes are those it
+    /// records, and either they are old enough to be trusted or a session of this process
+    /// rescanned within [`crate::shared::RESCAN_INTERVAL`]. Mtimes that moved while a change
+    /// of this process is in progress (under the lock, not committed yet) are taken as that
+    /// change's: `st` is then the last committed state, as it would have been a moment
+    /// earlier. (The change adopts the new mtimes only if they were `st`'s before it, see
+    /// [`Self::note_own_change`]; a change by another writer at the same moment is found by
+    /// the rescans a dirty state gets.)
+    pub fn is_fresh(&self, st: &State) -> Result<bool, StoreError> {
+        let (n, c) = self.dir_mtimes()?;
+        let shared = self.shared();
+        if n != st.new_mtime || c != st.cur_mtime {
+            return Ok(shared.is_some_and(|sh| sh.writing()));
+        }
+        Ok(st.scanned - n.max(c) >= DIRTY_NS || shared.is_some_and(|sh| sh.scanned_recently()))
+    }
+
+    /// Marks a change of this process in progress (see [`Self::is_fresh`]) until the guard
+    /// is dropped, which must be after the commit. The caller holds the lock.
+    pub fn begin_write(&self) -> Option<Writing> {
+        self.shared().map(|sh| sh.begin_write())
+    }
+
+    /// After this process changed the directories itself, under the lock: the directory
+    /// mtimes `st` records are moved to the ones now, for each directory whose mtime
+    /// `before` the change was the recorded one (so the change is the only one since). The
+    /// state stays as dirty as the new mtimes make it (see [`Self::is_fresh`]), so a change
+    /// by a writer that does not take the lock in the same tick is still found by a rescan.
+    pub fn note_own_change(&self, st: &mut State, before: (i128, i128)) -> Result<(), StoreError> {
+        let (n, c) = self.dir_mtimes()?;
+        if before.0 == st.new_mtime {
+            st.new_mtime = n;
+        }
+        if before.1 == st.cur_mtime {
+            st.cur_mtime = c;
+        }
+        Ok(())
+    }
+
+    /// The current state, taking the lock only if the index is missing or stale. With
+    /// `force_scan` (SELECT), the index file is read and the directories rescanned unless a
+    /// session of this process did so within [`crate::shared::RESCAN_INTERVAL`] (many
+    /// sessions opening the mailbox at once share one scan and one decoded copy).
+    pub fn snapshot(&self, force_scan: bool) -> Result<Arc<State>, StoreError> {
+        let force_scan = force_scan && !self.shared().is_some_and(|sh| sh.scanned_recently());
         if !force_scan
-            && let Some((st, f)) = self.load_index()?
+            && let Some(st) = self.load_index()?
             && self.is_fresh(&st)?
         {
-            return Ok((st, Some(f)));
+            return Ok(st);
         }
         let _lock = self.lock()?;
+        // Without `force_scan`, the state may have looked stale only because a change was in
+        // progress under the lock: check again now that it is over.
+        if !force_scan
+            && let Some(st) = self.load_index()?
+            && self.is_fresh(&st)?
+        {
+            return Ok(st);
+        }
         let st = self.locked_state(SyncMode::Scan)?;
-        let f = File::open(self.index_path()).ok();
-        Ok((st, f))
+        Ok(match self.shared().and_then(|sh| sh.peek()) {
+            Some(p) if *p == st => p,
+            _ => self.publish(&st).unwrap_or_else(|| Arc::new(st)),
+        })
     }
 
     /// The state, brought up to date according to `mode`. The caller holds the lock.
+    /// [`SyncMode::Scan`] reads the index file even if this process has it cached.
     pub fn locked_state(&self, mode: SyncMode) -> Result<State, StoreError> {
-        let (mut st, recovered, rebuilt) = match self.load_index()? {
-            Some((st, _)) => {
+        let (mut st, recovered, rebuilt) = match self.load_index_with(mode != SyncMode::Scan)? {
+            Some(st) => {
                 if mode == SyncMode::LoadOnly
                     || (mode == SyncMode::IfStale && self.is_fresh(&st)?)
                 {
-                    return Ok(st);
+                    return Ok(Arc::unwrap_or_clone(st));
                 }
-                (st, None, false)
+                (Arc::unwrap_or_clone(st), None, false)
             }
             None => {
                 let (st, rec) = self.fresh_state()?;
                 (st, rec, true)
             }
         };
-        let was_dirty = !self.is_fresh(&st)?;
+        let was_dirty = !self.is_clean(&st)?;
         let changed = self.scan(&mut st, recovered.as_ref())?;
-        if changed || rebuilt || (was_dirty && self.is_fresh(&st)?) {
+        if changed || rebuilt || (was_dirty && self.is_clean(&st)?) {
             self.commit(&st, rebuilt)?;
+        } else {
+            // Nothing to write, but the scan time and mtimes are newer than the file's:
+            // share them, so other sessions do not rescan.
+            self.publish(&st);
         }
         Ok(st)
     }
@@ -190,6 +287,10 @@ impl MboxDir {
         recovered: Option<&HashMap<String, u32>>,
     ) -> Result<bool, StoreError> {
         let scanned = now_ns();
+        tracing::debug!(mailbox = %self.dir.display(), "rescanning");
+        if let Some(sh) = self.shared() {
+            sh.note_scan();
+        }
         // Keywords another Maildir writer (Dovecot) defined since: adopt letters we do not use.
         let mut keywords_changed = false;
         if let Some(b) = index::read_optional(&self.sub(index::KEYWORDS_FILE))? {
@@ -233,9 +334,9 @@ impl MboxDir {
         for mut r in records {
             match listing.remove(r.base()) {
                 Some((in_new, file)) => {
-                    if file != r.file || in_new != r.in_new {
+                    if *file != *r.file || in_new != r.in_new {
                         let old_info = r.name().info.unwrap_or_default();
-                        r.file = file;
+                        r.file = file.into();
                         r.in_new = in_new;
                         if r.name().info.unwrap_or_default() != old_info {
                             r.modseq = st.next_modseq();
@@ -311,7 +412,7 @@ impl MboxDir {
                 vsize: parsed.vsize().unwrap_or(size),
                 date: meta.mtime(),
                 in_new,
-                file,
+                file: file.into(),
             });
             changed = true;
         }
@@ -324,14 +425,17 @@ impl MboxDir {
                 name.info = Some(String::new());
             }
             let target = name.to_name();
-            match fs::rename(self.sub("new").join(&r.file), self.sub("cur").join(&target)) {
+            match fs::rename(
+                self.sub("new").join(&*r.file),
+                self.sub("cur").join(&target),
+            ) {
                 Ok(()) => {
-                    r.file = target;
+                    r.file = target.into();
                     r.in_new = false;
                     moved = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::io("rename", self.sub("new").join(&r.file), e)),
+                Err(e) => return Err(StoreError::io("rename", self.sub("new").join(&*r.file), e)),
             }
         }
         if moved {
@@ -348,8 +452,8 @@ impl MboxDir {
 
     /// Writes the index and `dovecot-uidlist` atomically (both tmp files fsynced, renamed,
     /// then one directory fsync), and `dovecot-keywords` if asked; wakes waiters of this
-    /// process.
-    pub fn commit(&self, st: &State, keywords: bool) -> Result<(), StoreError> {
+    /// process. Returns the version as shared with this process's views (if any holds it).
+    pub fn commit(&self, st: &State, keywords: bool) -> Result<Option<Arc<State>>, StoreError> {
         if keywords {
             index::replace_file(
                 &self.dir,
@@ -364,8 +468,9 @@ impl MboxDir {
         index::rename(&ul_tmp, &self.sub(index::UIDLIST_FILE))?;
         index::rename(&idx_tmp, &self.index_path())?;
         index::fsync_dir(&self.dir)?;
+        let shared = self.publish(st);
         self.user.signals.get(&self.dir).bump();
-        Ok(())
+        Ok(shared)
     }
 
     /// Like [`commit`](Self::commit) without the fsyncs, for flag changes only (the way
@@ -373,16 +478,20 @@ impl MboxDir {
     /// flags in their names (renamed before this), the replace is still atomic for every
     /// process, and after a power loss an index that lost its last writes is either the older
     /// one or fails its checksum and is rebuilt from the file names (flags recovered, MODSEQs
-    /// restarted above the old ones).
-    pub fn commit_flags(&self, st: &State) -> Result<(), StoreError> {
+    /// restarted above the old ones). `dovecot-uidlist` is left alone: flag changes alter
+    /// neither UIDs nor base names. Returns the state as shared with this process's views.
+    pub fn commit_flags(&self, st: State) -> Result<Arc<State>, StoreError> {
         let idx_tmp = self.dir.join(format!("{}.tmp", index::INDEX_FILE));
-        let ul_tmp = self.dir.join(format!("{}.tmp", index::UIDLIST_FILE));
         fs::write(&idx_tmp, st.encode()).map_err(|e| StoreError::io("write", &idx_tmp, e))?;
-        fs::write(&ul_tmp, st.encode_uidlist()).map_err(|e| StoreError::io("write", &ul_tmp, e))?;
-        index::rename(&ul_tmp, &self.sub(index::UIDLIST_FILE))?;
         index::rename(&idx_tmp, &self.index_path())?;
+        let st = Arc::new(st);
+        if let Some(sh) = self.shared()
+            && let Ok(f) = File::open(self.index_path())
+        {
+            sh.put(f, st.clone());
+        }
         self.user.signals.get(&self.dir).bump();
-        Ok(())
+        Ok(st)
     }
 
     /// Removes files in `tmp/` older than 36 hours: writes that a crash interrupted (Dovecot
@@ -418,7 +527,7 @@ impl MboxDir {
     /// (renamed by another writer). `None` if the message is gone.
     pub fn resolve(&self, st: &mut State, uid: u32) -> Result<Option<PathBuf>, StoreError> {
         if let Some(r) = st.find(uid) {
-            let p = self.sub(r.subdir()).join(&r.file);
+            let p = self.sub(r.subdir()).join(&*r.file);
             if p.exists() {
                 return Ok(Some(p));
             }
@@ -428,7 +537,7 @@ impl MboxDir {
         if self.scan(st, None)? {
             self.commit(st, false)?;
         }
-        Ok(st.find(uid).map(|r| self.sub(r.subdir()).join(&r.file)))
+        Ok(st.find(uid).map(|r| self.sub(r.subdir()).join(&*r.file)))
     }
 }
 

@@ -1149,3 +1149,52 @@ fn stale_tmp_files_are_removed_at_open() {
     assert!(!tmp.join("old").exists());
     assert!(tmp.join("fresh").exists());
 }
+
+#[test]
+fn views_share_one_index_and_still_see_other_processes() {
+    let dir = TempDir::new("shared");
+    let s = store(&dir);
+    let u = s.user("bob@example.org").unwrap();
+    for n in 1..=3 {
+        deliver(&u, None, n);
+    }
+    let mut a = u.open("INBOX").unwrap();
+    let mut b = u.open("INBOX").unwrap();
+    // A change by a view of this process: the other view takes the shared version.
+    a.store_flags(&[2], FlagOp::Add, &[Flag::Flagged], None)
+        .unwrap();
+    assert!(
+        a.refresh().unwrap().is_empty(),
+        "own change not reported again"
+    );
+    let c = b.refresh().unwrap();
+    assert_eq!((c.flags, c.new, c.expunged), (vec![2], vec![], vec![]));
+    assert!(Arc::ptr_eq(&a.st, &b.st), "one copy of the index");
+    assert_eq!(b.meta(2).unwrap().flags, vec![Flag::Flagged]);
+    // A delivery and a change by another process (its own Store: no shared state).
+    let other = store(&dir).user("bob@example.org").unwrap();
+    deliver(&other, None, 4);
+    let mut o = other.open("INBOX").unwrap();
+    o.store_flags(&[1], FlagOp::Add, &[Flag::Seen], None)
+        .unwrap();
+    for v in [&mut a, &mut b] {
+        let c = v.refresh().unwrap();
+        assert_eq!((c.flags, c.new), (vec![1], vec![4]));
+        assert_eq!(v.meta(1).unwrap().flags, vec![Flag::Seen]);
+    }
+    // An own change while others' changes are pending: both reported, own one not again.
+    o.store_flags(&[3], FlagOp::Add, &[Flag::Answered], None)
+        .unwrap();
+    b.store_flags(&[2], FlagOp::Remove, &[Flag::Flagged], None)
+        .unwrap();
+    assert_eq!(b.refresh().unwrap().flags, vec![3]);
+    assert_eq!(a.refresh().unwrap().flags, vec![2, 3]);
+    // Expunge by this process.
+    a.store_flags(&[4], FlagOp::Add, &[Flag::Deleted], None)
+        .unwrap();
+    let gone = a.expunge(None).unwrap();
+    assert_eq!(gone, vec![Expunged { seq: 4, uid: 4 }]);
+    let c = b.refresh().unwrap();
+    assert_eq!(c.expunged, vec![Expunged { seq: 4, uid: 4 }]);
+    assert_eq!(b.uids(), &[1, 2, 3]);
+}
