@@ -56,7 +56,7 @@ pub struct MdaArgs {
     /// Seconds a delivery program may run.
     #[arg(long, default_value_t = 60)]
     program_timeout: u64,
-    /// Sustained IMAP commands per second per session (default: 50, bursts of 200).
+    /// Sustained IMAP commands per second per session (default: 500, bursts of 1000).
     #[arg(long)]
     imap_commands_per_second: Option<u32>,
 }

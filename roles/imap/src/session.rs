@@ -96,8 +96,8 @@ impl Default for Config {
             max_literals_per_command: 64,
             max_bad_commands: 10,
             max_login_failures: 3,
-            commands_per_second: 50,
-            command_burst: 200,
+            commands_per_second: 500,
+            command_burst: 1000,
             max_pending_input: 256 * 1024,
         }
     }

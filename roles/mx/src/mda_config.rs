@@ -14,7 +14,7 @@
 //! program_timeout = "60s"
 //! max_message_size = 52428800
 //! workers = 2                           # LMTP listener threads
-//! imap_commands_per_second = 50         # per IMAP session, sustained (burst: 200)
+//! imap_commands_per_second = 500        # per IMAP session, sustained (burst: 1000)
 //! tls = { cert = "/etc/ringmail/imap.crt", key = "/etc/ringmail/imap.key" }  # absent: self-signed
 //!
 //! [mda.programs]                        # addresses delivered to a program (argv, no shell)
