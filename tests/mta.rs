@@ -60,7 +60,10 @@ struct Mta {
 
 impl Mta {
     fn start(dir: &Path, extra: &[String]) -> Mta {
-        let addr = free_addr();
+        Mta::start_on(dir, free_addr(), extra)
+    }
+
+    fn start_on(dir: &Path, addr: SocketAddr, extra: &[String]) -> Mta {
         let admin = free_addr();
         let spool = dir.join("mta-spool");
         let mut args: Vec<String> = vec![
@@ -1188,4 +1191,62 @@ fn smtputf8_mail_to_a_remote_without_it_bounces() {
         old.ids.lock().unwrap().is_empty(),
         "the UTF-8 message was sent to a server without SMTPUTF8"
     );
+}
+
+/// An MX that is this MTA (its address and the port it would connect to): the message bounces
+/// at once with 5.4.6 instead of looping (Postfix: "mail for ... loops back to myself").
+#[test]
+fn mail_for_a_domain_whose_mx_is_this_mta_bounces_as_a_loop() {
+    if !have(&[PY]) || !dnsfix::tools_available(&["nsd"]) {
+        return;
+    }
+    let tmp = TempDir::new("mta-loop");
+    let dir = tmp.path().to_path_buf();
+    // The MTA listens on 127.0.0.1:P and delivers to port P; loop.test's MX is 127.0.0.1,
+    // example.test's (where the bounce goes) a sink on 127.0.0.9:P.
+    let mta_addr = free_addr();
+    let port = mta_addr.port();
+    let home = IdSink::start_on(
+        SocketAddr::new("127.0.0.9".parse().unwrap(), port),
+        Duration::ZERO,
+    );
+    let dns = dnsfix::DnsServer::start(&[
+        dnsfix::Zone::new("loop.test")
+            .rr("@ MX 10 mx.loop.test.")
+            .rr("mx A 127.0.0.1"),
+        dnsfix::Zone::new("example.test")
+            .rr("@ MX 10 mx.example.test.")
+            .rr("mx A 127.0.0.9"),
+    ]);
+    let mta = Mta::start_on(
+        &dir,
+        mta_addr,
+        &[
+            "--resolver".into(),
+            dns.addr().to_string(),
+            "--remote-port".into(),
+            port.to_string(),
+            "--no-mta-sts".into(),
+        ],
+    );
+    let m = message(
+        "alice@example.test",
+        "bob@loop.test",
+        "loop",
+        "Round and round.",
+    );
+    submit(mta.addr, "alice@example.test", &["bob@loop.test"], &m);
+    let dsn = wait_for(Duration::from_secs(60), || {
+        let t = home.last.lock().unwrap().clone();
+        t.contains("multipart/report").then_some(t)
+    })
+    .unwrap_or_else(|| panic!("no bounce:\n{}\n{}", mta.queue(&["list"]), mta.log()));
+    assert!(dsn.contains("Status: 5.4.6"), "{dsn}");
+    assert!(
+        dsn.contains("mail for loop.test loops back to myself"),
+        "{dsn}"
+    );
+    assert_eq!(mta.metric("ringmail_mta_loops_total"), Some(1.0));
+    // Exactly one message reached the sink: the bounce; the MTA never talked to itself.
+    assert_eq!(home.ids.lock().unwrap().len(), 1);
 }

@@ -63,6 +63,8 @@ pub struct OutboundStats {
     pub sts_enforced: AtomicU64,
     pub dkim_signed: AtomicU64,
     pub dkim_errors: AtomicU64,
+    /// Destinations whose every MX address was this MTA (bounced 5.4.6).
+    pub loops: AtomicU64,
     /// Deliveries, shared with the generic relay counters.
     pub relay: Arc<MxStats>,
 }
@@ -80,6 +82,11 @@ impl Metrics for OutboundStats {
                 "ringmail_mta_connections_reused_total",
                 "Transactions run on a cached connection.",
                 &self.connections_reused,
+            ),
+            (
+                "ringmail_mta_loops_total",
+                "Deliveries bounced because every MX address was this MTA (mail loop).",
+                &self.loops,
             ),
             (
                 "ringmail_mta_connect_failures_total",
@@ -188,6 +195,25 @@ impl Outbound {
             cache: Mutex::new(HashMap::new()),
             per_destination: Mutex::new(HashMap::new()),
             signing: Arc::new(Semaphore::new(cores)),
+        })
+    }
+
+    /// True when `addr` (for MX host `host`) is this MTA: the host is our own name, or the
+    /// address and port are one we listen on (for a wildcard listener: any address of this
+    /// host, which is what a socket can bind to).
+    fn loops_back(&self, host: &str, addr: SocketAddr) -> bool {
+        if host
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case(&self.cfg.hostname)
+        {
+            return true;
+        }
+        self.cfg.listen.iter().any(|l| {
+            l.port() == addr.port()
+                && (l.ip() == addr.ip()
+                    || (l.ip().is_unspecified()
+                        && l.is_ipv4() == addr.is_ipv4()
+                        && std::net::UdpSocket::bind(SocketAddr::new(addr.ip(), 0)).is_ok()))
         })
     }
 
@@ -526,6 +552,7 @@ async fn deliver_domain(
         }
     };
     let mut last_error = format!("451 4.4.1 {domain}: no MX host could be reached");
+    let (mut tried, mut looped) = (0usize, 0usize);
     for host in &hosts {
         let addrs: Vec<IpAddr> = match host.literal {
             Some(ip) => vec![ip],
@@ -544,6 +571,14 @@ async fn deliver_domain(
         for ip in addrs {
             let port = out.cfg.relay.map_or(out.cfg.remote_port, |r| r.port());
             let addr = SocketAddr::new(ip, port);
+            tried += 1;
+            if out.loops_back(&host.name, addr) {
+                // An MX (or smart host) that is this MTA: sending there would bring the
+                // message straight back (Postfix: "mail for ... loops back to myself").
+                looped += 1;
+                warn!(%domain, host = %host.name, %addr, "MX host is this MTA: mail loops back to myself");
+                continue;
+            }
             let mut c = match open(out, addr, &host.name, enforce).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -575,6 +610,13 @@ async fn deliver_domain(
                 }
             }
         }
+    }
+    if tried > 0 && looped == tried {
+        out.stats.loops.fetch_add(1, Ordering::Relaxed);
+        let reply = format!("554 5.4.6 mail for {domain} loops back to myself");
+        return all(rcpts, || QOutcome::PermFail {
+            reply: reply.clone(),
+        });
     }
     temp(last_error)
 }
