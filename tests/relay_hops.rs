@@ -1,6 +1,6 @@
 //! Several next hops on one relay route, with failover: a real `ringmail mx` (quick mode,
-//! `--relay A --relay B`) relaying over LMTP to two sinks, and a real `ringmail msa` relaying
-//! over SMTP to two sinks (the same scenarios):
+//! `--relay A --relay B`) relaying over LMTP to two sinks, a real `ringmail msa` relaying over
+//! SMTP to two sinks, and a real `ringmail mta` with two smart hosts (the same scenarios):
 //!
 //! * the first hop down (nothing listening): every message reaches the second, none lost, none
 //!   twice, the queue empty, the failovers counted;
@@ -148,6 +148,8 @@ enum Role {
     Mx,
     /// Relays over SMTP.
     Msa,
+    /// Relays to its smart hosts over SMTP.
+    Mta,
 }
 
 impl Role {
@@ -157,38 +159,51 @@ impl Role {
 
     fn start(self, dir: &TempDir, hops: &[SocketAddr]) -> Box<dyn Relayer> {
         match self {
-            Role::Mx => Mx::start(dir, hops),
+            Role::Mx | Role::Mta => Plain::start(self, dir, hops),
             Role::Msa => Msa::start(dir, hops),
         }
     }
 }
 
-struct Mx {
+/// An MX (quick mode, LMTP to its next hops) or an MTA (quick mode, smart hosts; loopback
+/// may relay), both fed over plain SMTP.
+struct Plain {
+    role: Role,
     child: ChildGuard,
     addr: SocketAddr,
     admin: SocketAddr,
     spool: PathBuf,
 }
 
-impl Mx {
-    fn start(dir: &TempDir, hops: &[SocketAddr]) -> Box<dyn Relayer> {
+impl Plain {
+    fn start(role: Role, dir: &TempDir, hops: &[SocketAddr]) -> Box<dyn Relayer> {
         let (addr, admin) = (free_addr(), free_addr());
-        let spool = dir.path().join("mx-spool");
+        let spool = dir.path().join("spool");
         let mut cmd = Command::new(RINGMAIL);
-        cmd.env("RUST_LOG", "info")
-            .args(["mx", "--listen", &addr.to_string()])
-            .args(["--domain", "example.test", "--hostname", "mx.example.test"])
-            .args(["--admin", &admin.to_string(), "--workers", "1"])
-            .args(["--relay-protocol", "lmtp"])
+        cmd.env("RUST_LOG", "info");
+        if matches!(role, Role::Mx) {
+            cmd.args([
+                "mx",
+                "--domain",
+                "example.test",
+                "--hostname",
+                "mx.example.test",
+            ])
+            .args(["--workers", "1", "--relay-protocol", "lmtp"]);
+        } else {
+            cmd.args(["mta", "--hostname", "mta.example.test", "--no-mta-sts"]);
+        }
+        cmd.args(["--listen", &addr.to_string(), "--admin", &admin.to_string()])
             .arg("--spool")
             .arg(&spool);
         for h in hops {
             cmd.args(["--relay", &h.to_string()]);
         }
-        let mut child = ChildGuard::spawn("ringmail mx", &mut cmd, dir.path().join("mx.log"))
-            .expect("spawn ringmail mx");
+        let mut child = ChildGuard::spawn("ringmail", &mut cmd, dir.path().join("role.log"))
+            .expect("spawn ringmail");
         wait_listening(&mut child, &[addr, admin]);
-        Box::new(Mx {
+        Box::new(Plain {
+            role,
             child,
             addr,
             admin,
@@ -197,21 +212,23 @@ impl Mx {
     }
 }
 
-impl Relayer for Mx {
+impl Relayer for Plain {
     fn submit(&self, n: usize, tag: &str) {
-        let mut s = connect(self.addr).expect("connect to the MX");
+        let mut s = connect(self.addr).expect("connect");
         expect(&mut s, None, 220);
         expect(&mut s, Some("EHLO client.sender.test"), 250);
         for i in 0..n {
+            // The MTA caches connections per recipient domain: a domain per message makes it
+            // open a new connection for each.
+            let rcpt = match self.role {
+                Role::Mx => format!("user{i}@example.test"),
+                _ => format!("user@d{i}.example.org"),
+            };
             expect(&mut s, Some("MAIL FROM:<carol@sender.test>"), 250);
-            expect(
-                &mut s,
-                Some(&format!("RCPT TO:<user{i}@example.test>")),
-                250,
-            );
+            expect(&mut s, Some(&format!("RCPT TO:<{rcpt}>")), 250);
             expect(&mut s, Some("DATA"), 354);
             let msg = format!(
-                "From: <carol@sender.test>\r\nTo: <user{i}@example.test>\r\nSubject: {tag} {i}\r\n\
+                "From: <carol@sender.test>\r\nTo: <{rcpt}>\r\nSubject: {tag} {i}\r\n\
                  Message-ID: <{tag}-{i}@relay-hops.test>\r\n\r\nhello {i}\r\n."
             );
             expect(&mut s, Some(&msg), 250);
@@ -547,6 +564,21 @@ fn msa_both_hops_down_queues_then_flush_delivers() {
     if have_python() {
         both_down_then_flush(Role::Msa, "msac");
     }
+}
+
+#[test]
+fn mta_first_smart_host_down_delivers_everything_to_the_second() {
+    first_hop_down(Role::Mta, "mtaa");
+}
+
+#[test]
+fn mta_spreads_over_both_smart_hosts() {
+    both_up_spread(Role::Mta, "mtab");
+}
+
+#[test]
+fn mta_both_smart_hosts_down_queues_then_flush_delivers() {
+    both_down_then_flush(Role::Mta, "mtac");
 }
 
 #[test]
