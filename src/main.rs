@@ -575,7 +575,10 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
         args.mx_listen,
         vec![args.domain.clone()],
         spool.clone(),
-        ringmail_mx::config::Relay::new(args.mx_relay, ringmail_mx::config::RelayProtocol::Lmtp),
+        ringmail_mx::config::Relay::new(
+            vec![args.mx_relay],
+            ringmail_mx::config::RelayProtocol::Lmtp,
+        ),
     );
     mx_cfg.admin = Some(mx_admin);
     mx_cfg.relay.retry_min = Duration::from_secs(30);
@@ -605,9 +608,9 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
         vec![args.msa_listen_tls],
         accounts_url,
         msa_spool,
-        args.mta_listen,
+        vec![args.mta_listen],
     )
-    .with_local_relay(Some(args.mx_listen));
+    .with_local_relay(vec![args.mx_listen]);
     msa_cfg.admin = Some(args.msa_admin);
     msa_cfg.retry_min = Duration::from_secs(30);
     msa_cfg.retry_max = Duration::from_secs(300);

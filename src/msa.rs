@@ -31,12 +31,14 @@ pub struct MsaArgs {
     /// Quick mode: the spool (durable queue) directory.
     #[arg(long, required_unless_present = "config")]
     spool: Option<PathBuf>,
-    /// Quick mode: the MTA next hop everything is relayed to.
+    /// Quick mode: the MTA next hop everything is relayed to. Repeatable: a new connection
+    /// tries each in turn from a rotating start, passing over a dead one.
     #[arg(long, required_unless_present = "config")]
-    relay: Option<SocketAddr>,
-    /// Quick mode: the MDA (SMTP) mail for our own domains goes to; absent: the MTA.
+    relay: Vec<SocketAddr>,
+    /// Quick mode: the MDA (SMTP) mail for our own domains goes to (repeatable); absent: the
+    /// MTA.
     #[arg(long)]
-    local_relay: Option<SocketAddr>,
+    local_relay: Vec<SocketAddr>,
     /// Quick mode: host name in the greeting, Received and Message-ID.
     #[arg(long)]
     hostname: Option<String>,
@@ -73,9 +75,13 @@ pub fn cmd_msa(args: MsaArgs) -> Result<ExitCode> {
                 args.listen_tls.into_iter().collect(),
                 args.accounts.clone().context("--accounts")?,
                 args.spool.clone().context("--spool")?,
-                args.relay.context("--relay")?,
+                crate::mx::hop_list(&args.relay, "--relay")?,
             )
-            .with_local_relay(args.local_relay);
+            .with_local_relay(if args.local_relay.is_empty() {
+                Vec::new()
+            } else {
+                crate::mx::hop_list(&args.local_relay, "--local-relay")?
+            });
             c.relay_security = args.hop.security(HopSecurity::default())?;
             c.admin = args.admin;
             c.trusted_proxies = args
@@ -98,7 +104,7 @@ pub fn cmd_msa(args: MsaArgs) -> Result<ExitCode> {
                 .unwrap_or_default(),
             cfg.listen.len(),
             cfg.listen_tls.len(),
-            cfg.relay,
+            crate::mx::addr_list(&cfg.relay),
             cfg.relay_security.describe()
         );
         return Ok(ExitCode::SUCCESS);

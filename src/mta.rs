@@ -27,8 +27,9 @@ pub struct MtaArgs {
     #[arg(long, required_unless_present = "config")]
     spool: Option<PathBuf>,
     /// Quick mode: send everything to this smart host instead of looking up MX records.
+    /// Repeatable: a new connection tries each in turn from a rotating start.
     #[arg(long, conflicts_with = "resolver")]
-    relay: Option<SocketAddr>,
+    relay: Vec<SocketAddr>,
     /// Quick mode: the DNS server for MX, A/AAAA and MTA-STS lookups (default: resolv.conf).
     #[arg(long)]
     resolver: Option<SocketAddr>,
@@ -99,9 +100,13 @@ pub fn cmd_mta(args: MtaArgs) -> Result<ExitCode> {
                 vec![args.listen.context("--listen")?],
                 args.spool.clone().context("--spool")?,
             );
-            c.relay = args.relay;
+            c.relay = if args.relay.is_empty() {
+                Vec::new()
+            } else {
+                crate::mx::hop_list(&args.relay, "--relay")?
+            };
             c.relay_security = args.hop.security(HopSecurity::level(TlsLevel::May))?;
-            if c.relay.is_none() && c.relay_security != HopSecurity::level(TlsLevel::May) {
+            if c.relay.is_empty() && c.relay_security != HopSecurity::level(TlsLevel::May) {
                 bail!("--relay-tls and --relay-auth-user apply to the smart host: set --relay");
             }
             c.resolver = args.resolver;
@@ -137,9 +142,14 @@ pub fn cmd_mta(args: MtaArgs) -> Result<ExitCode> {
                 .unwrap_or_default(),
             cfg.listen.len(),
             cfg.dkim.len(),
-            match cfg.relay {
-                Some(r) => format!("everything to {r} with {}", cfg.relay_security.describe()),
-                None => "MX lookups".to_string(),
+            if cfg.relay.is_empty() {
+                "MX lookups".to_string()
+            } else {
+                format!(
+                    "everything to {} with {}",
+                    crate::mx::addr_list(&cfg.relay),
+                    cfg.relay_security.describe()
+                )
             }
         );
         return Ok(ExitCode::SUCCESS);

@@ -39,9 +39,10 @@ pub struct MxArgs {
     /// Quick mode: the spool (durable queue) directory.
     #[arg(long, required_unless_present = "config")]
     spool: Option<PathBuf>,
-    /// Quick mode: the next hop accepted mail is relayed to (the MDA).
+    /// Quick mode: the next hop accepted mail is relayed to (the MDA). Repeatable: a new
+    /// connection tries each in turn from a rotating start, passing over a dead one.
     #[arg(long, required_unless_present = "config")]
-    relay: Option<SocketAddr>,
+    relay: Vec<SocketAddr>,
     /// Quick mode: protocol to the next hop.
     #[arg(long, value_enum, default_value = "smtp")]
     relay_protocol: ProtocolArg,
@@ -102,6 +103,28 @@ pub fn serve_until_signal<S>(
     Ok(ExitCode::SUCCESS)
 }
 
+/// A repeatable quick-mode next hop flag: at least one address, none twice.
+pub fn hop_list(addrs: &[SocketAddr], flag: &str) -> Result<Vec<SocketAddr>> {
+    if addrs.is_empty() {
+        bail!("{flag} is required");
+    }
+    for (i, a) in addrs.iter().enumerate() {
+        if addrs[..i].contains(a) {
+            bail!("{flag} {a} is given twice");
+        }
+    }
+    Ok(addrs.to_vec())
+}
+
+/// `10.0.0.20:24, 10.0.0.21:24`.
+pub fn addr_list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub fn quick_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -138,7 +161,7 @@ pub fn cmd_mx(args: MxArgs) -> Result<ExitCode> {
                 args.listen.context("--listen")?,
                 args.domain.clone(),
                 args.spool.clone().context("--spool")?,
-                Relay::new(args.relay.context("--relay")?, protocol),
+                Relay::new(hop_list(&args.relay, "--relay")?, protocol),
             );
             c.relay.security = args.hop.security(HopSecurity::default())?;
             c.admin = args.admin;
@@ -164,7 +187,7 @@ pub fn cmd_mx(args: MxArgs) -> Result<ExitCode> {
                 .unwrap_or_default(),
             cfg.listen.len(),
             cfg.domains.len(),
-            cfg.relay.next_hop
+            addr_list(&cfg.relay.next_hop)
         );
         return Ok(ExitCode::SUCCESS);
     }

@@ -40,6 +40,8 @@ pub struct MxStats {
     pub deliveries_ok: AtomicU64,
     pub deliveries_deferred: AtomicU64,
     pub deliveries_failed: AtomicU64,
+    /// New connections that passed over an unreachable next hop to the next one.
+    pub relay_failovers: AtomicU64,
 }
 
 impl MxStats {
@@ -84,6 +86,11 @@ impl MxStats {
             "ringmail_mx_acks_maybe_lost_total",
             "Messages queued whose 250 may not have reached the client (possible duplicates).",
             g(&self.acks_maybe_lost),
+        );
+        counter(
+            "ringmail_mx_relay_failovers_total",
+            "Next hops passed over (connect, greeting, STARTTLS or AUTH failed) for the next one.",
+            g(&self.relay_failovers),
         );
         let _ = writeln!(
             out,

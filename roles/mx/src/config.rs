@@ -35,9 +35,11 @@
 //! dnsbl = ["zen.example.org"]        # listed clients get 554 5.7.1 at connect
 //!
 //! [mx.relay]
-//! next_hop = "10.0.0.20:24"          # required: the MDA
+//! next_hop = "10.0.0.20:24"          # required: the MDA, or several, tried in turn from a
+//!                                    #   rotating start: ["10.0.0.20:24", "10.0.0.21:24"]
 //! protocol = "lmtp"                  # lmtp | smtp                        (default lmtp)
-//! bounce_next_hop = "10.0.0.30:25"   # where bounces go (the MTA); absent: the next hop
+//! bounce_next_hop = "10.0.0.30:25"   # where bounces go (the MTA; one or a list); absent:
+//!                                    #   the next hop(s)
 //! connections = 8                    # concurrent deliveries              (default 8)
 //! retry_min = "5m"                   # first retry                        (default 5m)
 //! retry_max = "1h"                   # backoff cap                        (default 1h)
@@ -141,9 +143,11 @@ pub enum RelayProtocol {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Relay {
-    pub next_hop: SocketAddr,
+    /// The MDA(s): at least one, in order; a new connection tries each from a rotating start.
+    pub next_hop: Vec<SocketAddr>,
     pub protocol: RelayProtocol,
-    pub bounce_next_hop: Option<SocketAddr>,
+    /// The MTA(s) for bounces; `None`: the next hops.
+    pub bounce_next_hop: Option<Vec<SocketAddr>>,
     pub connections: usize,
     pub retry_min: Duration,
     pub retry_max: Duration,
@@ -156,7 +160,7 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(next_hop: SocketAddr, protocol: RelayProtocol) -> Relay {
+    pub fn new(next_hop: Vec<SocketAddr>, protocol: RelayProtocol) -> Relay {
         Relay {
             next_hop,
             protocol,
@@ -173,7 +177,7 @@ impl Relay {
     /// The bounce route's security: as configured; else the next hop's when bounces go there
     /// too (no `bounce_next_hop`); else plaintext (the MTA trusts our address).
     pub fn bounce_security(&self) -> HopSecurity {
-        match (&self.bounce_security, self.bounce_next_hop) {
+        match (&self.bounce_security, &self.bounce_next_hop) {
             (Some(s), _) => s.clone(),
             (None, None) => self.security.clone(),
             (None, Some(_)) => HopSecurity::default(),
@@ -407,7 +411,7 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MxConfig> {
         listen.first().copied().unwrap_or(placeholder),
         domains.unwrap_or_default(),
         spool.unwrap_or_default(),
-        relay.unwrap_or_else(|| Relay::new(placeholder, RelayProtocol::Lmtp)),
+        relay.unwrap_or_else(|| Relay::new(vec![placeholder], RelayProtocol::Lmtp)),
     );
     c.listen = listen;
     // A configured MX checks senders (with the system resolver unless [mx.checks] says).
@@ -600,16 +604,20 @@ fn parse_checks(ctx: &mut Ctx<'_>, t: &DeTable<'_>) -> Option<Checks> {
 fn parse_relay(ctx: &mut Ctx<'_>, v: &Value<'_>, t: &DeTable<'_>) -> Option<Relay> {
     check_keys(ctx, t, RELAY, "[mx.relay]");
     let next_hop = required(ctx, v, t, "next_hop", "mx.relay")
-        .and_then(|x| socket_addr(ctx, x, "mx.relay.next_hop"))?;
-    let mut r = Relay::new(next_hop, RelayProtocol::Lmtp);
-    let mut ok = true;
+        .and_then(|x| crate::hop::parse_hops(ctx, x, "mx.relay.next_hop"));
+    // The other keys are checked even without a usable next hop (every error at once).
+    let mut ok = next_hop.is_some();
+    let mut r = Relay::new(
+        next_hop.unwrap_or_else(|| vec![SocketAddr::from(([127, 0, 0, 1], 24))]),
+        RelayProtocol::Lmtp,
+    );
     ok &= set(
         &mut r.protocol,
         t.get("protocol")
             .map(|x| choice(ctx, x, "mx.relay.protocol", PROTOCOLS)),
     );
     if let Some(x) = t.get("bounce_next_hop") {
-        match socket_addr(ctx, x, "mx.relay.bounce_next_hop") {
+        match crate::hop::parse_hops(ctx, x, "mx.relay.bounce_next_hop") {
             Some(a) => r.bounce_next_hop = Some(a),
             None => ok = false,
         }

@@ -17,6 +17,11 @@
 //!   skips the check (Postfix's own `encrypt`). A hop without STARTTLS, a refused STARTTLS or a
 //!   failed handshake is a temporary failure: the mail stays queued.
 //!
+//! A route may name several next hops (`next_hop = ["10.0.0.20:24", "10.0.0.21:24"]`, like
+//! Postfix's `relayhost = [a]:25, [b]:25`): they share the route's TLS policy and credentials
+//! (without `name`, each certificate must carry its own hop's IP address), and a new
+//! connection tries them in turn from a rotating start (see [`Hops`]).
+//!
 //! AUTH PLAIN is only ever sent under TLS: credentials need `encrypt` (a configuration error
 //! otherwise). The password is read from `password_file` (its first line) when the
 //! configuration is loaded; it never appears in the configuration, in `Debug` output or in logs.
@@ -24,9 +29,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ringmail_proxy_core::config::parse::{
-    Ctx, DeValue, Value, boolean, check_keys, choice, mismatch, required, string, table,
+    Ctx, DeValue, Value, boolean, check_keys, choice, mismatch, required, socket_addr, string,
+    table,
 };
 use ringmail_smtp::{ClientConfig, Secret, StartTlsPolicy};
 use rustls::RootCertStore;
@@ -350,6 +357,64 @@ impl Hop {
     }
 }
 
+/// The next hops of one route, in their configured order, with the same security each. A new
+/// connection tries them all, starting at a rotating index, so that connections (and the load)
+/// spread over the hops, and a dead hop is passed over.
+pub(crate) struct Hops {
+    pub list: Vec<Hop>,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Hops {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.list).finish()
+    }
+}
+
+impl Hops {
+    /// A hop for each of `addrs` (at least one), all with `sec`.
+    pub fn new(
+        addrs: &[SocketAddr],
+        helo_name: &str,
+        lmtp: bool,
+        sec: &HopSecurity,
+    ) -> Result<Hops, crate::MxError> {
+        if addrs.is_empty() {
+            return Err(crate::MxError::NoNextHop);
+        }
+        let list = addrs
+            .iter()
+            .map(|&addr| {
+                Hop::new(addr, helo_name, lmtp, sec)
+                    .map_err(|source| crate::MxError::NextHop { addr, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Hops {
+            list,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The hops in the order one new connection tries them: every hop once, starting one
+    /// further on each call.
+    pub fn order(&self) -> Vec<&Hop> {
+        let n = self.list.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        (0..n).map(|i| &self.list[(start + i) % n]).collect()
+    }
+
+    /// The addresses, for logs: `10.0.0.20:24, 10.0.0.21:24`.
+    pub fn addrs(&self) -> String {
+        let addrs: Vec<String> = self.list.iter().map(|h| h.addr.to_string()).collect();
+        addrs.join(", ")
+    }
+
+    /// The security of the hops (the same for each), for logs.
+    pub fn describe(&self) -> &str {
+        self.list.first().map_or("", |h| h.describe.as_str())
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The TOML schema
 // ---------------------------------------------------------------------------------------------
@@ -359,6 +424,39 @@ const LEVELS: &[(&str, TlsLevel)] = &[
     ("may", TlsLevel::May),
     ("encrypt", TlsLevel::Encrypt),
 ];
+
+/// `WHAT = "IP:PORT"` or `WHAT = ["IP:PORT", …]`: the next hops of a route, in order (at
+/// least one, none twice).
+pub(crate) fn parse_hops(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<Vec<SocketAddr>> {
+    let items = match v.get_ref() {
+        DeValue::String(_) => return socket_addr(ctx, v, what).map(|a| vec![a]),
+        DeValue::Array(items) => items,
+        _ => {
+            mismatch(ctx, v, what, "\"IP:PORT\" or an array of them");
+            return None;
+        }
+    };
+    if items.is_empty() {
+        ctx.error(
+            v.span(),
+            format!("`{what}` is empty: name at least one next hop (IP:PORT)"),
+        );
+        return None;
+    }
+    let mut ok = true;
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(items.len());
+    for item in items.iter() {
+        match socket_addr(ctx, item, what) {
+            Some(a) if out.contains(&a) => {
+                ctx.error(item.span(), format!("`{what}`: {a} is listed twice"));
+                ok = false;
+            }
+            Some(a) => out.push(a),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
 
 /// `WHAT = "LEVEL"` or `WHAT = { level, ca, name, verify }`.
 pub(crate) fn parse_tls(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<HopTls> {
@@ -608,6 +706,168 @@ mod tests {
             Hop::new(addr, "a.example.com", false, &sec).unwrap_err(),
             HopError::OnlyWithEncrypt("verify")
         );
+    }
+
+    #[test]
+    fn next_hop_lists() {
+        let a: SocketAddr = "10.0.0.20:24".parse().unwrap();
+        let b: SocketAddr = "10.0.0.21:24".parse().unwrap();
+        let c: SocketAddr = "[2001:db8::30]:25".parse().unwrap();
+        let mx = |relay: &str| {
+            format!(
+                "[mx]\nhostname = \"mx.example.com\"\nlisten = [\"127.0.0.1:25\"]\ndomains = [\"example.com\"]\nspool = \"/s\"\n[mx.relay]\n{relay}"
+            )
+        };
+        // One address, as ever, and a list; bounces follow the list unless told otherwise.
+        let one = crate::config::load_str(&mx("next_hop = \"10.0.0.20:24\"\n"), "mx.toml").unwrap();
+        assert_eq!(one.relay.next_hop, [a]);
+        let two = crate::config::load_str(
+            &mx("next_hop = [\"10.0.0.20:24\", \"10.0.0.21:24\"]\nbounce_next_hop = [\"[2001:db8::30]:25\"]\n"),
+            "mx.toml",
+        )
+        .unwrap();
+        assert_eq!(two.relay.next_hop, [a, b]);
+        assert_eq!(two.relay.bounce_next_hop, Some(vec![c]));
+
+        // Errors, each at its line: empty, a duplicate, a bad address, the wrong type.
+        let e = crate::config::load_str(
+            &mx("next_hop = []\nbounce_next_hop = [\"10.0.0.30:25\", \"10.0.0.30:25\"]\n"),
+            "mx.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("mx.toml:7:") && e.contains("`mx.relay.next_hop` is empty"),
+            "{e}"
+        );
+        let e = crate::config::load_str(
+            &mx("next_hop = [\"10.0.0.20:24\",\n  \"10.0.0.20:24\"]\n"),
+            "mx.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("mx.toml:8:") && e.contains("10.0.0.20:24 is listed twice"),
+            "{e}"
+        );
+        let e = crate::config::load_str(
+            &mx("next_hop = [\"10.0.0.20:24\", \"mda.example.com:24\", \"10.0.0.21\"]\nbounce_next_hop = [\"10.0.0.30:25\", \"10.0.0.30:25\"]\n"),
+            "mx.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "mx.toml:7:",
+            "mda.example.com:24",
+            "missing port",
+            "mx.toml:8:",
+            "listed twice",
+        ] {
+            assert!(e.contains(want), "{want} missing from {e}");
+        }
+        let e = crate::config::load_str(&mx("next_hop = 24\n"), "mx.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("mx.toml:7:") && e.contains("an array of them"),
+            "{e}"
+        );
+
+        // [msa]: relay and local_relay.
+        let msa = "[msa]\nhostname = \"smtp.example.com\"\nlisten = [\"127.0.0.1:587\"]\naccounts = \"sqlite:/a.db\"\nspool = \"/s\"\n";
+        let m = crate::msa_config::load_str(
+            &format!("{msa}relay = [\"10.0.0.20:24\", \"10.0.0.21:24\"]\nlocal_relay = [\"[2001:db8::30]:25\"]\n"),
+            "msa.toml",
+        )
+        .unwrap();
+        assert_eq!(m.relay, [a, b]);
+        assert_eq!(m.local_relay, [c]);
+        assert_eq!(m.local_route, crate::msa_config::LocalRoute::Mda);
+        let m =
+            crate::msa_config::load_str(&format!("{msa}relay = \"10.0.0.20:24\"\n"), "msa.toml")
+                .unwrap();
+        assert_eq!((m.relay, m.local_relay), (vec![a], vec![]));
+        let e = crate::msa_config::load_str(
+            &format!("{msa}relay = []\nlocal_relay = [\"10.0.0.20:24\", \"10.0.0.20:24\"]\n"),
+            "msa.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "msa.toml:6:",
+            "`msa.relay` is empty",
+            "msa.toml:7:",
+            "listed twice",
+        ] {
+            assert!(e.contains(want), "{want} missing from {e}");
+        }
+
+        // [mta]: smart hosts; relay_tls needs at least one.
+        let mta =
+            "[mta]\nhostname = \"mta.example.com\"\nlisten = [\"127.0.0.1:25\"]\nspool = \"/s\"\n";
+        let t = crate::mta_config::load_str(
+            &format!(
+                "{mta}relay = [\"10.0.0.20:24\", \"10.0.0.21:24\"]\nrelay_tls = \"encrypt\"\n"
+            ),
+            "mta.toml",
+        )
+        .unwrap();
+        assert_eq!(t.relay, [a, b]);
+        assert!(
+            crate::mta_config::load_str(mta, "mta.toml")
+                .unwrap()
+                .relay
+                .is_empty()
+        );
+        let e = crate::mta_config::load_str(&format!("{mta}relay = []\n"), "mta.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mta.toml:5:") && e.contains("is empty"), "{e}");
+        assert!(!e.contains("set `mta.relay`"), "{e}");
+    }
+
+    #[test]
+    fn hops_rotate_and_share_the_security() {
+        let addrs: Vec<SocketAddr> = ["127.0.0.1:24", "127.0.0.2:24", "127.0.0.3:24"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let hops = Hops::new(&addrs, "mx.example.com", true, &HopSecurity::default()).unwrap();
+        let firsts: Vec<SocketAddr> = (0..6).map(|_| hops.order()[0].addr).collect();
+        assert_eq!(
+            firsts,
+            [addrs[0], addrs[1], addrs[2], addrs[0], addrs[1], addrs[2]]
+        );
+        // Every order holds every hop once.
+        let mut o: Vec<SocketAddr> = hops.order().iter().map(|h| h.addr).collect();
+        assert_eq!(o[0], addrs[0]);
+        o.sort();
+        assert_eq!(o, addrs);
+        assert_eq!(hops.addrs(), "127.0.0.1:24, 127.0.0.2:24, 127.0.0.3:24");
+        // Without `name`, each hop's certificate is checked for its own address.
+        let mut sec = HopSecurity::level(TlsLevel::Encrypt);
+        sec.tls.verify = false;
+        let hops = Hops::new(&addrs, "mx.example.com", true, &sec).unwrap();
+        let names: Vec<_> = hops
+            .list
+            .iter()
+            .map(|h| h.tls.as_ref().unwrap().name.clone())
+            .collect();
+        assert_eq!(
+            names,
+            addrs
+                .iter()
+                .map(|a| ServerName::IpAddress(a.ip().into()))
+                .collect::<Vec<_>>()
+        );
+        sec.tls.name = Some("mda.int.example.com".into());
+        let hops = Hops::new(&addrs, "mx.example.com", true, &sec).unwrap();
+        assert!(hops.list.iter().all(|h| h.tls.as_ref().unwrap().name
+            == ServerName::try_from("mda.int.example.com").unwrap()));
+        assert!(matches!(
+            Hops::new(&[], "mx.example.com", true, &HopSecurity::default()),
+            Err(crate::MxError::NoNextHop)
+        ));
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub enum MxError {
     Resolver(String),
     #[error("mailbox store: {0}")]
     Store(String),
+    #[error("a relay route has no next hop")]
+    NoNextHop,
     #[error("next hop {addr}: {source}")]
     NextHop {
         addr: std::net::SocketAddr,
@@ -217,7 +219,7 @@ impl MxServer {
             domains = ?cfg.domains,
             workers = nworkers,
             runtime = ?cfg.runtime,
-            next_hop = %cfg.relay.next_hop,
+            next_hop = ?cfg.relay.next_hop,
             checks = cfg.checks.enabled,
             "mx started"
         );

@@ -108,6 +108,11 @@ impl Metrics for MsaStats {
                 g(c)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP ringmail_msa_relay_failovers_total Next hops passed over (connect, greeting, STARTTLS or AUTH failed) for the next one.\n# TYPE ringmail_msa_relay_failovers_total counter\nringmail_msa_relay_failovers_total {}",
+            g(&self.relay.relay_failovers)
+        );
         let q = spool.stats();
         let _ = writeln!(
             out,
@@ -227,16 +232,16 @@ impl MsaServer {
         // The next hops' TLS settings are checked before anything listens.
         let mut routes = vec![Route::new(
             "mta",
-            cfg.relay,
+            &cfg.relay,
             false,
             cfg.connections,
             &cfg.hostname,
             &cfg.relay_security,
         )?];
-        if let Some(mda) = cfg.local_relay {
+        if !cfg.local_relay.is_empty() {
             routes.push(Route::new(
                 "mda",
-                mda,
+                &cfg.local_relay,
                 false,
                 cfg.connections,
                 &cfg.hostname,
@@ -286,7 +291,7 @@ impl MsaServer {
             crate::admin::spawn(addr, Arc::clone(&stats), spool, "ringmail-msa-admin")
                 .map_err(MxError::Listen)?;
         }
-        info!(listen = ?cfg.listen, listen_tls = ?cfg.listen_tls, relay = %cfg.relay, local_relay = ?cfg.local_relay, "msa started");
+        info!(listen = ?cfg.listen, listen_tls = ?cfg.listen_tls, relay = ?cfg.relay, local_relay = ?cfg.local_relay, "msa started");
         Ok(MsaServer {
             msa,
             accounts_rt: Some(accounts_rt),

@@ -8,8 +8,10 @@
 //! listen_tls = ["0.0.0.0:465"]         # implicit TLS listeners
 //! accounts = "sqlite:/var/lib/ringmail/accounts.db"  # required: logins and sender ownership
 //! spool = "/var/spool/ringmail/msa"    # required: the durable queue
-//! relay = "10.0.0.30:25"               # required: the MTA next hop
-//! local_relay = "10.0.0.20:24"         # the MDA (SMTP); used when local_route = "mda"
+//! relay = "10.0.0.30:25"               # required: the MTA next hop, or several, tried in turn
+//!                                      #   from a rotating start: ["10.0.0.30:25", "10.0.0.31:25"]
+//! local_relay = "10.0.0.20:24"         # the MDA (SMTP; one or a list); used when
+//!                                      #   local_route = "mda"
 //! local_route = "mta"                  # mta | mda: where mail for our own domains goes
 //! workers = 2                          # default: one per CPU
 //! max_message_size = 52428800          # bytes                               (default 50 MB)
@@ -56,8 +58,10 @@ pub struct MsaConfig {
     pub listen_tls: Vec<SocketAddr>,
     pub accounts: String,
     pub spool: PathBuf,
-    pub relay: SocketAddr,
-    pub local_relay: Option<SocketAddr>,
+    /// The MTA(s): at least one.
+    pub relay: Vec<SocketAddr>,
+    /// The MDA(s) for our own domains; empty: none.
+    pub local_relay: Vec<SocketAddr>,
     pub local_route: LocalRoute,
     pub workers: Option<usize>,
     pub max_message_size: u64,
@@ -87,7 +91,7 @@ impl MsaConfig {
         listen_tls: Vec<SocketAddr>,
         accounts: String,
         spool: PathBuf,
-        relay: SocketAddr,
+        relay: Vec<SocketAddr>,
     ) -> MsaConfig {
         MsaConfig {
             hostname,
@@ -97,7 +101,7 @@ impl MsaConfig {
             accounts,
             spool,
             relay,
-            local_relay: None,
+            local_relay: Vec::new(),
             local_route: LocalRoute::Mta,
             workers: None,
             max_message_size: 50_000_000,
@@ -118,10 +122,10 @@ impl MsaConfig {
         }
     }
 
-    /// Sets `--local-relay`: mail for our domains goes to the MDA there.
-    pub fn with_local_relay(mut self, addr: Option<SocketAddr>) -> MsaConfig {
-        self.local_relay = addr;
-        if addr.is_some() {
+    /// Sets `--local-relay`: mail for our domains goes to the MDA(s) there.
+    pub fn with_local_relay(mut self, addrs: Vec<SocketAddr>) -> MsaConfig {
+        self.local_relay = addrs;
+        if !self.local_relay.is_empty() {
             self.local_route = LocalRoute::Mda;
         }
         self
@@ -194,7 +198,8 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MsaConfig> {
     let spool = required(ctx, v, t, "spool", "msa")
         .and_then(|s| string(ctx, s, "msa.spool"))
         .map(PathBuf::from);
-    let relay = required(ctx, v, t, "relay", "msa").and_then(|x| socket_addr(ctx, x, "msa.relay"));
+    let relay = required(ctx, v, t, "relay", "msa")
+        .and_then(|x| crate::hop::parse_hops(ctx, x, "msa.relay"));
     let required_ok = hostname.is_some()
         && listen.is_some()
         && listen_tls.is_some()
@@ -208,11 +213,11 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MsaConfig> {
         listen_tls.unwrap_or_default(),
         accounts.unwrap_or_default(),
         spool.unwrap_or_default(),
-        relay.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 25))),
+        relay.unwrap_or_else(|| vec![SocketAddr::from(([127, 0, 0, 1], 25))]),
     );
     if let Some(x) = t.get("local_relay") {
-        match socket_addr(ctx, x, "msa.local_relay") {
-            Some(a) => c = c.with_local_relay(Some(a)),
+        match crate::hop::parse_hops(ctx, x, "msa.local_relay") {
+            Some(a) => c = c.with_local_relay(a),
             None => ok = false,
         }
     }
@@ -227,7 +232,7 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MsaConfig> {
             )
         }),
     );
-    if c.local_route == LocalRoute::Mda && c.local_relay.is_none() {
+    if c.local_route == LocalRoute::Mda && c.local_relay.is_empty() {
         let span = t.get("local_route").map_or(v.span(), |x| x.span());
         ctx.error(span, "`msa.local_route = \"mda\"` needs `msa.local_relay`");
         ok = false;

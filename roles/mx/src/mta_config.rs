@@ -8,7 +8,9 @@
 //! spool = "/var/spool/ringmail/mta"    # required: the durable queue
 //! trusted_clients = ["10.0.0.0/24"]    # may relay without AUTH (our MSAs and MXs)
 //! accounts = "sqlite:/var/lib/ringmail/accounts.db"  # optional: AUTH (under TLS) may relay too
-//! relay = "192.0.2.25:587"             # optional: everything to one smart host, no MX lookups
+//! relay = "192.0.2.25:587"             # optional: everything to a smart host, no MX lookups;
+//!                                      #   several are tried in turn from a rotating start:
+//!                                      #   ["192.0.2.25:587", "192.0.2.26:587"]
 //! relay_tls = "encrypt"                # to the smart host: none | may | encrypt, or { level, ca,
 //!                                      #   name, verify } (see [`crate::hop`]; default may)
 //! relay_auth = { user = "mta@example.com", password_file = "/etc/ringmail/smarthost.pass" }
@@ -60,7 +62,8 @@ pub struct MtaConfig {
     pub spool: PathBuf,
     pub trusted_clients: Vec<Cidr>,
     pub accounts: Option<String>,
-    pub relay: Option<SocketAddr>,
+    /// Smart hosts; empty: MX lookups.
+    pub relay: Vec<SocketAddr>,
     pub resolver: Option<SocketAddr>,
     pub remote_port: u16,
     pub dkim: Vec<DkimKeySpec>,
@@ -99,7 +102,7 @@ impl MtaConfig {
                 Cidr::parse("::1/128").expect("valid"),
             ],
             accounts: None,
-            relay: None,
+            relay: Vec::new(),
             resolver: None,
             remote_port: 25,
             dkim: Vec::new(),
@@ -195,12 +198,16 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MtaConfig> {
             None => ok = false,
         }
     }
-    for (key, field) in [("relay", &mut c.relay), ("resolver", &mut c.resolver)] {
-        if let Some(x) = t.get(key) {
-            match socket_addr(ctx, x, &format!("mta.{key}")) {
-                Some(a) => *field = Some(a),
-                None => ok = false,
-            }
+    if let Some(x) = t.get("relay") {
+        match crate::hop::parse_hops(ctx, x, "mta.relay") {
+            Some(a) => c.relay = a,
+            None => ok = false,
+        }
+    }
+    if let Some(x) = t.get("resolver") {
+        match socket_addr(ctx, x, "mta.resolver") {
+            Some(a) => c.resolver = Some(a),
+            None => ok = false,
         }
     }
     ok &= set(
@@ -342,7 +349,7 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MtaConfig> {
         Some(s) => c.relay_security = s,
         None => ok = false,
     }
-    if c.relay.is_none() {
+    if t.get("relay").is_none() {
         for key in ["relay_tls", "relay_auth"] {
             if let Some(x) = t.get(key) {
                 ctx.error(

@@ -6,6 +6,7 @@
 //!                                      │ recipients grouped by domain, domains in parallel
 //!                                      ▼
 //!   per domain: permit (max_per_destination) ─▶ idle cached connection for the domain?
+//!      ├─ smart hosts (`relay`): each in turn from a rotating start until one gives a session
 //!      └─ else: MX hosts (preference, shuffled ties; implicit MX; null MX = bounce)
 //!              ─▶ MTA-STS policy (enforce: only matching MX hosts, verified TLS)
 //!              ─▶ each address of each host until one session takes the transaction
@@ -34,9 +35,9 @@ use tracing::{debug, info, warn};
 
 use crate::admin::{Metrics, MxStats};
 use crate::dkim::DkimSigner;
-use crate::hop::Hop;
+use crate::hop::Hops;
 use crate::mta_config::MtaConfig;
-use crate::relay::{Conn, ConnError, TlsSetup, transaction};
+use crate::relay::{Conn, ConnError, TlsSetup, open_any, transaction};
 use crate::resolve::{MxHost, MxResolver, ResolveError};
 use crate::sts::{Mode, Sts};
 
@@ -140,8 +141,8 @@ pub struct Outbound {
     dkim: Arc<DkimSigner>,
     tls_any: tokio_rustls::TlsConnector,
     tls_verified: tokio_rustls::TlsConnector,
-    /// The smart host (`relay`) with its TLS policy and credentials.
-    smart_host: Option<Hop>,
+    /// The smart hosts (`relay`) with their TLS policy and credentials.
+    smart_host: Option<Hops>,
     cache: Mutex<HashMap<String, Vec<(Conn, Instant)>>>,
     per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
     signing: Arc<Semaphore>,
@@ -158,7 +159,7 @@ impl Outbound {
     ) -> Result<Outbound, crate::MxError> {
         let resolver = MxResolver::new(cfg.resolver, Duration::from_secs(5))
             .map_err(|e| crate::MxError::Resolver(e.to_string()))?;
-        let sts = if cfg.mta_sts && cfg.relay.is_none() {
+        let sts = if cfg.mta_sts && cfg.relay.is_empty() {
             let sts_cfg = crate::sts::StsConfig {
                 enabled: true,
                 extra_ca: cfg.mta_sts_ca.clone(),
@@ -174,12 +175,15 @@ impl Outbound {
         let tls_verified = crate::sts::tls_verified(cfg.mta_sts_ca.as_deref())
             .map_err(|e| crate::MxError::Resolver(e.to_string()))?;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let smart_host = match cfg.relay {
-            Some(addr) => Some(
-                Hop::new(addr, &cfg.hostname, false, &cfg.relay_security)
-                    .map_err(|source| crate::MxError::NextHop { addr, source })?,
-            ),
-            None => None,
+        let smart_host = if cfg.relay.is_empty() {
+            None
+        } else {
+            Some(Hops::new(
+                &cfg.relay,
+                &cfg.hostname,
+                false,
+                &cfg.relay_security,
+            )?)
         };
         Ok(Outbound {
             cfg,
@@ -468,17 +472,6 @@ fn all(rcpts: &[&RecipientState], o: impl Fn() -> QOutcome) -> Vec<(String, QOut
 
 /// The hosts to try for a domain, or the verdict for all its recipients.
 async fn plan(out: &Outbound, domain: &str) -> Result<(Vec<MxHost>, bool), Result<String, String>> {
-    if let Some(relay) = out.cfg.relay {
-        return Ok((
-            vec![MxHost {
-                name: relay.ip().to_string(),
-                preference: 0,
-                implicit: false,
-                literal: Some(relay.ip()),
-            }],
-            false,
-        ));
-    }
     let mut hosts = match out.resolver.mx_hosts(domain).await {
         Ok(h) => h,
         Err(ResolveError::Permanent { code, message }) => {
@@ -542,6 +535,9 @@ async fn deliver_domain(
             Err(_) => {}
         }
     }
+    if let Some(hops) = &out.smart_host {
+        return deliver_smart_host(out, hops, env, domain, rcpts, prefix).await;
+    }
     let (hosts, enforce) = match plan(out, domain).await {
         Ok(p) => p,
         Err(Ok(temp_reply)) => return temp(temp_reply),
@@ -569,12 +565,11 @@ async fn deliver_domain(
             },
         };
         for ip in addrs {
-            let port = out.cfg.relay.map_or(out.cfg.remote_port, |r| r.port());
-            let addr = SocketAddr::new(ip, port);
+            let addr = SocketAddr::new(ip, out.cfg.remote_port);
             tried += 1;
             if out.loops_back(&host.name, addr) {
-                // An MX (or smart host) that is this MTA: sending there would bring the
-                // message straight back (Postfix: "mail for ... loops back to myself").
+                // An MX that is this MTA: sending there would bring the message straight
+                // back (Postfix: "mail for ... loops back to myself").
                 looped += 1;
                 warn!(%domain, host = %host.name, %addr, "MX host is this MTA: mail loops back to myself");
                 continue;
@@ -621,6 +616,57 @@ async fn deliver_domain(
     temp(last_error)
 }
 
+/// Delivery through the smart hosts: a session with one of them (each in turn from a rotating
+/// start, passing over one that cannot be reached or refuses STARTTLS or AUTH), then its answer
+/// to the transaction, whatever it is.
+async fn deliver_smart_host(
+    out: &Outbound,
+    hops: &Hops,
+    env: &QEnvelope,
+    domain: &str,
+    rcpts: &[&RecipientState],
+    prefix: &tokio::sync::OnceCell<String>,
+) -> Vec<(String, QOutcome)> {
+    let temp = |reply: String| {
+        all(rcpts, || QOutcome::TempFail {
+            reply: reply.clone(),
+        })
+    };
+    out.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
+    let failovers = &out.stats.relay.relay_failovers;
+    let mut c = match open_any(hops, "smart host", out.cfg.connect_timeout, failovers).await {
+        Ok(c) => c,
+        Err(e) => {
+            out.stats
+                .connect_failures
+                .fetch_add(e.0.len() as u64, Ordering::Relaxed);
+            warn!(id = %env.id, next_hop = %hops.addrs(), security = %hops.describe(), error = %e, "cannot open a session to the smart host; mail stays queued");
+            return temp(format!("451 4.4.1 {e}"));
+        }
+    };
+    if c.client.is_tls() {
+        out.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
+    }
+    // Signed only now that a session is ready to take the message.
+    let prefix = prefix.get_or_init(|| sign(out, env)).await;
+    match transaction(&out.spool, &mut c, env, rcpts, prefix).await {
+        Ok(r) => {
+            if r.iter()
+                .all(|(_, o)| matches!(o, QOutcome::TempFail { .. }))
+            {
+                c.quit().await;
+            } else {
+                out.put_back(domain, c);
+            }
+            r
+        }
+        Err(e) => {
+            debug!(%domain, next_hop = %c.peer, error = %e, "transaction with the smart host failed");
+            temp(format!("451 4.4.2 [{}]: {e}", c.peer))
+        }
+    }
+}
+
 /// Opens a session with opportunistic STARTTLS (RFC 7435: any certificate; a failed
 /// handshake is retried once in plaintext), or with verified TLS required (MTA-STS enforce).
 async fn open(
@@ -656,21 +702,6 @@ async fn open(
     };
     let timeout = out.cfg.connect_timeout;
     out.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
-    if let Some(hop) = &out.smart_host {
-        // The smart host: its own TLS policy and credentials (`relay_tls`, `relay_auth`).
-        return match Conn::open_hop(hop, timeout).await {
-            Ok(c) => {
-                if c.client.is_tls() {
-                    out.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(c)
-            }
-            Err(e) => {
-                warn!(%addr, security = %hop.describe, error = %e, "cannot open a session to the smart host; mail stays queued");
-                Err(e)
-            }
-        };
-    }
     match Conn::connect(addr, cfg(policy), Some(tls), timeout).await {
         Ok(c) => {
             if c.client.is_tls() {

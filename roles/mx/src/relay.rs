@@ -8,6 +8,13 @@
 //!                                                        ▼ streamed from the spool file
 //!                                             record_attempt: delivered / retry / bounce
 //! ```
+//!
+//! A route may have several next hops. A new connection tries them all, starting at a
+//! rotating index (so connections, and with them the load, spread over the hops), passing
+//! over a hop whose connection, greeting, STARTTLS or AUTH fails; only when every hop failed
+//! is the attempt a temporary failure, with each hop's error in the message's last reply. A
+//! reply to the transaction itself (4xx/5xx) is the answer, not a reason to try another hop.
+//! A connection stays with the hop it reached while it is reused.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -28,7 +35,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin::MxStats;
 use crate::config::RelayProtocol;
-use crate::hop::{Hop, HopSecurity, TlsLevel};
+use crate::hop::{Hop, HopSecurity, Hops, TlsLevel};
 use crate::session::Mx;
 
 /// A connection idle this long is closed with QUIT.
@@ -38,23 +45,23 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Content is read from the spool and written in chunks of this size.
 const CHUNK: usize = 64 * 1024;
 
-/// One next hop, chosen by the queue's route field.
+/// The next hops of one route, chosen by the queue's route field.
 #[derive(Debug, Clone)]
 pub struct Route {
     /// The envelope's `route` (`"mda"`, `"mta"`).
     pub name: String,
     /// Concurrent deliveries on this route.
     pub connections: usize,
-    /// Address, protocol, TLS policy and credentials.
-    pub(crate) hop: Hop,
+    /// Addresses, protocol, TLS policy and credentials (the same for each hop).
+    pub(crate) hops: Arc<Hops>,
 }
 
 impl Route {
-    /// A route to `addr` (LMTP or SMTP) with the hop's TLS policy and credentials; fails when
-    /// those are unusable (e.g. an unreadable CA file).
+    /// A route to `addrs` (LMTP or SMTP; at least one) with the hops' TLS policy and
+    /// credentials; fails when those are unusable (e.g. an unreadable CA file).
     pub fn new(
         name: &str,
-        addr: SocketAddr,
+        addrs: &[SocketAddr],
         lmtp: bool,
         connections: usize,
         helo_name: &str,
@@ -63,13 +70,13 @@ impl Route {
         Ok(Route {
             name: name.to_string(),
             connections,
-            hop: Hop::new(addr, helo_name, lmtp, security)
-                .map_err(|source| crate::MxError::NextHop { addr, source })?,
+            hops: Arc::new(Hops::new(addrs, helo_name, lmtp, security)?),
         })
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.hop.addr
+    /// The next hops, in their configured order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.hops.list.iter().map(|h| h.addr).collect()
     }
 }
 
@@ -97,7 +104,7 @@ impl RelayCtx {
             routes: vec![
                 Route::new(
                     "mda",
-                    relay.next_hop,
+                    &relay.next_hop,
                     relay.protocol == RelayProtocol::Lmtp,
                     relay.connections.max(1),
                     host,
@@ -106,7 +113,7 @@ impl RelayCtx {
                 // Bounces go to the MTA over SMTP (two connections are plenty).
                 Route::new(
                     "mta",
-                    relay.bounce_next_hop.unwrap_or(relay.next_hop),
+                    relay.bounce_next_hop.as_ref().unwrap_or(&relay.next_hop),
                     false,
                     2,
                     host,
@@ -125,9 +132,14 @@ pub async fn run(mx: Arc<RelayCtx>, mut stop: tokio::sync::watch::Receiver<bool>
         let workers = route.connections.max(1);
         let (tx, rx) = mpsc::channel::<Claim>(workers * 4);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
-        info!(route = %route.name, next_hop = %route.hop.addr, security = %route.hop.describe, "relay route");
+        info!(route = %route.name, next_hop = %route.hops.addrs(), security = %route.hops.describe(), "relay route");
         for _ in 0..workers {
-            tasks.spawn(worker(Arc::clone(&mx), route.hop.clone(), Arc::clone(&rx)));
+            tasks.spawn(worker(
+                Arc::clone(&mx),
+                route.name.clone(),
+                Arc::clone(&route.hops),
+                Arc::clone(&rx),
+            ));
         }
         txs.push(tx);
     }
@@ -389,7 +401,12 @@ impl Conn {
     }
 }
 
-async fn worker(mx: Arc<RelayCtx>, hop: Hop, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Claim>>>) {
+async fn worker(
+    mx: Arc<RelayCtx>,
+    route: String,
+    hops: Arc<Hops>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Claim>>>,
+) {
     let mut conn: Option<Conn> = None;
     loop {
         let next = {
@@ -406,15 +423,20 @@ async fn worker(mx: Arc<RelayCtx>, hop: Hop, rx: Arc<tokio::sync::Mutex<mpsc::Re
                 continue;
             }
         };
-        deliver_one(&mx, &hop, &mut conn, claim).await;
+        deliver_one(&mx, &route, &hops, &mut conn, claim).await;
     }
     if let Some(c) = conn.take() {
         c.quit().await;
     }
 }
 
-async fn deliver_one(mx: &RelayCtx, hop: &Hop, conn: &mut Option<Conn>, claim: Claim) {
-    let addr = hop.addr;
+async fn deliver_one(
+    mx: &RelayCtx,
+    route: &str,
+    hops: &Hops,
+    conn: &mut Option<Conn>,
+    claim: Claim,
+) {
     let id = claim.id().clone();
     let env = match mx.spool.get(&id) {
         Ok(Some(e)) => e,
@@ -428,19 +450,19 @@ async fn deliver_one(mx: &RelayCtx, hop: &Hop, conn: &mut Option<Conn>, claim: C
     if pending.is_empty() {
         return;
     }
-    let results = match attempt(mx, hop, conn, &env).await {
+    let results = match attempt(mx, route, hops, conn, &env).await {
         Ok(r) => r,
-        Err(why) => {
+        Err(reply) => {
             // The connection is unusable: drop it; every pending recipient is retried later.
             *conn = None;
-            debug!(%id, next_hop = %addr, reason = %why, "delivery deferred");
+            debug!(%id, %route, reason = %reply, "delivery deferred");
             pending
                 .iter()
                 .map(|a| {
                     (
                         a.clone(),
                         QOutcome::TempFail {
-                            reply: format!("delivery to {addr} failed: {why}"),
+                            reply: reply.clone(),
                         },
                     )
                 })
@@ -455,13 +477,14 @@ async fn deliver_one(mx: &RelayCtx, hop: &Hop, conn: &mut Option<Conn>, claim: C
             QOutcome::PermFail { .. } => failed += 1,
         }
     }
+    let next_hop = conn.as_ref().map(|c| c.peer.to_string());
     match mx
         .spool
         .record_attempt(&id, results, SystemTime::now())
         .await
     {
         Ok(summary) => {
-            info!(%id, next_hop = %addr, delivered = summary.delivered, deferred = summary.deferred, failed = summary.failed, "delivery attempt");
+            info!(%id, %route, next_hop = next_hop.as_deref().unwrap_or("none"), delivered = summary.delivered, deferred = summary.deferred, failed = summary.failed, "delivery attempt");
         }
         Err(e) => warn!(%id, error = %e, "cannot record the delivery attempt"),
     }
@@ -470,6 +493,62 @@ async fn deliver_one(mx: &RelayCtx, hop: &Hop, conn: &mut Option<Conn>, claim: C
     mx.stats.deliveries_deferred.fetch_add(deferred, Relaxed);
     mx.stats.deliveries_failed.fetch_add(failed, Relaxed);
     drop(claim);
+}
+
+/// Every next hop of a route failed to give a session: the error of each, in the order tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HopsFailed(pub Vec<(SocketAddr, ConnError)>);
+
+impl std::fmt::Display for HopsFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_slice() {
+            [] => f.write_str("no next hop"),
+            // One hop: as before there were lists.
+            [(addr, e)] => write!(f, "delivery to {addr} failed: {e}"),
+            all => {
+                write!(f, "delivery failed on all {} next hops: ", all.len())?;
+                for (i, (addr, e)) in all.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str("; ")?;
+                    }
+                    // The connection errors mostly name the address already.
+                    if e.message.contains(&addr.to_string()) {
+                        write!(f, "{e}")?;
+                    } else {
+                        write!(f, "{addr}: {e}")?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Opens a session to one of `hops`: each in turn from the route's rotating start, passing
+/// over a hop whose connection, greeting, STARTTLS or AUTH fails (counted in `failovers`).
+pub(crate) async fn open_any(
+    hops: &Hops,
+    route: &str,
+    connect_timeout: Duration,
+    failovers: &std::sync::atomic::AtomicU64,
+) -> Result<Conn, HopsFailed> {
+    let order = hops.order();
+    let n = order.len();
+    let mut errors = Vec::new();
+    for (i, hop) in order.into_iter().enumerate() {
+        match Conn::open_hop(hop, connect_timeout).await {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                if i + 1 < n {
+                    failovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // The credentials themselves are never logged.
+                    warn!(%route, next_hop = %hop.addr, security = %hop.describe, error = %e, "cannot open a session to this next hop; trying the next one");
+                }
+                errors.push((hop.addr, e));
+            }
+        }
+    }
+    Err(HopsFailed(errors))
 }
 
 /// The client-side envelope of a queued message for some of its pending recipients; `extra`
@@ -523,27 +602,43 @@ pub(crate) fn client_envelope(env: &QEnvelope, rcpts: &[&RecipientState], extra:
     }
 }
 
-/// One transaction on a (possibly reused) connection; per-recipient outcomes.
+/// One transaction on a reused connection or a new one to one of `hops`; per-recipient
+/// outcomes, or the reply every pending recipient is deferred with.
 async fn attempt(
     mx: &RelayCtx,
-    hop: &Hop,
+    route: &str,
+    hops: &Hops,
     conn: &mut Option<Conn>,
     env: &QEnvelope,
-) -> Result<Vec<(String, QOutcome)>, ConnError> {
-    if conn.is_none() {
-        match Conn::open_hop(hop, Duration::from_secs(10)).await {
-            Ok(c) => *conn = Some(c),
+) -> Result<Vec<(String, QOutcome)>, String> {
+    let rcpts: Vec<&RecipientState> = env.pending().collect();
+    if let Some(c) = conn.as_mut() {
+        match transaction(&mx.spool, c, env, &rcpts, "").await {
+            Ok(r) => return Ok(r),
             Err(e) => {
-                // A refused STARTTLS or AUTH is a configuration problem worth seeing at once
-                // (the credentials themselves are never logged).
-                warn!(id = %env.id, next_hop = %hop.addr, security = %hop.describe, error = %e, "cannot open a session to the next hop; mail stays queued");
-                return Err(e);
+                // The hop may have closed the idle connection, or gone away: a new session
+                // (maybe to another hop) gets the message. Nothing was accepted on the old one,
+                // except when it broke between the end of the data and the reply (RFC 5321
+                // section 6.1 accepts that duplicate).
+                debug!(id = %env.id, %route, next_hop = %c.peer, error = %e, "reused connection failed; opening a new one");
+                *conn = None;
             }
         }
     }
-    let c = conn.as_mut().ok_or("no connection")?;
-    let rcpts: Vec<&RecipientState> = env.pending().collect();
-    transaction(&mx.spool, c, env, &rcpts, "").await
+    let failovers = &mx.stats.relay_failovers;
+    let c = match open_any(hops, route, Duration::from_secs(10), failovers).await {
+        Ok(c) => conn.insert(c),
+        Err(e) => {
+            // A refused STARTTLS or AUTH is a configuration problem worth seeing at once
+            // (the credentials themselves are never logged).
+            warn!(id = %env.id, %route, next_hop = %hops.addrs(), security = %hops.describe(), error = %e, "cannot open a session to the next hop; mail stays queued");
+            return Err(e.to_string());
+        }
+    };
+    let peer = c.peer;
+    transaction(&mx.spool, c, env, &rcpts, "")
+        .await
+        .map_err(|e| format!("delivery to {peer} failed: {e}"))
 }
 
 /// Runs one transaction for `rcpts` of `env` on `c`: `prefix` (e.g. DKIM-Signature fields),
@@ -661,4 +756,33 @@ pub(crate) async fn send_body(
     }
     c.client.end_body().map_err(|e| e.to_string())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_hops_error_in_the_reply() {
+        let a: SocketAddr = "10.0.0.20:24".parse().unwrap();
+        let b: SocketAddr = "10.0.0.21:24".parse().unwrap();
+        let refused = ConnError::from(format!("connect to {a}: Connection refused"));
+        // One hop: the reply reads as it did before lists.
+        assert_eq!(
+            HopsFailed(vec![(a, refused.clone())]).to_string(),
+            format!("delivery to {a} failed: connect to {a}: Connection refused")
+        );
+        // Several: each hop's error, named by its address once.
+        let text = HopsFailed(vec![
+            (a, refused),
+            (b, ConnError::from("TLS handshake timed out")),
+        ])
+        .to_string();
+        assert_eq!(
+            text,
+            format!(
+                "delivery failed on all 2 next hops: connect to {a}: Connection refused; {b}: TLS handshake timed out"
+            )
+        );
+    }
 }
