@@ -340,6 +340,11 @@ fn inet(host: u8) -> Ipv4Addr {
 
 /// The one place the lab departs from the topology (see the module documentation).
 fn lab_topology(mut t: Topology, plan: &Plan, root: &Path) -> Result<Topology> {
+    // Only the hosts the lab runs stay in its site, so the rendered next hops (every MDA or
+    // MTA of the site) name running hosts only.
+    let keep: Vec<String> = plan.hosts(&t).iter().map(|h| h.name.to_string()).collect();
+    t.hosts
+        .retain(|h| h.site != plan.site || keep.contains(&h.name.to_string()));
     // A SQLite account store, under the root like every other path once rendered.
     t.accounts = format!("sqlite:{LAB_ACCOUNTS}");
     // The MX and MTA hosts ask the site's name server.

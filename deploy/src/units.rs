@@ -13,9 +13,9 @@
 //! ```
 //!
 //! The configs use the roles' own schemas (checked by `ringmail ROLE --check --config` in
-//! `tests/deploy_render.rs`). Where a schema takes one next hop and the topology has several
-//! candidates, the first host of the role in the host's own site (topology order) is taken, IPv4
-//! preferred, and the file says so. Fixed paths: the config at /etc/ringmail/<role>.toml, TLS at
+//! `tests/deploy_render.rs`). Next hops are lists: every MDA (or MTA) of the host's own site
+//! (every one in the topology when the site has none), one address each (IPv4 preferred); the
+//! relay spreads connections over them and fails over. Fixed paths: the config at /etc/ringmail/<role>.toml, TLS at
 //! /etc/ringmail/tls/<fqdn>.crt|.key, state (spool, mail) under /var/lib/ringmail/<role>/; with
 //! [`RenderOptions::root`] all of them (and the DKIM keys and a SQLite account store) move under
 //! that directory, for a lab or a staging copy that runs unprivileged from one place.
@@ -193,39 +193,43 @@ fn primary_addr(h: &Host) -> Option<IpAddr> {
     h.addrs().next()
 }
 
-/// The one next hop of `role` for a host of `site`, with the comment that explains the choice.
-fn one_next_hop(t: &Topology, role: Role, site: usize, port: u16) -> (String, String) {
+/// The next hops of `role` for a host of `site` (every such host of the site, tried in turn
+/// from a rotating start, the next one when one is down), with the comment that says so.
+fn next_hops(t: &Topology, role: Role, site: usize, port: u16) -> (Vec<String>, String) {
     let (hosts, own) = site_hosts(t, role, site);
-    let all = t.hosts_with(role).count();
-    let chosen = hosts.iter().find(|h| primary_addr(h).is_some());
-    match chosen {
-        Some(h) => {
-            let addr = sock(primary_addr(h).expect("filtered"), port);
-            let why = if own {
-                format!(
-                    "the schema takes one next hop: the first {} of site {} ({}), of {all} in the topology",
-                    role.name().to_uppercase(),
-                    t.sites[site].name,
-                    h.name
-                )
-            } else {
-                format!(
-                    "the schema takes one next hop and site {} has no {}: the first in the topology ({})",
-                    t.sites[site].name,
-                    role.name().to_uppercase(),
-                    h.name
-                )
-            };
-            (addr, why)
-        }
-        None => (
-            format!("127.0.0.1:{port}"),
-            format!(
-                "no {} host with an address in the topology: loopback placeholder",
-                role.name().to_uppercase()
-            ),
-        ),
+    let chosen: Vec<&Host> = hosts
+        .into_iter()
+        .filter(|h| primary_addr(h).is_some())
+        .collect();
+    let names = chosen
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let addrs: Vec<String> = chosen
+        .iter()
+        .filter_map(|h| primary_addr(h))
+        .map(|a| sock(a, port))
+        .collect();
+    let upper = role.name().to_uppercase();
+    if addrs.is_empty() {
+        return (
+            vec![format!("127.0.0.1:{port}")],
+            format!("no {upper} host with an address in the topology: loopback placeholder"),
+        );
     }
+    let why = if own {
+        format!(
+            "the {upper}s of site {} ({names}), spread over and failed over in turn",
+            t.sites[site].name
+        )
+    } else {
+        format!(
+            "site {} has no {upper}: every {upper} of the topology ({names}), failed over in turn",
+            t.sites[site].name
+        )
+    };
+    (addrs, why)
 }
 
 /// Every address of the hosts with one of `roles`, in topology order.
@@ -456,8 +460,8 @@ fn lb_config(t: &Topology, h: &Host, p: Paths<'_>) -> String {
 fn mx_config(t: &Topology, h: &Host, p: Paths<'_>) -> String {
     let mut s = header(h, Role::Mx, "inbound SMTP for our domains", p);
     let domains: Vec<String> = t.domains.iter().map(|d| d.name.to_string()).collect();
-    let (mda, mda_why) = one_next_hop(t, Role::Mda, h.site, ports::LMTP);
-    let (mta, mta_why) = one_next_hop(t, Role::Mta, h.site, ports::SMTP);
+    let (mda, mda_why) = next_hops(t, Role::Mda, h.site, ports::LMTP);
+    let (mta, mta_why) = next_hops(t, Role::Mta, h.site, ports::SMTP);
     let _ = writeln!(
         s,
         "\n[mx]\n\
@@ -482,8 +486,8 @@ fn mx_config(t: &Topology, h: &Host, p: Paths<'_>) -> String {
         q(&p.accounts(&t.accounts)),
         admin_port(Role::Mx).expect("mx has admin"),
         p.tls_line(h),
-        q(&mda),
-        q(&mta)
+        list(&mda),
+        list(&mta)
     );
     if let Some(r) = t.dns.resolver {
         let _ = writeln!(
@@ -499,7 +503,7 @@ fn mx_config(t: &Topology, h: &Host, p: Paths<'_>) -> String {
 
 fn msa_config(t: &Topology, h: &Host, p: Paths<'_>) -> String {
     let mut s = header(h, Role::Msa, "authenticated submission", p);
-    let (mta, why) = one_next_hop(t, Role::Mta, h.site, ports::SMTP);
+    let (mta, why) = next_hops(t, Role::Mta, h.site, ports::SMTP);
     let lbs = addrs_of(t, &[Role::Lb]);
     let _ = writeln!(
         s,
@@ -523,7 +527,7 @@ fn msa_config(t: &Topology, h: &Host, p: Paths<'_>) -> String {
         list(&listen(h, ports::SUBMISSIONS)),
         q(&p.accounts(&t.accounts)),
         q(&format!("{}/spool", p.state(Role::Msa))),
-        q(&mta),
+        list(&mta),
         list(&lbs),
         admin_port(Role::Msa).expect("msa has admin"),
         p.tls_line(h)
@@ -812,10 +816,10 @@ mod tests {
                 "listen = [\"192.0.2.40:25\", \"[2001:db8:b::40]:25\"]",
                 "domains = [\"example.com\"]",
                 "accounts = \"postgres://ringmail@db.example.com/ringmail\"",
-                "# the schema takes one next hop: the first MDA of site b (mda-b1.example.com), of 4 in the topology.",
-                "next_hop = \"192.0.2.42:24\"",
+                "# the MDAs of site b (mda-b1.example.com, mda-b2.example.com), spread over and failed over in turn.",
+                "next_hop = [\"192.0.2.42:24\", \"192.0.2.43:24\"]",
                 "protocol = \"lmtp\"",
-                "bounce_next_hop = \"192.0.2.44:25\"",
+                "bounce_next_hop = [\"192.0.2.44:25\", \"192.0.2.45:25\"]",
                 "tls = { cert = \"/etc/ringmail/tls/mx-b1.example.com.crt\", key = \"/etc/ringmail/tls/mx-b1.example.com.key\" }",
             ],
         );
@@ -824,7 +828,7 @@ mod tests {
             &[
                 "listen = [\"192.0.2.22:587\", \"[2001:db8:a::22]:587\"]",
                 "listen_tls = [\"192.0.2.22:465\", \"[2001:db8:a::22]:465\"]",
-                "relay = \"192.0.2.28:25\"",
+                "relay = [\"192.0.2.28:25\", \"192.0.2.29:25\"]",
                 "trusted_proxies = [\"192.0.2.19\", \"2001:db8:a::19\", \"192.0.2.20\"",
                 "admin = \"127.0.0.1:9111\"",
             ],
