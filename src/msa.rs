@@ -48,6 +48,9 @@ pub struct MsaArgs {
     /// Quick mode: a load balancer whose PROXY v1/v2 headers are accepted (repeatable).
     #[arg(long)]
     trusted_proxy: Vec<IpAddr>,
+    /// Quick mode: concurrent sessions per client address (default 50; 421 4.7.0 beyond).
+    #[arg(long)]
+    max_connections_per_ip: Option<usize>,
     #[command(flatten)]
     hop: crate::hop::HopArgs,
 }
@@ -84,6 +87,9 @@ pub fn cmd_msa(args: MsaArgs) -> Result<ExitCode> {
             });
             c.relay_security = args.hop.security(HopSecurity::default())?;
             c.admin = args.admin;
+            if let Some(n) = args.max_connections_per_ip {
+                c.max_connections_per_ip = n.max(1);
+            }
             c.trusted_proxies = args
                 .trusted_proxy
                 .iter()

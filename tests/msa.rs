@@ -651,3 +651,38 @@ fn ldap_store_login_and_sender_authorisation() {
         other: "bob@example.test",
     });
 }
+
+/// Concurrent sessions per client address (Postfix's smtpd_client_connection_count_limit): the
+/// one over the limit gets 421 4.7.0 in the protocol, and a freed slot is usable again.
+#[test]
+fn connections_per_client_address_are_limited() {
+    let sink = Sink::start();
+    let msa = Msa::start(None, sink.addr, &["--max-connections-per-ip", "2"]);
+    let greet = |s: &TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut line = String::new();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line
+    };
+    let a = TcpStream::connect(msa.addr).unwrap();
+    let b = TcpStream::connect(msa.addr).unwrap();
+    assert!(greet(&a).starts_with("220 "));
+    assert!(greet(&b).starts_with("220 "));
+    let c = TcpStream::connect(msa.addr).unwrap();
+    let refused = greet(&c);
+    assert!(
+        refused.starts_with("421 4.7.0 ")
+            && refused.contains("too many connections from 127.0.0.1"),
+        "{refused}"
+    );
+    drop(a);
+    // The slot frees when the first session ends.
+    let again = wait_for(Duration::from_secs(10), || {
+        let d = TcpStream::connect(msa.addr).ok()?;
+        greet(&d).starts_with("220 ").then_some(d)
+    });
+    assert!(again.is_some(), "a freed slot is not reused");
+    drop(b);
+}

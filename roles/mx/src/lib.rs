@@ -20,6 +20,7 @@ pub mod config;
 pub mod dkim;
 mod driver;
 pub mod hop;
+mod limits;
 pub mod mda;
 pub mod mda_config;
 pub mod mda_imap;

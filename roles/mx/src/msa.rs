@@ -51,6 +51,7 @@ pub struct MsaStats {
     pub refused_sender: AtomicU64,
     pub refused_rate: AtomicU64,
     pub refused_proxy: AtomicU64,
+    pub refused_connections: AtomicU64,
     pub messages_accepted: AtomicU64,
     /// Delivery counters, shared with the relay.
     pub relay: Arc<MxStats>,
@@ -85,6 +86,7 @@ impl Metrics for MsaStats {
             ("sender_mismatch", &self.refused_sender),
             ("rate", &self.refused_rate),
             ("proxy", &self.refused_proxy),
+            ("connections", &self.refused_connections),
         ] {
             let _ = writeln!(out, "ringmail_msa_refused_total{{reason=\"{r}\"}} {}", g(c));
         }
@@ -177,6 +179,7 @@ pub struct Msa {
     ip_failures: Window<IpAddr>,
     user_failures: Window<String>,
     sent: Window<String>,
+    limits: crate::limits::ConnLimits,
 }
 
 /// A running MSA.
@@ -228,6 +231,7 @@ impl MsaServer {
             ip_failures: Window::default(),
             user_failures: Window::default(),
             sent: Window::default(),
+            limits: crate::limits::ConnLimits::new(cfg.max_connections, cfg.max_connections_per_ip),
         });
         // The next hops' TLS settings are checked before anything listens.
         let mut routes = vec![Route::new(
@@ -381,6 +385,26 @@ pub async fn run(msa: Arc<Msa>, mut stream: TcpStream, peer: SocketAddr, implici
     } else {
         peer
     };
+    // Connection counts, by the real client (after the PROXY header): a refused client is told
+    // so in the protocol (after the handshake on an implicit TLS port).
+    let admitted = msa.limits.admit(client.ip());
+    let refusal = match &admitted {
+        Ok(_) => None,
+        Err(r) => {
+            inc(&msa.stats.refused_connections);
+            info!(client = %client.ip(), limit = ?r, "refused: too many connections");
+            Some(match r {
+                crate::limits::Refused::Total => {
+                    format!("{} Error: too many connections", msa.cfg.hostname)
+                }
+                crate::limits::Refused::PerAddress => format!(
+                    "{} Error: too many connections from {}",
+                    msa.cfg.hostname,
+                    client.ip()
+                ),
+            })
+        }
+    };
     let mut ctx = Ctx {
         msa,
         client,
@@ -400,8 +424,13 @@ pub async fn run(msa: Arc<Msa>, mut stream: TcpStream, peer: SocketAddr, implici
         match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(io)).await {
             Ok(Ok(mut tls)) => {
                 let mut server = Server::new(Arc::clone(&msa.smtp), true);
-                server.greet();
-                let _ = drive(&mut tls, &mut server, &mut ctx).await;
+                if let Some(text) = &refusal {
+                    server.refuse_connection(421, "4.7.0", text);
+                    let _ = crate::driver::flush(&mut tls, &mut server).await;
+                } else {
+                    server.greet();
+                    let _ = drive(&mut tls, &mut server, &mut ctx).await;
+                }
                 let _ = tls.shutdown().await;
             }
             Ok(Err(e)) => debug!(client = %client.ip(), error = %e, "TLS handshake failed"),
@@ -410,6 +439,11 @@ pub async fn run(msa: Arc<Msa>, mut stream: TcpStream, peer: SocketAddr, implici
         return;
     }
     let mut server = Server::new(Arc::clone(&msa.smtp), false);
+    if let Some(text) = &refusal {
+        server.refuse_connection(421, "4.7.0", text);
+        let _ = crate::driver::flush(&mut stream, &mut server).await;
+        return;
+    }
     server.greet();
     if !early.is_empty() {
         server.receive(&early);

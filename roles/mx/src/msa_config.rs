@@ -18,6 +18,8 @@
 //! max_recipients = 100                 # per message (452 beyond)            (default 100)
 //! max_messages_per_hour = 500          # per account (450 4.7.1 beyond)      (default 500)
 //! max_auth_failures = 10               # per client address in 10 minutes, then 421 (default 10)
+//! max_connections = 10000              # concurrent sessions, all clients          (default 10000)
+//! max_connections_per_ip = 50          # per real client address (after PROXY)     (default 50)
 //! trusted_proxies = ["10.0.0.1"]       # PROXY v1/v2 accepted (and required) from these only
 //! command_timeout = "5m"
 //! data_timeout = "10m"
@@ -68,6 +70,10 @@ pub struct MsaConfig {
     pub max_recipients: usize,
     pub max_messages_per_hour: u32,
     pub max_auth_failures: u32,
+    /// Concurrent sessions in all, and per client address (Postfix's
+    /// `smtpd_client_connection_count_limit`): 421 4.7.0 beyond.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub trusted_proxies: Vec<Cidr>,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
@@ -108,6 +114,8 @@ impl MsaConfig {
             max_recipients: 100,
             max_messages_per_hour: 500,
             max_auth_failures: 10,
+            max_connections: 10_000,
+            max_connections_per_ip: 50,
             trusted_proxies: Vec::new(),
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
@@ -154,6 +162,8 @@ const MSA: &[&str] = &[
     "max_recipients",
     "max_messages_per_hour",
     "max_auth_failures",
+    "max_connections",
+    "max_connections_per_ip",
     "trusted_proxies",
     "command_timeout",
     "data_timeout",
@@ -248,6 +258,18 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MsaConfig> {
         t.get("max_message_size")
             .map(|x| integer(ctx, x, "msa.max_message_size", 1024, 1 << 40)),
     );
+    for (key, field) in [
+        ("max_connections", &mut c.max_connections),
+        ("max_connections_per_ip", &mut c.max_connections_per_ip),
+    ] {
+        ok &= set(
+            field,
+            t.get(key).map(|x| {
+                integer(ctx, x, &format!("msa.{key}"), 1, 1_000_000)
+                    .and_then(|n| usize::try_from(n).ok())
+            }),
+        );
+    }
     ok &= set(
         &mut c.max_recipients,
         t.get("max_recipients").map(|x| {

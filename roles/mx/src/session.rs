@@ -9,10 +9,9 @@
 //!        ◀─ replies ◀─────────────┘            STARTTLS: handshake, core resets
 //! ```
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ringmail_mailauth::{AuthResult, Checker, IprevOutcome, SpfOutcome};
@@ -31,6 +30,7 @@ use tracing::{debug, info, warn};
 use crate::admin::MxStats;
 use crate::config::{Enforce, MxConfig};
 use crate::driver::{Policy, flush};
+use crate::limits::{ConnLimits, ConnSlot, Refused};
 use crate::tls::TlsStore;
 
 /// Everything the sessions of all workers share.
@@ -45,8 +45,7 @@ pub struct Mx {
     pub stats: Arc<MxStats>,
     pub conn_rate: Option<SourceRateLimiter>,
     pub msg_rate: Option<SourceRateLimiter>,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    active: AtomicUsize,
+    limits: ConnLimits,
     epoch: Instant,
     /// Wakes the relay when a message was queued.
     pub queued: Arc<tokio::sync::Notify>,
@@ -70,6 +69,7 @@ impl Mx {
             ..ServerConfig::default()
         });
         Mx {
+            limits: ConnLimits::new(cfg.max_connections, cfg.max_connections_per_ip),
             conn_rate: cfg
                 .connection_rate
                 .map(|r| SourceRateLimiter::new(r.max, r.period)),
@@ -83,8 +83,6 @@ impl Mx {
             accounts,
             tls,
             stats,
-            per_ip: Mutex::new(HashMap::new()),
-            active: AtomicUsize::new(0),
             epoch: Instant::now(),
             queued: Arc::new(tokio::sync::Notify::new()),
         }
@@ -95,28 +93,19 @@ impl Mx {
     }
 }
 
-/// Counts a session against the global and per-address limits while it lives.
+/// A session in the active gauge while it lives (and, once admitted, in the connection
+/// limits).
 struct Slot<'a> {
     mx: &'a Mx,
-    ip: Option<IpAddr>,
+    _limits: Option<ConnSlot<'a>>,
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.mx.active.fetch_sub(1, Ordering::AcqRel);
         self.mx
             .stats
             .sessions_active
             .fetch_sub(1, Ordering::Relaxed);
-        if let Some(ip) = self.ip {
-            let mut m = self.mx.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = m.get_mut(&ip) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(&ip);
-                }
-            }
-        }
     }
 }
 
@@ -164,9 +153,8 @@ struct Ctx<'a> {
 pub async fn run(mx: Arc<Mx>, mut stream: TcpStream, peer: SocketAddr, _local: SocketAddr) {
     let mx = &*mx;
     MxStats::inc(&mx.stats.sessions);
-    mx.active.fetch_add(1, Ordering::AcqRel);
     mx.stats.sessions_active.fetch_add(1, Ordering::Relaxed);
-    let mut slot = Slot { mx, ip: None };
+    let mut slot = Slot { mx, _limits: None };
 
     // The real client: from the PROXY header when the peer is one of our LBs.
     let trusted = mx.cfg.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
@@ -189,16 +177,14 @@ pub async fn run(mx: Arc<Mx>, mut stream: TcpStream, peer: SocketAddr, _local: S
     let ip = client.ip();
 
     let mut server = Server::new(Arc::clone(&mx.smtp), false);
-    if let Some(refusal) = admission(mx, ip) {
-        MxStats::inc(&mx.stats.refused_rate);
-        server.refuse_connection(refusal.0, refusal.1, &refusal.2);
-        let _ = flush(&mut stream, &mut server).await;
-        return;
-    }
-    slot.ip = Some(ip);
-    {
-        let mut m = mx.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        *m.entry(ip).or_insert(0) += 1;
+    match admission(mx, ip) {
+        Ok(admitted) => slot._limits = Some(admitted),
+        Err(refusal) => {
+            MxStats::inc(&mx.stats.refused_rate);
+            server.refuse_connection(refusal.0, refusal.1, &refusal.2);
+            let _ = flush(&mut stream, &mut server).await;
+            return;
+        }
     }
 
     let mut ctx = Ctx {
@@ -245,7 +231,7 @@ pub async fn run(mx: Arc<Mx>, mut stream: TcpStream, peer: SocketAddr, _local: S
 }
 
 /// Connection-level limits: global, per address, rate.
-fn admission(mx: &Mx, ip: IpAddr) -> Option<(u16, &'static str, String)> {
+fn admission(mx: &Mx, ip: IpAddr) -> Result<ConnSlot<'_>, (u16, &'static str, String)> {
     let too_many = |what: &str| {
         (
             421,
@@ -253,23 +239,14 @@ fn admission(mx: &Mx, ip: IpAddr) -> Option<(u16, &'static str, String)> {
             format!("{} Error: too many connections{what}", mx.cfg.hostname),
         )
     };
-    if mx.active.load(Ordering::Acquire) > mx.cfg.max_connections {
-        return Some(too_many(""));
-    }
-    let current = mx
-        .per_ip
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&ip)
-        .copied()
-        .unwrap_or(0);
-    if current >= mx.cfg.max_connections_per_ip {
-        return Some(too_many(&format!(" from {ip}")));
-    }
+    let slot = mx.limits.admit(ip).map_err(|r| match r {
+        Refused::Total => too_many(""),
+        Refused::PerAddress => too_many(&format!(" from {ip}")),
+    })?;
     if let Some(limiter) = &mx.conn_rate
         && !limiter.allow(ip, mx.since_epoch())
     {
-        return Some((
+        return Err((
             421,
             "4.7.0",
             format!(
@@ -278,7 +255,7 @@ fn admission(mx: &Mx, ip: IpAddr) -> Option<(u16, &'static str, String)> {
             ),
         ));
     }
-    None
+    Ok(slot)
 }
 
 async fn dnsbl_listed(checker: &Checker, zones: &[String], ip: IpAddr) -> Option<String> {
