@@ -149,7 +149,8 @@ fn check_dns(a: CheckArgs) -> Result<ExitCode> {
         server,
         Duration::from_secs(a.timeout.max(1)),
     ))?;
-    let findings = check::compare(&t, &found);
+    let mut findings = check::compare(&t, &found);
+    findings.extend(mta_keys(&t));
     let bad = findings.iter().filter(|f| f.status != Status::Ok).count();
     let mut out = std::io::stdout().lock();
     let shown = findings
@@ -172,4 +173,46 @@ fn check_dns(a: CheckArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The MTA's own DKIM keys, where this host has them (run on an MTA host): the public half of
+/// each private key file must be the topology's public key, which the DNS check compared with
+/// the published record. Elsewhere the key files are absent and that is said, not failed.
+fn mta_keys(t: &ringmail_deploy::Topology) -> Vec<check::Finding> {
+    let mut out = Vec::new();
+    for d in &t.domains {
+        for k in &d.dkim {
+            let name = format!("{}._domainkey.{}", k.selector, d.name);
+            let path = k.private_key_path.display();
+            let (status, detail) = match std::fs::read(&k.private_key_path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    println!(
+                        "note    {name}: the MTA's private key {path} is not on this host; the record was compared with the topology's public key"
+                    );
+                    continue;
+                }
+                Err(e) => (Status::Missing, format!("cannot read {path}: {e}")),
+                Ok(pem) => match ringmail_mx::dkim::public_key_of_pem(&pem) {
+                    Err(e) => (Status::Differs, format!("{path}: {e}")),
+                    Ok((algo, p)) if p == k.public_key && algo.dns_name() == k.algorithm.tag() => {
+                        (Status::Ok, format!("{path} is the published key"))
+                    }
+                    Ok(_) => (
+                        Status::Differs,
+                        format!(
+                            "{path} is not the key the topology publishes: the MTA signs with a key receivers cannot verify"
+                        ),
+                    ),
+                },
+            };
+            out.push(check::Finding {
+                status,
+                name,
+                rtype: "KEY",
+                purpose: "the MTA's private key",
+                detail,
+            });
+        }
+    }
+    out
 }

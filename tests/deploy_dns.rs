@@ -188,3 +188,88 @@ fn deploy_check_finds_no_difference_then_reports_each_alteration() {
     // The alterations above, the PTR of mta-a1's IPv6 address, and nothing else.
     assert_eq!(bad, 11, "unexpected findings:\n{out}");
 }
+
+/// Run on an MTA host, `deploy check` also reads the MTA's DKIM private key: it must be the key
+/// the topology (and so the DNS) publishes.
+#[test]
+fn deploy_check_compares_the_mtas_private_key() {
+    skip_unless!(if dnsfix::tools_available(&["nsd", "openssl"]) {
+        Ok(())
+    } else {
+        Err("nsd or openssl not installed".to_string())
+    });
+    let dir = TempDir::new("deploy-key");
+    let key = dir.path().join("mta.key");
+    let other = dir.path().join("other.key");
+    for k in [&key, &other] {
+        let st = Command::new(RINGMAIL)
+            .args([
+                "dkim",
+                "keygen",
+                "--domain",
+                "example.com",
+                "--selector",
+                "202401",
+                "--out",
+            ])
+            .arg(k)
+            .output()
+            .expect("ringmail dkim keygen");
+        assert!(st.status.success(), "{st:?}");
+    }
+    let public = dir.path().join("mta.pub");
+    let st = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&public)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let text = std::fs::read_to_string(EXAMPLE)
+        .unwrap()
+        .replace(
+            "public_key = \"keys/202401._domainkey.example.com.pub\"",
+            &format!("public_key = \"{}\"", public.display()),
+        )
+        .replace(
+            "private_key = \"/etc/ringmail/dkim/202401._domainkey.example.com.key\"",
+            &format!("private_key = \"{}\"", key.display()),
+        );
+    let topology = dir.write("topology.toml", &text);
+    let out = dir.path().join("out");
+    let st = Command::new(RINGMAIL)
+        .args(["deploy", "render", "--topology"])
+        .arg(&topology)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let dns = dnsfix::DnsServer::start_files(&zone_files(&out));
+    let run = || {
+        let o = Command::new(RINGMAIL)
+            .args(["deploy", "check", "--quiet", "--topology"])
+            .arg(&topology)
+            .arg("--resolver")
+            .arg(dns.addr().to_string())
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let (code, text) = run();
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(" 0 missing or different"), "{text}");
+    // The MTA's key replaced by another: the record no longer matches what it signs with.
+    std::fs::copy(&other, &key).unwrap();
+    let (code, text) = run();
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("DIFFERS 202401._domainkey.example.com KEY")
+            && text.contains("is not the key the topology publishes"),
+        "{text}"
+    );
+}

@@ -805,6 +805,44 @@ pub fn keygen(
     ))
 }
 
+/// The public half of a private key file's key, as DKIM publishes it: the key type and the
+/// `p=` value (base64 of the SubjectPublicKeyInfo for RSA, of the raw 32 bytes for Ed25519,
+/// RFC 8463). `ringmail deploy check` compares it with the topology and the DNS.
+pub fn public_key_of_pem(pem: &[u8]) -> Result<(DkimAlgo, String), KeyProblem> {
+    use rsa::pkcs1::DecodeRsaPrivateKey;
+    use rsa::pkcs8::{DecodePrivateKey, EncodePublicKey};
+    let rsa_public = |key: rsa::RsaPrivateKey| {
+        key.to_public_key()
+            .to_public_key_der()
+            .map(|d| (DkimAlgo::Rsa, BASE64.encode(d.as_bytes())))
+            .map_err(|_| KeyProblem::Malformed("RSA"))
+    };
+    let (label, der) = decode_pem(pem)?;
+    match label.as_str() {
+        "RSA PRIVATE KEY" => rsa_public(
+            rsa::RsaPrivateKey::from_pkcs1_der(&der).map_err(|_| KeyProblem::Malformed("RSA"))?,
+        ),
+        "PRIVATE KEY" => {
+            let (oid, _) = pkcs8_algorithm(&der).ok_or(KeyProblem::Malformed("PKCS#8"))?;
+            if oid == OID_RSA {
+                rsa_public(
+                    rsa::RsaPrivateKey::from_pkcs8_der(&der)
+                        .map_err(|_| KeyProblem::Malformed("RSA"))?,
+                )
+            } else if oid == OID_ED25519 {
+                use ring::signature::{Ed25519KeyPair, KeyPair};
+                let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+                    .map_err(|e| KeyProblem::Rejected(e.to_string()))?;
+                Ok((DkimAlgo::Ed25519, BASE64.encode(pair.public_key().as_ref())))
+            } else {
+                Err(KeyProblem::UnsupportedAlgorithm(oid_to_string(oid)))
+            }
+        }
+        "ENCRYPTED PRIVATE KEY" => Err(KeyProblem::Encrypted),
+        _ => Err(KeyProblem::UnsupportedPem(label)),
+    }
+}
+
 /// `<selector>._domainkey.<domain>. IN TXT ( "…" "…" )`: `data` in strings of at most 255
 /// bytes (it is ASCII: tags and base64).
 pub fn dns_txt_record(domain: &str, selector: &str, data: &str) -> String {
@@ -950,6 +988,23 @@ mod tests {
     const MSG: &[u8] = b"From: Alice <alice@example.com>\r\nTo: bob@example.org\r\n\
 Subject: hello\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <1@example.com>\r\n\
 \r\nHello Bob.\r\n";
+
+    #[test]
+    fn public_key_of_a_key_file_is_what_keygen_published() {
+        let dir = tempfile::tempdir().unwrap();
+        for (algo, bits, name) in [
+            (DkimAlgo::Rsa, 2048, "r.key"),
+            (DkimAlgo::Ed25519, 0, "e.key"),
+        ] {
+            let path = dir.path().join(name);
+            let record = keygen(algo, bits, "example.com", "s1", &path).unwrap();
+            let published: String = record.split('"').skip(1).step_by(2).collect::<String>();
+            let (got_algo, p) = public_key_of_pem(&std::fs::read(&path).unwrap()).unwrap();
+            assert_eq!(got_algo, algo);
+            assert!(published.ends_with(&format!("p={p}")), "{published} vs {p}");
+        }
+        assert!(public_key_of_pem(b"not a key").is_err());
+    }
 
     #[test]
     fn signer_is_send_sync_clone() {
