@@ -12,6 +12,33 @@ pf_master_pid() { # pf_master_pid DIR -> pid of the instance's master, if alive
     [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null && echo "$pid"
 }
 
+pf_master_cf() { # pf_master_cf DIR PORT [EXTRA_LINES]: a private instance's master.cf, smtpd on PORT
+    cat >"$1/etc/master.cf" <<EOF
+127.0.0.1:$2 inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+EOF
+    if [[ -n "${3:-}" ]]; then printf '%s\n' "$3" >>"$1/etc/master.cf"; fi
+}
+
 pf_stop() { # pf_stop DIR: postfix stop, wait <=10 s for master to go, then SIGKILL its tree
     local dir=$1 pid i
     pid=$(pf_master_pid "$dir") || pid=""
