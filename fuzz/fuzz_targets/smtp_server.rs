@@ -34,6 +34,7 @@ fn config(flags: u8) -> ServerConfig {
         max_recipients: if small { 2 } else { 1000 },
         max_message_size: if small { 300 } else { 1_000_000 },
         max_header_bytes: if small { 100 } else { 100_000 },
+        max_hops: if small { 2 } else { 50 },
         max_errors: if small { 5 } else { 20 },
         max_pending_input: if small { 512 } else { 64 * 1024 },
     }
