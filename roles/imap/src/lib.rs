@@ -38,6 +38,7 @@ pub mod secret;
 pub mod server;
 pub mod session;
 pub mod store;
+mod uids;
 pub mod utf7;
 
 pub use memory::{MemorySession, MemoryStore};

@@ -125,7 +125,9 @@ impl MemoryStore {
 struct Snapshot {
     name: String,
     uidvalidity: u32,
-    known: BTreeMap<u32, u64>,
+    /// What the session last saw of each message (metadata of expunged messages is
+    /// reported with the expunge).
+    known: BTreeMap<u32, MessageMeta>,
 }
 
 /// A [`MemoryStore`] handle owned by one session.
@@ -328,17 +330,16 @@ impl MailStore for MemorySession {
         self.selected = None;
         let a = self.store.lock();
         let mb = a.mailboxes.get(name).ok_or(StoreError::NotFound)?;
-        let messages: Vec<MessageMeta> = mb.messages.iter().map(|(u, m)| meta(*u, m)).collect();
         self.selected = Some(Snapshot {
             name: name.to_owned(),
             uidvalidity: mb.uidvalidity,
-            known: messages.iter().map(|m| (m.uid, m.modseq)).collect(),
+            known: mb.messages.iter().map(|(u, m)| (*u, meta(*u, m))).collect(),
         });
         Ok(Selected {
             uidvalidity: mb.uidvalidity,
             uidnext: mb.uidnext,
             highestmodseq: mb.highestmodseq,
-            messages,
+            uids: mb.messages.keys().copied().collect(),
             writable: true,
         })
     }
@@ -357,9 +358,10 @@ impl MailStore for MemorySession {
         else {
             // Deleted (or deleted and recreated): everything we knew is gone.
             let expunged = snap.known.keys().copied().collect();
-            snap.known.clear();
+            let gone = std::mem::take(&mut snap.known).into_values().collect();
             return Ok(Changes {
                 expunged,
+                gone,
                 ..Changes::default()
             });
         };
@@ -368,20 +370,37 @@ impl MailStore for MemorySession {
             uidnext: mb.uidnext,
             ..Changes::default()
         };
-        for (uid, modseq) in &snap.known {
+        for (uid, known) in &snap.known {
             match mb.messages.get(uid) {
-                None => ch.expunged.push(*uid),
-                Some(m) if m.modseq != *modseq => ch.flags.push((*uid, m.flags.clone(), m.modseq)),
+                None => {
+                    ch.expunged.push(*uid);
+                    ch.gone.push(known.clone());
+                }
+                Some(m) if m.modseq != known.modseq => {
+                    ch.flags.push((*uid, m.flags.clone(), m.modseq))
+                }
                 Some(_) => {}
             }
         }
-        for (uid, m) in &mb.messages {
+        for uid in mb.messages.keys() {
             if !snap.known.contains_key(uid) {
-                ch.new.push(meta(*uid, m));
+                ch.new.push(*uid);
             }
         }
-        snap.known = mb.messages.iter().map(|(u, m)| (*u, m.modseq)).collect();
+        snap.known = mb.messages.iter().map(|(u, m)| (*u, meta(*u, m))).collect();
         Ok(ch)
+    }
+
+    fn meta(&self, uid: u32) -> Option<MessageMeta> {
+        let snap = self.selected.as_ref()?;
+        let a = self.store.lock();
+        // Live where the message still exists, else as this session last saw it.
+        a.mailboxes
+            .get(&snap.name)
+            .filter(|mb| mb.uidvalidity == snap.uidvalidity)
+            .and_then(|mb| mb.messages.get(&uid))
+            .map(|m| meta(uid, m))
+            .or_else(|| snap.known.get(&uid).cloned())
     }
 
     fn read(&mut self, uid: u32) -> Result<Vec<u8>, StoreError> {

@@ -54,6 +54,7 @@ use crate::ext::{self, Extras, Recognised};
 use crate::message::{self, Parsed, SearchView};
 use crate::secret::Secret;
 use crate::store::{Flag, FlagOp, MailStore, MessageMeta, StoreError};
+use crate::uids::UidList;
 
 /// Limits and offers of a session.
 #[derive(Clone, Debug)]
@@ -156,14 +157,25 @@ struct Sel {
     writable: bool,
     uidnext: u32,
     highestmodseq: u64,
-    msgs: Vec<MessageMeta>,
+    /// The UIDs; sequence number = index + 1. Everything else about a message is asked of
+    /// the store when needed.
+    uids: UidList,
     /// Expunged in the store, not yet announced (still hold sequence numbers).
     pending_expunge: Vec<u32>,
+    /// The last metadata of those, as the store reported it with the expunge.
+    gone: Vec<MessageMeta>,
+    /// Flag changes this session announced since the last refresh (UID, modseq): the store
+    /// may report them again.
+    told: Vec<(u32, u64)>,
 }
 
 impl Sel {
     fn index_of(&self, uid: u32) -> Option<usize> {
-        self.msgs.binary_search_by_key(&uid, |m| m.uid).ok()
+        self.uids.index_of(uid)
+    }
+
+    fn uid_at(&self, index: usize) -> u32 {
+        self.uids.get(index).unwrap_or(0)
     }
 }
 
@@ -1242,6 +1254,18 @@ impl Session {
         }
     }
 
+    /// A message's metadata, from the store.
+    fn meta(&self, uid: u32) -> Option<MessageMeta> {
+        if let Some(m) = self
+            .sel
+            .as_ref()
+            .and_then(|s| s.gone.iter().find(|m| m.uid == uid))
+        {
+            return Some(m.clone());
+        }
+        self.store.as_ref()?.meta(uid)
+    }
+
     fn store(&mut self) -> Reply<&mut Box<dyn MailStore>> {
         self.store
             .as_mut()
@@ -1260,7 +1284,7 @@ impl Session {
             self.condstore = true;
         }
         let writable = writable && s.writable;
-        let exists = s.messages.len();
+        let exists = s.uids.len();
         self.raw(format!("* {exists} EXISTS\r\n"));
         if !self.rev2 {
             self.raw("* 0 RECENT\r\n".into());
@@ -1306,8 +1330,10 @@ impl Session {
             writable,
             uidnext: s.uidnext,
             highestmodseq: s.highestmodseq,
-            msgs: s.messages,
+            uids: UidList::from_sorted(&s.uids),
             pending_expunge: vec![],
+            gone: vec![],
+            told: vec![],
         });
         self.state = State::Selected;
         Ok(if writable {
@@ -1491,20 +1517,24 @@ impl Session {
         Ok(())
     }
 
-    /// The messages a set names: (index into `msgs`) in ascending order.
+    /// The messages a set names: (index into the UID list) in ascending order.
     fn resolve(&self, set: &SequenceSet, uid: bool) -> Reply<Vec<usize>> {
         let sel = self
             .sel
             .as_ref()
             .ok_or_else(|| Done::bad("No mailbox selected"))?;
         if uid {
-            let largest = sel.msgs.last().map_or(0, |m| m.uid);
+            let largest = sel.uids.last().unwrap_or(0);
             let r = ranges(set, largest);
-            Ok((0..sel.msgs.len())
-                .filter(|&i| in_ranges(&r, sel.msgs[i].uid))
+            Ok(sel
+                .uids
+                .iter()
+                .enumerate()
+                .filter(|&(_, u)| in_ranges(&r, u))
+                .map(|(i, _)| i)
                 .collect())
         } else {
-            let n = u32::try_from(sel.msgs.len()).unwrap_or(u32::MAX);
+            let n = u32::try_from(sel.uids.len()).unwrap_or(u32::MAX);
             let star = set.0.as_ref().iter().any(|s| {
                 matches!(
                     s,
@@ -1538,7 +1568,7 @@ impl Session {
                     .sel
                     .as_ref()
                     .ok_or_else(|| Done::bad("No mailbox selected"))?;
-                Some(idx.iter().map(|&i| sel.msgs[i].uid).collect())
+                Some(idx.iter().map(|&i| sel.uid_at(i)).collect())
             }
             None => None,
         };
@@ -1558,11 +1588,16 @@ impl Session {
         let mut lines = Vec::new();
         for uid in uids {
             if let Some(i) = sel.index_of(*uid) {
-                sel.msgs.remove(i);
+                sel.uids.remove(i);
                 lines.push(format!("* {} EXPUNGE\r\n", i + 1));
             }
         }
         sel.pending_expunge.retain(|u| !uids.contains(u));
+        sel.gone.retain(|m| sel.pending_expunge.contains(&m.uid));
+        if sel.pending_expunge.is_empty() {
+            sel.pending_expunge = Vec::new();
+            sel.gone = Vec::new();
+        }
         for l in lines {
             self.raw(l);
         }
@@ -1579,22 +1614,31 @@ impl Session {
         let Ok(ch) = store.refresh() else { return };
         let Some(sel) = self.sel.as_mut() else { return };
         let mut lines = Vec::new();
+        let mut told = std::mem::take(&mut sel.told);
+        told.sort_unstable();
+        let was_told = |uid: u32, modseq: u64| {
+            told[told.partition_point(|t| t.0 < uid)..]
+                .iter()
+                .take_while(|t| t.0 == uid)
+                .any(|t| t.1 >= modseq)
+        };
         for (uid, flags, modseq) in &ch.flags {
             if let Some(i) = sel.index_of(*uid)
-                && *modseq > sel.msgs[i].modseq
+                && !was_told(*uid, *modseq)
             {
-                sel.msgs[i].flags = flags.clone();
-                sel.msgs[i].modseq = *modseq;
                 lines.push((i + 1, *uid, flags.clone(), *modseq));
             }
         }
         for uid in &ch.expunged {
             if sel.index_of(*uid).is_some() && !sel.pending_expunge.contains(uid) {
                 sel.pending_expunge.push(*uid);
+                if let Some(m) = ch.gone.iter().find(|m| m.uid == *uid) {
+                    sel.gone.push(m.clone());
+                }
             }
         }
-        let last = sel.msgs.last().map_or(0, |m| m.uid);
-        let fresh: Vec<MessageMeta> = ch.new.iter().filter(|m| m.uid > last).cloned().collect();
+        let last = sel.uids.last().unwrap_or(0);
+        let fresh: Vec<u32> = ch.new.iter().copied().filter(|&u| u > last).collect();
         sel.highestmodseq = sel.highestmodseq.max(ch.highestmodseq);
         sel.uidnext = sel.uidnext.max(ch.uidnext);
         let condstore = self.condstore;
@@ -1617,8 +1661,10 @@ impl Session {
         if !fresh.is_empty()
             && let Some(sel) = self.sel.as_mut()
         {
-            sel.msgs.extend(fresh);
-            let n = sel.msgs.len();
+            for u in fresh {
+                sel.uids.push(u);
+            }
+            let n = sel.uids.len();
             self.raw(format!("* {n} EXISTS\r\n"));
         }
     }
@@ -1695,7 +1741,13 @@ impl Session {
         let writable = self.sel.as_ref().is_some_and(|s| s.writable);
         let mut missing = false;
         for i in idx {
-            let Some(meta) = self.sel.as_ref().and_then(|s| s.msgs.get(i)).cloned() else {
+            let Some(meta) = self
+                .sel
+                .as_ref()
+                .map(|s| s.uid_at(i))
+                .and_then(|u| self.meta(u))
+            else {
+                missing = true;
                 continue;
             };
             if ex.changed_since.is_some_and(|c| meta.modseq <= c) {
@@ -1723,7 +1775,8 @@ impl Session {
                     meta.flags = f;
                     meta.modseq = m;
                     if let Some(s) = self.sel.as_mut() {
-                        s.msgs[i] = meta.clone();
+                        s.told.push((meta.uid, m));
+                        s.highestmodseq = s.highestmodseq.max(m);
                     }
                 }
                 add_flags = !names.contains(&MessageDataItemName::Flags);
@@ -1787,7 +1840,7 @@ impl Session {
                 .sel
                 .as_ref()
                 .ok_or_else(|| Done::bad("No mailbox selected"))?;
-            idx.iter().map(|&i| sel.msgs[i].uid).collect()
+            idx.iter().map(|&i| sel.uid_at(i)).collect()
         };
         let res = self
             .store()?
@@ -1798,8 +1851,7 @@ impl Session {
         for (u, f, m) in &res {
             let Some(sel) = self.sel.as_mut() else { break };
             if let Some(i) = sel.index_of(*u) {
-                sel.msgs[i].flags = f.clone();
-                sel.msgs[i].modseq = *m;
+                sel.told.push((*u, *m));
                 sel.highestmodseq = sel.highestmodseq.max(*m);
                 changed.push((i + 1, *u, f.clone(), *m));
             }
@@ -1862,7 +1914,7 @@ impl Session {
                 .sel
                 .as_ref()
                 .ok_or_else(|| Done::bad("No mailbox selected"))?;
-            idx.iter().map(|&i| sel.msgs[i].uid).collect()
+            idx.iter().map(|&i| sel.uid_at(i)).collect()
         };
         if uids.is_empty() {
             return Ok(Done::ok("No messages"));
@@ -1904,7 +1956,7 @@ impl Session {
     }
 
     fn search(&mut self, tag: &str, key: &SearchKey<'_>, uid: bool, ex: &Extras) -> Reply<Done> {
-        let n = self.sel.as_ref().map_or(0, |s| s.msgs.len());
+        let n = self.sel.as_ref().map_or(0, |s| s.uids.len());
         let mut hits: Vec<(u32, u32, u64)> = Vec::new();
         let content_needed = needs_content(key);
         if depth(key) > 64 {
@@ -1916,13 +1968,17 @@ impl Session {
                 .as_ref()
                 .ok_or_else(|| Done::bad("No mailbox selected"))?;
             (
-                u32::try_from(sel.msgs.len()).unwrap_or(u32::MAX),
-                sel.msgs.last().map_or(0, |m| m.uid),
+                u32::try_from(sel.uids.len()).unwrap_or(u32::MAX),
+                sel.uids.last().unwrap_or(0),
             )
         };
         for i in 0..n {
-            let Some(meta) = self.sel.as_ref().and_then(|s| s.msgs.get(i)).cloned() else {
+            let Some(uid) = self.sel.as_ref().and_then(|s| s.uids.get(i)) else {
                 break;
+            };
+            // Expunged by another session, not announced yet: matches nothing.
+            let Some(meta) = self.meta(uid) else {
+                continue;
             };
             let content = if content_needed {
                 self.store()?.read(meta.uid).ok()

@@ -7,12 +7,15 @@
 //! fit its own storage (path traversal such as `..`, names that are too long, …) with
 //! [`StoreError::InvalidName`].
 //!
-//! The session keeps a snapshot of the selected mailbox (UIDs in ascending order, flags,
-//! modseqs): sequence numbers are positions in that snapshot. [`MailStore::refresh`] tells
-//! what changed since the previous `select`/`refresh`; the session folds changes in at the
-//! points where IMAP allows it (RFC 9051 7.5.1), so a store may report its own session's
-//! changes again: new UIDs already known, expunged UIDs already gone and flag updates with
-//! a modseq not above the known one are ignored.
+//! The session keeps only the UIDs of the selected mailbox (in ascending order, stored as
+//! runs of consecutive UIDs): sequence numbers are positions in that list. Flags, modseqs,
+//! sizes and dates are asked of the store when a command needs them ([`MailStore::meta`]),
+//! so that a store can keep them once for all the sessions of a mailbox. [`MailStore::refresh`]
+//! tells what changed since the previous `select`/`refresh`; the session folds changes in at
+//! the points where IMAP allows it (RFC 9051 7.5.1), so a store may report its own session's
+//! changes again: new UIDs already known, expunged UIDs already gone and flag updates the
+//! session itself announced since the previous refresh (same UID, modseq not above) are
+//! ignored.
 
 use std::time::SystemTime;
 
@@ -151,8 +154,8 @@ pub struct Selected {
     pub uidnext: u32,
     /// Highest modseq in the mailbox.
     pub highestmodseq: u64,
-    /// The messages, in ascending UID order.
-    pub messages: Vec<MessageMeta>,
+    /// The UIDs of the messages, in ascending order.
+    pub uids: Vec<u32>,
     /// Whether the session may change the mailbox (false: SELECT answers `[READ-ONLY]`).
     pub writable: bool,
 }
@@ -160,10 +163,13 @@ pub struct Selected {
 /// What changed in the selected mailbox since the last `select` or `refresh`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
-    /// Messages that arrived, in ascending UID order.
-    pub new: Vec<MessageMeta>,
+    /// UIDs of messages that arrived, in ascending order.
+    pub new: Vec<u32>,
     /// UIDs that were expunged.
     pub expunged: Vec<u32>,
+    /// The last metadata of expunged messages, where the store still had it: the session
+    /// shows these messages until it may announce the expunge.
+    pub gone: Vec<MessageMeta>,
     /// Flag changes: UID, all flags now, new modseq.
     pub flags: Vec<(u32, Vec<Flag>, u64)>,
     /// Highest modseq now.
@@ -222,6 +228,10 @@ pub trait MailStore: Send {
     fn unselect(&mut self);
     /// Changes since the last `select`/`refresh`; advances the snapshot.
     fn refresh(&mut self) -> Result<Changes, StoreError>;
+    /// Metadata of one message of the selected mailbox, as of the last `select`/`refresh`
+    /// or a later change (flags may be newer than the last refresh reported). `None` for a
+    /// UID the store no longer has (e.g. expunged, not yet announced by the session).
+    fn meta(&self, uid: u32) -> Option<MessageMeta>;
     /// The full message (RFC 5322 bytes) with this UID in the selected mailbox.
     fn read(&mut self, uid: u32) -> Result<Vec<u8>, StoreError>;
     /// Changes flags of messages in the selected mailbox. With `unchanged_since`, messages

@@ -316,7 +316,7 @@ impl MailStore for MaildirStore {
             uidvalidity: m.uidvalidity(),
             uidnext: m.uidnext(),
             highestmodseq: m.highestmodseq(),
-            messages: m.messages().iter().map(meta).collect(),
+            uids: m.uids().to_vec(),
             writable: true,
         };
         self.selected = Some(m);
@@ -337,8 +337,9 @@ impl MailStore for MaildirStore {
         }
         let by_uid = |uid: u32| m.meta(uid).map(|x| meta(&x));
         Ok(Changes {
-            new: c.new.iter().filter_map(|&u| by_uid(u)).collect(),
+            new: c.new,
             expunged: c.expunged.iter().map(|e| e.uid).collect(),
+            gone: c.gone.iter().map(meta).collect(),
             flags: c
                 .flags
                 .iter()
@@ -347,6 +348,10 @@ impl MailStore for MaildirStore {
             highestmodseq: m.highestmodseq(),
             uidnext: m.uidnext(),
         })
+    }
+
+    fn meta(&self, uid: u32) -> Option<MessageMeta> {
+        self.selected.as_ref()?.meta(uid).map(|x| meta(&x))
     }
 
     fn read(&mut self, uid: u32) -> Result<Vec<u8>, StoreError> {

@@ -54,6 +54,9 @@ pub struct Changes {
     pub uidvalidity_changed: bool,
     /// Messages gone, in the order to report them.
     pub expunged: Vec<Expunged>,
+    /// The last metadata of the messages in `expunged` (an IMAP session that may not
+    /// announce an expunge yet still shows the message).
+    pub gone: Vec<MessageMeta>,
     /// UIDs of new messages (`* n EXISTS` with the new count).
     pub new: Vec<u32>,
     /// UIDs whose flags changed (`* n FETCH (FLAGS ...)`).
@@ -341,6 +344,7 @@ impl Mailbox {
             }
         }
         gone.reverse();
+        changes.gone = gone.iter().filter_map(|e| self.meta(e.uid)).collect();
         changes.expunged = gone;
         // Messages the view never saw and that are already gone are simply not reported.
         self.uids.clear();

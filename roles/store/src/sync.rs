@@ -203,6 +203,10 @@ impl MboxDir {
             return Ok(st);
         }
         let _lock = self.lock()?;
+        // Sessions opened together all queue here: a rescan done by another of them while
+        // this one waited counts (one rescan and one decoded version for the burst, instead
+        // of one each, whose transient copies the allocator then keeps).
+        let force_scan = force_scan && !self.shared().is_some_and(|sh| sh.scanned_recently());
         // Without `force_scan`, the state may have looked stale only because a change was in
         // progress under the lock: check again now that it is over.
         if !force_scan
