@@ -5,7 +5,8 @@
 //! The client reacts to its events like a relay would: it starts transactions, streams a
 //! fixed body and quits.
 //!
-//! Invariants: nothing panics; everything the client writes is CRLF-terminated lines (commands
+//! Invariants: nothing panics; the client refuses a transaction or body only once it is
+//! closing (a Ready can be queued in the same batch as the failure); everything the client writes is CRLF-terminated lines (commands
 //! and the dot-stuffed body) or BDAT chunks; credentials are never sent before TLS.
 #![no_main]
 
@@ -55,16 +56,23 @@ fuzz_target!(|data: &[u8]| {
                             Some("a@example.com"),
                             &["b@example.org", "c@example.org"],
                         );
-                        c.start_transaction(env).unwrap();
+                        // A Ready queued in the same batch as a failure: the client is
+                        // closing and says so; on a live session it must accept.
+                        if let Err(e) = c.start_transaction(env) {
+                            assert!(c.should_close(), "transaction refused on a live session: {e}");
+                        }
                     } else {
                         c.quit();
                     }
                 }
                 ClientEvent::SendBody => {
-                    for part in BODY.chunks(5) {
-                        c.send_body_chunk(part).unwrap();
+                    let sent_body = BODY
+                        .chunks(5)
+                        .try_for_each(|part| c.send_body_chunk(part))
+                        .and_then(|()| c.end_body());
+                    if let Err(e) = sent_body {
+                        assert!(c.should_close(), "body refused on a live session: {e}");
                     }
-                    c.end_body().unwrap();
                 }
                 ClientEvent::StartTls | ClientEvent::Failed(_) | ClientEvent::Closed => {}
             }
