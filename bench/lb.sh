@@ -28,6 +28,11 @@
 #   CPU_CLIENT / CPU_PROXY / CPU_SERVER  optional taskset CPU lists, e.g. 0 / 1 / 1
 #   BASE_PORT    first port used              [21000]
 #   OUT          output directory             [bench/out]
+#   FAMILY       4 or 6                       [4]
+#                6 (root only): the whole run happens in a network namespace of its
+#                own, deleted at the end, whose `lo` holds fd72:6d::1 (every listener
+#                and backend) and a local route for fd72:6d::/64 (the connrate client's
+#                source addresses fd72:6d::2 and up, like 127.0.0.2 and up for IPv4)
 
 set -uo pipefail
 
@@ -52,6 +57,34 @@ CPU_PROXY=${CPU_PROXY:-}
 CPU_SERVER=${CPU_SERVER:-}
 BASE_PORT=${BASE_PORT:-21000}
 OUT=${OUT:-bench/out}
+FAMILY=${FAMILY:-4}
+
+case $FAMILY in
+    4) ADDR=127.0.0.1 ;;
+    6)
+        ADDR=fd72:6d::1
+        if [[ -z ${LB_BENCH_NETNS:-} ]]; then
+            # Re-run this script inside a namespace of its own: IPv6 loopback has one
+            # address (::1), and the connection-rate test needs many source addresses.
+            [[ $(id -u) == 0 ]] || { echo "FAMILY=6 needs root (it creates a network namespace)" >&2; exit 1; }
+            NS="rmlb6-$$"
+            ip netns add "$NS" || exit 1
+            trap 'ip netns delete "$NS" 2>/dev/null' EXIT
+            ip -n "$NS" link set lo up &&
+                ip -n "$NS" -6 addr add "$ADDR/128" dev lo nodad &&
+                ip -n "$NS" -6 route add local fd72:6d::/64 dev lo &&
+                ip netns exec "$NS" sysctl -qw net.ipv6.ip_nonlocal_bind=1 || exit 1
+            LB_BENCH_NETNS=$NS ip netns exec "$NS" bash "$ROOT/bench/lb.sh"
+            exit $?
+        fi
+        ;;
+    *)
+        echo "FAMILY must be 4 or 6" >&2
+        exit 1
+        ;;
+esac
+# ADDR with a port: HOST:PORT for IPv4, [HOST]:PORT for IPv6.
+hostport() { if [[ $ADDR == *:* ]]; then echo "[$ADDR]:$1"; else echo "$ADDR:$1"; fi; }
 
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 RUN_DIR="$OUT/lb-$STAMP"
@@ -111,7 +144,7 @@ wait_port() { # wait_port PORT PID: until PORT accepts (<=5 s) and PID lives
     local port=$1 pid=$2 i
     for ((i = 0; i < 100; i++)); do
         kill -0 "$pid" 2>/dev/null || return 1
-        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        if (exec 3<>"/dev/tcp/$ADDR/$port") 2>/dev/null; then
             return 0
         fi
         sleep 0.05
@@ -158,7 +191,7 @@ RR_SIZE=64
 
 start_server() { # start_server MODE PORT
     local mode=$1 port=$2
-    (pin "$CPU_SERVER" "$BENCH" server --listen "127.0.0.1:$port" --mode "$mode" \
+    (pin "$CPU_SERVER" "$BENCH" server --listen "$(hostport "$port")" --mode "$mode" \
         --req-size "$RR_SIZE" --resp-size "$RR_SIZE" --max-time 6h) \
         >"$RUN_DIR/server-$mode.log" 2>&1 &
     local pid=$!
@@ -207,11 +240,11 @@ defaults
     timeout server 5m
 $splice
 frontend fe
-    bind 127.0.0.1:$PROXY_PORT
+    bind ipv$FAMILY@$ADDR:$PROXY_PORT
     maxconn $maxconn
     default_backend be
 backend be
-    server s1 127.0.0.1:$bport maxconn $maxconn
+    server s1 ipv$FAMILY@$ADDR:$bport maxconn $maxconn
 EOF
             (pin "$CPU_PROXY" haproxy -f "$cfg" -db) >"$logf" 2>&1 &
             ;;
@@ -221,8 +254,8 @@ EOF
             engine=${engine%-splice}
             local relay=buffered
             [[ $name == *-splice ]] && relay=splice
-            (pin "$CPU_PROXY" "$RINGMAIL" lb --listen "127.0.0.1:$PROXY_PORT" \
-                --backend "127.0.0.1:$bport" --engine "$engine" --relay "$relay" \
+            (pin "$CPU_PROXY" "$RINGMAIL" lb --listen "$(hostport "$PROXY_PORT")" \
+                --backend "$(hostport "$bport")" --engine "$engine" --relay "$relay" \
                 --workers "$WORKERS") >"$logf" 2>&1 &
             ;;
         *)
@@ -263,14 +296,14 @@ run_one() { # run_one TEST PROXY ROUND
     local bport target pidarg=()
     bport=$(backend_port "$test")
     if [[ $proxy == direct ]]; then
-        target="127.0.0.1:$bport"
+        target=$(hostport "$bport")
     else
         FAIL_REASON="failed to start"
         if ! start_proxy "$proxy" "$bport" "$base.proxy.log"; then
             echo "$FAIL_REASON" >"$base.fail"
             return
         fi
-        target="127.0.0.1:$PROXY_PORT"
+        target=$(hostport "$PROXY_PORT")
         pidarg=(--pid "$PROXY_PID")
     fi
     local args=(--target "$target" --label "$proxy" --json "$base.json" "${pidarg[@]}")
@@ -326,7 +359,7 @@ for ((round = 1; round <= REPEATS; round++)); do
 done
 
 # ---------------------------------------------------------------- report
-META="repeats=$REPEATS duration=$DURATION workers=$WORKERS concurrency=$CONCURRENCY source_ips=$SOURCE_IPS rr_conns=$RR_CONNS client_threads=$CLIENT_THREADS idle_conns=$IDLE_CONNS haproxy_maxconn=$HAPROXY_MAXCONN nproc=$(nproc) cpu_client=${CPU_CLIENT:-any} cpu_proxy=${CPU_PROXY:-any} cpu_server=${CPU_SERVER:-any} haproxy=$( ((HAVE_HAPROXY)) && haproxy -v 2>/dev/null | head -n 1 | awk '{print $3}')"
+META="family=ipv$FAMILY repeats=$REPEATS duration=$DURATION workers=$WORKERS concurrency=$CONCURRENCY source_ips=$SOURCE_IPS rr_conns=$RR_CONNS client_threads=$CLIENT_THREADS idle_conns=$IDLE_CONNS haproxy_maxconn=$HAPROXY_MAXCONN nproc=$(nproc) cpu_client=${CPU_CLIENT:-any} cpu_proxy=${CPU_PROXY:-any} cpu_server=${CPU_SERVER:-any} haproxy=$( ((HAVE_HAPROXY)) && haproxy -v 2>/dev/null | head -n 1 | awk '{print $3}')"
 python3 "$ROOT/bench/lb_report.py" --run-dir "$RUN_DIR" --md "$MD" --json "$JSON" \
     --tests "${TEST_LIST[*]}" --proxies "${PROXY_LIST[*]}" --meta "$META" || exit 1
 cat "$MD"

@@ -40,10 +40,13 @@ pub struct ConnrateArgs {
     /// Stop after this many completed connections (safety bound).
     #[arg(long, default_value_t = 10_000_000)]
     pub max_conns: u64,
-    /// Spread client connections over this many source addresses (127.0.0.2 and up; IPv4
-    /// loopback targets only). One address runs out of ephemeral ports within seconds at
-    /// these rates (every closed connection holds its port in TIME_WAIT), and then the
-    /// client's own port search, not the proxy, sets the pace. 1 = let the kernel choose.
+    /// Spread client connections over this many source addresses. One address runs out of
+    /// ephemeral ports within seconds at these rates (every closed connection holds its port
+    /// in TIME_WAIT), and then the client's own port search, not the proxy, sets the pace.
+    /// IPv4 loopback targets use 127.0.0.2 and up. IPv6 targets use the target's address with
+    /// its low 32 bits replaced by 2 and up, which must be local (`bench/lb.sh` with FAMILY=6
+    /// runs in a network namespace with a `local` route for the target's /64). 1 = let the
+    /// kernel choose.
     #[arg(long, default_value_t = 1)]
     pub source_ips: u32,
 }
@@ -56,10 +59,21 @@ fn start_connect(target: SocketAddr, n: u64, count: u32) -> std::io::Result<TcpS
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )?;
-    if count > 1 && target.ip().is_loopback() && target.is_ipv4() {
+    if count > 1 {
         let k = (n % u64::from(count)) as u32 + 2;
-        let ip = std::net::Ipv4Addr::new(127, (k >> 16) as u8, (k >> 8) as u8, k as u8);
-        sock.bind(&SocketAddr::new(ip.into(), 0).into())?;
+        let source: Option<std::net::IpAddr> = match target.ip() {
+            std::net::IpAddr::V4(v4) if v4.is_loopback() => {
+                Some(std::net::Ipv4Addr::new(127, (k >> 16) as u8, (k >> 8) as u8, k as u8).into())
+            }
+            std::net::IpAddr::V6(v6) if !v6.is_loopback() => {
+                let high = u128::from(v6) & !u128::from(u32::MAX);
+                Some(std::net::Ipv6Addr::from(high | u128::from(k)).into())
+            }
+            _ => None,
+        };
+        if let Some(ip) = source {
+            sock.bind(&SocketAddr::new(ip, 0).into())?;
+        }
     }
     match sock.connect(&target.into()) {
         Ok(()) => {}

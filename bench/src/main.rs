@@ -86,10 +86,27 @@ pub struct Common {
 
 /// Refuses anything but loopback addresses.
 pub fn ensure_loopback(addr: SocketAddr) -> Result<()> {
-    if !addr.ip().is_loopback() {
-        bail!("{addr} is not a loopback address; ringmail-bench only runs on loopback");
+    if !addr.ip().is_loopback() && !on_loopback_interface(addr.ip()) {
+        bail!(
+            "{addr} is neither a loopback address nor assigned to the `lo` interface; \
+             ringmail-bench only runs on loopback"
+        );
     }
     Ok(())
+}
+
+/// True when `ip` is assigned to the loopback interface `lo` (as `bench/lb.sh` does for its
+/// IPv6 runs, inside a network namespace of its own).
+fn on_loopback_interface(ip: std::net::IpAddr) -> bool {
+    nix::ifaddrs::getifaddrs().is_ok_and(|mut addrs| {
+        addrs.any(|a| {
+            a.interface_name == "lo"
+                && a.address.is_some_and(|s| match ip {
+                    std::net::IpAddr::V4(v4) => s.as_sockaddr_in().is_some_and(|s| s.ip() == v4),
+                    std::net::IpAddr::V6(v6) => s.as_sockaddr_in6().is_some_and(|s| s.ip() == v6),
+                })
+        })
+    })
 }
 
 fn main() -> Result<()> {
