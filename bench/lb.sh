@@ -32,7 +32,9 @@
 #                6 (root only): the whole run happens in a network namespace of its
 #                own, deleted at the end, whose `lo` holds fd72:6d::1 (every listener
 #                and backend) and a local route for fd72:6d::/64 (the connrate client's
-#                source addresses fd72:6d::2 and up, like 127.0.0.2 and up for IPv4)
+#                source addresses fd72:6d::2 and up, like 127.0.0.2 and up for IPv4),
+#                and tcp_tw_reuse = 1 there: the default (2) lets only 127/8 and ::1 reuse
+#                TIME_WAIT ports, and the proxies' backend connections come from one address
 
 set -uo pipefail
 
@@ -73,7 +75,7 @@ case $FAMILY in
             ip -n "$NS" link set lo up &&
                 ip -n "$NS" -6 addr add "$ADDR/128" dev lo nodad &&
                 ip -n "$NS" -6 route add local fd72:6d::/64 dev lo &&
-                ip netns exec "$NS" sysctl -qw net.ipv6.ip_nonlocal_bind=1 || exit 1
+                ip netns exec "$NS" sysctl -qw net.ipv6.ip_nonlocal_bind=1 net.ipv4.tcp_tw_reuse=1 || exit 1
             LB_BENCH_NETNS=$NS ip netns exec "$NS" bash "$ROOT/bench/lb.sh"
             exit $?
         fi
