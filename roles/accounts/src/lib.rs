@@ -49,6 +49,7 @@ mod fake;
 pub mod ldap;
 pub mod password;
 pub mod postgres;
+pub mod scram;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;
