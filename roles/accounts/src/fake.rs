@@ -34,7 +34,10 @@ impl FakeStore {
         self.counts.authenticate.fetch_add(1, Ordering::SeqCst);
         self.inner.authenticate(u, p).await
     }
-    pub async fn stored_password(&self, a: &str) -> Result<Option<(Account, String)>, AccountError> {
+    pub async fn stored_password(
+        &self,
+        a: &str,
+    ) -> Result<Option<(Account, String)>, AccountError> {
         self.inner.stored_password(a).await
     }
     pub async fn account(&self, a: &str) -> Result<Option<Account>, AccountError> {
