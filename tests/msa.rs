@@ -1,8 +1,11 @@
-//! The MSA (`ringmail msa`) against real clients: Python smtplib, swaks, curl; through the LB
-//! with PROXY v2; the same login and sender-authorisation checks against SQLite, PostgreSQL
-//! and LDAP (OpenLDAP slapd) account stores.
+//! The MSA (`ringmail msa`) against real clients: Python smtplib, swaks, curl, Postfix with
+//! Cyrus SASL SCRAM-SHA-256; through the LB with PROXY v2; the same login and
+//! sender-authorisation checks against SQLite, PostgreSQL and LDAP (OpenLDAP slapd) account
+//! stores.
 
 mod common;
+#[path = "common/postfix.rs"]
+mod postfix;
 
 #[path = "../roles/accounts/tests/fixtures/mod.rs"]
 mod fixtures;
@@ -847,4 +850,109 @@ fn connections_per_client_address_are_limited() {
     });
     assert!(again.is_some(), "a freed slot is not reused");
     drop(b);
+}
+
+/// Cyrus SASL's SCRAM plugin (Debian: libsasl2-modules).
+const CYRUS_SCRAM: &str = "/usr/lib/x86_64-linux-gnu/sasl2/libscram.so";
+
+/// Postfix as the submission client, authenticating with Cyrus SASL SCRAM-SHA-256 only
+/// (`smtp_sasl_mechanism_filter = scram-sha-256`) over mandatory STARTTLS: the message is
+/// relayed with the SCRAM identity in Received; with a wrong password Postfix gets 535 and
+/// nothing is relayed.
+#[test]
+fn postfix_submits_with_cyrus_scram_sha_256() {
+    for tool in [postfix::POSTFIX, postfix::SENDMAIL, CYRUS_SCRAM] {
+        if !std::path::Path::new(tool).exists() {
+            skip(&format!("{tool} not installed (postfix, libsasl2-modules)"));
+            return;
+        }
+    }
+    if !is_root() {
+        skip("a private Postfix instance needs root");
+        return;
+    }
+    let sink = Sink::start();
+    let msa = Msa::start(
+        None,
+        sink.addr,
+        &["--auth-mechanisms", "PLAIN,LOGIN,SCRAM-SHA-256"],
+    );
+    let relay = format!("[{}]:{}", msa.addr.ip(), msa.addr.port());
+    let pf = postfix::Postfix::with_config(
+        "postfix-scram",
+        &format!(
+            "myhostname = client.example.test\nmydomain = example.test\nmyorigin = $mydomain\n\
+             mydestination =\nlocal_recipient_maps =\n\
+             relayhost = {relay}\n\
+             inet_interfaces = 127.0.0.1\ninet_protocols = ipv4\n\
+             smtp_dns_support_level = disabled\nsmtp_host_lookup = native\n\
+             smtp_tls_security_level = encrypt\nsmtp_tls_loglevel = 1\n\
+             smtp_sasl_auth_enable = yes\n\
+             smtp_sasl_mechanism_filter = scram-sha-256\n\
+             smtp_sasl_security_options = noanonymous\n\
+             smtp_sasl_tls_security_options = noanonymous\n\
+             smtp_sasl_password_maps = texthash:${{config_directory}}/sasl_passwd\n"
+        ),
+        "",
+    );
+    std::fs::write(
+        pf.etc().join("sasl_passwd"),
+        format!("{relay} {SCRAM_USER}:{SCRAM_PASSWORD}\n"),
+    )
+    .unwrap();
+    pf.start();
+    pf.sendmail(
+        SCRAM_USER,
+        "rcpt@example.org",
+        format!(
+            "From: Carol <{SCRAM_USER}>\r\nSubject: via postfix\r\n\r\nSCRAM from Postfix.\r\n"
+        )
+        .as_bytes(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sink.msgs.lock().unwrap().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let msgs = sink.msgs.lock().unwrap().clone();
+    assert_eq!(
+        msgs.len(),
+        1,
+        "Postfix did not submit through the MSA.\nmaillog:\n{}\nMSA log:\n{}",
+        pf.maillog(),
+        std::fs::read_to_string(msa._dir.path().join("msa.log")).unwrap_or_default()
+    );
+    assert!(msgs[0].contains("SCRAM from Postfix."), "{}", msgs[0]);
+    check_trace_for(&msgs[0], SCRAM_USER, SCRAM_PASSWORD);
+    let msa_log = std::fs::read_to_string(msa._dir.path().join("msa.log")).unwrap_or_default();
+    assert!(
+        msa_log.contains("\"SCRAM-SHA-256\"") && msa_log.contains("\"ok\""),
+        "{msa_log}"
+    );
+    let log = pf.maillog();
+    assert!(log.contains("TLS connection established to"), "{log}");
+    assert!(log.contains("status=sent"), "{log}");
+
+    // A wrong password: 535 5.7.8, the message stays in Postfix's queue.
+    std::fs::write(
+        pf.etc().join("sasl_passwd"),
+        format!("{relay} {SCRAM_USER}:{SCRAM_PASSWORD}-wrong\n"),
+    )
+    .unwrap();
+    pf.reconfigure(&["smtp_sasl_auth_cache_name ="]);
+    pf.sendmail(
+        SCRAM_USER,
+        "rcpt@example.org",
+        format!("From: <{SCRAM_USER}>\r\nSubject: wrong\r\n\r\nwrong password\r\n").as_bytes(),
+    );
+    let failed = wait_for(Duration::from_secs(60), || {
+        let log = pf.maillog();
+        (log.contains("535 5.7.8") && log.contains("SASL authentication failed")).then_some(())
+    });
+    assert!(
+        failed.is_some(),
+        "no SASL failure in the maillog:\n{}",
+        pf.maillog()
+    );
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(sink.msgs.lock().unwrap().len(), 1);
 }
