@@ -372,7 +372,7 @@ struct Ctx<'a> {
 enum Scram {
     /// server-first sent; `account` is `None` for a fake secret.
     Exchanging {
-        exchange: ScramServer,
+        exchange: Box<ScramServer>,
         user: String,
         account: Option<Account>,
     },
@@ -737,7 +737,7 @@ async fn on_scram(server: &mut Server, ctx: &mut Ctx<'_>, first: bool, response:
         if locked_out(server, ctx, "") {
             return;
         }
-        let mut exchange = ScramServer::with_os_nonce();
+        let mut exchange = Box::new(ScramServer::with_os_nonce());
         let user = match exchange.client_first(response) {
             Ok(cf) => cf.username,
             Err(e) => return scram_failed(server, ctx, "", e).await,
