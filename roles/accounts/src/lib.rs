@@ -9,6 +9,8 @@
 //! - [`Accounts`] is the facade the roles use: it picks the backend from a URL, caches
 //!   lookups and logins ([`cache`]), and hashes passwords for the admin operations
 //!   ([`password`], argon2id).
+//! - [`scram`]: the `{SCRAM-SHA-256}` stored secret (Dovecot 2.3 form) and an I/O-free
+//!   SCRAM-SHA-256 server exchange; [`Accounts::scram_secret`] hands the secret to the MSA.
 //! - [`normalize_address`] / [`normalize_domain`] ([`addr`]) are the one definition of
 //!   address equality; every backend normalizes every address it is given.
 //! - Each backend is a struct with the same inherent async methods (no trait, so no boxing):
