@@ -74,7 +74,9 @@ async fn authenticate_lookup_and_read_only() {
         store.stored_password("alice@example.test").await,
         Err(AccountError::ReadOnly(_))
     ));
-    let facade = ringmail_accounts::Accounts::open(&slapd.url()).await.unwrap();
+    let facade = ringmail_accounts::Accounts::open(&slapd.url())
+        .await
+        .unwrap();
     assert!(!facade.holds_secrets());
     assert!(matches!(
         facade.scram_secret("alice@example.test").await,
