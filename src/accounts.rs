@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use ringmail_accounts::{Accounts, AuthOutcome};
+use ringmail_accounts::{Accounts, AuthOutcome, PasswordScheme, scram};
 
 #[derive(Args)]
 pub struct AccountsArgs {
@@ -18,6 +18,37 @@ pub struct AccountsArgs {
     json: bool,
     #[command(subcommand)]
     command: AccountsCommand,
+}
+
+/// How a new password is stored.
+#[derive(Args, Clone, Copy)]
+pub struct SchemeArgs {
+    /// argon2id (default: strongest against offline cracking; AUTH PLAIN/LOGIN only) or
+    /// scram-sha-256 (Dovecot's {SCRAM-SHA-256}: also allows SASL SCRAM-SHA-256 logins, where
+    /// the password is never sent, but is far cheaper to crack if the store leaks).
+    #[arg(long, value_enum, default_value_t = SchemeName::Argon2id)]
+    scheme: SchemeName,
+    /// PBKDF2 iterations for scram-sha-256 (at least 4096, Dovecot's fixed count).
+    #[arg(long, default_value_t = scram::DEFAULT_ITERATIONS)]
+    scram_iterations: u32,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub enum SchemeName {
+    Argon2id,
+    #[value(name = "scram-sha-256")]
+    ScramSha256,
+}
+
+impl SchemeArgs {
+    fn scheme(self) -> PasswordScheme {
+        match self.scheme {
+            SchemeName::Argon2id => PasswordScheme::Argon2id,
+            SchemeName::ScramSha256 => PasswordScheme::ScramSha256 {
+                iterations: self.scram_iterations,
+            },
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -36,6 +67,8 @@ pub enum AccountsCommand {
         /// Mailbox quota in bytes.
         #[arg(long)]
         quota: Option<u64>,
+        #[command(flatten)]
+        scheme: SchemeArgs,
     },
     /// Remove an account (and its aliases).
     Del { address: String },
@@ -44,6 +77,8 @@ pub enum AccountsCommand {
         address: String,
         #[arg(long)]
         password_stdin: bool,
+        #[command(flatten)]
+        scheme: SchemeArgs,
     },
     /// Disable an account (no login, no mail).
     Disable { address: String },
@@ -140,9 +175,12 @@ async fn run(args: AccountsArgs) -> Result<ExitCode> {
             address,
             password_stdin,
             quota,
+            scheme,
         } => {
             let pw = read_password(password_stdin)?;
-            store.account_add(&address, &pw, quota).await?;
+            store
+                .account_add_with(&address, &pw, quota, scheme.scheme())
+                .await?;
             println!("account {address} added");
         }
         AccountsCommand::Del { address } => {
@@ -152,9 +190,12 @@ async fn run(args: AccountsArgs) -> Result<ExitCode> {
         AccountsCommand::Passwd {
             address,
             password_stdin,
+            scheme,
         } => {
             let pw = read_password(password_stdin)?;
-            store.set_password(&address, &pw).await?;
+            store
+                .set_password_with(&address, &pw, scheme.scheme())
+                .await?;
             println!("password of {address} changed");
         }
         AccountsCommand::Disable { address } => {

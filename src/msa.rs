@@ -14,7 +14,7 @@ use ringmail_mx::msa_config::{self, MsaConfig};
 #[derive(Args)]
 pub struct MsaArgs {
     /// TOML configuration file with [msa]. Without it, quick mode.
-    #[arg(long, conflicts_with_all = ["listen", "listen_tls", "accounts", "spool", "relay", "relay_tls", "relay_ca", "relay_tls_name", "relay_tls_no_verify", "relay_auth_user", "relay_password_file"])]
+    #[arg(long, conflicts_with_all = ["listen", "listen_tls", "accounts", "spool", "relay", "relay_tls", "relay_ca", "relay_tls_name", "relay_tls_no_verify", "relay_auth_user", "relay_password_file", "auth_mechanisms"])]
     config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long, requires = "config")]
@@ -48,6 +48,12 @@ pub struct MsaArgs {
     /// Quick mode: a load balancer whose PROXY v1/v2 headers are accepted (repeatable).
     #[arg(long)]
     trusted_proxy: Vec<IpAddr>,
+    /// Quick mode: SASL mechanisms offered after TLS, comma-separated, in order: PLAIN, LOGIN,
+    /// SCRAM-SHA-256 (default PLAIN,LOGIN: Cyrus SASL clients pick the strongest advertised
+    /// mechanism and do not fall back, so offer SCRAM-SHA-256 only when the accounts that log
+    /// in have {SCRAM-SHA-256} secrets).
+    #[arg(long, value_delimiter = ',')]
+    auth_mechanisms: Vec<String>,
     /// Quick mode: concurrent sessions per client address (default 50; 421 4.7.0 beyond).
     #[arg(long)]
     max_connections_per_ip: Option<usize>,
@@ -87,6 +93,16 @@ pub fn cmd_msa(args: MsaArgs) -> Result<ExitCode> {
             });
             c.relay_security = args.hop.security(HopSecurity::default())?;
             c.admin = args.admin;
+            if !args.auth_mechanisms.is_empty() {
+                c.auth_mechanisms =
+                    msa_config::parse_mechanisms(args.auth_mechanisms.iter().map(String::as_str))
+                        .map_err(|e| anyhow::anyhow!("--auth-mechanisms: {e}"))?;
+                if let Some(e) =
+                    msa_config::mechanisms_store_conflict(&c.auth_mechanisms, &c.accounts)
+                {
+                    bail!("--auth-mechanisms: {e}");
+                }
+            }
             if let Some(n) = args.max_connections_per_ip {
                 c.max_connections_per_ip = n.max(1);
             }

@@ -1,8 +1,11 @@
-//! The MSA (`ringmail msa`) against real clients: Python smtplib, swaks, curl; through the LB
-//! with PROXY v2; the same login and sender-authorisation checks against SQLite, PostgreSQL
-//! and LDAP (OpenLDAP slapd) account stores.
+//! The MSA (`ringmail msa`) against real clients: Python smtplib, swaks, curl, Postfix with
+//! Cyrus SASL SCRAM-SHA-256; through the LB with PROXY v2; the same login and
+//! sender-authorisation checks against SQLite, PostgreSQL and LDAP (OpenLDAP slapd) account
+//! stores.
 
 mod common;
+#[path = "common/postfix.rs"]
+mod postfix;
 
 #[path = "../roles/accounts/tests/fixtures/mod.rs"]
 mod fixtures;
@@ -123,7 +126,24 @@ fn seed(db: &str) {
         &["add", "bob@example.test", "--password-stdin"],
         Some("bob-password\n"),
     );
+    // A SCRAM-SHA-256 secret (Dovecot's {SCRAM-SHA-256} form) with a non-default count.
+    accounts(
+        db,
+        &[
+            "add",
+            "carol@example.test",
+            "--password-stdin",
+            "--scheme",
+            "scram-sha-256",
+            "--scram-iterations",
+            "5000",
+        ],
+        Some(&format!("{SCRAM_PASSWORD}\n")),
+    );
 }
+
+const SCRAM_USER: &str = "carol@example.test";
+const SCRAM_PASSWORD: &str = "carol, the =scram= password";
 
 struct Msa {
     _child: ChildGuard,
@@ -510,6 +530,8 @@ struct Store {
     alias: &'static str,
     /// Another account's address, which the user may not send as.
     other: &'static str,
+    /// Whether the store holds SCRAM secrets (seeded with [`SCRAM_USER`]); LDAP does not.
+    scram: bool,
 }
 
 /// The login and sender-authorisation checks every backend must pass, through `ringmail msa`
@@ -533,6 +555,8 @@ def connect(port):
         s = smtplib.SMTP(HOST, port, timeout=30); s.starttls(context=ctx)
     s.ehlo()
     assert s.has_extn('auth') and 'PLAIN' in s.esmtp_features['auth'] and 'LOGIN' in s.esmtp_features['auth'], s.esmtp_features
+    # Not offered by default: Cyrus SASL clients would pick it for argon2id accounts.
+    assert 'SCRAM' not in s.esmtp_features['auth'], s.esmtp_features
     return s
 def auth(s, mech, user, pw):
     s.user, s.password = user, pw
@@ -603,6 +627,144 @@ print('ok')
         }
     }
     assert!(!msgs.iter().any(|m| m.contains("forged")), "{msgs:#?}");
+    if store.scram {
+        scram_logins(store, &sink);
+    } else {
+        scram_refused_for_store(store);
+    }
+}
+
+/// A SCRAM-SHA-256 client in a few lines of Python (hashlib/hmac) over smtplib's `docmd`.
+const PY_SCRAM: &str = r#"
+import base64, hashlib, hmac, os
+def b64(x):
+    return base64.b64encode(x.encode() if isinstance(x, str) else x).decode()
+def esc(n):
+    return n.replace('=', '=3D').replace(',', '=2C')
+def scram(s, user, pw, ir=True, authzid='', cancel_after_first=False):
+    '''Returns (code, reply, server-first attributes).'''
+    cnonce = b64(os.urandom(18))
+    gs2 = 'n,' + ('a=' + esc(authzid) if authzid else '') + ','
+    bare = f'n={esc(user)},r={cnonce}'
+    if ir:
+        code, resp = s.docmd('AUTH', 'SCRAM-SHA-256 ' + b64(gs2 + bare))
+    else:
+        code, resp = s.docmd('AUTH', 'SCRAM-SHA-256')
+        assert (code, resp) == (334, b''), (code, resp)
+        code, resp = s.docmd(b64(gs2 + bare))
+    if code != 334:
+        return code, resp, None
+    sf = base64.b64decode(resp).decode()
+    keys = [a.split('=', 1)[0] for a in sf.split(',')]
+    assert keys == ['r', 's', 'i'], sf
+    attrs = dict(a.split('=', 1) for a in sf.split(','))
+    assert attrs['r'].startswith(cnonce) and len(attrs['r']) >= len(cnonce) + 16, sf
+    if cancel_after_first:
+        code, resp = s.docmd('*')
+        return code, resp, attrs
+    salt, it = base64.b64decode(attrs['s']), int(attrs['i'])
+    salted = hashlib.pbkdf2_hmac('sha256', pw.encode(), salt, it)
+    ck = hmac.new(salted, b'Client Key', 'sha256').digest()
+    without = f"c={b64(gs2)},r={attrs['r']}"
+    am = f'{bare},{sf},{without}'.encode()
+    sig = hmac.new(hashlib.sha256(ck).digest(), am, 'sha256').digest()
+    proof = bytes(a ^ b for a, b in zip(ck, sig))
+    code, resp = s.docmd(b64(f'{without},p={b64(proof)}'))
+    if code != 334:
+        return code, resp, attrs
+    # The client's half of mutual authentication: the server must prove it holds ServerKey.
+    sv = hmac.new(hmac.new(salted, b'Server Key', 'sha256').digest(), am, 'sha256').digest()
+    assert base64.b64decode(resp) == b'v=' + b64(sv).encode(), ('server signature does not verify', resp)
+    code, resp = s.docmd('')
+    return code, resp, attrs
+"#;
+
+/// SCRAM-SHA-256 through `ringmail msa --auth-mechanisms PLAIN,LOGIN,SCRAM-SHA-256`: the
+/// right password logs in (initial response or not) and relays with the identity in
+/// Received, and the server's `v=` verifies; a wrong password, an unknown user and a user
+/// whose password is stored as argon2id get 535 after the usual failure delay, the last two
+/// with a stable fake salt and Dovecot's 4096 iterations; `*` cancels with 501; PLAIN works
+/// against the SCRAM secret too.
+fn scram_logins(store: &Store, sink: &Sink) {
+    let msa = Msa::start(
+        Some(&store.url),
+        sink.addr,
+        &["--auth-mechanisms", "PLAIN,LOGIN,SCRAM-SHA-256"],
+    );
+    let (ok, out) = python(
+        msa.addr,
+        &format!(
+            r#"{PY_SCRAM}
+USER={user:?}; PW={pw:?}; OTHER={other:?}
+s = smtplib.SMTP(HOST, PORT, timeout=30); s.starttls(context=ctx); s.ehlo()
+assert s.esmtp_features['auth'].split() == ['PLAIN', 'LOGIN', 'SCRAM-SHA-256'], s.esmtp_features
+def failed(user, pw, **kw):
+    t = time.monotonic()
+    code, resp, attrs = scram(s, user, pw, **kw)
+    took = time.monotonic() - t
+    assert code == 535 and b'5.7.8' in resp, (user, code, resp)
+    assert took >= 0.45, ('failure not delayed', user, took)
+    return attrs
+wrong = failed(USER, PW + 'x')
+assert wrong['i'] == '5000', wrong
+nobody1 = failed('nobody@example.test', PW)
+nobody2 = failed('Nobody@Example.test', PW)
+assert (nobody1['s'], nobody1['i']) == (nobody2['s'], '4096'), (nobody1, nobody2)
+assert len(base64.b64decode(nobody1['s'])) == 16
+argon = failed(OTHER, 'bob-password')
+assert argon['s'] != nobody1['s'] and argon['i'] == '4096', argon
+code, resp, _ = scram(s, USER, PW, cancel_after_first=True)
+assert code == 501, (code, resp)
+code, resp, _ = scram(s, USER, PW, authzid=OTHER)
+assert code == 535, (code, resp)
+code, resp, _ = scram(s, USER, PW, ir=False)
+assert code == 235 and b'2.7.0' in resp, (code, resp)
+s.sendmail(USER, ['rcpt@example.org'], f'From: <{{USER}}>\r\nSubject: scram\r\n\r\nsent via SCRAM\r\n')
+s.quit()
+# Initial response on implicit TLS, and PLAIN against the SCRAM secret.
+s = smtplib.SMTP_SSL(HOST, {tls_port}, timeout=30, context=ctx); s.ehlo()
+code, resp, _ = scram(s, USER, PW)
+assert code == 235, (code, resp)
+s.quit()
+s = smtplib.SMTP(HOST, PORT, timeout=30); s.starttls(context=ctx); s.login(USER, PW); s.quit()
+print('ok')
+"#,
+            user = SCRAM_USER,
+            pw = SCRAM_PASSWORD,
+            other = "bob@example.test",
+            tls_port = msa.tls_addr.port(),
+        ),
+    );
+    assert!(ok && out.contains("ok"), "{out}");
+    let msgs = sink.wait(5);
+    let m = msgs
+        .iter()
+        .find(|m| m.contains("sent via SCRAM"))
+        .unwrap_or_else(|| panic!("{msgs:#?}"));
+    check_trace_for(m, SCRAM_USER, SCRAM_PASSWORD);
+    let log = std::fs::read_to_string(msa._dir.path().join("msa.log")).unwrap_or_default();
+    assert!(log.contains("SCRAM-SHA-256"), "{log}");
+    assert!(!log.contains(SCRAM_PASSWORD), "password in the log");
+}
+
+/// An LDAP store authenticates by bind: SCRAM-SHA-256 cannot be offered with it.
+fn scram_refused_for_store(store: &Store) {
+    let dir = TempDir::new("msa-scram-ldap");
+    let (status, out) = run_bounded(
+        Command::new(RINGMAIL)
+            .args(["msa", "--listen", &free_addr().to_string()])
+            .args(["--accounts", &store.url, "--relay", "127.0.0.1:25"])
+            .args(["--hostname", "smtp.example.test"])
+            .arg("--spool")
+            .arg(dir.path().join("spool"))
+            .args(["--auth-mechanisms", "PLAIN,SCRAM-SHA-256"]),
+        Duration::from_secs(20),
+    );
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("LDAP") && out.contains("SCRAM-SHA-256"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -616,6 +778,7 @@ fn sqlite_store_login_and_sender_authorisation() {
         password: PASSWORD,
         alias: "sales@example.test",
         other: "bob@example.test",
+        scram: true,
     });
 }
 
@@ -633,6 +796,7 @@ fn postgres_store_login_and_sender_authorisation() {
         password: PASSWORD,
         alias: "sales@example.test",
         other: "bob@example.test",
+        scram: true,
     });
 }
 
@@ -649,6 +813,7 @@ fn ldap_store_login_and_sender_authorisation() {
         password: "alice-pw",
         alias: "al@example.test",
         other: "bob@example.test",
+        scram: false,
     });
 }
 
@@ -685,4 +850,109 @@ fn connections_per_client_address_are_limited() {
     });
     assert!(again.is_some(), "a freed slot is not reused");
     drop(b);
+}
+
+/// Cyrus SASL's SCRAM plugin (Debian: libsasl2-modules).
+const CYRUS_SCRAM: &str = "/usr/lib/x86_64-linux-gnu/sasl2/libscram.so";
+
+/// Postfix as the submission client, authenticating with Cyrus SASL SCRAM-SHA-256 only
+/// (`smtp_sasl_mechanism_filter = scram-sha-256`) over mandatory STARTTLS: the message is
+/// relayed with the SCRAM identity in Received; with a wrong password Postfix gets 535 and
+/// nothing is relayed.
+#[test]
+fn postfix_submits_with_cyrus_scram_sha_256() {
+    for tool in [postfix::POSTFIX, postfix::SENDMAIL, CYRUS_SCRAM] {
+        if !std::path::Path::new(tool).exists() {
+            skip(&format!("{tool} not installed (postfix, libsasl2-modules)"));
+            return;
+        }
+    }
+    if !is_root() {
+        skip("a private Postfix instance needs root");
+        return;
+    }
+    let sink = Sink::start();
+    let msa = Msa::start(
+        None,
+        sink.addr,
+        &["--auth-mechanisms", "PLAIN,LOGIN,SCRAM-SHA-256"],
+    );
+    let relay = format!("[{}]:{}", msa.addr.ip(), msa.addr.port());
+    let pf = postfix::Postfix::with_config(
+        "postfix-scram",
+        &format!(
+            "myhostname = client.example.test\nmydomain = example.test\nmyorigin = $mydomain\n\
+             mydestination =\nlocal_recipient_maps =\n\
+             relayhost = {relay}\n\
+             inet_interfaces = 127.0.0.1\ninet_protocols = ipv4\n\
+             smtp_dns_support_level = disabled\nsmtp_host_lookup = native\n\
+             smtp_tls_security_level = encrypt\nsmtp_tls_loglevel = 1\n\
+             smtp_sasl_auth_enable = yes\n\
+             smtp_sasl_mechanism_filter = scram-sha-256\n\
+             smtp_sasl_security_options = noanonymous\n\
+             smtp_sasl_tls_security_options = noanonymous\n\
+             smtp_sasl_password_maps = texthash:${{config_directory}}/sasl_passwd\n"
+        ),
+        "",
+    );
+    std::fs::write(
+        pf.etc().join("sasl_passwd"),
+        format!("{relay} {SCRAM_USER}:{SCRAM_PASSWORD}\n"),
+    )
+    .unwrap();
+    pf.start();
+    pf.sendmail(
+        SCRAM_USER,
+        "rcpt@example.org",
+        format!(
+            "From: Carol <{SCRAM_USER}>\r\nSubject: via postfix\r\n\r\nSCRAM from Postfix.\r\n"
+        )
+        .as_bytes(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sink.msgs.lock().unwrap().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let msgs = sink.msgs.lock().unwrap().clone();
+    assert_eq!(
+        msgs.len(),
+        1,
+        "Postfix did not submit through the MSA.\nmaillog:\n{}\nMSA log:\n{}",
+        pf.maillog(),
+        std::fs::read_to_string(msa._dir.path().join("msa.log")).unwrap_or_default()
+    );
+    assert!(msgs[0].contains("SCRAM from Postfix."), "{}", msgs[0]);
+    check_trace_for(&msgs[0], SCRAM_USER, SCRAM_PASSWORD);
+    let msa_log = std::fs::read_to_string(msa._dir.path().join("msa.log")).unwrap_or_default();
+    assert!(
+        msa_log.contains("\"SCRAM-SHA-256\"") && msa_log.contains("\"ok\""),
+        "{msa_log}"
+    );
+    let log = pf.maillog();
+    assert!(log.contains("TLS connection established to"), "{log}");
+    assert!(log.contains("status=sent"), "{log}");
+
+    // A wrong password: 535 5.7.8, the message stays in Postfix's queue.
+    std::fs::write(
+        pf.etc().join("sasl_passwd"),
+        format!("{relay} {SCRAM_USER}:{SCRAM_PASSWORD}-wrong\n"),
+    )
+    .unwrap();
+    pf.reconfigure(&["smtp_sasl_auth_cache_name ="]);
+    pf.sendmail(
+        SCRAM_USER,
+        "rcpt@example.org",
+        format!("From: <{SCRAM_USER}>\r\nSubject: wrong\r\n\r\nwrong password\r\n").as_bytes(),
+    );
+    let failed = wait_for(Duration::from_secs(60), || {
+        let log = pf.maillog();
+        (log.contains("535 5.7.8") && log.contains("SASL authentication failed")).then_some(())
+    });
+    assert!(
+        failed.is_some(),
+        "no SASL failure in the maillog:\n{}",
+        pf.maillog()
+    );
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(sink.msgs.lock().unwrap().len(), 1);
 }

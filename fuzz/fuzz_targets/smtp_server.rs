@@ -19,7 +19,7 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use ringmail_smtp::reply::{ReplyLimits, parse_reply};
 use ringmail_smtp::server::MAX_CHUNK;
-use ringmail_smtp::{Event, Reply, Server, ServerConfig};
+use ringmail_smtp::{AuthMechanism, Event, Reply, Server, ServerConfig};
 
 fn config(flags: u8) -> ServerConfig {
     let small = flags & 32 != 0;
@@ -28,6 +28,11 @@ fn config(flags: u8) -> ServerConfig {
         lmtp: flags & 1 != 0,
         offer_starttls: flags & 4 != 0,
         offer_auth: flags & 8 != 0,
+        auth_mechanisms: if flags & 24 == 24 {
+            AuthMechanism::ALL.to_vec()
+        } else {
+            vec![AuthMechanism::Plain, AuthMechanism::Login]
+        },
         offer_binarymime: flags & 16 != 0,
         max_command_line: if small { 64 } else { 2048 },
         max_data_line: if small { 40 } else { 1000 },
@@ -116,6 +121,12 @@ fn auto_verdict(s: &mut Server, e: &Event) {
         Event::AuthPlain { password, .. } | Event::AuthLogin { password, .. } => {
             s.auth_result(password.expose() == b"secret")
         }
+        // A toy multi-step mechanism: continue while the response starts with 'c'.
+        Event::AuthSasl { response, .. } => match response.expose() {
+            [b'c', ..] => s.auth_challenge(b"continue"),
+            b"" => s.auth_result(true),
+            _ => s.auth_result(false),
+        },
         _ => {}
     }
 }

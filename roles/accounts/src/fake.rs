@@ -34,6 +34,12 @@ impl FakeStore {
         self.counts.authenticate.fetch_add(1, Ordering::SeqCst);
         self.inner.authenticate(u, p).await
     }
+    pub async fn stored_password(
+        &self,
+        a: &str,
+    ) -> Result<Option<(Account, String)>, AccountError> {
+        self.inner.stored_password(a).await
+    }
     pub async fn account(&self, a: &str) -> Result<Option<Account>, AccountError> {
         self.counts.account.fetch_add(1, Ordering::SeqCst);
         self.inner.account(a).await

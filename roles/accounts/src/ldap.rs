@@ -456,6 +456,18 @@ impl LdapStore {
     }
 
     /// The account whose primary address is `address`.
+    /// Not available: LDAP accounts authenticate by bind, and the directory's password
+    /// attribute is normally unreadable (and not in a SCRAM form). SCRAM-SHA-256 is therefore
+    /// not offered with an LDAP store.
+    pub async fn stored_password(
+        &self,
+        _address: &str,
+    ) -> Result<Option<(Account, String)>, AccountError> {
+        Err(AccountError::ReadOnly(
+            "LDAP accounts authenticate by bind; stored secrets (SCRAM) are not readable",
+        ))
+    }
+
     pub async fn account(&self, address: &str) -> Result<Option<Account>, AccountError> {
         let Ok(address) = normalize(address) else {
             return Ok(None);

@@ -9,12 +9,16 @@
 //! - [`Accounts`] is the facade the roles use: it picks the backend from a URL, caches
 //!   lookups and logins ([`cache`]), and hashes passwords for the admin operations
 //!   ([`password`], argon2id).
+//! - [`scram`]: the `{SCRAM-SHA-256}` stored secret (Dovecot 2.3 form) and an I/O-free
+//!   SCRAM-SHA-256 server exchange; [`Accounts::scram_secret`] hands the secret to the MSA.
 //! - [`normalize_address`] / [`normalize_domain`] ([`addr`]) are the one definition of
 //!   address equality; every backend normalizes every address it is given.
 //! - Each backend is a struct with the same inherent async methods (no trait, so no boxing):
 //!
 //! ```text
 //! authenticate(user, password) -> AuthOutcome      (uncached; user = primary address)
+//! stored_password(address) -> Option<(Account, String)>  (SQL only: SCRAM needs the secret;
+//!                                                   LDAP authenticates by bind and refuses)
 //! account(address)  -> Option<Account>              (by primary address)
 //! resolve(address)  -> Option<Account>              (primary address or alias)
 //! domain_add / domain_del (refused while the domain has accounts) / domain_list / is_local_domain
@@ -49,6 +53,7 @@ mod fake;
 pub mod ldap;
 pub mod password;
 pub mod postgres;
+pub mod scram;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -85,6 +90,43 @@ pub enum AuthOutcome {
     BadCredentials,
     /// The account exists and the password is right, but it is disabled.
     Disabled,
+}
+
+/// How `ringmail accounts` stores a new password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PasswordScheme {
+    /// `{ARGON2ID}`: the default, the strongest against offline cracking; PLAIN/LOGIN only.
+    #[default]
+    Argon2id,
+    /// `{SCRAM-SHA-256}` (Dovecot format): also usable by SASL SCRAM-SHA-256, weaker against
+    /// offline cracking (see [`scram`]).
+    ScramSha256 {
+        /// PBKDF2 iterations, [`scram::MIN_ITERATIONS`]..=[`scram::MAX_ITERATIONS`].
+        iterations: u32,
+    },
+}
+
+impl PasswordScheme {
+    /// Checks that `password` can be stored with this scheme, then hashes it (slow: call it
+    /// from a blocking thread).
+    pub fn hash(self, password: &str) -> Result<String, AccountError> {
+        check_new_password(password)?;
+        match self {
+            PasswordScheme::Argon2id => Ok(password::hash(password)),
+            PasswordScheme::ScramSha256 { iterations } => {
+                if !(scram::MIN_ITERATIONS..=scram::MAX_ITERATIONS).contains(&iterations) {
+                    return Err(AccountError::Invalid(format!(
+                        "SCRAM iterations must be {}..={}",
+                        scram::MIN_ITERATIONS,
+                        scram::MAX_ITERATIONS
+                    )));
+                }
+                scram::check_password(password)
+                    .map_err(|e| AccountError::Invalid(format!("{e}; use argon2id")))?;
+                Ok(scram::hash(password, iterations))
+            }
+        }
+    }
 }
 
 /// Why a store operation failed.
@@ -262,6 +304,39 @@ impl Accounts {
         Ok(outcome)
     }
 
+    /// The SCRAM-SHA-256 secret of the account with primary address `user`, for a SASL
+    /// SCRAM exchange ([`scram::ScramServer`]). `None` for an unknown user, an invalid address
+    /// and an account whose password is stored with another scheme: the caller answers all
+    /// three with [`scram::ScramSecret::fake`], so none is told apart from a wrong password.
+    /// Disabled accounts are returned (with `disabled` set): the caller refuses them only
+    /// after a correct proof, as [`Accounts::authenticate`] does.
+    ///
+    /// Not cached, except that an unknown user in the negative resolve cache does not reach
+    /// the store (the login cache is keyed by the password, which SCRAM never sees). LDAP
+    /// stores authenticate by bind and cannot hand out a secret: [`AccountError::ReadOnly`].
+    pub async fn scram_secret(
+        &self,
+        user: &str,
+    ) -> Result<Option<(Account, scram::ScramSecret)>, AccountError> {
+        let Ok(user) = normalize_address(user) else {
+            return Ok(None);
+        };
+        if let Some(None) = self.cache.get_resolve(&user) {
+            return Ok(None);
+        }
+        let found = dispatch!(&*self.store, s => s.stored_password(&user).await)?;
+        let Some((account, stored)) = found else {
+            self.cache.put_resolve(&user, None);
+            return Ok(None);
+        };
+        Ok(scram::from_stored(&stored).map(|secret| (account, secret)))
+    }
+
+    /// Whether the store can hand out stored secrets (SQL stores; not LDAP).
+    pub fn holds_secrets(&self) -> bool {
+        !matches!(&*self.store, Store::Ldap(_))
+    }
+
     /// The account `address` (primary or alias) belongs to; cached, positive and negative.
     /// An invalid address resolves to `None`.
     pub async fn resolve(&self, address: &str) -> Result<Option<Account>, AccountError> {
@@ -337,9 +412,21 @@ impl Accounts {
         password: &str,
         quota: Option<u64>,
     ) -> Result<(), AccountError> {
+        self.account_add_with(address, password, quota, PasswordScheme::Argon2id)
+            .await
+    }
+
+    /// Adds an account, storing `password` with `scheme`.
+    pub async fn account_add_with(
+        &self,
+        address: &str,
+        password: &str,
+        quota: Option<u64>,
+        scheme: PasswordScheme,
+    ) -> Result<(), AccountError> {
         check_new_password(password)?;
         let pw = password.to_string();
-        let hash = blocking(move || password::hash(&pw)).await?;
+        let hash = blocking(move || scheme.hash(&pw)).await??;
         self.account_add_hashed(address, &hash, quota).await
     }
 
@@ -364,9 +451,20 @@ impl Accounts {
 
     /// Sets a new password (stored as an argon2id hash).
     pub async fn set_password(&self, address: &str, password: &str) -> Result<(), AccountError> {
+        self.set_password_with(address, password, PasswordScheme::Argon2id)
+            .await
+    }
+
+    /// Sets a new password, stored with `scheme`.
+    pub async fn set_password_with(
+        &self,
+        address: &str,
+        password: &str,
+        scheme: PasswordScheme,
+    ) -> Result<(), AccountError> {
         check_new_password(password)?;
         let pw = password.to_string();
-        let hash = blocking(move || password::hash(&pw)).await?;
+        let hash = blocking(move || scheme.hash(&pw)).await??;
         self.set_password_hashed(address, &hash).await
     }
 

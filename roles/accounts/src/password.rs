@@ -10,6 +10,7 @@
 //! | `{SHA256-CRYPT}`           | `$5$[rounds=N$]salt$hash`                        |
 //! | `{BLF-CRYPT}`              | bcrypt `$2y$` / `$2b$` / `$2a$` / `$2x$`          |
 //! | `{SSHA512}`                | base64(sha512(password ‖ salt) ‖ salt)            |
+//! | `{SCRAM-SHA-256}`          | `iterations,salt,StoredKey,ServerKey` (Dovecot 2.3; base64) — also usable by SASL SCRAM-SHA-256, see [`crate::scram`] |
 //! | `{CRYPT}`                  | any of the crypt strings above (no DES crypt)     |
 //! | `{PLAIN}`, `{CLEAR}`, `{CLEARTEXT}` | the password itself — **insecure**, accepted only so that old Dovecot installations can be imported; rehash them with `set_password` |
 //! | no prefix                  | a bare PHC / crypt string (`$argon2…`, `$6$`, `$5$`, `$2…$`) |
@@ -67,6 +68,7 @@ enum Kind {
     ShaCrypt,
     Bcrypt,
     Ssha512,
+    Scram,
     Plain,
 }
 
@@ -106,6 +108,7 @@ fn classify(stored: &str) -> Result<(Kind, &str), String> {
                 "SHA256-CRYPT" => crypt(&["$5$"], Kind::ShaCrypt),
                 "BLF-CRYPT" => crypt(&["$2y$", "$2b$", "$2a$", "$2x$"], Kind::Bcrypt),
                 "SSHA512" => Some(Kind::Ssha512),
+                "SCRAM-SHA-256" => Some(Kind::Scram),
                 "PLAIN" | "CLEAR" | "CLEARTEXT" => Some(Kind::Plain),
                 "CRYPT" => kind_of_bare(value),
                 _ => None,
@@ -146,6 +149,7 @@ pub fn verify(stored: &str, password: &str) -> bool {
         Kind::ShaCrypt => ShaCrypt::default().verify_password(pw, value).is_ok(),
         Kind::Bcrypt => bcrypt::verify(pw, value).unwrap_or(false),
         Kind::Ssha512 => verify_ssha512(value, pw),
+        Kind::Scram => crate::scram::verify(value, password),
         Kind::Plain => {
             // Compare digests so that the comparison does not depend on the length.
             let a = Sha512::digest(value.as_bytes());
@@ -166,6 +170,7 @@ fn is_well_formed(kind: Kind, value: &str) -> bool {
             .decode(value.trim())
             .map(|raw| raw.len() > 64)
             .unwrap_or(false),
+        Kind::Scram => crate::scram::is_well_formed(value),
         _ => true,
     }
 }

@@ -176,6 +176,30 @@ impl PgStore {
         }
     }
 
+    /// The account with primary address `address` and its stored password hash.
+    pub async fn stored_password(
+        &self,
+        address: &str,
+    ) -> Result<Option<(Account, String)>, AccountError> {
+        let Ok(address) = normalize(address) else {
+            return Ok(None);
+        };
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT password FROM accounts WHERE address = $1",
+                &[&address],
+            )
+            .await
+            .map_err(db_err)?;
+        drop(client);
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let stored: String = row.get(0);
+        Ok(self.account(&address).await?.map(|a| (a, stored)))
+    }
+
     /// The account whose primary address is `address`.
     pub async fn account(&self, address: &str) -> Result<Option<Account>, AccountError> {
         let Ok(address) = normalize(address) else {

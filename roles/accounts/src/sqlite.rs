@@ -251,6 +251,17 @@ impl SqliteStore {
         .map_err(unavailable)?
     }
 
+    /// The account with primary address `address` and its stored password hash.
+    pub async fn stored_password(
+        &self,
+        address: &str,
+    ) -> Result<Option<(Account, String)>, AccountError> {
+        let Ok(address) = normalize_address(address) else {
+            return Ok(None);
+        };
+        self.with(move |c| load(c, &address).map_err(db_err)).await
+    }
+
     /// The account whose primary address is `address`.
     pub async fn account(&self, address: &str) -> Result<Option<Account>, AccountError> {
         let address = normalize_address(address)?;

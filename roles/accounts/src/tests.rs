@@ -413,3 +413,82 @@ async fn cache_logins() {
         AuthOutcome::Ok(_)
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_secrets_stored_looked_up_and_verified_by_plain() {
+    use crate::{PasswordScheme, scram};
+    let dir = tempfile::tempdir().unwrap();
+    let a = populated(&dir).await;
+    let scheme = PasswordScheme::ScramSha256 { iterations: 5000 };
+    a.account_add_with("carol@example.org", "carol pw", None, scheme)
+        .await
+        .unwrap();
+    // PLAIN/LOGIN verify against the SCRAM secret.
+    assert!(matches!(
+        a.authenticate("carol@example.org", "carol pw")
+            .await
+            .unwrap(),
+        AuthOutcome::Ok(_)
+    ));
+    assert_eq!(
+        a.authenticate("carol@example.org", "carol pW")
+            .await
+            .unwrap(),
+        AuthOutcome::BadCredentials
+    );
+    let (acct, secret) = a.scram_secret("Carol@Example.org").await.unwrap().unwrap();
+    assert_eq!(acct.address, "carol@example.org");
+    assert_eq!(secret.iterations, 5000);
+    assert!(secret.verify_password("carol pw"));
+    // argon2 accounts, unknown users and bad addresses: no secret (the caller fakes one).
+    assert!(a.scram_secret("alice@example.org").await.unwrap().is_none());
+    assert!(
+        a.scram_secret("nobody@example.org")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(a.scram_secret("not an address").await.unwrap().is_none());
+    // passwd switches the scheme both ways.
+    a.set_password_with(
+        "alice@example.org",
+        "new alice",
+        PasswordScheme::ScramSha256 {
+            iterations: scram::DEFAULT_ITERATIONS,
+        },
+    )
+    .await
+    .unwrap();
+    let (_, s) = a.scram_secret("alice@example.org").await.unwrap().unwrap();
+    assert_eq!(s.iterations, 4096);
+    a.set_password("alice@example.org", "newer alice")
+        .await
+        .unwrap();
+    assert!(a.scram_secret("alice@example.org").await.unwrap().is_none());
+    // Disabled accounts are returned, flagged.
+    a.set_disabled("carol@example.org", true).await.unwrap();
+    let (acct, _) = a.scram_secret("carol@example.org").await.unwrap().unwrap();
+    assert!(acct.disabled);
+    // Refused: too few iterations, passwords SASLprep changes.
+    for (pw, it) in [
+        ("ok pw", 4095),
+        ("ok pw", scram::MAX_ITERATIONS + 1),
+        ("a\u{00A0}b", 4096),
+    ] {
+        invalid(
+            a.account_add_with(
+                "dave@example.org",
+                pw,
+                None,
+                PasswordScheme::ScramSha256 { iterations: it },
+            )
+            .await,
+        );
+    }
+    // Hashes imported from Dovecot are accepted.
+    let h = scram::hash("imported", 4096);
+    a.account_add_hashed("erin@example.org", &h, None)
+        .await
+        .unwrap();
+    assert!(a.scram_secret("erin@example.org").await.unwrap().is_some());
+}

@@ -69,6 +69,20 @@ async fn authenticate_lookup_and_read_only() {
         AuthOutcome::BadCredentials
     );
 
+    // No stored secret to hand out (SCRAM): login is by bind.
+    assert!(matches!(
+        store.stored_password("alice@example.test").await,
+        Err(AccountError::ReadOnly(_))
+    ));
+    let facade = ringmail_accounts::Accounts::open(&slapd.url())
+        .await
+        .unwrap();
+    assert!(!facade.holds_secrets());
+    assert!(matches!(
+        facade.scram_secret("alice@example.test").await,
+        Err(AccountError::ReadOnly(_))
+    ));
+
     // account(): primary addresses only; resolve(): aliases too.
     let alice = store.account("alice@example.test").await.unwrap().unwrap();
     assert_eq!(alice.address, "alice@example.test");

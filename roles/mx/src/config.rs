@@ -742,7 +742,7 @@ pub(crate) fn accounts_url(ctx: &mut Ctx<'_>, x: &Value<'_>, what: &str) -> Opti
     }
 }
 
-fn list<T>(
+pub(crate) fn list<T>(
     ctx: &mut Ctx<'_>,
     v: &Value<'_>,
     what: &str,

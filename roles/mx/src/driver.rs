@@ -130,7 +130,9 @@ where
                     data_deadline = None;
                     policy.on_data_aborted(reason);
                 }
-                event @ (Event::AuthPlain { .. } | Event::AuthLogin { .. }) => {
+                event @ (Event::AuthPlain { .. }
+                | Event::AuthLogin { .. }
+                | Event::AuthSasl { .. }) => {
                     // A login verdict may be slow (hashing, failure delay): send what is queued.
                     flush(stream, server).await?;
                     policy.on_event(server, event).await;

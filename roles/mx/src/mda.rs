@@ -532,7 +532,7 @@ impl Policy for Ctx<'_> {
                 server.accept();
             }
             Event::RcptTo { forward_path, .. } => self.on_rcpt(server, &forward_path).await,
-            Event::AuthPlain { .. } | Event::AuthLogin { .. } => {
+            Event::AuthPlain { .. } | Event::AuthLogin { .. } | Event::AuthSasl { .. } => {
                 server.reject(Reply::new(
                     503,
                     "5.5.1",

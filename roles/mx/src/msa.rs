@@ -4,6 +4,8 @@
 //! ```text
 //!  socket ─▶ [PROXY from a trusted LB] ─▶ [TLS at accept on 465] ─▶ Server core (AUTH under TLS)
 //!    AUTH ─▶ accounts.authenticate (failure: growing delay, 421 after too many)
+//!            SCRAM-SHA-256: accounts.scram_secret ─▶ ScramServer (unknown user or no SCRAM
+//!            secret: a fake secret from a per-process key, so it fails like a wrong password)
 //!    MAIL ─▶ authenticated? owns the sender? hourly rate ─▶ RCPT ─▶ DATA (header From owned?)
 //!    end of data ─▶ Received (ESMTPSA, Authenticated sender), Message-ID, Date ─▶ spool ─▶ relay
 //! ```
@@ -18,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ringmail_accounts::{Account, Accounts, AuthOutcome};
+use ringmail_accounts::scram::{ScramError, ScramSecret, ScramServer};
+use ringmail_accounts::{Account, Accounts, AuthOutcome, normalize_address};
 use ringmail_queue::{ClientInfo, Incoming, NewEnvelope, NewRecipient, Spool};
 use ringmail_smtp::{Domain, Event, MailParams, Mailbox, Reply, Server, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -180,6 +183,8 @@ pub struct Msa {
     user_failures: Window<String>,
     sent: Window<String>,
     limits: crate::limits::ConnLimits,
+    /// Key for the fake SCRAM salts of unknown users (random per process).
+    scram_key: [u8; 32],
 }
 
 /// A running MSA.
@@ -206,7 +211,18 @@ impl MsaServer {
             None,
         )?;
         let tls = Arc::new(TlsStore::new(cfg.tls.clone(), &cfg.hostname)?);
+        if let Some(e) =
+            crate::msa_config::mechanisms_store_conflict(&cfg.auth_mechanisms, &cfg.accounts)
+        {
+            return Err(MxError::Accounts(ringmail_accounts::AccountError::Config(
+                e,
+            )));
+        }
         let (accounts, accounts_rt) = crate::open_accounts(&cfg.accounts)?;
+        let mut scram_key = [0u8; 32];
+        getrandom::fill(&mut scram_key).map_err(|e| {
+            MxError::Accounts(ringmail_accounts::AccountError::Unavailable(e.to_string()))
+        })?;
         let relay_stats = Arc::new(MxStats::default());
         let stats = Arc::new(MsaStats {
             relay: Arc::clone(&relay_stats),
@@ -218,6 +234,7 @@ impl MsaServer {
             max_recipients: cfg.max_recipients,
             offer_starttls: true,
             offer_auth: true,
+            auth_mechanisms: cfg.auth_mechanisms.clone(),
             ..ServerConfig::default()
         });
         let msa = Arc::new(Msa {
@@ -232,6 +249,7 @@ impl MsaServer {
             user_failures: Window::default(),
             sent: Window::default(),
             limits: crate::limits::ConnLimits::new(cfg.max_connections, cfg.max_connections_per_ip),
+            scram_key,
         });
         // The next hops' TLS settings are checked before anything listens.
         let mut routes = vec![Route::new(
@@ -344,8 +362,22 @@ struct Ctx<'a> {
     helo: String,
     tls: bool,
     account: Option<Account>,
+    /// A SCRAM-SHA-256 exchange in progress.
+    scram: Option<Scram>,
     txn: Option<Txn>,
     close: bool,
+}
+
+/// Where a SCRAM-SHA-256 exchange stands between two client messages.
+enum Scram {
+    /// server-first sent; `account` is `None` for a fake secret.
+    Exchanging {
+        exchange: Box<ScramServer>,
+        user: String,
+        account: Option<Account>,
+    },
+    /// The proof was right and `v=` sent: the client's empty response completes the login.
+    Verified { account: Account },
 }
 
 /// One session. `implicit`: TLS at accept (port 465).
@@ -411,6 +443,7 @@ pub async fn run(msa: Arc<Msa>, mut stream: TcpStream, peer: SocketAddr, implici
         helo: String::new(),
         tls: implicit,
         account: None,
+        scram: None,
         txn: None,
         close: false,
     };
@@ -529,6 +562,9 @@ impl Policy for Ctx<'_> {
                 authcid,
                 password,
             } => on_auth(server, self, authzid, &authcid, password.expose_str()).await,
+            Event::AuthSasl {
+                first, response, ..
+            } => on_scram(server, self, first, response.expose()).await,
             Event::MailFrom {
                 reverse_path,
                 params,
@@ -576,6 +612,7 @@ impl Policy for Ctx<'_> {
     fn tls_started(&mut self) {
         self.tls = true;
         self.account = None;
+        self.scram = None;
     }
 }
 
@@ -583,6 +620,77 @@ impl Policy for Ctx<'_> {
 pub fn failure_delay(failures: usize) -> Duration {
     let exp = failures.saturating_sub(1).min(4) as u32;
     Duration::from_millis(500 * (1u64 << exp))
+}
+
+/// Too many recent failures from this client: 421 and close. True if so.
+fn locked_out(server: &mut Server, ctx: &mut Ctx<'_>, shown: &str) -> bool {
+    let msa = ctx.msa;
+    let ip = ctx.client.ip();
+    if msa.ip_failures.count(&ip, FAILURE_WINDOW) < msa.cfg.max_auth_failures as usize {
+        return false;
+    }
+    inc(&msa.stats.auth_locked_out);
+    info!(client = %ip, user = %shown, "refused: too many authentication failures");
+    server.reject(Reply::new(
+        421,
+        "4.7.0",
+        &format!(
+            "{} Error: too many authentication failures",
+            msa.cfg.hostname
+        ),
+    ));
+    ctx.close = true;
+    true
+}
+
+fn auth_succeeded(server: &mut Server, ctx: &mut Ctx<'_>, account: Account, mechanism: &str) {
+    inc(&ctx.msa.stats.auth_ok);
+    let shown = printable(&account.address);
+    info!(client = %ctx.client.ip(), user = %shown, mechanism, result = "ok", "authentication");
+    ctx.account = Some(account);
+    server.auth_result(true);
+}
+
+/// A failed login, whatever the mechanism and the reason: counted, logged (`result` and the
+/// mechanism, never a credential), delayed like every other failure, then 535 (or 421).
+async fn auth_failed(
+    server: &mut Server,
+    ctx: &mut Ctx<'_>,
+    user: &str,
+    mechanism: &str,
+    result: &str,
+) {
+    let msa = ctx.msa;
+    let ip = ctx.client.ip();
+    let shown = printable(user);
+    let user_key = user.trim().to_ascii_lowercase();
+    inc(&msa.stats.auth_failed);
+    let n_ip = msa.ip_failures.add(ip, FAILURE_WINDOW);
+    let n_user = msa.user_failures.add(user_key, FAILURE_WINDOW);
+    let delay = failure_delay(n_ip.max(n_user));
+    info!(client = %ip, user = %shown, mechanism, result, failures = n_ip, "authentication failed");
+    tokio::time::sleep(delay).await;
+    if n_ip >= msa.cfg.max_auth_failures as usize {
+        inc(&msa.stats.auth_locked_out);
+        server.reject(Reply::new(
+            421,
+            "4.7.0",
+            &format!(
+                "{} Error: too many authentication failures",
+                msa.cfg.hostname
+            ),
+        ));
+        ctx.close = true;
+    } else {
+        server.auth_result(false);
+    }
+}
+
+fn auth_unavailable(server: &mut Server, ctx: &mut Ctx<'_>, user: &str, e: &dyn std::fmt::Display) {
+    inc(&ctx.msa.stats.auth_unavailable);
+    let shown = printable(user);
+    warn!(client = %ctx.client.ip(), user = %shown, error = %e, "authentication: account store unavailable");
+    server.reject(Reply::new(454, "4.7.0", "Temporary authentication failure"));
 }
 
 async fn on_auth(
@@ -593,22 +701,8 @@ async fn on_auth(
     password: Option<&str>,
 ) {
     let msa = ctx.msa;
-    let ip = ctx.client.ip();
     let shown = printable(user);
-    let user_key = user.trim().to_ascii_lowercase();
-    let max = msa.cfg.max_auth_failures as usize;
-    if msa.ip_failures.count(&ip, FAILURE_WINDOW) >= max {
-        inc(&msa.stats.auth_locked_out);
-        info!(client = %ip, user = %shown, "refused: too many authentication failures");
-        server.reject(Reply::new(
-            421,
-            "4.7.0",
-            &format!(
-                "{} Error: too many authentication failures",
-                msa.cfg.hostname
-            ),
-        ));
-        ctx.close = true;
+    if locked_out(server, ctx, &shown) {
         return;
     }
     // An authorization identity other than the login is not supported.
@@ -620,45 +714,95 @@ async fn on_auth(
         _ => Ok(AuthOutcome::BadCredentials),
     };
     match outcome {
-        Ok(AuthOutcome::Ok(account)) => {
-            inc(&msa.stats.auth_ok);
-            info!(client = %ip, user = %shown, result = "ok", "authentication");
-            ctx.account = Some(account);
-            server.auth_result(true);
-        }
+        Ok(AuthOutcome::Ok(account)) => auth_succeeded(server, ctx, account, "PLAIN/LOGIN"),
         Ok(o) => {
-            inc(&msa.stats.auth_failed);
-            let n_ip = msa.ip_failures.add(ip, FAILURE_WINDOW);
-            let n_user = msa.user_failures.add(user_key, FAILURE_WINDOW);
-            let delay = failure_delay(n_ip.max(n_user));
             let result = if o == AuthOutcome::Disabled {
                 "disabled"
             } else {
                 "bad credentials"
             };
-            info!(client = %ip, user = %shown, result, failures = n_ip, "authentication failed");
-            tokio::time::sleep(delay).await;
-            if n_ip >= max {
-                inc(&msa.stats.auth_locked_out);
-                server.reject(Reply::new(
-                    421,
-                    "4.7.0",
-                    &format!(
-                        "{} Error: too many authentication failures",
-                        msa.cfg.hostname
-                    ),
-                ));
-                ctx.close = true;
-            } else {
-                server.auth_result(false);
-            }
+            auth_failed(server, ctx, user, "PLAIN/LOGIN", result).await;
         }
-        Err(e) => {
-            inc(&msa.stats.auth_unavailable);
-            warn!(client = %ip, user = %shown, error = %e, "authentication: account store unavailable");
-            server.reject(Reply::new(454, "4.7.0", "Temporary authentication failure"));
-        }
+        Err(e) => auth_unavailable(server, ctx, user, &e),
     }
+}
+
+const SCRAM: &str = "SCRAM-SHA-256";
+
+/// One client message of a SCRAM-SHA-256 exchange ([`ringmail_accounts::scram`]).
+async fn on_scram(server: &mut Server, ctx: &mut Ctx<'_>, first: bool, response: &[u8]) {
+    let msa = ctx.msa;
+    if first {
+        ctx.scram = None;
+        if locked_out(server, ctx, "") {
+            return;
+        }
+        let mut exchange = Box::new(ScramServer::with_os_nonce());
+        let user = match exchange.client_first(response) {
+            Ok(cf) => cf.username,
+            Err(e) => return scram_failed(server, ctx, "", e).await,
+        };
+        let (secret, account) = match msa.accounts.scram_secret(&user).await {
+            Ok(Some((account, secret))) => (secret, Some(account)),
+            // Unknown user, or a password stored with another scheme: a stand-in secret,
+            // stable per user name, so the exchange looks the same and fails at the proof.
+            Ok(None) => {
+                let key = normalize_address(&user).unwrap_or_else(|_| user.to_lowercase());
+                (ScramSecret::fake(&msa.scram_key, &key), None)
+            }
+            Err(e) => return auth_unavailable(server, ctx, &user, &e),
+        };
+        let server_first = exchange.server_first(secret, account.is_some());
+        ctx.scram = Some(Scram::Exchanging {
+            exchange,
+            user,
+            account,
+        });
+        server.auth_challenge(&server_first);
+        return;
+    }
+    match ctx.scram.take() {
+        Some(Scram::Exchanging {
+            mut exchange,
+            user,
+            account,
+        }) => match (exchange.client_final(response), account) {
+            (Ok(_), Some(account)) if account.disabled => {
+                auth_failed(server, ctx, &user, SCRAM, "disabled").await;
+            }
+            (Ok(server_final), Some(account)) => {
+                ctx.scram = Some(Scram::Verified { account });
+                server.auth_challenge(&server_final);
+            }
+            // Unreachable: a fake secret never verifies.
+            (Ok(_), None) => scram_failed(server, ctx, &user, ScramError::InvalidProof).await,
+            (Err(e), _) => scram_failed(server, ctx, &user, e).await,
+        },
+        // RFC 4954: the client answers the final challenge with an empty response.
+        Some(Scram::Verified { account }) if response.is_empty() => {
+            auth_succeeded(server, ctx, account, SCRAM);
+        }
+        Some(Scram::Verified { account }) => {
+            let user = account.address.clone();
+            auth_failed(
+                server,
+                ctx,
+                &user,
+                SCRAM,
+                "unexpected data after server-final",
+            )
+            .await;
+        }
+        None => auth_failed(server, ctx, "", SCRAM, "out of sequence").await,
+    }
+}
+
+async fn scram_failed(server: &mut Server, ctx: &mut Ctx<'_>, user: &str, e: ScramError) {
+    let result = match e {
+        ScramError::InvalidProof => "bad credentials",
+        other => other.server_error(),
+    };
+    auth_failed(server, ctx, user, SCRAM, result).await;
 }
 
 async fn on_mail(

@@ -18,6 +18,9 @@
 //! max_recipients = 100                 # per message (452 beyond)            (default 100)
 //! max_messages_per_hour = 500          # per account (450 4.7.1 beyond)      (default 500)
 //! max_auth_failures = 10               # per client address in 10 minutes, then 421 (default 10)
+//! auth_mechanisms = ["PLAIN", "LOGIN"] # SASL mechanisms offered after TLS, in this order:
+//!                                      #   PLAIN, LOGIN, SCRAM-SHA-256 (default PLAIN, LOGIN;
+//!                                      #   SCRAM-SHA-256 needs an SQL store, not LDAP)
 //! max_connections = 10000              # concurrent sessions, all clients          (default 10000)
 //! max_connections_per_ip = 50          # per real client address (after PROXY)     (default 50)
 //! trusted_proxies = ["10.0.0.1"]       # PROXY v1/v2 accepted (and required) from these only
@@ -43,6 +46,7 @@ use ringmail_proxy_core::config::{ConfigErrors, load_file_with, load_str_with};
 
 use crate::config::{Cidr, TlsFiles, accounts_url, addr_list, cidr_list, hostname_key, tls_files};
 use crate::hop::HopSecurity;
+use ringmail_smtp::AuthMechanism;
 
 /// Where mail for our own domains goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +74,8 @@ pub struct MsaConfig {
     pub max_recipients: usize,
     pub max_messages_per_hour: u32,
     pub max_auth_failures: u32,
+    /// SASL mechanisms offered (after TLS), in EHLO order.
+    pub auth_mechanisms: Vec<AuthMechanism>,
     /// Concurrent sessions in all, and per client address (Postfix's
     /// `smtpd_client_connection_count_limit`): 421 4.7.0 beyond.
     pub max_connections: usize,
@@ -114,6 +120,7 @@ impl MsaConfig {
             max_recipients: 100,
             max_messages_per_hour: 500,
             max_auth_failures: 10,
+            auth_mechanisms: DEFAULT_AUTH_MECHANISMS.to_vec(),
             max_connections: 10_000,
             max_connections_per_ip: 50,
             trusted_proxies: Vec::new(),
@@ -140,6 +147,50 @@ impl MsaConfig {
     }
 }
 
+/// What the MSA offers unless configured: PLAIN and LOGIN. Not SCRAM-SHA-256: Cyrus SASL
+/// clients (Postfix, sendmail, many MUAs' libraries) pick the strongest advertised mechanism
+/// and do not fall back, so advertising it while accounts hold argon2id hashes breaks their
+/// logins. Turn it on once the accounts that log in have `{SCRAM-SHA-256}` secrets.
+pub const DEFAULT_AUTH_MECHANISMS: [AuthMechanism; 2] =
+    [AuthMechanism::Plain, AuthMechanism::Login];
+
+/// Parses a mechanism list (`auth_mechanisms`, `--auth-mechanisms`): known names, no
+/// duplicates, not empty.
+pub fn parse_mechanisms<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+) -> Result<Vec<AuthMechanism>, String> {
+    let mut out = Vec::new();
+    for n in names {
+        let m = AuthMechanism::from_name(n.trim()).ok_or_else(|| {
+            let known: Vec<&str> = AuthMechanism::ALL.iter().map(|m| m.name()).collect();
+            format!(
+                "unknown SASL mechanism {:?} (known: {})",
+                n,
+                known.join(", ")
+            )
+        })?;
+        if out.contains(&m) {
+            return Err(format!("SASL mechanism {} listed twice", m.name()));
+        }
+        out.push(m);
+    }
+    if out.is_empty() {
+        return Err("no SASL mechanism".into());
+    }
+    Ok(out)
+}
+
+/// Why the account store cannot serve `mechanisms`, if it cannot: SCRAM needs the stored
+/// secret, and an LDAP store authenticates by bind.
+pub fn mechanisms_store_conflict(mechanisms: &[AuthMechanism], accounts: &str) -> Option<String> {
+    let ldap = accounts.starts_with("ldap://") || accounts.starts_with("ldaps://");
+    (ldap && mechanisms.contains(&AuthMechanism::ScramSha256)).then(|| {
+        "SCRAM-SHA-256 needs the stored secret, and an LDAP account store authenticates by bind: \
+         offer PLAIN/LOGIN only"
+            .to_string()
+    })
+}
+
 pub fn load_file(path: &Path) -> Result<MsaConfig, ConfigErrors> {
     load_file_with(path, schema)
 }
@@ -162,6 +213,7 @@ const MSA: &[&str] = &[
     "max_recipients",
     "max_messages_per_hour",
     "max_auth_failures",
+    "auth_mechanisms",
     "max_connections",
     "max_connections_per_ip",
     "trusted_proxies",
@@ -288,6 +340,35 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MsaConfig> {
             }),
         );
     }
+    if let Some(x) = t.get("auth_mechanisms") {
+        let names = crate::config::list(ctx, x, "msa.auth_mechanisms", |ctx, item| {
+            string(ctx, item, "msa.auth_mechanisms").map(|s| (s.to_string(), item.span()))
+        });
+        match names {
+            Some(names) => {
+                let parsed = parse_mechanisms(names.iter().map(|(n, _)| n.as_str()));
+                match parsed {
+                    Ok(m) => {
+                        if let Some(e) = mechanisms_store_conflict(&m, &c.accounts) {
+                            ctx.error(x.span(), format!("`msa.auth_mechanisms`: {e}"));
+                            ok = false;
+                        }
+                        c.auth_mechanisms = m;
+                    }
+                    Err(e) => {
+                        // Point at the offending element when there is one.
+                        let span = names
+                            .iter()
+                            .find(|(n, _)| AuthMechanism::from_name(n.trim()).is_none())
+                            .map_or(x.span(), |(_, s)| s.clone());
+                        ctx.error(span, format!("`msa.auth_mechanisms`: {e}"));
+                        ok = false;
+                    }
+                }
+            }
+            None => ok = false,
+        }
+    }
     if let Some(x) = t.get("trusted_proxies") {
         match cidr_list(ctx, x, "msa.trusted_proxies") {
             Some(l) => c.trusted_proxies = l,
@@ -370,5 +451,52 @@ max_auth_failures = 3
         ] {
             assert!(e.contains(want), "{want} missing from {e}");
         }
+    }
+
+    const BASE: &str = "[msa]\nhostname = \"smtp.example.com\"\nlisten = [\"127.0.0.1:587\"]\nspool = \"/s\"\nrelay = \"127.0.0.1:25\"\n";
+
+    #[test]
+    fn auth_mechanisms() {
+        let c = load_str(&format!("{BASE}accounts = \"sqlite:/a.db\"\n"), "m.toml").unwrap();
+        assert_eq!(
+            c.auth_mechanisms,
+            [AuthMechanism::Plain, AuthMechanism::Login]
+        );
+        let c = load_str(
+            &format!("{BASE}accounts = \"sqlite:/a.db\"\nauth_mechanisms = [\"scram-sha-256\", \"PLAIN\"]\n"),
+            "m.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth_mechanisms,
+            [AuthMechanism::ScramSha256, AuthMechanism::Plain]
+        );
+        for (list, line, want) in [
+            (
+                "[\"PLAIN\", \"CRAM-MD5\"]",
+                7,
+                "unknown SASL mechanism \"CRAM-MD5\"",
+            ),
+            ("[\"PLAIN\", \"plain\"]", 7, "listed twice"),
+            ("[]", 7, "is empty"),
+            ("\"PLAIN\"", 7, "an array"),
+        ] {
+            let e = load_str(
+                &format!("{BASE}accounts = \"sqlite:/a.db\"\nauth_mechanisms = {list}\n"),
+                "m.toml",
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(&format!("m.toml:{line}:")), "{e}");
+            assert!(e.contains(want), "{e}");
+        }
+        let e = load_str(
+            &format!("{BASE}accounts = \"ldap://ldap.example.com/dc=example,dc=com\"\nauth_mechanisms = [\"SCRAM-SHA-256\"]\n"),
+            "m.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("m.toml:7:") && e.contains("LDAP"), "{e}");
+        assert!(parse_mechanisms(["PLAIN", " LOGIN "]).is_ok());
     }
 }

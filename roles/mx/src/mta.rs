@@ -314,6 +314,8 @@ impl Policy for Ctx<'_> {
                 server.accept();
             }
             Event::Reset => self.txn = None,
+            // Only PLAIN and LOGIN are offered here.
+            Event::AuthSasl { .. } => server.auth_result(false),
             Event::Quit
             | Event::StartTls
             | Event::DataStart

@@ -325,7 +325,9 @@ async fn on_event(server: &mut Server, ctx: &mut Ctx<'_>, event: Event) {
             params,
         } => on_rcpt(server, ctx, &forward_path, params).await,
         Event::DataChunk(bytes) => on_chunk(ctx, &bytes),
-        Event::AuthPlain { .. } | Event::AuthLogin { .. } => server.auth_result(false),
+        Event::AuthPlain { .. } | Event::AuthLogin { .. } | Event::AuthSasl { .. } => {
+            server.auth_result(false)
+        }
         Event::Reset => ctx.txn = None,
         Event::Quit => {}
         // Handled by the caller.

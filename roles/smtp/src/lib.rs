@@ -33,4 +33,4 @@ pub use client::{Client, ClientConfig, ClientError, ClientEvent, Envelope, Start
 pub use command::{Body, DsnNotify, DsnRet, MailParams, Orcpt, RcptParams};
 pub use reply::{EnhancedCode, Reply, ReplyError};
 pub use secret::Secret;
-pub use server::{AbortReason, Event, Server, ServerConfig};
+pub use server::{AbortReason, AuthMechanism, Event, Server, ServerConfig};

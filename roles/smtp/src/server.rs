@@ -73,6 +73,17 @@
 //! | timeout | `421 4.4.2 <host> Error: timeout exceeded`, close |
 //! | AUTH before TLS | `538 5.7.11` |
 //! | AUTH cancelled | `501 5.0.0`; undecodable: `501 5.5.2`; failed: `535 5.7.8` |
+//! | AUTH mechanism not offered | `504 5.5.4` |
+//!
+//! # SASL mechanisms
+//!
+//! PLAIN and LOGIN are decoded here ([`Event::AuthPlain`], [`Event::AuthLogin`]). Multi-step
+//! mechanisms (SCRAM-SHA-256) are relayed: each client response (the initial response of
+//! `AUTH <mech> <ir>`, or a line after a `334`) becomes an [`Event::AuthSasl`]; the driver
+//! answers with [`Server::auth_challenge`] (a `334` carrying the next server message, base64)
+//! or [`Server::auth_result`]. RFC 4954 has no "success with data": a mechanism whose last
+//! server message comes with success (SCRAM's `v=`) sends it as a challenge, and the client's
+//! empty response then gets the `235`. `*` cancels at any step (`501 5.0.0`) without an event.
 //! | malformed BDAT line | `501 5.5.4`, then close (the chunk size is unknown, so the byte stream cannot be re-framed) |
 
 use std::collections::VecDeque;
@@ -120,8 +131,10 @@ pub struct ServerConfig {
     pub max_pending_input: usize,
     /// Offer STARTTLS (when TLS is not active yet).
     pub offer_starttls: bool,
-    /// Offer AUTH PLAIN LOGIN (only ever advertised and accepted under TLS).
+    /// Offer AUTH (only ever advertised and accepted under TLS).
     pub offer_auth: bool,
+    /// The mechanisms AUTH advertises and accepts, in EHLO order (default PLAIN, LOGIN).
+    pub auth_mechanisms: Vec<AuthMechanism>,
     /// Offer BINARYMIME (RFC 3030); off by default.
     pub offer_binarymime: bool,
     /// LMTP (RFC 2033): LHLO instead of HELO/EHLO, one reply per recipient after the message.
@@ -142,9 +155,46 @@ impl Default for ServerConfig {
             max_pending_input: 64 * 1024,
             offer_starttls: false,
             offer_auth: false,
+            auth_mechanisms: vec![AuthMechanism::Plain, AuthMechanism::Login],
             offer_binarymime: false,
             lmtp: false,
         }
+    }
+}
+
+/// A SASL mechanism the server can offer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AuthMechanism {
+    /// RFC 4616, decoded by the core.
+    Plain,
+    /// The de-facto LOGIN mechanism, decoded by the core.
+    Login,
+    /// RFC 5802/7677, relayed to the driver ([`Event::AuthSasl`]).
+    ScramSha256,
+}
+
+impl AuthMechanism {
+    /// Every mechanism, strongest last.
+    pub const ALL: [AuthMechanism; 3] = [
+        AuthMechanism::Plain,
+        AuthMechanism::Login,
+        AuthMechanism::ScramSha256,
+    ];
+
+    /// The IANA name, as advertised.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMechanism::Plain => "PLAIN",
+            AuthMechanism::Login => "LOGIN",
+            AuthMechanism::ScramSha256 => "SCRAM-SHA-256",
+        }
+    }
+
+    /// Looks a name up, case-insensitively.
+    pub fn from_name(name: &str) -> Option<AuthMechanism> {
+        AuthMechanism::ALL
+            .into_iter()
+            .find(|m| m.name().eq_ignore_ascii_case(name))
     }
 }
 
@@ -253,6 +303,16 @@ pub enum Event {
         authcid: String,
         /// Password.
         password: Secret,
+    },
+    /// One client response of a multi-step mechanism (see the module documentation). Needs
+    /// `auth_challenge`, `auth_result` (or `reject`).
+    AuthSasl {
+        /// The mechanism.
+        mechanism: AuthMechanism,
+        /// True for the first response of an exchange (the driver starts afresh).
+        first: bool,
+        /// The decoded response (empty for an empty line or `=`).
+        response: Secret,
     },
     /// RSET, or an implicit reset (EHLO during a transaction): drop the transaction state.
     Reset,
@@ -472,6 +532,8 @@ enum Mode {
     AuthPlain,
     AuthLoginUser,
     AuthLoginPass(String),
+    /// A multi-step exchange; true until the first response.
+    AuthSasl(AuthMechanism, bool),
     Data(DotState, Content),
     Bdat {
         remaining: u64,
@@ -508,6 +570,8 @@ pub struct Server {
     closing: bool,
     helo: Option<HeloKind>,
     authenticated: bool,
+    /// The multi-step mechanism whose response is pending.
+    sasl: Option<AuthMechanism>,
     txn: Option<Txn>,
     mode: Mode,
     pending: Pending,
@@ -531,6 +595,7 @@ impl Server {
             closing: false,
             helo: None,
             authenticated: false,
+            sasl: None,
             txn: None,
             mode: Mode::Command,
             pending: Pending::None,
@@ -691,7 +756,11 @@ impl Server {
                 }
                 self.send(reply);
             }
-            Pending::Helo(_) | Pending::Mail(_) | Pending::Rcpt | Pending::Auth => self.send(reply),
+            Pending::Auth => {
+                self.sasl = None;
+                self.send(reply);
+            }
+            Pending::Helo(_) | Pending::Mail(_) | Pending::Rcpt => self.send(reply),
         }
         self.process();
     }
@@ -750,12 +819,30 @@ impl Server {
             return;
         }
         self.pending = Pending::None;
+        self.sasl = None;
         if ok {
             self.authenticated = true;
             self.send(Reply::new(235, "2.7.0", "Authentication successful"));
         } else {
             self.send(Reply::new(535, "5.7.8", "Error: authentication failed"));
         }
+        self.process();
+    }
+
+    /// Continues the pending [`Event::AuthSasl`] exchange: `334 <base64(data)>`; the client's
+    /// next line becomes another `AuthSasl`. Ignored unless an `AuthSasl` is pending.
+    pub fn auth_challenge(&mut self, data: &[u8]) {
+        if !matches!(self.pending, Pending::Auth) {
+            return;
+        }
+        let Some(mech) = self.sasl.take() else {
+            return;
+        };
+        self.pending = Pending::None;
+        self.out.extend_from_slice(b"334 ");
+        self.out.extend_from_slice(B64.encode(data).as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+        self.mode = Mode::AuthSasl(mech, false);
         self.process();
     }
 
@@ -786,8 +873,9 @@ impl Server {
         if self.cfg.offer_starttls && !self.tls_active {
             lines.push("STARTTLS".into());
         }
-        if self.cfg.offer_auth && self.tls_active {
-            lines.push("AUTH PLAIN LOGIN".into());
+        if self.cfg.offer_auth && self.tls_active && !self.cfg.auth_mechanisms.is_empty() {
+            let names: Vec<&str> = self.cfg.auth_mechanisms.iter().map(|m| m.name()).collect();
+            lines.push(format!("AUTH {}", names.join(" ")));
         }
         Reply::multiline(250, "", lines)
     }
@@ -1030,7 +1118,7 @@ impl Server {
     fn process_line(&mut self) -> bool {
         let auth = matches!(
             self.mode,
-            Mode::AuthPlain | Mode::AuthLoginUser | Mode::AuthLoginPass(_)
+            Mode::AuthPlain | Mode::AuthLoginUser | Mode::AuthLoginPass(_) | Mode::AuthSasl(..)
         );
         let limit = if auth {
             self.cfg.max_command_line.max(MAX_AUTH_LINE)
@@ -1117,6 +1205,7 @@ impl Server {
             Mode::AuthPlain => self.auth_response_plain(line),
             Mode::AuthLoginUser => self.auth_response_login_user(line),
             Mode::AuthLoginPass(user) => self.auth_response_login_pass(user, line),
+            Mode::AuthSasl(mech, first) => self.auth_response_sasl(mech, first, line),
             _ => self.command(line),
         }
     }
@@ -1405,22 +1494,31 @@ impl Server {
         if let Some(r) = refuse {
             return self.send(r);
         }
-        match mechanism.to_ascii_uppercase().as_str() {
-            "PLAIN" => match initial {
+        let offered =
+            AuthMechanism::from_name(mechanism).filter(|m| self.cfg.auth_mechanisms.contains(m));
+        match offered {
+            Some(AuthMechanism::Plain) => match initial {
                 None => {
                     self.out.extend_from_slice(b"334 \r\n");
                     self.mode = Mode::AuthPlain;
                 }
                 Some(r) => self.auth_response_plain(r.as_bytes()),
             },
-            "LOGIN" => match initial {
+            Some(AuthMechanism::Login) => match initial {
                 None => {
                     self.out.extend_from_slice(b"334 VXNlcm5hbWU6\r\n");
                     self.mode = Mode::AuthLoginUser;
                 }
                 Some(r) => self.auth_response_login_user(r.as_bytes()),
             },
-            _ => self.send(Reply::new(
+            Some(mech @ AuthMechanism::ScramSha256) => match initial {
+                None => {
+                    self.out.extend_from_slice(b"334 \r\n");
+                    self.mode = Mode::AuthSasl(mech, true);
+                }
+                Some(r) => self.auth_response_sasl(mech, true, r.as_bytes()),
+            },
+            None => self.send(Reply::new(
                 504,
                 "5.5.4",
                 "Error: unsupported authentication mechanism",
@@ -1482,6 +1580,19 @@ impl Server {
                 "Error: invalid authentication data",
             )),
         }
+    }
+
+    fn auth_response_sasl(&mut self, mechanism: AuthMechanism, first: bool, line: &[u8]) {
+        let Some(raw) = self.auth_decode(line) else {
+            return;
+        };
+        self.pending = Pending::Auth;
+        self.sasl = Some(mechanism);
+        self.events.push_back(Event::AuthSasl {
+            mechanism,
+            first,
+            response: Secret::new(raw),
+        });
     }
 
     fn auth_response_login_user(&mut self, line: &[u8]) {

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use ringmail_smtp::server::MAX_CHUNK;
 use ringmail_smtp::{
-    AbortReason, Body, Domain, DsnNotify, DsnRet, Event, Reply, Server, ServerConfig,
+    AbortReason, AuthMechanism, Body, Domain, DsnNotify, DsnRet, Event, Reply, Server, ServerConfig,
 };
 
 #[derive(Clone, Debug)]
@@ -20,6 +20,7 @@ enum Verdict {
     Commit(&'static str),
     Lmtp(Vec<Reply>),
     Auth(bool),
+    Challenge(Vec<u8>),
     Nothing,
 }
 
@@ -33,6 +34,15 @@ fn default_policy(e: &Event) -> Verdict {
         Event::AuthPlain { password, .. } | Event::AuthLogin { password, .. } => {
             Verdict::Auth(password.expose() == b"secret")
         }
+        // A toy multi-step mechanism, stateless: the core does the framing only.
+        Event::AuthSasl {
+            first, response, ..
+        } => match (first, response.expose()) {
+            (true, b"client-first") => Verdict::Challenge(b"server-first".to_vec()),
+            (false, b"proof-ok") => Verdict::Challenge(b"v=sig".to_vec()),
+            (false, b"") => Verdict::Auth(true),
+            _ => Verdict::Auth(false),
+        },
         _ => Verdict::Nothing,
     }
 }
@@ -65,6 +75,7 @@ fn drive(
             Verdict::Commit(id) => s.data_committed(id),
             Verdict::Lmtp(r) => s.data_committed_lmtp(&r),
             Verdict::Auth(ok) => s.auth_result(ok),
+            Verdict::Challenge(d) => s.auth_challenge(&d),
             Verdict::Nothing => {}
         }
         match events.last_mut() {
@@ -675,6 +686,136 @@ fn auth_errors() {
     );
     let r = check_tls(tls_cfg(), b"HELO c\r\nAUTH PLAIN\r\n");
     assert!(r.output.ends_with("503 5.5.1 Error: send EHLO first\r\n"));
+}
+
+fn scram_cfg(mechs: &[AuthMechanism]) -> ServerConfig {
+    ServerConfig {
+        auth_mechanisms: mechs.to_vec(),
+        ..tls_cfg()
+    }
+}
+
+#[test]
+fn auth_multi_step_mechanism() {
+    let cfg = scram_cfg(&[AuthMechanism::Plain, AuthMechanism::ScramSha256]);
+    // Initial response, two challenges, the empty final response.
+    let input = format!(
+        "EHLO c\r\nAUTH SCRAM-SHA-256 {}\r\n{}\r\n\r\nMAIL FROM:<a@b.example>\r\n",
+        b64(b"client-first"),
+        b64(b"proof-ok")
+    );
+    let r = check_tls(cfg.clone(), input.as_bytes());
+    assert!(
+        r.output.contains("250 AUTH PLAIN SCRAM-SHA-256\r\n"),
+        "{}",
+        r.output
+    );
+    assert_eq!(
+        replies(&r)[9..],
+        [
+            format!("334 {}", b64(b"server-first")).as_str(),
+            format!("334 {}", b64(b"v=sig")).as_str(),
+            "235 2.7.0 Authentication successful",
+            "250 2.1.0 Ok",
+        ]
+    );
+    let firsts: Vec<bool> = r
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::AuthSasl {
+                first, mechanism, ..
+            } => {
+                assert_eq!(*mechanism, AuthMechanism::ScramSha256);
+                Some(*first)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(firsts, [true, false, false]);
+    let dbg = format!("{:?}", r.events);
+    assert!(!dbg.contains("proof"), "{dbg}");
+    // No initial response: an empty 334 first; lower-case name; wrong proof -> 535.
+    let input = format!(
+        "EHLO c\r\nAUTH scram-sha-256\r\n{}\r\n{}\r\n",
+        b64(b"client-first"),
+        b64(b"proof-bad")
+    );
+    let r = check_tls(cfg.clone(), input.as_bytes());
+    assert_eq!(
+        replies(&r)[9..],
+        [
+            "334 ",
+            format!("334 {}", b64(b"server-first")).as_str(),
+            "535 5.7.8 Error: authentication failed",
+        ]
+    );
+    // "*" cancels at every step; bad base64 too; then a fresh exchange starts with first=true.
+    for cancel_at in 0..3 {
+        let mut lines = vec![b64(b"client-first"), b64(b"proof-ok"), String::new()];
+        lines[cancel_at] = "*".into();
+        lines.truncate(cancel_at + 1);
+        let input = format!(
+            "EHLO c\r\nAUTH SCRAM-SHA-256\r\n{}\r\nAUTH SCRAM-SHA-256 {}\r\n{}\r\n\r\n",
+            lines.join("\r\n"),
+            b64(b"client-first"),
+            b64(b"proof-ok")
+        );
+        let r = check_tls(cfg.clone(), input.as_bytes());
+        let rs = replies(&r);
+        assert_eq!(
+            rs[10 + cancel_at],
+            "501 5.0.0 Authentication aborted",
+            "{rs:?}"
+        );
+        assert_eq!(
+            rs.last(),
+            Some(&"235 2.7.0 Authentication successful"),
+            "{rs:?}"
+        );
+        let firsts = r
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::AuthSasl { first: true, .. }))
+            .count();
+        assert_eq!(firsts, if cancel_at == 0 { 1 } else { 2 }, "{rs:?}");
+    }
+    let r = check_tls(cfg.clone(), b"EHLO c\r\nAUTH SCRAM-SHA-256 !!!\r\n");
+    assert!(
+        r.output
+            .ends_with("501 5.5.2 Error: cannot decode response\r\n")
+    );
+    // Not offered: 504; LOGIN too when only PLAIN and SCRAM are offered.
+    let r = check_tls(
+        scram_cfg(&[AuthMechanism::Plain, AuthMechanism::Login]),
+        b"EHLO c\r\nAUTH SCRAM-SHA-256\r\n",
+    );
+    assert!(r.output.contains("250 AUTH PLAIN LOGIN\r\n"));
+    assert!(
+        r.output
+            .ends_with("504 5.5.4 Error: unsupported authentication mechanism\r\n")
+    );
+    let r = check_tls(cfg, b"EHLO c\r\nAUTH LOGIN\r\n");
+    assert!(
+        r.output
+            .ends_with("504 5.5.4 Error: unsupported authentication mechanism\r\n")
+    );
+    // A response line over the AUTH line limit ends the exchange with 500.
+    let input = format!(
+        "EHLO c\r\nAUTH SCRAM-SHA-256\r\n{}\r\nNOOP\r\n",
+        "A".repeat(13000)
+    );
+    let r = check_tls(scram_cfg(&[AuthMechanism::ScramSha256]), input.as_bytes());
+    assert_eq!(
+        replies(&r)[9..],
+        ["334 ", "500 5.5.2 Error: line too long", "250 2.0.0 Ok"]
+    );
+    // A challenge is ignored when no multi-step response is pending.
+    let mut s = Server::new(Arc::new(scram_cfg(&[AuthMechanism::Plain])), true);
+    s.greet();
+    s.auth_challenge(b"x");
+    let out = s.poll_transmit().unwrap();
+    assert!(!String::from_utf8_lossy(&out).contains("334"));
 }
 
 #[test]
