@@ -209,8 +209,7 @@ struct UpArgs {
     /// The MSA's admin listener (metrics, queue API).
     #[arg(long, default_value = "127.0.0.1:9111")]
     msa_admin: SocketAddr,
-    /// Data directory (DATA/mx-spool, DATA/msa-spool, the account store DATA/accounts.db).
-    /// The MTA's listener (the MSA relays mail for other domains to it).
+    /// The MTA's listener (the MSA relays mail for other domains to it, the MX its bounces).
     #[arg(long, default_value = "127.0.0.1:10025")]
     mta_listen: SocketAddr,
     /// The MTA's admin listener.
@@ -230,6 +229,8 @@ struct UpArgs {
     /// The load balancer's IMAPS listener (TCP passthrough to the MDA's implicit TLS port).
     #[arg(long, default_value = "127.0.0.1:10993")]
     lb_imaps: SocketAddr,
+    /// Data directory: the spools (DATA/mx-spool, DATA/msa-spool, DATA/mta-spool), the
+    /// Maildirs (DATA/mail), the account store DATA/accounts.db, TLS and DKIM keys.
     #[arg(long, default_value = ".ringmail")]
     data: PathBuf,
 }
@@ -240,7 +241,9 @@ const UP_PASSWORD: &str = "alice-password";
 const UP_USER2: &str = "bob";
 const UP_PASSWORD2: &str = "bob-password";
 
-/// Creates the account store of `up` with `domain` and `alice@domain` unless it exists.
+/// Creates the account store of `up` unless it exists: `domain`, the demo accounts
+/// `alice@domain` and `bob@domain`, and the role addresses `postmaster@` (RFC 5321 section
+/// 4.5.1) and `abuse@` as aliases of alice, so that mail to them is delivered, not bounced.
 fn seed_up_accounts(db: &Path, domain: &str) -> Result<String> {
     let url = format!("sqlite:{}", db.display());
     if db.exists() {
@@ -261,6 +264,11 @@ fn seed_up_accounts(db: &Path, domain: &str) -> Result<String> {
         store
             .account_add(&format!("{UP_USER2}@{domain}"), UP_PASSWORD2, None)
             .await?;
+        for role in ["postmaster", "abuse"] {
+            store
+                .alias_add(&format!("{role}@{domain}"), &format!("{UP_USER}@{domain}"))
+                .await?;
+        }
         Ok::<_, anyhow::Error>(())
     })
     .with_context(|| format!("seeding the account store {}", db.display()))?;
@@ -581,6 +589,11 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
         ),
     );
     mx_cfg.admin = Some(mx_admin);
+    // Unknown recipients are refused at RCPT (no bounce to a forgeable sender: backscatter),
+    // and the MX's own bounces (a recipient the MDA refuses after all) go out through the
+    // MTA, not to the MDA's LMTP port.
+    mx_cfg.accounts = Some(accounts_url.clone());
+    mx_cfg.relay.bounce_next_hop = Some(vec![args.mta_listen]);
     mx_cfg.relay.retry_min = Duration::from_secs(30);
     mx_cfg.relay.retry_max = Duration::from_secs(300);
     let mx_server = mx::start_for_up(mx_cfg)?;

@@ -25,7 +25,7 @@ pub enum ProtocolArg {
 #[derive(Args)]
 pub struct MxArgs {
     /// TOML configuration file. Without it, quick mode (--listen, --domain, --spool, --relay).
-    #[arg(long, conflicts_with_all = ["listen", "domain", "spool", "relay", "relay_tls", "relay_ca", "relay_tls_name", "relay_tls_no_verify", "relay_auth_user", "relay_password_file"])]
+    #[arg(long, conflicts_with_all = ["listen", "domain", "spool", "relay", "bounce_relay", "relay_tls", "relay_ca", "relay_tls_name", "relay_tls_no_verify", "relay_auth_user", "relay_password_file"])]
     config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long, requires = "config")]
@@ -46,6 +46,10 @@ pub struct MxArgs {
     /// Quick mode: protocol to the next hop.
     #[arg(long, value_enum, default_value = "smtp")]
     relay_protocol: ProtocolArg,
+    /// Quick mode: where bounces go (the MTA, over SMTP; repeatable). Without it they go to
+    /// `--relay`, which cannot work when that is an MDA speaking LMTP.
+    #[arg(long)]
+    bounce_relay: Vec<SocketAddr>,
     /// Quick mode: host name in the greeting and trace headers.
     #[arg(long)]
     hostname: Option<String>,
@@ -164,6 +168,9 @@ pub fn cmd_mx(args: MxArgs) -> Result<ExitCode> {
                 Relay::new(hop_list(&args.relay, "--relay")?, protocol),
             );
             c.relay.security = args.hop.security(HopSecurity::default())?;
+            if !args.bounce_relay.is_empty() {
+                c.relay.bounce_next_hop = Some(hop_list(&args.bounce_relay, "--bounce-relay")?);
+            }
             c.admin = args.admin;
             c.accounts = args.accounts.clone();
             c.workers = args.workers;
@@ -178,6 +185,13 @@ pub fn cmd_mx(args: MxArgs) -> Result<ExitCode> {
             c
         }
     };
+    if cfg.relay.protocol == RelayProtocol::Lmtp && cfg.relay.bounce_next_hop.is_none() {
+        // Bounces are SMTP to another domain's sender: an MDA speaking LMTP takes neither.
+        tracing::warn!(
+            "no bounce route: the next hop speaks LMTP and there is no bounce_next_hop \
+             (--bounce-relay), so bounces will stay queued; point it at the MTA"
+        );
+    }
     if args.check {
         println!(
             "{}: ok ({} listeners, {} domains, next hop {})",
