@@ -320,7 +320,7 @@ impl MailStore for MaildirStore {
             uidvalidity: m.uidvalidity(),
             uidnext: m.uidnext(),
             highestmodseq: m.highestmodseq(),
-            uids: m.uids().to_vec(),
+            uids: m.uids().collect(),
             writable: true,
         };
         self.selected = Some(m);
