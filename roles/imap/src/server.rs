@@ -158,17 +158,18 @@ pub async fn serve(
     }
 }
 
-/// Runs `f` on the session on the blocking pool.
-async fn blocking<F>(mut s: Session, f: F) -> io::Result<Session>
+/// Runs `f` on the session on the blocking pool. Not an `async fn`: the session moves into
+/// the blocking task at once, so the returned future holds only the join handle (an `async
+/// fn` would keep a slot for its `Session` argument inside every connection's future).
+fn blocking<F>(mut s: Session, f: F) -> impl Future<Output = io::Result<Session>>
 where
     F: FnOnce(&mut Session) + Send + 'static,
 {
-    tokio::task::spawn_blocking(move || {
+    let task = tokio::task::spawn_blocking(move || {
         f(&mut s);
         s
-    })
-    .await
-    .map_err(io::Error::other)
+    });
+    async move { task.await.map_err(io::Error::other) }
 }
 
 /// Bytes read at once. TLS records are up to 16 KiB and simply take several reads.
@@ -212,7 +213,9 @@ pub async fn connection(
     let _ = tcp.set_nodelay(true);
     let acceptor = cfg.tls.clone().map(TlsAcceptor::from);
     let mut conn = match (&acceptor, implicit_tls) {
-        (Some(a), true) => Conn::Tls(Box::new(a.accept(tcp).await?)),
+        // The handshake's state is boxed so that it does not size the future (the task every
+        // connection keeps for its whole life).
+        (Some(a), true) => Conn::Tls(Box::new(Box::pin(a.accept(tcp)).await?)),
         (None, true) => return Err(io::ErrorKind::InvalidInput.into()),
         _ => Conn::Plain(tcp),
     };
@@ -238,7 +241,7 @@ pub async fn connection(
                     };
                     // Bytes the client sent after STARTTLS are still in the socket: the TLS
                     // handshake reads them, so injected plaintext fails the handshake.
-                    conn = Conn::Tls(Box::new(a.accept(tcp).await?));
+                    conn = Conn::Tls(Box::new(Box::pin(a.accept(tcp)).await?));
                     s.tls_established();
                 }
                 Event::Login { user, password } => {
