@@ -313,6 +313,7 @@ mod tests {
             std::mem::size_of::<TlsStream<TcpStream>>(),
             std::mem::size_of::<Session>()
         );
-        assert!(size <= 100_000, "{size}");
+        // 1,208 bytes with rustc 1.95 (debug); the TLS handshake alone would add over 1 KB.
+        assert!(size <= 2048, "{size}");
     }
 }
