@@ -5,6 +5,9 @@
 #
 #   REPEATS=3 MESSAGES=2000 SESSIONS=16 DURATION=10s IDLE_SESSIONS=2000 IMAP_RATE=1000000 bash bench/imap.sh
 #
+# CONTENDERS (default "ringmail dovecot") and MODES (default "load idle") select a subset,
+# e.g. CONTENDERS=ringmail MODES=idle IDLE_SESSIONS=10000 for ringmail's idle figure alone.
+#
 # Setup: a fresh account store (bob@example.test), MESSAGES messages (sizes 1-16 KiB, seeded)
 # delivered over LMTP into ringmail's Maildir by ringmail mda itself; then, with ringmail
 # stopped, bob's home is copied for Dovecot (owned by nobody:nogroup, Dovecot's mail user).
@@ -35,6 +38,8 @@ SESSIONS=${SESSIONS:-16}
 DURATION=${DURATION:-10s}
 IDLE_SESSIONS=${IDLE_SESSIONS:-2000}
 IMAP_RATE=${IMAP_RATE:-1000000}
+CONTENDERS=${CONTENDERS:-ringmail dovecot}
+MODES=${MODES:-load idle}
 MIX=${MIX:-header=4,body=2,store=2,flags=1,noop=1}
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
 RINGMAIL=${RINGMAIL:-$TARGET_DIR/release/ringmail}
@@ -68,8 +73,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "building (release)..." >&2
-cargo build --release -p ringmail -p ringmail-bench >&2
+if [[ ${BUILD:-1} == 1 ]]; then # BUILD=0: use RINGMAIL and BENCH as they are
+    echo "building (release)..." >&2
+    cargo build --release -p ringmail -p ringmail-bench >&2
+fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { # wait_port PORT: up to 30 s
@@ -202,22 +209,29 @@ summary() { # summary JSON KEY...: "key=value ..." for the progress lines
 RUNS=$OUT.jsonl
 : >"$RUNS"
 for ((round = 1; round <= REPEATS; round++)); do
-    order=(ringmail dovecot)
-    ((round % 2 == 0)) && order=(dovecot ringmail)
+    read -r -a order <<<"$CONTENDERS"
+    if ((round % 2 == 0)); then
+        for ((i = ${#order[@]} - 1; i >= 0; i--)); do rev+=("${order[i]}"); done
+        order=("${rev[@]}")
+        unset rev
+    fi
     for c in "${order[@]}"; do
         port=$(port_of "$c")
         common=(--target "127.0.0.1:$port" --user "$USER_ADDR" --password "$PASSWORD")
-        start "$c"
-        timeout 60 "$BENCH" imap load "${common[@]}" --sessions "$SESSIONS" --duration 2s \
-            --mix "$MIX" >/dev/null
-        timeout 300 "$BENCH" imap load "${common[@]}" --pid "$SERVER_PID" --label "$c" \
-            --sessions "$SESSIONS" --duration "$DURATION" --mix "$MIX" --seed "$round" \
-            --json "$TMP/load.json"
-        python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d["round"]=int(sys.argv[2]); print(json.dumps(d))' \
-            "$TMP/load.json" "$round" >>"$RUNS"
-        echo "round $round $c load: $(summary "$TMP/load.json" ops_per_sec errors first_error)" >&2
-        stop_server
+        if [[ " $MODES " == *" load "* ]]; then
+            start "$c"
+            timeout 60 "$BENCH" imap load "${common[@]}" --sessions "$SESSIONS" --duration 2s \
+                --mix "$MIX" >/dev/null
+            timeout 300 "$BENCH" imap load "${common[@]}" --pid "$SERVER_PID" --label "$c" \
+                --sessions "$SESSIONS" --duration "$DURATION" --mix "$MIX" --seed "$round" \
+                --json "$TMP/load.json"
+            python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d["round"]=int(sys.argv[2]); print(json.dumps(d))' \
+                "$TMP/load.json" "$round" >>"$RUNS"
+            echo "round $round $c load: $(summary "$TMP/load.json" ops_per_sec errors first_error)" >&2
+            stop_server
+        fi
 
+        [[ " $MODES " == *" idle "* ]] || continue
         start "$c"
         sleep 1
         timeout 400 "$BENCH" imap idle "${common[@]}" --pid "$SERVER_PID" --label "$c" \

@@ -20,9 +20,17 @@
 //! bcrypt crates compare in constant time themselves; `SSHA512` and `PLAIN` use `subtle`.
 //!
 //! Passwords and hashes are never logged.
+//!
+//! Argon2 verification computes in a work area (the hash's `m` KiB, 19 MiB for [`hash`]'s
+//! parameters) taken from a small pool reused across logins: at most one per CPU is in use,
+//! more logins at once wait for one. A burst of logins therefore never holds more than the
+//! pool, and what it used stays in the pool instead of as freed heap the allocator keeps.
+//! [`reserve_argon2_work_areas`] fills the pool up front (servers call it at startup).
 
-use argon2::Argon2;
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
+use argon2::{Argon2, Block};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha_crypt::ShaCrypt;
@@ -143,7 +151,7 @@ pub fn verify(stored: &str, password: &str) -> bool {
     let ok = match kind {
         Kind::Argon2 => match PasswordHash::new(value) {
             // The parameters and variant come from the stored hash, not from `argon2()`.
-            Ok(parsed) => Argon2::default().verify_password(pw, &parsed).is_ok(),
+            Ok(parsed) => verify_argon2(&parsed, pw),
             Err(_) => false,
         },
         Kind::ShaCrypt => ShaCrypt::default().verify_password(pw, value).is_ok(),
@@ -161,6 +169,124 @@ pub fn verify(stored: &str, password: &str) -> bool {
         tracing::warn!("stored password hash is malformed; login refused");
     }
     ok
+}
+
+/// What `Argon2::verify_password` does, but computed in a pooled work area.
+fn verify_argon2(parsed: &PasswordHash, password: &[u8]) -> bool {
+    let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else {
+        return false;
+    };
+    let Ok(algorithm) = argon2::Algorithm::try_from(parsed.algorithm.as_str()) else {
+        return false;
+    };
+    let version = match parsed.version.map(argon2::Version::try_from) {
+        None => argon2::Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    // Also sets the output length to the stored hash's.
+    let Ok(params) = argon2::Params::try_from(parsed) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    let mut out = [0u8; 64];
+    let Some(out) = out.get_mut(..expected.len()) else {
+        return false;
+    };
+    let ctx = Argon2::new(algorithm, version, params);
+    let computed = with_work_area(blocks, |memory| {
+        ctx.hash_password_into_with_memory(password, salt, &mut *out, memory)
+            .is_ok()
+    });
+    computed && bool::from(out.ct_eq(expected.as_bytes()))
+}
+
+/// Work areas larger than this (64 MiB) are allocated for the one verification and freed.
+const KEEP_MAX_BLOCKS: usize = 64 * 1024;
+
+/// The pooled argon2 work areas.
+struct WorkAreas {
+    /// Free areas, and how many exist (free or in use).
+    state: Mutex<(Vec<Vec<Block>>, usize)>,
+    freed: Condvar,
+    /// At most this many areas: one per CPU (more at once would only slow each one down).
+    max: usize,
+}
+
+fn work_areas() -> &'static WorkAreas {
+    static POOL: OnceLock<WorkAreas> = OnceLock::new();
+    POOL.get_or_init(|| WorkAreas {
+        state: Mutex::new((Vec::new(), 0)),
+        freed: Condvar::new(),
+        max: std::thread::available_parallelism().map_or(1, |n| n.get().min(16)),
+    })
+}
+
+impl WorkAreas {
+    fn lock(&self) -> MutexGuard<'_, (Vec<Vec<Block>>, usize)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Returns its area to the pool when dropped (even if the computation panicked).
+struct Lease(Option<Vec<Block>>);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(area) = self.0.take() {
+            let pool = work_areas();
+            pool.lock().0.push(area);
+            pool.freed.notify_one();
+        }
+    }
+}
+
+/// Runs `f` on a zeroed-or-reused work area of `blocks` blocks (argon2 overwrites every
+/// block before reading it, so a reused area needs no clearing).
+fn with_work_area<R>(blocks: usize, f: impl FnOnce(&mut [Block]) -> R) -> R {
+    if blocks > KEEP_MAX_BLOCKS {
+        return f(&mut vec![Block::new(); blocks]);
+    }
+    let pool = work_areas();
+    let area = {
+        let mut state = pool.lock();
+        loop {
+            if let Some(area) = state.0.pop() {
+                break area;
+            }
+            if state.1 < pool.max {
+                state.1 += 1;
+                break Vec::new();
+            }
+            state = pool.freed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    };
+    let mut lease = Lease(Some(area));
+    let area = lease.0.as_mut().expect("leased area");
+    if area.len() < blocks {
+        area.resize(blocks, Block::new());
+    }
+    f(&mut area[..blocks])
+}
+
+/// Fills the argon2 work-area pool with one area per CPU for [`hash`]'s parameters, written
+/// once so that they are resident from now on: the memory a burst of logins uses is then
+/// part of the server's footprint at startup instead of growing the heap during the burst.
+/// Returns the bytes reserved.
+pub fn reserve_argon2_work_areas() -> usize {
+    let pool = work_areas();
+    let blocks = ARGON2_M_KIB as usize;
+    let mut state = pool.lock();
+    for area in state.0.iter_mut() {
+        if area.len() < blocks {
+            area.resize(blocks, Block::new());
+        }
+    }
+    while state.1 < pool.max {
+        state.0.push(vec![Block::new(); blocks]);
+        state.1 += 1;
+    }
+    state.0.iter().map(|a| a.len() * Block::SIZE).sum()
 }
 
 fn is_well_formed(kind: Kind, value: &str) -> bool {
@@ -264,6 +390,37 @@ mod tests {
         both(&format!("{{ARGON2I}}{ARGON2I_KAT}"), "password");
         both(ARGON2ID_KAT, "password");
         assert!(!verify("{ARGON2ID}$argon2id$v=19$garbage", "password"));
+    }
+
+    #[test]
+    fn argon2_work_areas_are_reused_across_sizes_and_threads() {
+        let big = hash("s3cret pass");
+        reserve_argon2_work_areas();
+        // Small (m=256) and large (m=19456) hashes alternate on the same areas, from more
+        // threads than there are areas: every result is still right.
+        let threads: Vec<_> = (0..6)
+            .map(|i| {
+                let big = big.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..2 {
+                        if i % 2 == 0 {
+                            both(ARGON2ID_KAT, "password");
+                        } else {
+                            assert!(verify(&big, "s3cret pass"));
+                            assert!(!verify(&big, "s3cret pasS"));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("verifier thread");
+        }
+        // Never more areas than CPUs (other tests may hold some right now).
+        let pool = work_areas();
+        let state = pool.lock();
+        assert!(state.1 <= pool.max);
+        assert!(state.0.len() <= state.1);
     }
 
     #[test]

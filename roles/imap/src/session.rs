@@ -502,7 +502,12 @@ impl Session {
 
     /// Next bytes for the client.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.out.pop_front()
+        let b = self.out.pop_front();
+        if b.is_none() && self.out.capacity() > 0 {
+            // Drained: an idle session keeps no queue.
+            self.out = VecDeque::new();
+        }
+        b
     }
 
     /// Next driver action.

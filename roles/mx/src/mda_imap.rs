@@ -127,6 +127,10 @@ pub fn start(
     trusted_proxies: Vec<crate::config::Cidr>,
     commands_per_second: Option<u32>,
 ) -> io::Result<JoinHandle<()>> {
+    // The argon2 work areas LOGINs verify in, before the first connection: a burst of logins
+    // then reuses them instead of growing the heap (see `ringmail_accounts::password`).
+    let reserved = ringmail_accounts::password::reserve_argon2_work_areas();
+    tracing::debug!(bytes = reserved, "argon2 work areas reserved");
     let mut listeners = Vec::new();
     for (addrs, implicit) in [(plain, false), (implicit, true)] {
         for a in addrs {
@@ -316,7 +320,7 @@ impl MailStore for MaildirStore {
             uidvalidity: m.uidvalidity(),
             uidnext: m.uidnext(),
             highestmodseq: m.highestmodseq(),
-            uids: m.uids().to_vec(),
+            uids: m.uids().collect(),
             writable: true,
         };
         self.selected = Some(m);

@@ -112,6 +112,7 @@ mod names;
 mod shared;
 mod store;
 mod sync;
+mod uids;
 
 pub use error::StoreError;
 pub use mailbox::{Changes, Copied, Expunged, FlagOp, FlagUpdate, Mailbox, MessageMeta};

@@ -15,6 +15,7 @@ use crate::names::MailboxName;
 use crate::shared::SharedIndex;
 use crate::store::{ChangeSignal, UserStore, add_message, assign_keywords, info_for};
 use crate::sync::{MboxDir, SyncMode, not_found};
+use crate::uids::UidList;
 
 /// A message as a session sees it. The sequence number is its index in
 /// [`Mailbox::messages`] plus one.
@@ -121,8 +122,8 @@ pub struct Mailbox {
     uidvalidity: u32,
     uidnext: u32,
     highestmodseq: u64,
-    /// The view: UIDs in ascending order; sequence number = index + 1.
-    uids: Vec<u32>,
+    /// The view: UIDs in ascending order, as runs; sequence number = index + 1.
+    uids: UidList,
     /// Metadata for the view: the index version of the last refresh, or a later one taken
     /// in after an own change (shared when possible). Holds a record for every UID of
     /// `uids`, and possibly changes the view has not been told about yet.
@@ -161,8 +162,8 @@ fn meta(r: &Record, keywords: &[String], recent: bool) -> MessageMeta {
 }
 
 /// True if the records of `st` are exactly the messages `uids`.
-fn same_uids(st: &State, uids: &[u32]) -> bool {
-    st.records.len() == uids.len() && st.records.iter().zip(uids).all(|(r, u)| r.uid == *u)
+fn same_uids(st: &State, uids: &UidList) -> bool {
+    st.records.len() == uids.len() && st.records.iter().zip(uids.iter()).all(|(r, u)| r.uid == u)
 }
 
 impl Mailbox {
@@ -177,7 +178,7 @@ impl Mailbox {
             uidvalidity: st.uidvalidity,
             uidnext: st.uidnext,
             highestmodseq: st.highestmodseq,
-            uids: st.records.iter().map(|r| r.uid).collect(),
+            uids: UidList::from_sorted(st.records.iter().map(|r| r.uid)),
             seen_modseq: st.highestmodseq,
             own: Vec::new(),
             unreported: false,
@@ -243,15 +244,15 @@ impl Mailbox {
         self.uids.is_empty()
     }
 
-    /// The UIDs of the view; sequence number = index + 1.
-    pub fn uids(&self) -> &[u32] {
-        &self.uids
+    /// The UIDs of the view in ascending order; sequence number = index + 1.
+    pub fn uids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.uids.iter()
     }
 
     /// The messages, built from the shared index (one allocation per message: prefer
     /// [`Mailbox::uids`] and [`Mailbox::meta`]); sequence number = index + 1.
     pub fn messages(&self) -> Vec<MessageMeta> {
-        self.uids.iter().filter_map(|&u| self.meta(u)).collect()
+        self.uids.iter().filter_map(|u| self.meta(u)).collect()
     }
 
     /// One message of the view.
@@ -267,7 +268,7 @@ impl Mailbox {
 
     /// The sequence number of a UID in this view.
     pub fn seq_of(&self, uid: u32) -> Option<u32> {
-        self.uids.binary_search(&uid).ok().map(|i| i as u32 + 1)
+        self.uids.index_of(uid).map(|i| i as u32 + 1)
     }
 
     /// The change signal for IDLE (see [`ChangeSignal`]).
@@ -309,31 +310,35 @@ impl Mailbox {
         self.own.sort_unstable();
         // One pass over the view and the new version, both in UID order.
         let mut gone: Vec<Expunged> = Vec::new();
-        let (old, recs) = (&self.uids, &st.records);
+        let mut old = self.uids.iter().peekable();
+        let recs = &st.records;
         let (mut i, mut j) = (0, 0);
         loop {
-            match (old.get(i), recs.get(j)) {
-                (Some(&u), Some(r)) if u == r.uid => {
+            match (old.peek().copied(), recs.get(j)) {
+                (Some(u), Some(r)) if u == r.uid => {
                     if r.modseq > self.seen_modseq
                         && self.own.binary_search(&(u, r.modseq)).is_err()
                     {
                         changes.flags.push(u);
                     }
+                    old.next();
                     i += 1;
                     j += 1;
                 }
-                (Some(&u), Some(r)) if u < r.uid => {
+                (Some(u), Some(r)) if u < r.uid => {
                     gone.push(Expunged {
                         seq: i as u32 + 1,
                         uid: u,
                     });
+                    old.next();
                     i += 1;
                 }
-                (Some(&u), None) => {
+                (Some(u), None) => {
                     gone.push(Expunged {
                         seq: i as u32 + 1,
                         uid: u,
                     });
+                    old.next();
                     i += 1;
                 }
                 (_, Some(r)) => {
@@ -343,15 +348,15 @@ impl Mailbox {
                 (None, None) => break,
             }
         }
+        drop(old);
         gone.reverse();
         changes.gone = gone.iter().filter_map(|e| self.meta(e.uid)).collect();
         changes.expunged = gone;
         // Messages the view never saw and that are already gone are simply not reported.
-        self.uids.clear();
-        self.uids.extend(st.records.iter().map(|r| r.uid));
+        self.uids = UidList::from_sorted(st.records.iter().map(|r| r.uid));
         if !changes.expunged.is_empty() {
             let uids = &self.uids;
-            self.recent.retain(|u| uids.binary_search(u).is_ok());
+            self.recent.retain(|&u| uids.index_of(u).is_some());
         }
         self.uidnext = st.uidnext;
         self.highestmodseq = st.highestmodseq;
@@ -655,7 +660,6 @@ impl Mailbox {
         let candidates: Vec<u32> = self
             .uids
             .iter()
-            .copied()
             .filter(|u| uids.is_none_or(|l| l.contains(u)))
             .collect();
         self.remove(&candidates, true)
@@ -691,15 +695,16 @@ impl Mailbox {
         st.next_modseq();
         self.m.note_own_change(&mut st, before)?;
         let committed = self.m.commit(&st, false)?;
-        for (i, u) in self.uids.iter().enumerate().rev() {
-            if gone.contains(u) {
+        for (i, u) in self.uids.iter().enumerate() {
+            if gone.contains(&u) {
                 out.push(Expunged {
                     seq: i as u32 + 1,
-                    uid: *u,
+                    uid: u,
                 });
             }
         }
-        self.uids.retain(|u| !gone.contains(u));
+        out.reverse();
+        self.uids.retain(|u| !gone.contains(&u));
         self.recent.retain(|u| !gone.contains(u));
         let mut touched: Vec<u32> = gone.into_iter().collect();
         touched.sort_unstable();

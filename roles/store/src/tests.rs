@@ -1196,5 +1196,5 @@ fn views_share_one_index_and_still_see_other_processes() {
     assert_eq!(gone, vec![Expunged { seq: 4, uid: 4 }]);
     let c = b.refresh().unwrap();
     assert_eq!(c.expunged, vec![Expunged { seq: 4, uid: 4 }]);
-    assert_eq!(b.uids(), &[1, 2, 3]);
+    assert_eq!(b.uids().collect::<Vec<_>>(), [1, 2, 3]);
 }
