@@ -739,7 +739,10 @@ pub(crate) async fn send_body(
     let mut file = spool
         .open_body(&env.id)
         .map_err(|e| format!("spool: {e}"))?;
-    let mut chunk = vec![0u8; CHUNK];
+    // No bigger than the message needs (+1 to see the end): a 64 KiB buffer allocated, zeroed
+    // and freed per message costs more than a small message's whole copy.
+    let size = usize::try_from(env.size).unwrap_or(CHUNK);
+    let mut chunk = vec![0u8; CHUNK.min(size.saturating_add(1))];
     let mut queued = 0usize;
     loop {
         let n = file
