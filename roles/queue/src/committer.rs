@@ -1,6 +1,6 @@
 //! The group committer: one std thread that turns many pending writes into few fsyncs.
 //!
-//! A [`Job`] is a unit of durable change: files in `tmp/` to fdatasync, then renames into and
+//! A [`Job`] is a unit of durable change: written files to fdatasync, then renames into and
 //! unlinks in `msg/`, then index updates. A job goes through two phases:
 //!
 //! 1. its files are fdatasynced (on a pool of threads, all of a batch at once, so the file
@@ -69,6 +69,9 @@ pub(crate) struct Job {
     pub index: Vec<IndexOp>,
     /// Messages newly committed by this job (for the statistics).
     pub new_messages: u64,
+    /// Every rename creates a name that does not exist (a new message under a fresh id the
+    /// index does not hold): the job may take the one-tick path under syncfs.
+    pub creates_only: bool,
     pub reply: Reply,
 }
 
@@ -80,6 +83,7 @@ impl Job {
             unlinks: Vec::new(),
             index: Vec::new(),
             new_messages: 0,
+            creates_only: false,
             reply,
         }
     }
@@ -255,9 +259,8 @@ fn tick(
     let mut fast: Vec<usize> = Vec::new();
     if shared.use_syncfs && !poisoned {
         for (i, p) in stage1.iter().enumerate() {
-            let create_only = p.job.new_messages > 0
-                && p.job.unlinks.is_empty()
-                && p.job.renames.iter().all(|(_, to)| !to.exists());
+            let create_only =
+                p.job.new_messages > 0 && p.job.creates_only && p.job.unlinks.is_empty();
             if create_only {
                 fast.push(i);
             }

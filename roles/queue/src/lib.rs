@@ -10,11 +10,12 @@
 //! ```text
 //! <dir>/
 //!   lock                  flock(2)ed by the process that has the spool open
-//!   tmp/                  writes in progress; everything here is garbage after a crash
-//!     <id>.data             content being received (64 KiB buffered writes)
+//!   tmp/                  envelope writes in progress; garbage after a crash
 //!     <id>.<rand>.env       envelope being written (new message or replacement)
 //!   msg/                  committed messages: always a pair
-//!     <id>.data             content as received (trace headers first), never rewritten
+//!     <id>.data             content as received (trace headers first), never rewritten;
+//!                           written here from the start (32 KiB buffered writes): without
+//!                           its envelope it is a message being received, garbage after a crash
 //!     <id>.env              envelope, versioned JSON (see [`Envelope`]); replaced atomically
 //!   corrupt/              unparsable envelopes moved aside at open (never deleted)
 //! ```
@@ -27,12 +28,11 @@
 //! ```text
 //!  caller (async)                   committer thread                    disk
 //!  ------------------------------   --------------------------------    -------------------
-//!  begin: create tmp/ID.data
+//!  begin: create msg/ID.data
 //!  write, write, ... (buffered)
 //!  commit: flush, write
 //!    tmp/ID.R.env, send job ──────► round n:   fdatasync data + env ──► contents durable
-//!    (await oneshot)                round n+1: rename data, then env
-//!                                              into msg/
+//!    (await oneshot)                round n+1: rename env into msg/
 //!                                              fsync(msg/) ─────────► names durable
 //!                                              index += ID
 //!    Ok(ID) ◄──────────────────────            reply
@@ -47,15 +47,17 @@
 //! **The envelope in `msg/` is the commit record.** A message exists iff `msg/ID.env` parses
 //! and `msg/ID.data` exists with the envelope's `size`. [`Spool::open`] enforces this:
 //!
-//! * everything in `tmp/` is removed (receives and envelope rewrites that never finished);
-//! * a data file without envelope, an envelope without data file or a size mismatch is a commit
-//!   or deletion interrupted before its directory fsync (the renames of one round may reach the
-//!   disk in any order before that fsync): never acknowledged, removed;
+//! * everything in `tmp/` is removed (envelope writes that never finished);
+//! * a data file without envelope, an envelope without data file or a size mismatch is a
+//!   reception, commit or deletion interrupted before its directory fsync (the names of one
+//!   round may reach the disk in any order before that fsync): never acknowledged, removed;
 //! * an envelope that does not parse cannot come from a crash (envelopes are fdatasynced before
 //!   their rename), so it is damage: moved to `corrupt/` for a human, not deleted.
 //!
-//! Why nothing half-written is ever delivered: a file is renamed into `msg/` only after its
-//! fdatasync returned, so any name visible in `msg/` after a crash points to complete content.
+//! Why nothing half-written is ever delivered: an envelope is renamed into `msg/` only after
+//! its own and its data file's fdatasync returned (with one syncfs per round on a spool file
+//! system of its own: in the same round, see the committer), so any envelope visible in `msg/`
+//! after a crash has complete content beside it; a data file alone is never delivered.
 //!
 //! Envelope updates ([`Spool::record_attempt`], [`Spool::retry_now`], ...) write a new
 //! `tmp/ID.R.env`, fdatasync it and rename it over `msg/ID.env` (atomic), then fsync `msg/`:

@@ -19,8 +19,9 @@ use crate::envelope::{
 };
 use crate::{QueueError, QueueId, dsn};
 
-/// Buffer of a message being written.
-const WRITE_BUFFER: usize = 64 * 1024;
+/// Buffer of a message being written (below glibc's 64 KiB free-consolidation threshold, which
+/// a buffer allocated and freed per message would otherwise trigger every time).
+const WRITE_BUFFER: usize = 32 * 1024;
 
 /// Spool configuration.
 #[derive(Debug, Clone)]
@@ -88,11 +89,11 @@ impl QueueConfig {
 pub struct RecoveryReport {
     /// Committed messages recovered.
     pub messages: usize,
-    /// Leftover files of uncommitted writes removed from `tmp/`.
+    /// Leftover envelopes of uncommitted writes removed from `tmp/`.
     pub tmp_removed: usize,
-    /// Files in `msg/` without their partner (a data file without envelope or the reverse, or
-    /// a size mismatch): remains of commits or deletions interrupted before their directory
-    /// fsync, never acknowledged. Removed.
+    /// Files in `msg/` without their partner (a data file without envelope — a message still
+    /// being received — or the reverse, or a size mismatch): remains of receptions, commits or
+    /// deletions interrupted before their directory fsync, never acknowledged. Removed.
     pub orphans_removed: usize,
     /// Envelopes that could not be parsed, moved with their data to `corrupt/`.
     pub quarantined: usize,
@@ -173,7 +174,17 @@ pub(crate) struct Entry {
     pending: usize,
     frozen: bool,
     claimed: bool,
+    /// The envelope's route, so that a dispatcher need not read the envelope to pick one.
+    route: Arc<str>,
+    /// The envelope as committed, kept from the commit until it first changes (the first
+    /// delivery attempt), so that the first delivery does not read it back from the disk.
+    /// At most [`MAX_CACHED`] entries hold one.
+    cached: Option<Arc<Envelope>>,
 }
+
+/// Envelopes kept in memory at most (about 1 KiB each): a queue that grows while its next
+/// hop is down reads the older ones from the disk.
+const MAX_CACHED: usize = 4096;
 
 impl Entry {
     fn of(env: &Envelope) -> Entry {
@@ -184,6 +195,8 @@ impl Entry {
             pending: env.pending().count(),
             frozen: env.frozen,
             claimed: false,
+            route: Arc::from(env.route.as_str()),
+            cached: None,
         }
     }
 }
@@ -199,11 +212,16 @@ struct Index {
     entries: HashMap<QueueId, Entry>,
     /// Unfrozen messages by (next attempt, id).
     schedule: BTreeSet<(u64, QueueId)>,
+    /// Entries holding their envelope.
+    cached: usize,
 }
 
 impl Index {
     fn remove(&mut self, id: &QueueId) -> Option<Entry> {
         let e = self.entries.remove(id)?;
+        if e.cached.is_some() {
+            self.cached -= 1;
+        }
         if !e.frozen {
             self.schedule.remove(&(e.next_attempt, id.clone()));
         }
@@ -213,6 +231,13 @@ impl Index {
     fn upsert(&mut self, id: QueueId, mut e: Entry) {
         if let Some(old) = self.remove(&id) {
             e.claimed = old.claimed;
+        }
+        if e.cached.is_some() {
+            if self.cached < MAX_CACHED {
+                self.cached += 1;
+            } else {
+                e.cached = None;
+            }
         }
         if !e.frozen {
             self.schedule.insert((e.next_attempt, id.clone()));
@@ -590,7 +615,9 @@ impl Spool {
         }
         loop {
             let id = QueueId::generate();
-            let path = self.inner.tmp_dir.join(data_name(&id));
+            // Straight under its final name: until its envelope is renamed in beside it, a
+            // data file is an orphan that recovery removes, so it needs no rename of its own.
+            let path = self.msg_dir().join(data_name(&id));
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(file) => {
                     return Ok(Incoming {
@@ -677,8 +704,12 @@ impl Spool {
 
     /// The envelope of a queued message.
     pub fn get(&self, id: &QueueId) -> Result<Option<Envelope>, QueueError> {
-        if !self.index().entries.contains_key(id) {
-            return Ok(None);
+        match self.index().entries.get(id) {
+            None => return Ok(None),
+            Some(Entry {
+                cached: Some(env), ..
+            }) => return Ok(Some(Envelope::clone(env))),
+            Some(_) => {}
         }
         match self.read_env(id) {
             Ok(env) => Ok(Some(env)),
@@ -872,6 +903,11 @@ impl Spool {
         s
     }
 
+    /// The route of a queued message, from the in-memory index (no file-system access).
+    pub fn route(&self, id: &QueueId) -> Option<Arc<str>> {
+        self.index().entries.get(id).map(|e| Arc::clone(&e.route))
+    }
+
     /// Records a delivery attempt of a claimed message (hold its [`Claim`] while calling) and
     /// makes the result durable (atomic envelope replacement in a group commit).
     ///
@@ -888,12 +924,60 @@ impl Spool {
         results: Vec<(String, Outcome)>,
         now: SystemTime,
     ) -> Result<AttemptSummary, QueueError> {
+        self.check_claimed(id)?;
+        let env = self.read_env(id)?;
+        self.record_attempt_inner(env, results, now).await
+    }
+
+    /// [`Spool::record_attempt`] with the envelope the caller read (with [`Spool::get`]) while
+    /// holding the message's [`Claim`], which is still current then: only a claim holder
+    /// changes an envelope. Saves reading the envelope again.
+    pub async fn record_attempt_with(
+        &self,
+        env: Envelope,
+        results: Vec<(String, Outcome)>,
+        now: SystemTime,
+    ) -> Result<AttemptSummary, QueueError> {
+        self.check_claimed(&env.id)?;
+        self.record_attempt_inner(env, results, now).await
+    }
+
+    fn check_claimed(&self, id: &QueueId) -> Result<(), QueueError> {
         match self.index().entries.get(id) {
-            None => return Err(QueueError::NotFound(id.clone())),
-            Some(e) if !e.claimed => return Err(QueueError::NotClaimed(id.clone())),
-            Some(_) => {}
+            None => Err(QueueError::NotFound(id.clone())),
+            Some(e) if !e.claimed => Err(QueueError::NotClaimed(id.clone())),
+            Some(_) => Ok(()),
         }
-        let mut env = self.read_env(id)?;
+    }
+
+    /// Removes a delivered (or bounced) message at once, without the committer: removals need
+    /// no fsync (see the committer's `apply_renames`), so they need not wait for, nor delay, a
+    /// group commit round. The envelope goes first (the commit record), then the data.
+    fn remove_now(&self, id: &QueueId) -> Result<(), QueueError> {
+        if self.inner.shared.poisoned.load(Ordering::Acquire) {
+            return Err(QueueError::Poisoned);
+        }
+        for path in [
+            self.msg_dir().join(env_name(id)),
+            self.msg_dir().join(data_name(id)),
+        ] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(QueueError::io("unlink", &path, e)),
+            }
+        }
+        self.inner.shared.apply(vec![IndexOp::Remove(id.clone())]);
+        Ok(())
+    }
+
+    async fn record_attempt_inner(
+        &self,
+        mut env: Envelope,
+        results: Vec<(String, Outcome)>,
+        now: SystemTime,
+    ) -> Result<AttemptSummary, QueueError> {
+        let id = &env.id.clone();
         let now_secs = to_unix(now);
         let expired = now_secs >= env.expires_at;
         let mut summary = AttemptSummary::default();
@@ -985,7 +1069,7 @@ impl Spool {
 
         env.attempts += 1;
         if summary.pending == 0 {
-            self.submit(self.delete_job(id)).await?;
+            self.remove_now(id)?;
             summary.removed = true;
             return Ok(summary);
         }
@@ -1047,7 +1131,8 @@ impl Drop for Claim {
     }
 }
 
-/// A message being received: content goes to a file in `tmp/` through a 64 KiB buffer. Dropped
+/// A message being received: content goes to its data file in `msg/` (not a message until its
+/// envelope is committed beside it) through a 32 KiB buffer. Dropped
 /// without [`Incoming::commit`], the file is removed.
 #[derive(Debug)]
 pub struct Incoming {
@@ -1092,7 +1177,7 @@ impl Incoming {
             .map_err(|e| QueueError::io("write", &self.path, e.into_error()))?;
         let spool = self.spool.clone();
         let id = self.id.clone();
-        let data_tmp = std::mem::take(&mut self.path);
+        let data_path = std::mem::take(&mut self.path);
         let now = SystemTime::now();
         let now_secs = to_unix(now);
         let cfg = spool.config();
@@ -1130,27 +1215,31 @@ impl Incoming {
         let (env_file, env_tmp) = match spool.write_tmp_envelope(&env) {
             Ok(x) => x,
             Err(e) => {
-                let _ = fs::remove_file(&data_tmp);
+                let _ = fs::remove_file(&data_path);
                 return Err(e);
             }
         };
-        let msg = spool.msg_dir();
-        let data_final = msg.join(data_name(&id));
-        let env_final = msg.join(env_name(&id));
+        let env_final = spool.msg_dir().join(env_name(&id));
         let mut job = Spool::empty_job();
-        job.syncs.push((data, data_tmp.clone()));
+        // The data file is already in msg/: both files are synced before the envelope's
+        // rename (per file: in the tick before; with syncfs: in the same syncfs), so an
+        // envelope in msg/ always has its data beside it once durable.
+        job.syncs.push((data, data_path.clone()));
         job.syncs.push((env_file, env_tmp.clone()));
-        // Data first: an envelope in msg/ always has its data beside it once durable.
-        job.renames.push((data_tmp.clone(), data_final.clone()));
         job.renames.push((env_tmp.clone(), env_final.clone()));
-        job.index.push(IndexOp::Upsert(id.clone(), Entry::of(&env)));
+        let mut entry = Entry::of(&env);
+        entry.cached = Some(Arc::new(env));
+        job.index.push(IndexOp::Upsert(id.clone(), entry));
         job.new_messages = 1;
+        // Ids are unique (time, counter, random); the index check covers a recovered message
+        // that would share one, and costs no file-system call.
+        job.creates_only = !spool.index().entries.contains_key(&id);
         match spool.submit(job).await {
             Ok(()) => Ok(id),
             Err(e) => {
                 // Not acknowledged: remove whatever made it (if the directory fsync failed the
                 // spool is poisoned anyway, and recovery would take it as committed).
-                for p in [&data_tmp, &env_tmp, &env_final, &data_final] {
+                for p in [&env_tmp, &env_final, &data_path] {
                     let _ = fs::remove_file(p);
                 }
                 Err(e)

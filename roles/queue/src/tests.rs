@@ -127,7 +127,9 @@ async fn empty_recipients_and_abort_leave_nothing() {
     let (spool, _) = open(&dir);
     let mut inc = spool.begin().unwrap();
     inc.write(MSG).unwrap();
-    assert_eq!(files_in(&dir.path().join("tmp")).len(), 1);
+    // Received straight into msg/ (an orphan until committed, never a message).
+    assert_eq!(files_in(&dir.path().join("msg")).len(), 1);
+    assert!(spool.list().unwrap().is_empty());
     inc.abort();
     let mut inc = spool.begin().unwrap();
     inc.write(MSG).unwrap();
@@ -161,14 +163,15 @@ async fn recovery_removes_uncommitted_leftovers() {
 
     let msg = dir.path().join("msg");
     let tmp = dir.path().join("tmp");
-    // An interrupted receive and an interrupted envelope rewrite.
+    // An interrupted receive of an older version (data in tmp/) and an interrupted envelope
+    // rewrite.
     std::fs::write(
         tmp.join(format!("{}.data", QueueId::generate())),
         b"partial",
     )
     .unwrap();
     std::fs::write(tmp.join(format!("{keep}.0123456789abcdef.env")), b"{\"half").unwrap();
-    // A data file renamed in before a crash, its envelope never.
+    // An interrupted receive: a data file whose envelope never came.
     std::fs::write(msg.join(format!("{}.data", QueueId::generate())), MSG).unwrap();
     // An envelope whose data rename was lost.
     let orphan_env = QueueId::generate();
@@ -291,6 +294,69 @@ async fn temp_failures_back_off_exponentially() {
         now = s.next_attempt.unwrap();
         assert_eq!(spool.due(now).unwrap(), vec![id.clone()]);
     }
+}
+
+#[tokio::test]
+async fn delivery_with_the_envelope_read_under_the_claim() {
+    let dir = TempDir::new("attempt-with");
+    let (spool, _) = open(&dir);
+    let id = commit(
+        &spool,
+        new_env(Some("a@x.org"), &["b@y.org", "c@y.org"]),
+        MSG,
+    )
+    .await;
+    // Until it first changes, the envelope comes from memory: it must be the one on disk.
+    let env = spool.get(&id).unwrap().unwrap();
+    assert_eq!(inspect(dir.path()).unwrap(), vec![env.clone()]);
+    assert_eq!(spool.route(&id).as_deref(), Some("mda"));
+
+    let claim = spool.claim(&id).unwrap();
+    let tf = Outcome::TempFail {
+        reply: "451 4.3.0 later".into(),
+    };
+    let delivered = Outcome::Delivered {
+        reply: "250 2.0.0 ok".into(),
+    };
+    let s = spool
+        .record_attempt_with(
+            env,
+            vec![
+                ("b@y.org".into(), delivered.clone()),
+                ("c@y.org".into(), tf),
+            ],
+            SystemTime::now(),
+        )
+        .await
+        .unwrap();
+    drop(claim);
+    assert_eq!(
+        (s.delivered, s.deferred, s.pending, s.removed),
+        (1, 1, 1, false)
+    );
+    // The changed envelope is read from the disk again, and is the recorded one.
+    let env = spool.get(&id).unwrap().unwrap();
+    assert_eq!(inspect(dir.path()).unwrap(), vec![env.clone()]);
+    assert_eq!(env.pending().count(), 1);
+    assert_eq!(env.attempts, 1);
+
+    // Without the claim it is refused; with it the last recipient removes the message.
+    assert!(matches!(
+        spool
+            .record_attempt_with(env.clone(), vec![], SystemTime::now())
+            .await,
+        Err(QueueError::NotClaimed(_))
+    ));
+    let claim = spool.claim(&id).unwrap();
+    let s = spool
+        .record_attempt_with(env, vec![("c@y.org".into(), delivered)], SystemTime::now())
+        .await
+        .unwrap();
+    drop(claim);
+    assert!(s.removed);
+    assert_eq!(spool.get(&id).unwrap(), None);
+    assert!(files_in(&dir.path().join("msg")).is_empty());
+    assert_eq!(spool.stats().messages, 0);
 }
 
 #[tokio::test]
