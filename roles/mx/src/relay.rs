@@ -723,36 +723,42 @@ pub(crate) fn reply_line(reply: &ringmail_smtp::Reply) -> String {
     }
 }
 
-/// `prefix`, the trace headers, then the content, streamed from the spool file.
+/// `prefix`, the trace headers, then the content, streamed from the spool file. The prefix and
+/// the trace headers go out with the first piece of the content: a usual message is one write
+/// (and, with CHUNKING, one BDAT).
 pub(crate) async fn send_body(
     spool: &ringmail_queue::Spool,
     c: &mut Conn,
     env: &QEnvelope,
     prefix: &str,
 ) -> Result<(), ConnError> {
-    for part in [prefix, env.headers.as_str()] {
-        if !part.is_empty() {
-            c.client
-                .send_body_chunk(part.as_bytes())
-                .map_err(|e| e.to_string())?;
-            c.flush().await?;
-        }
-    }
     let mut file = spool
         .open_body(&env.id)
         .map_err(|e| format!("spool: {e}"))?;
-    let mut chunk = vec![0u8; CHUNK];
+    // Read size: the whole of a small message (plus one byte, to see the end), else CHUNK.
+    let read = usize::try_from(env.size)
+        .map_or(CHUNK, |n| n.saturating_add(1))
+        .min(CHUNK);
+    let mut chunk = Vec::with_capacity(prefix.len() + env.headers.len() + read);
+    chunk.extend_from_slice(prefix.as_bytes());
+    chunk.extend_from_slice(env.headers.as_bytes());
     loop {
+        let start = chunk.len();
+        chunk.resize(start + read, 0);
         let n = file
-            .read(&mut chunk)
+            .read(&mut chunk[start..])
             .map_err(|e| format!("spool read: {e}"))?;
+        chunk.truncate(start + n);
+        if !chunk.is_empty() {
+            c.client
+                .send_body_chunk(&chunk)
+                .map_err(|e| e.to_string())?;
+            c.flush().await?;
+            chunk.clear();
+        }
         if n == 0 {
             break;
         }
-        c.client
-            .send_body_chunk(&chunk[..n])
-            .map_err(|e| e.to_string())?;
-        c.flush().await?;
     }
     c.client.end_body().map_err(|e| e.to_string())?;
     Ok(())
