@@ -232,7 +232,7 @@ struct Key {
 /// A parsed private key, ready to sign (parsed once, when the keys are loaded).
 enum PrivateKey {
     /// mail-auth's own: Ed25519, and RSA on ring.
-    MailAuth(DkimKey),
+    MailAuth(Box<DkimKey>),
     /// RSA on aws-lc.
     #[cfg(feature = "aws-lc-rsa")]
     AwsLcRsa(aws_lc_rs::signature::RsaKeyPair),
@@ -648,7 +648,7 @@ fn parse_key_pem(pem: &[u8]) -> Result<(DkimAlgo, PrivateKey), KeyProblem> {
                     .map_err(|e| KeyProblem::Rejected(e.to_string()))?;
                 Ok((
                     DkimAlgo::Ed25519,
-                    PrivateKey::MailAuth(DkimKey::Ed25519(key)),
+                    PrivateKey::MailAuth(Box::new(DkimKey::Ed25519(key))),
                 ))
             } else {
                 Err(KeyProblem::UnsupportedAlgorithm(oid_to_string(oid)))
@@ -689,7 +689,10 @@ fn rsa_key(der: &[u8], pkcs1: &[u8], pkcs8: bool) -> Result<(DkimAlgo, PrivateKe
         };
         let key =
             RsaKey::<Sha256>::from_key_der(der).map_err(|e| KeyProblem::Rejected(e.to_string()))?;
-        Ok((DkimAlgo::Rsa, PrivateKey::MailAuth(DkimKey::Rsa(key))))
+        Ok((
+            DkimAlgo::Rsa,
+            PrivateKey::MailAuth(Box::new(DkimKey::Rsa(key))),
+        ))
     }
 }
 
