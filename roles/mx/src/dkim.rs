@@ -1,5 +1,7 @@
 //! DKIM signing of outbound mail (RFC 6376; Ed25519 per RFC 8463), on `mail-auth` with its ring
-//! backend.
+//! backend. With the `aws-lc-rsa` feature, the RSA private-key operation runs on aws-lc instead
+//! (its AVX-512 IFMA and ADX code signs RSA-2048 in about half ring's CPU time on current x86
+//! cores); PKCS#1 v1.5 signatures are deterministic, so the output is the same byte for byte.
 //!
 //! - [`DkimSigner::load`] reads the private keys named by [`DkimKeySpec`]s: PEM files holding a
 //!   PKCS#1 RSA key (`BEGIN RSA PRIVATE KEY`), a PKCS#8 RSA key or a PKCS#8 Ed25519 key (both
@@ -36,11 +38,14 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use mail_auth::common::crypto::{Algorithm, DkimKey, Ed25519Key, RsaKey, Sha256, SigningKey};
+#[cfg(not(feature = "aws-lc-rsa"))]
+use mail_auth::common::crypto::RsaKey;
+use mail_auth::common::crypto::{Algorithm, DkimKey, Ed25519Key, Sha256, SigningKey};
 use mail_auth::common::headers::{HeaderWriter, Writable};
 use mail_auth::dkim::Canonicalization;
 use mail_parser::parsers::MessageStream;
 use mail_parser::{Address, HeaderValue};
+#[cfg(not(feature = "aws-lc-rsa"))]
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs1KeyDer, PrivatePkcs8KeyDer};
 use tracing::{debug, warn};
 
@@ -221,21 +226,56 @@ struct Key {
     selector: String,
     path: PathBuf,
     algo: DkimAlgo,
-    key: DkimKey,
+    key: PrivateKey,
+}
+
+/// A parsed private key, ready to sign (parsed once, when the keys are loaded).
+enum PrivateKey {
+    /// mail-auth's own: Ed25519, and RSA on ring.
+    MailAuth(Box<DkimKey>),
+    /// RSA on aws-lc.
+    #[cfg(feature = "aws-lc-rsa")]
+    AwsLcRsa(aws_lc_rs::signature::RsaKeyPair),
 }
 
 /// Borrows a loaded key for one signature (mail-auth's builder takes its key by value).
-struct KeyRef<'a>(&'a DkimKey);
+struct KeyRef<'a>(&'a PrivateKey);
 
 impl SigningKey for KeyRef<'_> {
     type Hasher = Sha256;
 
     fn sign(&self, input: impl Writable) -> mail_auth::Result<Vec<u8>> {
-        self.0.sign(input)
+        match self.0 {
+            PrivateKey::MailAuth(key) => key.sign(input),
+            #[cfg(feature = "aws-lc-rsa")]
+            PrivateKey::AwsLcRsa(key) => {
+                // What mail-auth's ring RsaKey does, on aws-lc.
+                use aws_lc_rs::signature::RSA_PKCS1_SHA256;
+                let mut data = Vec::with_capacity(256);
+                input.write(&mut data);
+                let mut signature = vec![0; key.public_modulus_len()];
+                key.sign(
+                    &RSA_PKCS1_SHA256,
+                    &aws_lc_rs::rand::SystemRandom::new(),
+                    &data,
+                    &mut signature,
+                )
+                .map_err(|e| {
+                    mail_auth::Error::Crypto(mail_auth::common::crypto::CryptoError::Library(
+                        e.to_string(),
+                    ))
+                })?;
+                Ok(signature)
+            }
+        }
     }
 
     fn algorithm(&self) -> Algorithm {
-        self.0.algorithm()
+        match self.0 {
+            PrivateKey::MailAuth(key) => key.algorithm(),
+            #[cfg(feature = "aws-lc-rsa")]
+            PrivateKey::AwsLcRsa(_) => Algorithm::RsaSha256,
+        }
     }
 }
 
@@ -576,7 +616,7 @@ fn normalize_name(name: &str) -> Result<String, &'static str> {
 const OID_RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
 const OID_ED25519: &[u8] = &[0x2b, 0x65, 0x70];
 
-fn read_key_file(path: &Path) -> Result<(DkimAlgo, DkimKey), KeyProblem> {
+fn read_key_file(path: &Path) -> Result<(DkimAlgo, PrivateKey), KeyProblem> {
     let file = File::open(path).map_err(KeyProblem::Read)?;
     if let Ok(meta) = file.metadata()
         && meta.permissions().mode() & 0o077 != 0
@@ -595,7 +635,7 @@ fn read_key_file(path: &Path) -> Result<(DkimAlgo, DkimKey), KeyProblem> {
 }
 
 /// Parses a PEM private key of a kind the signer takes.
-fn parse_key_pem(pem: &[u8]) -> Result<(DkimAlgo, DkimKey), KeyProblem> {
+fn parse_key_pem(pem: &[u8]) -> Result<(DkimAlgo, PrivateKey), KeyProblem> {
     let (label, der) = decode_pem(pem)?;
     match label.as_str() {
         "RSA PRIVATE KEY" => rsa_key(&der, &der, false),
@@ -606,7 +646,10 @@ fn parse_key_pem(pem: &[u8]) -> Result<(DkimAlgo, DkimKey), KeyProblem> {
             } else if oid == OID_ED25519 {
                 let key = Ed25519Key::from_pkcs8_maybe_unchecked_der(&der)
                     .map_err(|e| KeyProblem::Rejected(e.to_string()))?;
-                Ok((DkimAlgo::Ed25519, DkimKey::Ed25519(key)))
+                Ok((
+                    DkimAlgo::Ed25519,
+                    PrivateKey::MailAuth(Box::new(DkimKey::Ed25519(key))),
+                ))
             } else {
                 Err(KeyProblem::UnsupportedAlgorithm(oid_to_string(oid)))
             }
@@ -618,7 +661,7 @@ fn parse_key_pem(pem: &[u8]) -> Result<(DkimAlgo, DkimKey), KeyProblem> {
 
 /// An RSA key from its PKCS#1 or PKCS#8 DER; `pkcs1` is the RSAPrivateKey structure (inside
 /// the PKCS#8 one for PKCS#8), read for the modulus size.
-fn rsa_key(der: &[u8], pkcs1: &[u8], pkcs8: bool) -> Result<(DkimAlgo, DkimKey), KeyProblem> {
+fn rsa_key(der: &[u8], pkcs1: &[u8], pkcs8: bool) -> Result<(DkimAlgo, PrivateKey), KeyProblem> {
     let bits = rsa_modulus_bits(pkcs1).ok_or(KeyProblem::Malformed("RSA"))?;
     if bits < RSA_MIN_BITS {
         return Err(KeyProblem::RsaTooSmall(bits));
@@ -626,14 +669,31 @@ fn rsa_key(der: &[u8], pkcs1: &[u8], pkcs8: bool) -> Result<(DkimAlgo, DkimKey),
     if !(RSA_SIGNER_MIN_BITS..=RSA_SIGNER_MAX_BITS).contains(&bits) {
         return Err(KeyProblem::RsaSizeUnsupported(bits));
     }
-    let der = if pkcs8 {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der))
-    } else {
-        PrivateKeyDer::Pkcs1(PrivatePkcs1KeyDer::from(der))
-    };
-    let key =
-        RsaKey::<Sha256>::from_key_der(der).map_err(|e| KeyProblem::Rejected(e.to_string()))?;
-    Ok((DkimAlgo::Rsa, DkimKey::Rsa(key)))
+    #[cfg(feature = "aws-lc-rsa")]
+    {
+        use aws_lc_rs::signature::RsaKeyPair;
+        let key = if pkcs8 {
+            RsaKeyPair::from_pkcs8(der)
+        } else {
+            RsaKeyPair::from_der(der)
+        }
+        .map_err(|e| KeyProblem::Rejected(e.to_string()))?;
+        Ok((DkimAlgo::Rsa, PrivateKey::AwsLcRsa(key)))
+    }
+    #[cfg(not(feature = "aws-lc-rsa"))]
+    {
+        let der = if pkcs8 {
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der))
+        } else {
+            PrivateKeyDer::Pkcs1(PrivatePkcs1KeyDer::from(der))
+        };
+        let key =
+            RsaKey::<Sha256>::from_key_der(der).map_err(|e| KeyProblem::Rejected(e.to_string()))?;
+        Ok((
+            DkimAlgo::Rsa,
+            PrivateKey::MailAuth(Box::new(DkimKey::Rsa(key))),
+        ))
+    }
 }
 
 /// The first PEM block: its label and decoded contents.

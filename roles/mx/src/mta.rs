@@ -140,7 +140,8 @@ impl MtaServer {
         let outbound = std::thread::Builder::new()
             .name("ringmail-mta-out".into())
             .spawn(move || {
-                // Two threads: deliveries are network-bound; signing runs on the blocking pool.
+                // Two threads: deliveries are network-bound; signatures run on the signing
+                // pool (the blocking pool, one per core at a time).
                 match tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .thread_name("ringmail-mta-out")

@@ -2,7 +2,10 @@
 //!
 //! ```text
 //!  spool.due() ─▶ dispatcher ─claim─▶ one task per message (at most max_connections)
-//!                                      │ DKIM: sign once per attempt (blocking pool)
+//!                                      │ DKIM: signed once per attempt on the signing
+//!                                      │ pool (one signature per core at a time): ahead,
+//!                                      │ while the sessions are busy, when the destination
+//!                                      │ has just taken mail; else once a session is ready
 //!                                      │ recipients grouped by domain, domains in parallel
 //!                                      ▼
 //!   per domain: permit (max_per_destination) ─▶ idle cached connection for the domain?
@@ -30,7 +33,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ringmail_queue::{Claim, Envelope as QEnvelope, Outcome as QOutcome, RecipientState, Spool};
 use ringmail_smtp::{ClientConfig, StartTlsPolicy};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OnceCell, Semaphore};
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::admin::{Metrics, MxStats};
@@ -48,8 +52,8 @@ const CACHE_MAX_AGE: Duration = Duration::from_secs(300);
 const CACHE_MAX_TRANSACTIONS: u32 = 100;
 /// Most idle connections kept per destination.
 const CACHE_PER_DESTINATION: usize = 8;
-/// Messages up to this size are signed on the delivery thread itself.
-const INLINE_SIGN: u64 = 256 * 1024;
+/// A destination that took mail this recently gets its messages signed ahead.
+const SIGN_AHEAD_WINDOW: Duration = Duration::from_secs(30);
 /// Largest message signed in memory; larger ones go unsigned (and are logged).
 const MAX_SIGNED: u64 = 64 * 1024 * 1024;
 
@@ -138,14 +142,26 @@ pub struct Outbound {
     pub queued: Arc<Notify>,
     resolver: MxResolver,
     sts: Option<Sts>,
-    dkim: Arc<DkimSigner>,
     tls_any: tokio_rustls::TlsConnector,
     tls_verified: tokio_rustls::TlsConnector,
     /// The smart hosts (`relay`) with their TLS policy and credentials.
     smart_host: Option<Hops>,
     cache: Mutex<HashMap<String, Vec<(Conn, Instant)>>>,
     per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
-    signing: Arc<Semaphore>,
+    /// When each destination last took a transaction (for signing ahead).
+    took_mail: Mutex<HashMap<String, Instant>>,
+    signing: SignPool,
+}
+
+/// The signing pool: signatures run on the blocking pool, at most one per core at a time, in
+/// the order they were asked for, so that every core signs while the delivery threads keep the
+/// sessions busy. Owned parts only, so that a signature can be computed in a task of its own.
+#[derive(Clone)]
+struct SignPool {
+    dkim: Arc<DkimSigner>,
+    spool: Spool,
+    stats: Arc<OutboundStats>,
+    permits: Arc<Semaphore>,
 }
 
 impl Outbound {
@@ -185,6 +201,7 @@ impl Outbound {
                 &cfg.relay_security,
             )?)
         };
+        let (out_spool, out_stats) = (spool.clone(), Arc::clone(&stats));
         Ok(Outbound {
             cfg,
             spool,
@@ -192,13 +209,18 @@ impl Outbound {
             queued,
             resolver,
             sts,
-            dkim,
             tls_any: tokio_rustls::TlsConnector::from(crate::sts::tls_opportunistic()),
             tls_verified: tokio_rustls::TlsConnector::from(tls_verified),
             smart_host,
             cache: Mutex::new(HashMap::new()),
             per_destination: Mutex::new(HashMap::new()),
-            signing: Arc::new(Semaphore::new(cores)),
+            took_mail: Mutex::new(HashMap::new()),
+            signing: SignPool {
+                dkim,
+                spool: out_spool,
+                stats: out_stats,
+                permits: Arc::new(Semaphore::new(cores)),
+            },
         })
     }
 
@@ -282,6 +304,34 @@ impl Outbound {
             m.entry(dest.to_string())
                 .or_insert_with(|| Arc::new(Semaphore::new(self.cfg.max_per_destination))),
         )
+    }
+
+    /// Notes that `dest` took a transaction just now.
+    fn took_mail(&self, dest: &str) {
+        let now = Instant::now();
+        let mut m = self.took_mail.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get_mut(dest) {
+            Some(at) => *at = now,
+            None => {
+                if m.len() > 10_000 {
+                    m.retain(|_, at| at.elapsed() < SIGN_AHEAD_WINDOW);
+                }
+                m.insert(dest.to_string(), now);
+            }
+        }
+    }
+
+    /// Notes that no session with `dest` could take a transaction.
+    fn unreachable(&self, dest: &str) {
+        let mut m = self.took_mail.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(dest);
+    }
+
+    /// True when `dest` took a transaction within [`SIGN_AHEAD_WINDOW`].
+    fn takes_mail(&self, dest: &str) -> bool {
+        let m = self.took_mail.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(dest)
+            .is_some_and(|at| at.elapsed() < SIGN_AHEAD_WINDOW)
     }
 
     fn close_all(&self) -> Vec<Conn> {
@@ -380,9 +430,14 @@ async fn deliver_message(out: &Outbound, claim: Claim) {
     if groups.is_empty() && results.is_empty() {
         return;
     }
-    // Signed once per attempt, and only when some session is ready to take the message: a
-    // destination that is down costs no signature.
-    let prefix = tokio::sync::OnceCell::new();
+    // Signed once per attempt. When a destination of the message has just taken mail, the
+    // signature starts now on the signing pool, while the sessions are busy with earlier
+    // messages; otherwise once some session is ready to take the message (a destination
+    // that is down costs no signature).
+    let prefix = Prefix::default();
+    if !out.signing.dkim.is_empty() && groups.keys().any(|d| out.takes_mail(d)) {
+        prefix.start(&out.signing, &env);
+    }
     let attempts = groups
         .iter()
         .map(|(domain, rcpts)| deliver_domain(out, &env, domain, rcpts, &prefix));
@@ -416,52 +471,92 @@ async fn deliver_message(out: &Outbound, claim: Claim) {
     drop(claim);
 }
 
-/// The DKIM-Signature fields for this message ("" when no key applies), computed on the
-/// blocking pool from the stored content.
-async fn sign(out: &Outbound, env: &QEnvelope) -> String {
-    if out.dkim.is_empty() {
-        return String::new();
+/// The DKIM-Signature fields of one delivery attempt: computed once, either started ahead
+/// ([`Prefix::start`]) or when the first session is ready ([`Prefix::get`]).
+#[derive(Default)]
+struct Prefix {
+    ahead: Mutex<Option<JoinHandle<String>>>,
+    fields: OnceCell<String>,
+}
+
+impl Prefix {
+    /// Starts signing now, in a task of its own.
+    fn start(&self, pool: &SignPool, env: &QEnvelope) {
+        let job = tokio::spawn(pool.clone().sign(env.id.clone(), env.size));
+        *self.ahead.lock().unwrap_or_else(|e| e.into_inner()) = Some(job);
     }
-    if env.size > MAX_SIGNED {
-        warn!(id = %env.id, size = env.size, "message too large to sign; sent unsigned");
-        return String::new();
+
+    /// The fields: those signed ahead, else signed now.
+    async fn get(&self, pool: &SignPool, env: &QEnvelope) -> &str {
+        self.fields
+            .get_or_init(|| async {
+                let ahead = self.ahead.lock().unwrap_or_else(|e| e.into_inner()).take();
+                match ahead {
+                    Some(job) => job.await.unwrap_or_else(|e| {
+                        pool.stats.dkim_errors.fetch_add(1, Ordering::Relaxed);
+                        warn!(id = %env.id, error = %e, "DKIM signing task failed; sent unsigned");
+                        String::new()
+                    }),
+                    None => pool.clone().sign(env.id.clone(), env.size).await,
+                }
+            })
+            .await
     }
-    let dkim = Arc::clone(&out.dkim);
-    let file = out.spool.open_body(&env.id);
-    let id = env.id.clone();
-    let work = move || -> Result<String, String> {
-        let mut file = file.map_err(|e| e.to_string())?;
-        let mut msg = Vec::new();
-        file.read_to_end(&mut msg).map_err(|e| e.to_string())?;
-        dkim.sign(&msg).map_err(|e| e.to_string())
-    };
-    // A usual message is signed right here on the delivery thread (about a millisecond of
-    // CPU for RSA-2048; the runtime has one thread per core, so this is where the CPU is);
-    // a large one on the blocking pool, a few at a time, not to stall other deliveries.
-    let signed = if env.size <= INLINE_SIGN {
-        Ok(work())
-    } else {
-        let Ok(_permit) = out.signing.acquire().await else {
+}
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        // A signature started ahead that no session used.
+        if let Some(job) = self
+            .ahead
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            job.abort();
+        }
+    }
+}
+
+impl SignPool {
+    /// The DKIM-Signature fields for a stored message ("" when no key applies), signed on the
+    /// blocking pool with one of the per-core permits.
+    async fn sign(self, id: ringmail_queue::QueueId, size: u64) -> String {
+        if self.dkim.is_empty() {
+            return String::new();
+        }
+        if size > MAX_SIGNED {
+            warn!(%id, size, "message too large to sign; sent unsigned");
+            return String::new();
+        }
+        let Ok(_permit) = self.permits.acquire().await else {
             return String::new();
         };
-        tokio::task::spawn_blocking(work).await
-    };
-    match signed {
-        Ok(Ok(s)) => {
-            if !s.is_empty() {
-                out.stats.dkim_signed.fetch_add(1, Ordering::Relaxed);
+        let dkim = Arc::clone(&self.dkim);
+        let file = self.spool.open_body(&id);
+        let work = move || -> Result<String, String> {
+            let mut file = file.map_err(|e| e.to_string())?;
+            let mut msg = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            file.read_to_end(&mut msg).map_err(|e| e.to_string())?;
+            dkim.sign(&msg).map_err(|e| e.to_string())
+        };
+        match tokio::task::spawn_blocking(work).await {
+            Ok(Ok(s)) => {
+                if !s.is_empty() {
+                    self.stats.dkim_signed.fetch_add(1, Ordering::Relaxed);
+                }
+                s
             }
-            s
-        }
-        Ok(Err(e)) => {
-            out.stats.dkim_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(%id, error = %e, "DKIM signing failed; sent unsigned");
-            String::new()
-        }
-        Err(e) => {
-            out.stats.dkim_errors.fetch_add(1, Ordering::Relaxed);
-            warn!(%id, error = %e, "DKIM signing task failed; sent unsigned");
-            String::new()
+            Ok(Err(e)) => {
+                self.stats.dkim_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(%id, error = %e, "DKIM signing failed; sent unsigned");
+                String::new()
+            }
+            Err(e) => {
+                self.stats.dkim_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(%id, error = %e, "DKIM signing task failed; sent unsigned");
+                String::new()
+            }
         }
     }
 }
@@ -503,9 +598,9 @@ async fn deliver_domain(
     env: &QEnvelope,
     domain: &str,
     rcpts: &[&RecipientState],
-    prefix: &tokio::sync::OnceCell<String>,
+    prefix: &Prefix,
 ) -> Vec<(String, QOutcome)> {
-    let signed = || prefix.get_or_init(|| sign(out, env));
+    let signed = || prefix.get(&out.signing, env);
     let temp = |reply: String| {
         all(rcpts, || QOutcome::TempFail {
             reply: reply.clone(),
@@ -529,6 +624,7 @@ async fn deliver_domain(
                 c.quit().await;
             }
             Ok(r) => {
+                out.took_mail(domain);
                 out.put_back(domain, c);
                 return r;
             }
@@ -596,6 +692,7 @@ async fn deliver_domain(
                     c.quit().await;
                 }
                 Ok(r) => {
+                    out.took_mail(domain);
                     out.put_back(domain, c);
                     return r;
                 }
@@ -613,6 +710,7 @@ async fn deliver_domain(
             reply: reply.clone(),
         });
     }
+    out.unreachable(domain);
     temp(last_error)
 }
 
@@ -625,7 +723,7 @@ async fn deliver_smart_host(
     env: &QEnvelope,
     domain: &str,
     rcpts: &[&RecipientState],
-    prefix: &tokio::sync::OnceCell<String>,
+    prefix: &Prefix,
 ) -> Vec<(String, QOutcome)> {
     let temp = |reply: String| {
         all(rcpts, || QOutcome::TempFail {
@@ -641,6 +739,7 @@ async fn deliver_smart_host(
                 .connect_failures
                 .fetch_add(e.0.len() as u64, Ordering::Relaxed);
             warn!(id = %env.id, next_hop = %hops.addrs(), security = %hops.describe(), error = %e, "cannot open a session to the smart host; mail stays queued");
+            out.unreachable(domain);
             return temp(format!("451 4.4.1 {e}"));
         }
     };
@@ -648,7 +747,7 @@ async fn deliver_smart_host(
         out.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
     }
     // Signed only now that a session is ready to take the message.
-    let prefix = prefix.get_or_init(|| sign(out, env)).await;
+    let prefix = prefix.get(&out.signing, env).await;
     match transaction(&out.spool, &mut c, env, rcpts, prefix).await {
         Ok(r) => {
             if r.iter()
@@ -656,6 +755,7 @@ async fn deliver_smart_host(
             {
                 c.quit().await;
             } else {
+                out.took_mail(domain);
                 out.put_back(domain, c);
             }
             r

@@ -721,44 +721,52 @@ pub(crate) fn reply_line(reply: &ringmail_smtp::Reply) -> String {
     }
 }
 
-/// `prefix`, the trace headers, then the content, streamed from the spool file.
+/// `prefix`, the trace headers, then the content, streamed from the spool file. The prefix and
+/// the trace headers go out with the first piece of the content: a usual message is one write
+/// (and, with CHUNKING, one BDAT).
 pub(crate) async fn send_body(
     spool: &ringmail_queue::Spool,
     c: &mut Conn,
     env: &QEnvelope,
     prefix: &str,
 ) -> Result<(), ConnError> {
-    // Queued, not written: a small message goes out with its end of data in one write.
-    for part in [prefix, env.headers.as_str()] {
-        if !part.is_empty() {
-            c.client
-                .send_body_chunk(part.as_bytes())
-                .map_err(|e| e.to_string())?;
-        }
-    }
     let mut file = spool
         .open_body(&env.id)
         .map_err(|e| format!("spool: {e}"))?;
-    // No bigger than the message needs (+1 to see the end): a 64 KiB buffer allocated, zeroed
-    // and freed per message costs more than a small message's whole copy.
-    let size = usize::try_from(env.size).unwrap_or(CHUNK);
-    let mut chunk = vec![0u8; CHUNK.min(size.saturating_add(1))];
+    // Read size: the whole of a small message (plus one byte, to see the end), else CHUNK. No
+    // bigger than the message needs: a 64 KiB buffer allocated, zeroed and freed per message
+    // costs more than a small message's whole copy.
+    let read = usize::try_from(env.size)
+        .map_or(CHUNK, |n| n.saturating_add(1))
+        .min(CHUNK);
+    // The DKIM prefix and the trace headers go with the first piece of the content: one BDAT
+    // (or one piece of DATA) for a usual message. Queued, not written: a small message goes
+    // out with its end of data in one write.
+    let mut chunk = Vec::with_capacity(prefix.len() + env.headers.len() + read);
+    chunk.extend_from_slice(prefix.as_bytes());
+    chunk.extend_from_slice(env.headers.as_bytes());
     let mut queued = 0usize;
     loop {
+        let start = chunk.len();
+        chunk.resize(start + read, 0);
         let n = file
-            .read(&mut chunk)
+            .read(&mut chunk[start..])
             .map_err(|e| format!("spool read: {e}"))?;
+        chunk.truncate(start + n);
+        if !chunk.is_empty() {
+            c.client
+                .send_body_chunk(&chunk)
+                .map_err(|e| e.to_string())?;
+            // At most about one chunk is held in memory; the rest goes with the end of data.
+            queued += chunk.len();
+            if queued >= CHUNK {
+                c.flush().await?;
+                queued = 0;
+            }
+            chunk.clear();
+        }
         if n == 0 {
             break;
-        }
-        c.client
-            .send_body_chunk(&chunk[..n])
-            .map_err(|e| e.to_string())?;
-        // At most about one chunk is held in memory; the rest goes with the end of data.
-        queued += n;
-        if queued >= CHUNK {
-            c.flush().await?;
-            queued = 0;
         }
     }
     c.client.end_body().map_err(|e| e.to_string())?;
