@@ -204,28 +204,52 @@ impl UserStore {
         }
     }
 
-    /// Delivers a message (LMTP). `folder` names the target mailbox; if it does not exist (or
-    /// is not a valid name) the message goes to INBOX, as Dovecot does with
-    /// `lda_mailbox_autocreate = no`. Durable before `Ok`: the file is fsynced in `tmp/`,
-    /// renamed into `cur/`, `cur/` is fsynced, and the index naming its UID is written
-    /// atomically. `size_hint` lets an over-quota message be refused before it is read.
+    /// The mailbox a delivery to `folder` goes to. Mailbox names are case-sensitive (as in
+    /// IMAP), so `folder` itself is taken when it exists; otherwise the one existing mailbox
+    /// whose name equals it ignoring ASCII case (Dovecot's `lmtp_save_to_detail_mailbox` has
+    /// no such fallback; it keeps `bob+lists@` reaching `Lists` when a relay lowercased the
+    /// address); otherwise (none, several, or an invalid name) INBOX, as Dovecot does with
+    /// `lda_mailbox_autocreate = no`.
+    pub fn delivery_mailbox(&self, folder: Option<&str>) -> Result<MailboxName, StoreError> {
+        Ok(self.delivery_target(folder)?.name.clone())
+    }
+
+    fn delivery_target(&self, folder: Option<&str>) -> Result<MboxDir, StoreError> {
+        let Some(folder) = folder else {
+            return Ok(self.ctx.mbox(MailboxName::inbox()));
+        };
+        let name = match MailboxName::parse(folder) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(user = %self.ctx.user, error = %e, "delivering to INBOX");
+                return Ok(self.ctx.mbox(MailboxName::inbox()));
+            }
+        };
+        let exact = self.ctx.mbox(name.clone());
+        if exact.exists() {
+            return Ok(exact);
+        }
+        let mut folded = self
+            .mailbox_names()?
+            .into_iter()
+            .filter(|n| n.as_str().eq_ignore_ascii_case(name.as_str()));
+        match (folded.next(), folded.next()) {
+            (Some(n), None) => Ok(self.ctx.mbox(n)),
+            _ => Ok(self.ctx.mbox(MailboxName::inbox())),
+        }
+    }
+
+    /// Delivers a message (LMTP) to [`UserStore::delivery_mailbox`] of `folder`. Durable
+    /// before `Ok`: the file is fsynced in `tmp/`, renamed into `cur/`, `cur/` is fsynced,
+    /// and the index naming its UID is written atomically. `size_hint` lets an over-quota
+    /// message be refused before it is read.
     pub fn deliver(
         &self,
         folder: Option<&str>,
         message: &mut dyn Read,
         size_hint: Option<u64>,
     ) -> Result<Delivered, StoreError> {
-        let target = folder
-            .and_then(|f| match MailboxName::parse(f) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    tracing::warn!(user = %self.ctx.user, error = %e, "delivering to INBOX");
-                    None
-                }
-            })
-            .map(|n| self.ctx.mbox(n))
-            .filter(MboxDir::exists)
-            .unwrap_or_else(|| self.ctx.mbox(MailboxName::inbox()));
+        let target = self.delivery_target(folder)?;
         if let Some(size) = size_hint {
             self.check_quota(size, 1)?;
         }

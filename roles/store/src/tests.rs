@@ -429,6 +429,29 @@ fn deliver_open_read_status() {
 }
 
 #[test]
+fn delivery_folder_keeps_case_then_folds_when_unique() {
+    let dir = TempDir::new("foldercase");
+    let s = store(&dir);
+    let u = s.user("bob@example.org").unwrap();
+    u.create("Rt").unwrap();
+    u.create("Work").unwrap();
+    u.create("WORK").unwrap();
+    // Exact names first: capitals can be targeted.
+    assert_eq!(deliver(&u, Some("Rt"), 1).mailbox, "Rt");
+    assert_eq!(deliver(&u, Some("WORK"), 2).mailbox, "WORK");
+    assert_eq!(deliver(&u, Some("Work"), 3).mailbox, "Work");
+    // No exact match: the one mailbox equal ignoring case.
+    assert_eq!(deliver(&u, Some("rt"), 4).mailbox, "Rt");
+    assert_eq!(u.delivery_mailbox(Some("RT")).unwrap().as_str(), "Rt");
+    // Ambiguous or missing: INBOX.
+    assert_eq!(deliver(&u, Some("work"), 5).mailbox, "INBOX");
+    assert_eq!(deliver(&u, Some("Nope"), 6).mailbox, "INBOX");
+    assert_eq!(deliver(&u, Some("inbox"), 7).mailbox, "INBOX");
+    assert_eq!(u.delivery_mailbox(None).unwrap().as_str(), "INBOX");
+    assert_eq!(u.status("Rt").unwrap().messages, 2);
+}
+
+#[test]
 fn delivery_to_folder_or_inbox() {
     let dir = TempDir::new("folder");
     let s = store(&dir);
