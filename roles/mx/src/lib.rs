@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod arfilter;
 pub mod config;
 pub mod dkim;
 mod driver;

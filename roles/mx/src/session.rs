@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::admin::MxStats;
+use crate::arfilter::ArFilter;
 use crate::config::{Enforce, MxConfig};
 use crate::driver::{Policy, flush};
 use crate::limits::{ConnLimits, ConnSlot, Refused};
@@ -121,6 +122,9 @@ struct Txn {
     copy: Vec<u8>,
     copy_complete: bool,
     bytes: u64,
+    /// Drops forged `Authentication-Results` in our name from what is spooled.
+    ar_filter: Option<ArFilter>,
+    filtered: Vec<u8>,
 }
 
 impl Txn {
@@ -134,6 +138,8 @@ impl Txn {
             copy: Vec::new(),
             copy_complete: true,
             bytes: 0,
+            ar_filter: None,
+            filtered: Vec::new(),
         }
     }
 }
@@ -464,6 +470,7 @@ fn on_data_start(server: &mut Server, ctx: &mut Ctx<'_>) {
     let Some(txn) = ctx.txn.as_mut() else {
         return;
     };
+    txn.ar_filter = Some(ArFilter::new(&ctx.mx.cfg.hostname));
     match ctx.mx.spool.begin() {
         Ok(incoming) => txn.incoming = Some(incoming),
         Err(e) => {
@@ -485,8 +492,16 @@ fn on_chunk(ctx: &mut Ctx<'_>, bytes: &[u8]) {
         return;
     };
     txn.bytes += bytes.len() as u64;
+    txn.filtered.clear();
+    let spooled = match txn.ar_filter.as_mut() {
+        Some(f) => {
+            f.push(bytes, &mut txn.filtered);
+            &txn.filtered[..]
+        }
+        None => bytes,
+    };
     if let Some(inc) = txn.incoming.as_mut()
-        && let Err(e) = inc.write(bytes)
+        && let Err(e) = inc.write(spooled)
     {
         warn!(error = %e, "spool write failed");
         txn.incoming = None;
@@ -527,11 +542,24 @@ async fn on_data_end(server: &mut Server, ctx: &mut Ctx<'_>) -> bool {
         server.reject(Reply::new(503, "5.5.1", "Error: no transaction"));
         return false;
     };
-    let Some(incoming) = txn.incoming.take() else {
+    let Some(mut incoming) = txn.incoming.take() else {
         server.reject(Reply::new(451, "4.3.0", "Error: queue file write error"));
         return false;
     };
     let ip = ctx.client.ip();
+    if let Some(mut f) = txn.ar_filter.take() {
+        let mut rest = Vec::new();
+        f.finish(&mut rest);
+        if let Err(e) = incoming.write(&rest) {
+            warn!(error = %e, "spool write failed");
+            incoming.abort();
+            server.reject(Reply::new(451, "4.3.0", "Error: queue file write error"));
+            return false;
+        }
+        if f.removed > 0 {
+            info!(client = %ip, removed = f.removed, "removed Authentication-Results fields in our name");
+        }
+    }
     let mut auth_results = String::new();
     if let (Some(checker), Some(spf)) = (&mx.checker, txn.spf.as_ref()) {
         let outcome = if txn.copy_complete {
