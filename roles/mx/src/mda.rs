@@ -77,7 +77,7 @@ impl MdaConfig {
             ],
             programs: HashMap::new(),
             program_timeout: Duration::from_secs(60),
-            max_message_size: 50_000_000,
+            max_message_size: crate::DEFAULT_INTERNAL_MAX_MESSAGE_SIZE,
             workers: None,
             imap: Vec::new(),
             imaps: Vec::new(),
