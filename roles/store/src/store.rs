@@ -538,6 +538,39 @@ impl UserStore {
 
 /// Writes a message into `target`: tmp file, fsync, quota check on the real size, then under
 /// the mailbox lock a rename into `cur/`, fsync of `cur/`, and the index commit.
+/// Turns bare LF line ends into CRLF, across chunk boundaries. Messages are stored with
+/// CRLF lines (as Dovecot does with `mail_save_crlf = yes`), so a message's stored size,
+/// its RFC822.SIZE (the CRLF size) and the bytes FETCH BODY[] returns all agree, however the
+/// client (APPEND) or the LMTP client ended its lines. A lone CR is kept as it is.
+#[derive(Debug, Default)]
+pub(crate) struct CrlfWriter {
+    last_cr: bool,
+}
+
+impl CrlfWriter {
+    pub(crate) fn convert(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let mut start = 0;
+        for (i, &b) in chunk.iter().enumerate() {
+            if b == b'\n' {
+                let prev_cr = if i == 0 {
+                    self.last_cr
+                } else {
+                    chunk[i - 1] == b'\r'
+                };
+                if !prev_cr {
+                    out.extend_from_slice(&chunk[start..i]);
+                    out.push(b'\r');
+                    start = i;
+                }
+            }
+        }
+        out.extend_from_slice(&chunk[start..]);
+        if let Some(&b) = chunk.last() {
+            self.last_cr = b == b'\r';
+        }
+    }
+}
+
 pub(crate) fn add_message(
     target: &MboxDir,
     message: &mut dyn Read,
@@ -559,6 +592,8 @@ pub(crate) fn add_message(
         let mut w = BufWriter::with_capacity(64 * 1024, file);
         let mut counter = VsizeCounter::default();
         let mut buf = vec![0u8; 64 * 1024];
+        let mut crlf = CrlfWriter::default();
+        let mut out = Vec::with_capacity(2 * buf.len());
         loop {
             let n = match message.read(&mut buf) {
                 Ok(0) => break,
@@ -566,8 +601,10 @@ pub(crate) fn add_message(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(StoreError::io("read message for", &tmp, e)),
             };
-            counter.update(&buf[..n]);
-            w.write_all(&buf[..n])
+            out.clear();
+            crlf.convert(&buf[..n], &mut out);
+            counter.update(&out);
+            w.write_all(&out)
                 .map_err(|e| StoreError::io("write", &tmp, e))?;
         }
         let file = w
