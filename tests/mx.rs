@@ -1918,3 +1918,40 @@ fn forged_authentication_results_in_our_name_are_removed() {
         mx.log()
     );
 }
+
+const DUPLICATE_RCPT_SCRIPT: &str = r#"
+import smtplib, sys
+s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]), timeout=30)
+s.ehlo('client.test')
+s.mail('alice@sender.test')
+for r in ['bob@example.test', 'bob@example.test', 'bob@EXAMPLE.test', 'BOB@example.test']:
+    print('RCPT', s.rcpt(r)[0])
+print('DATA', s.data(b'Subject: dup\r\n\r\nonce\r\n')[0])
+s.quit()
+"#;
+
+#[test]
+fn duplicate_recipients_are_accepted_and_queued_once() {
+    skip_unless!(have(&[PY]));
+    let sink = Sink::start(true);
+    let mx = Mx::quick(sink.addr, &["--relay-protocol", "lmtp"]);
+    let (st, out) = python(
+        DUPLICATE_RCPT_SCRIPT,
+        &[mx.addr.port().to_string()],
+        Duration::from_secs(60),
+    );
+    assert!(st.success(), "smtplib: {out}\n{}", mx.log());
+    // Every RCPT gets its 250, as from Postfix.
+    assert_eq!(out.matches("RCPT 250").count(), 4, "{out}");
+    assert!(out.contains("DATA 250"), "{out}");
+    assert!(sink.wait_count(1, Duration::from_secs(30)), "{}", mx.log());
+    assert!(
+        mx.wait_delivered(2.0, Duration::from_secs(10)),
+        "{}",
+        mx.log()
+    );
+    // The domain compares ignoring case; the local part is the MDA's business.
+    let d = &sink.messages()[0];
+    assert_eq!(d.rcpts, ["bob@example.test", "BOB@example.test"], "{d:?}");
+    assert_eq!(sink.messages().len(), 1);
+}

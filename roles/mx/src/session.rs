@@ -9,6 +9,7 @@
 //!        ◀─ replies ◀─────────────┘            STARTTLS: handshake, core resets
 //! ```
 
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -116,6 +117,8 @@ struct Txn {
     params: MailParams,
     spf: Option<SpfOutcome>,
     recipients: Vec<(String, RcptParams)>,
+    /// [`envelope_key`] of each of `recipients`.
+    recipient_keys: HashSet<String>,
     incoming: Option<Incoming>,
     /// Bounded in-memory copy for DKIM/DMARC (the whole message up to the checker's limit,
     /// else the header section only).
@@ -134,6 +137,7 @@ impl Txn {
             params,
             spf,
             recipients: Vec::new(),
+            recipient_keys: HashSet::new(),
             incoming: None,
             copy: Vec::new(),
             copy_complete: true,
@@ -383,6 +387,16 @@ async fn on_mail(
 }
 
 /// Printable ASCII only, for echoing attacker-supplied text in a reply.
+/// What makes two recipients of one transaction the same envelope recipient: the local part
+/// as written, the domain ignoring case. A duplicate RCPT still gets its 250 but is queued
+/// once (as Postfix's cleanup does with `duplicate_filter_limit`).
+pub(crate) fn envelope_key(rcpt: &Mailbox) -> String {
+    match rcpt.domain() {
+        Domain::Name(d) => format!("{}@{}", rcpt.local(), d.to_ascii_lowercase()),
+        _ => rcpt.raw().to_string(),
+    }
+}
+
 pub(crate) fn printable(s: &str) -> String {
     s.chars()
         .filter(|c| c.is_ascii_graphic() || *c == ' ')
@@ -460,7 +474,9 @@ async fn on_rcpt(server: &mut Server, ctx: &mut Ctx<'_>, rcpt: &Mailbox, params:
         server.reject(reply);
         return;
     }
-    if let Some(txn) = ctx.txn.as_mut() {
+    if let Some(txn) = ctx.txn.as_mut()
+        && txn.recipient_keys.insert(envelope_key(rcpt))
+    {
         txn.recipients.push((rcpt.raw().to_string(), params));
     }
     server.accept();
@@ -714,4 +730,22 @@ fn new_envelope(ctx: &Ctx<'_>, txn: &Txn, headers: String) -> NewEnvelope {
     });
     env.headers = headers;
     env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> String {
+        envelope_key(&Mailbox::parse(s, false).expect("address"))
+    }
+
+    #[test]
+    fn envelope_duplicates_compare_the_domain_ignoring_case() {
+        assert_eq!(key("bob@example.test"), key("bob@EXAMPLE.test"));
+        assert_eq!(key("bob@example.test"), "bob@example.test");
+        // The local part is the receiving system's business (RFC 5321 2.4).
+        assert_ne!(key("bob@example.test"), key("BOB@example.test"));
+        assert_ne!(key("bob@example.test"), key("bob+x@example.test"));
+    }
 }
