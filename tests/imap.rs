@@ -325,3 +325,48 @@ print('OK')
     let out = python(&script);
     assert!(out.contains("OK"), "{out}");
 }
+
+#[test]
+fn bare_lf_append_is_stored_with_crlf_matching_its_size() {
+    if !Path::new(PY).exists() {
+        skip("python3 not installed");
+        return;
+    }
+    let tmp = TempDir::new("imap-lf");
+    let s = start(tmp.path());
+    // A raw client: imaplib would turn the LFs into CRLFs itself.
+    let script = format!(
+        "{PRELUDE}
+raw = ctx.wrap_socket(socket.create_connection(('{si}', {sp}), timeout=20))
+f = raw.makefile('rb')
+def until(tag):
+    out = b''
+    while True:
+        l = f.readline()
+        check(l, 'connection closed: %r' % out)
+        out += l
+        if l.startswith(tag):
+            return out
+f.readline()
+raw.sendall(b'a LOGIN bob@example.test bob-pw\\r\\n'); check(b'a OK' in until(b'a '), 'login')
+msg = b'Subject: lf\\n\\nline one\\nline two\\n'
+raw.sendall(b'b APPEND INBOX {{%d}}\\r\\n' % len(msg)); check(f.readline().startswith(b'+'), 'continuation')
+raw.sendall(msg + b'\\r\\n'); check(b'b OK' in until(b'b '), 'append')
+raw.sendall(b'c SELECT INBOX\\r\\n'); until(b'c ')
+raw.sendall(b'd FETCH 1 (RFC822.SIZE BODY[])\\r\\n')
+out = until(b'd ')
+import re
+size = int(re.search(rb'RFC822.SIZE (\\d+)', out).group(1))
+n = int(re.search(rb'BODY\\[\\] \\{{(\\d+)\\}}', out).group(1))
+body = out[out.index(b'}}\\r\\n') + 3:][:n]
+want = msg.replace(b'\\n', b'\\r\\n')
+check(size == n == len(want), 'RFC822.SIZE %d, BODY[] %d bytes, want %d' % (size, n, len(want)))
+check(body == want, 'body %r' % body)
+print('OK')
+",
+        si = s.imaps.ip(),
+        sp = s.imaps.port(),
+    );
+    let out = python(&script);
+    assert!(out.contains("OK"), "{out}");
+}

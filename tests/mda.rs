@@ -237,8 +237,8 @@ fn lmtp_delivers_per_recipient_into_maildirs_folders_and_programs() {
         "{out}"
     );
     let inbox = mda.messages("bob", "");
-    // bob directly, and robert (an alias of bob).
-    assert_eq!(inbox.len(), 2, "{inbox:?}\n{}", mda.log());
+    // bob directly, and robert (an alias of bob): the same mailbox, so one copy.
+    assert_eq!(inbox.len(), 1, "{inbox:?}\n{}", mda.log());
     assert!(
         inbox
             .iter()
@@ -247,7 +247,7 @@ fn lmtp_delivers_per_recipient_into_maildirs_folders_and_programs() {
     assert!(
         inbox
             .iter()
-            .any(|m| m.contains("Delivered-To: robert@example.test"))
+            .any(|m| m.contains("Delivered-To: bob@example.test"))
     );
     let folder = mda.messages("bob", "lists");
     assert_eq!(folder.len(), 1, "plus-address into .lists: {folder:?}");
@@ -415,4 +415,111 @@ fn mda_config_check_reports_every_error() {
         "[mda]\nhostname = \"mda.example.test\"\nlmtp = [\"127.0.0.1:24\"]\nmaildir = \"/var/vmail\"\naccounts = \"sqlite:/tmp/a.db\"\n",
     );
     assert_eq!(code, Some(0), "{out}");
+}
+
+/// One LMTP transaction over a raw socket (Python): every reply line after DATA, one per
+/// accepted recipient (RFC 2033 4.2), printed as `code text`.
+fn lmtp_raw(addr: SocketAddr, rcpts: &[&str], msg: &str) -> Vec<String> {
+    let script = format!(
+        "import socket, sys\n\
+         s = socket.create_connection(('{ip}', {port}), timeout=20)\n\
+         f = s.makefile('rb')\n\
+         def reply():\n\
+         \x20   lines = []\n\
+         \x20   while True:\n\
+         \x20       l = f.readline().decode().rstrip()\n\
+         \x20       lines.append(l)\n\
+         \x20       if len(l) < 4 or l[3] != '-':\n\
+         \x20           return lines[-1]\n\
+         reply()\n\
+         s.sendall(b'LHLO test\\r\\n'); reply()\n\
+         s.sendall(b'MAIL FROM:<alice@example.test>\\r\\n'); reply()\n\
+         ok = 0\n\
+         for r in {rcpts:?}:\n\
+         \x20   s.sendall(('RCPT TO:<%s>\\r\\n' % r).encode())\n\
+         \x20   if reply().startswith('250'): ok += 1\n\
+         s.sendall(b'DATA\\r\\n'); reply()\n\
+         s.sendall(sys.stdin.buffer.read() + b'.\\r\\n')\n\
+         for _ in range(ok):\n\
+         \x20   print(reply())\n\
+         s.sendall(b'QUIT\\r\\n'); reply()\n",
+        ip = addr.ip(),
+        port = addr.port(),
+    );
+    let mut child = Command::new(PY)
+        .arg("-c")
+        .arg(&script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(msg.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "lmtp client: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn duplicate_recipients_are_delivered_once_with_a_reply_each() {
+    if skip_without_python() {
+        return;
+    }
+    let tmp = TempDir::new("mda-dup");
+    let dir = tmp.path().to_path_buf();
+    let mda = Mda::start(&dir, &[]);
+    for folder in ["Rt", "lists"] {
+        let f = mda
+            .maildir
+            .join(format!("example.test/bob/Maildir/.{folder}"));
+        for sub in ["cur", "new", "tmp"] {
+            fs::create_dir_all(f.join(sub)).unwrap();
+        }
+        fs::write(f.join("maildirfolder"), "").unwrap();
+    }
+    let msg = "From: <alice@example.test>\r\nSubject: dup\r\n\r\nOnce.\r\n";
+    let replies = lmtp_raw(
+        mda.lmtp,
+        &[
+            "bob@example.test",
+            "bob@example.test",
+            "BOB@example.test",
+            "bob@EXAMPLE.test",
+            "robert@example.test",
+            "bob+Rt@example.test",
+            "BOB+Rt@example.test",
+            "bob+rt@example.test",
+            "bob+LISTS@example.test",
+        ],
+        msg,
+    );
+    // One reply per accepted RCPT, all 250.
+    assert_eq!(replies.len(), 9, "{replies:?}\n{}", mda.log());
+    assert!(replies.iter().all(|r| r.starts_with("250")), "{replies:?}");
+    // The detail keeps its case: "Rt" is reached by +Rt, and +rt / +LISTS fold to the one
+    // folder equal to them ignoring case.
+    assert!(
+        replies[5].contains("saved to Rt"),
+        "{replies:?}\n{}",
+        mda.log()
+    );
+    assert!(replies[8].contains("saved to lists"), "{replies:?}");
+    assert_eq!(mda.messages("bob", "").len(), 1, "{}", mda.log());
+    assert_eq!(mda.messages("bob", "Rt").len(), 1, "{}", mda.log());
+    assert_eq!(mda.messages("bob", "lists").len(), 1, "{}", mda.log());
+
+    // A second transaction is a second delivery (deduplication is per transaction).
+    let replies = lmtp_raw(mda.lmtp, &["bob@example.test"; 5], msg);
+    assert_eq!(replies.len(), 5, "{replies:?}");
+    assert_eq!(mda.messages("bob", "").len(), 2, "{}", mda.log());
 }

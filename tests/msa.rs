@@ -259,6 +259,24 @@ fn smtplib_starttls_login_and_send_adds_trace_headers() {
 }
 
 #[test]
+fn identical_recipients_are_accepted_and_queued_once() {
+    let sink = Sink::start();
+    let msa = Msa::start(None, sink.addr, &[]);
+    let (ok, out) = python(
+        msa.addr,
+        "s=smtplib.SMTP(HOST, PORT, timeout=20); s.starttls(context=ctx); s.login('alice@example.test', PW)\n\
+         print(s.sendmail('alice@example.test', ['bob@example.org'] * 5, 'From: Alice <alice@example.test>\\r\\nSubject: dup\\r\\n\\r\\nonce\\r\\n')); s.quit()",
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("{}"), "every RCPT accepted: {out}");
+    let msgs = sink.wait(1);
+    // One envelope recipient: the Received field names it.
+    assert!(msgs[0].contains("\tfor <bob@example.org>"), "{}", msgs[0]);
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(sink.msgs.lock().unwrap().len(), 1);
+}
+
+#[test]
 fn swaks_plain_and_login_and_curl_implicit_tls() {
     let sink = Sink::start();
     let msa = Msa::start(None, sink.addr, &[]);

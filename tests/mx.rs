@@ -1851,3 +1851,107 @@ fn check_reports_good_and_bad_files() {
         assert!(err.contains(&want), "{want} missing from:\n{err}");
     }
 }
+
+const FORGED_AR_SCRIPT: &str = r#"
+import smtplib, sys
+msg = (b"Authentication-Results: mx.example.test; dkim=pass header.d=example.test; spf=pass; dmarc=pass\r\n"
+       b"Authentication-Results: (forged)\r\n MX.EXAMPLE.TEST;\r\n\tspf=pass\r\n"
+       b"ARC-Authentication-Results: i=1; mx.example.test; spf=pass\r\n"
+       b"Authentication-Results: other.example; spf=fail\r\n"
+       b"From: <alice@sender.test>\r\nTo: <bob@example.test>\r\nSubject: forged\r\n\r\nbody\r\n")
+s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]), timeout=30)
+s.ehlo('client.test')
+print(s.sendmail('alice@sender.test', ['bob@example.test'], msg))
+s.quit()
+"#;
+
+#[test]
+fn forged_authentication_results_in_our_name_are_removed() {
+    skip_unless!(have(&[PY]));
+    let sink = Sink::start(false);
+    let mx = Mx::quick(sink.addr, &[]);
+    let (st, out) = python(
+        FORGED_AR_SCRIPT,
+        &[mx.addr.port().to_string()],
+        Duration::from_secs(60),
+    );
+    assert!(st.success(), "smtplib: {out}\n{}", mx.log());
+    assert!(sink.wait_count(1, Duration::from_secs(30)), "{}", mx.log());
+    let d = &sink.messages()[0];
+    let ar: Vec<String> = d
+        .headers()
+        .into_iter()
+        .filter(|h| {
+            h.to_ascii_lowercase().starts_with("authentication-results")
+                || h.to_ascii_lowercase()
+                    .starts_with("arc-authentication-results")
+        })
+        .collect();
+    // Only what the MX itself adds may name mx.example.test; the forged two are gone, the
+    // ARC field and the other authserv-id's field stay.
+    let ours: Vec<&String> = ar
+        .iter()
+        .filter(|h| {
+            h.to_ascii_lowercase().starts_with("authentication-results")
+                && h.to_ascii_lowercase().contains("mx.example.test")
+        })
+        .collect();
+    assert!(
+        ours.iter()
+            .all(|h| !h.contains("dmarc=pass") && !h.contains("(forged)")),
+        "{ar:#?}"
+    );
+    assert!(
+        ar.iter()
+            .any(|h| h.starts_with("ARC-Authentication-Results: i=1; mx.example.test")),
+        "{ar:#?}"
+    );
+    assert!(
+        ar.iter()
+            .any(|h| h.starts_with("Authentication-Results: other.example; spf=fail")),
+        "{ar:#?}"
+    );
+    assert!(d.text().contains("Subject: forged\r\n\r\nbody\r\n"));
+    assert!(
+        mx.log().contains("removed Authentication-Results"),
+        "{}",
+        mx.log()
+    );
+}
+
+const DUPLICATE_RCPT_SCRIPT: &str = r#"
+import smtplib, sys
+s = smtplib.SMTP('127.0.0.1', int(sys.argv[1]), timeout=30)
+s.ehlo('client.test')
+s.mail('alice@sender.test')
+for r in ['bob@example.test', 'bob@example.test', 'bob@EXAMPLE.test', 'BOB@example.test']:
+    print('RCPT', s.rcpt(r)[0])
+print('DATA', s.data(b'Subject: dup\r\n\r\nonce\r\n')[0])
+s.quit()
+"#;
+
+#[test]
+fn duplicate_recipients_are_accepted_and_queued_once() {
+    skip_unless!(have(&[PY]));
+    let sink = Sink::start(true);
+    let mx = Mx::quick(sink.addr, &["--relay-protocol", "lmtp"]);
+    let (st, out) = python(
+        DUPLICATE_RCPT_SCRIPT,
+        &[mx.addr.port().to_string()],
+        Duration::from_secs(60),
+    );
+    assert!(st.success(), "smtplib: {out}\n{}", mx.log());
+    // Every RCPT gets its 250, as from Postfix.
+    assert_eq!(out.matches("RCPT 250").count(), 4, "{out}");
+    assert!(out.contains("DATA 250"), "{out}");
+    assert!(sink.wait_count(1, Duration::from_secs(30)), "{}", mx.log());
+    assert!(
+        mx.wait_delivered(2.0, Duration::from_secs(10)),
+        "{}",
+        mx.log()
+    );
+    // The domain compares ignoring case; the local part is the MDA's business.
+    let d = &sink.messages()[0];
+    assert_eq!(d.rcpts, ["bob@example.test", "BOB@example.test"], "{d:?}");
+    assert_eq!(sink.messages().len(), 1);
+}

@@ -271,7 +271,7 @@ impl MxConfig {
             spool,
             accounts: None,
             workers: None,
-            max_message_size: 64 << 20,
+            max_message_size: crate::DEFAULT_MAX_MESSAGE_SIZE,
             max_recipients: 1000,
             max_connections: 10_000,
             max_connections_per_ip: 50,
@@ -818,7 +818,7 @@ retry_min = "1s"
         assert_eq!(c.checks.dns, Some("127.0.0.1:5353".parse().unwrap()));
         assert_eq!(c.relay.protocol, RelayProtocol::Smtp);
         assert_eq!(c.relay.retry_min, Duration::from_secs(1));
-        assert_eq!(c.max_message_size, 64 << 20);
+        assert_eq!(c.max_message_size, crate::DEFAULT_MAX_MESSAGE_SIZE);
         assert!(c.trusted_proxies[0].contains("10.0.0.77".parse().unwrap()));
         assert!(c.trusted_proxies[0].contains("::ffff:10.0.0.77".parse().unwrap()));
         assert!(!c.trusted_proxies[0].contains("10.0.1.1".parse().unwrap()));

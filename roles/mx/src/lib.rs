@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod arfilter;
 pub mod config;
 pub mod dkim;
 mod driver;
@@ -50,6 +51,15 @@ use crate::config::MxConfig;
 use crate::runtime::Workers;
 use crate::session::Mx;
 use crate::tls::TlsStore;
+
+/// Default message size limit of the roles that take mail from clients (MX, MSA), advertised
+/// as `SIZE`: 64 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 64 << 20;
+
+/// Default limit of the internal hops behind them (the MDA's LMTP, the MTA): the edge limit
+/// plus 1 MiB for the header fields the edge adds (Received, Authentication-Results,
+/// DKIM-Signature), so that nothing an edge accepted is refused further on.
+pub const DEFAULT_INTERNAL_MAX_MESSAGE_SIZE: u64 = DEFAULT_MAX_MESSAGE_SIZE + (1 << 20);
 
 /// Why the MX could not start.
 #[derive(Debug, thiserror::Error)]
@@ -266,5 +276,50 @@ impl MxServer {
             rt.shutdown_background();
         }
         info!("mx stopped");
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+
+    use crate::config::{MxConfig, Relay, RelayProtocol};
+    use crate::mda::MdaConfig;
+    use crate::msa_config::MsaConfig;
+    use crate::mta_config::MtaConfig;
+
+    #[test]
+    fn default_size_limits_never_refuse_further_on_what_an_edge_accepted() {
+        let addr: SocketAddr = "127.0.0.1:25".parse().expect("addr");
+        let mx = MxConfig::quick(
+            "mx.example.test".into(),
+            addr,
+            vec!["example.test".into()],
+            PathBuf::from("/nonexistent"),
+            Relay::new(vec![addr], RelayProtocol::Lmtp),
+        );
+        let msa = MsaConfig::quick(
+            "msa.example.test".into(),
+            vec![addr],
+            Vec::new(),
+            "sqlite::memory:".into(),
+            PathBuf::from("/nonexistent"),
+            vec![addr],
+        );
+        let mta = MtaConfig::quick("mta.example.test".into(), vec![addr], PathBuf::from("/x"));
+        let mda = MdaConfig::quick(
+            "mda.example.test".into(),
+            vec![addr],
+            PathBuf::from("/x"),
+            "sqlite::memory:".into(),
+        );
+        assert_eq!(mx.max_message_size, crate::DEFAULT_MAX_MESSAGE_SIZE);
+        assert_eq!(msa.max_message_size, crate::DEFAULT_MAX_MESSAGE_SIZE);
+        // Room for the header fields an edge adds before relaying.
+        for edge in [mx.max_message_size, msa.max_message_size] {
+            assert!(mda.max_message_size >= edge + (1 << 20));
+            assert!(mta.max_message_size >= edge + (1 << 20));
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! ```text
 //!  MX / MSA ─▶ LMTP listener (trusted addresses only) ─▶ Server core (LMTP mode)
 //!    RCPT: account or alias? (user+folder@ ─▶ folder) ─ unknown: 550 5.1.1
-//!    DATA ─▶ buffered (max_message_size) ─▶ per recipient, on the blocking pool:
+//!    DATA ─▶ buffered (max_message_size) ─▶ once per resolved mailbox (account + folder)
+//!    or program, on the blocking pool (duplicate recipients share the first one's reply):
 //!        Return-Path, Delivered-To + message ─▶ Maildir: tmp/ fsync ─▶ new/ ─▶ dir fsync ─▶ 250
 //!        (quota: 552 5.2.2; store failure: 451 4.3.0) or program: stdin, timeout, exit code
 //!    one reply per recipient (RFC 2033 4.2)
@@ -76,7 +77,7 @@ impl MdaConfig {
             ],
             programs: HashMap::new(),
             program_timeout: Duration::from_secs(60),
-            max_message_size: 50_000_000,
+            max_message_size: crate::DEFAULT_INTERNAL_MAX_MESSAGE_SIZE,
             workers: None,
             imap: Vec::new(),
             imaps: Vec::new(),
@@ -206,10 +207,37 @@ enum Target {
         account: String,
         folder: Option<String>,
         quota: Option<u64>,
+        /// `folder` is the mailbox the store delivers to (set before delivery).
+        resolved: bool,
     },
     Program(Vec<String>),
 }
 
+/// What makes two recipients of one transaction the same delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Dedup {
+    Mailbox(String, String),
+    Program(String),
+    /// Not resolved: never merged with another recipient.
+    Unique(usize),
+}
+
+impl Dedup {
+    fn of(i: usize, r: &Rcpt) -> Dedup {
+        match &r.target {
+            Target::Mailbox {
+                account,
+                folder,
+                resolved: true,
+                ..
+            } => Dedup::Mailbox(account.clone(), folder.clone().unwrap_or_default()),
+            Target::Mailbox { .. } => Dedup::Unique(i),
+            Target::Program(_) => Dedup::Program(r.address.clone()),
+        }
+    }
+}
+
+#[derive(Clone)]
 struct Rcpt {
     address: String,
     target: Target,
@@ -278,13 +306,14 @@ impl Ctx<'_> {
             server.reject(Reply::new(503, "5.5.1", "Error: need MAIL command"));
             return;
         };
-        let address = match rcpt.domain() {
-            Domain::Name(d) => format!("{}@{}", rcpt.local(), d).to_lowercase(),
+        let raw = match rcpt.domain() {
+            Domain::Name(d) => format!("{}@{}", rcpt.local(), d),
             _ => {
                 server.reject(Reply::new(550, "5.1.1", "Error: no such user here"));
                 return;
             }
         };
+        let address = raw.to_lowercase();
         if let Some(argv) = self.mda.cfg.programs.get(&address) {
             txn.rcpts.push(Rcpt {
                 address,
@@ -293,7 +322,10 @@ impl Ctx<'_> {
             server.accept();
             return;
         }
-        let (base, folder) = split_plus(&address);
+        // The account part is case-insensitive; the detail keeps its case, since it names a
+        // (case-sensitive) mailbox.
+        let (base, folder) = split_plus(&raw);
+        let base = base.to_lowercase();
         let found = match self.mda.accounts.resolve(&address).await {
             Ok(Some(a)) => Ok(Some((a, None))),
             Ok(None) if folder.is_some() => self
@@ -312,6 +344,7 @@ impl Ctx<'_> {
                         account: account.address.to_lowercase(),
                         folder,
                         quota: account.quota_bytes,
+                        resolved: false,
                     },
                 });
                 server.accept();
@@ -334,15 +367,61 @@ impl Ctx<'_> {
             return false;
         };
         let data = Arc::new(txn.data);
-        let mut replies = Vec::with_capacity(txn.rcpts.len());
+        let rcpts = self.resolve_mailboxes(txn.rcpts).await;
+        // One copy per resolved mailbox (or program): a recipient named twice, in another
+        // case, or through another detail that lands in the same folder, gets the reply of
+        // its first delivery (RFC 2033 still wants one reply per accepted RCPT).
+        let mut first: HashMap<Dedup, usize> = HashMap::new();
+        let mut replies: Vec<Reply> = Vec::with_capacity(rcpts.len());
         let mut any = false;
-        for r in &txn.rcpts {
+        for (n, r) in rcpts.iter().enumerate() {
+            let key = Dedup::of(n, r);
+            if let Some(&i) = first.get(&key) {
+                debug!(rcpt = %printable(&r.address), "duplicate recipient: delivered once");
+                replies.push(replies[i].clone());
+                continue;
+            }
             let reply = self.deliver_one(&txn.sender, r, Arc::clone(&data)).await;
             any |= reply.code() == 250;
+            first.insert(key, replies.len());
             replies.push(reply);
         }
         server.data_committed_lmtp(&replies);
         any
+    }
+
+    /// Replaces each mailbox recipient's folder with the mailbox the store will deliver it to
+    /// (the folder, a case-insensitive match, or INBOX), on the blocking pool. A recipient
+    /// whose mailbox cannot be resolved now keeps its folder (its delivery then reports the
+    /// error).
+    async fn resolve_mailboxes(&self, rcpts: Vec<Rcpt>) -> Vec<Rcpt> {
+        let store = self.mda.store.clone();
+        let mut out = rcpts.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            for r in &mut out {
+                if let Target::Mailbox {
+                    account,
+                    folder,
+                    resolved,
+                    ..
+                } = &mut r.target
+                    && let Ok(user) = store.user(account)
+                    && let Ok(name) = user.delivery_mailbox(folder.as_deref())
+                {
+                    *folder = Some(name.as_str().to_string());
+                    *resolved = true;
+                }
+            }
+            out
+        })
+        .await;
+        match res {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                warn!(error = %e, "mailbox resolution task failed");
+                rcpts
+            }
+        }
     }
 
     async fn deliver_one(&self, sender: &Option<String>, r: &Rcpt, data: Arc<Vec<u8>>) -> Reply {
@@ -375,6 +454,7 @@ impl Ctx<'_> {
                 account,
                 folder,
                 quota,
+                ..
             } => {
                 let store = mda.store.clone();
                 let (account2, folder2, quota) = (account.clone(), folder.clone(), *quota);
@@ -570,6 +650,49 @@ impl Policy for Ctx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mailbox(address: &str, account: &str, folder: Option<&str>, resolved: bool) -> Rcpt {
+        Rcpt {
+            address: address.into(),
+            target: Target::Mailbox {
+                account: account.into(),
+                folder: folder.map(str::to_string),
+                quota: None,
+                resolved,
+            },
+        }
+    }
+
+    #[test]
+    fn recipients_of_one_mailbox_share_a_delivery() {
+        let a = mailbox("bob@example.test", "bob@example.test", Some("INBOX"), true);
+        let b = mailbox(
+            "robert@example.test",
+            "bob@example.test",
+            Some("INBOX"),
+            true,
+        );
+        let c = mailbox("bob+Rt@example.test", "bob@example.test", Some("Rt"), true);
+        let d = mailbox("bob+x@example.test", "bob@example.test", Some("x"), false);
+        let e = mailbox("bob+x@example.test", "bob@example.test", Some("x"), false);
+        assert_eq!(Dedup::of(0, &a), Dedup::of(1, &b));
+        assert_ne!(Dedup::of(0, &a), Dedup::of(2, &c));
+        // Unresolved mailboxes are never merged.
+        assert_ne!(Dedup::of(3, &d), Dedup::of(4, &e));
+        let p = Rcpt {
+            address: "list@example.test".into(),
+            target: Target::Program(vec!["/bin/true".into()]),
+        };
+        assert_eq!(Dedup::of(5, &p), Dedup::of(6, &p.clone()));
+    }
+
+    #[test]
+    fn plus_addresses_keep_the_case_of_the_detail() {
+        assert_eq!(
+            split_plus("Bob+Rt@example.test"),
+            ("Bob@example.test".into(), Some("Rt".into()))
+        );
+    }
 
     #[test]
     fn plus_addresses_split_into_folders() {

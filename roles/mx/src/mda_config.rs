@@ -12,7 +12,7 @@
 //! trusted_clients = ["10.0.0.0/24"]     # may deliver over LMTP (default: loopback)
 //! trusted_proxies = ["10.0.0.1"]        # LBs whose PROXY headers the IMAP listeners take
 //! program_timeout = "60s"
-//! max_message_size = 52428800
+//! max_message_size = 68157440          # default 65 MiB: the MX/MSA limit + 1 MiB of headers
 //! workers = 2                           # LMTP listener threads
 //! imap_commands_per_second = 500        # per IMAP session, sustained (burst: 1000)
 //! tls = { cert = "/etc/ringmail/imap.crt", key = "/etc/ringmail/imap.key" }  # absent: self-signed

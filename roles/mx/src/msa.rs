@@ -350,6 +350,8 @@ struct Txn {
     sender: String,
     params: MailParams,
     recipients: Vec<String>,
+    /// `session::envelope_key` of each of `recipients` (duplicates are queued once).
+    recipient_keys: std::collections::HashSet<String>,
     all_local: bool,
     incoming: Option<Incoming>,
     headers: Vec<u8>,
@@ -853,6 +855,7 @@ async fn on_mail(
             .unwrap_or_default(),
         params,
         recipients: Vec::new(),
+        recipient_keys: std::collections::HashSet::new(),
         all_local: true,
         incoming: None,
         headers: Vec::new(),
@@ -876,7 +879,12 @@ async fn on_rcpt(server: &mut Server, ctx: &mut Ctx<'_>, rcpt: &Mailbox) {
         return;
     };
     txn.all_local &= local;
-    txn.recipients.push(rcpt.raw().to_string());
+    if txn
+        .recipient_keys
+        .insert(crate::session::envelope_key(rcpt))
+    {
+        txn.recipients.push(rcpt.raw().to_string());
+    }
     server.accept();
 }
 

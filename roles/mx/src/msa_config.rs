@@ -14,7 +14,7 @@
 //!                                      #   local_route = "mda"
 //! local_route = "mta"                  # mta | mda: where mail for our own domains goes
 //! workers = 2                          # default: one per CPU
-//! max_message_size = 52428800          # bytes                               (default 50 MB)
+//! max_message_size = 67108864          # bytes, advertised as SIZE        (default 64 MiB)
 //! max_recipients = 100                 # per message (452 beyond)            (default 100)
 //! max_messages_per_hour = 500          # per account (450 4.7.1 beyond)      (default 500)
 //! max_auth_failures = 10               # per client address in 10 minutes, then 421 (default 10)
@@ -116,7 +116,7 @@ impl MsaConfig {
             local_relay: Vec::new(),
             local_route: LocalRoute::Mta,
             workers: None,
-            max_message_size: 50_000_000,
+            max_message_size: crate::DEFAULT_MAX_MESSAGE_SIZE,
             max_recipients: 100,
             max_messages_per_hour: 500,
             max_auth_failures: 10,

@@ -25,7 +25,7 @@
 //! max_connections = 100                # outbound connections in all          (default 100)
 //! max_per_destination = 20             # concurrent connections per domain   (default 20)
 //! workers = 2                          # listener threads (default: one per CPU, at most 4)
-//! max_message_size = 52428800          # bytes                               (default 50 MB)
+//! max_message_size = 68157440          # bytes                         (default 65 MiB)
 //! max_recipients = 1000                # per message                         (default 1000)
 //! retry_min = "5m"                     # first retry after a temporary failure
 //! retry_max = "1h"                     # the backoff's ceiling
@@ -111,7 +111,7 @@ impl MtaConfig {
             max_connections: 100,
             max_per_destination: 20,
             workers: None,
-            max_message_size: 50_000_000,
+            max_message_size: crate::DEFAULT_INTERNAL_MAX_MESSAGE_SIZE,
             max_recipients: 1000,
             retry_min: Duration::from_secs(300),
             retry_max: Duration::from_secs(3600),

@@ -9,6 +9,7 @@
 //!        ◀─ replies ◀─────────────┘            STARTTLS: handshake, core resets
 //! ```
 
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -28,6 +29,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::admin::MxStats;
+use crate::arfilter::ArFilter;
 use crate::config::{Enforce, MxConfig};
 use crate::driver::{Policy, flush};
 use crate::limits::{ConnLimits, ConnSlot, Refused};
@@ -115,12 +117,17 @@ struct Txn {
     params: MailParams,
     spf: Option<SpfOutcome>,
     recipients: Vec<(String, RcptParams)>,
+    /// [`envelope_key`] of each of `recipients`.
+    recipient_keys: HashSet<String>,
     incoming: Option<Incoming>,
     /// Bounded in-memory copy for DKIM/DMARC (the whole message up to the checker's limit,
     /// else the header section only).
     copy: Vec<u8>,
     copy_complete: bool,
     bytes: u64,
+    /// Drops forged `Authentication-Results` in our name from what is spooled.
+    ar_filter: Option<ArFilter>,
+    filtered: Vec<u8>,
 }
 
 impl Txn {
@@ -130,10 +137,13 @@ impl Txn {
             params,
             spf,
             recipients: Vec::new(),
+            recipient_keys: HashSet::new(),
             incoming: None,
             copy: Vec::new(),
             copy_complete: true,
             bytes: 0,
+            ar_filter: None,
+            filtered: Vec::new(),
         }
     }
 }
@@ -377,6 +387,16 @@ async fn on_mail(
 }
 
 /// Printable ASCII only, for echoing attacker-supplied text in a reply.
+/// What makes two recipients of one transaction the same envelope recipient: the local part
+/// as written, the domain ignoring case. A duplicate RCPT still gets its 250 but is queued
+/// once (as Postfix's cleanup does with `duplicate_filter_limit`).
+pub(crate) fn envelope_key(rcpt: &Mailbox) -> String {
+    match rcpt.domain() {
+        Domain::Name(d) => format!("{}@{}", rcpt.local(), d.to_ascii_lowercase()),
+        _ => rcpt.raw().to_string(),
+    }
+}
+
 pub(crate) fn printable(s: &str) -> String {
     s.chars()
         .filter(|c| c.is_ascii_graphic() || *c == ' ')
@@ -454,7 +474,9 @@ async fn on_rcpt(server: &mut Server, ctx: &mut Ctx<'_>, rcpt: &Mailbox, params:
         server.reject(reply);
         return;
     }
-    if let Some(txn) = ctx.txn.as_mut() {
+    if let Some(txn) = ctx.txn.as_mut()
+        && txn.recipient_keys.insert(envelope_key(rcpt))
+    {
         txn.recipients.push((rcpt.raw().to_string(), params));
     }
     server.accept();
@@ -464,6 +486,7 @@ fn on_data_start(server: &mut Server, ctx: &mut Ctx<'_>) {
     let Some(txn) = ctx.txn.as_mut() else {
         return;
     };
+    txn.ar_filter = Some(ArFilter::new(&ctx.mx.cfg.hostname));
     match ctx.mx.spool.begin() {
         Ok(incoming) => txn.incoming = Some(incoming),
         Err(e) => {
@@ -485,8 +508,16 @@ fn on_chunk(ctx: &mut Ctx<'_>, bytes: &[u8]) {
         return;
     };
     txn.bytes += bytes.len() as u64;
+    txn.filtered.clear();
+    let spooled = match txn.ar_filter.as_mut() {
+        Some(f) => {
+            f.push(bytes, &mut txn.filtered);
+            &txn.filtered[..]
+        }
+        None => bytes,
+    };
     if let Some(inc) = txn.incoming.as_mut()
-        && let Err(e) = inc.write(bytes)
+        && let Err(e) = inc.write(spooled)
     {
         warn!(error = %e, "spool write failed");
         txn.incoming = None;
@@ -527,11 +558,24 @@ async fn on_data_end(server: &mut Server, ctx: &mut Ctx<'_>) -> bool {
         server.reject(Reply::new(503, "5.5.1", "Error: no transaction"));
         return false;
     };
-    let Some(incoming) = txn.incoming.take() else {
+    let Some(mut incoming) = txn.incoming.take() else {
         server.reject(Reply::new(451, "4.3.0", "Error: queue file write error"));
         return false;
     };
     let ip = ctx.client.ip();
+    if let Some(mut f) = txn.ar_filter.take() {
+        let mut rest = Vec::new();
+        f.finish(&mut rest);
+        if let Err(e) = incoming.write(&rest) {
+            warn!(error = %e, "spool write failed");
+            incoming.abort();
+            server.reject(Reply::new(451, "4.3.0", "Error: queue file write error"));
+            return false;
+        }
+        if f.removed > 0 {
+            info!(client = %ip, removed = f.removed, "removed Authentication-Results fields in our name");
+        }
+    }
     let mut auth_results = String::new();
     if let (Some(checker), Some(spf)) = (&mx.checker, txn.spf.as_ref()) {
         let outcome = if txn.copy_complete {
@@ -686,4 +730,22 @@ fn new_envelope(ctx: &Ctx<'_>, txn: &Txn, headers: String) -> NewEnvelope {
     });
     env.headers = headers;
     env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> String {
+        envelope_key(&Mailbox::parse(s, false).expect("address"))
+    }
+
+    #[test]
+    fn envelope_duplicates_compare_the_domain_ignoring_case() {
+        assert_eq!(key("bob@example.test"), key("bob@EXAMPLE.test"));
+        assert_eq!(key("bob@example.test"), "bob@example.test");
+        // The local part is the receiving system's business (RFC 5321 2.4).
+        assert_ne!(key("bob@example.test"), key("BOB@example.test"));
+        assert_ne!(key("bob@example.test"), key("bob+x@example.test"));
+    }
 }

@@ -204,28 +204,52 @@ impl UserStore {
         }
     }
 
-    /// Delivers a message (LMTP). `folder` names the target mailbox; if it does not exist (or
-    /// is not a valid name) the message goes to INBOX, as Dovecot does with
-    /// `lda_mailbox_autocreate = no`. Durable before `Ok`: the file is fsynced in `tmp/`,
-    /// renamed into `cur/`, `cur/` is fsynced, and the index naming its UID is written
-    /// atomically. `size_hint` lets an over-quota message be refused before it is read.
+    /// The mailbox a delivery to `folder` goes to. Mailbox names are case-sensitive (as in
+    /// IMAP), so `folder` itself is taken when it exists; otherwise the one existing mailbox
+    /// whose name equals it ignoring ASCII case (Dovecot's `lmtp_save_to_detail_mailbox` has
+    /// no such fallback; it keeps `bob+lists@` reaching `Lists` when a relay lowercased the
+    /// address); otherwise (none, several, or an invalid name) INBOX, as Dovecot does with
+    /// `lda_mailbox_autocreate = no`.
+    pub fn delivery_mailbox(&self, folder: Option<&str>) -> Result<MailboxName, StoreError> {
+        Ok(self.delivery_target(folder)?.name.clone())
+    }
+
+    fn delivery_target(&self, folder: Option<&str>) -> Result<MboxDir, StoreError> {
+        let Some(folder) = folder else {
+            return Ok(self.ctx.mbox(MailboxName::inbox()));
+        };
+        let name = match MailboxName::parse(folder) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(user = %self.ctx.user, error = %e, "delivering to INBOX");
+                return Ok(self.ctx.mbox(MailboxName::inbox()));
+            }
+        };
+        let exact = self.ctx.mbox(name.clone());
+        if exact.exists() {
+            return Ok(exact);
+        }
+        let mut folded = self
+            .mailbox_names()?
+            .into_iter()
+            .filter(|n| n.as_str().eq_ignore_ascii_case(name.as_str()));
+        match (folded.next(), folded.next()) {
+            (Some(n), None) => Ok(self.ctx.mbox(n)),
+            _ => Ok(self.ctx.mbox(MailboxName::inbox())),
+        }
+    }
+
+    /// Delivers a message (LMTP) to [`UserStore::delivery_mailbox`] of `folder`. Durable
+    /// before `Ok`: the file is fsynced in `tmp/`, renamed into `cur/`, `cur/` is fsynced,
+    /// and the index naming its UID is written atomically. `size_hint` lets an over-quota
+    /// message be refused before it is read.
     pub fn deliver(
         &self,
         folder: Option<&str>,
         message: &mut dyn Read,
         size_hint: Option<u64>,
     ) -> Result<Delivered, StoreError> {
-        let target = folder
-            .and_then(|f| match MailboxName::parse(f) {
-                Ok(n) => Some(n),
-                Err(e) => {
-                    tracing::warn!(user = %self.ctx.user, error = %e, "delivering to INBOX");
-                    None
-                }
-            })
-            .map(|n| self.ctx.mbox(n))
-            .filter(MboxDir::exists)
-            .unwrap_or_else(|| self.ctx.mbox(MailboxName::inbox()));
+        let target = self.delivery_target(folder)?;
         if let Some(size) = size_hint {
             self.check_quota(size, 1)?;
         }
@@ -514,6 +538,39 @@ impl UserStore {
 
 /// Writes a message into `target`: tmp file, fsync, quota check on the real size, then under
 /// the mailbox lock a rename into `cur/`, fsync of `cur/`, and the index commit.
+/// Turns bare LF line ends into CRLF, across chunk boundaries. Messages are stored with
+/// CRLF lines (as Dovecot does with `mail_save_crlf = yes`), so a message's stored size,
+/// its RFC822.SIZE (the CRLF size) and the bytes FETCH BODY[] returns all agree, however the
+/// client (APPEND) or the LMTP client ended its lines. A lone CR is kept as it is.
+#[derive(Debug, Default)]
+pub(crate) struct CrlfWriter {
+    last_cr: bool,
+}
+
+impl CrlfWriter {
+    pub(crate) fn convert(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let mut start = 0;
+        for (i, &b) in chunk.iter().enumerate() {
+            if b == b'\n' {
+                let prev_cr = if i == 0 {
+                    self.last_cr
+                } else {
+                    chunk[i - 1] == b'\r'
+                };
+                if !prev_cr {
+                    out.extend_from_slice(&chunk[start..i]);
+                    out.push(b'\r');
+                    start = i;
+                }
+            }
+        }
+        out.extend_from_slice(&chunk[start..]);
+        if let Some(&b) = chunk.last() {
+            self.last_cr = b == b'\r';
+        }
+    }
+}
+
 pub(crate) fn add_message(
     target: &MboxDir,
     message: &mut dyn Read,
@@ -535,6 +592,8 @@ pub(crate) fn add_message(
         let mut w = BufWriter::with_capacity(64 * 1024, file);
         let mut counter = VsizeCounter::default();
         let mut buf = vec![0u8; 64 * 1024];
+        let mut crlf = CrlfWriter::default();
+        let mut out = Vec::with_capacity(2 * buf.len());
         loop {
             let n = match message.read(&mut buf) {
                 Ok(0) => break,
@@ -542,8 +601,10 @@ pub(crate) fn add_message(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(StoreError::io("read message for", &tmp, e)),
             };
-            counter.update(&buf[..n]);
-            w.write_all(&buf[..n])
+            out.clear();
+            crlf.convert(&buf[..n], &mut out);
+            counter.update(&out);
+            w.write_all(&out)
                 .map_err(|e| StoreError::io("write", &tmp, e))?;
         }
         let file = w

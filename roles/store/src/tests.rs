@@ -45,7 +45,7 @@ fn store(dir: &TempDir) -> Store {
 }
 
 fn msg(n: u32) -> Vec<u8> {
-    format!("Subject: message {n}\nX-N: {n}\n\nbody {n}\n").into_bytes()
+    format!("Subject: message {n}\r\nX-N: {n}\r\n\r\nbody {n}\r\n").into_bytes()
 }
 
 fn deliver(u: &UserStore, folder: Option<&str>, n: u32) -> Delivered {
@@ -297,6 +297,51 @@ fn vsize_counts_bare_lf_across_chunks() {
 }
 
 #[test]
+fn bare_lf_becomes_crlf_across_chunks() {
+    let input: &[u8] = b"a\nb\r\nc\rd\n\n\r";
+    let want: &[u8] = b"a\r\nb\r\nc\rd\r\n\r\n\r";
+    for split in 1..=input.len() {
+        let mut w = crate::store::CrlfWriter::default();
+        let mut out = Vec::new();
+        for c in input.chunks(split) {
+            w.convert(c, &mut out);
+        }
+        assert_eq!(out, want, "chunks of {split}");
+    }
+}
+
+#[test]
+fn stored_messages_have_crlf_lines_matching_their_size() {
+    let dir = TempDir::new("crlf");
+    let s = store(&dir);
+    let u = s.user("bob@example.org").unwrap();
+    // LMTP delivery and APPEND of a bare-LF message.
+    u.deliver(
+        None,
+        &mut &b"Subject: message 1\nX-N: 1\n\nbody 1\n"[..],
+        None,
+    )
+    .unwrap();
+    let uid = u
+        .open("INBOX")
+        .unwrap()
+        .append(b"Subject: x\n\nbody\n", &[], None)
+        .unwrap();
+    let mb = u.open("INBOX").unwrap();
+    for m in mb.messages() {
+        let bytes = mb.read(m.uid).unwrap();
+        assert!(!bytes.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'));
+        assert_eq!(bytes.len() as u64, m.size, "uid {}", m.uid);
+        assert_eq!(m.size, m.vsize, "uid {}", m.uid);
+    }
+    assert_eq!(mb.read(uid).unwrap(), b"Subject: x\r\n\r\nbody\r\n");
+    assert_eq!(
+        mb.read(1).unwrap(),
+        b"Subject: message 1\r\nX-N: 1\r\n\r\nbody 1\r\n"
+    );
+}
+
+#[test]
 fn flags_parse_from_imap() {
     assert_eq!(Flag::parse("\\SEEN"), Some(Flag::Seen));
     assert_eq!(Flag::parse("\\Recent"), None);
@@ -405,9 +450,9 @@ fn deliver_open_read_status() {
     assert!(mb.messages().iter().all(|m| m.recent && m.flags.is_empty()));
     assert_eq!(mb.read(2).unwrap(), msg(2));
     assert!(matches!(mb.read(9), Err(StoreError::NoSuchMessage(9))));
-    // vsize counts CRLF line ends; file names carry S= and W=, info ":2,".
+    // Stored with CRLF line ends, so vsize equals size; file names carry S= and W=, info ":2,".
     let m = &mb.messages()[0];
-    assert_eq!(m.vsize, m.size + 4);
+    assert_eq!(m.vsize, m.size);
     for f in cur_files(u.maildir()) {
         assert!(f.contains(",S=") && f.ends_with(":2,"), "{f}");
     }
@@ -426,6 +471,29 @@ fn deliver_open_read_status() {
     let uidlist = fs::read_to_string(u.maildir().join("dovecot-uidlist")).unwrap();
     assert!(uidlist.starts_with(&format!("3 V{} N3 G", d1.uidvalidity)));
     assert!(u.maildir().join("ringmail-index").exists());
+}
+
+#[test]
+fn delivery_folder_keeps_case_then_folds_when_unique() {
+    let dir = TempDir::new("foldercase");
+    let s = store(&dir);
+    let u = s.user("bob@example.org").unwrap();
+    u.create("Rt").unwrap();
+    u.create("Work").unwrap();
+    u.create("WORK").unwrap();
+    // Exact names first: capitals can be targeted.
+    assert_eq!(deliver(&u, Some("Rt"), 1).mailbox, "Rt");
+    assert_eq!(deliver(&u, Some("WORK"), 2).mailbox, "WORK");
+    assert_eq!(deliver(&u, Some("Work"), 3).mailbox, "Work");
+    // No exact match: the one mailbox equal ignoring case.
+    assert_eq!(deliver(&u, Some("rt"), 4).mailbox, "Rt");
+    assert_eq!(u.delivery_mailbox(Some("RT")).unwrap().as_str(), "Rt");
+    // Ambiguous or missing: INBOX.
+    assert_eq!(deliver(&u, Some("work"), 5).mailbox, "INBOX");
+    assert_eq!(deliver(&u, Some("Nope"), 6).mailbox, "INBOX");
+    assert_eq!(deliver(&u, Some("inbox"), 7).mailbox, "INBOX");
+    assert_eq!(u.delivery_mailbox(None).unwrap().as_str(), "INBOX");
+    assert_eq!(u.status("Rt").unwrap().messages, 2);
 }
 
 #[test]

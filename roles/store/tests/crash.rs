@@ -32,12 +32,12 @@ fn rng(seed: u64) -> impl FnMut() -> u64 {
 fn message(seed: u64) -> Vec<u8> {
     let mut next = rng(seed);
     let len = 64 + (next() % 40_000) as usize;
-    let mut v = format!("X-Seed: {seed} {len}\n\n").into_bytes();
+    let mut v = format!("X-Seed: {seed} {len}\r\n\r\n").into_bytes();
     while v.len() < len {
         let n = next();
         v.push(b'a' + (n % 26) as u8);
         if n.is_multiple_of(61) {
-            v.push(b'\n');
+            v.extend_from_slice(b"\r\n");
         }
     }
     v.truncate(len);
