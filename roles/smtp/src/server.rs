@@ -122,8 +122,9 @@ pub struct ServerConfig {
     pub max_message_size: u64,
     /// Largest header section in octets (default 1 MiB).
     pub max_header_bytes: u64,
-    /// Most `Received:` header fields a message may carry (default 50, Postfix's
-    /// `hopcount_limit`): more is a mail loop (RFC 5321 6.3), refused with 554 5.4.6.
+    /// Most `Received:` header fields a message may carry once this server has added its own
+    /// (default 50, Postfix's `hopcount_limit`): a message arriving with `max_hops` or more is
+    /// a mail loop (RFC 5321 6.3), refused with 554 5.4.6.
     pub max_hops: u32,
     /// Error replies before `421 Too many errors` (default 20).
     pub max_errors: u32,
@@ -207,8 +208,8 @@ pub enum AbortReason {
     HeaderTooLarge,
     /// A line over `max_data_line` (550 5.6.0 at the end of the message).
     LineTooLong,
-    /// More than `max_hops` Received header fields: a mail loop (554 5.4.6 at the end of the
-    /// message).
+    /// `max_hops` or more Received header fields (with ours, more than `max_hops`): a mail
+    /// loop (554 5.4.6 at the end of the message).
     TooManyHops,
     /// Bare CR or LF in BDAT content without BINARYMIME (550 5.6.0 after the chunk).
     BareLineEnding,
@@ -390,7 +391,9 @@ impl Content {
                         && self.head.eq_ignore_ascii_case(HOP_FIELD)
                     {
                         self.hops += 1;
-                        if self.hops > cfg.max_hops {
+                        // Counting the Received field this server adds (Postfix
+                        // `hopcount_limit`): the next hop must not see more than the limit.
+                        if self.hops.saturating_add(1) > cfg.max_hops {
                             self.refused = Some(AbortReason::TooManyHops);
                             return;
                         }
