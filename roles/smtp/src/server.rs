@@ -128,6 +128,10 @@ pub struct ServerConfig {
     pub max_hops: u32,
     /// Error replies before `421 Too many errors` (default 20).
     pub max_errors: u32,
+    /// Junk commands (NOOP, RSET, VRFY, HELP, a repeated HELO/EHLO/LHLO) allowed per session
+    /// (default 100, Postfix's `smtpd_junk_command_limit`); each one beyond counts as an error
+    /// toward `max_errors`.
+    pub max_junk_commands: u32,
     /// Unparsed pipelined input allowed while a verdict is pending (default 64 KiB).
     pub max_pending_input: usize,
     /// Offer STARTTLS (when TLS is not active yet).
@@ -153,6 +157,7 @@ impl Default for ServerConfig {
             max_header_bytes: 1 << 20,
             max_hops: 50,
             max_errors: 20,
+            max_junk_commands: 100,
             max_pending_input: 64 * 1024,
             offer_starttls: false,
             offer_auth: false,
@@ -586,6 +591,8 @@ pub struct Server {
     events: VecDeque<Event>,
     out: BytesMut,
     errors: u32,
+    /// Junk commands so far (see [`ServerConfig::max_junk_commands`]).
+    junk: u32,
 }
 
 impl Server {
@@ -609,6 +616,7 @@ impl Server {
             events: VecDeque::new(),
             out: BytesMut::new(),
             errors: 0,
+            junk: 0,
         }
     }
 
@@ -895,6 +903,25 @@ impl Server {
                 self.close(AbortReason::SessionClosed);
             }
         }
+    }
+
+    /// Counts a junk command; past `max_junk_commands` each one is an error, and at
+    /// `max_errors` the session ends with 421 instead of the command's reply. True if so.
+    fn too_much_junk(&mut self) -> bool {
+        self.junk = self.junk.saturating_add(1);
+        if self.junk <= self.cfg.max_junk_commands {
+            return false;
+        }
+        self.errors += 1;
+        if self.errors < self.cfg.max_errors {
+            return false;
+        }
+        let host = self.cfg.hostname.clone();
+        self.send_final(
+            Reply::new(421, "4.7.0", &format!("{host} Error: too many errors")),
+            AbortReason::SessionClosed,
+        );
+        true
     }
 
     /// Queues a final reply and closes.
@@ -1238,6 +1265,14 @@ impl Server {
                 return;
             }
         };
+        let junk = match cmd {
+            Command::Noop | Command::Rset | Command::Vrfy | Command::Help => true,
+            Command::Helo(_) | Command::Ehlo(_) | Command::Lhlo(_) => self.helo.is_some(),
+            _ => false,
+        };
+        if junk && self.too_much_junk() {
+            return;
+        }
         match cmd {
             Command::Helo(n) => self.helo_cmd(n, HeloKind::Helo, false),
             Command::Ehlo(n) => self.helo_cmd(n, HeloKind::Ehlo, false),

@@ -1069,6 +1069,52 @@ fn too_many_errors() {
 }
 
 #[test]
+fn junk_commands_count_as_errors_past_the_limit() {
+    // 3 junk commands are free; each further one (NOOP, RSET, VRFY, HELP, a repeated EHLO)
+    // counts as an error, and at max_errors the session ends with 421.
+    let r = check(
+        ServerConfig {
+            max_junk_commands: 3,
+            max_errors: 3,
+            ..cfg()
+        },
+        b"EHLO c\r\nNOOP\r\nRSET\r\nVRFY x\r\nHELP\r\nEHLO c\r\nNOOP\r\nNOOP\r\n",
+    );
+    let rs = replies(&r);
+    assert_eq!(
+        rs.last(),
+        Some(&"421 4.7.0 mx.example.org Error: too many errors"),
+        "{}",
+        r.output
+    );
+    // EHLO, NOOP, RSET, VRFY; then HELP, EHLO (errors 1, 2) answered; the next NOOP gets 421.
+    assert!(rs.iter().any(|l| l.starts_with("214 ")), "{}", r.output);
+    assert_eq!(rs.iter().filter(|l| l.starts_with("250 2.0.0 Ok")).count(), 2);
+    assert!(r.closed);
+    // The first EHLO and real commands are not junk.
+    let r = check(
+        ServerConfig {
+            max_junk_commands: 0,
+            max_errors: 1,
+            ..cfg()
+        },
+        b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nQUIT\r\n",
+    );
+    assert!(r.output.ends_with("221 2.0.0 Bye\r\n"), "{}", r.output);
+    // The default: 100 junk commands plus up to 19 more pass; 300 do not.
+    let mut input = b"EHLO c\r\n".to_vec();
+    for _ in 0..300 {
+        input.extend_from_slice(b"NOOP\r\n");
+    }
+    let cfg = Arc::new(cfg());
+    let r = run_chunks(&cfg, false, &[vec![&input[..]]], &mut { default_policy });
+    let oks = r.output.matches("250 2.0.0 Ok\r\n").count();
+    assert_eq!(oks, 119, "{}", r.output);
+    assert!(r.output.ends_with("421 4.7.0 mx.example.org Error: too many errors\r\n"));
+    assert!(r.closed);
+}
+
+#[test]
 fn timeout_in_data() {
     let mut s = Server::new(Arc::new(cfg()), false);
     s.greet();
