@@ -1089,7 +1089,10 @@ fn junk_commands_count_as_errors_past_the_limit() {
     );
     // EHLO, NOOP, RSET, VRFY; then HELP, EHLO (errors 1, 2) answered; the next NOOP gets 421.
     assert!(rs.iter().any(|l| l.starts_with("214 ")), "{}", r.output);
-    assert_eq!(rs.iter().filter(|l| l.starts_with("250 2.0.0 Ok")).count(), 2);
+    assert_eq!(
+        rs.iter().filter(|l| l.starts_with("250 2.0.0 Ok")).count(),
+        2
+    );
     assert!(r.closed);
     // The first EHLO and real commands are not junk.
     let r = check(
@@ -1110,7 +1113,10 @@ fn junk_commands_count_as_errors_past_the_limit() {
     let r = run_chunks(&cfg, false, &[vec![&input[..]]], &mut { default_policy });
     let oks = r.output.matches("250 2.0.0 Ok\r\n").count();
     assert_eq!(oks, 119, "{}", r.output);
-    assert!(r.output.ends_with("421 4.7.0 mx.example.org Error: too many errors\r\n"));
+    assert!(
+        r.output
+            .ends_with("421 4.7.0 mx.example.org Error: too many errors\r\n")
+    );
     assert!(r.closed);
 }
 
@@ -1586,4 +1592,37 @@ fn lmtp_per_recipient_replies() {
         r.output
             .ends_with("500 5.5.2 Error: command not recognized\r\n")
     );
+}
+
+/// Exactly one reply to a `BDAT n LAST` whose content has a bare CR or LF anywhere.
+#[test]
+fn bdat_bare_line_end_gets_one_reply() {
+    let mut bodies: Vec<Vec<u8>> = vec![b"Subject: x\n\nhi\r\n".to_vec()];
+    for at in 0..16 {
+        for bad in [&b"\n"[..], b"\r", b"\r\r", b"\n\n"] {
+            let mut b = b"Subject: abc\r\n\r\nbody\r\n".to_vec();
+            b.truncate(16);
+            b.splice(at..(at + bad.len()).min(16), bad.iter().copied());
+            b.truncate(16);
+            bodies.push(b);
+        }
+    }
+    for body in bodies {
+        let mut input = format!(
+            "EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nBDAT {} LAST\r\n",
+            body.len()
+        )
+        .into_bytes();
+        input.extend_from_slice(&body);
+        input.extend_from_slice(b"NOOP\r\n");
+        let r = check(cfg(), &input);
+        let rs = replies(&r);
+        let after_rcpt: Vec<&&str> = rs
+            .iter()
+            .skip_while(|l| !l.starts_with("250 2.1.5"))
+            .skip(1)
+            .collect();
+        assert_eq!(after_rcpt.len(), 2, "{body:?}: {}", r.output);
+        assert_eq!(*after_rcpt[1], "250 2.0.0 Ok", "{body:?}: {}", r.output);
+    }
 }
