@@ -905,6 +905,24 @@ impl Server {
         }
     }
 
+    /// The HELP reply: the commands this session accepts, STARTTLS and AUTH only when the
+    /// EHLO reply would offer them.
+    fn help_text(&self) -> String {
+        let mut text = String::from(if self.cfg.lmtp {
+            "Commands: LHLO"
+        } else {
+            "Commands: EHLO HELO"
+        });
+        text.push_str(" MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY");
+        if self.cfg.offer_starttls && !self.tls_active {
+            text.push_str(" STARTTLS");
+        }
+        if self.cfg.offer_auth && self.tls_active && !self.cfg.auth_mechanisms.is_empty() {
+            text.push_str(" AUTH");
+        }
+        text
+    }
+
     /// Counts a junk command; past `max_junk_commands` each one is an error, and at
     /// `max_errors` the session ends with 421 instead of the command's reply. True if so.
     fn too_much_junk(&mut self) -> bool {
@@ -1297,11 +1315,10 @@ impl Server {
                 "Cannot VRFY user; try RCPT to attempt delivery",
             )),
             Command::Expn => self.send(Reply::new(502, "5.5.1", "Error: command not implemented")),
-            Command::Help => self.send(Reply::new(
-                214,
-                "2.0.0",
-                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS AUTH",
-            )),
+            Command::Help => {
+                let text = self.help_text();
+                self.send(Reply::new(214, "2.0.0", &text));
+            }
             Command::StartTls => self.starttls(),
             Command::Auth { mechanism, initial } => self.auth(mechanism, initial),
         }

@@ -1326,7 +1326,7 @@ fn misc_commands() {
             "252 2.5.2 Cannot VRFY user; try RCPT to attempt delivery",
             "501 5.5.4 Syntax: VRFY address",
             "502 5.5.1 Error: command not implemented",
-            "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS AUTH",
+            "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY",
             "250 2.0.0 Ok",
             "501 5.5.4 Syntax: RSET",
             "500 5.5.2 Error: bad syntax",
@@ -1337,6 +1337,36 @@ fn misc_commands() {
     );
     assert!(r.closed);
     assert_eq!(r.events.last(), Some(&Event::Quit));
+}
+
+#[test]
+fn help_lists_what_ehlo_offers() {
+    let help = |c: ServerConfig, tls: bool| {
+        let r = if tls {
+            check_tls(c, b"HELP\r\n")
+        } else {
+            check(c, b"HELP\r\n")
+        };
+        replies(&r)[0].to_string()
+    };
+    let offered = || ServerConfig {
+        offer_starttls: true,
+        offer_auth: true,
+        ..cfg()
+    };
+    let base = "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY";
+    assert_eq!(help(cfg(), false), base);
+    assert_eq!(help(cfg(), true), base);
+    assert_eq!(help(offered(), false), format!("{base} STARTTLS"));
+    assert_eq!(help(offered(), true), format!("{base} AUTH"));
+    let lmtp = ServerConfig {
+        lmtp: true,
+        ..cfg()
+    };
+    assert_eq!(
+        help(lmtp, false),
+        "214 2.0.0 Commands: LHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY"
+    );
 }
 
 #[test]
@@ -1492,7 +1522,7 @@ fn bdat_bare_line_ends_need_binarymime() {
     );
     assert!(
         r.output
-            .ends_with("555 5.5.4 Unsupported option: parameter\r\n")
+            .ends_with("555 5.5.4 Unsupported option: BODY=BINARYMIME\r\n")
     );
 }
 
