@@ -6,7 +6,7 @@
 //!    AUTH ─▶ accounts.authenticate (failure: growing delay, 421 after too many)
 //!            SCRAM-SHA-256: accounts.scram_secret ─▶ ScramServer (unknown user or no SCRAM
 //!            secret: a fake secret from a per-process key, so it fails like a wrong password)
-//!    MAIL ─▶ authenticated? owns the sender? hourly rate ─▶ RCPT ─▶ DATA (header From owned?)
+//!    MAIL ─▶ authenticated? owns the sender? hourly rate ─▶ RCPT ─▶ DATA (From, Sender, Resent-* parsed strictly; all owned?)
 //!    end of data ─▶ Received (ESMTPSA, Authenticated sender), Message-ID, Date ─▶ spool ─▶ relay
 //! ```
 
