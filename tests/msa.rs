@@ -352,6 +352,29 @@ except smtplib.SMTPDataError as e:
     assert e.smtp_code == 553, e
 s.sendmail('sales@example.test', ['bob@example.org'], 'From: "Sales, Team" <sales@example.test>,\r\n alice@example.test (me)\r\nMessage-ID: <mine@example.test>\r\nSubject: x\r\n\r\nalias ok\r\n')
 s.quit()
+# The header From check parses strictly: every form another parser could read as someone else,
+# a missing From, and Sender/Resent-* of another account are refused.
+s=smtplib.SMTP(HOST, PORT, timeout=20); s.starttls(context=ctx); s.ehlo(); s.login('alice@example.test', PW)
+for head in [
+    'From: bob@example.test <alice@example.test>\r\n',
+    'From: "alice@example.test\\" <bob@example.test>\r\n',
+    'From: "bob@example.test" alice@example.test\r\n',
+    'From: <alice@example.test> bob@example.test\r\n',
+    'From: undisclosed-recipients:;\r\n',
+    '',
+    'From: alice@example.test\r\nFrom: alice@example.test\r\n',
+    'From: alice@example.test\r\nSender: eve@example.test\r\n',
+    'From: alice@example.test\r\nResent-From: eve@example.test\r\n',
+    'From: alice@example.test\r\nResent-Sender: Eve <eve@example.test>\r\n',
+]:
+    try:
+        s.sendmail('alice@example.test', ['bob@example.org'], head + 'Subject: x\r\n\r\nforged\r\n')
+        raise SystemExit('accepted: ' + repr(head))
+    except smtplib.SMTPDataError as e:
+        assert e.smtp_code == 553 and b'5.7.1' in e.smtp_error, (head, e)
+s.sendmail('alice@example.test', ['bob@example.org'], 'From: "Alice, A." <alice@example.test>\r\nSender: alice@example.test (Alice)\r\nSubject: x\r\n\r\nlegit\r\n')
+s.sendmail('alice@example.test', ['bob@example.org'], 'From: =?utf-8?q?Alice_A=2E?=\r\n <"alice"@example.test>\r\nSubject: x\r\n\r\nlegit\r\n')
+s.quit()
 # Commands pipelined with STARTTLS are discarded, not executed after the handshake.
 sock = socket.create_connection((HOST, PORT), timeout=20)
 f = sock.makefile('rb')
@@ -378,10 +401,16 @@ print('ok')
 "#,
     );
     assert!(ok && out.contains("ok"), "{out}");
-    let msgs = sink.wait(1);
-    assert!(msgs[0].contains("alias ok"));
-    assert!(msgs[0].contains("Message-ID: <mine@example.test>"));
-    assert_eq!(msgs[0].matches("Message-ID:").count(), 1, "{}", msgs[0]);
+    let msgs = sink.wait(3);
+    assert_eq!(msgs.len(), 3, "{msgs:?}");
+    assert!(msgs.iter().all(|m| !m.contains("forged")), "{msgs:?}");
+    assert_eq!(msgs.iter().filter(|m| m.contains("legit")).count(), 2);
+    let alias = msgs
+        .iter()
+        .find(|m| m.contains("alias ok"))
+        .expect("alias message");
+    assert!(alias.contains("Message-ID: <mine@example.test>"));
+    assert_eq!(alias.matches("Message-ID:").count(), 1, "{alias}");
 }
 
 #[test]
@@ -456,7 +485,7 @@ s.mail('alice@example.test')
 for r in ['a@x.test', 'b@x.test']: assert s.rcpt(r)[0] == 250
 r = s.rcpt('c@x.test'); assert r[0] == 452, r
 s.rset()
-s.sendmail('alice@example.test', ['a@x.test'], 'Subject: 1\r\n\r\none\r\n')
+s.sendmail('alice@example.test', ['a@x.test'], 'From: alice@example.test\r\nSubject: 1\r\n\r\none\r\n')
 r = s.docmd('MAIL FROM:<alice@example.test>'); assert r[0] == 450 and b'4.7.1' in r[1], r
 print('ok')
 "#,
@@ -490,7 +519,7 @@ fn through_the_lb_with_proxy_v2_the_real_client_is_recorded() {
         let (ok, out) = python(
             lb_addr,
             "s=smtplib.SMTP(HOST, PORT, timeout=20); s.starttls(context=ctx); s.login('alice@example.test', PW)\n\
-             s.sendmail('alice@example.test', ['bob@example.org'], 'Subject: lb\\r\\n\\r\\nvia lb\\r\\n'); s.quit()",
+             s.sendmail('alice@example.test', ['bob@example.org'], 'From: alice@example.test\\r\\nSubject: lb\\r\\n\\r\\nvia lb\\r\\n'); s.quit()",
         );
         if ok {
             last.clear();
@@ -515,7 +544,7 @@ class P(smtplib.SMTP):
         s.sendall(b'PROXY TCP4 192.0.2.7 127.0.0.1 40000 587\r\n')
         return s
 s=P(HOST, PORT, timeout=20); s.starttls(context=ctx); s.login('alice@example.test', PW)
-s.sendmail('alice@example.test', ['bob@example.org'], 'Subject: v1\r\n\r\nvia v1\r\n'); s.quit()
+s.sendmail('alice@example.test', ['bob@example.org'], 'From: alice@example.test\r\nSubject: v1\r\n\r\nvia v1\r\n'); s.quit()
 "#,
     );
     assert!(ok, "{out}");
@@ -523,7 +552,10 @@ s.sendmail('alice@example.test', ['bob@example.org'], 'Subject: v1\r\n\r\nvia v1
     let v1 = msgs.iter().find(|m| m.contains("via v1")).unwrap();
     assert!(v1.contains("[192.0.2.7]"), "{v1}");
     // A direct implicit-TLS client from the trusted address (no PROXY header) still works.
-    let body = dir.write("message.txt", "Subject: direct\r\n\r\ndirect 465\r\n");
+    let body = dir.write(
+        "message.txt",
+        "From: alice@example.test\r\nSubject: direct\r\n\r\ndirect 465\r\n",
+    );
     let (status, out) = run_bounded(
         Command::new("curl")
             .args(["-sS", "--url", &format!("smtps://{}", msa.tls_addr)])

@@ -1033,6 +1033,8 @@ fn command_limits_and_informational_commands() {
     // HELP, VRFY, EXPN.
     let r = c.cmd("HELP");
     assert_eq!(r.code, 214, "{r:?}");
+    // AUTH is not offered by the MX: HELP does not list it.
+    assert!(!r.lines.concat().contains("AUTH"), "{r:?}");
     let r = c.cmd("VRFY bob");
     assert_eq!(r.code, 252, "{r:?}");
     let r = c.cmd("EXPN staff");

@@ -41,6 +41,7 @@ fn config(flags: u8) -> ServerConfig {
         max_header_bytes: if small { 100 } else { 100_000 },
         max_hops: if small { 2 } else { 50 },
         max_errors: if small { 5 } else { 20 },
+        max_junk_commands: if small { 3 } else { 100 },
         max_pending_input: if small { 512 } else { 64 * 1024 },
     }
 }

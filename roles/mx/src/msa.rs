@@ -6,7 +6,7 @@
 //!    AUTH ─▶ accounts.authenticate (failure: growing delay, 421 after too many)
 //!            SCRAM-SHA-256: accounts.scram_secret ─▶ ScramServer (unknown user or no SCRAM
 //!            secret: a fake secret from a per-process key, so it fails like a wrong password)
-//!    MAIL ─▶ authenticated? owns the sender? hourly rate ─▶ RCPT ─▶ DATA (header From owned?)
+//!    MAIL ─▶ authenticated? owns the sender? hourly rate ─▶ RCPT ─▶ DATA (From, Sender, Resent-* parsed strictly; all owned?)
 //!    end of data ─▶ Received (ESMTPSA, Authenticated sender), Message-ID, Date ─▶ spool ─▶ relay
 //! ```
 
@@ -356,6 +356,8 @@ struct Txn {
     incoming: Option<Incoming>,
     headers: Vec<u8>,
     headers_done: bool,
+    /// The header section was longer than [`MAX_HEADER_COPY`]: not all of it was seen.
+    headers_truncated: bool,
 }
 
 struct Ctx<'a> {
@@ -860,6 +862,7 @@ async fn on_mail(
         incoming: None,
         headers: Vec::new(),
         headers_done: false,
+        headers_truncated: false,
     });
     server.accept();
 }
@@ -907,6 +910,7 @@ fn on_chunk(ctx: &mut Ctx<'_>, bytes: &[u8]) {
             txn.headers_done = true;
         } else if txn.headers.len() >= MAX_HEADER_COPY {
             txn.headers_done = true;
+            txn.headers_truncated = true;
         }
     }
 }
@@ -999,6 +1003,326 @@ pub fn header_addresses(value: &str) -> Vec<String> {
     out
 }
 
+/// The header fields whose addresses must all belong to the authenticated account, and
+/// whether the field may appear at most once (RFC 5322 3.6: From and Sender; Resent- blocks
+/// may repeat, 3.6.6) and must hold exactly one mailbox (Sender, Resent-Sender).
+const ORIGINATOR_FIELDS: [(&str, bool, bool); 4] = [
+    ("From", true, false),
+    ("Sender", true, true),
+    ("Resent-From", false, false),
+    ("Resent-Sender", false, true),
+];
+
+/// Why a message's originator fields are refused (553 5.7.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginatorError {
+    /// No `From:` field (required, RFC 5322 3.6).
+    MissingFrom,
+    /// `From:` or `Sender:` more than once.
+    Repeated(&'static str),
+    /// The field is not a plain mailbox list: the reason.
+    Malformed(&'static str, &'static str),
+    /// An address the account does not own.
+    NotOwned(&'static str, String),
+}
+
+impl OriginatorError {
+    /// The reply text (printable; addresses shown with [`printable`]).
+    pub fn reply_text(&self, user: &str) -> String {
+        match self {
+            OriginatorError::MissingFrom => {
+                "Message refused: no From: header field (RFC 5322 3.6)".to_string()
+            }
+            OriginatorError::Repeated(f) => {
+                format!("Message refused: more than one {f}: header field")
+            }
+            OriginatorError::Malformed(f, why) => {
+                format!("Message refused: {f}: header field not understood: {why}")
+            }
+            OriginatorError::NotOwned(f, a) => format!(
+                "<{}>: Sender address rejected: {f}: address not owned by user {user}",
+                printable(a)
+            ),
+        }
+    }
+}
+
+/// The originator fields of a header section, each address checked by `owns`: `Ok(())` when
+/// From (required, once), Sender (at most once, one mailbox), Resent-From and Resent-Sender
+/// parse completely as plain mailbox lists ([`parse_mailbox_list`]) and every address in them
+/// is owned.
+pub async fn check_originators<F, Fut>(
+    fields: &[(String, String)],
+    mut owns: F,
+) -> Result<(), OriginatorError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut addresses = Vec::new();
+    for (name, once, single) in ORIGINATOR_FIELDS {
+        let values: Vec<&str> = fields
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        if name == "From" && values.is_empty() {
+            return Err(OriginatorError::MissingFrom);
+        }
+        if once && values.len() > 1 {
+            return Err(OriginatorError::Repeated(name));
+        }
+        for v in values {
+            let list =
+                parse_mailbox_list(v).map_err(|why| OriginatorError::Malformed(name, why))?;
+            if single && list.len() != 1 {
+                return Err(OriginatorError::Malformed(name, "more than one address"));
+            }
+            addresses.extend(list.into_iter().map(|a| (name, a)));
+        }
+    }
+    for (name, a) in addresses {
+        if !owns(a.clone()).await {
+            return Err(OriginatorError::NotOwned(name, a));
+        }
+    }
+    Ok(())
+}
+
+/// A lexical token of a structured header field body (RFC 5322 3.2), comments and folding
+/// whitespace skipped. `spaced`: whitespace or a comment came before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tok {
+    Atom(String),
+    Quoted(String),
+    Literal(String),
+    Special(char),
+}
+
+fn is_atext(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
+}
+
+/// Splits a field body into tokens; an unterminated quoted string, comment or domain
+/// literal, or a character allowed nowhere, is an error.
+fn tokens(value: &str) -> Result<Vec<(Tok, bool)>, &'static str> {
+    let mut out = Vec::new();
+    let mut chars = value.chars().peekable();
+    let mut spaced = false;
+    while let Some(c) = chars.next() {
+        match c {
+            ' ' | '\t' => spaced = true,
+            '(' => {
+                let mut depth = 1usize;
+                while depth > 0 {
+                    match chars.next() {
+                        None => return Err("unterminated comment"),
+                        Some('\\') => {
+                            if chars.next().is_none() {
+                                return Err("unterminated comment");
+                            }
+                        }
+                        Some('(') => depth += 1,
+                        Some(')') => depth -= 1,
+                        Some(c) if c.is_control() && c != '\t' => {
+                            return Err("control character");
+                        }
+                        Some(_) => {}
+                    }
+                }
+                spaced = true;
+            }
+            '"' => {
+                let mut s = String::new();
+                loop {
+                    match chars.next() {
+                        None => return Err("unterminated quoted string"),
+                        Some('\\') => match chars.next() {
+                            Some(c) if !c.is_control() || c == '\t' => s.push(c),
+                            _ => return Err("unterminated quoted string"),
+                        },
+                        Some('"') => break,
+                        Some(c) if c.is_control() && c != '\t' => {
+                            return Err("control character");
+                        }
+                        Some(c) => s.push(c),
+                    }
+                }
+                out.push((Tok::Quoted(s), spaced));
+                spaced = false;
+            }
+            '[' => {
+                let mut s = String::new();
+                loop {
+                    match chars.next() {
+                        None => return Err("unterminated domain literal"),
+                        Some(']') => break,
+                        Some(c) if c == '[' || c == '\\' || c.is_control() => {
+                            return Err("bad domain literal");
+                        }
+                        Some(c) => s.push(c),
+                    }
+                }
+                out.push((Tok::Literal(s), spaced));
+                spaced = false;
+            }
+            c if is_atext(c) => {
+                let mut s = String::from(c);
+                while let Some(&n) = chars.peek() {
+                    if !is_atext(n) {
+                        break;
+                    }
+                    s.push(n);
+                    chars.next();
+                }
+                out.push((Tok::Atom(s), spaced));
+                spaced = false;
+            }
+            '<' | '>' | '@' | ',' | ';' | ':' | '.' => {
+                out.push((Tok::Special(c), spaced));
+                spaced = false;
+            }
+            ')' => return Err("unbalanced ')'"),
+            ']' => return Err("unbalanced ']'"),
+            _ => return Err("character not allowed here"),
+        }
+    }
+    Ok(out)
+}
+
+/// Whether `s` is a dot-atom text (RFC 5322 3.2.3).
+fn is_dot_atom(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.')
+            .all(|p| !p.is_empty() && p.chars().all(is_atext))
+}
+
+/// Parses an addr-spec from `toks[*i..]`; folding whitespace and comments inside it (obsolete
+/// syntax) are refused. A quoted local part whose content is a dot-atom is unquoted
+/// (`"alice"@x` is `alice@x`); another keeps its quotes (escaped).
+fn addr_spec(toks: &[(Tok, bool)], i: &mut usize) -> Result<String, &'static str> {
+    let adjacent = |j: usize| toks.get(j).is_some_and(|(_, spaced)| !spaced);
+    let mut local = String::new();
+    match toks.get(*i) {
+        Some((Tok::Quoted(q), _)) => {
+            *i += 1;
+            if is_dot_atom(q) {
+                local.push_str(q);
+            } else {
+                local.push('"');
+                for c in q.chars() {
+                    if c == '"' || c == '\\' {
+                        local.push('\\');
+                    }
+                    local.push(c);
+                }
+                local.push('"');
+            }
+        }
+        Some((Tok::Atom(a), _)) => {
+            *i += 1;
+            local.push_str(a);
+            while adjacent(*i) && toks[*i].0 == Tok::Special('.') {
+                match toks.get(*i + 1) {
+                    Some((Tok::Atom(a), false)) => {
+                        local.push('.');
+                        local.push_str(a);
+                        *i += 2;
+                    }
+                    _ => return Err("bad local part"),
+                }
+            }
+        }
+        _ => return Err("expected an address"),
+    }
+    if !(adjacent(*i) && toks[*i].0 == Tok::Special('@')) {
+        return Err("address without '@'");
+    }
+    *i += 1;
+    let mut domain = String::new();
+    match toks.get(*i) {
+        Some((Tok::Atom(a), false)) => {
+            *i += 1;
+            domain.push_str(a);
+            while adjacent(*i) && toks[*i].0 == Tok::Special('.') {
+                match toks.get(*i + 1) {
+                    Some((Tok::Atom(a), false)) => {
+                        domain.push('.');
+                        domain.push_str(a);
+                        *i += 2;
+                    }
+                    _ => return Err("bad domain"),
+                }
+            }
+        }
+        Some((Tok::Literal(l), false)) => {
+            *i += 1;
+            domain = format!("[{}]", l.trim());
+        }
+        _ => return Err("bad domain"),
+    }
+    Ok(format!("{local}@{domain}"))
+}
+
+/// The addresses of a mailbox-list (RFC 5322 3.4) parsed strictly, so that no mail client
+/// can read another address from the same text: `[display-name] <addr-spec>` or a bare
+/// `addr-spec`, separated by commas. The display name is a phrase of atoms and quoted strings
+/// (encoded-words are atoms: text, never an address), with `.` allowed after its first word
+/// (obs-phrase); comments and folding whitespace are skipped between tokens. Refused: an
+/// unterminated quoted string or comment, a stray special (`@`, `<`, `:` ...) in a display
+/// name, anything after an address but a comma, a group, an empty list or element, a
+/// source route, and comments or whitespace inside an address.
+pub fn parse_mailbox_list(value: &str) -> Result<Vec<String>, &'static str> {
+    let toks = tokens(value)?;
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        // A phrase (display name) or the start of an addr-spec.
+        let start = i;
+        while let Some((t, _)) = toks.get(i) {
+            match t {
+                Tok::Atom(_) | Tok::Quoted(_) => i += 1,
+                Tok::Special('.') if i > start => i += 1,
+                _ => break,
+            }
+        }
+        match toks.get(i) {
+            Some((Tok::Special('<'), _)) => {
+                i += 1;
+                if matches!(toks.get(i), Some((Tok::Special('@'), _))) {
+                    return Err("source route");
+                }
+                out.push(addr_spec(&toks, &mut i)?);
+                if !matches!(toks.get(i), Some((Tok::Special('>'), _))) {
+                    return Err("unterminated or malformed <address>");
+                }
+                i += 1;
+            }
+            Some((Tok::Special(':'), _)) => return Err("group syntax"),
+            _ if i == start => {
+                return Err(if toks.is_empty() {
+                    "no address"
+                } else {
+                    "expected an address"
+                });
+            }
+            _ => {
+                // No angle brackets: the words were the local part of a bare addr-spec.
+                let mut j = start;
+                out.push(addr_spec(&toks, &mut j)?);
+                i = j;
+            }
+        }
+        match toks.get(i) {
+            None => return Ok(out),
+            Some((Tok::Special(','), _)) if i + 1 < toks.len() => i += 1,
+            Some((Tok::Special(','), _)) => return Err("empty list element"),
+            Some((Tok::Special(';'), _)) => return Err("group syntax"),
+            Some(_) => return Err("text after an address"),
+        }
+    }
+}
+
 fn random_token() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -1030,33 +1354,21 @@ async fn on_data_end(server: &mut Server, ctx: &mut Ctx<'_>) -> bool {
     let fields = header_fields(&txn.headers);
     let has = |n: &str| fields.iter().any(|(k, _)| k.eq_ignore_ascii_case(n));
     let user = printable(&account.address);
-    // Every From: address must be the user's.
-    let mut from = Vec::new();
-    for (_, v) in fields
-        .iter()
-        .filter(|(k, _)| k.eq_ignore_ascii_case("from"))
-    {
-        from.extend(header_addresses(v));
-    }
-    let mut bad = None;
-    for a in &from {
-        if !msa.accounts.owns(&account, a).await {
-            bad = Some(a.clone());
-            break;
-        }
-    }
-    if let Some(a) = bad {
+    // From (and Sender, Resent-From, Resent-Sender): strictly parsed, every address the user's.
+    let verdict = if txn.headers_truncated {
+        Err(OriginatorError::Malformed(
+            "From",
+            "header section too long to check",
+        ))
+    } else {
+        let (accounts, acct) = (&msa.accounts, &account);
+        check_originators(&fields, |a| async move { accounts.owns(acct, &a).await }).await
+    };
+    if let Err(e) = verdict {
         inc(&msa.stats.refused_sender);
-        info!(client = %ctx.client.ip(), user = %user, from = %printable(&a), "refused: header From not owned");
+        info!(client = %ctx.client.ip(), user = %user, problem = ?e, "refused: originator header fields");
         incoming.abort();
-        server.reject(Reply::new(
-            553,
-            "5.7.1",
-            &format!(
-                "<{}>: Sender address rejected: not owned by user {user}",
-                printable(&a)
-            ),
-        ));
+        server.reject(Reply::new(553, "5.7.1", &e.reply_text(&user)));
         return false;
     }
     let id = incoming.id().to_string();
@@ -1150,6 +1462,139 @@ mod tests {
         );
         let f = header_fields(b"From: Alice\r\n <alice@example.test>\r\nSubject: x\r\n");
         assert_eq!(f[0].1, "Alice <alice@example.test>");
+    }
+
+    /// The originator check of a header section, alice@example.test (any case) owned.
+    fn check(section: &str) -> Result<(), OriginatorError> {
+        let fields = header_fields(section.as_bytes());
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(check_originators(&fields, |a| async move {
+                a.eq_ignore_ascii_case("alice@example.test")
+            }))
+    }
+
+    #[test]
+    fn originator_bypasses_refused() {
+        let malformed =
+            |e: Result<(), OriginatorError>| matches!(e, Err(OriginatorError::Malformed(..)));
+        // Parser differentials: what some client reads as bob, or nothing checked.
+        for from in [
+            "bob@example.test <alice@example.test>",
+            "\"alice@example.test\\\" <bob@example.test>",
+            "\"bob@example.test\" alice@example.test",
+            "<alice@example.test> bob@example.test",
+            "undisclosed-recipients:;",
+            "Team: alice@example.test;",
+            "",
+            "Alice",
+            "Alice (unterminated <alice@example.test>",
+            "Al<ice <alice@example.test>",
+            "alice@example.test <alice@example.test>",
+            "<alice@example.test",
+            "<@relay.test:alice@example.test>",
+            "alice@example.test,",
+            "alice @example.test",
+            "alice(c)@example.test",
+            "alice@example.test; bob@example.test",
+            "a@b@example.test",
+        ] {
+            let r = check(&format!("From: {from}\r\nSubject: x\r\n"));
+            assert!(malformed(r.clone()), "{from:?}: {r:?}");
+        }
+        assert_eq!(check("Subject: x\r\n"), Err(OriginatorError::MissingFrom));
+        assert_eq!(check(""), Err(OriginatorError::MissingFrom));
+        assert_eq!(
+            check("From: alice@example.test\r\nfrom: alice@example.test\r\n"),
+            Err(OriginatorError::Repeated("From"))
+        );
+        assert_eq!(
+            check(
+                "From: alice@example.test\r\nSender: a@example.test\r\nSender: alice@example.test\r\n"
+            ),
+            Err(OriginatorError::Repeated("Sender"))
+        );
+        for (f, h) in [
+            (
+                "From",
+                "From: Alice <alice@example.test>, Bob <bob@example.test>\r\n",
+            ),
+            (
+                "Sender",
+                "From: alice@example.test\r\nSender: Bob <bob@example.test>\r\n",
+            ),
+            (
+                "Resent-From",
+                "From: alice@example.test\r\nResent-From: bob@example.test\r\n",
+            ),
+            (
+                "Resent-Sender",
+                "From: alice@example.test\r\nResent-Sender: bob@example.test\r\n",
+            ),
+        ] {
+            assert_eq!(
+                check(h),
+                Err(OriginatorError::NotOwned(f, "bob@example.test".to_string())),
+                "{h:?}"
+            );
+        }
+        // Sender and Resent-Sender name one mailbox.
+        assert!(malformed(check(
+            "From: alice@example.test\r\nSender: alice@example.test, alice@example.test\r\n"
+        )));
+        // An encoded-word is display text: the address is what counts.
+        assert!(check("From: =?utf-8?b?YWxpY2U=?= <bob@example.test>\r\n").is_err());
+        // A quoted local part other than a dot-atom is kept quoted (and shown so).
+        let e = check("From: \"bob smith\"@example.test\r\n").unwrap_err();
+        assert_eq!(
+            e,
+            OriginatorError::NotOwned("From", "\"bob smith\"@example.test".to_string())
+        );
+        assert!(
+            e.reply_text("alice@example.test")
+                .starts_with("<\"bob smith\"@example.test>: ")
+        );
+        let e = check("From: \"b\\\"ob\"@example.test\r\n").unwrap_err();
+        assert!(
+            e.reply_text("alice@example.test")
+                .starts_with("<\"b\\\"ob\"@example.test>"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn originator_legitimate_forms_pass() {
+        for h in [
+            "From: \"Alice, A.\" <alice@example.test>\r\n",
+            "From: Alice <alice@example.test>\r\n",
+            "From: alice@example.test (Alice)\r\n",
+            "From: alice@example.test\r\n",
+            "From: <alice@example.test>\r\n",
+            "From: Alice A. Liddell <Alice@Example.Test>\r\n",
+            "From: (comment) Alice (more) <alice@example.test> (trailing)\r\n",
+            "From: Alice\r\n <alice@example.test>\r\n",
+            "From:\r\n\t\"Alice\"\r\n\t<alice@example.test>,\r\n alice@example.test\r\n",
+            "From: =?utf-8?q?Alice_=C3=A9?= <alice@example.test>\r\n",
+            "From: =?utf-8?b?Ym9iQGV4YW1wbGUudGVzdA==?= <alice@example.test>\r\n",
+            "From: \"alice\"@example.test\r\n",
+            "From: \"Al \\\"the\\\" ice\" <alice@example.test>\r\n",
+            "From: Älice <alice@example.test>\r\n",
+            "From: alice@example.test\r\nSender: <alice@example.test>\r\nResent-From: alice@example.test\r\nResent-Sender: alice@example.test\r\nResent-From: Alice <alice@example.test>\r\n",
+        ] {
+            assert_eq!(check(h), Ok(()), "{h:?}");
+        }
+        assert_eq!(
+            parse_mailbox_list("\"Doe, Jane\" <jane@example.test>, bob@example.test (Bob)"),
+            Ok(vec![
+                "jane@example.test".to_string(),
+                "bob@example.test".to_string()
+            ])
+        );
+        assert_eq!(
+            parse_mailbox_list("x <a@[192.0.2.1]>"),
+            Ok(vec!["a@[192.0.2.1]".to_string()])
+        );
     }
 
     #[test]

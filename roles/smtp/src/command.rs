@@ -242,11 +242,11 @@ fn bad_value(keyword: &str) -> Reply {
 }
 
 fn unsupported(keyword: &str) -> Reply {
-    // The keyword is echoed only if it is short, plain ASCII.
+    // The keyword (or `KEYWORD=value` we name) is echoed only if it is short, plain ASCII.
     let k = if keyword.len() <= 20
         && keyword
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'=')
     {
         keyword
     } else {
@@ -488,8 +488,8 @@ mod tests {
         assert_eq!(parse_mail_params("FOO=1", &p).unwrap_err().code(), 555);
         assert_eq!(parse_mail_params("AUTH=<>", &p).unwrap_err().code(), 555);
         assert_eq!(
-            parse_mail_params("BODY=BINARYMIME", &p).unwrap_err().code(),
-            555
+            parse_mail_params("BODY=BINARYMIME", &p).unwrap_err(),
+            Reply::new(555, "5.5.4", "Unsupported option: BODY=BINARYMIME")
         );
         assert_eq!(parse_mail_params("SIZE=x", &p).unwrap_err().code(), 501);
         assert_eq!(

@@ -122,11 +122,16 @@ pub struct ServerConfig {
     pub max_message_size: u64,
     /// Largest header section in octets (default 1 MiB).
     pub max_header_bytes: u64,
-    /// Most `Received:` header fields a message may carry (default 50, Postfix's
-    /// `hopcount_limit`): more is a mail loop (RFC 5321 6.3), refused with 554 5.4.6.
+    /// Most `Received:` header fields a message may carry once this server has added its own
+    /// (default 50, Postfix's `hopcount_limit`): a message arriving with `max_hops` or more is
+    /// a mail loop (RFC 5321 6.3), refused with 554 5.4.6.
     pub max_hops: u32,
     /// Error replies before `421 Too many errors` (default 20).
     pub max_errors: u32,
+    /// Junk commands (NOOP, RSET, VRFY, HELP, a repeated HELO/EHLO/LHLO) allowed per session
+    /// (default 100, Postfix's `smtpd_junk_command_limit`); each one beyond counts as an error
+    /// toward `max_errors`.
+    pub max_junk_commands: u32,
     /// Unparsed pipelined input allowed while a verdict is pending (default 64 KiB).
     pub max_pending_input: usize,
     /// Offer STARTTLS (when TLS is not active yet).
@@ -152,6 +157,7 @@ impl Default for ServerConfig {
             max_header_bytes: 1 << 20,
             max_hops: 50,
             max_errors: 20,
+            max_junk_commands: 100,
             max_pending_input: 64 * 1024,
             offer_starttls: false,
             offer_auth: false,
@@ -207,8 +213,8 @@ pub enum AbortReason {
     HeaderTooLarge,
     /// A line over `max_data_line` (550 5.6.0 at the end of the message).
     LineTooLong,
-    /// More than `max_hops` Received header fields: a mail loop (554 5.4.6 at the end of the
-    /// message).
+    /// `max_hops` or more Received header fields (with ours, more than `max_hops`): a mail
+    /// loop (554 5.4.6 at the end of the message).
     TooManyHops,
     /// Bare CR or LF in BDAT content without BINARYMIME (550 5.6.0 after the chunk).
     BareLineEnding,
@@ -390,7 +396,9 @@ impl Content {
                         && self.head.eq_ignore_ascii_case(HOP_FIELD)
                     {
                         self.hops += 1;
-                        if self.hops > cfg.max_hops {
+                        // Counting the Received field this server adds (Postfix
+                        // `hopcount_limit`): the next hop must not see more than the limit.
+                        if self.hops.saturating_add(1) > cfg.max_hops {
                             self.refused = Some(AbortReason::TooManyHops);
                             return;
                         }
@@ -583,6 +591,8 @@ pub struct Server {
     events: VecDeque<Event>,
     out: BytesMut,
     errors: u32,
+    /// Junk commands so far (see [`ServerConfig::max_junk_commands`]).
+    junk: u32,
 }
 
 impl Server {
@@ -606,6 +616,7 @@ impl Server {
             events: VecDeque::new(),
             out: BytesMut::new(),
             errors: 0,
+            junk: 0,
         }
     }
 
@@ -892,6 +903,43 @@ impl Server {
                 self.close(AbortReason::SessionClosed);
             }
         }
+    }
+
+    /// The HELP reply: the commands this session accepts, STARTTLS and AUTH only when the
+    /// EHLO reply would offer them.
+    fn help_text(&self) -> String {
+        let mut text = String::from(if self.cfg.lmtp {
+            "Commands: LHLO"
+        } else {
+            "Commands: EHLO HELO"
+        });
+        text.push_str(" MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY");
+        if self.cfg.offer_starttls && !self.tls_active {
+            text.push_str(" STARTTLS");
+        }
+        if self.cfg.offer_auth && self.tls_active && !self.cfg.auth_mechanisms.is_empty() {
+            text.push_str(" AUTH");
+        }
+        text
+    }
+
+    /// Counts a junk command; past `max_junk_commands` each one is an error, and at
+    /// `max_errors` the session ends with 421 instead of the command's reply. True if so.
+    fn too_much_junk(&mut self) -> bool {
+        self.junk = self.junk.saturating_add(1);
+        if self.junk <= self.cfg.max_junk_commands {
+            return false;
+        }
+        self.errors += 1;
+        if self.errors < self.cfg.max_errors {
+            return false;
+        }
+        let host = self.cfg.hostname.clone();
+        self.send_final(
+            Reply::new(421, "4.7.0", &format!("{host} Error: too many errors")),
+            AbortReason::SessionClosed,
+        );
+        true
     }
 
     /// Queues a final reply and closes.
@@ -1235,6 +1283,14 @@ impl Server {
                 return;
             }
         };
+        let junk = match cmd {
+            Command::Noop | Command::Rset | Command::Vrfy | Command::Help => true,
+            Command::Helo(_) | Command::Ehlo(_) | Command::Lhlo(_) => self.helo.is_some(),
+            _ => false,
+        };
+        if junk && self.too_much_junk() {
+            return;
+        }
         match cmd {
             Command::Helo(n) => self.helo_cmd(n, HeloKind::Helo, false),
             Command::Ehlo(n) => self.helo_cmd(n, HeloKind::Ehlo, false),
@@ -1259,11 +1315,10 @@ impl Server {
                 "Cannot VRFY user; try RCPT to attempt delivery",
             )),
             Command::Expn => self.send(Reply::new(502, "5.5.1", "Error: command not implemented")),
-            Command::Help => self.send(Reply::new(
-                214,
-                "2.0.0",
-                "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS AUTH",
-            )),
+            Command::Help => {
+                let text = self.help_text();
+                self.send(Reply::new(214, "2.0.0", &text));
+            }
             Command::StartTls => self.starttls(),
             Command::Auth { mechanism, initial } => self.auth(mechanism, initial),
         }

@@ -957,11 +957,13 @@ fn looped_message(hops: usize) -> Vec<u8> {
 
 #[test]
 fn mail_loops_are_refused_by_hop_count() {
-    // 50 Received fields (the default limit) pass; the look-alikes and the body do not count.
-    let r = check(cfg(), &looped_message(50));
+    // 49 Received fields pass (ours makes 50, the default limit); the look-alikes and the body
+    // do not count.
+    let r = check(cfg(), &looped_message(49));
     assert!(r.events.contains(&Event::DataEnd), "{}", r.output);
-    // One more is a loop: 554 5.4.6 at the end of the message; the session goes on.
-    let r = check(cfg(), &looped_message(51));
+    // 50 is a loop (the next hop would see 51): 554 5.4.6 at the end of the message; the
+    // session goes on.
+    let r = check(cfg(), &looped_message(50));
     assert!(
         r.output.ends_with(
             "354 End data with <CR><LF>.<CR><LF>\r\n554 5.4.6 Error: too many hops (mail loop)\r\n250 2.0.0 Ok\r\n"
@@ -980,9 +982,17 @@ fn mail_loops_are_refused_by_hop_count() {
             max_hops: 3,
             ..cfg()
         },
-        &looped_message(4),
+        &looped_message(3),
     );
     assert!(r.output.contains("554 5.4.6"), "{}", r.output);
+    let r = check(
+        ServerConfig {
+            max_hops: 3,
+            ..cfg()
+        },
+        &looped_message(2),
+    );
+    assert!(r.events.contains(&Event::DataEnd), "{}", r.output);
 }
 
 #[test]
@@ -1054,6 +1064,58 @@ fn too_many_errors() {
             "500 5.5.2 Error: command not recognized",
             "421 4.7.0 mx.example.org Error: too many errors",
         ]
+    );
+    assert!(r.closed);
+}
+
+#[test]
+fn junk_commands_count_as_errors_past_the_limit() {
+    // 3 junk commands are free; each further one (NOOP, RSET, VRFY, HELP, a repeated EHLO)
+    // counts as an error, and at max_errors the session ends with 421.
+    let r = check(
+        ServerConfig {
+            max_junk_commands: 3,
+            max_errors: 3,
+            ..cfg()
+        },
+        b"EHLO c\r\nNOOP\r\nRSET\r\nVRFY x\r\nHELP\r\nEHLO c\r\nNOOP\r\nNOOP\r\n",
+    );
+    let rs = replies(&r);
+    assert_eq!(
+        rs.last(),
+        Some(&"421 4.7.0 mx.example.org Error: too many errors"),
+        "{}",
+        r.output
+    );
+    // EHLO, NOOP, RSET, VRFY; then HELP, EHLO (errors 1, 2) answered; the next NOOP gets 421.
+    assert!(rs.iter().any(|l| l.starts_with("214 ")), "{}", r.output);
+    assert_eq!(
+        rs.iter().filter(|l| l.starts_with("250 2.0.0 Ok")).count(),
+        2
+    );
+    assert!(r.closed);
+    // The first EHLO and real commands are not junk.
+    let r = check(
+        ServerConfig {
+            max_junk_commands: 0,
+            max_errors: 1,
+            ..cfg()
+        },
+        b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nQUIT\r\n",
+    );
+    assert!(r.output.ends_with("221 2.0.0 Bye\r\n"), "{}", r.output);
+    // The default: 100 junk commands plus up to 19 more pass; 300 do not.
+    let mut input = b"EHLO c\r\n".to_vec();
+    for _ in 0..300 {
+        input.extend_from_slice(b"NOOP\r\n");
+    }
+    let cfg = Arc::new(cfg());
+    let r = run_chunks(&cfg, false, &[vec![&input[..]]], &mut { default_policy });
+    let oks = r.output.matches("250 2.0.0 Ok\r\n").count();
+    assert_eq!(oks, 119, "{}", r.output);
+    assert!(
+        r.output
+            .ends_with("421 4.7.0 mx.example.org Error: too many errors\r\n")
     );
     assert!(r.closed);
 }
@@ -1264,7 +1326,7 @@ fn misc_commands() {
             "252 2.5.2 Cannot VRFY user; try RCPT to attempt delivery",
             "501 5.5.4 Syntax: VRFY address",
             "502 5.5.1 Error: command not implemented",
-            "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS AUTH",
+            "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY",
             "250 2.0.0 Ok",
             "501 5.5.4 Syntax: RSET",
             "500 5.5.2 Error: bad syntax",
@@ -1275,6 +1337,36 @@ fn misc_commands() {
     );
     assert!(r.closed);
     assert_eq!(r.events.last(), Some(&Event::Quit));
+}
+
+#[test]
+fn help_lists_what_ehlo_offers() {
+    let help = |c: ServerConfig, tls: bool| {
+        let r = if tls {
+            check_tls(c, b"HELP\r\n")
+        } else {
+            check(c, b"HELP\r\n")
+        };
+        replies(&r)[0].to_string()
+    };
+    let offered = || ServerConfig {
+        offer_starttls: true,
+        offer_auth: true,
+        ..cfg()
+    };
+    let base = "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY";
+    assert_eq!(help(cfg(), false), base);
+    assert_eq!(help(cfg(), true), base);
+    assert_eq!(help(offered(), false), format!("{base} STARTTLS"));
+    assert_eq!(help(offered(), true), format!("{base} AUTH"));
+    let lmtp = ServerConfig {
+        lmtp: true,
+        ..cfg()
+    };
+    assert_eq!(
+        help(lmtp, false),
+        "214 2.0.0 Commands: LHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY"
+    );
 }
 
 #[test]
@@ -1430,7 +1522,7 @@ fn bdat_bare_line_ends_need_binarymime() {
     );
     assert!(
         r.output
-            .ends_with("555 5.5.4 Unsupported option: parameter\r\n")
+            .ends_with("555 5.5.4 Unsupported option: BODY=BINARYMIME\r\n")
     );
 }
 
@@ -1530,4 +1622,37 @@ fn lmtp_per_recipient_replies() {
         r.output
             .ends_with("500 5.5.2 Error: command not recognized\r\n")
     );
+}
+
+/// Exactly one reply to a `BDAT n LAST` whose content has a bare CR or LF anywhere.
+#[test]
+fn bdat_bare_line_end_gets_one_reply() {
+    let mut bodies: Vec<Vec<u8>> = vec![b"Subject: x\n\nhi\r\n".to_vec()];
+    for at in 0..16 {
+        for bad in [&b"\n"[..], b"\r", b"\r\r", b"\n\n"] {
+            let mut b = b"Subject: abc\r\n\r\nbody\r\n".to_vec();
+            b.truncate(16);
+            b.splice(at..(at + bad.len()).min(16), bad.iter().copied());
+            b.truncate(16);
+            bodies.push(b);
+        }
+    }
+    for body in bodies {
+        let mut input = format!(
+            "EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nBDAT {} LAST\r\n",
+            body.len()
+        )
+        .into_bytes();
+        input.extend_from_slice(&body);
+        input.extend_from_slice(b"NOOP\r\n");
+        let r = check(cfg(), &input);
+        let rs = replies(&r);
+        let after_rcpt: Vec<&&str> = rs
+            .iter()
+            .skip_while(|l| !l.starts_with("250 2.1.5"))
+            .skip(1)
+            .collect();
+        assert_eq!(after_rcpt.len(), 2, "{body:?}: {}", r.output);
+        assert_eq!(*after_rcpt[1], "250 2.0.0 Ok", "{body:?}: {}", r.output);
+    }
 }
