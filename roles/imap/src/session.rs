@@ -1886,6 +1886,10 @@ impl Session {
         uid: bool,
         ex: &Extras,
     ) -> Reply<Done> {
+        if flags.iter().any(|f| matches!(f, ImapFlag::Extension(_))) {
+            // \Recent and unknown system flags cannot be stored (as Dovecot: BAD).
+            return Err(Done::bad("Invalid system flag"));
+        }
         let idx = self.resolve(set, uid)?;
         if !self.sel.as_ref().is_some_and(|s| s.writable) {
             return Err(Done::no("READ-ONLY", "Mailbox is read-only"));

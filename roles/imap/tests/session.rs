@@ -919,3 +919,22 @@ fn literal_of_bad_command_is_not_executed() {
         "s BAD Syntax error or unknown command\r\nt OK NOOP completed\r\n"
     );
 }
+
+/// STORE of \\Recent or an unknown system flag is BAD (they cannot be stored); keywords work.
+#[test]
+fn store_refuses_invalid_system_flags() {
+    let store = store_with_mail();
+    let mut c = Client::logged_in(&store);
+    c.send("s SELECT INBOX\r\n");
+    let r = c.send("a STORE 1 +FLAGS (\\Recent)\r\n");
+    assert_eq!(r, "a BAD Invalid system flag\r\n");
+    let r = c.send("b STORE 1 +FLAGS (\\Seen \\Bogus)\r\n");
+    assert_eq!(r, "b BAD Invalid system flag\r\n");
+    let r = c.send("c STORE 1 +FLAGS.SILENT (\\Seen $Work)\r\n");
+    assert_eq!(r, "c OK STORE completed\r\n");
+    let r = c.send("d FETCH 1 FLAGS\r\n");
+    assert!(
+        r.contains("\\Seen") && r.contains("$Work") && !r.contains("Bogus"),
+        "{r}"
+    );
+}
