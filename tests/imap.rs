@@ -406,6 +406,8 @@ fn login_timeout_and_connection_limit() {
             "2",
             "--imap-max-connections-per-ip",
             "3",
+            "--imap-max-userip-connections",
+            "1",
         ],
     );
     let script = format!(
@@ -423,6 +425,19 @@ def read_all(sock, limit):
             break
         got += b
     return got, time.monotonic() - t
+# One logged-in session per user and address: a second one of bob fails, alice's works, and
+# bob's place is free again once his first session ends.
+b1 = imaplib.IMAP4_SSL(*S, ssl_context=ctx); b1.login('bob@example.test', 'bob-pw')
+b2 = imaplib.IMAP4_SSL(*S, ssl_context=ctx)
+try:
+    b2.login('bob@example.test', 'bob-pw'); second = True
+except imaplib.IMAP4.error:
+    second = False
+check(not second, 'second session of bob from one address')
+a1 = imaplib.IMAP4_SSL(*S, ssl_context=ctx); a1.login('alice@example.test', 'alice-pw'); a1.logout()
+b1.logout(); b2.logout(); time.sleep(1.0)
+b3 = imaplib.IMAP4_SSL(*S, ssl_context=ctx); b3.login('bob@example.test', 'bob-pw'); b3.logout()
+time.sleep(0.3)
 # Plain, idle after the greeting: BYE and close after about 2 s.
 c = socket.create_connection(P, 10)
 got, took = read_all(c, 15)
