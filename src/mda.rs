@@ -59,6 +59,19 @@ pub struct MdaArgs {
     /// Sustained IMAP commands per second per session (default: 500, bursts of 1000).
     #[arg(long)]
     imap_commands_per_second: Option<u32>,
+    /// Seconds from connect within which an IMAP client must log in (default 180).
+    #[arg(long)]
+    imap_login_timeout: Option<u64>,
+    /// IMAP connections at once per client address (default 50).
+    #[arg(long)]
+    imap_max_connections_per_ip: Option<usize>,
+    /// Logged-in IMAP sessions at once per user and client address (default 10).
+    #[arg(long)]
+    imap_max_userip_connections: Option<usize>,
+    /// Failed IMAP logins per client address in 10 minutes before its logins are refused
+    /// unchecked (default 10).
+    #[arg(long)]
+    imap_max_auth_failures: Option<u32>,
 }
 
 fn parse_program(s: &str) -> Result<(String, Vec<String>), String> {
@@ -135,6 +148,17 @@ fn quick(args: &MdaArgs) -> Result<MdaConfig> {
         .collect();
     cfg.imap = args.imap.into_iter().collect();
     cfg.imap_commands_per_second = args.imap_commands_per_second;
+    let l = &mut cfg.imap_limits;
+    if let Some(s) = args.imap_login_timeout {
+        l.login_timeout = std::time::Duration::from_secs(s);
+    }
+    l.max_connections_per_ip = args
+        .imap_max_connections_per_ip
+        .unwrap_or(l.max_connections_per_ip);
+    l.max_userip_connections = args
+        .imap_max_userip_connections
+        .unwrap_or(l.max_userip_connections);
+    l.max_auth_failures = args.imap_max_auth_failures.unwrap_or(l.max_auth_failures);
     cfg.imaps = args.imaps.into_iter().collect();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         cfg.tls = Some(ringmail_mx::config::TlsFiles {

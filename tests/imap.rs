@@ -370,3 +370,186 @@ print('OK')
     let out = python(&script);
     assert!(out.contains("OK"), "{out}");
 }
+
+/// Password guessing is braked per client address: every failure is answered after a delay
+/// that grows with the address's recent failures, the address is locked out after
+/// `--imap-max-auth-failures`, and another address is affected by neither. The failure log
+/// names the client address, never the password.
+#[test]
+fn login_failures_are_delayed_and_locked_out_per_address() {
+    if !Path::new(PY).exists() {
+        skip("python3 not installed");
+        return;
+    }
+    let tmp = TempDir::new("imap-brake");
+    let s = start_with(tmp.path(), &["--imap-max-auth-failures", "3"]);
+    let script = format!(
+        "{PRELUDE}
+S = ('{si}', {sp})
+class From(imaplib.IMAP4_SSL):
+    src = '127.0.0.1'
+    def _create_socket(self, timeout):
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(self.src, 0))
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+class Other(From):
+    src = '127.0.0.2'
+def attempt(cls, user, pw):
+    m = cls(*S, ssl_context=ctx)
+    t = time.monotonic()
+    try:
+        m.login(user, pw); ok = True
+    except imaplib.IMAP4.error:
+        ok = False
+    took = time.monotonic() - t
+    try:
+        m.logout()
+    except Exception:
+        pass
+    return ok, took
+times = [attempt(From, 'bob@example.test', 'guess-%d' % i) for i in range(3)]
+print('times', times)
+check(not any(ok for ok, _ in times), 'a wrong password was accepted')
+check(times[1][1] >= 0.9 and times[2][1] >= 1.8, 'failures not delayed: %r' % times)
+# Locked out: even the right password is refused.
+ok, took = attempt(From, 'bob@example.test', 'bob-pw')
+check(not ok, 'locked-out address logged in')
+# Another address: not delayed beyond its own first failure, and not locked out.
+ok, took = attempt(Other, 'alice@example.test', 'wrong')
+check(not ok and took < 1.5, 'other address delayed: %r' % took)
+ok, took = attempt(Other, 'alice@example.test', 'alice-pw')
+check(ok, 'other address locked out')
+print('OK')
+",
+        si = s.imaps.ip(),
+        sp = s.imaps.port(),
+    );
+    let out = python(&script);
+    assert!(out.contains("OK"), "{out}");
+    let log = fs::read_to_string(&s.log).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("imap login failed") && l.contains("rip=127.0.0.1")),
+        "{log}"
+    );
+    assert!(log.contains("too many authentication failures"), "{log}");
+    assert!(!log.contains("guess-") && !log.contains("bob-pw"), "{log}");
+}
+
+/// Connections that do not log in are closed after `--imap-login-timeout` (plain, and implicit
+/// TLS without a handshake); `--imap-max-connections-per-ip` refuses with BYE.
+#[test]
+fn login_timeout_and_connection_limit() {
+    if !Path::new(PY).exists() {
+        skip("python3 not installed");
+        return;
+    }
+    let tmp = TempDir::new("imap-timeout");
+    let s = start_with(
+        tmp.path(),
+        &[
+            "--imap-login-timeout",
+            "2",
+            "--imap-max-connections-per-ip",
+            "3",
+            "--imap-max-userip-connections",
+            "1",
+        ],
+    );
+    let script = format!(
+        "{PRELUDE}
+P = ('{pi}', {pp}); S = ('{si}', {sp})
+def read_all(sock, limit):
+    sock.settimeout(limit); got = b''
+    t = time.monotonic()
+    while True:
+        try:
+            b = sock.recv(1000)
+        except (ConnectionResetError, socket.timeout):
+            break
+        if not b:
+            break
+        got += b
+    return got, time.monotonic() - t
+# One logged-in session per user and address: a second one of bob fails, alice's works, and
+# bob's place is free again once his first session ends.
+b1 = imaplib.IMAP4_SSL(*S, ssl_context=ctx); b1.login('bob@example.test', 'bob-pw')
+b2 = imaplib.IMAP4_SSL(*S, ssl_context=ctx)
+try:
+    b2.login('bob@example.test', 'bob-pw'); second = True
+except imaplib.IMAP4.error:
+    second = False
+check(not second, 'second session of bob from one address')
+a1 = imaplib.IMAP4_SSL(*S, ssl_context=ctx); a1.login('alice@example.test', 'alice-pw'); a1.logout()
+b1.logout(); b2.logout(); time.sleep(1.0)
+b3 = imaplib.IMAP4_SSL(*S, ssl_context=ctx); b3.login('bob@example.test', 'bob-pw'); b3.logout()
+time.sleep(0.3)
+# Plain, idle after the greeting: BYE and close after about 2 s.
+c = socket.create_connection(P, 10)
+got, took = read_all(c, 15)
+check(got.startswith(b'* OK') and b'* BYE' in got and took < 6, 'plain: %r after %.1f s' % (got, took))
+# Implicit TLS, no handshake at all: closed.
+c = socket.create_connection(S, 10)
+got, took = read_all(c, 15)
+check(got == b'' and took < 6, 'tls: %r after %.1f s' % (got, took))
+# A fourth connection from one address: BYE Too many connections; another address is served.
+held = [socket.create_connection(P, 10) for _ in range(3)]
+for h in held:
+    check(h.recv(1000).startswith(b'* OK'), 'greeting')
+c = socket.create_connection(P, 10)
+got, _ = read_all(c, 5)
+check(got == b'* BYE Too many connections\\r\\n', 'limit: %r' % got)
+o = socket.create_connection(P, 10, source_address=('127.0.0.2', 0))
+check(o.recv(1000).startswith(b'* OK'), 'other address refused')
+print('OK')
+",
+        pi = s.imap.ip(),
+        pp = s.imap.port(),
+        si = s.imaps.ip(),
+        sp = s.imaps.port(),
+    );
+    let out = python(&script);
+    assert!(out.contains("OK"), "{out}");
+}
+
+/// A command that fails to parse with a LITERAL+ message: the message's lines are never run
+/// as commands (a real TLS client, raw bytes).
+#[test]
+fn literal_of_a_bad_command_is_not_run() {
+    if !Path::new(PY).exists() {
+        skip("python3 not installed");
+        return;
+    }
+    let tmp = TempDir::new("imap-literal");
+    let s = start(tmp.path());
+    let script = format!(
+        "{PRELUDE}
+S = ('{si}', {sp})
+m = imaplib.IMAP4_SSL(*S, ssl_context=ctx); m.login('bob@example.test', 'bob-pw')
+check(m.create('VictimFolder')[0] == 'OK', 'create'); m.logout()
+c = ctx.wrap_socket(socket.create_connection(S, 10), server_hostname='x'); c.settimeout(10)
+def until(tag):
+    got = b''
+    while not got.endswith(b'\\r\\n') or (b'\\r\\n' + tag + b' ') not in b'\\r\\n' + got:
+        b = c.recv(65536)
+        if not b:
+            break
+        got += b
+    return got
+until(b'* OK')
+c.sendall(b'l LOGIN bob@example.test bob-pw\\r\\n'); until(b'l')
+c.sendall(b'e ENABLE IMAP4rev2\\r\\n'); until(b'e')
+body = b'From: x@example.org\\r\\nSubject: hi\\r\\n\\r\\nz1 DELETE VictimFolder\\r\\nz2 CREATE pwned\\r\\n'
+for head in [b'a6 APPEND \"Entw\\xc3\\xbcrfe\" (\\\\Seen) {{%d+}}' % len(body), b'a7 APPEND rt ~{{%d+}}' % len(body)]:
+    c.sendall(head + b'\\r\\n' + body + b'\\r\\nn NOOP\\r\\n')
+    got = until(b'n')
+    check(got.count(b' BAD ') == 1 and b'z1' not in got and b'z2' not in got, 'reply: %r' % got)
+c.sendall(b'x LIST \"\" *\\r\\n'); got = until(b'x')
+check(b'VictimFolder' in got and b'pwned' not in got, 'list: %r' % got)
+print('OK')
+",
+        si = s.imaps.ip(),
+        sp = s.imaps.port(),
+    );
+    let out = python(&script);
+    assert!(out.contains("OK"), "{out}");
+}

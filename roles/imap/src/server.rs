@@ -45,6 +45,11 @@ pub struct ServerConfig {
     pub idle_poll: Duration,
     /// Inactivity before the session is logged out (RFC 9051: at least 30 minutes).
     pub inactivity: Duration,
+    /// Time from connect (TLS handshake included) within which a client must log in, or
+    /// it is sent BYE and disconnected (Dovecot: about 3 minutes).
+    pub login_timeout: Duration,
+    /// Longest TLS handshake (implicit TLS and STARTTLS).
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -54,6 +59,8 @@ impl Default for ServerConfig {
             tls: None,
             idle_poll: Duration::from_millis(500),
             inactivity: Duration::from_secs(30 * 60),
+            login_timeout: Duration::from_secs(180),
+            tls_handshake_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -203,6 +210,42 @@ async fn write_out(conn: &mut Conn, s: &mut Session) -> io::Result<()> {
     Ok(())
 }
 
+/// A TLS handshake, at most `limit` long. The handshake's state is boxed so that it does
+/// not size the connection future (the task every connection keeps for its whole life).
+async fn handshake(a: &TlsAcceptor, tcp: TcpStream, limit: Duration) -> io::Result<Conn> {
+    match tokio::time::timeout(limit, Box::pin(a.accept(tcp))).await {
+        Ok(tls) => Ok(Conn::Tls(Box::new(tls?))),
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Refuses a connection: the TLS handshake on implicit TLS ports, then `* BYE <text>` and
+/// close (for example over a connection limit).
+pub async fn refuse(
+    tcp: TcpStream,
+    implicit_tls: bool,
+    cfg: &ServerConfig,
+    text: &str,
+) -> io::Result<()> {
+    let mut conn = match (&cfg.tls, implicit_tls) {
+        (Some(t), true) => {
+            handshake(
+                &TlsAcceptor::from(t.clone()),
+                tcp,
+                cfg.tls_handshake_timeout,
+            )
+            .await?
+        }
+        (None, true) => return Err(io::ErrorKind::InvalidInput.into()),
+        _ => Conn::Plain(tcp),
+    };
+    conn.write_all(format!("* BYE {text}\r\n").as_bytes())
+        .await?;
+    conn.flush().await?;
+    conn.shutdown().await;
+    Ok(())
+}
+
 /// Drives one connection to its end.
 pub async fn connection(
     tcp: TcpStream,
@@ -211,11 +254,13 @@ pub async fn connection(
     backend: Arc<dyn Backend>,
 ) -> io::Result<()> {
     let _ = tcp.set_nodelay(true);
+    let login_deadline = tokio::time::Instant::now() + cfg.login_timeout;
     let acceptor = cfg.tls.clone().map(TlsAcceptor::from);
     let mut conn = match (&acceptor, implicit_tls) {
-        // The handshake's state is boxed so that it does not size the future (the task every
-        // connection keeps for its whole life).
-        (Some(a), true) => Conn::Tls(Box::new(Box::pin(a.accept(tcp)).await?)),
+        (Some(a), true) => {
+            let limit = cfg.tls_handshake_timeout.min(cfg.login_timeout);
+            handshake(a, tcp, limit).await?
+        }
         (None, true) => return Err(io::ErrorKind::InvalidInput.into()),
         _ => Conn::Plain(tcp),
     };
@@ -241,7 +286,7 @@ pub async fn connection(
                     };
                     // Bytes the client sent after STARTTLS are still in the socket: the TLS
                     // handshake reads them, so injected plaintext fails the handshake.
-                    conn = Conn::Tls(Box::new(Box::pin(a.accept(tcp)).await?));
+                    conn = handshake(a, tcp, cfg.tls_handshake_timeout).await?;
                     s.tls_established();
                 }
                 Event::Login { user, password } => {
@@ -257,7 +302,11 @@ pub async fn connection(
         }
         let throttle = s.poll_timeout();
         let idling = s.is_idling();
-        let inactivity = last_input + cfg.inactivity;
+        let inactivity = if s.is_authenticated() {
+            last_input + cfg.inactivity
+        } else {
+            (last_input + cfg.inactivity).min(login_deadline)
+        };
         tokio::select! {
             r = conn.read_input(), if throttle.is_none() => {
                 let data = r?;

@@ -708,7 +708,7 @@ impl Session {
             match self.mode {
                 Mode::Literal(n) | Mode::Skip(n) => {
                     let k = n.min(avail);
-                    if k == 0 {
+                    if k == 0 && n > 0 {
                         break;
                     }
                     if matches!(self.mode, Mode::Literal(_)) {
@@ -726,15 +726,19 @@ impl Session {
                     let starts_command = matches!(self.mode, Mode::Line) && self.cmd.is_empty();
                     let Some(nl) = self.inbuf[pos..].iter().position(|&b| b == b'\n') else {
                         if avail > self.cfg.max_line {
-                            self.line_too_long();
+                            let tag = self.overlong_tag(&self.inbuf[pos..]);
+                            self.line_too_long(tag);
                             pos = self.inbuf.len();
                         }
                         break;
                     };
                     if nl + 1 > self.cfg.max_line {
+                        let tag = self.overlong_tag(&self.inbuf[pos..]);
                         pos += nl + 1;
-                        self.line_too_long();
-                        self.mode = Mode::Line;
+                        self.line_too_long(tag);
+                        if !self.closing {
+                            self.mode = Mode::Line;
+                        }
                         continue;
                     }
                     if starts_command && !self.take_token() {
@@ -754,17 +758,49 @@ impl Session {
         }
     }
 
-    fn line_too_long(&mut self) {
+    /// The tag to answer an overlong line with: the tag of the command it belongs to (the
+    /// line's own first word, the command that announced a literal before it, or the IDLE or
+    /// AUTHENTICATE in progress), or `None` if there is no usable one. `None` while the rest of
+    /// an overlong line is being dropped (it has been answered).
+    fn overlong_tag(&self, line: &[u8]) -> Option<String> {
+        let tag = match &self.mode {
+            Mode::SkipLine => return None,
+            Mode::Idle(t) | Mode::AuthData(t) => return Some(t.clone()),
+            _ if !self.cmd.is_empty() => tag_of(&self.cmd),
+            _ => tag_of(&line[..line.len().min(MAX_TAG)]),
+        };
+        // `tag_of` only sees the first MAX_TAG octets: a tag that fills them may go on.
+        (tag != "*" && tag.len() < MAX_TAG).then_some(tag)
+    }
+
+    /// An overlong line: a tagged BAD for its command and the rest of the line is dropped,
+    /// or BYE if the command's tag is unknown (the client could not match an answer).
+    fn line_too_long(&mut self, tag: Option<String>) {
         self.cmd.clear();
         self.literals_in_cmd = 0;
         if matches!(self.mode, Mode::SkipLine) {
             return;
         }
         self.mode = Mode::SkipLine;
-        self.bad += 1;
-        self.raw("* BAD [TOOBIG] Line too long\r\n".into());
-        if self.bad >= self.cfg.max_bad_commands {
-            self.bye("Too many invalid commands");
+        match tag {
+            Some(tag) => {
+                self.bad += 1;
+                self.raw(format!("{tag} BAD [TOOBIG] Line too long\r\n"));
+                if self.bad >= self.cfg.max_bad_commands {
+                    self.bye("Too many invalid commands");
+                }
+            }
+            None => self.bye("Line too long"),
+        }
+    }
+
+    /// Drops the `n` octets of a non-synchronising literal of a command that has been
+    /// answered, then the rest of that command. Beyond twice the APPEND limit, hangs up.
+    fn skip_literal(&mut self, n: usize) {
+        if n as u64 > 2 * u64::from(self.cfg.max_append) {
+            self.bye("Literal too large");
+        } else if !self.closing {
+            self.mode = Mode::Skip(n);
         }
     }
 
@@ -773,8 +809,11 @@ impl Session {
         match std::mem::replace(&mut self.mode, Mode::Line) {
             Mode::SkipLine => {}
             Mode::DiscardRest => {
-                if let Some(n) = trailing_literal(&line) {
-                    self.mode = if n.1 { Mode::Skip(n.0) } else { Mode::Line };
+                if let Some((n, non_sync)) = trailing_literal(&line) {
+                    // A synchronising literal is not sent: the command was answered.
+                    if non_sync {
+                        self.skip_literal(n);
+                    }
                 }
             }
             Mode::Idle(tag) => {
@@ -791,6 +830,9 @@ impl Session {
                     self.cmd.clear();
                     self.literals_in_cmd = 0;
                     self.finish("*", Done::bad("Lines must end in CRLF"));
+                    if let Some((n, true)) = trailing_literal(&line) {
+                        self.skip_literal(n);
+                    }
                     return;
                 }
                 self.cmd.extend_from_slice(&line);
@@ -827,12 +869,18 @@ impl Session {
                     self.finish(&tag, Done::no("TOOBIG", text));
                     if mode == LiteralMode::NonSync {
                         // The client sends the octets anyway (LITERAL+): drop them, then the
-                        // rest of the command. Beyond twice the APPEND limit, hang up.
-                        if u64::from(length) > 2 * u64::from(self.cfg.max_append) {
-                            self.bye("Literal too large");
-                        } else {
-                            self.mode = Mode::Skip(length as usize);
-                        }
+                        // rest of the command.
+                        self.skip_literal(length as usize);
+                    }
+                    return;
+                }
+                if append && length == 0 {
+                    // An empty message: refused at once (as Dovecot does), its (empty)
+                    // literal and the rest of the command are dropped.
+                    self.literals_in_cmd = 0;
+                    self.finish(&tag, Done::no("", "Can't save a zero byte message"));
+                    if mode == LiteralMode::NonSync {
+                        self.skip_literal(0);
                     }
                     return;
                 }
@@ -848,6 +896,17 @@ impl Session {
             _ => {
                 self.literals_in_cmd = 0;
                 let tag = tag_of(&buf);
+                if let Some((n, non_sync)) = trailing_literal(&buf) {
+                    // The command is bad before its end and announced a literal: answer it
+                    // once now, and never read the literal's octets as commands. A
+                    // synchronising literal is not sent (no `+`), a non-synchronising one is
+                    // dropped together with the rest of the command.
+                    self.finish(&tag, Done::bad("Syntax error or unknown command"));
+                    if non_sync {
+                        self.skip_literal(n);
+                    }
+                    return;
+                }
                 match ext::recognise(&buf) {
                     Some(Recognised::Namespace) => self.simple(&tag, Simple::Namespace),
                     Some(Recognised::Id) => self.simple(&tag, Simple::Id),
@@ -1827,6 +1886,10 @@ impl Session {
         uid: bool,
         ex: &Extras,
     ) -> Reply<Done> {
+        if flags.iter().any(|f| matches!(f, ImapFlag::Extension(_))) {
+            // \Recent and unknown system flags cannot be stored (as Dovecot: BAD).
+            return Err(Done::bad("Invalid system flag"));
+        }
         let idx = self.resolve(set, uid)?;
         if !self.sel.as_ref().is_some_and(|s| s.writable) {
             return Err(Done::no("READ-ONLY", "Mailbox is read-only"));
@@ -2072,16 +2135,27 @@ fn tag_of(buf: &[u8]) -> String {
     }
 }
 
-/// `{n}` / `{n+}` at the end of a line: (n, non-synchronising).
+/// Longest tag the session echoes in a reply to an overlong line.
+const MAX_TAG: usize = 256;
+
+/// `{n}` / `{n+}` (or literal8 `~{n}` / `~{n+}`) at the end of a line or command buffer
+/// (CRLF or a bare LF): (n, non-synchronising). A count too large for `usize` comes back as `usize::MAX`.
 fn trailing_literal(line: &[u8]) -> Option<(usize, bool)> {
-    let l = line.strip_suffix(b"\r\n")?.strip_suffix(b"}")?;
+    let l = line.strip_suffix(b"\n")?;
+    let l = l.strip_suffix(b"\r").unwrap_or(l).strip_suffix(b"}")?;
     let open = l.iter().rposition(|&b| b == b'{')?;
     let inner = &l[open + 1..];
     let (digits, plus) = match inner.strip_suffix(b"+") {
         Some(d) => (d, true),
         None => (inner, false),
     };
-    let n = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = std::str::from_utf8(digits)
+        .ok()?
+        .parse()
+        .unwrap_or(usize::MAX);
     Some((n, plus))
 }
 

@@ -547,16 +547,23 @@ fn hostile_input() {
         "c NO [TOOBIG] Literal too large\r\nd OK NOOP completed\r\n"
     );
 
-    // Endless line: refused once, memory stays bounded, next line works.
-    let chunk = "A".repeat(16 * 1024);
-    let mut r = String::new();
+    // Endless line: refused once with its tag, memory stays bounded, next line works.
+    let chunk = "1,".repeat(8 * 1024);
+    let mut r = c.send("z FETCH ");
     for _ in 0..20 {
         r.push_str(&c.send(&chunk));
         assert!(c.s.buffered_len() <= 64 * 1024 + chunk.len());
     }
-    assert_eq!(r, "* BAD [TOOBIG] Line too long\r\n");
-    let r = c.send("\r\ne NOOP\r\n");
+    assert_eq!(r, "z BAD [TOOBIG] Line too long\r\n");
+    let r = c.send("1 FLAGS\r\ne NOOP\r\n");
     assert_eq!(r, "e OK NOOP completed\r\n");
+    // Overlong line that arrives whole.
+    let long = format!("z2 FETCH {}1 FLAGS\r\ne2 NOOP\r\n", "1,".repeat(40_000));
+    let r = c.send(&long);
+    assert_eq!(
+        r,
+        "z2 BAD [TOOBIG] Line too long\r\ne2 OK NOOP completed\r\n"
+    );
 
     // Deep nesting: imap-codec's recursion limit, then a BAD.
     let deep = format!("f SEARCH {}ALL{}\r\n", "(".repeat(200), ")".repeat(200));
@@ -817,5 +824,117 @@ fn store_on_message_expunged_elsewhere() {
     assert_eq!(
         r,
         "* 1 FETCH (FLAGS (\\Seen))\r\n* 3 FETCH (FLAGS (\\Seen))\r\nt OK STORE completed\r\n"
+    );
+}
+
+/// An overlong line without a usable tag: BYE (no reply could be matched to it).
+#[test]
+fn overlong_line_without_tag_closes() {
+    let store = MemoryStore::new();
+    let mut c = Client::new(&store);
+    let r = c.send(&"A".repeat(70 * 1024));
+    assert_eq!(r, "* BYE Line too long\r\n");
+    assert!(c.s.should_close());
+}
+
+/// `APPEND mbox {0+}` / `{0}`: refused with NO, and the session goes on.
+#[test]
+fn empty_append_is_refused() {
+    let store = store_with_mail();
+    let mut c = Client::logged_in(&store);
+    let r = c.send("a APPEND INBOX {0+}\r\n\r\nb NOOP\r\n");
+    assert_eq!(
+        r,
+        "a NO Can't save a zero byte message\r\nb OK NOOP completed\r\n"
+    );
+    let r = c.send("c APPEND INBOX (\\Seen) {0}\r\n");
+    assert_eq!(r, "c NO Can't save a zero byte message\r\n");
+    let r = c.send("d NOOP\r\ne LOGOUT\r\n");
+    assert!(r.starts_with("d OK NOOP completed\r\n"), "{r}");
+    assert!(r.contains("e OK LOGOUT"), "{r}");
+    // An empty literal elsewhere does not stall the session either.
+    let mut c = Client::new(&store);
+    let r = c.send("f LOGIN {0+}\r\n secret\r\ng NOOP\r\n");
+    assert!(r.starts_with("f NO"), "{r}");
+    assert!(r.ends_with("g OK NOOP completed\r\n"), "{r}");
+}
+
+/// A command that fails to parse before the end of a line announcing a literal: its
+/// literal's octets are never read as commands, however the input is split.
+#[test]
+fn literal_of_bad_command_is_not_executed() {
+    let body = "From: a@example.org\r\nSubject: x\r\n\r\nz1 DELETE Victim\r\nz2 CREATE pwned\r\n";
+    let n = body.len();
+    let attacks = [
+        format!("a6 APPEND \"Entw\u{fc}rfe\" (\\Seen) {{{n}+}}\r\n{body}\r\n"),
+        format!("a7 APPEND rt ~{{{n}+}}\r\n{body}\r\n"),
+        format!("a8 APPEND rt (\\Bogus\x01) {{{n}+}}\r\n{body}\r\n"),
+        format!("a9 BOGUS ({{{n}+}}\r\n{body} {{{n}+}}\r\n{body})\r\n"),
+        format!("a10 APPEND \"Entw\u{fc}rfe\" {{{n}+}}\n{body}\r\n"),
+    ];
+    for attack in &attacks {
+        let tag = attack.split(' ').next().unwrap_or_default();
+        let script = format!("e ENABLE IMAP4rev2\r\n{attack}y NOOP\r\n");
+        let run = |step: usize| {
+            let store = store_with_mail();
+            store.session().create("Victim").expect("create");
+            let mut c = Client::logged_in(&store);
+            let mut out = String::new();
+            for chunk in script.as_bytes().chunks(step) {
+                out.push_str(&c.send_bytes(chunk));
+            }
+            let names = c.send("l LIST \"\" *\r\n");
+            (out, names)
+        };
+        let (whole, names) = run(script.len());
+        assert!(!whole.contains("z1") && !whole.contains("z2"), "{whole}");
+        assert!(whole.ends_with("y OK NOOP completed\r\n"), "{whole}");
+        assert_eq!(count(&whole, " BAD "), 1, "{whole}");
+        assert!(
+            names.contains("Victim") && !names.contains("pwned"),
+            "{names}"
+        );
+        for step in 1..script.len() {
+            let (out, names) = run(step);
+            assert_eq!(out, whole, "{tag} split every {step}");
+            assert!(names.contains("Victim") && !names.contains("pwned"));
+        }
+    }
+    // Before login, too.
+    let store = MemoryStore::new();
+    let mut c = Client::new(&store);
+    let inner = "z1 LOGIN alice secret\r\nz2 NOOP\r\n";
+    let r = c.send(&format!(
+        "a ID ({{{}+}}\r\n{inner})\r\nb NOOP\r\n",
+        inner.len()
+    ));
+    assert!(!r.contains("z1") && !r.contains("z2"), "{r}");
+    assert!(r.ends_with("b OK NOOP completed\r\n"), "{r}");
+    assert!(!c.s.is_authenticated());
+    // A synchronising literal of a bad command: BAD instead of `+`, nothing is awaited.
+    let mut c = Client::logged_in(&store_with_mail());
+    let r = c.send("s APPEND rt (\\Bogus\x01) {5}\r\nt NOOP\r\n");
+    assert_eq!(
+        r,
+        "s BAD Syntax error or unknown command\r\nt OK NOOP completed\r\n"
+    );
+}
+
+/// STORE of \\Recent or an unknown system flag is BAD (they cannot be stored); keywords work.
+#[test]
+fn store_refuses_invalid_system_flags() {
+    let store = store_with_mail();
+    let mut c = Client::logged_in(&store);
+    c.send("s SELECT INBOX\r\n");
+    let r = c.send("a STORE 1 +FLAGS (\\Recent)\r\n");
+    assert_eq!(r, "a BAD Invalid system flag\r\n");
+    let r = c.send("b STORE 1 +FLAGS (\\Seen \\Bogus)\r\n");
+    assert_eq!(r, "b BAD Invalid system flag\r\n");
+    let r = c.send("c STORE 1 +FLAGS.SILENT (\\Seen $Work)\r\n");
+    assert_eq!(r, "c OK STORE completed\r\n");
+    let r = c.send("d FETCH 1 FLAGS\r\n");
+    assert!(
+        r.contains("\\Seen") && r.contains("$Work") && !r.contains("Bogus"),
+        "{r}"
     );
 }

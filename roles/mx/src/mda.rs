@@ -57,6 +57,8 @@ pub struct MdaConfig {
     /// Sustained IMAP commands per second per session (the session's token bucket);
     /// `None`: the IMAP core's default.
     pub imap_commands_per_second: Option<u32>,
+    /// IMAP login-failure brakes, login timeout and connection limits.
+    pub imap_limits: crate::mda_imap::ImapLimits,
 }
 
 impl MdaConfig {
@@ -84,6 +86,7 @@ impl MdaConfig {
             tls: None,
             trusted_proxies: Vec::new(),
             imap_commands_per_second: None,
+            imap_limits: crate::mda_imap::ImapLimits::default(),
         }
     }
 }
@@ -172,7 +175,10 @@ impl MdaServer {
                 backend,
                 format!("{} ringmail IMAP ready", cfg.hostname),
                 cfg.trusted_proxies.clone(),
-                cfg.imap_commands_per_second,
+                crate::mda_imap::ImapLimits {
+                    commands_per_second: cfg.imap_commands_per_second,
+                    ..cfg.imap_limits.clone()
+                },
             )
             .map_err(MxError::Listen)?;
             info!(imap = ?cfg.imap, imaps = ?cfg.imaps, "imap started");

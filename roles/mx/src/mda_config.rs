@@ -15,6 +15,11 @@
 //! max_message_size = 68157440          # default 65 MiB: the MX/MSA limit + 1 MiB of headers
 //! workers = 2                           # LMTP listener threads
 //! imap_commands_per_second = 500        # per IMAP session, sustained (burst: 1000)
+//! imap_login_timeout = "3m"             # log in within this long after connect, else BYE
+//! imap_max_connections = 20000          # IMAP connections at once, in all
+//! imap_max_connections_per_ip = 50      # per client address (after PROXY), else BYE
+//! imap_max_userip_connections = 10      # logged-in sessions per user and client address
+//! imap_max_auth_failures = 10           # per client address in 10 minutes, then logins refused
 //! tls = { cert = "/etc/ringmail/imap.crt", key = "/etc/ringmail/imap.key" }  # absent: self-signed
 //!
 //! [mda.programs]                        # addresses delivered to a program (argv, no shell)
@@ -54,6 +59,11 @@ const MDA: &[&str] = &[
     "max_message_size",
     "workers",
     "imap_commands_per_second",
+    "imap_login_timeout",
+    "imap_max_connections",
+    "imap_max_connections_per_ip",
+    "imap_max_userip_connections",
+    "imap_max_auth_failures",
     "tls",
 ];
 
@@ -166,6 +176,39 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MdaConfig> {
             None => ok = false,
         }
     }
+    if let Some(x) = t.get("imap_login_timeout") {
+        match duration(ctx, x, "mda.imap_login_timeout", false) {
+            Some(d) => c.imap_limits.login_timeout = d,
+            None => ok = false,
+        }
+    }
+    let l = &mut c.imap_limits;
+    for (key, field, max) in [
+        ("imap_max_connections", &mut l.max_connections, 10_000_000),
+        (
+            "imap_max_connections_per_ip",
+            &mut l.max_connections_per_ip,
+            1_000_000,
+        ),
+        (
+            "imap_max_userip_connections",
+            &mut l.max_userip_connections,
+            1_000_000,
+        ),
+    ] {
+        if let Some(x) = t.get(key) {
+            match integer(ctx, x, &format!("mda.{key}"), 1, max) {
+                Some(n) => *field = usize::try_from(n).unwrap_or(usize::MAX),
+                None => ok = false,
+            }
+        }
+    }
+    if let Some(x) = t.get("imap_max_auth_failures") {
+        match integer(ctx, x, "mda.imap_max_auth_failures", 1, 1_000_000) {
+            Some(n) => l.max_auth_failures = u32::try_from(n).unwrap_or(u32::MAX),
+            None => ok = false,
+        }
+    }
     if let Some(x) = t.get("tls") {
         match tls_files(ctx, x, "mda") {
             Some(f) => c.tls = Some(f),
@@ -189,6 +232,10 @@ imaps = ["127.0.0.1:993"]
 maildir = "/var/vmail"
 accounts = "sqlite:/tmp/a.db"
 trusted_proxies = ["10.0.0.1"]
+imap_login_timeout = "30s"
+imap_max_connections_per_ip = 7
+imap_max_userip_connections = 3
+imap_max_auth_failures = 5
 
 [mda.programs]
 "Lists@example.com" = ["/usr/bin/true", "x"]
@@ -197,6 +244,10 @@ trusted_proxies = ["10.0.0.1"]
         )
         .unwrap();
         assert_eq!(c.imaps.len(), 1);
+        assert_eq!(c.imap_limits.login_timeout, Duration::from_secs(30));
+        assert_eq!(c.imap_limits.max_connections_per_ip, 7);
+        assert_eq!(c.imap_limits.max_userip_connections, 3);
+        assert_eq!(c.imap_limits.max_auth_failures, 5);
         assert_eq!(c.programs["lists@example.com"], ["/usr/bin/true", "x"]);
         let e = load_str(
             "[mda]\nhostname = \"x\"\nlmtp = []\nmaildir = \"/m\"\naccounts = \"mysql:x\"\ncolour = 1\n[mda.programs]\n\"a@b\" = [\"relative\"]\n",

@@ -9,11 +9,12 @@
 //! [`MaildirStore`] is one session's view of one user's mailboxes; the selected mailbox is a
 //! store [`ringmail_store::Mailbox`] refreshed on demand (IDLE polls it).
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use ringmail_accounts::{Accounts, AuthOutcome};
 use ringmail_imap::server::{Backend, LoginFuture, ServerConfig as ImapServerConfig};
@@ -24,12 +25,95 @@ use ringmail_imap::store::{
 use ringmail_store as ms;
 use tracing::{info, warn};
 
+use crate::limits::{ConnLimits, Refused};
+use crate::msa::{FAILURE_WINDOW, Window, failure_delay};
+
+/// Brakes on password guessing and connection floods, per client address (the real client,
+/// from the PROXY header when the peer is a trusted LB).
+#[derive(Clone, Debug)]
+pub struct ImapLimits {
+    /// Failed logins per client address within 10 minutes after which its logins are refused
+    /// without checking the password. Every failure is answered after a delay growing with
+    /// the recent failures of the address or the user name (0.5 s doubling up to 8 s, as the
+    /// MSA's AUTH).
+    pub max_auth_failures: u32,
+    /// Time from connect within which a client must log in (TLS handshake included).
+    pub login_timeout: Duration,
+    /// Connections at once, in all.
+    pub max_connections: usize,
+    /// Connections at once per client address, logged in or not.
+    pub max_connections_per_ip: usize,
+    /// Logged-in sessions at once per user and client address (Dovecot's
+    /// `mail_max_userip_connections`).
+    pub max_userip_connections: usize,
+    /// Sustained commands per second per session (the session's token bucket); `None`: the
+    /// IMAP core's default.
+    pub commands_per_second: Option<u32>,
+}
+
+impl Default for ImapLimits {
+    fn default() -> ImapLimits {
+        ImapLimits {
+            max_auth_failures: 10,
+            login_timeout: Duration::from_secs(180),
+            max_connections: 20_000,
+            max_connections_per_ip: 50,
+            max_userip_connections: 10,
+            commands_per_second: None,
+        }
+    }
+}
+
+/// What all IMAP connections share: the failure windows and the connection counts.
+struct Guard {
+    limits: ImapLimits,
+    ip_failures: Window<IpAddr>,
+    user_failures: Window<String>,
+    conns: ConnLimits,
+    userip: Mutex<HashMap<(String, IpAddr), usize>>,
+}
+
+/// A logged-in session counted against `max_userip_connections` while its store lives.
+struct UserIpSlot {
+    guard: Arc<Guard>,
+    key: (String, IpAddr),
+}
+
+impl Guard {
+    fn admit_userip(self: &Arc<Guard>, user: &str, ip: IpAddr) -> Option<UserIpSlot> {
+        let key = (user.to_ascii_lowercase(), ip);
+        let mut m = self.userip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(key.clone()).or_insert(0);
+        if *n >= self.limits.max_userip_connections {
+            return None;
+        }
+        *n += 1;
+        Some(UserIpSlot {
+            guard: Arc::clone(self),
+            key,
+        })
+    }
+}
+
+impl Drop for UserIpSlot {
+    fn drop(&mut self) {
+        let mut m = self.guard.userip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     implicit: bool,
     cfg: Arc<ImapServerConfig>,
     backend: Arc<ImapBackend>,
     trusted: Arc<Vec<crate::config::Cidr>>,
+    guard: Arc<Guard>,
 ) {
     loop {
         let (mut tcp, peer) = match listener.accept().await {
@@ -40,7 +124,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let (cfg, backend) = (Arc::clone(&cfg), Arc::clone(&backend));
+        let (cfg, backend, guard) = (Arc::clone(&cfg), Arc::clone(&backend), Arc::clone(&guard));
         let mut proxied = trusted.iter().any(|c| c.contains(peer.ip()));
         tokio::spawn(async move {
             if proxied && implicit {
@@ -69,7 +153,26 @@ async fn accept_loop(
                 }
             }
             tracing::debug!(%client, %peer, "imap connection");
-            let backend: Arc<dyn Backend> = backend;
+            let ip = client.ip();
+            let _slot = match guard.conns.admit(ip) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    let limit = match why {
+                        Refused::Total => "max_connections",
+                        Refused::PerAddress => "max_connections_per_ip",
+                    };
+                    info!(rip = %ip, limit, "imap connection refused: too many connections");
+                    let _ =
+                        ringmail_imap::server::refuse(tcp, implicit, &cfg, "Too many connections")
+                            .await;
+                    return;
+                }
+            };
+            let backend: Arc<dyn Backend> = Arc::new(ClientBackend {
+                inner: backend,
+                guard: Arc::clone(&guard),
+                ip,
+            });
             let _ = ringmail_imap::server::connection(tcp, implicit, cfg, backend).await;
         });
     }
@@ -81,31 +184,64 @@ pub struct ImapBackend {
     pub store: ms::Store,
 }
 
-impl Backend for ImapBackend {
+/// [`ImapBackend`] for one connection: knows the client's address for the failure brakes,
+/// the per user+address limit and the log.
+struct ClientBackend {
+    inner: Arc<ImapBackend>,
+    guard: Arc<Guard>,
+    ip: IpAddr,
+}
+
+impl Backend for ClientBackend {
     fn login(&self, user: String, password: ringmail_imap::Secret) -> LoginFuture {
-        let accounts = self.accounts.clone();
-        let store = self.store.clone();
+        let accounts = self.inner.accounts.clone();
+        let store = self.inner.store.clone();
+        let guard = Arc::clone(&self.guard);
+        let ip = self.ip;
         Box::pin(async move {
             let shown = crate::session::printable(&user);
+            let max = guard.limits.max_auth_failures as usize;
+            if guard.ip_failures.count(&ip, FAILURE_WINDOW) >= max {
+                // Locked out: the password is not even checked.
+                info!(rip = %ip, user = %shown, "imap login refused: too many authentication failures");
+                tokio::time::sleep(failure_delay(max)).await;
+                return None;
+            }
             // A password that is not UTF-8 cannot match any stored one.
-            let pw = password.expose_str()?;
-            match accounts.authenticate(&user, pw).await {
-                Ok(AuthOutcome::Ok(account)) => match store.user(&account.address) {
-                    Ok(u) => {
-                        info!(user = %shown, "imap login");
-                        Some(Box::new(MaildirStore::new(u)) as Box<dyn MailStore>)
+            let outcome = match password.expose_str() {
+                Some(pw) => accounts.authenticate(&user, pw).await,
+                None => Ok(AuthOutcome::BadCredentials),
+            };
+            match outcome {
+                Ok(AuthOutcome::Ok(account)) => {
+                    let Some(slot) = guard.admit_userip(&account.address, ip) else {
+                        info!(rip = %ip, user = %shown, "imap login refused: too many connections of this user from this address");
+                        return None;
+                    };
+                    match store.user(&account.address) {
+                        Ok(u) => {
+                            info!(rip = %ip, user = %shown, "imap login");
+                            let mut m = MaildirStore::new(u);
+                            m.slot = Some(slot);
+                            Some(Box::new(m) as Box<dyn MailStore>)
+                        }
+                        Err(e) => {
+                            warn!(rip = %ip, user = %shown, error = %e, "imap login: mailbox store");
+                            None
+                        }
                     }
-                    Err(e) => {
-                        warn!(user = %shown, error = %e, "imap login: mailbox store");
-                        None
-                    }
-                },
+                }
                 Ok(_) => {
-                    info!(user = %shown, "imap login failed");
+                    let n_ip = guard.ip_failures.add(ip, FAILURE_WINDOW);
+                    let n_user = guard
+                        .user_failures
+                        .add(user.trim().to_ascii_lowercase(), FAILURE_WINDOW);
+                    info!(rip = %ip, user = %shown, failures = n_ip, "imap login failed");
+                    tokio::time::sleep(failure_delay(n_ip.max(n_user))).await;
                     None
                 }
                 Err(e) => {
-                    warn!(user = %shown, error = %e, "imap login: account store unavailable");
+                    warn!(rip = %ip, user = %shown, error = %e, "imap login: account store unavailable");
                     None
                 }
             }
@@ -116,8 +252,8 @@ impl Backend for ImapBackend {
 /// The IMAP listeners on a thread of their own (a small multi-thread runtime: store calls run
 /// on its blocking pool).
 /// Connections from `trusted_proxies` must start with a PROXY v1/v2 header (the LB's), whose
-/// client address is logged; from anyone else no header is read. `commands_per_second`
-/// overrides the session's sustained command rate (`None`: the core's default).
+/// client address is logged; from anyone else no header is read. `limits`: the brakes on
+/// password guessing, the login timeout, the connection limits and the command rate.
 pub fn start(
     plain: &[SocketAddr],
     implicit: &[SocketAddr],
@@ -125,7 +261,7 @@ pub fn start(
     backend: Arc<ImapBackend>,
     greeting: String,
     trusted_proxies: Vec<crate::config::Cidr>,
-    commands_per_second: Option<u32>,
+    limits: ImapLimits,
 ) -> io::Result<JoinHandle<()>> {
     // The argon2 work areas LOGINs verify in, before the first connection: a burst of logins
     // then reuses them instead of growing the heap (see `ringmail_accounts::password`).
@@ -142,13 +278,23 @@ pub fn start(
     let defaults = ringmail_imap::session::Config::default();
     let session = ringmail_imap::session::Config {
         greeting,
-        commands_per_second: commands_per_second.unwrap_or(defaults.commands_per_second),
+        commands_per_second: limits
+            .commands_per_second
+            .unwrap_or(defaults.commands_per_second),
         ..defaults
     };
     let cfg = Arc::new(ImapServerConfig {
         session,
         tls: Some(tls),
+        login_timeout: limits.login_timeout,
         ..ImapServerConfig::default()
+    });
+    let guard = Arc::new(Guard {
+        conns: ConnLimits::new(limits.max_connections, limits.max_connections_per_ip),
+        limits,
+        ip_failures: Window::default(),
+        user_failures: Window::default(),
+        userip: Mutex::new(HashMap::new()),
     });
     std::thread::Builder::new()
         .name("ringmail-imap".into())
@@ -174,7 +320,8 @@ pub fn start(
                     };
                     let (cfg, backend) = (Arc::clone(&cfg), Arc::clone(&backend));
                     let trusted = Arc::clone(&trusted);
-                    tasks.spawn(accept_loop(l, implicit, cfg, backend, trusted));
+                    let guard = Arc::clone(&guard);
+                    tasks.spawn(accept_loop(l, implicit, cfg, backend, trusted, guard));
                 }
                 while tasks.join_next().await.is_some() {}
             });
@@ -185,6 +332,8 @@ pub fn start(
 pub struct MaildirStore {
     user: ms::UserStore,
     selected: Option<ms::Mailbox>,
+    /// The session's place under `max_userip_connections`, given back when it ends.
+    slot: Option<UserIpSlot>,
 }
 
 impl MaildirStore {
@@ -192,6 +341,7 @@ impl MaildirStore {
         MaildirStore {
             user,
             selected: None,
+            slot: None,
         }
     }
 

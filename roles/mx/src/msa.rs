@@ -38,7 +38,7 @@ use crate::session::printable;
 use crate::tls::TlsStore;
 
 /// Failures counted per address and per account within this window.
-const FAILURE_WINDOW: Duration = Duration::from_secs(600);
+pub(crate) const FAILURE_WINDOW: Duration = Duration::from_secs(600);
 /// Most header bytes kept to check From:, Message-ID and Date.
 const MAX_HEADER_COPY: usize = 256 * 1024;
 
@@ -131,8 +131,9 @@ fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Timestamps of recent events per key, pruned to a window.
-struct Window<K>(Mutex<HashMap<K, VecDeque<Instant>>>);
+/// Timestamps of recent events per key, pruned to a window (login failures of the MSA and
+/// of the IMAP server).
+pub(crate) struct Window<K>(Mutex<HashMap<K, VecDeque<Instant>>>);
 
 impl<K> Default for Window<K> {
     fn default() -> Self {
@@ -141,7 +142,7 @@ impl<K> Default for Window<K> {
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Window<K> {
-    fn count(&self, key: &K, window: Duration) -> usize {
+    pub(crate) fn count(&self, key: &K, window: Duration) -> usize {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         match m.get_mut(key) {
@@ -159,7 +160,7 @@ impl<K: std::hash::Hash + Eq + Clone> Window<K> {
         }
     }
 
-    fn add(&self, key: K, window: Duration) -> usize {
+    pub(crate) fn add(&self, key: K, window: Duration) -> usize {
         let n = self.count(&key, window);
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() > 100_000 {
