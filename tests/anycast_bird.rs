@@ -18,7 +18,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -258,6 +258,16 @@ for c, f, tag in conns:
 print("result " + " ".join("%s=%d" % kv for kv in sorted(result.items())), flush=True)
 "#;
 
+/// A running HOLD client: its VIP, process, stdin, stdout, and the connections it opened per
+/// backend.
+type Holder = (
+    &'static str,
+    Child,
+    ChildStdin,
+    BufReader<ChildStdout>,
+    BTreeMap<String, usize>,
+);
+
 fn parse_counts(line: &str) -> BTreeMap<String, usize> {
     line.split_whitespace()
         .filter_map(|kv| {
@@ -461,6 +471,9 @@ fn ringmail_config(n: usize, mode: &str) -> String {
 
 fn ringmail_config_with(n: usize, mode: &str, loopback: &str) -> String {
     let backend = if n == 1 { 7001 } else { 7002 };
+    // The other LB on the shared segment: flows the routers move away from a draining LB are
+    // handed back to it.
+    let peer = 11 + (n % 2);
     let announce = match mode {
         "bgp" => format!(
             r#"
@@ -488,7 +501,7 @@ remote_as = 65000
 [global]
 workers = 1
 admin = "127.0.0.1:9100"
-drain_timeout = "3s"
+drain_timeout = "15s"
 
 [[listener]]
 bind = "{VIP4}:{PORT}"
@@ -515,6 +528,10 @@ address = "{VIP4}"
 
 [[announce.vip]]
 address = "{VIP6}"
+
+[announce.handoff]
+peers = ["198.51.100.{peer}", "3fff:0:0:1::{peer}"]
+device = "up0"
 {announce}"#
     )
 }
@@ -741,24 +758,32 @@ fn builtin_speaker_with_bird_ecmp() {
     let _a = health_cycles(&lab, a, repeats(), "bgp");
 
     // 4. SIGTERM on LB 2: GRACEFUL_SHUTDOWN, then the withdrawal; connections opened before
-    // the drain that LB 1 serves complete normally.
+    // the drain complete normally, on LB 1 and on LB 2 (whose flows the router now sends to
+    // LB 1, which hands them back over the shared segment).
     let hold = lab.dir.write("hold.py", HOLD);
-    let mut client = lab
-        .client
-        .cmd("timeout")
-        .args(["60", "python3"])
-        .arg(&hold)
-        .args([VIP4, &PORT.to_string(), "40"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("hold client");
-    let mut client_in: ChildStdin = client.stdin.take().unwrap();
-    let mut client_out = BufReader::new(client.stdout.take().unwrap());
-    let mut line = String::new();
-    client_out.read_line(&mut line).unwrap();
-    let opened = parse_counts(line.trim_start_matches("opened "));
-    assert!(opened.get("A").copied().unwrap_or(0) > 0, "{line}");
+    let holders: Vec<Holder> = [VIP4, VIP6]
+        .into_iter()
+        .map(|vip| {
+            let mut client = lab
+                .client
+                .cmd("timeout")
+                .args(["60", "python3"])
+                .arg(&hold)
+                .args([vip, &PORT.to_string(), "40"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("hold client");
+            let client_in = client.stdin.take().unwrap();
+            let mut client_out = BufReader::new(client.stdout.take().unwrap());
+            let mut line = String::new();
+            client_out.read_line(&mut line).unwrap();
+            let opened = parse_counts(line.trim_start_matches("opened "));
+            assert!(opened.get("A").copied().unwrap_or(0) > 0, "{vip}: {line}");
+            assert!(opened.get("B").copied().unwrap_or(0) > 0, "{vip}: {line}");
+            (vip, client, client_in, client_out, opened)
+        })
+        .collect();
 
     lb2.signal(libc::SIGTERM);
     let t0 = Instant::now();
@@ -804,17 +829,43 @@ fn builtin_speaker_with_bird_ecmp() {
         "new flows go to LB 1"
     );
 
-    writeln!(client_in, "go").unwrap();
-    line.clear();
-    client_out.read_line(&mut line).unwrap();
-    let _ = client.wait();
-    let result = parse_counts(line.trim_start_matches("result "));
-    eprintln!("connections opened before the drain: {opened:?} -> {result:?}");
-    assert_eq!(
-        result.get("A-ok").copied(),
-        opened.get("A").copied(),
-        "every connection on LB 1 completes normally: {result:?}"
-    );
+    for (vip, mut client, mut client_in, mut client_out, opened) in holders {
+        writeln!(client_in, "go").unwrap();
+        let mut line = String::new();
+        client_out.read_line(&mut line).unwrap();
+        let _ = client.wait();
+        let result = parse_counts(line.trim_start_matches("result "));
+        eprintln!("{vip}: connections opened before the drain: {opened:?} -> {result:?}");
+        assert_eq!(
+            result.get("A-ok").copied(),
+            opened.get("A").copied(),
+            "{vip}: every connection on LB 1 completes normally: {result:?}"
+        );
+        assert_eq!(
+            result.get("B-ok").copied(),
+            opened.get("B").copied(),
+            "{vip}: every connection on the draining LB 2 completes normally (hand-off): {result:?}"
+        );
+    }
+    for family in ["ip", "ip6"] {
+        let handed = lab.lbs[0]
+            .cmd("nft")
+            .args(["list", "chain", family, "ringmail_handoff", "orphan"])
+            .output()
+            .expect("nft");
+        let handed = String::from_utf8_lossy(&handed.stdout).to_string();
+        eprintln!("LB 1 hand-off counters ({family}):\n{handed}");
+        let passed_on = handed
+            .lines()
+            .find(|l| l.contains("passed on to the peers"))
+            .and_then(|l| l.split("counter packets ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok());
+        assert!(
+            passed_on.is_some_and(|n| n > 0),
+            "LB 1 handed the draining LB's packets on: {handed}"
+        );
+    }
 
     let status = lb2
         .wait_timeout(Duration::from_secs(15))

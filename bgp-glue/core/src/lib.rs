@@ -14,6 +14,7 @@
 
 pub mod announce;
 pub mod bgp;
+pub mod handoff;
 pub mod route;
 
 pub use route::{Announcement, Community, GRACEFUL_SHUTDOWN};

@@ -24,8 +24,9 @@ use ringmail_announce_core::announce::{
     Announcer, DrainPhase, Settings, Transition, VipSpec, VipState, VipStatus,
 };
 use ringmail_announce_core::bgp::SessionConfig;
+use ringmail_announce_core::handoff::{self, HandoffRules};
 use ringmail_announce_core::{Announcement, Community};
-use ringmail_proxy_core::config::{Announce, AnnounceMode, Loopback};
+use ringmail_proxy_core::config::{Announce, AnnounceMode, Handoff, Loopback};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
@@ -61,6 +62,38 @@ pub enum GlueError {
     Spawn(std::io::Error),
     #[error("the announcer thread stopped during startup")]
     Startup,
+    #[error("connection hand-off ([announce.handoff]): {0}")]
+    Handoff(String),
+}
+
+/// Loads an nftables script with `nft -f -`.
+fn nft(script: &str) -> Result<(), GlueError> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| GlueError::Handoff(format!("cannot run nft (the nftables package): {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| GlueError::Handoff(format!("writing to nft: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| GlueError::Handoff(format!("waiting for nft: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(GlueError::Handoff(format!(
+            "nft refused the rules ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
 }
 
 enum Cmd {
@@ -186,6 +219,7 @@ impl Glue {
                 .collect(),
         });
         let loopback_mode = config.loopback;
+        let handoff = config.handoff.clone();
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), GlueError>>();
         let thread_shared = Arc::clone(&shared);
@@ -212,6 +246,7 @@ impl Glue {
                         neighbors,
                         thread_shared,
                         health,
+                        handoff,
                     )
                     .await;
                     match task {
@@ -505,6 +540,8 @@ struct Task {
     /// The kernel-table routes go through a process-owned TUN interface (see
     /// [`Glue::start`]): ending the process removes them.
     route_device_is_tun: bool,
+    /// The hand-off tables are installed (removed last, at stop).
+    handoff: bool,
 }
 
 impl Task {
@@ -518,6 +555,7 @@ impl Task {
         neighbors: Vec<NeighborSpec>,
         shared: Arc<Shared>,
         health: HealthFn,
+        handoff: Option<Handoff>,
     ) -> Result<Task, GlueError> {
         let addrs: Vec<IpAddr> = vips.iter().map(|v| v.addr).collect();
         let route_device_is_tun = route_device.is_some();
@@ -554,6 +592,17 @@ impl Task {
             }
             _ => None,
         };
+        // Before anything is announced: from the first packet on, flows this host does not own
+        // go to the peers instead of being reset.
+        if let Some(h) = &handoff {
+            nft(&handoff::ruleset(&HandoffRules {
+                vips: &addrs,
+                peers: &h.peers,
+                device: &h.device,
+                dscp: h.dscp,
+            }))?;
+            info!(peers = ?h.peers, device = %h.device, dscp = h.dscp, "connection hand-off: packets of flows this host does not own go to its peers (nftables table {})", handoff::TABLE);
+        }
         let (routes_tx, routes_rx) = watch::channel(Vec::new());
         let (stop_tx, stop_rx) = watch::channel(false);
         let speakers = neighbors
@@ -586,6 +635,7 @@ impl Task {
             kernel_failing_since: None,
             kernel_warned_at: None,
             route_device_is_tun,
+            handoff: handoff.is_some(),
         })
     }
 
@@ -818,6 +868,12 @@ impl Task {
                 }
             }
             None => {}
+        }
+        if std::mem::take(&mut self.handoff) {
+            match nft(&handoff::removal()) {
+                Ok(()) => info!("connection hand-off rules removed"),
+                Err(e) => warn!(error = %e, "cannot remove the connection hand-off rules"),
+            }
         }
         let _ = &self.netlink;
         for w in self.drain_waiters.drain(..) {

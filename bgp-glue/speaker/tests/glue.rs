@@ -36,6 +36,7 @@ fn config() -> Announce {
         flap_window: Duration::ZERO,
         graceful_wait: Duration::from_millis(200),
         drain_prepend: 0,
+        handoff: None,
         vips: vec![Vip {
             addr: "192.0.2.1".parse().unwrap(),
             pools: vec![0],

@@ -187,6 +187,25 @@ pub struct Announce {
     /// Drain: extra copies of the local AS prepended to the AS path (eBGP).
     pub drain_prepend: u8,
     pub vips: Vec<Vip>,
+    /// Hand-off of the flows the routers move here from a draining peer.
+    pub handoff: Option<Handoff>,
+}
+
+/// Connection hand-off between the LB hosts of a site.
+///
+/// When a peer drains, the routers stop sending it traffic: per-flow ECMP then hashes the
+/// peer's established connections to the remaining hosts, which hold no socket for them. With
+/// a hand-off, a host passes such packets (TCP, not a SYN, to a VIP, unknown to its conntrack)
+/// on to its peers over the shared segment, so the draining peer keeps serving them until they
+/// end. The peers drop what they do not own, so nothing is ever passed on twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handoff {
+    /// The other LB hosts' addresses on `device` (one family or both).
+    pub peers: Vec<std::net::IpAddr>,
+    /// The interface on which the peers are neighbours (same layer-2 segment).
+    pub device: String,
+    /// DSCP value that marks a handed-off packet (a peer never passes such a packet on).
+    pub dscp: u8,
 }
 
 /// How the VIPs become local addresses of the host.

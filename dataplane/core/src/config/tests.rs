@@ -1313,6 +1313,81 @@ address = "10.0.0.1"
 }
 
 #[test]
+fn announce_handoff_section() {
+    let c = ok(&format!(
+        "{ANNOUNCE_BGP}\n[announce.handoff]\npeers = [\"198.51.100.12\", \"3fff::12\"]\ndevice = \"bond0.12\"\n"
+    ));
+    let h = c.announce.unwrap().handoff.expect("handoff parsed");
+    assert_eq!(
+        h.peers,
+        vec![
+            "198.51.100.12".parse::<std::net::IpAddr>().unwrap(),
+            "3fff::12".parse().unwrap()
+        ]
+    );
+    assert_eq!(h.device, "bond0.12");
+    assert_eq!(h.dscp, 45, "default mark");
+    assert!(ok(ANNOUNCE_BGP).announce.unwrap().handoff.is_none());
+}
+
+#[test]
+fn announce_handoff_errors_are_all_reported() {
+    let e = errs(
+        r#"[pool.p]
+backends = ["127.0.0.1:2000"]
+[announce]
+mode = "kernel-table"
+[[announce.vip]]
+address = "192.0.2.1"
+pools = ["p"]
+[[announce.vip]]
+address = "2001:db8::1"
+pools = ["p"]
+[announce.handoff]
+peers = ["192.0.2.1", "127.0.0.1", "10.0.0.2", "10.0.0.2", "peer"]
+device = "eth0; flush ruleset"
+dscp = 64
+lifetime = "1s"
+"#,
+    );
+    has(&e, 12, &["192.0.2.1", "a VIP"]);
+    has(&e, 12, &["127.0.0.1", "not a unicast address"]);
+    has(&e, 12, &["10.0.0.2", "listed twice"]);
+    has(&e, 12, &["peer", "not an IP address"]);
+    has(&e, 13, &["device", "not an interface name"]);
+    has(&e, 14, &["dscp", "between 1 and 63"]);
+    has(&e, 15, &["lifetime"]);
+    let e = errs(
+        r#"[pool.p]
+backends = ["127.0.0.1:2000"]
+[announce]
+mode = "kernel-table"
+[[announce.vip]]
+address = "2001:db8::1"
+pools = ["p"]
+[announce.handoff]
+peers = ["10.0.0.2"]
+device = "eth0"
+"#,
+    );
+    has(&e, 8, &["no IPv6 address", "2001:db8::1"]);
+    let e = errs(
+        r#"[pool.p]
+backends = ["127.0.0.1:2000"]
+[announce]
+mode = "kernel-table"
+[[announce.vip]]
+address = "192.0.2.1"
+pools = ["p"]
+[announce.handoff]
+peers = []
+"#,
+    );
+    has(&e, 9, &["peers", "empty"]);
+    has(&e, 8, &["device"]);
+}
+
+#[test]
 fn announce_refuses_unroutable_vips_and_too_many_communities() {
     let many: Vec<String> = (0..257).map(|i| format!("\"65000:{i}\"")).collect();
     let e = errs(&format!(

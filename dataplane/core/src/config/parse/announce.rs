@@ -40,6 +40,12 @@
 //! communities = ["65001:100"]    # attached to every route
 //! next_hop_v4 = "10.0.0.2"       # default: the session's own IPv4 address (next-hop self)
 //! next_hop_v6 = "2001:db8::2"    # default: the session's own IPv6 address
+//!
+//! [announce.handoff]             # optional: pass on the flows a draining peer still serves
+//! peers = ["198.51.100.12"]      # required; the other LB hosts' addresses on `device`, one per
+//!                                #   VIP family at least (a packet goes out in its own family)
+//! device = "eth0"                # required; the interface shared with the peers (one segment)
+//! dscp = 45                      # 1..=63: marks handed-off packets; never passed on (default 45)
 //! ```
 
 use std::collections::HashMap;
@@ -52,7 +58,9 @@ use super::{
     Ctx, NameKind, Span, Value, check_keys, check_name, choice, duration, integer, mismatch, quote,
     required, set, string, table,
 };
-use crate::config::model::{Announce, AnnounceMode, Bgp, Listener, Loopback, Neighbor, Vip};
+use crate::config::model::{
+    Announce, AnnounceMode, Bgp, Handoff, Listener, Loopback, Neighbor, Vip,
+};
 
 /// Communities per neighbour (the speaker refuses more: they must fit its UPDATEs).
 const MAX_COMMUNITIES: usize = 256;
@@ -69,7 +77,9 @@ const ANNOUNCE_KEYS: &[&str] = &[
     "drain_prepend",
     "vip",
     "bgp",
+    "handoff",
 ];
+const HANDOFF_KEYS: &[&str] = &["peers", "device", "dscp"];
 const LOOPBACKS: &[(&str, Loopback)] = &[
     ("address", Loopback::Address),
     ("local-route", Loopback::LocalRoute),
@@ -117,6 +127,7 @@ pub(super) fn parse_announce(
         graceful_wait: Duration::from_secs(10),
         drain_prepend: 3,
         vips: Vec::new(),
+        handoff: None,
     };
     let mode = match t.get("mode") {
         None => Some("bgp"),
@@ -253,7 +264,120 @@ pub(super) fn parse_announce(
             None => ok = false,
         },
     }
+    if let Some(h) = t.get("handoff") {
+        match table(ctx, h, "announce.handoff").and_then(|ht| parse_handoff(ctx, h, ht, &a.vips)) {
+            Some(handoff) => a.handoff = Some(handoff),
+            None => ok = false,
+        }
+    }
     ok.then_some(a)
+}
+
+/// `[announce.handoff]`: `vips` may be incomplete when they had errors (the family check then
+/// sees only the good ones).
+fn parse_handoff(
+    ctx: &mut Ctx<'_>,
+    v: &Value<'_>,
+    t: &DeTable<'_>,
+    vips: &[Vip],
+) -> Option<Handoff> {
+    check_keys(ctx, t, HANDOFF_KEYS, "[announce.handoff]");
+    let mut ok = true;
+    let mut peers: Vec<IpAddr> = Vec::new();
+    match required(ctx, v, t, "peers", "announce.handoff") {
+        None => ok = false,
+        Some(p) => match p.get_ref() {
+            DeValue::Array(items) if !items.is_empty() => {
+                for item in items {
+                    let Some(addr) = ip(ctx, item, "announce.handoff.peers") else {
+                        ok = false;
+                        continue;
+                    };
+                    let why = if addr.is_unspecified() || addr.is_multicast() || addr.is_loopback()
+                    {
+                        Some("not a unicast address of another host")
+                    } else if vips.iter().any(|x| x.addr == addr) {
+                        Some("a VIP, not a peer's own address")
+                    } else if peers.contains(&addr) {
+                        Some("listed twice")
+                    } else {
+                        None
+                    };
+                    match why {
+                        Some(why) => {
+                            ctx.error(
+                                item.span(),
+                                format!("`announce.handoff.peers`: {addr} is {why}"),
+                            );
+                            ok = false;
+                        }
+                        None => peers.push(addr),
+                    }
+                }
+            }
+            DeValue::Array(_) => {
+                ctx.error(p.span(), "`announce.handoff.peers` is empty");
+                ok = false;
+            }
+            _ => {
+                mismatch(ctx, p, "announce.handoff.peers", "an array of IP addresses");
+                ok = false;
+            }
+        },
+    }
+    let device = required(ctx, v, t, "device", "announce.handoff").and_then(|d| {
+        let name = string(ctx, d, "announce.handoff.device")?;
+        let valid = !name.is_empty()
+            && name.len() < 16
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'));
+        if valid {
+            Some(name.to_string())
+        } else {
+            ctx.error(
+                d.span(),
+                format!(
+                    "`announce.handoff.device`: {} is not an interface name (1-15 letters, digits, `-_.@`)",
+                    quote(name)
+                ),
+            );
+            None
+        }
+    });
+    ok &= device.is_some();
+    let mut dscp = 45u8;
+    ok &= set(
+        &mut dscp,
+        t.get("dscp").map(|x| {
+            integer(ctx, x, "announce.handoff.dscp", 1, 63).and_then(|n| u8::try_from(n).ok())
+        }),
+    );
+    if ok {
+        for (family, is) in [("IPv4", true), ("IPv6", false)] {
+            let vip = vips.iter().find(|x| x.addr.is_ipv4() == is);
+            if let Some(vip) = vip
+                && !peers.iter().any(|p| p.is_ipv4() == is)
+            {
+                ctx.error(
+                    v.span(),
+                    format!(
+                        "`announce.handoff.peers` has no {family} address, but VIP {} is {family}: a packet is handed off in its own family",
+                        vip.addr
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    match (ok, device) {
+        (true, Some(device)) => Some(Handoff {
+            peers,
+            device,
+            dscp,
+        }),
+        _ => None,
+    }
 }
 
 fn array_of_tables<'t, 'i>(
