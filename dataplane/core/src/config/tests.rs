@@ -1330,26 +1330,31 @@ fn announce_handoff_section() {
     assert!(ok(ANNOUNCE_BGP).announce.unwrap().handoff.is_none());
 }
 
+/// A kernel-table `[announce]` for pool `p` with `vips` (three lines each, from line 5), then
+/// `tail`.
+fn kernel_table_announce(vips: &[&str], tail: &str) -> String {
+    let mut s = String::from(
+        "[pool.p]\nbackends = [\"127.0.0.1:2000\"]\n[announce]\nmode = \"kernel-table\"\n",
+    );
+    for v in vips {
+        s.push_str(&format!(
+            "[[announce.vip]]\naddress = \"{v}\"\npools = [\"p\"]\n"
+        ));
+    }
+    s + tail
+}
+
 #[test]
 fn announce_handoff_errors_are_all_reported() {
-    let e = errs(
-        r#"[pool.p]
-backends = ["127.0.0.1:2000"]
-[announce]
-mode = "kernel-table"
-[[announce.vip]]
-address = "192.0.2.1"
-pools = ["p"]
-[[announce.vip]]
-address = "2001:db8::1"
-pools = ["p"]
-[announce.handoff]
+    let e = errs(&kernel_table_announce(
+        &["192.0.2.1", "2001:db8::1"],
+        r#"[announce.handoff]
 peers = ["192.0.2.1", "127.0.0.1", "10.0.0.2", "10.0.0.2", "peer"]
 device = "eth0; flush ruleset"
 dscp = 64
 lifetime = "1s"
 "#,
-    );
+    ));
     has(&e, 12, &["192.0.2.1", "a VIP"]);
     has(&e, 12, &["127.0.0.1", "not a unicast address"]);
     has(&e, 12, &["10.0.0.2", "listed twice"]);
@@ -1357,32 +1362,15 @@ lifetime = "1s"
     has(&e, 13, &["device", "not an interface name"]);
     has(&e, 14, &["dscp", "between 1 and 63"]);
     has(&e, 15, &["lifetime"]);
-    let e = errs(
-        r#"[pool.p]
-backends = ["127.0.0.1:2000"]
-[announce]
-mode = "kernel-table"
-[[announce.vip]]
-address = "2001:db8::1"
-pools = ["p"]
-[announce.handoff]
-peers = ["10.0.0.2"]
-device = "eth0"
-"#,
-    );
+    let e = errs(&kernel_table_announce(
+        &["2001:db8::1"],
+        "[announce.handoff]\npeers = [\"10.0.0.2\"]\ndevice = \"eth0\"\n",
+    ));
     has(&e, 8, &["no IPv6 address", "2001:db8::1"]);
-    let e = errs(
-        r#"[pool.p]
-backends = ["127.0.0.1:2000"]
-[announce]
-mode = "kernel-table"
-[[announce.vip]]
-address = "192.0.2.1"
-pools = ["p"]
-[announce.handoff]
-peers = []
-"#,
-    );
+    let e = errs(&kernel_table_announce(
+        &["192.0.2.1"],
+        "[announce.handoff]\npeers = []\n",
+    ));
     has(&e, 9, &["peers", "empty"]);
     has(&e, 8, &["device"]);
 }
