@@ -847,25 +847,24 @@ fn builtin_speaker_with_bird_ecmp() {
             "{vip}: every connection on the draining LB 2 completes normally (hand-off): {result:?}"
         );
     }
+    // LB 1 says what it handed on, on the status page and in its metrics.
+    let handoff = announce_status(&lab.lbs[0])["handoff"].clone();
+    eprintln!("LB 1 hand-off: {handoff}");
+    assert_eq!(handoff["peers"][0], "198.51.100.12", "{handoff}");
     for family in ["ip", "ip6"] {
-        let handed = lab.lbs[0]
-            .cmd("nft")
-            .args(["list", "chain", family, "ringmail_handoff", "orphan"])
-            .output()
-            .expect("nft");
-        let handed = String::from_utf8_lossy(&handed.stdout).to_string();
-        eprintln!("LB 1 hand-off counters ({family}):\n{handed}");
-        let passed_on = handed
-            .lines()
-            .find(|l| l.contains("passed on to the peers"))
-            .and_then(|l| l.split("counter packets ").nth(1))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse::<u64>().ok());
         assert!(
-            passed_on.is_some_and(|n| n > 0),
-            "LB 1 handed the draining LB's packets on: {handed}"
+            handoff["packets_passed_on"][family]
+                .as_u64()
+                .is_some_and(|n| n > 0),
+            "LB 1 handed the draining LB's {family} packets on: {handoff}"
         );
     }
+    let metrics = admin(&lab.lbs[0], "GET", "/metrics");
+    assert!(
+        metrics
+            .contains("ringmail_announce_handoff_packets_total{family=\"ip6\",action=\"passed\"}"),
+        "{metrics}"
+    );
 
     let status = lb2
         .wait_timeout(Duration::from_secs(15))
@@ -878,6 +877,11 @@ fn builtin_speaker_with_bird_ecmp() {
     assert!(
         !lab.lbs[1].has_addr_on_lo(VIP6),
         "IPv6 VIP removed from lo at exit"
+    );
+    let tables = run(lab.lbs[1].cmd("nft").args(["list", "tables"])).unwrap_or_default();
+    assert!(
+        !tables.contains("ringmail_handoff"),
+        "hand-off rules removed at exit: {tables}"
     );
     let log = lb2.log_text();
     assert!(log.contains("withdrawal sent"), "{log}");

@@ -29,6 +29,11 @@ use std::net::IpAddr;
 /// The name of the nftables tables (one per family).
 pub const TABLE: &str = "ringmail_handoff";
 
+/// The comment of the rule that passes orphan packets on (its counter is read back).
+pub const PASSED_COMMENT: &str = "passed on to the peers";
+/// The comment of the rule that drops a peer's hand-off this host does not own.
+pub const DROPPED_COMMENT: &str = "handed off by a peer and not ours either";
+
 /// What the rules need to know.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandoffRules<'a> {
@@ -80,8 +85,8 @@ pub fn ruleset(r: &HandoffRules<'_>) -> String {
              \t\t{family} daddr @vips tcp flags & (syn | ack) != syn ct state {{ new, invalid }} jump orphan\n\
              \t}}\n\
              \tchain orphan {{\n\
-             \t\t{dscp_key} {dscp} counter drop comment \"handed off by a peer and not ours either\"\n\
-             \t\t{dscp_key} set {dscp}{dups} counter drop comment \"passed on to the peers\"\n\
+             \t\t{dscp_key} {dscp} counter drop comment \"{DROPPED_COMMENT}\"\n\
+             \t\t{dscp_key} set {dscp}{dups} counter drop comment \"{PASSED_COMMENT}\"\n\
              \t}}\n\
              }}\n",
             vips = vips.join(", "),

@@ -127,6 +127,70 @@ struct Shared {
     terminating: std::sync::atomic::AtomicBool,
     status: Mutex<StatusData>,
     neighbors: Vec<Arc<Mutex<NeighborStatus>>>,
+    /// The connection hand-off, when configured.
+    handoff: Option<Handoff>,
+}
+
+/// Packets the hand-off rules counted, per family (`ip`, `ip6`): passed on to the peers, and
+/// dropped as a peer's hand-off this host does not own either.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HandoffCounters {
+    pub passed: Vec<(String, u64)>,
+    pub dropped: Vec<(String, u64)>,
+}
+
+impl HandoffCounters {
+    /// Reads the counters from `nft -j list table` output of the hand-off tables.
+    pub fn parse(json_docs: &[String]) -> HandoffCounters {
+        let mut c = HandoffCounters::default();
+        for doc in json_docs {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(doc) else {
+                continue;
+            };
+            let items = v["nftables"].as_array().cloned().unwrap_or_default();
+            for item in items {
+                let rule = &item["rule"];
+                let (Some(family), Some(comment)) =
+                    (rule["family"].as_str(), rule["comment"].as_str())
+                else {
+                    continue;
+                };
+                let packets = rule["expr"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find_map(|e| e["counter"]["packets"].as_u64());
+                let Some(packets) = packets else { continue };
+                let list = if comment == handoff::PASSED_COMMENT {
+                    &mut c.passed
+                } else if comment == handoff::DROPPED_COMMENT {
+                    &mut c.dropped
+                } else {
+                    continue;
+                };
+                list.push((family.to_string(), packets));
+            }
+        }
+        c
+    }
+
+    /// The live counters (runs `nft`; empty when it cannot).
+    fn read() -> HandoffCounters {
+        let docs: Vec<String> = ["ip", "ip6"]
+            .iter()
+            .filter_map(|family| {
+                let out = std::process::Command::new("nft")
+                    .args(["-j", "list", "table", family, handoff::TABLE])
+                    .stderr(std::process::Stdio::null())
+                    .output()
+                    .ok()?;
+                out.status
+                    .success()
+                    .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+            })
+            .collect();
+        HandoffCounters::parse(&docs)
+    }
 }
 
 /// A running announcer.
@@ -217,6 +281,7 @@ impl Glue {
                 .iter()
                 .map(|_| Arc::new(Mutex::new(NeighborStatus::default())))
                 .collect(),
+            handoff: config.handoff.clone(),
         });
         let loopback_mode = config.loopback;
         let handoff = config.handoff.clone();
@@ -374,6 +439,23 @@ impl Glue {
                 })
             })
             .collect();
+        drop(st);
+        let handoff = self.shared.handoff.as_ref().map(|h| {
+            let c = HandoffCounters::read();
+            let map = |l: &[(String, u64)]| {
+                l.iter()
+                    .map(|(f, n)| (f.clone(), json!(n)))
+                    .collect::<serde_json::Map<_, _>>()
+            };
+            json!({
+                "peers": h.peers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "device": h.device,
+                "dscp": h.dscp,
+                "packets_passed_on": map(&c.passed),
+                "packets_dropped": map(&c.dropped),
+            })
+        });
+        let st = self.shared.status.lock().unwrap_or_else(|e| e.into_inner());
         json!({
             "mode": self.shared.mode,
             "serving": st.serving,
@@ -381,6 +463,7 @@ impl Glue {
             "vips": vips,
             "neighbors": neighbors,
             "kernel_routes": st.kernel_routes.iter().map(route_json).collect::<Vec<_>>(),
+            "handoff": handoff,
         })
     }
 
@@ -472,6 +555,31 @@ impl Glue {
                 n.name, n.connect_failures
             );
         }
+        if self.shared.handoff.is_some() {
+            let c = HandoffCounters::read();
+            out.push_str("# HELP ringmail_announce_handoff_packets_total Packets of flows this host does not own: passed on to the peers, or dropped (a peer's hand-off not ours either).\n# TYPE ringmail_announce_handoff_packets_total counter\n");
+            for (action, list) in [("passed", &c.passed), ("dropped", &c.dropped)] {
+                for (family, n) in list {
+                    let _ = writeln!(
+                        out,
+                        "ringmail_announce_handoff_packets_total{{family=\"{family}\",action=\"{action}\"}} {n}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HandoffCounters;
+
+    #[test]
+    fn handoff_counters_from_nft_json() {
+        let ip = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, {"table": {"family": "ip", "name": "ringmail_handoff", "handle": 3}}, {"rule": {"family": "ip", "table": "ringmail_handoff", "chain": "orphan", "handle": 5, "comment": "handed off by a peer and not ours either", "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "dscp"}}, "right": 45}}, {"counter": {"packets": 2, "bytes": 120}}, {"drop": null}]}}, {"rule": {"family": "ip", "table": "ringmail_handoff", "chain": "orphan", "handle": 6, "comment": "passed on to the peers", "expr": [{"mangle": {"key": {"payload": {"protocol": "ip", "field": "dscp"}}, "value": 45}}, {"dup": {"addr": "198.51.100.12", "dev": "up0"}}, {"counter": {"packets": 95, "bytes": 5054}}, {"drop": null}]}}]}"#;
+        let c = HandoffCounters::parse(&[ip.to_string(), "not json".to_string()]);
+        assert_eq!(c.passed, vec![("ip".to_string(), 95)]);
+        assert_eq!(c.dropped, vec![("ip".to_string(), 2)]);
     }
 }
 
