@@ -570,19 +570,6 @@ impl Glue {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::HandoffCounters;
-
-    #[test]
-    fn handoff_counters_from_nft_json() {
-        let ip = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, {"table": {"family": "ip", "name": "ringmail_handoff", "handle": 3}}, {"rule": {"family": "ip", "table": "ringmail_handoff", "chain": "orphan", "handle": 5, "comment": "handed off by a peer and not ours either", "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "dscp"}}, "right": 45}}, {"counter": {"packets": 2, "bytes": 120}}, {"drop": null}]}}, {"rule": {"family": "ip", "table": "ringmail_handoff", "chain": "orphan", "handle": 6, "comment": "passed on to the peers", "expr": [{"mangle": {"key": {"payload": {"protocol": "ip", "field": "dscp"}}, "value": 45}}, {"dup": {"addr": "198.51.100.12", "dev": "up0"}}, {"counter": {"packets": 95, "bytes": 5054}}, {"drop": null}]}}]}"#;
-        let c = HandoffCounters::parse(&[ip.to_string(), "not json".to_string()]);
-        assert_eq!(c.passed, vec![("ip".to_string(), 95)]);
-        assert_eq!(c.dropped, vec![("ip".to_string(), 2)]);
-    }
-}
-
 impl Drop for Glue {
     fn drop(&mut self) {
         self.stop();
@@ -987,5 +974,18 @@ impl Task {
         for w in self.drain_waiters.drain(..) {
             let _ = w.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HandoffCounters;
+
+    #[test]
+    fn handoff_counters_from_nft_json() {
+        let ip = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, {"table": {"family": "ip", "name": "ringmail_handoff", "handle": 3}}, {"rule": {"family": "ip", "table": "ringmail_handoff", "chain": "orphan", "handle": 5, "comment": "handed off by a peer and not ours either", "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "dscp"}}, "right": 45}}, {"counter": {"packets": 2, "bytes": 120}}, {"drop": null}]}}, {"rule": {"family": "ip", "table": "ringmail_handoff", "chain": "orphan", "handle": 6, "comment": "passed on to the peers", "expr": [{"mangle": {"key": {"payload": {"protocol": "ip", "field": "dscp"}}, "value": 45}}, {"dup": {"addr": "198.51.100.12", "dev": "up0"}}, {"counter": {"packets": 95, "bytes": 5054}}, {"drop": null}]}}]}"#;
+        let c = HandoffCounters::parse(&[ip.to_string(), "not json".to_string()]);
+        assert_eq!(c.passed, vec![("ip".to_string(), 95)]);
+        assert_eq!(c.dropped, vec![("ip".to_string(), 2)]);
     }
 }
