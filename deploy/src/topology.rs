@@ -362,6 +362,10 @@ pub struct Bgp {
     pub lb_asn: u32,
     pub mode: BgpMode,
     pub kernel_table: u32,
+    /// The interface each LB host shares with the other LBs of its site: when set, every LB
+    /// config gets `[announce.handoff]` with those LBs as peers (a draining LB keeps its
+    /// connections after the routers move them).
+    pub handoff_device: Option<String>,
 }
 
 /// The account store when the topology names none (one SQLite file per host: a trial setup).
@@ -584,6 +588,8 @@ struct RawBgp {
     mode: Option<Spanned<String>>,
     #[serde(default)]
     kernel_table: Option<Spanned<u32>>,
+    #[serde(default)]
+    handoff_device: Option<Spanned<String>>,
 }
 
 /// The keys each table may hold (checked before serde, so every unknown key is reported).
@@ -616,7 +622,7 @@ const ROUTER_KEYS: &[&str] = &["name", "site", "asn", "ipv4", "ipv6"];
 const HOST_KEYS: &[&str] = &["name", "site", "roles", "ipv4", "ipv6", "bgp"];
 const HOST_BGP_KEYS: &[&str] = &["router_id", "neighbors"];
 const SERVICE_KEYS: &[&str] = &["name", "kind", "ipv4", "ipv6"];
-const BGP_KEYS: &[&str] = &["lb_asn", "mode", "kernel_table"];
+const BGP_KEYS: &[&str] = &["lb_asn", "mode", "kernel_table", "handoff_device"];
 const ACCOUNTS_KEYS: &[&str] = &["url"];
 
 fn check_tables(ctx: &mut Ctx<'_>, v: Option<&Value<'_>>, allowed: &[&str], section: &str) {
@@ -1027,10 +1033,26 @@ impl Validator<'_, '_, '_> {
                 {
                     self.err(t.span(), "bgp.kernel_table: FRR imports only tables 1-252");
                 }
+                let handoff_device = b.handoff_device.as_ref().and_then(|d| {
+                    let name = d.get_ref();
+                    let valid = !name.is_empty()
+                        && name.len() < 16
+                        && name.bytes().all(|c| {
+                            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'@')
+                        });
+                    if !valid {
+                        self.err(
+                            d.span(),
+                            "bgp.handoff_device: not an interface name (1-15 letters, digits, `-_.@`)",
+                        );
+                    }
+                    valid.then(|| name.clone())
+                });
                 Some(Bgp {
                     lb_asn: *b.lb_asn.get_ref(),
                     mode,
                     kernel_table,
+                    handoff_device,
                 })
             }
             None => None,
@@ -1206,6 +1228,7 @@ impl Validator<'_, '_, '_> {
                 lb_asn: 0,
                 mode: BgpMode::Speaker,
                 kernel_table: 100,
+                handoff_device: None,
             }),
         })
     }
@@ -1701,6 +1724,21 @@ ipv6 = "2001:db8::25"
         ] {
             assert!(e.contains(want), "`{want}` missing from:\n{e}");
         }
+    }
+
+    #[test]
+    fn handoff_device_must_be_an_interface_name() {
+        let good = format!("{SMALL}\n[bgp]\nlb_asn = 65010\nhandoff_device = \"bond0.12\"\n");
+        assert_eq!(
+            load(&good).unwrap().bgp.handoff_device.as_deref(),
+            Some("bond0.12")
+        );
+        let bad = format!("{SMALL}\n[bgp]\nlb_asn = 65010\nhandoff_device = \"eth0; flush\"\n");
+        assert!(
+            load(&bad)
+                .unwrap_err()
+                .contains("bgp.handoff_device: not an interface name")
+        );
     }
 
     #[test]

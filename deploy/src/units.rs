@@ -404,6 +404,36 @@ fn lb_config(t: &Topology, h: &Host, p: Paths<'_>) -> String {
     for a in &vips {
         let _ = writeln!(s, "\n[[announce.vip]]\naddress = {}", q(&a.to_string()));
     }
+    if let Some(device) = &t.bgp.handoff_device {
+        // The other LBs of this site, in the families that have VIPs.
+        let peers: Vec<IpAddr> = t
+            .hosts
+            .iter()
+            .filter(|o| o.has(Role::Lb) && o.site == h.site && o.name != h.name)
+            .flat_map(Host::addrs)
+            .filter(|a| vips.iter().any(|v| v.is_ipv4() == a.is_ipv4()))
+            .collect();
+        let covered = [true, false].iter().all(|&v4| {
+            !vips.iter().any(|v| v.is_ipv4() == v4) || peers.iter().any(|p| p.is_ipv4() == v4)
+        });
+        if covered {
+            let list: Vec<String> = peers.iter().map(|a| q(&a.to_string())).collect();
+            let _ = writeln!(
+                s,
+                "\n# A draining LB keeps its connections: when the routers move them here, their\n\
+                 # packets are passed back to it over {device} (the other LBs of site {site}).\n\
+                 [announce.handoff]\n\
+                 peers = [{}]\n\
+                 device = {}",
+                list.join(", "),
+                q(device)
+            );
+        } else {
+            s.push_str(
+                "\n# No [announce.handoff]: no other LB in this site has an address of each VIP family.\n",
+            );
+        }
+    }
     if let Some(b) = bgp {
         let _ = writeln!(
             s,
