@@ -292,6 +292,20 @@ fn lmtp_delivers_per_recipient_into_maildirs_folders_and_programs() {
     assert!(replies[0].starts_with("250 2.0.0"), "{replies:?}");
     assert!(replies[1].starts_with("451 4.3.0"), "{replies:?}");
     assert!(replies[2].starts_with("550 5.3.0"), "{replies:?}");
+
+    // A body line far over RFC 5322's 998 octets is delivered intact, as Postfix and Dovecot
+    // do (such mail is common; refusing it would bounce it).
+    let long = "x".repeat(20_000);
+    let msg = format!("From: <alice@example.test>\r\nSubject: long\r\n\r\n{long}\r\nend\r\n");
+    let out = lmtp(mda.lmtp, &["bob@example.test"], &msg);
+    assert!(out.contains("refused {}"), "{out}");
+    let inbox = mda.messages("bob", "");
+    assert!(
+        inbox
+            .iter()
+            .any(|m| m.contains(&format!("\r\n{long}\r\nend\r\n"))),
+        "the long line is stored intact"
+    );
 }
 
 #[test]
