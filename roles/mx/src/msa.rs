@@ -1198,70 +1198,63 @@ fn is_dot_atom(s: &str) -> bool {
             .all(|p| !p.is_empty() && p.chars().all(is_atext))
 }
 
+/// A dot-atom starting at the atom `toks[*i]`: atoms joined by `.` with nothing between them.
+/// None when a `.` is not followed by an adjacent atom.
+fn dot_atom(toks: &[(Tok, bool)], i: &mut usize) -> Option<String> {
+    let adjacent = |j: usize| toks.get(j).is_some_and(|(_, spaced)| !spaced);
+    let Some((Tok::Atom(first), _)) = toks.get(*i) else {
+        return None;
+    };
+    let mut out = first.clone();
+    *i += 1;
+    while adjacent(*i) && toks[*i].0 == Tok::Special('.') {
+        let Some((Tok::Atom(a), false)) = toks.get(*i + 1) else {
+            return None;
+        };
+        out.push('.');
+        out.push_str(a);
+        *i += 2;
+    }
+    Some(out)
+}
+
 /// Parses an addr-spec from `toks[*i..]`; folding whitespace and comments inside it (obsolete
 /// syntax) are refused. A quoted local part whose content is a dot-atom is unquoted
 /// (`"alice"@x` is `alice@x`); another keeps its quotes (escaped).
 fn addr_spec(toks: &[(Tok, bool)], i: &mut usize) -> Result<String, &'static str> {
     let adjacent = |j: usize| toks.get(j).is_some_and(|(_, spaced)| !spaced);
-    let mut local = String::new();
-    match toks.get(*i) {
+    let local = match toks.get(*i) {
         Some((Tok::Quoted(q), _)) => {
             *i += 1;
             if is_dot_atom(q) {
-                local.push_str(q);
+                q.clone()
             } else {
-                local.push('"');
+                let mut quoted = String::from('"');
                 for c in q.chars() {
                     if c == '"' || c == '\\' {
-                        local.push('\\');
+                        quoted.push('\\');
                     }
-                    local.push(c);
+                    quoted.push(c);
                 }
-                local.push('"');
+                quoted.push('"');
+                quoted
             }
         }
-        Some((Tok::Atom(a), _)) => {
-            *i += 1;
-            local.push_str(a);
-            while adjacent(*i) && toks[*i].0 == Tok::Special('.') {
-                match toks.get(*i + 1) {
-                    Some((Tok::Atom(a), false)) => {
-                        local.push('.');
-                        local.push_str(a);
-                        *i += 2;
-                    }
-                    _ => return Err("bad local part"),
-                }
-            }
-        }
+        Some((Tok::Atom(_), _)) => dot_atom(toks, i).ok_or("bad local part")?,
         _ => return Err("expected an address"),
-    }
+    };
     if !(adjacent(*i) && toks[*i].0 == Tok::Special('@')) {
         return Err("address without '@'");
     }
     *i += 1;
-    let mut domain = String::new();
-    match toks.get(*i) {
-        Some((Tok::Atom(a), false)) => {
-            *i += 1;
-            domain.push_str(a);
-            while adjacent(*i) && toks[*i].0 == Tok::Special('.') {
-                match toks.get(*i + 1) {
-                    Some((Tok::Atom(a), false)) => {
-                        domain.push('.');
-                        domain.push_str(a);
-                        *i += 2;
-                    }
-                    _ => return Err("bad domain"),
-                }
-            }
-        }
+    let domain = match toks.get(*i) {
+        Some((Tok::Atom(_), false)) => dot_atom(toks, i).ok_or("bad domain")?,
         Some((Tok::Literal(l), false)) => {
             *i += 1;
-            domain = format!("[{}]", l.trim());
+            format!("[{}]", l.trim())
         }
         _ => return Err("bad domain"),
-    }
+    };
     Ok(format!("{local}@{domain}"))
 }
 
