@@ -560,6 +560,13 @@ fn describe(config: &LbConfig) -> String {
             config::AnnounceMode::KernelTable { table } => format!("kernel table {table}"),
         };
         s.push_str(&format!(", {} VIPs announced by {mode}", a.vips.len()));
+        if let Some(h) = &a.handoff {
+            s.push_str(&format!(
+                ", flows handed off to {} peers on {}",
+                h.peers.len(),
+                h.device
+            ));
+        }
     }
     s
 }
