@@ -716,7 +716,7 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
              \n  deploy   a whole site from one topology: ringmail deploy render --topology deploy/examples/example.com.toml --out site/\
              \n\nTry it:\
              \n  swaks --server {ip} --port {port} --tls --auth LOGIN --auth-user {user} --auth-password {UP_PASSWORD} --from {user} --to bob@{domain}\
-             \n  curl --url smtps://{tip}:{tport} --ssl-reqd -k --mail-from {user} --mail-rcpt bob@{domain} -u {user}:{UP_PASSWORD} -T message.txt   # message.txt: From: {user}, a blank line, text\
+             \n  curl --url smtps://{tip}:{tport} --ssl-reqd -k --crlf --mail-from {user} --mail-rcpt bob@{domain} -u {user}:{UP_PASSWORD} -T message.txt   # message.txt: From: {user}, a blank line, text\
              \n  python3 -c \"import smtplib, ssl; c=ssl.create_default_context(); c.check_hostname=False; c.verify_mode=ssl.CERT_NONE; s=smtplib.SMTP('{ip}', {port}); s.starttls(context=c); s.login('{user}', '{UP_PASSWORD}'); s.sendmail('{user}', ['bob@{domain}'], 'From: {user}\\r\\nTo: bob@{domain}\\r\\nSubject: hi\\r\\n\\r\\nhello\\r\\n'); s.quit()\"\
              \n  python3 -c \"import imaplib, ssl; c=ssl.create_default_context(); c.check_hostname=False; c.verify_mode=ssl.CERT_NONE; m=imaplib.IMAP4_SSL('{lbip}', {lbport}, ssl_context=c); m.login('{user2}', '{UP_PASSWORD2}'); m.select('INBOX'); print(m.fetch('1:*', '(BODY[HEADER.FIELDS (SUBJECT FROM)])')); m.logout()\"\
              \n  curl -k --url 'imaps://{lbip}:{lbport}/INBOX;UID=1' -u {user2}:{UP_PASSWORD2}\

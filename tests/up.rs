@@ -129,6 +129,46 @@ fn up_starts_the_mx_the_msa_the_mta_and_the_lb_and_its_try_lines_work() {
     );
     assert!(status.success(), "{iline}\n{out}");
     assert!(out.contains("Subject: hi"), "{iline}\n{out}");
+    // The curl submission line, as printed, with a message file written the usual way (LF line
+    // ends): curl's --crlf makes it SMTP.
+    let cline = banner
+        .lines()
+        .find(|l| l.trim_start().starts_with("curl --url smtps://"))
+        .expect("a curl submission line")
+        .split("   #")
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    std::fs::write(
+        dir.path().join("message.txt"),
+        "From: alice@example.test\nSubject: by curl\n\nhello from curl\n",
+    )
+    .unwrap();
+    let (status, out) = run_bounded(
+        Command::new("sh")
+            .arg("-c")
+            .arg(&cline)
+            .current_dir(dir.path()),
+        Duration::from_secs(30),
+    );
+    assert!(status.success(), "{cline}\n{out}");
+    wait_for(Duration::from_secs(30), || {
+        ["cur", "new"].iter().find_map(|d| {
+            std::fs::read_dir(maildir.join(d))
+                .ok()?
+                .flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .find(|m| m.contains("hello from curl\r\n"))
+        })
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "curl's message not in {}:\n{}",
+            maildir.display(),
+            up.log_text()
+        )
+    });
     // The queue line works (the MX's queue is empty again).
     let qline = banner
         .lines()
