@@ -176,6 +176,10 @@ impl Lb {
         // Every worker gets its own socket per listener (SO_REUSEPORT).
         let mut per_worker: Vec<Vec<(u64, OwnedFd)>> = (0..nworkers).map(|_| Vec::new()).collect();
         for spec in &snapshot.listeners {
+            sys::ensure_unclaimed(spec.bind).map_err(|source| LbError::Listen {
+                addr: spec.bind,
+                source,
+            })?;
             for list in per_worker.iter_mut() {
                 let fd = sys::listener(spec.bind, 4096).map_err(|source| LbError::Listen {
                     addr: spec.bind,
@@ -337,6 +341,10 @@ impl Lb {
             .iter()
             .filter(|s| !old_binds.contains(&s.bind))
         {
+            sys::ensure_unclaimed(spec.bind).map_err(|source| LbError::Listen {
+                addr: spec.bind,
+                source,
+            })?;
             for list in add.iter_mut() {
                 let fd = sys::listener(spec.bind, 4096).map_err(|source| LbError::Listen {
                     addr: spec.bind,

@@ -32,6 +32,42 @@ pub fn listener(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
     Ok(socket.into())
 }
 
+/// Fails with `AddrInUse` when another socket is bound to `addr` (or overlaps it, e.g. a
+/// wildcard bind on the same port). The listeners use SO_REUSEPORT, which would otherwise let
+/// this process silently share a port another process (of the same user) listens on, each
+/// getting a part of the connections; a plain bind, as Postfix and Dovecot do, refuses that.
+/// Port 0 (any free port) is not checked.
+pub fn ensure_unclaimed(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    // Connections in TIME_WAIT on the port are no conflict.
+    probe.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true)?;
+    }
+    let _ = if addr.is_ipv6() {
+        probe.set_freebind_v6(true)
+    } else {
+        probe.set_freebind_v4(true)
+    };
+    probe.bind(&addr.into()).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "address already in use by another socket (another process listens there)",
+            )
+        } else {
+            e
+        }
+    })
+}
+
 /// A non-blocking TCP socket for connecting to `addr`.
 pub fn backend_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
     let socket = Socket::new(
@@ -262,4 +298,20 @@ pub fn open_tun(name: &str) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_another_socket_listens_on_is_claimed() {
+        let other = listener("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = local_addr(other.as_raw_fd()).unwrap();
+        let err = ensure_unclaimed(addr).expect_err("in use");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        drop(other);
+        ensure_unclaimed(addr).expect("free once closed");
+        assert!(ensure_unclaimed("127.0.0.1:0".parse().unwrap()).is_ok());
+    }
 }

@@ -39,6 +39,46 @@ pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener>
     Ok(socket.into())
 }
 
+/// Fails with `AddrInUse` when another socket is bound to `addr` (or overlaps it, e.g. a
+/// wildcard bind on the same port): the workers' SO_REUSEPORT sockets would otherwise share
+/// a port another process of the same user listens on, each getting part of the connections.
+/// A plain bind refuses that, as Postfix and Dovecot do. Port 0 is not checked.
+pub fn ensure_unclaimed(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // Connections in TIME_WAIT on the port are no conflict.
+    probe.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true)?;
+    }
+    let _ = if addr.is_ipv6() {
+        probe.set_freebind_v6(true)
+    } else {
+        probe.set_freebind_v4(true)
+    };
+    probe.bind(&addr.into()).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "address already in use by another socket (another process listens there)",
+            )
+        } else {
+            e
+        }
+    })
+}
+
+/// Binds `addr` for every worker, after checking that no other socket holds it.
+fn claim(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let err = |e: io::Error| io::Error::new(e.kind(), format!("{addr}: {e}"));
+    ensure_unclaimed(addr).map_err(err)?;
+    (0..workers)
+        .map(|_| reuseport_listener(addr).map_err(err))
+        .collect()
+}
+
 /// Running workers; stopping sets a flag every accept loop checks.
 pub struct Workers {
     threads: Vec<JoinHandle<()>>,
@@ -86,10 +126,11 @@ impl Workers {
         let stop_notify = Arc::new(tokio::sync::Notify::new());
         let listeners = listen
             .iter()
-            .map(|a| {
-                reuseport_listener(*a).map_err(|e| io::Error::new(e.kind(), format!("{a}: {e}")))
-            })
-            .collect::<io::Result<Vec<_>>>()?;
+            .map(|a| claim(*a, 1))
+            .collect::<io::Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n.max(1))
             .thread_name("ringmail-mx-mt")
@@ -143,14 +184,14 @@ impl Workers {
         let stop_notify = Arc::new(tokio::sync::Notify::new());
         let cpus = allowed_cpus();
         let mut threads = Vec::with_capacity(n);
+        // Per address, one socket per worker; transposed below into per-worker lists.
+        let mut per_addr = listen
+            .iter()
+            .map(|a| claim(*a, n).map(Vec::into_iter))
+            .collect::<io::Result<Vec<_>>>()?;
         for id in 0..n {
-            let listeners = listen
-                .iter()
-                .map(|a| {
-                    reuseport_listener(*a)
-                        .map_err(|e| io::Error::new(e.kind(), format!("{a}: {e}")))
-                })
-                .collect::<io::Result<Vec<_>>>()?;
+            let listeners: Vec<std::net::TcpListener> =
+                per_addr.iter_mut().filter_map(Iterator::next).collect();
             let session = session.clone();
             let stop = Arc::clone(&stop);
             let notify = Arc::clone(&stop_notify);
@@ -253,4 +294,30 @@ fn allowed_cpus() -> Vec<usize> {
     std::thread::available_parallelism()
         .map(|n| (0..n.get()).collect())
         .unwrap_or_else(|_| vec![0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_another_socket_listens_on_is_refused_not_shared() {
+        // Another process's listener, with SO_REUSEPORT as ours would have: without the check
+        // the workers' sockets would join its group and take part of its connections.
+        let other = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = other.local_addr().unwrap();
+        let err = Workers::start(2, &[addr], None, |_s, _p, _l| async {})
+            .err()
+            .expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        let err = Workers::start_multi(1, &[addr], |_s, _p, _l| async {})
+            .err()
+            .expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+        drop(other);
+        // Free again: taken, by every worker.
+        let w = Workers::start(2, &[addr], None, |_s, _p, _l| async {}).expect("free port");
+        w.stop();
+    }
 }
