@@ -387,27 +387,41 @@ fn validate(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<LbConfig> {
 
     let (pools, pool_names) = parse_pools(ctx, root.get("pool"));
     // A host that only announces (`ringmail announce`) has pools and VIPs but no listeners.
+    let mut binds = Vec::new();
     let listeners = match (root.get("listener"), root.get("announce")) {
         (None, Some(_)) => Some(Vec::new()),
-        (l, _) => parse_listeners(ctx, l, &pool_names),
+        (l, _) => parse_listeners(ctx, l, &pool_names, &mut binds),
     };
     let announce = match root.get("announce") {
         None => Some(None),
         Some(a) => announce::parse_announce(ctx, a, &pool_names, listeners.as_deref()).map(Some),
     };
 
-    if let (Some(global), Some(listeners)) = (&global, &listeners)
+    if let Some(global) = &global
         && let Some(admin) = global.admin
-        && let Some(clash) = listeners.iter().find(|l| l.bind == admin)
+        && let Some((_, clash)) = binds.iter().find(|(b, _)| *b == admin)
     {
         let span = value_span(root, &["global", "admin"]);
         ctx.error(
             span,
-            format!(
-                "`global.admin` {admin} is also the bind address of listener `{}`",
-                clash.name
-            ),
+            format!("`global.admin` {admin} is also the bind address of listener `{clash}`"),
         );
+    }
+
+    // A backend that is one of this LB's own listeners would proxy every connection back to
+    // itself until the descriptors run out.
+    for pool in pools.iter().flatten() {
+        for b in &pool.backends {
+            if let Some((_, listener)) = binds.iter().find(|(bind, _)| *bind == b.addr) {
+                ctx.error(
+                    value_span(root, &["pool", &pool.name, "backends"]),
+                    format!(
+                        "`{}.backends`: backend {} is this load balancer's own listener `{listener}` (a loop)",
+                        pool.name, b.addr
+                    ),
+                );
+            }
+        }
     }
 
     let pools: Option<Vec<Pool>> = pools.into_iter().collect();
@@ -796,11 +810,12 @@ fn parse_backend(ctx: &mut Ctx<'_>, at: &str, v: &Value<'_>) -> Option<Backend> 
 
 fn backend_addr(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<SocketAddr> {
     let addr = socket_addr(ctx, v, what)?;
-    if addr.ip().is_unspecified() || addr.ip().is_multicast() {
+    let broadcast = matches!(addr.ip(), IpAddr::V4(a) if a.is_broadcast());
+    if addr.ip().is_unspecified() || addr.ip().is_multicast() || broadcast {
         ctx.error(
             v.span(),
             format!(
-                "`{what}`: {} cannot be connected to (unspecified or multicast)",
+                "`{what}`: {} cannot be connected to (unspecified, multicast or broadcast)",
                 addr.ip()
             ),
         );
@@ -809,10 +824,13 @@ fn backend_addr(ctx: &mut Ctx<'_>, v: &Value<'_>, what: &str) -> Option<SocketAd
     Some(addr)
 }
 
+/// Parses `[[listener]]`; `binds` gets every bind address that parsed (with the listener's
+/// name, or the address), also of listeners with other errors.
 fn parse_listeners(
     ctx: &mut Ctx<'_>,
     v: Option<&Value<'_>>,
     pool_names: &[String],
+    binds: &mut Vec<(SocketAddr, String)>,
 ) -> Option<Vec<Listener>> {
     let Some(v) = v else {
         ctx.error(
@@ -882,24 +900,30 @@ fn parse_listeners(
                 .filter(|s| check_name(ctx, n.span(), s, &key("name"), NameKind::Simple))
                 .map(str::to_string),
         };
+        // Duplicate binds are reported even when the listener has other errors, so that every
+        // error is reported at once.
+        let bind_span = bind_v.map_or(item.span(), |b| b.span());
+        if let Some(bind) = bind {
+            if let Some((other, first)) = by_bind.get(&bind) {
+                let line = ctx.line(first.start);
+                ctx.error(
+                    bind_span.clone(),
+                    format!(
+                        "`{}`: {bind} is already bound by listener `{other}` (line {line})",
+                        key("bind")
+                    ),
+                );
+                ok = false;
+                continue;
+            }
+            let label = name.clone().unwrap_or_else(|| bind.to_string());
+            by_bind.insert(bind, (label, bind_span.clone()));
+            binds.push((bind, by_bind[&bind].0.clone()));
+        }
         let (Some(bind), Some(pool), Some(name)) = (bind, pool, name) else {
             ok = false;
             continue;
         };
-        let bind_span = bind_v.map_or(item.span(), |b| b.span());
-        if let Some((other, first)) = by_bind.get(&bind) {
-            let line = ctx.line(first.start);
-            ctx.error(
-                bind_span,
-                format!(
-                    "`{}`: {bind} is already bound by listener `{other}` (line {line})",
-                    key("bind")
-                ),
-            );
-            ok = false;
-            continue;
-        }
-        by_bind.insert(bind, (name.clone(), bind_span.clone()));
         let name_span = t.get("name").map_or(bind_span, |n| n.span());
         if let Some(first) = by_name.get(&name) {
             let line = ctx.line(first.start);

@@ -1447,3 +1447,30 @@ mode = "ospf"
     has(&e, 4, &["ospf", "bgp | kernel-table"]);
     has(&e, 3, &["no VIPs"]);
 }
+
+#[test]
+fn cross_checks_run_beside_other_errors() {
+    let e = errs(
+        r#"[global]
+admin = "127.0.0.1:9000"
+[[listener]]
+bind = "127.0.0.1:9000"
+pool = "nope"
+[[listener]]
+bind = "127.0.0.1:9000"
+pool = "p"
+[[listener]]
+bind = "127.0.0.1:9993"
+pool = "p"
+[pool.p]
+backends = ["127.0.0.1:9993"]
+[pool.q]
+backends = ["255.255.255.255:25"]
+"#,
+    );
+    has(&e, 5, &["unknown pool"]);
+    has(&e, 7, &["already bound by listener", "line 4"]);
+    has(&e, 2, &["global.admin", "also the bind address"]);
+    has(&e, 13, &["own listener", "a loop"]);
+    has(&e, 15, &["255.255.255.255", "broadcast"]);
+}
