@@ -104,6 +104,14 @@ impl AdminExtension for GlueAdmin {
         self.0.render_metrics(out);
     }
 
+    fn allowed_method(&self, path: &[&str]) -> Option<&'static str> {
+        match path {
+            ["api", "announce"] => Some("GET"),
+            ["api", "announce", "drain" | "resume"] => Some("POST"),
+            _ => None,
+        }
+    }
+
     fn handle(&self, method: &str, path: &[&str]) -> Option<(u16, serde_json::Value)> {
         match (method, path) {
             ("GET", ["api", "announce"]) => Some((200, self.0.status_json())),

@@ -754,6 +754,14 @@ fn admin_api(engine: &str) {
     assert_eq!(status, 404, "draining an unknown backend");
     let (status, _) = lb.post(&format!("/api/pools/nosuchpool/backends/{}/drain", b.addr));
     assert_eq!(status, 404, "draining in an unknown pool");
+    // A known path with the wrong method: 405 (with Allow), not 404.
+    let (status, body) = lb.post("/metrics");
+    assert_eq!(status, 405, "POST /metrics: {body}");
+    let (status, body) = lb.get(&format!("{base}/drain"));
+    assert_eq!(status, 405, "GET of a drain action: {body}");
+    assert!(body.contains("use POST"), "{body}");
+    let (status, _) = lb.get("/no/such/path");
+    assert_eq!(status, 404);
 
     // Strict parse (every sample line is `name{labels} value`) happens in `metrics()`.
     let m = lb.metrics();

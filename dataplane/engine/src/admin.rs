@@ -33,6 +33,10 @@ pub trait AdminExtension: Send + Sync + std::fmt::Debug {
     /// Answers `method` on `path` (split on `/`) when the path is this extension's: status code
     /// and JSON body.
     fn handle(&self, method: &str, path: &[&str]) -> Option<(u16, serde_json::Value)>;
+    /// The method `path` answers to when it is this extension's (for a 405 on another method).
+    fn allowed_method(&self, _path: &[&str]) -> Option<&'static str> {
+        None
+    }
 }
 
 /// What the admin listener shows; the pools are swapped on reload.
@@ -192,7 +196,23 @@ fn handle<B>(req: Request<B>, view: &RwLock<View>) -> Response<Full<Bytes>> {
                     return json_reply(status, body);
                 }
             }
-            json_reply(StatusCode::NOT_FOUND, json!({"error": "not found"}))
+            let allow = match parts {
+                ["healthz"] | ["metrics"] | ["api", "backends"] => Some("GET"),
+                ["api", "pools", _, "backends", _, ..] => Some("POST"),
+                _ => view.extensions.iter().find_map(|e| e.allowed_method(parts)),
+            };
+            match allow {
+                Some(allow) => {
+                    let mut r = json_reply(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        json!({"error": format!("{method} not allowed here; use {allow}")}),
+                    );
+                    r.headers_mut()
+                        .insert("allow", hyper::header::HeaderValue::from_static(allow));
+                    r
+                }
+                None => json_reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+            }
         }
     }
 }

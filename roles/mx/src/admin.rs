@@ -306,6 +306,49 @@ async fn handle<B, M: Metrics>(req: Request<B>, stats: &M, spool: &Spool) -> Res
                 ),
             }
         }
-        _ => json_reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+        (method, parts) => match allowed_method(parts) {
+            Some(allow) => method_not_allowed(method, allow),
+            None => json_reply(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+        },
+    }
+}
+
+/// The one method a known path answers to (for 405 and its `Allow` header).
+fn allowed_method(parts: &[&str]) -> Option<&'static str> {
+    match parts {
+        ["api", "queue", "flush"] | ["api", "queue", _, "delete" | "retry"] => Some("POST"),
+        ["metrics"] | ["api", "queue"] | ["api", "queue", _] => Some("GET"),
+        _ => None,
+    }
+}
+
+/// 405 with the `Allow` header (RFC 9110 15.5.6).
+pub fn method_not_allowed(method: &Method, allow: &'static str) -> Response<Full<Bytes>> {
+    let mut r = json_reply(
+        StatusCode::METHOD_NOT_ALLOWED,
+        json!({"error": format!("{method} not allowed here; use {allow}")}),
+    );
+    r.headers_mut()
+        .insert("allow", hyper::header::HeaderValue::from_static(allow));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_paths_name_their_method() {
+        assert_eq!(allowed_method(&["metrics"]), Some("GET"));
+        assert_eq!(allowed_method(&["api", "queue", "flush"]), Some("POST"));
+        assert_eq!(
+            allowed_method(&["api", "queue", "ABC", "delete"]),
+            Some("POST")
+        );
+        assert_eq!(allowed_method(&["api", "queue", "ABC"]), Some("GET"));
+        assert_eq!(allowed_method(&["api", "nope"]), None);
+        let r = method_not_allowed(&Method::DELETE, "GET");
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()["allow"], "GET");
     }
 }
