@@ -737,7 +737,7 @@ fn unit(t: &Topology, h: &Host, role: Role, p: Paths<'_>) -> String {
     s.push_str("\n# Hardening.\nNoNewPrivileges=yes\n");
     if lb {
         s.push_str(
-            "# Ports below 1024; NET_ADMIN: VIPs on lo, kernel-table routes, the route TUN device.\n\
+            "# Ports below 1024; NET_ADMIN: VIPs on lo, kernel-table routes, the route TUN device,\n# the connection hand-off's nftables rules (it runs nft, which inherits the capability).\n\
              CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_NET_ADMIN\n\
              AmbientCapabilities=CAP_NET_BIND_SERVICE CAP_NET_ADMIN\n",
         );
