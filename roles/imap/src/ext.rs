@@ -1,8 +1,8 @@
 //! Extension syntax that imap-codec 1.0 does not parse.
 //!
 //! imap-codec 1.0 knows RFC 3501 plus IDLE, ENABLE, MOVE, UNSELECT, LITERAL+ and a few
-//! more, but not NAMESPACE, ID, UID EXPUNGE, the CONDSTORE modifiers, ESEARCH `RETURN` or the
-//! LIST-EXTENDED options. When imap-codec rejects a command, [`recognise`] tokenises it
+//! more, but not NAMESPACE, ID, UID EXPUNGE, the CONDSTORE modifiers, ESEARCH `RETURN`,
+//! STATUS `SIZE` or the LIST-EXTENDED options. When imap-codec rejects a command, [`recognise`] tokenises it
 //! (atoms, quoted strings, parentheses and literals, no grammar) and either names one of the
 //! argument-free commands, or cuts the extension parts out and returns the remaining base
 //! command for imap-codec to parse again, with what was cut out as [`Extras`]. Everything that
@@ -31,6 +31,38 @@ pub(crate) struct SearchReturn {
     pub count: bool,
 }
 
+/// A STATUS data item (RFC 9051 6.3.11, RFC 7162, RFC 9208).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StatusItem {
+    Messages,
+    Recent,
+    UidNext,
+    UidValidity,
+    Unseen,
+    Deleted,
+    /// RFC 9208 `DELETED-STORAGE`: accepted, never reported (no QUOTA).
+    DeletedStorage,
+    Size,
+    HighestModSeq,
+}
+
+impl StatusItem {
+    fn from_word(w: &str) -> Option<StatusItem> {
+        Some(match w.to_ascii_uppercase().as_str() {
+            "MESSAGES" => StatusItem::Messages,
+            "RECENT" => StatusItem::Recent,
+            "UIDNEXT" => StatusItem::UidNext,
+            "UIDVALIDITY" => StatusItem::UidValidity,
+            "UNSEEN" => StatusItem::Unseen,
+            "DELETED" => StatusItem::Deleted,
+            "DELETED-STORAGE" => StatusItem::DeletedStorage,
+            "SIZE" => StatusItem::Size,
+            "HIGHESTMODSEQ" => StatusItem::HighestModSeq,
+            _ => return None,
+        })
+    }
+}
+
 /// Extension parts cut out of a command.
 #[derive(Debug, Default)]
 pub(crate) struct Extras {
@@ -46,12 +78,15 @@ pub(crate) struct Extras {
     pub search_return: Option<SearchReturn>,
     /// SEARCH used the `MODSEQ` key (rewritten to a [`MODSEQ_HEADER`] HEADER key).
     pub search_modseq: bool,
+    /// STATUS items, when the list named one imap-codec does not parse (`SIZE`); the
+    /// rewritten command asks for `(MESSAGES)`.
+    pub status_items: Option<Vec<StatusItem>>,
     /// LIST selection options.
     pub list_select: Vec<String>,
-    /// LIST return options (upper case); `STATUS` items come as a rewritten STATUS command.
+    /// LIST return options (upper case), without `STATUS`.
     pub list_return: Vec<String>,
-    /// `RETURN (STATUS (...))`: the `(...)` item list.
-    pub list_status: Option<Vec<u8>>,
+    /// `RETURN (STATUS (...))`: the items.
+    pub list_status: Option<Vec<StatusItem>>,
 }
 
 /// The HEADER field name that stands for the CONDSTORE `MODSEQ` search key after rewriting.
@@ -174,6 +209,22 @@ impl<'a> Cmd<'a> {
             start -= 1;
         }
         self.cuts.push((start..self.toks[to].1.end, with));
+    }
+
+    /// The STATUS items of the group `open..=close`: atoms only, at least one, each known.
+    /// Repeats are dropped.
+    fn status_items(&self, open: usize, close: usize) -> Option<Vec<StatusItem>> {
+        let mut out = Vec::new();
+        for j in open + 1..close {
+            if self.kind(j) != Some(&Tok::Atom) {
+                return None;
+            }
+            let it = StatusItem::from_word(self.text(j)?)?;
+            if !out.contains(&it) {
+                out.push(it);
+            }
+        }
+        (!out.is_empty()).then_some(out)
     }
 
     fn atoms_in(&self, open: usize, close: usize) -> Vec<String> {
@@ -320,6 +371,24 @@ pub(crate) fn recognise(buf: &[u8]) -> Option<Recognised> {
                 }
             }
         }
+        "STATUS" if !uid => {
+            // tag STATUS mailbox (items)
+            let open = at + 2;
+            if c.kind(open) != Some(&Tok::Open) {
+                return None;
+            }
+            let close = c.group_end(open)?;
+            if close + 1 != c.toks.len() {
+                return None;
+            }
+            let items = c.status_items(open, close)?;
+            if !items.contains(&StatusItem::Size) {
+                return None;
+            }
+            ex.status_items = Some(items);
+            let r = c.toks[open].1.start..c.toks[close].1.end;
+            c.cuts.push((r, b"(MESSAGES)"));
+        }
         "LIST" if !uid => {
             let mut j = at + 1;
             if c.kind(j) == Some(&Tok::Open) {
@@ -334,15 +403,22 @@ pub(crate) fn recognise(buf: &[u8]) -> Option<Recognised> {
                 let close = c.group_end(j + 1)?;
                 let mut k = j + 2;
                 while k < close {
+                    if c.kind(k) != Some(&Tok::Atom) {
+                        return None;
+                    }
                     let word = c.text(k)?.to_ascii_uppercase();
-                    if word == "STATUS" && c.kind(k + 1) == Some(&Tok::Open) {
-                        let end = c.group_end(k + 1)?;
-                        let r = c.toks[k + 1].1.start..c.toks[end].1.end;
-                        ex.list_status = Some(buf[r].to_vec());
-                        k = end + 1;
-                    } else {
-                        ex.list_return.push(word);
-                        k += 1;
+                    match word.as_str() {
+                        "STATUS" if c.kind(k + 1) == Some(&Tok::Open) => {
+                            let end = c.group_end(k + 1)?;
+                            ex.list_status = Some(c.status_items(k + 1, end)?);
+                            k = end + 1;
+                        }
+                        // Unknown return options are BAD (RFC 5258 3).
+                        "SUBSCRIBED" | "CHILDREN" | "SPECIAL-USE" => {
+                            ex.list_return.push(word);
+                            k += 1;
+                        }
+                        _ => return None,
                     }
                 }
                 c.cut(j, close, b"");
@@ -404,7 +480,7 @@ mod tests {
         let (b, e) = rw("a LIST (SUBSCRIBED) \"\" \"*\" RETURN (CHILDREN STATUS (MESSAGES))\r\n");
         assert_eq!(b, "a LIST \"\" \"*\"\r\n");
         assert_eq!(e.list_select, ["SUBSCRIBED"]);
-        assert_eq!(e.list_status.as_deref(), Some(&b"(MESSAGES)"[..]));
+        assert_eq!(e.list_status.as_deref(), Some(&[StatusItem::Messages][..]));
         let (b, e) = rw("a SELECT INBOX (CONDSTORE)\r\n");
         assert_eq!(b, "a SELECT INBOX\r\n");
         assert!(e.condstore_select);

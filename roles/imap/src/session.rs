@@ -50,7 +50,7 @@ use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
 use imap_codec::imap_types::status::{StatusDataItem, StatusDataItemName};
 use imap_codec::{CommandCodec, ResponseCodec};
 
-use crate::ext::{self, Extras, Recognised};
+use crate::ext::{self, Extras, Recognised, StatusItem};
 use crate::message::{self, Parsed, SearchView};
 use crate::secret::Secret;
 use crate::store::{Flag, FlagOp, MailStore, MessageMeta, StoreError};
@@ -338,6 +338,19 @@ fn ranges(set: &SequenceSet, largest: u32) -> Vec<(u32, u32)> {
     out
 }
 
+fn status_item(n: &StatusDataItemName) -> StatusItem {
+    match n {
+        StatusDataItemName::Messages => StatusItem::Messages,
+        StatusDataItemName::Recent => StatusItem::Recent,
+        StatusDataItemName::UidNext => StatusItem::UidNext,
+        StatusDataItemName::UidValidity => StatusItem::UidValidity,
+        StatusDataItemName::Unseen => StatusItem::Unseen,
+        StatusDataItemName::Deleted => StatusItem::Deleted,
+        StatusDataItemName::DeletedStorage => StatusItem::DeletedStorage,
+        StatusDataItemName::HighestModSeq => StatusItem::HighestModSeq,
+    }
+}
+
 fn in_ranges(r: &[(u32, u32)], n: u32) -> bool {
     let i = r.partition_point(|&(_, b)| b < n);
     r.get(i).is_some_and(|&(a, _)| a <= n)
@@ -621,6 +634,7 @@ impl Session {
             "ENABLE",
             "CONDSTORE",
             "ESEARCH",
+            "STATUS=SIZE",
             "LIST-EXTENDED",
             "LIST-STATUS",
             "SPECIAL-USE",
@@ -1121,7 +1135,15 @@ impl Session {
             } => {
                 need(authed)?;
                 let name = mailbox_name(&mailbox, self.rev2)?;
-                self.status(&name, item_names.as_ref())?;
+                let items = match ex.status_items {
+                    Some(items) => items,
+                    None => item_names.as_ref().iter().map(status_item).collect(),
+                };
+                if items.is_empty() {
+                    // imap-codec 1.0 takes `()`; RFC 9051 wants at least one item.
+                    return Err(Done::bad("Empty STATUS item list"));
+                }
+                self.status(&name, &items)?;
                 Ok(Done::ok("STATUS completed"))
             }
             CommandBody::Append {
@@ -1443,24 +1465,7 @@ impl Session {
             full.push(b'/');
         }
         full.extend_from_slice(&pattern);
-        let status_items: Option<Vec<StatusDataItemName>> = match &ex.list_status {
-            None => None,
-            Some(items) => {
-                let mut c = b"x STATUS x ".to_vec();
-                c.extend_from_slice(items);
-                c.extend_from_slice(b"\r\n");
-                match CommandCodec::default().decode(&c) {
-                    Ok((
-                        _,
-                        Command {
-                            body: CommandBody::Status { item_names, .. },
-                            ..
-                        },
-                    )) => Some(item_names.into_owned()),
-                    _ => return Err(Done::bad("Invalid STATUS return option")),
-                }
-            }
-        };
+        let status_items = ex.list_status.as_deref();
         let sel_subscribed = lsub || ex.list_select.iter().any(|s| s == "SUBSCRIBED");
         let sel_special = ex.list_select.iter().any(|s| s == "SPECIAL-USE");
         let ret_subscribed = sel_subscribed || ex.list_return.iter().any(|s| s == "SUBSCRIBED");
@@ -1519,7 +1524,7 @@ impl Session {
                 }
             };
             self.send(&Response::Data(data));
-            if let Some(items) = &status_items
+            if let Some(items) = status_items
                 && !mb.noselect
             {
                 // LIST-STATUS: failures for one mailbox are left out.
@@ -1540,29 +1545,31 @@ impl Session {
         }
     }
 
-    fn status(&mut self, name: &str, items: &[StatusDataItemName]) -> Reply<()> {
+    fn status(&mut self, name: &str, items: &[StatusItem]) -> Reply<()> {
         let st = self.store()?.status(name).map_err(|e| store_error(&e))?;
         let mut out = Vec::new();
+        // Items imap-codec 1.0 cannot encode go after its items.
         let mut extra = String::new();
         for it in items {
             match it {
-                StatusDataItemName::Messages => out.push(StatusDataItem::Messages(st.messages)),
-                StatusDataItemName::Recent => out.push(StatusDataItem::Recent(st.recent)),
-                StatusDataItemName::UidNext => {
+                StatusItem::Messages => out.push(StatusDataItem::Messages(st.messages)),
+                StatusItem::Recent => out.push(StatusDataItem::Recent(st.recent)),
+                StatusItem::UidNext => {
                     if let Some(n) = NonZeroU32::new(st.uidnext) {
                         out.push(StatusDataItem::UidNext(n));
                     }
                 }
-                StatusDataItemName::UidValidity => {
+                StatusItem::UidValidity => {
                     if let Some(n) = NonZeroU32::new(st.uidvalidity) {
                         out.push(StatusDataItem::UidValidity(n));
                     }
                 }
-                StatusDataItemName::Unseen => out.push(StatusDataItem::Unseen(st.unseen)),
-                StatusDataItemName::Deleted => out.push(StatusDataItem::Deleted(st.deleted)),
-                StatusDataItemName::DeletedStorage => {}
-                StatusDataItemName::HighestModSeq => {
-                    extra = format!(" HIGHESTMODSEQ {}", st.highestmodseq.max(1));
+                StatusItem::Unseen => out.push(StatusDataItem::Unseen(st.unseen)),
+                StatusItem::Deleted => out.push(StatusDataItem::Deleted(st.deleted)),
+                StatusItem::DeletedStorage => {}
+                StatusItem::Size => extra.push_str(&format!(" SIZE {}", st.size)),
+                StatusItem::HighestModSeq => {
+                    extra.push_str(&format!(" HIGHESTMODSEQ {}", st.highestmodseq.max(1)));
                 }
             }
         }

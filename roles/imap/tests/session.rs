@@ -938,3 +938,114 @@ fn store_refuses_invalid_system_flags() {
         "{r}"
     );
 }
+
+#[test]
+fn status_size_and_deleted() {
+    let store = store_with_mail();
+    let mut c = Client::logged_in(&store);
+    let all = M1.len() + M2.len() + M3.len();
+    let r = c.send("a STATUS INBOX (MESSAGES SIZE DELETED UNSEEN)\r\n");
+    assert_eq!(
+        r,
+        format!(
+            "* STATUS INBOX (MESSAGES 3 DELETED 0 UNSEEN 3 SIZE {all})\r\na OK STATUS completed\r\n"
+        )
+    );
+    let r = c.send("b STATUS Trash (SIZE)\r\n");
+    assert_eq!(r, "* STATUS Trash (SIZE 0)\r\nb OK STATUS completed\r\n");
+    // Repeats are reported once; SIZE and HIGHESTMODSEQ in the asked order.
+    let r = c.send("c status inbox (size Size highestmodseq)\r\n");
+    assert_eq!(
+        r,
+        format!("* STATUS INBOX (SIZE {all} HIGHESTMODSEQ 4)\r\nc OK STATUS completed\r\n")
+    );
+    // A literal mailbox name.
+    let r = c.send("d STATUS {5+}\r\nINBOX (SIZE)\r\n");
+    assert_eq!(
+        r,
+        format!("* STATUS INBOX (SIZE {all})\r\nd OK STATUS completed\r\n")
+    );
+
+    // STATUS on the selected mailbox, after changes by this session and another one.
+    c.send("e SELECT INBOX\r\nf STORE 1,3 +FLAGS.SILENT (\\Deleted \\Seen)\r\n");
+    let r = c.send("g STATUS INBOX (MESSAGES DELETED UNSEEN SIZE)\r\n");
+    assert_eq!(
+        r,
+        format!(
+            "* STATUS INBOX (MESSAGES 3 DELETED 2 UNSEEN 1 SIZE {all})\r\ng OK STATUS completed\r\n"
+        )
+    );
+    store.deliver("INBOX", M1.as_bytes()).unwrap();
+    let r = c.send("h STATUS INBOX (MESSAGES SIZE UIDNEXT)\r\n");
+    let now = all + M1.len();
+    assert_eq!(
+        r,
+        format!(
+            "* STATUS INBOX (MESSAGES 4 UIDNEXT 5 SIZE {now})\r\n* 4 EXISTS\r\nh OK STATUS completed\r\n"
+        )
+    );
+    c.send("i EXPUNGE\r\n");
+    let r = c.send("j STATUS INBOX (DELETED SIZE MESSAGES)\r\n");
+    let now = M2.len() + M1.len();
+    assert_eq!(
+        r,
+        format!("* STATUS INBOX (DELETED 0 MESSAGES 2 SIZE {now})\r\nj OK STATUS completed\r\n")
+    );
+
+    // LIST-STATUS with SIZE and DELETED.
+    let r = c.send("k LIST \"\" \"*\" RETURN (STATUS (SIZE DELETED MESSAGES))\r\n");
+    assert!(
+        r.contains(&format!(
+            "* LIST (\\HasNoChildren) \"/\" INBOX\r\n* STATUS INBOX (DELETED 0 MESSAGES 2 SIZE {now})\r\n"
+        )),
+        "{r}"
+    );
+    assert!(
+        r.contains("* STATUS Junk (DELETED 0 MESSAGES 0 SIZE 0)\r\n"),
+        "{r}"
+    );
+    assert_eq!(count(&r, "* STATUS"), 5, "{r}");
+    assert!(r.ends_with("k OK LIST completed\r\n"), "{r}");
+    let r = c.send("l LIST (SUBSCRIBED) \"\" Tr* RETURN (SUBSCRIBED STATUS (SIZE))\r\n");
+    assert_eq!(
+        r,
+        "* LIST (\\HasNoChildren \\Trash \\Subscribed) \"/\" Trash\r\n\
+         * STATUS Trash (SIZE 0)\r\nl OK LIST completed\r\n"
+    );
+}
+
+#[test]
+fn status_hostile_items() {
+    let store = store_with_mail();
+    let cfg = Config {
+        max_bad_commands: 100,
+        ..Config::default()
+    };
+    let (mut c, _) = Client::with(&store, cfg, true);
+    c.send("l LOGIN alice secret\r\n");
+    for bad in [
+        "STATUS INBOX ()",
+        "STATUS INBOX (SIZE FOO)",
+        "STATUS INBOX (SIZE \"MESSAGES\")",
+        "STATUS INBOX (SIZE (MESSAGES))",
+        "STATUS INBOX SIZE",
+        "STATUS INBOX (SIZE) MESSAGES",
+        "STATUS INBOX (SIZE",
+        "STATUS (SIZE)",
+        "UID STATUS INBOX (SIZE)",
+        "LIST \"\" * RETURN (STATUS ())",
+        "LIST \"\" * RETURN (STATUS (SIZE BOGUS))",
+        "LIST \"\" * RETURN (STATUS (SIZE (X)))",
+        "LIST \"\" * RETURN (STATUS SIZE)",
+    ] {
+        let r = c.send(&format!("x {bad}\r\n"));
+        assert!(r.starts_with("x BAD"), "{bad}: {r}");
+        assert_eq!(count(&r, "\r\n"), 1, "{bad}: {r}");
+    }
+    let r = c.send("y STATUS Nope (SIZE)\r\n");
+    assert_eq!(r, "y NO [NONEXISTENT] No such mailbox or message\r\n");
+    // Not before login.
+    let mut d = Client::new(&store);
+    let r = d.send("z STATUS INBOX (SIZE)\r\n");
+    assert_eq!(r, "z BAD Command not valid in this state\r\n");
+}
