@@ -1,12 +1,20 @@
 //! Extension syntax that imap-codec 1.0 does not parse.
 //!
 //! imap-codec 1.0 knows RFC 3501 plus IDLE, ENABLE, MOVE, UNSELECT, LITERAL+ and a few
-//! more, but not NAMESPACE, ID, UID EXPUNGE, the CONDSTORE modifiers, ESEARCH `RETURN`,
-//! STATUS `SIZE` or the LIST-EXTENDED options. When imap-codec rejects a command, [`recognise`] tokenises it
+//! more, but not NAMESPACE, ID, UID EXPUNGE, the CONDSTORE modifiers, ESEARCH `RETURN`
+//! (with SEARCHRES `SAVE`), the SEARCHRES `$` sequence set, STATUS `SIZE` or the
+//! LIST-EXTENDED options. When imap-codec rejects a command, [`recognise`] tokenises it
 //! (atoms, quoted strings, parentheses and literals, no grammar) and either names one of the
 //! argument-free commands, or cuts the extension parts out and returns the remaining base
 //! command for imap-codec to parse again, with what was cut out as [`Extras`]. Everything that
 //! stays is therefore still parsed by imap-codec.
+//!
+//! `$` (RFC 5182) is only recognised where a sequence set stands: as the set of FETCH, STORE,
+//! COPY, MOVE (and their UID forms) it becomes `1` with [`Extras::saved_set`] set, and the
+//! session uses the saved messages instead; as a SEARCH key (alone or after `UID`) it becomes
+//! a [`SAVED_HEADER`] HEADER key that the session evaluates against the saved result. Anywhere
+//! else `$` is left alone (a mailbox or keyword may be called `$`), and `$` combined with other
+//! numbers (`$,1`, `$:3`) stays a syntax error, as RFC 5182 allows `$` only on its own.
 
 use std::ops::Range;
 
@@ -17,7 +25,8 @@ use imap_codec::imap_types::sequence::SequenceSet;
 pub(crate) enum Recognised {
     Namespace,
     Id,
-    UidExpunge(SequenceSet),
+    /// `UID EXPUNGE set`; `None` for `UID EXPUNGE $`.
+    UidExpunge(Option<SequenceSet>),
     /// A base command for imap-codec, and the extension parts cut out of it.
     Rewritten(Vec<u8>, Extras),
 }
@@ -29,6 +38,15 @@ pub(crate) struct SearchReturn {
     pub max: bool,
     pub all: bool,
     pub count: bool,
+    /// SEARCHRES (RFC 5182): keep the result as `$`.
+    pub save: bool,
+}
+
+impl SearchReturn {
+    /// Whether anything but SAVE was asked for (SAVE alone sends no ESEARCH response).
+    pub fn reports(&self) -> bool {
+        self.min || self.max || self.all || self.count
+    }
 }
 
 /// A STATUS data item (RFC 9051 6.3.11, RFC 7162, RFC 9208).
@@ -78,6 +96,8 @@ pub(crate) struct Extras {
     pub search_return: Option<SearchReturn>,
     /// SEARCH used the `MODSEQ` key (rewritten to a [`MODSEQ_HEADER`] HEADER key).
     pub search_modseq: bool,
+    /// The sequence set of FETCH, STORE, COPY or MOVE was `$` (rewritten to `1`).
+    pub saved_set: bool,
     /// STATUS items, when the list named one imap-codec does not parse (`SIZE`); the
     /// rewritten command asks for `(MESSAGES)`.
     pub status_items: Option<Vec<StatusItem>>,
@@ -91,6 +111,10 @@ pub(crate) struct Extras {
 
 /// The HEADER field name that stands for the CONDSTORE `MODSEQ` search key after rewriting.
 pub(crate) const MODSEQ_HEADER: &str = "X-Ringmail-Search-Modseq";
+
+/// The HEADER field name that stands for the SEARCHRES `$` search key after rewriting.
+pub(crate) const SAVED_HEADER: &str = "X-Ringmail-Search-Saved";
+const SAVED_KEY: &[u8] = b"HEADER X-Ringmail-Search-Saved \"\"";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Tok {
@@ -211,6 +235,11 @@ impl<'a> Cmd<'a> {
         self.cuts.push((start..self.toks[to].1.end, with));
     }
 
+    /// Whether token `i` is the SEARCHRES `$` (an atom of its own).
+    fn is_saved(&self, i: usize) -> bool {
+        self.kind(i) == Some(&Tok::Atom) && self.text(i) == Some("$")
+    }
+
     /// The STATUS items of the group `open..=close`: atoms only, at least one, each known.
     /// Repeats are dropped.
     fn status_items(&self, open: usize, close: usize) -> Option<Vec<StatusItem>> {
@@ -262,12 +291,19 @@ pub(crate) fn recognise(buf: &[u8]) -> Option<Recognised> {
     let uid = c.is(1, "UID");
     let at = if uid { 2 } else { 1 };
     let name = c.text(at)?.to_ascii_uppercase();
+    if matches!(name.as_str(), "FETCH" | "STORE" | "COPY" | "MOVE") && c.is_saved(at + 1) {
+        ex.saved_set = true;
+        c.cuts.push((c.toks[at + 1].1.clone(), b"1"));
+    }
     match name.as_str() {
         "NAMESPACE" if !uid && c.toks.len() == 2 => return Some(Recognised::Namespace),
         "ID" if !uid => return Some(Recognised::Id),
         "EXPUNGE" if uid && c.toks.len() == 4 => {
+            if c.is_saved(3) {
+                return Some(Recognised::UidExpunge(None));
+            }
             let set = SequenceSet::try_from(c.text(3)?).ok()?;
-            return Some(Recognised::UidExpunge(set));
+            return Some(Recognised::UidExpunge(Some(set)));
         }
         "SELECT" | "EXAMINE" if !uid => {
             let last = c.toks.len() - 1;
@@ -303,9 +339,10 @@ pub(crate) fn recognise(buf: &[u8]) -> Option<Recognised> {
                     }
                 }
                 if kept == 0 && ex.fetch_modseq {
-                    c.cuts.clear();
-                    c.cuts
-                        .push((c.toks[list].1.start..c.toks[close].1.end, b"(UID)"));
+                    // `(MODSEQ)` alone: the list becomes `(UID)`.
+                    let start = c.toks[list].1.start;
+                    c.cuts.retain(|(r, _)| r.end <= start);
+                    c.cuts.push((start..c.toks[close].1.end, b"(UID)"));
                 }
                 parse_changedsince(&mut c, close + 1, &mut ex)?;
             } else if c.is(list, "MODSEQ") {
@@ -325,22 +362,25 @@ pub(crate) fn recognise(buf: &[u8]) -> Option<Recognised> {
                 }
                 ex.unchanged_since = Some(c.text(open + 2)?.parse().ok()?);
                 c.cut(open, close, b"");
-            } else {
-                return None;
             }
         }
+        "COPY" | "MOVE" => {}
         "SEARCH" => {
             let mut j = at + 1;
             if c.is(j, "RETURN") && c.kind(j + 1) == Some(&Tok::Open) {
                 let close = c.group_end(j + 1)?;
                 let mut r = SearchReturn::default();
-                for opt in c.atoms_in(j + 1, close) {
-                    match opt.as_str() {
+                for k in j + 2..close {
+                    // Options are atoms (as Dovecot: anything else is BAD).
+                    if c.kind(k) != Some(&Tok::Atom) {
+                        return None;
+                    }
+                    match c.text(k)?.to_ascii_uppercase().as_str() {
                         "MIN" => r.min = true,
                         "MAX" => r.max = true,
                         "ALL" => r.all = true,
                         "COUNT" => r.count = true,
-                        "SAVE" => return None,
+                        "SAVE" => r.save = true,
                         _ => return None,
                     }
                 }
@@ -351,25 +391,10 @@ pub(crate) fn recognise(buf: &[u8]) -> Option<Recognised> {
                 c.cut(j, close, b"");
                 j = close + 1;
             }
-            while j < c.toks.len() {
-                if c.is(j, "MODSEQ") {
-                    // MODSEQ [<entry-name> <entry-type-req>] <mod-sequence-valzer>
-                    let mut k = j + 1;
-                    if c.kind(k) == Some(&Tok::Quoted) {
-                        k += 2;
-                    }
-                    let n: u64 = c.text(k)?.parse().ok()?;
-                    let _ = n;
-                    ex.search_modseq = true;
-                    let start = c.toks[j].1.start;
-                    let num = c.toks[k].1.clone();
-                    c.cuts
-                        .push((start..num.start, b"HEADER X-Ringmail-Search-Modseq "));
-                    j = k + 1;
-                } else {
-                    j += 1;
-                }
+            if c.is(j, "CHARSET") {
+                j += 2;
             }
+            search_keys(&mut c, j, &mut ex)?;
         }
         "STATUS" if !uid => {
             // tag STATUS mailbox (items)
@@ -436,6 +461,89 @@ pub(crate) fn recognise(buf: &[u8]) -> Option<Recognised> {
     Some(Recognised::Rewritten(c.finish(), ex))
 }
 
+/// Walks the search keys from token `from`, rewriting `MODSEQ` and `$` keys. Arguments of
+/// keys are skipped, so a `$` or `MODSEQ` given as a string (`SUBJECT $`) stays a string.
+fn search_keys(c: &mut Cmd<'_>, from: usize, ex: &mut Extras) -> Option<()> {
+    let mut j = from;
+    while j < c.toks.len() {
+        if c.kind(j) != Some(&Tok::Atom) {
+            // Parentheses; a stray string is left for imap-codec to refuse.
+            j += 1;
+            continue;
+        }
+        let word = c.text(j)?.to_ascii_uppercase();
+        match word.as_str() {
+            "$" => {
+                c.cuts.push((c.toks[j].1.clone(), SAVED_KEY));
+                j += 1;
+            }
+            "UID" if c.is_saved(j + 1) => {
+                c.cuts
+                    .push((c.toks[j].1.start..c.toks[j + 1].1.end, SAVED_KEY));
+                j += 2;
+            }
+            "MODSEQ" => {
+                // MODSEQ [<entry-name> <entry-type-req>] <mod-sequence-valzer>
+                let mut k = j + 1;
+                if c.kind(k) == Some(&Tok::Quoted) {
+                    k += 2;
+                }
+                let _: u64 = c.text(k)?.parse().ok()?;
+                ex.search_modseq = true;
+                let start = c.toks[j].1.start;
+                let num = c.toks[k].1.clone();
+                c.cuts
+                    .push((start..num.start, b"HEADER X-Ringmail-Search-Modseq "));
+                j = k + 1;
+            }
+            "BCC" | "BODY" | "CC" | "FROM" | "SUBJECT" | "TEXT" | "TO" | "KEYWORD"
+            | "UNKEYWORD" | "BEFORE" | "ON" | "SINCE" | "SENTBEFORE" | "SENTON" | "SENTSINCE"
+            | "LARGER" | "SMALLER" | "UID" => j += 2,
+            "HEADER" => j += 3,
+            _ => j += 1,
+        }
+    }
+    Some(())
+}
+
+/// Whether a SEARCH command asks to SAVE its result (`RETURN (... SAVE ...)`), judged from
+/// its words alone: for a command that fails to parse, whose `$` must then be emptied.
+pub(crate) fn search_saves(buf: &[u8]) -> bool {
+    let line = buf.split(|&b| b == b'\n').next().unwrap_or(b"");
+    let mut words = line.split(|&b| b == b' ').skip(1).peekable();
+    if words.peek().is_some_and(|w| w.eq_ignore_ascii_case(b"UID")) {
+        words.next();
+    }
+    if !words
+        .next()
+        .is_some_and(|w| w.eq_ignore_ascii_case(b"SEARCH"))
+        || !words
+            .next()
+            .is_some_and(|w| w.eq_ignore_ascii_case(b"RETURN"))
+    {
+        return false;
+    }
+    for (i, w) in words.enumerate() {
+        if i == 0 && !w.starts_with(b"(") {
+            return false;
+        }
+        let close = w.contains(&b')');
+        let w = w.trim_ascii();
+        let w: Vec<u8> = w
+            .iter()
+            .copied()
+            .filter(|&b| b != b'(' && b != b')')
+            .collect();
+        if w.eq_ignore_ascii_case(b"SAVE") {
+            return true;
+        }
+        if close {
+            return false;
+        }
+    }
+    false
+}
+
 fn parse_changedsince(c: &mut Cmd<'_>, open: usize, ex: &mut Extras) -> Option<()> {
     if open >= c.toks.len() {
         return Some(());
@@ -489,6 +597,48 @@ mod tests {
             Some(Recognised::UidExpunge(_))
         ));
         assert!(recognise(b"a FROB\r\n").is_none());
+        let saved = "HEADER X-Ringmail-Search-Saved \"\"";
+        let (b, e) = rw("a FETCH $ (FLAGS MODSEQ)\r\n");
+        assert_eq!(b, "a FETCH 1 (FLAGS)\r\n");
+        assert!(e.saved_set && e.fetch_modseq);
+        let (b, e) = rw("a UID FETCH $ (MODSEQ)\r\n");
+        assert_eq!(b, "a UID FETCH 1 (UID)\r\n");
+        assert!(e.saved_set);
+        let (b, _) = rw("a UID STORE $ +FLAGS (\\Seen)\r\n");
+        assert_eq!(b, "a UID STORE 1 +FLAGS (\\Seen)\r\n");
+        let (b, _) = rw("a MOVE $ Trash\r\n");
+        assert_eq!(b, "a MOVE 1 Trash\r\n");
+        let (b, e) = rw("a SEARCH RETURN (SAVE MIN) OR ($) UID $\r\n");
+        assert_eq!(b, format!("a SEARCH OR ({saved}) {saved}\r\n"));
+        let r = e.search_return.unwrap();
+        assert!(r.save && r.min && !r.all && r.reports());
+        let (b, e) = rw("a SEARCH RETURN (SAVE) SUBJECT $ HEADER $ $ $ UID 1:3\r\n");
+        assert_eq!(
+            b,
+            format!("a SEARCH SUBJECT $ HEADER $ $ {saved} UID 1:3\r\n")
+        );
+        assert!(!e.search_return.unwrap().reports());
+        assert!(!e.saved_set);
+        assert!(matches!(
+            recognise(b"a UID EXPUNGE $\r\n"),
+            Some(Recognised::UidExpunge(None))
+        ));
+        for bad in [
+            "a SELECT $\r\n",
+            "a FETCH $,1 FLAGS\r\n",
+            "a SEARCH RETURN (SAVE (MIN)) ALL\r\n",
+            "a SEARCH RETURN (\"SAVE\") ALL\r\n",
+            "a EXPUNGE $\r\n",
+        ] {
+            assert!(recognise(bad.as_bytes()).is_none(), "{bad}");
+        }
+        assert!(search_saves(b"a SEARCH RETURN (SAVE) ALL\r\n"));
+        assert!(search_saves(
+            b"a uid search return (min save) BOGUS {3}\r\n"
+        ));
+        assert!(!search_saves(b"a SEARCH RETURN (MIN) SAVE\r\n"));
+        assert!(!search_saves(b"a SEARCH SAVE\r\n"));
+        assert!(!search_saves(b"a FETCH RETURN (SAVE)\r\n"));
         assert!(recognise(b"a {99999999999}\r\n").is_none());
     }
 }

@@ -167,6 +167,26 @@ struct Sel {
     /// Flag changes this session announced since the last refresh (UID, modseq): the store
     /// may report them again.
     told: Vec<(u32, u64)>,
+    /// The SEARCHRES `$` (RFC 5182): UIDs a `SEARCH RETURN (SAVE)` found. Expunged messages
+    /// drop out when they leave `uids`; empty after SELECT and after a failed SAVE search.
+    saved: UidList,
+}
+
+/// The messages a command names: a sequence set, or the saved search result `$`.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Set(&'a SequenceSet),
+    Saved,
+}
+
+impl<'a> Target<'a> {
+    fn of(set: &'a SequenceSet, ex: &Extras) -> Target<'a> {
+        if ex.saved_set {
+            Target::Saved
+        } else {
+            Target::Set(set)
+        }
+    }
 }
 
 impl Sel {
@@ -336,6 +356,15 @@ fn ranges(set: &SequenceSet, largest: u32) -> Vec<(u32, u32)> {
         }
     }
     out
+}
+
+fn charset_ok(c: &imap_codec::imap_types::core::Charset<'_>) -> bool {
+    use imap_codec::imap_types::core::Charset;
+    let c = match c {
+        Charset::Atom(a) => a.as_ref(),
+        Charset::Quoted(q) => q.inner(),
+    };
+    c.eq_ignore_ascii_case("UTF-8") || c.eq_ignore_ascii_case("US-ASCII")
 }
 
 fn status_item(n: &StatusDataItemName) -> StatusItem {
@@ -634,6 +663,7 @@ impl Session {
             "ENABLE",
             "CONDSTORE",
             "ESEARCH",
+            "SEARCHRES",
             "STATUS=SIZE",
             "LIST-EXTENDED",
             "LIST-STATUS",
@@ -915,6 +945,9 @@ impl Session {
                     // once now, and never read the literal's octets as commands. A
                     // synchronising literal is not sent (no `+`), a non-synchronising one is
                     // dropped together with the rest of the command.
+                    if ext::search_saves(&buf) {
+                        self.forget_saved();
+                    }
                     self.finish(&tag, Done::bad("Syntax error or unknown command"));
                     if non_sync {
                         self.skip_literal(n);
@@ -928,12 +961,27 @@ impl Session {
                     Some(Recognised::Rewritten(b, extras)) => {
                         match CommandCodec::default().decode(&b) {
                             Ok(([], cmd)) => self.execute(cmd, extras),
-                            _ => self.finish(&tag, Done::bad("Syntax error")),
+                            _ => self.refuse(&tag, &buf, "Syntax error"),
                         }
                     }
-                    None => self.finish(&tag, Done::bad("Syntax error or unknown command")),
+                    None => self.refuse(&tag, &buf, "Syntax error or unknown command"),
                 }
             }
+        }
+    }
+
+    /// BAD for a command that did not parse. A SEARCH that asked to SAVE its result failed,
+    /// so `$` becomes empty (RFC 5182 2.1).
+    fn refuse(&mut self, tag: &str, buf: &[u8], text: &'static str) {
+        if ext::search_saves(buf) {
+            self.forget_saved();
+        }
+        self.finish(tag, Done::bad(text));
+    }
+
+    fn forget_saved(&mut self) {
+        if let Some(sel) = self.sel.as_mut() {
+            sel.saved = UidList::default();
         }
     }
 
@@ -951,7 +999,10 @@ impl Session {
                 self.raw("* ID (\"name\" \"ringmail\")\r\n".into());
                 Ok(Done::ok("ID completed"))
             }
-            Simple::UidExpunge(set) => self.expunge(Some(&set)),
+            Simple::UidExpunge(set) => self.expunge(Some(match &set {
+                Some(set) => Target::Set(set),
+                None => Target::Saved,
+            })),
         };
         let allow = true;
         self.complete(tag, r, allow);
@@ -1207,20 +1258,17 @@ impl Session {
             } => {
                 need(selected)?;
                 allow_expunge = uid;
-                if let Some(c) = charset {
-                    use imap_codec::imap_types::core::Charset;
-                    let c = match &c {
-                        Charset::Atom(a) => a.as_ref().to_owned(),
-                        Charset::Quoted(q) => q.inner().to_owned(),
-                    };
-                    if !c.eq_ignore_ascii_case("UTF-8") && !c.eq_ignore_ascii_case("US-ASCII") {
-                        return Err(Done::no(
-                            "BADCHARSET (UTF-8 US-ASCII)",
-                            "Unsupported charset",
-                        ));
-                    }
+                let r = match charset {
+                    Some(c) if !charset_ok(&c) => Err(Done::no(
+                        "BADCHARSET (UTF-8 US-ASCII)",
+                        "Unsupported charset",
+                    )),
+                    _ => self.search(&tag, &criteria, uid, &ex),
+                };
+                if r.is_err() && ex.search_return.is_some_and(|r| r.save) {
+                    self.forget_saved();
                 }
-                self.search(&tag, &criteria, uid, &ex)
+                r
             }
             CommandBody::Fetch {
                 sequence_set,
@@ -1229,7 +1277,8 @@ impl Session {
             } => {
                 need(selected)?;
                 allow_expunge = uid;
-                self.fetch(&sequence_set, macro_or_item_names, uid, &ex)
+                let target = Target::of(&sequence_set, &ex);
+                self.fetch(target, macro_or_item_names, uid, &ex)
             }
             CommandBody::Store {
                 sequence_set,
@@ -1240,7 +1289,8 @@ impl Session {
             } => {
                 need(selected)?;
                 allow_expunge = uid;
-                self.store_cmd(&sequence_set, &kind, &response, &flags, uid, &ex)
+                let target = Target::of(&sequence_set, &ex);
+                self.store_cmd(target, &kind, &response, &flags, uid, &ex)
             }
             CommandBody::Copy {
                 sequence_set,
@@ -1249,7 +1299,7 @@ impl Session {
             } => {
                 need(selected)?;
                 allow_expunge = uid;
-                self.copy_move(&sequence_set, &mailbox, uid, false)
+                self.copy_move(Target::of(&sequence_set, &ex), &mailbox, uid, false)
             }
             CommandBody::Move {
                 sequence_set,
@@ -1257,7 +1307,7 @@ impl Session {
                 uid,
             } => {
                 need(selected)?;
-                self.copy_move(&sequence_set, &mailbox, uid, true)
+                self.copy_move(Target::of(&sequence_set, &ex), &mailbox, uid, true)
             }
             _ => Err(Done::bad("Command not supported")),
         })();
@@ -1420,6 +1470,7 @@ impl Session {
             pending_expunge: vec![],
             gone: vec![],
             told: vec![],
+            saved: UidList::default(),
         });
         self.state = State::Selected;
         Ok(if writable {
@@ -1589,11 +1640,18 @@ impl Session {
     }
 
     /// The messages a set names: (index into the UID list) in ascending order.
-    fn resolve(&self, set: &SequenceSet, uid: bool) -> Reply<Vec<usize>> {
+    fn resolve(&self, target: Target<'_>, uid: bool) -> Reply<Vec<usize>> {
         let sel = self
             .sel
             .as_ref()
             .ok_or_else(|| Done::bad("No mailbox selected"))?;
+        let set = match target {
+            Target::Set(set) => set,
+            // `$` names messages, whatever the command's numbering; expunged ones are gone.
+            Target::Saved => {
+                return Ok(sel.saved.iter().filter_map(|u| sel.index_of(u)).collect());
+            }
+        };
         if uid {
             let largest = sel.uids.last().unwrap_or(0);
             let r = ranges(set, largest);
@@ -1628,7 +1686,7 @@ impl Session {
         }
     }
 
-    fn expunge(&mut self, set: Option<&SequenceSet>) -> Reply<Done> {
+    fn expunge(&mut self, set: Option<Target<'_>>) -> Reply<Done> {
         if self.state != State::Selected {
             return Err(Done::bad("No mailbox selected"));
         }
@@ -1761,7 +1819,7 @@ impl Session {
 
     fn fetch(
         &mut self,
-        set: &SequenceSet,
+        set: Target<'_>,
         items: MacroOrMessageDataItemNames<'_>,
         uid: bool,
         ex: &Extras,
@@ -1886,7 +1944,7 @@ impl Session {
 
     fn store_cmd(
         &mut self,
-        set: &SequenceSet,
+        set: Target<'_>,
         kind: &StoreType,
         response: &StoreResponse,
         flags: &[ImapFlag<'_>],
@@ -1974,7 +2032,7 @@ impl Session {
 
     fn copy_move(
         &mut self,
-        set: &SequenceSet,
+        set: Target<'_>,
         mailbox: &Mailbox<'_>,
         uid: bool,
         mv: bool,
@@ -2032,6 +2090,12 @@ impl Session {
 
     fn search(&mut self, tag: &str, key: &SearchKey<'_>, uid: bool, ex: &Extras) -> Reply<Done> {
         let n = self.sel.as_ref().map_or(0, |s| s.uids.len());
+        // `$` in the criteria: the saved result as it is before this search replaces it.
+        let saved = self
+            .sel
+            .as_ref()
+            .map(|s| s.saved.clone())
+            .unwrap_or_default();
         let mut hits: Vec<(u32, u32, u64)> = Vec::new();
         let content_needed = needs_content(key);
         if depth(key) > 64 {
@@ -2067,6 +2131,7 @@ impl Session {
                 largest_seq,
                 largest_uid,
                 view: view.as_ref(),
+                saved: &saved,
             };
             if eval(key, &ctx) {
                 hits.push((i as u32 + 1, meta.uid, meta.modseq));
@@ -2074,12 +2139,33 @@ impl Session {
         }
         let nums: Vec<u32> = hits.iter().map(|h| if uid { h.1 } else { h.0 }).collect();
         let max_modseq = hits.iter().map(|h| h.2).max();
+        if let Some(r) = ex.search_return.filter(|r| r.save)
+            && let Some(sel) = self.sel.as_mut()
+        {
+            // RFC 5182 2.1: with MIN and/or MAX but neither ALL nor COUNT, only those.
+            let kept: Vec<u32> = if (r.min || r.max) && !r.all && !r.count {
+                let mut v = Vec::new();
+                if let (true, Some(h)) = (r.min, hits.first()) {
+                    v.push(h.1);
+                }
+                if let (true, Some(h)) = (r.max, hits.last()) {
+                    v.push(h.1);
+                }
+                v.dedup();
+                v
+            } else {
+                hits.iter().map(|h| h.1).collect()
+            };
+            sel.saved = UidList::from_sorted(&kept);
+        }
         // IMAP4rev2 has no SEARCH response: ESEARCH (ALL) is the default.
         let ret = ex.search_return.or(self.rev2.then_some(ext::SearchReturn {
             all: true,
             ..Default::default()
         }));
-        if let Some(r) = ret {
+        if ret.is_some_and(|r| !r.reports()) {
+            // SAVE alone: no ESEARCH response (RFC 5182 2.1, as Dovecot).
+        } else if let Some(r) = ret {
             let mut line = format!("* ESEARCH (TAG \"{}\")", tag.replace(['"', '\\'], ""));
             if uid {
                 line.push_str(" UID");
@@ -2120,7 +2206,8 @@ impl Session {
 enum Simple {
     Namespace,
     Id,
-    UidExpunge(SequenceSet),
+    /// `None`: `UID EXPUNGE $`.
+    UidExpunge(Option<SequenceSet>),
 }
 
 fn is_append(buf: &[u8]) -> bool {
@@ -2254,6 +2341,7 @@ struct Ctx<'a> {
     largest_seq: u32,
     largest_uid: u32,
     view: Option<&'a SearchView<'a>>,
+    saved: &'a UidList,
 }
 
 fn depth(k: &SearchKey<'_>) -> usize {
@@ -2270,9 +2358,11 @@ fn needs_content(k: &SearchKey<'_>) -> bool {
         SearchKey::And(v) => v.as_ref().iter().any(needs_content),
         SearchKey::Not(k) => needs_content(k),
         SearchKey::Or(a, b) => needs_content(a) || needs_content(b),
-        SearchKey::Header(name, _) => !name
-            .as_ref()
-            .eq_ignore_ascii_case(ext::MODSEQ_HEADER.as_bytes()),
+        SearchKey::Header(name, _) => {
+            let name = name.as_ref();
+            !name.eq_ignore_ascii_case(ext::MODSEQ_HEADER.as_bytes())
+                && !name.eq_ignore_ascii_case(ext::SAVED_HEADER.as_bytes())
+        }
         SearchKey::Bcc(_)
         | SearchKey::Body(_)
         | SearchKey::Cc(_)
@@ -2335,6 +2425,9 @@ fn eval(k: &SearchKey<'_>, c: &Ctx<'_>) -> bool {
         SearchKey::Subject(v) => hdr("Subject", v),
         SearchKey::Header(name, v) => {
             let name = String::from_utf8_lossy(name.as_ref()).into_owned();
+            if name.eq_ignore_ascii_case(ext::SAVED_HEADER) {
+                return c.saved.index_of(c.meta.uid).is_some();
+            }
             if name.eq_ignore_ascii_case(ext::MODSEQ_HEADER) {
                 let min: u64 = std::str::from_utf8(v.as_ref())
                     .ok()

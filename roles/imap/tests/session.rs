@@ -871,6 +871,7 @@ fn literal_of_bad_command_is_not_executed() {
         format!("a8 APPEND rt (\\Bogus\x01) {{{n}+}}\r\n{body}\r\n"),
         format!("a9 BOGUS ({{{n}+}}\r\n{body} {{{n}+}}\r\n{body})\r\n"),
         format!("a10 APPEND \"Entw\u{fc}rfe\" {{{n}+}}\n{body}\r\n"),
+        format!("a11 SEARCH RETURN (SAVE) FOO {{{n}+}}\r\n{body}\r\n"),
     ];
     for attack in &attacks {
         let tag = attack.split(' ').next().unwrap_or_default();
@@ -1048,4 +1049,242 @@ fn status_hostile_items() {
     let mut d = Client::new(&store);
     let r = d.send("z STATUS INBOX (SIZE)\r\n");
     assert_eq!(r, "z BAD Command not valid in this state\r\n");
+}
+
+#[test]
+fn searchres_saves_and_reuses_results() {
+    let store = store_with_mail();
+    let mut c = Client::logged_in(&store);
+    let r = c.send("a CAPABILITY\r\n");
+    assert!(
+        r.contains(" SEARCHRES ") && r.contains(" STATUS=SIZE "),
+        "{r}"
+    );
+    c.send("b SELECT INBOX\r\n");
+    // SAVE alone: no ESEARCH (nor SEARCH) response.
+    let r = c.send("c SEARCH RETURN (SAVE) FROM carol\r\n");
+    assert_eq!(r, "c OK SEARCH completed\r\n");
+    let r = c.send("d FETCH $ (UID FLAGS)\r\n");
+    assert_eq!(r, "* 2 FETCH (UID 2 FLAGS ())\r\nd OK FETCH completed\r\n");
+    let r = c.send("e UID FETCH $ FLAGS\r\n");
+    assert_eq!(r, "* 2 FETCH (UID 2 FLAGS ())\r\ne OK FETCH completed\r\n");
+    let r = c.send("f STORE $ +FLAGS (\\Flagged)\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (FLAGS (\\Flagged))\r\nf OK STORE completed\r\n"
+    );
+    let r = c.send("g SEARCH $\r\nh UID SEARCH UID $\r\ni SEARCH NOT $\r\nj SEARCH OR $ 1\r\n");
+    assert_eq!(
+        r,
+        "* SEARCH 2\r\ng OK SEARCH completed\r\n* SEARCH 2\r\nh OK SEARCH completed\r\n\
+         * SEARCH 1 3\r\ni OK SEARCH completed\r\n* SEARCH 1 2\r\nj OK SEARCH completed\r\n"
+    );
+    // `$` as a string argument is a string.
+    let r = c.send("k SEARCH RETURN (SAVE COUNT) SUBJECT $\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"k\") COUNT 0\r\nk OK SEARCH completed\r\n"
+    );
+    let r = c.send("l FETCH $ UID\r\n");
+    assert_eq!(r, "l OK FETCH completed\r\n");
+    // With MIN and/or MAX alone, only those are saved; with ALL or COUNT, everything.
+    let r = c.send("m SEARCH RETURN (SAVE MIN MAX) ALL\r\nn FETCH $ UID\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"m\") MIN 1 MAX 3\r\nm OK SEARCH completed\r\n\
+         * 1 FETCH (UID 1)\r\n* 3 FETCH (UID 3)\r\nn OK FETCH completed\r\n"
+    );
+    let r = c.send("o UID SEARCH RETURN (MAX SAVE) ALL\r\np SEARCH $\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"o\") UID MAX 3\r\no OK SEARCH completed\r\n\
+         * SEARCH 3\r\np OK SEARCH completed\r\n"
+    );
+    let r = c.send("q SEARCH RETURN (SAVE COUNT MIN) ALL\r\nr SEARCH $\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"q\") MIN 1 COUNT 3\r\nq OK SEARCH completed\r\n\
+         * SEARCH 1 2 3\r\nr OK SEARCH completed\r\n"
+    );
+    // A search that uses `$` and saves: the old `$` is used, the new one kept.
+    let r = c.send("s SEARCH RETURN (SAVE) $ FLAGGED\r\nt SEARCH $\r\n");
+    assert_eq!(
+        r,
+        "s OK SEARCH completed\r\n* SEARCH 2\r\nt OK SEARCH completed\r\n"
+    );
+    // COPY and UID COPY.
+    let r = c.send("u UID SEARCH RETURN (SAVE) UID 2:3\r\nv COPY $ Trash\r\n");
+    assert!(
+        r.ends_with("v OK [COPYUID 4 2,3 1,2] COPY completed\r\n"),
+        "{r}"
+    );
+    // `$` follows expunges: message 2 goes, UID 3 is now message 2.
+    let r = c.send("w STORE 2 +FLAGS.SILENT (\\Deleted)\r\nx EXPUNGE\r\ny FETCH $ UID\r\n");
+    assert_eq!(
+        r,
+        "w OK STORE completed\r\n* 2 EXPUNGE\r\nx OK EXPUNGE completed\r\n\
+         * 2 FETCH (UID 3)\r\ny OK FETCH completed\r\n"
+    );
+    // Modifiers after `$`.
+    let r = c.send("z FETCH $ (MODSEQ)\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (UID 3 MODSEQ (4))\r\nz OK FETCH completed\r\n"
+    );
+    let r = c.send("a1 UID FETCH $ (FLAGS) (CHANGEDSINCE 1)\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (UID 3 FLAGS () MODSEQ (4))\r\na1 OK FETCH completed\r\n"
+    );
+    let r = c.send("a2 UID STORE $ (UNCHANGEDSINCE 4) +FLAGS.SILENT (\\Seen)\r\n");
+    assert_eq!(r, "a2 OK STORE completed\r\n");
+    // MOVE and UID EXPUNGE.
+    let r = c.send("a3 UID MOVE $ Junk\r\n");
+    assert_eq!(
+        r,
+        "* OK [COPYUID 5 3 1] Moved\r\n* 2 EXPUNGE\r\na3 OK MOVE completed\r\n"
+    );
+    let r = c.send("a4 FETCH $ UID\r\n");
+    assert_eq!(r, "a4 OK FETCH completed\r\n");
+    let r = c.send(
+        "a5 SEARCH RETURN (SAVE) ALL\r\na6 STORE $ +FLAGS.SILENT (\\Deleted)\r\na7 UID EXPUNGE $\r\n",
+    );
+    assert_eq!(
+        r,
+        "a5 OK SEARCH completed\r\na6 OK STORE completed\r\n* 1 EXPUNGE\r\na7 OK EXPUNGE completed\r\n"
+    );
+    // Under IMAP4rev2 too.
+    let r = c.send("a8 ENABLE IMAP4rev2\r\na9 SEARCH RETURN (SAVE) ALL\r\nb0 SEARCH ALL\r\n");
+    assert!(
+        r.ends_with(
+            "a9 OK SEARCH completed\r\n* ESEARCH (TAG \"b0\")\r\nb0 OK SEARCH completed\r\n"
+        ),
+        "{r}"
+    );
+}
+
+#[test]
+fn searchres_is_reset_and_emptied_by_failures() {
+    let store = store_with_mail();
+    let cfg = Config {
+        max_bad_commands: 100,
+        ..Config::default()
+    };
+    let (mut c, _) = Client::with(&store, cfg, true);
+    c.send("l LOGIN alice secret\r\n");
+    // Not outside the selected state.
+    let r = c.send("a FETCH $ UID\r\n");
+    assert_eq!(r, "a BAD Command not valid in this state\r\n");
+    c.send("b SELECT INBOX\r\n");
+    // Before any SAVE, `$` is empty.
+    let r = c.send("c FETCH $ UID\r\nd SEARCH $\r\ne COPY $ Trash\r\n");
+    assert_eq!(
+        r,
+        "c OK FETCH completed\r\n* SEARCH\r\nd OK SEARCH completed\r\ne OK No messages\r\n"
+    );
+    let save = |c: &mut Client| {
+        let r = c.send("s SEARCH RETURN (SAVE) ALL\r\nt SEARCH $\r\n");
+        assert!(
+            r.ends_with("* SEARCH 1 2 3\r\nt OK SEARCH completed\r\n"),
+            "{r}"
+        );
+    };
+    let empty = |c: &mut Client, why: &str| {
+        let r = c.send("u FETCH $ UID\r\n");
+        assert_eq!(r, "u OK FETCH completed\r\n", "after {why}");
+    };
+    // A failed SAVE search (BAD or NO) empties `$`.
+    for failing in [
+        "SEARCH RETURN (SAVE) BOGUS",
+        "SEARCH RETURN (SAVE) CHARSET KOI8-R ALL",
+        "SEARCH RETURN (SAVE FOO) ALL",
+        "SEARCH RETURN (MIN SAVE (ALL)) ALL",
+        "UID SEARCH RETURN (SAVE) UID",
+    ] {
+        save(&mut c);
+        let r = c.send(&format!("v {failing}\r\n"));
+        assert!(
+            r.starts_with("v BAD") || r.starts_with("v NO"),
+            "{failing}: {r}"
+        );
+        empty(&mut c, failing);
+    }
+    // A failed search without SAVE leaves it alone.
+    save(&mut c);
+    c.send("w SEARCH BOGUS\r\n");
+    let r = c.send("x SEARCH $\r\n");
+    assert_eq!(r, "* SEARCH 1 2 3\r\nx OK SEARCH completed\r\n");
+    // SELECT, EXAMINE, UNSELECT, CLOSE and a failed SELECT reset it.
+    for reset in [
+        "SELECT INBOX",
+        "EXAMINE INBOX",
+        "UNSELECT\r\ny SELECT INBOX",
+        "CLOSE\r\ny SELECT INBOX",
+        "SELECT Nope\r\ny SELECT INBOX",
+    ] {
+        save(&mut c);
+        c.send(&format!("y {reset}\r\n"));
+        empty(&mut c, reset);
+    }
+    // `$` only on its own, only where a sequence set stands.
+    save(&mut c);
+    for bad in [
+        "FETCH $,1 UID",
+        "FETCH $:2 UID",
+        "FETCH 1,$ UID",
+        "FETCH \"$\" UID",
+        "FETCH ($) UID",
+        "SEARCH $,1",
+        "SEARCH UID $:*",
+        "UID EXPUNGE $,1",
+        "STORE $ +FLAGS",
+        "COPY $",
+        "FETCH $",
+        "SEARCH RETURN SAVE ALL",
+        "SEARCH RETURN (SAVE)",
+        "SEARCH RETURN (\"SAVE\") ALL",
+    ] {
+        let r = c.send(&format!("z {bad}\r\n"));
+        assert!(r.starts_with("z BAD"), "{bad}: {r}");
+        assert_eq!(count(&r, "\r\n"), 1, "{bad}: {r}");
+    }
+    // A mailbox may be called `$`.
+    save(&mut c);
+    let r = c.send("m CREATE $\r\nn STATUS $ (MESSAGES SIZE)\r\no COPY $ $\r\n");
+    assert_eq!(
+        r,
+        "m OK CREATE completed\r\n* STATUS $ (MESSAGES 0 SIZE 0)\r\nn OK STATUS completed\r\n\
+         o OK [COPYUID 6 1,2,3 1,2,3] COPY completed\r\n"
+    );
+}
+
+#[test]
+fn searchres_large_fragmented_result() {
+    let store = MemoryStore::new();
+    for i in 0..4000 {
+        let uid = store.deliver("INBOX", M1.as_bytes()).unwrap();
+        assert_eq!(uid, i + 1);
+    }
+    let mut c = Client::logged_in(&store);
+    c.send("a SELECT INBOX\r\n");
+    // Every other message: 2000 runs in `$`.
+    let set: Vec<String> = (1..=4000).step_by(2).map(|n| n.to_string()).collect();
+    let r = c.send(&format!(
+        "b STORE {} +FLAGS.SILENT (\\Flagged)\r\n",
+        set.join(",")
+    ));
+    assert_eq!(r, "b OK STORE completed\r\n");
+    let r = c.send("c SEARCH RETURN (SAVE COUNT) FLAGGED\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"c\") COUNT 2000\r\nc OK SEARCH completed\r\n"
+    );
+    let r = c.send("d SEARCH RETURN (COUNT MAX) NOT $\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"d\") MAX 4000 COUNT 2000\r\nd OK SEARCH completed\r\n"
+    );
+    let r = c.send("e FETCH $ UID\r\n");
+    assert_eq!(count(&r, " FETCH (UID "), 2000);
+    assert!(r.ends_with("* 3999 FETCH (UID 3999)\r\ne OK FETCH completed\r\n"));
 }
