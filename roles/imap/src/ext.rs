@@ -18,6 +18,8 @@
 
 use std::ops::Range;
 
+use imap_codec::CommandCodec;
+use imap_codec::decode::{CommandDecodeError, Decoder};
 use imap_codec::imap_types::sequence::SequenceSet;
 
 /// What the extension shim made of a command imap-codec rejected.
@@ -125,7 +127,9 @@ enum Tok {
     Literal,
 }
 
-fn tokenise(buf: &[u8]) -> Option<Vec<(Tok, Range<usize>)>> {
+/// The tokens of a command (ending in CRLF). With `open_literal`, the command may end in a
+/// literal announcement whose octets have not arrived: it becomes a last [`Tok::Literal`].
+fn tokenise(buf: &[u8], open_literal: bool) -> Option<Vec<(Tok, Range<usize>)>> {
     let mut out = Vec::new();
     let mut i = 0;
     let end = buf.len().checked_sub(2)?;
@@ -164,6 +168,10 @@ fn tokenise(buf: &[u8]) -> Option<Vec<(Tok, Range<usize>)>> {
                 let n: usize = digits.trim_end_matches(['+', '-']).parse().ok()?;
                 if buf.get(close + 1..close + 3)? != b"\r\n" {
                     return None;
+                }
+                if open_literal && close + 3 == buf.len() {
+                    out.push((Tok::Literal, start..close + 1));
+                    break;
                 }
                 i = (close + 3).checked_add(n)?;
                 if i > end {
@@ -281,7 +289,11 @@ impl<'a> Cmd<'a> {
 
 /// Recognises extension syntax in a command imap-codec rejected (see the module docs).
 pub(crate) fn recognise(buf: &[u8]) -> Option<Recognised> {
-    let toks = tokenise(buf)?;
+    recognise_in(buf, false)
+}
+
+fn recognise_in(buf: &[u8], open_literal: bool) -> Option<Recognised> {
+    let toks = tokenise(buf, open_literal)?;
     let mut c = Cmd {
         buf,
         toks,
@@ -504,6 +516,21 @@ fn search_keys(c: &mut Cmd<'_>, from: usize, ex: &mut Extras) -> Option<()> {
         }
     }
     Some(())
+}
+
+/// For a command imap-codec rejected whose text so far ends in a literal announcement
+/// (`{n}` / `{n+}`): whether the part before the literal is extension syntax that
+/// [`recognise`] turns into a command imap-codec accepts so far (it then asks for the
+/// literal). If so the literal is read and the whole command is recognised once complete; if
+/// not the command is refused at once and its literal never read.
+pub(crate) fn literal_may_follow(buf: &[u8]) -> bool {
+    match recognise_in(buf, true) {
+        Some(Recognised::Rewritten(b, _)) => matches!(
+            CommandCodec::default().decode(&b),
+            Ok(([], _)) | Err(CommandDecodeError::LiteralFound { .. })
+        ),
+        _ => false,
+    }
 }
 
 /// Whether a SEARCH command asks to SAVE its result (`RETURN (... SAVE ...)`), judged from

@@ -895,52 +895,24 @@ impl Session {
             }
             Err(CommandDecodeError::LiteralFound { tag, length, mode }) => {
                 let tag = tag.inner().to_owned();
-                let append = is_append(&buf);
-                let limit = if append {
-                    self.cfg.max_append
-                } else {
-                    self.cfg.max_literal
-                };
-                self.literals_in_cmd += 1;
-                let too_many = self.literals_in_cmd > self.cfg.max_literals_per_command;
-                if length > limit || too_many {
-                    self.literals_in_cmd = 0;
-                    let text = if too_many {
-                        "Too many literals"
-                    } else {
-                        "Literal too large"
-                    };
-                    self.finish(&tag, Done::no("TOOBIG", text));
-                    if mode == LiteralMode::NonSync {
-                        // The client sends the octets anyway (LITERAL+): drop them, then the
-                        // rest of the command.
-                        self.skip_literal(length as usize);
-                    }
-                    return;
-                }
-                if append && length == 0 {
-                    // An empty message: refused at once (as Dovecot does), its (empty)
-                    // literal and the rest of the command are dropped.
-                    self.literals_in_cmd = 0;
-                    self.finish(&tag, Done::no("", "Can't save a zero byte message"));
-                    if mode == LiteralMode::NonSync {
-                        self.skip_literal(0);
-                    }
-                    return;
-                }
-                if mode == LiteralMode::Sync {
-                    self.send(&Response::CommandContinuationRequest(
-                        CommandContinuationRequest::basic(None, "Ready for literal data")
-                            .unwrap_or_else(|_| CommandContinuationRequest::base64(Vec::new())),
-                    ));
-                }
-                self.cmd = buf;
-                self.mode = Mode::Literal(length as usize);
+                self.literal_announced(buf, tag, length, mode);
             }
             _ => {
-                self.literals_in_cmd = 0;
                 let tag = tag_of(&buf);
                 if let Some((n, non_sync)) = trailing_literal(&buf) {
+                    if ext::literal_may_follow(&buf) {
+                        // Extension syntax before the literal (`SEARCH RETURN (…) SUBJECT
+                        // {n}`): read the literal, then parse the whole command.
+                        let mode = if non_sync {
+                            LiteralMode::NonSync
+                        } else {
+                            LiteralMode::Sync
+                        };
+                        let n = u32::try_from(n).unwrap_or(u32::MAX);
+                        self.literal_announced(buf, tag, n, mode);
+                        return;
+                    }
+                    self.literals_in_cmd = 0;
                     // The command is bad before its end and announced a literal: answer it
                     // once now, and never read the literal's octets as commands. A
                     // synchronising literal is not sent (no `+`), a non-synchronising one is
@@ -954,6 +926,7 @@ impl Session {
                     }
                     return;
                 }
+                self.literals_in_cmd = 0;
                 match ext::recognise(&buf) {
                     Some(Recognised::Namespace) => self.simple(&tag, Simple::Namespace),
                     Some(Recognised::Id) => self.simple(&tag, Simple::Id),
@@ -968,6 +941,52 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// A literal of `length` octets follows the command so far (`buf`): checks the limits,
+    /// then reads it (after a `+` for a synchronising literal).
+    fn literal_announced(&mut self, buf: Vec<u8>, tag: String, length: u32, mode: LiteralMode) {
+        let append = is_append(&buf);
+        let limit = if append {
+            self.cfg.max_append
+        } else {
+            self.cfg.max_literal
+        };
+        self.literals_in_cmd += 1;
+        let too_many = self.literals_in_cmd > self.cfg.max_literals_per_command;
+        if length > limit || too_many {
+            self.literals_in_cmd = 0;
+            let text = if too_many {
+                "Too many literals"
+            } else {
+                "Literal too large"
+            };
+            self.finish(&tag, Done::no("TOOBIG", text));
+            if mode == LiteralMode::NonSync {
+                // The client sends the octets anyway (LITERAL+): drop them, then the
+                // rest of the command.
+                self.skip_literal(length as usize);
+            }
+            return;
+        }
+        if append && length == 0 {
+            // An empty message: refused at once (as Dovecot does), its (empty)
+            // literal and the rest of the command are dropped.
+            self.literals_in_cmd = 0;
+            self.finish(&tag, Done::no("", "Can't save a zero byte message"));
+            if mode == LiteralMode::NonSync {
+                self.skip_literal(0);
+            }
+            return;
+        }
+        if mode == LiteralMode::Sync {
+            self.send(&Response::CommandContinuationRequest(
+                CommandContinuationRequest::basic(None, "Ready for literal data")
+                    .unwrap_or_else(|_| CommandContinuationRequest::base64(Vec::new())),
+            ));
+        }
+        self.cmd = buf;
+        self.mode = Mode::Literal(length as usize);
     }
 
     /// BAD for a command that did not parse. A SEARCH that asked to SAVE its result failed,

@@ -872,6 +872,8 @@ fn literal_of_bad_command_is_not_executed() {
         format!("a9 BOGUS ({{{n}+}}\r\n{body} {{{n}+}}\r\n{body})\r\n"),
         format!("a10 APPEND \"Entw\u{fc}rfe\" {{{n}+}}\n{body}\r\n"),
         format!("a11 SEARCH RETURN (SAVE) FOO {{{n}+}}\r\n{body}\r\n"),
+        format!("a12 SEARCH RETURN (ALL) SUBJECT {{{n}+}}\r\n{body} BOGUS\r\n"),
+        format!("a13 UID FETCH $ (FLAGS {{{n}+}}\r\n{body})\r\n"),
     ];
     for attack in &attacks {
         let tag = attack.split(' ').next().unwrap_or_default();
@@ -1287,4 +1289,52 @@ fn searchres_large_fragmented_result() {
     let r = c.send("e FETCH $ UID\r\n");
     assert_eq!(count(&r, " FETCH (UID "), 2000);
     assert!(r.ends_with("* 3999 FETCH (UID 3999)\r\ne OK FETCH completed\r\n"));
+}
+
+#[test]
+fn literals_after_extension_syntax() {
+    let store = store_with_mail();
+    let mut c = Client::logged_in(&store);
+    c.send("s SELECT INBOX\r\n");
+    let r = c.send("a SEARCH RETURN (COUNT) SUBJECT {5}\r\n");
+    assert_eq!(r, "+ Ready for literal data\r\n");
+    let r = c.send("Hello\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"a\") COUNT 2\r\na OK SEARCH completed\r\n"
+    );
+    let r = c.send(
+        "b UID SEARCH RETURN (SAVE) CHARSET UTF-8 OR SUBJECT {6+}\r\nReport FROM {3+}\r\neve\r\nc FETCH $ UID\r\n",
+    );
+    assert_eq!(
+        r,
+        "b OK SEARCH completed\r\n* 2 FETCH (UID 2)\r\n* 3 FETCH (UID 3)\r\nc OK FETCH completed\r\n"
+    );
+    let r = c.send("d LIST (SUBSCRIBED) \"\" {2+}\r\nTr RETURN (STATUS (SIZE))\r\n");
+    assert_eq!(r, "d OK LIST completed\r\n");
+    let r = c.send("d2 LIST (SUBSCRIBED) \"\" {3+}\r\nTr% RETURN (STATUS (SIZE))\r\n");
+    assert!(
+        r.ends_with("* STATUS Trash (SIZE 0)\r\nd2 OK LIST completed\r\n"),
+        "{r}"
+    );
+    // Bad before the literal: refused at once, no `+`, the octets of a LITERAL+ are dropped.
+    let r = c.send("e SEARCH RETURN (BOGUS) SUBJECT {5}\r\nf NOOP\r\n");
+    assert_eq!(
+        r,
+        "e BAD Syntax error or unknown command\r\nf OK NOOP completed\r\n"
+    );
+    let r = c.send("g SEARCH RETURN (SAVE) FOO {11+}\r\nz1 LOGOUT\r\n\r\nh FETCH $ UID\r\n");
+    assert_eq!(
+        r,
+        "g BAD Syntax error or unknown command\r\nh OK FETCH completed\r\n"
+    );
+    // The literal limits hold.
+    let r = c.send("i SEARCH RETURN (ALL) SUBJECT {70000}\r\nj NOOP\r\n");
+    assert_eq!(
+        r,
+        "i NO [TOOBIG] Literal too large\r\nj OK NOOP completed\r\n"
+    );
+    // Bad after the literal: one BAD for the whole command.
+    let r = c.send("k SEARCH RETURN (ALL) SUBJECT {3+}\r\nabc BOGUS\r\nl NOOP\r\n");
+    assert_eq!(r, "k BAD Syntax error\r\nl OK NOOP completed\r\n");
 }
