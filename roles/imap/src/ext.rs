@@ -90,6 +90,9 @@ pub(crate) struct Extras {
     pub condstore_select: bool,
     /// `MODSEQ` among FETCH items.
     pub fetch_modseq: bool,
+    /// The FETCH items were all extension items: the rewritten command asks for `UID` only
+    /// as a placeholder.
+    pub fetch_ext_only: bool,
     /// FETCH `(CHANGEDSINCE n)`.
     pub changed_since: Option<u64>,
     /// STORE `(UNCHANGEDSINCE n)`.
@@ -234,13 +237,18 @@ impl<'a> Cmd<'a> {
         None
     }
 
-    /// Cuts tokens `from..=to` together with the space before them.
+    /// Cuts tokens `from..=to` together with the space before them (after them at the start
+    /// of a list: `(MODSEQ FLAGS)` becomes `(FLAGS)`).
     fn cut(&mut self, from: usize, to: usize, with: &'static [u8]) {
         let mut start = self.toks[from].1.start;
-        if start > 0 && self.buf[start - 1] == b' ' {
+        let mut end = self.toks[to].1.end;
+        let taken = |at: usize| self.cuts.iter().any(|(r, _)| r.contains(&at));
+        if start > 0 && self.buf[start - 1] == b' ' && !taken(start - 1) {
             start -= 1;
+        } else if self.buf.get(end) == Some(&b' ') {
+            end += 1;
         }
-        self.cuts.push((start..self.toks[to].1.end, with));
+        self.cuts.push((start..end, with));
     }
 
     /// Whether token `i` is the SEARCHRES `$` (an atom of its own).
@@ -275,10 +283,11 @@ impl<'a> Cmd<'a> {
         let mut out = Vec::with_capacity(self.buf.len());
         let mut pos = 0;
         for (r, with) in &self.cuts {
-            if r.start < pos {
+            // Neighbouring cuts may share the space between them.
+            if r.end <= pos {
                 continue;
             }
-            out.extend_from_slice(&self.buf[pos..r.start]);
+            out.extend_from_slice(&self.buf[pos..r.start.max(pos)]);
             out.extend_from_slice(with);
             pos = r.end;
         }
@@ -351,14 +360,16 @@ fn recognise_in(buf: &[u8], open_literal: bool) -> Option<Recognised> {
                     }
                 }
                 if kept == 0 && ex.fetch_modseq {
-                    // `(MODSEQ)` alone: the list becomes `(UID)`.
+                    // `(MODSEQ)` alone: the list becomes a placeholder `(UID)`.
                     let start = c.toks[list].1.start;
                     c.cuts.retain(|(r, _)| r.end <= start);
                     c.cuts.push((start..c.toks[close].1.end, b"(UID)"));
+                    ex.fetch_ext_only = true;
                 }
                 parse_changedsince(&mut c, close + 1, &mut ex)?;
             } else if c.is(list, "MODSEQ") {
                 ex.fetch_modseq = true;
+                ex.fetch_ext_only = true;
                 c.cuts.push((c.toks[list].1.clone(), b"UID"));
                 parse_changedsince(&mut c, list + 1, &mut ex)?;
             } else {
@@ -604,8 +615,12 @@ mod tests {
         assert_eq!(b, "a FETCH 1:* (FLAGS)\r\n");
         assert!(e.fetch_modseq);
         assert_eq!(e.changed_since, Some(12));
-        let (b, _) = rw("a UID FETCH 1 (MODSEQ)\r\n");
+        let (b, e) = rw("a UID FETCH 1 (MODSEQ)\r\n");
         assert_eq!(b, "a UID FETCH 1 (UID)\r\n");
+        assert!(e.fetch_ext_only);
+        let (b, e) = rw("a FETCH 1 (MODSEQ FLAGS MODSEQ)\r\n");
+        assert_eq!(b, "a FETCH 1 (FLAGS)\r\n");
+        assert!(e.fetch_modseq && !e.fetch_ext_only);
         let (b, e) = rw("a STORE 1 (UNCHANGEDSINCE 5) +FLAGS (\\Seen)\r\n");
         assert_eq!(b, "a STORE 1 +FLAGS (\\Seen)\r\n");
         assert_eq!(e.unchanged_since, Some(5));

@@ -1861,6 +1861,10 @@ impl Session {
             }
             MacroOrMessageDataItemNames::MessageDataItemNames(v) => v,
         };
+        if ex.fetch_ext_only {
+            // Only a placeholder for imap-codec.
+            names.clear();
+        }
         if uid && !names.contains(&MessageDataItemName::Uid) {
             names.insert(0, MessageDataItemName::Uid);
         }

@@ -701,6 +701,13 @@ fn condstore_esearch_uidplus() {
         r,
         "* 1 FETCH (FLAGS () MODSEQ (2))\r\nb OK FETCH completed\r\n"
     );
+    let r = c.send("b2 FETCH 1 (MODSEQ FLAGS)\r\nb3 FETCH 1 MODSEQ\r\nb4 UID FETCH 1 (MODSEQ)\r\n");
+    assert_eq!(
+        r,
+        "* 1 FETCH (FLAGS () MODSEQ (2))\r\nb2 OK FETCH completed\r\n\
+         * 1 FETCH (MODSEQ (2))\r\nb3 OK FETCH completed\r\n\
+         * 1 FETCH (UID 1 MODSEQ (2))\r\nb4 OK FETCH completed\r\n"
+    );
     let r = c.send("c STORE 1 (UNCHANGEDSINCE 2) +FLAGS (\\Seen)\r\n");
     assert_eq!(
         r,
@@ -1129,10 +1136,7 @@ fn searchres_saves_and_reuses_results() {
     );
     // Modifiers after `$`.
     let r = c.send("z FETCH $ (MODSEQ)\r\n");
-    assert_eq!(
-        r,
-        "* 2 FETCH (UID 3 MODSEQ (4))\r\nz OK FETCH completed\r\n"
-    );
+    assert_eq!(r, "* 2 FETCH (MODSEQ (4))\r\nz OK FETCH completed\r\n");
     let r = c.send("a1 UID FETCH $ (FLAGS) (CHANGEDSINCE 1)\r\n");
     assert_eq!(
         r,
