@@ -2,12 +2,12 @@
 //!
 //! imap-codec 1.0 knows RFC 3501 plus IDLE, ENABLE, MOVE, UNSELECT, LITERAL+ and a few
 //! more, but not NAMESPACE, ID, UID EXPUNGE, the CONDSTORE modifiers, ESEARCH `RETURN`
-//! (with SEARCHRES `SAVE`), the SEARCHRES `$` sequence set, STATUS `SIZE` or the
-//! LIST-EXTENDED options. When imap-codec rejects a command, [`recognise`] tokenises it
-//! (atoms, quoted strings, parentheses and literals, no grammar) and either names one of the
-//! argument-free commands, or cuts the extension parts out and returns the remaining base
-//! command for imap-codec to parse again, with what was cut out as [`Extras`]. Everything that
-//! stays is therefore still parsed by imap-codec.
+//! (with SEARCHRES `SAVE`), the SEARCHRES `$` sequence set, STATUS `SIZE`, the BINARY fetch
+//! items and literal8 APPEND, or the LIST-EXTENDED options. When imap-codec rejects a
+//! command, [`recognise`] tokenises it (atoms, quoted strings, parentheses and literals, no
+//! grammar) and either names one of the argument-free commands, or cuts the extension parts
+//! out and returns the remaining base command for imap-codec to parse again, with what was
+//! cut out as [`Extras`]. Everything that stays is therefore still parsed by imap-codec.
 //!
 //! `$` (RFC 5182) is only recognised where a sequence set stands: as the set of FETCH, STORE,
 //! COPY, MOVE (and their UID forms) it becomes `1` with [`Extras::saved_set`] set, and the
@@ -15,7 +15,15 @@
 //! a [`SAVED_HEADER`] HEADER key that the session evaluates against the saved result. Anywhere
 //! else `$` is left alone (a mailbox or keyword may be called `$`), and `$` combined with other
 //! numbers (`$,1`, `$:3`) stays a syntax error, as RFC 5182 allows `$` only on its own.
+//!
+//! BINARY (RFC 3516): `BINARY[…]`, `BINARY.PEEK[…]` and `BINARY.SIZE[…]` fetch items are cut
+//! out as [`BinaryItem`]s; the literal8 (`~{n}`) of an APPEND is cut out whole (it may hold
+//! NUL, which imap-codec refuses in literals) and replaced by an empty literal.
+//!
+//! A command that imap-codec rejects before a literal it announces is first checked with
+//! [`literal_may_follow`], so that extension syntax may precede a literal.
 
+use std::num::NonZeroU32;
 use std::ops::Range;
 
 use imap_codec::CommandCodec;
@@ -83,6 +91,74 @@ impl StatusItem {
     }
 }
 
+/// A BINARY fetch item (RFC 3516): `BINARY[part]<partial>`, `BINARY.PEEK[...]` or
+/// `BINARY.SIZE[part]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BinaryItem {
+    /// `BINARY.PEEK`: does not set `\Seen`.
+    pub peek: bool,
+    /// `BINARY.SIZE`.
+    pub size: bool,
+    /// The part; empty for the whole message.
+    pub part: Vec<NonZeroU32>,
+    /// `<origin.length>`.
+    pub partial: Option<(u32, NonZeroU32)>,
+}
+
+impl BinaryItem {
+    fn parse(word: &str) -> Option<BinaryItem> {
+        let number = |s: &str| -> Option<u32> {
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            s.parse().ok()
+        };
+        let open = word.find('[')?;
+        let (peek, size) = match word[..open].to_ascii_uppercase().as_str() {
+            "BINARY" => (false, false),
+            "BINARY.PEEK" => (true, false),
+            "BINARY.SIZE" => (false, true),
+            _ => return None,
+        };
+        let (inner, tail) = word[open + 1..].split_once(']')?;
+        let mut part = Vec::new();
+        if !inner.is_empty() {
+            for n in inner.split('.') {
+                part.push(NonZeroU32::new(number(n)?)?);
+            }
+        }
+        let partial = if tail.is_empty() {
+            None
+        } else {
+            let (origin, len) = tail.strip_prefix('<')?.strip_suffix('>')?.split_once('.')?;
+            Some((number(origin)?, NonZeroU32::new(number(len)?)?))
+        };
+        if size && partial.is_some() {
+            return None;
+        }
+        Some(BinaryItem {
+            peek,
+            size,
+            part,
+            partial,
+        })
+    }
+
+    /// How a FETCH response names the item: `BINARY[1.2]<0>`, `BINARY.SIZE[1]`.
+    pub fn response_name(&self) -> String {
+        let part: Vec<String> = self.part.iter().map(|n| n.to_string()).collect();
+        let mut s = format!(
+            "BINARY{}[{}]",
+            if self.size { ".SIZE" } else { "" },
+            part.join(".")
+        );
+        if let Some((origin, _)) = self.partial {
+            s.push_str(&format!("<{origin}>"));
+        }
+        s
+    }
+}
+
 /// Extension parts cut out of a command.
 #[derive(Debug, Default)]
 pub(crate) struct Extras {
@@ -90,9 +166,14 @@ pub(crate) struct Extras {
     pub condstore_select: bool,
     /// `MODSEQ` among FETCH items.
     pub fetch_modseq: bool,
+    /// BINARY items among FETCH items, in order.
+    pub fetch_binary: Vec<BinaryItem>,
     /// The FETCH items were all extension items: the rewritten command asks for `UID` only
     /// as a placeholder.
     pub fetch_ext_only: bool,
+    /// APPEND of a literal8 (`~{n}`): the message (the rewritten command has an empty
+    /// literal).
+    pub literal8: Option<Vec<u8>>,
     /// FETCH `(CHANGEDSINCE n)`.
     pub changed_since: Option<u64>,
     /// STORE `(UNCHANGEDSINCE n)`.
@@ -130,9 +211,10 @@ enum Tok {
     Literal,
 }
 
-/// The tokens of a command (ending in CRLF). With `open_literal`, the command may end in a
+/// The tokens of a command (ending in CRLF). With `open_literal`, the command must end in a
 /// literal announcement whose octets have not arrived: it becomes a last [`Tok::Literal`].
 fn tokenise(buf: &[u8], open_literal: bool) -> Option<Vec<(Tok, Range<usize>)>> {
+    let mut open = false;
     let mut out = Vec::new();
     let mut i = 0;
     let end = buf.len().checked_sub(2)?;
@@ -174,6 +256,7 @@ fn tokenise(buf: &[u8], open_literal: bool) -> Option<Vec<(Tok, Range<usize>)>> 
                 }
                 if open_literal && close + 3 == buf.len() {
                     out.push((Tok::Literal, start..close + 1));
+                    open = true;
                     break;
                 }
                 i = (close + 3).checked_add(n)?;
@@ -193,7 +276,7 @@ fn tokenise(buf: &[u8], open_literal: bool) -> Option<Vec<(Tok, Range<usize>)>> 
             }
         }
     }
-    Some(out)
+    (open == open_literal).then_some(out)
 }
 
 struct Cmd<'a> {
@@ -251,6 +334,14 @@ impl<'a> Cmd<'a> {
         self.cuts.push((start..end, with));
     }
 
+    /// Whether token `i` looks like a BINARY fetch item (`BINARY[`, `BINARY.PEEK[`, …).
+    fn is_binary(&self, i: usize) -> bool {
+        self.text(i).is_some_and(|t| {
+            let t = t.as_bytes();
+            t.len() >= 7 && t[..6].eq_ignore_ascii_case(b"BINARY") && matches!(t[6], b'[' | b'.')
+        })
+    }
+
     /// Whether token `i` is the SEARCHRES `$` (an atom of its own).
     fn is_saved(&self, i: usize) -> bool {
         self.kind(i) == Some(&Tok::Atom) && self.text(i) == Some("$")
@@ -280,7 +371,9 @@ impl<'a> Cmd<'a> {
 
     fn finish(mut self) -> Vec<u8> {
         self.cuts.sort_by_key(|(r, _)| r.start);
-        let mut out = Vec::with_capacity(self.buf.len());
+        // Not the whole buffer: a literal8 APPEND's message (up to the APPEND limit) is cut.
+        let cut: usize = self.cuts.iter().map(|(r, _)| r.len()).sum();
+        let mut out = Vec::with_capacity(self.buf.len().saturating_sub(cut) + 16);
         let mut pos = 0;
         for (r, with) in &self.cuts {
             // Neighbouring cuts may share the space between them.
@@ -353,14 +446,19 @@ fn recognise_in(buf: &[u8], open_literal: bool) -> Option<Recognised> {
                             c.cut(j, j, b"");
                             continue;
                         }
+                        Tok::Atom if depth == 0 && c.is_binary(j) => {
+                            ex.fetch_binary.push(BinaryItem::parse(c.text(j)?)?);
+                            c.cut(j, j, b"");
+                            continue;
+                        }
                         _ => {}
                     }
                     if depth == 0 {
                         kept += 1;
                     }
                 }
-                if kept == 0 && ex.fetch_modseq {
-                    // `(MODSEQ)` alone: the list becomes a placeholder `(UID)`.
+                if kept == 0 && (ex.fetch_modseq || !ex.fetch_binary.is_empty()) {
+                    // Extension items alone: the list becomes a placeholder `(UID)`.
                     let start = c.toks[list].1.start;
                     c.cuts.retain(|(r, _)| r.end <= start);
                     c.cuts.push((start..c.toks[close].1.end, b"(UID)"));
@@ -369,6 +467,11 @@ fn recognise_in(buf: &[u8], open_literal: bool) -> Option<Recognised> {
                 parse_changedsince(&mut c, close + 1, &mut ex)?;
             } else if c.is(list, "MODSEQ") {
                 ex.fetch_modseq = true;
+                ex.fetch_ext_only = true;
+                c.cuts.push((c.toks[list].1.clone(), b"UID"));
+                parse_changedsince(&mut c, list + 1, &mut ex)?;
+            } else if c.kind(list) == Some(&Tok::Atom) && c.is_binary(list) {
+                ex.fetch_binary.push(BinaryItem::parse(c.text(list)?)?);
                 ex.fetch_ext_only = true;
                 c.cuts.push((c.toks[list].1.clone(), b"UID"));
                 parse_changedsince(&mut c, list + 1, &mut ex)?;
@@ -388,6 +491,23 @@ fn recognise_in(buf: &[u8], open_literal: bool) -> Option<Recognised> {
             }
         }
         "COPY" | "MOVE" => {}
+        "APPEND" if !uid => {
+            // APPEND mailbox [flags] [date] ~{n}: imap-codec 1.0 has no literal8.
+            let last = c.toks.len() - 1;
+            let (tilde, lit) = (c.toks.get(last - 1)?.1.clone(), c.toks[last].1.clone());
+            if c.kind(last) != Some(&Tok::Literal) || !c.is(last - 1, "~") || tilde.end != lit.start
+            {
+                return None;
+            }
+            if open_literal {
+                // Only the announcement so far: imap-codec judges the rest and asks for it.
+                c.cuts.push((tilde, b""));
+            } else {
+                let close = buf[lit.clone()].iter().position(|&b| b == b'}')?;
+                ex.literal8 = Some(buf[lit.start + close + 3..lit.end].to_vec());
+                c.cuts.push((tilde.start..lit.end, b"{0}\r\n"));
+            }
+        }
         "SEARCH" => {
             let mut j = at + 1;
             if c.is(j, "RETURN") && c.kind(j + 1) == Some(&Tok::Open) {
@@ -529,6 +649,12 @@ fn search_keys(c: &mut Cmd<'_>, from: usize, ex: &mut Extras) -> Option<()> {
     Some(())
 }
 
+/// Whether every literal the command announced has its octets (so that a `{n}` at its end
+/// is literal data, not an announcement).
+pub(crate) fn literals_complete(buf: &[u8]) -> bool {
+    tokenise(buf, false).is_some()
+}
+
 /// For a command imap-codec rejected whose text so far ends in a literal announcement
 /// (`{n}` / `{n+}`): whether the part before the literal is extension syntax that
 /// [`recognise`] turns into a command imap-codec accepts so far (it then asks for the
@@ -621,6 +747,33 @@ mod tests {
         let (b, e) = rw("a FETCH 1 (MODSEQ FLAGS MODSEQ)\r\n");
         assert_eq!(b, "a FETCH 1 (FLAGS)\r\n");
         assert!(e.fetch_modseq && !e.fetch_ext_only);
+        let (b, e) = rw("a FETCH 1 (MODSEQ BINARY.PEEK[1]<0.5> FLAGS BINARY.SIZE[])\r\n");
+        assert_eq!(b, "a FETCH 1 (FLAGS)\r\n");
+        assert!(e.fetch_modseq && !e.fetch_ext_only);
+        assert_eq!(e.fetch_binary.len(), 2);
+        assert_eq!(e.fetch_binary[0].response_name(), "BINARY[1]<0>");
+        assert!(e.fetch_binary[0].peek);
+        assert_eq!(e.fetch_binary[1].response_name(), "BINARY.SIZE[]");
+        let (b, e) = rw("a FETCH 1:2 binary[1.2]\r\n");
+        assert_eq!(b, "a FETCH 1:2 UID\r\n");
+        assert!(e.fetch_ext_only);
+        assert_eq!(e.fetch_binary[0].response_name(), "BINARY[1.2]");
+        let (b, e) = rw("a APPEND INBOX (\\Seen) ~{3}\r\na\0b\r\n");
+        assert_eq!(b, "a APPEND INBOX (\\Seen) {0}\r\n\r\n");
+        assert_eq!(e.literal8.as_deref(), Some(&b"a\0b"[..]));
+        assert!(literal_may_follow(b"a APPEND INBOX ~{3}\r\n"));
+        assert!(literal_may_follow(
+            b"a SEARCH RETURN (ALL) SUBJECT {3+}\r\n"
+        ));
+        assert!(!literal_may_follow(
+            b"a SEARCH RETURN (ALL) SUBJECT ~{3}\r\n"
+        ));
+        assert!(!literal_may_follow(b"a APPEND INBOX ~ {3}\r\n"));
+        assert!(!literal_may_follow(
+            b"a SEARCH RETURN (ALL) SUBJECT {3}\r\n{1}\r\n"
+        ));
+        assert!(literals_complete(b"a SEARCH SUBJECT {3}\r\n{1}\r\n"));
+        assert!(!literals_complete(b"a SEARCH SUBJECT {3}\r\n"));
         let (b, e) = rw("a STORE 1 (UNCHANGEDSINCE 5) +FLAGS (\\Seen)\r\n");
         assert_eq!(b, "a STORE 1 +FLAGS (\\Seen)\r\n");
         assert_eq!(e.unchanged_since, Some(5));

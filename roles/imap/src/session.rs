@@ -51,7 +51,7 @@ use imap_codec::imap_types::status::{StatusDataItem, StatusDataItemName};
 use imap_codec::{CommandCodec, ResponseCodec};
 
 use crate::ext::{self, Extras, Recognised, StatusItem};
-use crate::message::{self, Parsed, SearchView};
+use crate::message::{self, Parsed, SearchView, UnknownCte};
 use crate::secret::Secret;
 use crate::store::{Flag, FlagOp, MailStore, MessageMeta, StoreError};
 use crate::uids::UidList;
@@ -660,6 +660,7 @@ impl Session {
             "UIDPLUS",
             "MOVE",
             "UNSELECT",
+            "BINARY",
             "ENABLE",
             "CONDSTORE",
             "ESEARCH",
@@ -683,8 +684,12 @@ impl Session {
     }
 
     fn send_with(&mut self, r: &Response<'_>, extra: &str) {
-        // Appends items imap-codec 1.0 cannot express (MODSEQ, HIGHESTMODSEQ) inside the
-        // closing parenthesis of a FETCH/STATUS response, or before the CRLF otherwise.
+        self.send_with_bytes(r, extra.as_bytes());
+    }
+
+    fn send_with_bytes(&mut self, r: &Response<'_>, extra: &[u8]) {
+        // Appends items imap-codec 1.0 cannot express (MODSEQ, HIGHESTMODSEQ, BINARY) inside
+        // the closing parenthesis of a FETCH/STATUS response, or before the CRLF otherwise.
         let mut b = ResponseCodec::default().encode(r).dump();
         if !extra.is_empty() {
             let at = if b.ends_with(b")\r\n") {
@@ -692,7 +697,7 @@ impl Session {
             } else {
                 b.len() - 2
             };
-            b.splice(at..at, extra.bytes());
+            b.splice(at..at, extra.iter().copied());
         }
         self.out.push_back(Bytes::from(b));
     }
@@ -899,7 +904,11 @@ impl Session {
             }
             _ => {
                 let tag = tag_of(&buf);
-                if let Some((n, non_sync)) = trailing_literal(&buf) {
+                // A `{n}` at the end of a command whose literals are all complete is the
+                // end of a literal's octets, not an announcement.
+                if let Some((n, non_sync)) =
+                    trailing_literal(&buf).filter(|_| !ext::literals_complete(&buf))
+                {
                     if ext::literal_may_follow(&buf) {
                         // Extension syntax before the literal (`SEARCH RETURN (…) SUBJECT
                         // {n}`): read the literal, then parse the whole command.
@@ -1226,9 +1235,19 @@ impl Session {
                 let name = mailbox_name(&mailbox, self.rev2)?;
                 let flags: Vec<Flag> = flags.iter().filter_map(from_imap_flag).collect();
                 let date = date.map(|d| SystemTime::from(*d.as_ref()));
-                let data = message.data();
+                let data = ex.literal8.as_deref().unwrap_or(message.data());
                 if data.len() > self.cfg.max_append as usize {
                     return Err(Done::no("TOOBIG", "Message too large"));
+                }
+                // literal8 (RFC 3516 4.3): `binary` parts are stored base64-encoded; NUL
+                // anywhere else cannot be stored.
+                let converted = ex
+                    .literal8
+                    .as_ref()
+                    .map(|_| message::encode_binary_parts(data));
+                let data = converted.as_deref().unwrap_or(data);
+                if data.contains(&0) {
+                    return Err(Done::no("UNKNOWN-CTE", "Message contains NUL octets"));
                 }
                 let (validity, uid) =
                     self.store()?
@@ -1879,19 +1898,21 @@ impl Session {
                     | MessageDataItemName::Rfc822
                     | MessageDataItemName::Rfc822Text
             )
-        });
-        let needs_content = names.iter().any(|n| {
-            !matches!(
-                n,
-                MessageDataItemName::Flags
-                    | MessageDataItemName::Uid
-                    | MessageDataItemName::InternalDate
-                    | MessageDataItemName::Rfc822Size
-            )
-        });
+        }) || ex.fetch_binary.iter().any(|b| !b.peek && !b.size);
+        let needs_content = !ex.fetch_binary.is_empty()
+            || names.iter().any(|n| {
+                !matches!(
+                    n,
+                    MessageDataItemName::Flags
+                        | MessageDataItemName::Uid
+                        | MessageDataItemName::InternalDate
+                        | MessageDataItemName::Rfc822Size
+                )
+            });
         let idx = self.resolve(set, uid)?;
         let writable = self.sel.as_ref().is_some_and(|s| s.writable);
         let mut missing = false;
+        let mut unknown_cte = false;
         for i in idx {
             let Some(meta) = self
                 .sel
@@ -1917,6 +1938,18 @@ impl Session {
             } else {
                 None
             };
+            let parsed = content.as_deref().map(Parsed::new);
+            // BINARY items first: a part the server cannot decode fails the message.
+            let mut binary = Vec::new();
+            if let Some(p) = &parsed {
+                match binary_items(p, &ex.fetch_binary) {
+                    Ok(b) => binary = b,
+                    Err(UnknownCte) => {
+                        unknown_cte = true;
+                        continue;
+                    }
+                }
+            }
             let mut add_flags = false;
             if sets_seen && writable && !meta.flags.contains(&Flag::Seen) {
                 if let Ok(res) =
@@ -1933,7 +1966,6 @@ impl Session {
                 }
                 add_flags = !names.contains(&MessageDataItemName::Flags);
             }
-            let parsed = content.as_deref().map(Parsed::new);
             let mut out = Vec::new();
             for n in &names {
                 if let Some(item) = fetch_item(n, &meta, parsed.as_ref()) {
@@ -1943,21 +1975,30 @@ impl Session {
             if add_flags {
                 out.push(fetch_item(&MessageDataItemName::Flags, &meta, None).expect("flags"));
             }
-            let extra = if want_modseq {
-                format!(" MODSEQ ({})", meta.modseq)
+            let mut extra = if want_modseq {
+                format!(" MODSEQ ({})", meta.modseq).into_bytes()
             } else {
-                String::new()
+                Vec::new()
             };
+            extra.extend_from_slice(&binary);
             let Some(seq) = u32::try_from(i + 1).ok().and_then(NonZeroU32::new) else {
                 continue;
             };
             match NonEmptyVec::try_from(out) {
-                Ok(items) => self.send_with(&Response::Data(Data::Fetch { seq, items }), &extra),
-                Err(_) if want_modseq => {
-                    self.raw(format!("* {seq} FETCH (MODSEQ ({}))\r\n", meta.modseq))
+                Ok(items) => {
+                    self.send_with_bytes(&Response::Data(Data::Fetch { seq, items }), &extra)
+                }
+                Err(_) if !extra.is_empty() => {
+                    let mut line = format!("* {seq} FETCH (").into_bytes();
+                    line.extend_from_slice(&extra[1..]);
+                    line.extend_from_slice(b")\r\n");
+                    self.out.push_back(Bytes::from(line));
                 }
                 Err(_) => {}
             }
+        }
+        if unknown_cte {
+            return Ok(Done::no("UNKNOWN-CTE", "Unknown Content-Transfer-Encoding"));
         }
         if missing {
             return Ok(Done::no("EXPUNGEISSUED", "Some messages were expunged"));
@@ -2334,6 +2375,36 @@ fn fetch_item(
             }
         }
     })
+}
+
+/// The BINARY items of one message, each with a leading space, as they go into its FETCH
+/// response: decoded data as a literal (literal8 `~{n}` when it holds NUL), `NIL` for a part
+/// that does not exist, `BINARY.SIZE[...] n`.
+fn binary_items(p: &Parsed<'_>, items: &[ext::BinaryItem]) -> Result<Vec<u8>, UnknownCte> {
+    let mut out = Vec::new();
+    for b in items {
+        let data = p.binary(&b.part)?;
+        out.push(b' ');
+        out.extend_from_slice(b.response_name().as_bytes());
+        if b.size {
+            let n = data.as_ref().map_or(0, Vec::len);
+            out.extend_from_slice(format!(" {n}").as_bytes());
+            continue;
+        }
+        let Some(mut data) = data else {
+            out.extend_from_slice(b" NIL");
+            continue;
+        };
+        if let Some((origin, len)) = b.partial {
+            let start = (origin as usize).min(data.len());
+            let end = start.saturating_add(len.get() as usize).min(data.len());
+            data = data[start..end].to_vec();
+        }
+        let tilde = if data.contains(&0) { "~" } else { "" };
+        out.extend_from_slice(format!(" {tilde}{{{}}}\r\n", data.len()).as_bytes());
+        out.extend_from_slice(&data);
+    }
+    Ok(out)
 }
 
 fn owned_section(

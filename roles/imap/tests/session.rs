@@ -874,7 +874,7 @@ fn literal_of_bad_command_is_not_executed() {
     let n = body.len();
     let attacks = [
         format!("a6 APPEND \"Entw\u{fc}rfe\" (\\Seen) {{{n}+}}\r\n{body}\r\n"),
-        format!("a7 APPEND rt ~{{{n}+}}\r\n{body}\r\n"),
+        format!("a7 APPEND rt (\\Bogus\x01) ~{{{n}+}}\r\n{body}\r\n"),
         format!("a8 APPEND rt (\\Bogus\x01) {{{n}+}}\r\n{body}\r\n"),
         format!("a9 BOGUS ({{{n}+}}\r\n{body} {{{n}+}}\r\n{body})\r\n"),
         format!("a10 APPEND \"Entw\u{fc}rfe\" {{{n}+}}\n{body}\r\n"),
@@ -1341,4 +1341,262 @@ fn literals_after_extension_syntax() {
     // Bad after the literal: one BAD for the whole command.
     let r = c.send("k SEARCH RETURN (ALL) SUBJECT {3+}\r\nabc BOGUS\r\nl NOOP\r\n");
     assert_eq!(r, "k BAD Syntax error\r\nl OK NOOP completed\r\n");
+}
+
+const QP: &str = "From: q@example.org\r\n\
+Subject: qp\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+Content-Transfer-Encoding: quoted-printable\r\n\
+\r\n\
+caf=C3=A9 =\r\n\
+au lait\r\n";
+
+const UUE: &str = "From: u@example.org\r\n\
+Subject: uu\r\n\
+Content-Transfer-Encoding: x-uuencode\r\n\
+\r\n\
+begin 644 x\r\n";
+
+#[test]
+fn binary_fetch() {
+    let store = store_with_mail();
+    store.deliver("INBOX", QP.as_bytes()).unwrap();
+    store.deliver("INBOX", UUE.as_bytes()).unwrap();
+    let mut c = Client::logged_in(&store);
+    let r = c.send("a CAPABILITY\r\n");
+    assert!(r.contains(" BINARY "), "{r}");
+    c.send("b SELECT INBOX\r\n");
+    // A base64 part with NUL octets: literal8.
+    let r = c.send("c FETCH 2 BINARY.PEEK[2]\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (BINARY[2] ~{4}\r\n\0\x01\x02\x03)\r\nc OK FETCH completed\r\n"
+    );
+    let r = c.send("d FETCH 2 (BINARY.SIZE[2] FLAGS BINARY.PEEK[2]<1.2>)\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (FLAGS () BINARY.SIZE[2] 4 BINARY[2]<1> {2}\r\n\x01\x02)\r\nd OK FETCH completed\r\n"
+    );
+    // Identity parts as they are; BINARY (not PEEK) sets \Seen.
+    let r = c.send("e FETCH 2 BINARY[1]\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (FLAGS (\\Seen) BINARY[1] {15}\r\nSee attachment.)\r\ne OK FETCH completed\r\n"
+    );
+    // A part that does not exist.
+    let r = c.send("f UID FETCH 2 (BINARY.PEEK[9] BINARY.SIZE[3.1])\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (UID 2 BINARY[9] NIL BINARY.SIZE[3.1] 0)\r\nf OK FETCH completed\r\n"
+    );
+    // The whole message: each part decoded and its header naming `binary`.
+    let r = c.send("g FETCH 2 (BINARY.SIZE[] BINARY.PEEK[])\r\n");
+    let whole = M2.replace(
+        "Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"r.bin\"\r\n\r\nAAECAw==\r\n",
+        "Content-Transfer-Encoding: binary\r\nContent-Disposition: attachment; filename=\"r.bin\"\r\n\r\n\0\x01\x02\x03\r\n",
+    );
+    assert_ne!(whole, M2);
+    assert_eq!(
+        r,
+        format!(
+            "* 2 FETCH (BINARY.SIZE[] {n} BINARY[] ~{{{n}}}\r\n{whole})\r\ng OK FETCH completed\r\n",
+            n = whole.len()
+        )
+    );
+    // A message without NUL: a plain literal; the other messages' parts.
+    let r = c.send("h FETCH 1 BINARY.PEEK[]\r\n");
+    assert_eq!(
+        r,
+        format!(
+            "* 1 FETCH (BINARY[] {{{}}}\r\n{M1})\r\nh OK FETCH completed\r\n",
+            M1.len()
+        )
+    );
+    let r = c.send("i FETCH 3 (BINARY.SIZE[2] BINARY.SIZE[2.1])\r\n");
+    assert!(r.starts_with("* 3 FETCH (BINARY.SIZE[2] "), "{r}");
+    // Quoted-printable.
+    let r = c.send("j FETCH 4 BINARY.PEEK[1]\r\n");
+    assert_eq!(
+        r,
+        "* 4 FETCH (BINARY[1] {15}\r\ncafé au lait\r\n)\r\nj OK FETCH completed\r\n"
+    );
+    // An encoding the server does not know: NO [UNKNOWN-CTE], no data, no \Seen.
+    let r = c.send("k FETCH 4:5 (FLAGS BINARY[1])\r\n");
+    assert_eq!(
+        r,
+        "* 4 FETCH (FLAGS (\\Seen) BINARY[1] {15}\r\ncafé au lait\r\n)\r\n\
+         k NO [UNKNOWN-CTE] Unknown Content-Transfer-Encoding\r\n"
+    );
+    let r = c.send("l FETCH 5 (FLAGS BODY.PEEK[1])\r\n");
+    assert!(r.starts_with("* 5 FETCH (FLAGS () BODY[1] {"), "{r}");
+    let r = c.send("m FETCH 5 BINARY.SIZE[]\r\n");
+    assert_eq!(
+        r,
+        "m NO [UNKNOWN-CTE] Unknown Content-Transfer-Encoding\r\n"
+    );
+}
+
+#[test]
+fn binary_fetch_hostile_items() {
+    let store = store_with_mail();
+    let cfg = Config {
+        max_bad_commands: 100,
+        ..Config::default()
+    };
+    let (mut c, _) = Client::with(&store, cfg, true);
+    c.send("l LOGIN alice secret\r\nm SELECT INBOX\r\n");
+    for bad in [
+        "FETCH 1 BINARY[1.HEADER]",
+        "FETCH 1 BINARY[0]",
+        "FETCH 1 BINARY[1.0]",
+        "FETCH 1 BINARY[1.]",
+        "FETCH 1 BINARY[+1]",
+        "FETCH 1 BINARY[4294967296]",
+        "FETCH 1 BINARY[1]<>",
+        "FETCH 1 BINARY[1]<1>",
+        "FETCH 1 BINARY[1]<1.0>",
+        "FETCH 1 BINARY[1]<-1.2>",
+        "FETCH 1 BINARY.SIZE[1]<0.1>",
+        "FETCH 1 BINARY.FOO[1]",
+        "FETCH 1 BINARY[",
+        "FETCH 1 BINARY.PEEK",
+        "FETCH 1 (FLAGS BINARY[1)",
+        "FETCH 1 (BINARY[1] (X))",
+        "FETCH 1 BINARY\u{e9}[1]",
+        "FETCH 1 (\u{e9}\u{e9}\u{e9}\u{e9} BINARY[1])",
+        "STORE 1 BINARY[1] (\\Seen)",
+    ] {
+        let r = c.send(&format!("z {bad}\r\n"));
+        assert!(r.starts_with("z BAD"), "{bad}: {r}");
+        assert_eq!(count(&r, "\r\n"), 1, "{bad}: {r}");
+    }
+    // A huge partial is cut to the data.
+    let r = c.send("y FETCH 1 BINARY.PEEK[1]<4294967295.4294967295>\r\n");
+    assert_eq!(
+        r,
+        "* 1 FETCH (BINARY[1]<4294967295> {0}\r\n)\r\ny OK FETCH completed\r\n"
+    );
+}
+
+#[test]
+fn literal8_append() {
+    let store = MemoryStore::new();
+    let cfg = Config {
+        max_append: 1000,
+        ..Config::default()
+    };
+    let (mut c, _) = Client::with(&store, cfg, true);
+    c.send("l LOGIN alice secret\r\n");
+    let content = b"\0\x01\r\n\n\r\xff binary";
+    let mut msg = b"From: a@example.org\r\nSubject: bin\r\nMIME-Version: 1.0\r\n\
+Content-Type: multipart/mixed; boundary=\"B\"\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nhi\r\n\
+--B\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+        .to_vec();
+    msg.extend_from_slice(content);
+    msg.extend_from_slice(b"\r\n--B--\r\n");
+    let mut cmd = format!("a APPEND INBOX (\\Seen) ~{{{}}}\r\n", msg.len()).into_bytes();
+    let r = c.send_bytes(&cmd);
+    assert_eq!(r, "+ Ready for literal data\r\n");
+    let mut rest = msg.clone();
+    rest.extend_from_slice(b"\r\n");
+    let r = c.send_bytes(&rest);
+    assert_eq!(r, "a OK [APPENDUID 1 1] APPEND completed\r\n");
+    // Stored with the binary part base64-encoded; BINARY gives the octets back.
+    c.send("b SELECT INBOX\r\n");
+    let r = c.send("c FETCH 1 (FLAGS BODY.PEEK[2.MIME] BINARY.PEEK[2])\r\n");
+    assert!(
+        r.contains("BODY[2.MIME] {77}\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"),
+        "{r}"
+    );
+    // The octets exactly (the line break before the boundary is the boundary's).
+    let mut bin = format!(" BINARY[2] ~{{{}}}\r\n", content.len()).into_bytes();
+    bin.extend_from_slice(content);
+    bin.extend_from_slice(b")\r\n");
+    let raw = {
+        c.s.receive(b"d FETCH 1 BINARY.PEEK[2]\r\n", c.now);
+        let mut out = Vec::new();
+        while let Some(b) = c.s.poll_transmit() {
+            out.extend_from_slice(&b);
+        }
+        out
+    };
+    let mut expect = b"* 1 FETCH (".to_vec();
+    expect.extend_from_slice(&bin[1..]);
+    expect.extend_from_slice(b"d OK FETCH completed\r\n");
+    assert_eq!(raw, expect, "{}", String::from_utf8_lossy(&raw));
+    assert!(r.contains("FLAGS (\\Seen)"), "{r}");
+    let r = c.send("e FETCH 1 BODY.PEEK[1]\r\n");
+    assert!(r.contains("BODY[1] {2}\r\nhi)"), "{r}");
+
+    // LITERAL+ form, with a date; split into single bytes.
+    let simple = b"Subject: plain\r\n\r\nno binary here\r\n";
+    cmd = format!(
+        "f APPEND INBOX () \"01-Jan-2026 10:00:00 +0000\" ~{{{}+}}\r\n",
+        simple.len()
+    )
+    .into_bytes();
+    cmd.extend_from_slice(simple);
+    cmd.extend_from_slice(b"\r\n");
+    let mut r = String::new();
+    for b in &cmd {
+        r.push_str(&c.send_bytes(&[*b]));
+    }
+    assert!(
+        r.ends_with("f OK [APPENDUID 1 2] APPEND completed\r\n"),
+        "{r}"
+    );
+    let r = c.send("g FETCH 2 BODY.PEEK[]\r\n");
+    assert!(
+        r.contains("Subject: plain\r\n\r\nno binary here\r\n)"),
+        "{r}"
+    );
+
+    // NUL outside a `binary` part cannot be stored.
+    let nul = b"Subject: nul\r\n\r\na\0b\r\n";
+    cmd = format!("h APPEND INBOX ~{{{}+}}\r\n", nul.len()).into_bytes();
+    cmd.extend_from_slice(nul);
+    cmd.extend_from_slice(b"\r\n");
+    let r = c.send_bytes(&cmd);
+    assert!(
+        r.starts_with("* 3 EXISTS\r\n") || r.starts_with("h NO"),
+        "{r}"
+    );
+    assert!(
+        r.ends_with("h NO [UNKNOWN-CTE] Message contains NUL octets\r\n"),
+        "{r}"
+    );
+    // Limits: empty, too large, missing mailbox.
+    let r = c.send("i APPEND INBOX ~{0}\r\nj NOOP\r\n");
+    assert_eq!(
+        r,
+        "i NO Can't save a zero byte message\r\nj OK NOOP completed\r\n"
+    );
+    let r = c.send("k APPEND INBOX ~{1001}\r\nl NOOP\r\n");
+    assert_eq!(
+        r,
+        "k NO [TOOBIG] Literal too large\r\nl OK NOOP completed\r\n"
+    );
+    let r = c.send("m APPEND Nope ~{3+}\r\nabc\r\n");
+    assert_eq!(r, "m NO [TRYCREATE] No such mailbox\r\n");
+    // literal8 only for the message of APPEND.
+    let r = c.send("n APPEND INBOX ~ {3+}\r\nabc\r\no NOOP\r\n");
+    assert!(
+        r.starts_with("n BAD") && r.ends_with("o OK NOOP completed\r\n"),
+        "{r}"
+    );
+    let r = c.send("p SEARCH SUBJECT ~{3+}\r\nabc\r\nq NOOP\r\n");
+    assert!(
+        r.starts_with("p BAD") && r.ends_with("q OK NOOP completed\r\n"),
+        "{r}"
+    );
+    // A literal whose octets end like an announcement is still just octets.
+    let tricky = b"Subject: t\r\n\r\nends in {5}";
+    cmd = format!("r APPEND INBOX ~{{{}+}}\r\n", tricky.len()).into_bytes();
+    cmd.extend_from_slice(tricky);
+    cmd.extend_from_slice(b"\r\ns NOOP\r\n");
+    let r = c.send_bytes(&cmd);
+    assert!(
+        r.contains("r OK [APPENDUID 1 3] APPEND completed\r\ns OK NOOP completed\r\n"),
+        "{r}"
+    );
 }
