@@ -23,13 +23,15 @@
 //!
 //! Commands are parsed and responses encoded with `imap-codec`/`imap-types` 1.0; the few
 //! extensions that 1.0 lacks (NAMESPACE, ID, UID EXPUNGE, CONDSTORE modifiers, ESEARCH
-//! `RETURN`, LIST-EXTENDED options) are cut out by a small tokenizer before imap-codec parses
+//! `RETURN`, SEARCHRES `SAVE` and `$`, STATUS `SIZE`, BINARY fetch items and literal8
+//! APPEND, LIST-EXTENDED options) are cut out by a small tokenizer before imap-codec parses
 //! the rest, and their response items are appended to imap-codec's output. Message structure
 //! (ENVELOPE, BODYSTRUCTURE, body sections, SEARCH on headers and text) comes from
 //! `mail-parser`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod cte;
 mod ext;
 pub mod memory;
 mod message;

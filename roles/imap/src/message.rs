@@ -1,6 +1,7 @@
 //! Message content for FETCH and SEARCH: the MIME tree (from mail-parser) with byte ranges
 //! into the raw message, body sections, ENVELOPE and BODYSTRUCTURE as imap-types values.
 
+use std::num::NonZeroU32;
 use std::ops::Range;
 
 use imap_codec::imap_types::body::{
@@ -11,6 +12,8 @@ use imap_codec::imap_types::core::{AString, IString, Literal, NString, NonEmptyV
 use imap_codec::imap_types::envelope::{Address as ImapAddress, Envelope};
 use imap_codec::imap_types::fetch::{Part, Section};
 use mail_parser::{Address, HeaderValue, Message, MessageParser, MimeHeaders, PartType};
+
+use crate::cte::{self, Cte};
 
 /// Deepest message/rfc822 nesting the tree follows; deeper parts are opaque.
 const MAX_DEPTH: usize = 8;
@@ -59,8 +62,12 @@ impl<'a> Parsed<'a> {
     }
 
     fn find(&self, part: &Part) -> Option<&Node> {
+        self.find_path(part.0.as_ref())
+    }
+
+    fn find_path(&self, path: &[NonZeroU32]) -> Option<&Node> {
         let mut cur = &self.root;
-        for (i, n) in part.0.as_ref().iter().enumerate() {
+        for (i, n) in path.iter().enumerate() {
             if i > 0
                 && let Some(m) = &cur.message
             {
@@ -101,8 +108,108 @@ impl<'a> Parsed<'a> {
         })
     }
 
+    /// BINARY[part] (RFC 3516): the section with its Content-Transfer-Encoding decoded.
+    /// An empty part is the whole message with every part decoded and its header then naming
+    /// `binary` (as Dovecot does). `Ok(None)`: no such part.
+    pub fn binary(&self, part: &[NonZeroU32]) -> Result<Option<Vec<u8>>, UnknownCte> {
+        if part.is_empty() {
+            let mut out = Vec::with_capacity(self.raw.len());
+            convert(
+                self.raw,
+                &self.root,
+                &mut out,
+                &mut |header, body, cte, out| {
+                    let cte = Cte::of(cte).ok_or(UnknownCte)?;
+                    if cte == Cte::Identity {
+                        out.extend_from_slice(header);
+                        out.extend_from_slice(body);
+                    } else {
+                        out.extend_from_slice(&cte::with_cte(header, "binary"));
+                        out.extend_from_slice(&cte.decode(body));
+                    }
+                    Ok(())
+                },
+            )?;
+            return Ok(Some(out));
+        }
+        let Some(node) = self.find_path(part) else {
+            return Ok(None);
+        };
+        let cte = Cte::of(node.encoding.as_deref()).ok_or(UnknownCte)?;
+        Ok(Some(cte.decode(&self.raw[node.body.clone()])))
+    }
+
     pub fn body_structure(&self, extensible: bool) -> BodyStructure<'static> {
         structure(self.raw, &self.root, extensible)
+    }
+}
+
+/// A Content-Transfer-Encoding that BINARY cannot decode (`NO [UNKNOWN-CTE]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UnknownCte;
+
+/// The leaf parts of a message rewritten by `leaf(header, body, encoding, out)`; multipart
+/// bodies (boundaries, preamble, epilogue) and message/rfc822 wrappers are copied as they
+/// are. A node whose parts overlap or leave its body (a broken tree) is copied whole.
+type Leaf<'f> = dyn FnMut(&[u8], &[u8], Option<&str>, &mut Vec<u8>) -> Result<(), UnknownCte> + 'f;
+
+fn convert(raw: &[u8], n: &Node, out: &mut Vec<u8>, leaf: &mut Leaf<'_>) -> Result<(), UnknownCte> {
+    let inner: Vec<&Node> = if !n.children.is_empty() {
+        n.children.iter().collect()
+    } else if let Some(m) = &n.message
+        && Cte::of(n.encoding.as_deref()) == Some(Cte::Identity)
+    {
+        vec![m.as_ref()]
+    } else {
+        return leaf(
+            &raw[n.header.clone()],
+            &raw[n.body.clone()],
+            n.encoding.as_deref(),
+            out,
+        );
+    };
+    let mut at = n.body.start;
+    let sane = n.header.end <= n.body.start
+        && inner.iter().all(|c| {
+            let ok =
+                c.header.start >= at && c.header.end <= c.body.start && c.body.end <= n.body.end;
+            at = c.body.end.max(at);
+            ok
+        });
+    if !sane {
+        out.extend_from_slice(&raw[n.header.start..n.body.end]);
+        return Ok(());
+    }
+    out.extend_from_slice(&raw[n.header.clone()]);
+    let mut at = n.body.start;
+    for c in inner {
+        out.extend_from_slice(&raw[at..c.header.start]);
+        convert(raw, c, out, leaf)?;
+        at = c.body.end;
+    }
+    out.extend_from_slice(&raw[at..n.body.end]);
+    Ok(())
+}
+
+/// A message APPENDed as literal8, for storing: parts whose Content-Transfer-Encoding is
+/// `binary` are base64-encoded and their header then names `base64` (as Dovecot does).
+pub(crate) fn encode_binary_parts(raw: &[u8]) -> Vec<u8> {
+    let p = Parsed::new(raw);
+    let mut out = Vec::with_capacity(raw.len());
+    let r = convert(raw, &p.root, &mut out, &mut |header, body, cte, out| {
+        if cte.is_some_and(|c| c.trim().eq_ignore_ascii_case("binary")) {
+            // The body exactly as BODY[n] has it, so BINARY[n] gives the same octets after.
+            out.extend_from_slice(&cte::with_cte(header, "base64"));
+            out.extend_from_slice(&cte::base64_lines(body));
+        } else {
+            out.extend_from_slice(header);
+            out.extend_from_slice(body);
+        }
+        Ok(())
+    });
+    match r {
+        Ok(()) => out,
+        Err(UnknownCte) => raw.to_vec(),
     }
 }
 

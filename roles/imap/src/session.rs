@@ -50,8 +50,8 @@ use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
 use imap_codec::imap_types::status::{StatusDataItem, StatusDataItemName};
 use imap_codec::{CommandCodec, ResponseCodec};
 
-use crate::ext::{self, Extras, Recognised};
-use crate::message::{self, Parsed, SearchView};
+use crate::ext::{self, Extras, Recognised, StatusItem};
+use crate::message::{self, Parsed, SearchView, UnknownCte};
 use crate::secret::Secret;
 use crate::store::{Flag, FlagOp, MailStore, MessageMeta, StoreError};
 use crate::uids::UidList;
@@ -167,6 +167,26 @@ struct Sel {
     /// Flag changes this session announced since the last refresh (UID, modseq): the store
     /// may report them again.
     told: Vec<(u32, u64)>,
+    /// The SEARCHRES `$` (RFC 5182): UIDs a `SEARCH RETURN (SAVE)` found. Expunged messages
+    /// drop out when they leave `uids`; empty after SELECT and after a failed SAVE search.
+    saved: UidList,
+}
+
+/// The messages a command names: a sequence set, or the saved search result `$`.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Set(&'a SequenceSet),
+    Saved,
+}
+
+impl<'a> Target<'a> {
+    fn of(set: &'a SequenceSet, ex: &Extras) -> Target<'a> {
+        if ex.saved_set {
+            Target::Saved
+        } else {
+            Target::Set(set)
+        }
+    }
 }
 
 impl Sel {
@@ -336,6 +356,28 @@ fn ranges(set: &SequenceSet, largest: u32) -> Vec<(u32, u32)> {
         }
     }
     out
+}
+
+fn charset_ok(c: &imap_codec::imap_types::core::Charset<'_>) -> bool {
+    use imap_codec::imap_types::core::Charset;
+    let c = match c {
+        Charset::Atom(a) => a.as_ref(),
+        Charset::Quoted(q) => q.inner(),
+    };
+    c.eq_ignore_ascii_case("UTF-8") || c.eq_ignore_ascii_case("US-ASCII")
+}
+
+fn status_item(n: &StatusDataItemName) -> StatusItem {
+    match n {
+        StatusDataItemName::Messages => StatusItem::Messages,
+        StatusDataItemName::Recent => StatusItem::Recent,
+        StatusDataItemName::UidNext => StatusItem::UidNext,
+        StatusDataItemName::UidValidity => StatusItem::UidValidity,
+        StatusDataItemName::Unseen => StatusItem::Unseen,
+        StatusDataItemName::Deleted => StatusItem::Deleted,
+        StatusDataItemName::DeletedStorage => StatusItem::DeletedStorage,
+        StatusDataItemName::HighestModSeq => StatusItem::HighestModSeq,
+    }
 }
 
 fn in_ranges(r: &[(u32, u32)], n: u32) -> bool {
@@ -618,9 +660,12 @@ impl Session {
             "UIDPLUS",
             "MOVE",
             "UNSELECT",
+            "BINARY",
             "ENABLE",
             "CONDSTORE",
             "ESEARCH",
+            "SEARCHRES",
+            "STATUS=SIZE",
             "LIST-EXTENDED",
             "LIST-STATUS",
             "SPECIAL-USE",
@@ -639,8 +684,12 @@ impl Session {
     }
 
     fn send_with(&mut self, r: &Response<'_>, extra: &str) {
-        // Appends items imap-codec 1.0 cannot express (MODSEQ, HIGHESTMODSEQ) inside the
-        // closing parenthesis of a FETCH/STATUS response, or before the CRLF otherwise.
+        self.send_with_bytes(r, extra.as_bytes());
+    }
+
+    fn send_with_bytes(&mut self, r: &Response<'_>, extra: &[u8]) {
+        // Appends items imap-codec 1.0 cannot express (MODSEQ, HIGHESTMODSEQ, BINARY) inside
+        // the closing parenthesis of a FETCH/STATUS response, or before the CRLF otherwise.
         let mut b = ResponseCodec::default().encode(r).dump();
         if !extra.is_empty() {
             let at = if b.ends_with(b")\r\n") {
@@ -648,7 +697,7 @@ impl Session {
             } else {
                 b.len() - 2
             };
-            b.splice(at..at, extra.bytes());
+            b.splice(at..at, extra.iter().copied());
         }
         self.out.push_back(Bytes::from(b));
     }
@@ -851,62 +900,42 @@ impl Session {
             }
             Err(CommandDecodeError::LiteralFound { tag, length, mode }) => {
                 let tag = tag.inner().to_owned();
-                let append = is_append(&buf);
-                let limit = if append {
-                    self.cfg.max_append
-                } else {
-                    self.cfg.max_literal
-                };
-                self.literals_in_cmd += 1;
-                let too_many = self.literals_in_cmd > self.cfg.max_literals_per_command;
-                if length > limit || too_many {
-                    self.literals_in_cmd = 0;
-                    let text = if too_many {
-                        "Too many literals"
-                    } else {
-                        "Literal too large"
-                    };
-                    self.finish(&tag, Done::no("TOOBIG", text));
-                    if mode == LiteralMode::NonSync {
-                        // The client sends the octets anyway (LITERAL+): drop them, then the
-                        // rest of the command.
-                        self.skip_literal(length as usize);
-                    }
-                    return;
-                }
-                if append && length == 0 {
-                    // An empty message: refused at once (as Dovecot does), its (empty)
-                    // literal and the rest of the command are dropped.
-                    self.literals_in_cmd = 0;
-                    self.finish(&tag, Done::no("", "Can't save a zero byte message"));
-                    if mode == LiteralMode::NonSync {
-                        self.skip_literal(0);
-                    }
-                    return;
-                }
-                if mode == LiteralMode::Sync {
-                    self.send(&Response::CommandContinuationRequest(
-                        CommandContinuationRequest::basic(None, "Ready for literal data")
-                            .unwrap_or_else(|_| CommandContinuationRequest::base64(Vec::new())),
-                    ));
-                }
-                self.cmd = buf;
-                self.mode = Mode::Literal(length as usize);
+                self.literal_announced(buf, tag, length, mode);
             }
             _ => {
-                self.literals_in_cmd = 0;
                 let tag = tag_of(&buf);
-                if let Some((n, non_sync)) = trailing_literal(&buf) {
+                // A `{n}` at the end of a command whose literals are all complete is the
+                // end of a literal's octets, not an announcement.
+                if let Some((n, non_sync)) =
+                    trailing_literal(&buf).filter(|_| !ext::literals_complete(&buf))
+                {
+                    if ext::literal_may_follow(&buf) {
+                        // Extension syntax before the literal (`SEARCH RETURN (…) SUBJECT
+                        // {n}`): read the literal, then parse the whole command.
+                        let mode = if non_sync {
+                            LiteralMode::NonSync
+                        } else {
+                            LiteralMode::Sync
+                        };
+                        let n = u32::try_from(n).unwrap_or(u32::MAX);
+                        self.literal_announced(buf, tag, n, mode);
+                        return;
+                    }
+                    self.literals_in_cmd = 0;
                     // The command is bad before its end and announced a literal: answer it
                     // once now, and never read the literal's octets as commands. A
                     // synchronising literal is not sent (no `+`), a non-synchronising one is
                     // dropped together with the rest of the command.
+                    if ext::search_saves(&buf) {
+                        self.forget_saved();
+                    }
                     self.finish(&tag, Done::bad("Syntax error or unknown command"));
                     if non_sync {
                         self.skip_literal(n);
                     }
                     return;
                 }
+                self.literals_in_cmd = 0;
                 match ext::recognise(&buf) {
                     Some(Recognised::Namespace) => self.simple(&tag, Simple::Namespace),
                     Some(Recognised::Id) => self.simple(&tag, Simple::Id),
@@ -914,12 +943,73 @@ impl Session {
                     Some(Recognised::Rewritten(b, extras)) => {
                         match CommandCodec::default().decode(&b) {
                             Ok(([], cmd)) => self.execute(cmd, extras),
-                            _ => self.finish(&tag, Done::bad("Syntax error")),
+                            _ => self.refuse(&tag, &buf, "Syntax error"),
                         }
                     }
-                    None => self.finish(&tag, Done::bad("Syntax error or unknown command")),
+                    None => self.refuse(&tag, &buf, "Syntax error or unknown command"),
                 }
             }
+        }
+    }
+
+    /// A literal of `length` octets follows the command so far (`buf`): checks the limits,
+    /// then reads it (after a `+` for a synchronising literal).
+    fn literal_announced(&mut self, buf: Vec<u8>, tag: String, length: u32, mode: LiteralMode) {
+        let append = is_append(&buf);
+        let limit = if append {
+            self.cfg.max_append
+        } else {
+            self.cfg.max_literal
+        };
+        self.literals_in_cmd += 1;
+        let too_many = self.literals_in_cmd > self.cfg.max_literals_per_command;
+        if length > limit || too_many {
+            self.literals_in_cmd = 0;
+            let text = if too_many {
+                "Too many literals"
+            } else {
+                "Literal too large"
+            };
+            self.finish(&tag, Done::no("TOOBIG", text));
+            if mode == LiteralMode::NonSync {
+                // The client sends the octets anyway (LITERAL+): drop them, then the
+                // rest of the command.
+                self.skip_literal(length as usize);
+            }
+            return;
+        }
+        if append && length == 0 {
+            // An empty message: refused at once (as Dovecot does), its (empty)
+            // literal and the rest of the command are dropped.
+            self.literals_in_cmd = 0;
+            self.finish(&tag, Done::no("", "Can't save a zero byte message"));
+            if mode == LiteralMode::NonSync {
+                self.skip_literal(0);
+            }
+            return;
+        }
+        if mode == LiteralMode::Sync {
+            self.send(&Response::CommandContinuationRequest(
+                CommandContinuationRequest::basic(None, "Ready for literal data")
+                    .unwrap_or_else(|_| CommandContinuationRequest::base64(Vec::new())),
+            ));
+        }
+        self.cmd = buf;
+        self.mode = Mode::Literal(length as usize);
+    }
+
+    /// BAD for a command that did not parse. A SEARCH that asked to SAVE its result failed,
+    /// so `$` becomes empty (RFC 5182 2.1).
+    fn refuse(&mut self, tag: &str, buf: &[u8], text: &'static str) {
+        if ext::search_saves(buf) {
+            self.forget_saved();
+        }
+        self.finish(tag, Done::bad(text));
+    }
+
+    fn forget_saved(&mut self) {
+        if let Some(sel) = self.sel.as_mut() {
+            sel.saved = UidList::default();
         }
     }
 
@@ -937,7 +1027,10 @@ impl Session {
                 self.raw("* ID (\"name\" \"ringmail\")\r\n".into());
                 Ok(Done::ok("ID completed"))
             }
-            Simple::UidExpunge(set) => self.expunge(Some(&set)),
+            Simple::UidExpunge(set) => self.expunge(Some(match &set {
+                Some(set) => Target::Set(set),
+                None => Target::Saved,
+            })),
         };
         let allow = true;
         self.complete(tag, r, allow);
@@ -1121,7 +1214,15 @@ impl Session {
             } => {
                 need(authed)?;
                 let name = mailbox_name(&mailbox, self.rev2)?;
-                self.status(&name, item_names.as_ref())?;
+                let items = match ex.status_items {
+                    Some(items) => items,
+                    None => item_names.as_ref().iter().map(status_item).collect(),
+                };
+                if items.is_empty() {
+                    // imap-codec 1.0 takes `()`; RFC 9051 wants at least one item.
+                    return Err(Done::bad("Empty STATUS item list"));
+                }
+                self.status(&name, &items)?;
                 Ok(Done::ok("STATUS completed"))
             }
             CommandBody::Append {
@@ -1134,9 +1235,19 @@ impl Session {
                 let name = mailbox_name(&mailbox, self.rev2)?;
                 let flags: Vec<Flag> = flags.iter().filter_map(from_imap_flag).collect();
                 let date = date.map(|d| SystemTime::from(*d.as_ref()));
-                let data = message.data();
+                let data = ex.literal8.as_deref().unwrap_or(message.data());
                 if data.len() > self.cfg.max_append as usize {
                     return Err(Done::no("TOOBIG", "Message too large"));
+                }
+                // literal8 (RFC 3516 4.3): `binary` parts are stored base64-encoded; NUL
+                // anywhere else cannot be stored.
+                let converted = ex
+                    .literal8
+                    .as_ref()
+                    .map(|_| message::encode_binary_parts(data));
+                let data = converted.as_deref().unwrap_or(data);
+                if data.contains(&0) {
+                    return Err(Done::no("UNKNOWN-CTE", "Message contains NUL octets"));
                 }
                 let (validity, uid) =
                     self.store()?
@@ -1185,20 +1296,17 @@ impl Session {
             } => {
                 need(selected)?;
                 allow_expunge = uid;
-                if let Some(c) = charset {
-                    use imap_codec::imap_types::core::Charset;
-                    let c = match &c {
-                        Charset::Atom(a) => a.as_ref().to_owned(),
-                        Charset::Quoted(q) => q.inner().to_owned(),
-                    };
-                    if !c.eq_ignore_ascii_case("UTF-8") && !c.eq_ignore_ascii_case("US-ASCII") {
-                        return Err(Done::no(
-                            "BADCHARSET (UTF-8 US-ASCII)",
-                            "Unsupported charset",
-                        ));
-                    }
+                let r = match charset {
+                    Some(c) if !charset_ok(&c) => Err(Done::no(
+                        "BADCHARSET (UTF-8 US-ASCII)",
+                        "Unsupported charset",
+                    )),
+                    _ => self.search(&tag, &criteria, uid, &ex),
+                };
+                if r.is_err() && ex.search_return.is_some_and(|r| r.save) {
+                    self.forget_saved();
                 }
-                self.search(&tag, &criteria, uid, &ex)
+                r
             }
             CommandBody::Fetch {
                 sequence_set,
@@ -1207,7 +1315,8 @@ impl Session {
             } => {
                 need(selected)?;
                 allow_expunge = uid;
-                self.fetch(&sequence_set, macro_or_item_names, uid, &ex)
+                let target = Target::of(&sequence_set, &ex);
+                self.fetch(target, macro_or_item_names, uid, &ex)
             }
             CommandBody::Store {
                 sequence_set,
@@ -1218,7 +1327,8 @@ impl Session {
             } => {
                 need(selected)?;
                 allow_expunge = uid;
-                self.store_cmd(&sequence_set, &kind, &response, &flags, uid, &ex)
+                let target = Target::of(&sequence_set, &ex);
+                self.store_cmd(target, &kind, &response, &flags, uid, &ex)
             }
             CommandBody::Copy {
                 sequence_set,
@@ -1227,7 +1337,7 @@ impl Session {
             } => {
                 need(selected)?;
                 allow_expunge = uid;
-                self.copy_move(&sequence_set, &mailbox, uid, false)
+                self.copy_move(Target::of(&sequence_set, &ex), &mailbox, uid, false)
             }
             CommandBody::Move {
                 sequence_set,
@@ -1235,7 +1345,7 @@ impl Session {
                 uid,
             } => {
                 need(selected)?;
-                self.copy_move(&sequence_set, &mailbox, uid, true)
+                self.copy_move(Target::of(&sequence_set, &ex), &mailbox, uid, true)
             }
             _ => Err(Done::bad("Command not supported")),
         })();
@@ -1398,6 +1508,7 @@ impl Session {
             pending_expunge: vec![],
             gone: vec![],
             told: vec![],
+            saved: UidList::default(),
         });
         self.state = State::Selected;
         Ok(if writable {
@@ -1443,24 +1554,7 @@ impl Session {
             full.push(b'/');
         }
         full.extend_from_slice(&pattern);
-        let status_items: Option<Vec<StatusDataItemName>> = match &ex.list_status {
-            None => None,
-            Some(items) => {
-                let mut c = b"x STATUS x ".to_vec();
-                c.extend_from_slice(items);
-                c.extend_from_slice(b"\r\n");
-                match CommandCodec::default().decode(&c) {
-                    Ok((
-                        _,
-                        Command {
-                            body: CommandBody::Status { item_names, .. },
-                            ..
-                        },
-                    )) => Some(item_names.into_owned()),
-                    _ => return Err(Done::bad("Invalid STATUS return option")),
-                }
-            }
-        };
+        let status_items = ex.list_status.as_deref();
         let sel_subscribed = lsub || ex.list_select.iter().any(|s| s == "SUBSCRIBED");
         let sel_special = ex.list_select.iter().any(|s| s == "SPECIAL-USE");
         let ret_subscribed = sel_subscribed || ex.list_return.iter().any(|s| s == "SUBSCRIBED");
@@ -1519,7 +1613,7 @@ impl Session {
                 }
             };
             self.send(&Response::Data(data));
-            if let Some(items) = &status_items
+            if let Some(items) = status_items
                 && !mb.noselect
             {
                 // LIST-STATUS: failures for one mailbox are left out.
@@ -1540,29 +1634,31 @@ impl Session {
         }
     }
 
-    fn status(&mut self, name: &str, items: &[StatusDataItemName]) -> Reply<()> {
+    fn status(&mut self, name: &str, items: &[StatusItem]) -> Reply<()> {
         let st = self.store()?.status(name).map_err(|e| store_error(&e))?;
         let mut out = Vec::new();
+        // Items imap-codec 1.0 cannot encode go after its items.
         let mut extra = String::new();
         for it in items {
             match it {
-                StatusDataItemName::Messages => out.push(StatusDataItem::Messages(st.messages)),
-                StatusDataItemName::Recent => out.push(StatusDataItem::Recent(st.recent)),
-                StatusDataItemName::UidNext => {
+                StatusItem::Messages => out.push(StatusDataItem::Messages(st.messages)),
+                StatusItem::Recent => out.push(StatusDataItem::Recent(st.recent)),
+                StatusItem::UidNext => {
                     if let Some(n) = NonZeroU32::new(st.uidnext) {
                         out.push(StatusDataItem::UidNext(n));
                     }
                 }
-                StatusDataItemName::UidValidity => {
+                StatusItem::UidValidity => {
                     if let Some(n) = NonZeroU32::new(st.uidvalidity) {
                         out.push(StatusDataItem::UidValidity(n));
                     }
                 }
-                StatusDataItemName::Unseen => out.push(StatusDataItem::Unseen(st.unseen)),
-                StatusDataItemName::Deleted => out.push(StatusDataItem::Deleted(st.deleted)),
-                StatusDataItemName::DeletedStorage => {}
-                StatusDataItemName::HighestModSeq => {
-                    extra = format!(" HIGHESTMODSEQ {}", st.highestmodseq.max(1));
+                StatusItem::Unseen => out.push(StatusDataItem::Unseen(st.unseen)),
+                StatusItem::Deleted => out.push(StatusDataItem::Deleted(st.deleted)),
+                StatusItem::DeletedStorage => {}
+                StatusItem::Size => extra.push_str(&format!(" SIZE {}", st.size)),
+                StatusItem::HighestModSeq => {
+                    extra.push_str(&format!(" HIGHESTMODSEQ {}", st.highestmodseq.max(1)));
                 }
             }
         }
@@ -1582,11 +1678,18 @@ impl Session {
     }
 
     /// The messages a set names: (index into the UID list) in ascending order.
-    fn resolve(&self, set: &SequenceSet, uid: bool) -> Reply<Vec<usize>> {
+    fn resolve(&self, target: Target<'_>, uid: bool) -> Reply<Vec<usize>> {
         let sel = self
             .sel
             .as_ref()
             .ok_or_else(|| Done::bad("No mailbox selected"))?;
+        let set = match target {
+            Target::Set(set) => set,
+            // `$` names messages, whatever the command's numbering; expunged ones are gone.
+            Target::Saved => {
+                return Ok(sel.saved.iter().filter_map(|u| sel.index_of(u)).collect());
+            }
+        };
         if uid {
             let largest = sel.uids.last().unwrap_or(0);
             let r = ranges(set, largest);
@@ -1621,7 +1724,7 @@ impl Session {
         }
     }
 
-    fn expunge(&mut self, set: Option<&SequenceSet>) -> Reply<Done> {
+    fn expunge(&mut self, set: Option<Target<'_>>) -> Reply<Done> {
         if self.state != State::Selected {
             return Err(Done::bad("No mailbox selected"));
         }
@@ -1754,7 +1857,7 @@ impl Session {
 
     fn fetch(
         &mut self,
-        set: &SequenceSet,
+        set: Target<'_>,
         items: MacroOrMessageDataItemNames<'_>,
         uid: bool,
         ex: &Extras,
@@ -1777,6 +1880,10 @@ impl Session {
             }
             MacroOrMessageDataItemNames::MessageDataItemNames(v) => v,
         };
+        if ex.fetch_ext_only {
+            // Only a placeholder for imap-codec.
+            names.clear();
+        }
         if uid && !names.contains(&MessageDataItemName::Uid) {
             names.insert(0, MessageDataItemName::Uid);
         }
@@ -1791,19 +1898,21 @@ impl Session {
                     | MessageDataItemName::Rfc822
                     | MessageDataItemName::Rfc822Text
             )
-        });
-        let needs_content = names.iter().any(|n| {
-            !matches!(
-                n,
-                MessageDataItemName::Flags
-                    | MessageDataItemName::Uid
-                    | MessageDataItemName::InternalDate
-                    | MessageDataItemName::Rfc822Size
-            )
-        });
+        }) || ex.fetch_binary.iter().any(|b| !b.peek && !b.size);
+        let needs_content = !ex.fetch_binary.is_empty()
+            || names.iter().any(|n| {
+                !matches!(
+                    n,
+                    MessageDataItemName::Flags
+                        | MessageDataItemName::Uid
+                        | MessageDataItemName::InternalDate
+                        | MessageDataItemName::Rfc822Size
+                )
+            });
         let idx = self.resolve(set, uid)?;
         let writable = self.sel.as_ref().is_some_and(|s| s.writable);
         let mut missing = false;
+        let mut unknown_cte = false;
         for i in idx {
             let Some(meta) = self
                 .sel
@@ -1829,6 +1938,18 @@ impl Session {
             } else {
                 None
             };
+            let parsed = content.as_deref().map(Parsed::new);
+            // BINARY items first: a part the server cannot decode fails the message.
+            let mut binary = Vec::new();
+            if let Some(p) = &parsed {
+                match binary_items(p, &ex.fetch_binary) {
+                    Ok(b) => binary = b,
+                    Err(UnknownCte) => {
+                        unknown_cte = true;
+                        continue;
+                    }
+                }
+            }
             let mut add_flags = false;
             if sets_seen && writable && !meta.flags.contains(&Flag::Seen) {
                 if let Ok(res) =
@@ -1845,7 +1966,6 @@ impl Session {
                 }
                 add_flags = !names.contains(&MessageDataItemName::Flags);
             }
-            let parsed = content.as_deref().map(Parsed::new);
             let mut out = Vec::new();
             for n in &names {
                 if let Some(item) = fetch_item(n, &meta, parsed.as_ref()) {
@@ -1855,21 +1975,30 @@ impl Session {
             if add_flags {
                 out.push(fetch_item(&MessageDataItemName::Flags, &meta, None).expect("flags"));
             }
-            let extra = if want_modseq {
-                format!(" MODSEQ ({})", meta.modseq)
+            let mut extra = if want_modseq {
+                format!(" MODSEQ ({})", meta.modseq).into_bytes()
             } else {
-                String::new()
+                Vec::new()
             };
+            extra.extend_from_slice(&binary);
             let Some(seq) = u32::try_from(i + 1).ok().and_then(NonZeroU32::new) else {
                 continue;
             };
             match NonEmptyVec::try_from(out) {
-                Ok(items) => self.send_with(&Response::Data(Data::Fetch { seq, items }), &extra),
-                Err(_) if want_modseq => {
-                    self.raw(format!("* {seq} FETCH (MODSEQ ({}))\r\n", meta.modseq))
+                Ok(items) => {
+                    self.send_with_bytes(&Response::Data(Data::Fetch { seq, items }), &extra)
+                }
+                Err(_) if !extra.is_empty() => {
+                    let mut line = format!("* {seq} FETCH (").into_bytes();
+                    line.extend_from_slice(&extra[1..]);
+                    line.extend_from_slice(b")\r\n");
+                    self.out.push_back(Bytes::from(line));
                 }
                 Err(_) => {}
             }
+        }
+        if unknown_cte {
+            return Ok(Done::no("UNKNOWN-CTE", "Unknown Content-Transfer-Encoding"));
         }
         if missing {
             return Ok(Done::no("EXPUNGEISSUED", "Some messages were expunged"));
@@ -1879,7 +2008,7 @@ impl Session {
 
     fn store_cmd(
         &mut self,
-        set: &SequenceSet,
+        set: Target<'_>,
         kind: &StoreType,
         response: &StoreResponse,
         flags: &[ImapFlag<'_>],
@@ -1967,7 +2096,7 @@ impl Session {
 
     fn copy_move(
         &mut self,
-        set: &SequenceSet,
+        set: Target<'_>,
         mailbox: &Mailbox<'_>,
         uid: bool,
         mv: bool,
@@ -2025,6 +2154,12 @@ impl Session {
 
     fn search(&mut self, tag: &str, key: &SearchKey<'_>, uid: bool, ex: &Extras) -> Reply<Done> {
         let n = self.sel.as_ref().map_or(0, |s| s.uids.len());
+        // `$` in the criteria: the saved result as it is before this search replaces it.
+        let saved = self
+            .sel
+            .as_ref()
+            .map(|s| s.saved.clone())
+            .unwrap_or_default();
         let mut hits: Vec<(u32, u32, u64)> = Vec::new();
         let content_needed = needs_content(key);
         if depth(key) > 64 {
@@ -2060,6 +2195,7 @@ impl Session {
                 largest_seq,
                 largest_uid,
                 view: view.as_ref(),
+                saved: &saved,
             };
             if eval(key, &ctx) {
                 hits.push((i as u32 + 1, meta.uid, meta.modseq));
@@ -2067,12 +2203,33 @@ impl Session {
         }
         let nums: Vec<u32> = hits.iter().map(|h| if uid { h.1 } else { h.0 }).collect();
         let max_modseq = hits.iter().map(|h| h.2).max();
+        if let Some(r) = ex.search_return.filter(|r| r.save)
+            && let Some(sel) = self.sel.as_mut()
+        {
+            // RFC 5182 2.1: with MIN and/or MAX but neither ALL nor COUNT, only those.
+            let kept: Vec<u32> = if (r.min || r.max) && !r.all && !r.count {
+                let mut v = Vec::new();
+                if let (true, Some(h)) = (r.min, hits.first()) {
+                    v.push(h.1);
+                }
+                if let (true, Some(h)) = (r.max, hits.last()) {
+                    v.push(h.1);
+                }
+                v.dedup();
+                v
+            } else {
+                hits.iter().map(|h| h.1).collect()
+            };
+            sel.saved = UidList::from_sorted(&kept);
+        }
         // IMAP4rev2 has no SEARCH response: ESEARCH (ALL) is the default.
         let ret = ex.search_return.or(self.rev2.then_some(ext::SearchReturn {
             all: true,
             ..Default::default()
         }));
-        if let Some(r) = ret {
+        if ret.is_some_and(|r| !r.reports()) {
+            // SAVE alone: no ESEARCH response (RFC 5182 2.1, as Dovecot).
+        } else if let Some(r) = ret {
             let mut line = format!("* ESEARCH (TAG \"{}\")", tag.replace(['"', '\\'], ""));
             if uid {
                 line.push_str(" UID");
@@ -2113,7 +2270,8 @@ impl Session {
 enum Simple {
     Namespace,
     Id,
-    UidExpunge(SequenceSet),
+    /// `None`: `UID EXPUNGE $`.
+    UidExpunge(Option<SequenceSet>),
 }
 
 fn is_append(buf: &[u8]) -> bool {
@@ -2219,6 +2377,36 @@ fn fetch_item(
     })
 }
 
+/// The BINARY items of one message, each with a leading space, as they go into its FETCH
+/// response: decoded data as a literal (literal8 `~{n}` when it holds NUL), `NIL` for a part
+/// that does not exist, `BINARY.SIZE[...] n`.
+fn binary_items(p: &Parsed<'_>, items: &[ext::BinaryItem]) -> Result<Vec<u8>, UnknownCte> {
+    let mut out = Vec::new();
+    for b in items {
+        let data = p.binary(&b.part)?;
+        out.push(b' ');
+        out.extend_from_slice(b.response_name().as_bytes());
+        if b.size {
+            let n = data.as_ref().map_or(0, Vec::len);
+            out.extend_from_slice(format!(" {n}").as_bytes());
+            continue;
+        }
+        let Some(mut data) = data else {
+            out.extend_from_slice(b" NIL");
+            continue;
+        };
+        if let Some((origin, len)) = b.partial {
+            let start = (origin as usize).min(data.len());
+            let end = start.saturating_add(len.get() as usize).min(data.len());
+            data = data[start..end].to_vec();
+        }
+        let tilde = if data.contains(&0) { "~" } else { "" };
+        out.extend_from_slice(format!(" {tilde}{{{}}}\r\n", data.len()).as_bytes());
+        out.extend_from_slice(&data);
+    }
+    Ok(out)
+}
+
 fn owned_section(
     s: &imap_codec::imap_types::fetch::Section<'_>,
 ) -> imap_codec::imap_types::fetch::Section<'static> {
@@ -2247,6 +2435,7 @@ struct Ctx<'a> {
     largest_seq: u32,
     largest_uid: u32,
     view: Option<&'a SearchView<'a>>,
+    saved: &'a UidList,
 }
 
 fn depth(k: &SearchKey<'_>) -> usize {
@@ -2263,9 +2452,11 @@ fn needs_content(k: &SearchKey<'_>) -> bool {
         SearchKey::And(v) => v.as_ref().iter().any(needs_content),
         SearchKey::Not(k) => needs_content(k),
         SearchKey::Or(a, b) => needs_content(a) || needs_content(b),
-        SearchKey::Header(name, _) => !name
-            .as_ref()
-            .eq_ignore_ascii_case(ext::MODSEQ_HEADER.as_bytes()),
+        SearchKey::Header(name, _) => {
+            let name = name.as_ref();
+            !name.eq_ignore_ascii_case(ext::MODSEQ_HEADER.as_bytes())
+                && !name.eq_ignore_ascii_case(ext::SAVED_HEADER.as_bytes())
+        }
         SearchKey::Bcc(_)
         | SearchKey::Body(_)
         | SearchKey::Cc(_)
@@ -2328,6 +2519,9 @@ fn eval(k: &SearchKey<'_>, c: &Ctx<'_>) -> bool {
         SearchKey::Subject(v) => hdr("Subject", v),
         SearchKey::Header(name, v) => {
             let name = String::from_utf8_lossy(name.as_ref()).into_owned();
+            if name.eq_ignore_ascii_case(ext::SAVED_HEADER) {
+                return c.saved.index_of(c.meta.uid).is_some();
+            }
             if name.eq_ignore_ascii_case(ext::MODSEQ_HEADER) {
                 let min: u64 = std::str::from_utf8(v.as_ref())
                     .ok()

@@ -701,6 +701,13 @@ fn condstore_esearch_uidplus() {
         r,
         "* 1 FETCH (FLAGS () MODSEQ (2))\r\nb OK FETCH completed\r\n"
     );
+    let r = c.send("b2 FETCH 1 (MODSEQ FLAGS)\r\nb3 FETCH 1 MODSEQ\r\nb4 UID FETCH 1 (MODSEQ)\r\n");
+    assert_eq!(
+        r,
+        "* 1 FETCH (FLAGS () MODSEQ (2))\r\nb2 OK FETCH completed\r\n\
+         * 1 FETCH (MODSEQ (2))\r\nb3 OK FETCH completed\r\n\
+         * 1 FETCH (UID 1 MODSEQ (2))\r\nb4 OK FETCH completed\r\n"
+    );
     let r = c.send("c STORE 1 (UNCHANGEDSINCE 2) +FLAGS (\\Seen)\r\n");
     assert_eq!(
         r,
@@ -867,10 +874,13 @@ fn literal_of_bad_command_is_not_executed() {
     let n = body.len();
     let attacks = [
         format!("a6 APPEND \"Entw\u{fc}rfe\" (\\Seen) {{{n}+}}\r\n{body}\r\n"),
-        format!("a7 APPEND rt ~{{{n}+}}\r\n{body}\r\n"),
+        format!("a7 APPEND rt (\\Bogus\x01) ~{{{n}+}}\r\n{body}\r\n"),
         format!("a8 APPEND rt (\\Bogus\x01) {{{n}+}}\r\n{body}\r\n"),
         format!("a9 BOGUS ({{{n}+}}\r\n{body} {{{n}+}}\r\n{body})\r\n"),
         format!("a10 APPEND \"Entw\u{fc}rfe\" {{{n}+}}\n{body}\r\n"),
+        format!("a11 SEARCH RETURN (SAVE) FOO {{{n}+}}\r\n{body}\r\n"),
+        format!("a12 SEARCH RETURN (ALL) SUBJECT {{{n}+}}\r\n{body} BOGUS\r\n"),
+        format!("a13 UID FETCH $ (FLAGS {{{n}+}}\r\n{body})\r\n"),
     ];
     for attack in &attacks {
         let tag = attack.split(' ').next().unwrap_or_default();
@@ -935,6 +945,658 @@ fn store_refuses_invalid_system_flags() {
     let r = c.send("d FETCH 1 FLAGS\r\n");
     assert!(
         r.contains("\\Seen") && r.contains("$Work") && !r.contains("Bogus"),
+        "{r}"
+    );
+}
+
+#[test]
+fn status_size_and_deleted() {
+    let store = store_with_mail();
+    let mut c = Client::logged_in(&store);
+    let all = M1.len() + M2.len() + M3.len();
+    let r = c.send("a STATUS INBOX (MESSAGES SIZE DELETED UNSEEN)\r\n");
+    assert_eq!(
+        r,
+        format!(
+            "* STATUS INBOX (MESSAGES 3 DELETED 0 UNSEEN 3 SIZE {all})\r\na OK STATUS completed\r\n"
+        )
+    );
+    let r = c.send("b STATUS Trash (SIZE)\r\n");
+    assert_eq!(r, "* STATUS Trash (SIZE 0)\r\nb OK STATUS completed\r\n");
+    // Repeats are reported once; SIZE and HIGHESTMODSEQ in the asked order.
+    let r = c.send("c status inbox (size Size highestmodseq)\r\n");
+    assert_eq!(
+        r,
+        format!("* STATUS INBOX (SIZE {all} HIGHESTMODSEQ 4)\r\nc OK STATUS completed\r\n")
+    );
+    // A literal mailbox name.
+    let r = c.send("d STATUS {5+}\r\nINBOX (SIZE)\r\n");
+    assert_eq!(
+        r,
+        format!("* STATUS INBOX (SIZE {all})\r\nd OK STATUS completed\r\n")
+    );
+
+    // STATUS on the selected mailbox, after changes by this session and another one.
+    c.send("e SELECT INBOX\r\nf STORE 1,3 +FLAGS.SILENT (\\Deleted \\Seen)\r\n");
+    let r = c.send("g STATUS INBOX (MESSAGES DELETED UNSEEN SIZE)\r\n");
+    assert_eq!(
+        r,
+        format!(
+            "* STATUS INBOX (MESSAGES 3 DELETED 2 UNSEEN 1 SIZE {all})\r\ng OK STATUS completed\r\n"
+        )
+    );
+    store.deliver("INBOX", M1.as_bytes()).unwrap();
+    let r = c.send("h STATUS INBOX (MESSAGES SIZE UIDNEXT)\r\n");
+    let now = all + M1.len();
+    assert_eq!(
+        r,
+        format!(
+            "* STATUS INBOX (MESSAGES 4 UIDNEXT 5 SIZE {now})\r\n* 4 EXISTS\r\nh OK STATUS completed\r\n"
+        )
+    );
+    c.send("i EXPUNGE\r\n");
+    let r = c.send("j STATUS INBOX (DELETED SIZE MESSAGES)\r\n");
+    let now = M2.len() + M1.len();
+    assert_eq!(
+        r,
+        format!("* STATUS INBOX (DELETED 0 MESSAGES 2 SIZE {now})\r\nj OK STATUS completed\r\n")
+    );
+
+    // LIST-STATUS with SIZE and DELETED.
+    let r = c.send("k LIST \"\" \"*\" RETURN (STATUS (SIZE DELETED MESSAGES))\r\n");
+    assert!(
+        r.contains(&format!(
+            "* LIST (\\HasNoChildren) \"/\" INBOX\r\n* STATUS INBOX (DELETED 0 MESSAGES 2 SIZE {now})\r\n"
+        )),
+        "{r}"
+    );
+    assert!(
+        r.contains("* STATUS Junk (DELETED 0 MESSAGES 0 SIZE 0)\r\n"),
+        "{r}"
+    );
+    assert_eq!(count(&r, "* STATUS"), 5, "{r}");
+    assert!(r.ends_with("k OK LIST completed\r\n"), "{r}");
+    let r = c.send("l LIST (SUBSCRIBED) \"\" Tr* RETURN (SUBSCRIBED STATUS (SIZE))\r\n");
+    assert_eq!(
+        r,
+        "* LIST (\\HasNoChildren \\Trash \\Subscribed) \"/\" Trash\r\n\
+         * STATUS Trash (SIZE 0)\r\nl OK LIST completed\r\n"
+    );
+}
+
+#[test]
+fn status_hostile_items() {
+    let store = store_with_mail();
+    let cfg = Config {
+        max_bad_commands: 100,
+        ..Config::default()
+    };
+    let (mut c, _) = Client::with(&store, cfg, true);
+    c.send("l LOGIN alice secret\r\n");
+    for bad in [
+        "STATUS INBOX ()",
+        "STATUS INBOX (SIZE FOO)",
+        "STATUS INBOX (SIZE \"MESSAGES\")",
+        "STATUS INBOX (SIZE (MESSAGES))",
+        "STATUS INBOX SIZE",
+        "STATUS INBOX (SIZE) MESSAGES",
+        "STATUS INBOX (SIZE",
+        "STATUS (SIZE)",
+        "UID STATUS INBOX (SIZE)",
+        "LIST \"\" * RETURN (STATUS ())",
+        "LIST \"\" * RETURN (STATUS (SIZE BOGUS))",
+        "LIST \"\" * RETURN (STATUS (SIZE (X)))",
+        "LIST \"\" * RETURN (STATUS SIZE)",
+    ] {
+        let r = c.send(&format!("x {bad}\r\n"));
+        assert!(r.starts_with("x BAD"), "{bad}: {r}");
+        assert_eq!(count(&r, "\r\n"), 1, "{bad}: {r}");
+    }
+    let r = c.send("y STATUS Nope (SIZE)\r\n");
+    assert_eq!(r, "y NO [NONEXISTENT] No such mailbox or message\r\n");
+    // Not before login.
+    let mut d = Client::new(&store);
+    let r = d.send("z STATUS INBOX (SIZE)\r\n");
+    assert_eq!(r, "z BAD Command not valid in this state\r\n");
+}
+
+#[test]
+fn searchres_saves_and_reuses_results() {
+    let store = store_with_mail();
+    let mut c = Client::logged_in(&store);
+    let r = c.send("a CAPABILITY\r\n");
+    assert!(
+        r.contains(" SEARCHRES ") && r.contains(" STATUS=SIZE "),
+        "{r}"
+    );
+    c.send("b SELECT INBOX\r\n");
+    // SAVE alone: no ESEARCH (nor SEARCH) response.
+    let r = c.send("c SEARCH RETURN (SAVE) FROM carol\r\n");
+    assert_eq!(r, "c OK SEARCH completed\r\n");
+    let r = c.send("d FETCH $ (UID FLAGS)\r\n");
+    assert_eq!(r, "* 2 FETCH (UID 2 FLAGS ())\r\nd OK FETCH completed\r\n");
+    let r = c.send("e UID FETCH $ FLAGS\r\n");
+    assert_eq!(r, "* 2 FETCH (UID 2 FLAGS ())\r\ne OK FETCH completed\r\n");
+    let r = c.send("f STORE $ +FLAGS (\\Flagged)\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (FLAGS (\\Flagged))\r\nf OK STORE completed\r\n"
+    );
+    let r = c.send("g SEARCH $\r\nh UID SEARCH UID $\r\ni SEARCH NOT $\r\nj SEARCH OR $ 1\r\n");
+    assert_eq!(
+        r,
+        "* SEARCH 2\r\ng OK SEARCH completed\r\n* SEARCH 2\r\nh OK SEARCH completed\r\n\
+         * SEARCH 1 3\r\ni OK SEARCH completed\r\n* SEARCH 1 2\r\nj OK SEARCH completed\r\n"
+    );
+    // `$` as a string argument is a string.
+    let r = c.send("k SEARCH RETURN (SAVE COUNT) SUBJECT $\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"k\") COUNT 0\r\nk OK SEARCH completed\r\n"
+    );
+    let r = c.send("l FETCH $ UID\r\n");
+    assert_eq!(r, "l OK FETCH completed\r\n");
+    // With MIN and/or MAX alone, only those are saved; with ALL or COUNT, everything.
+    let r = c.send("m SEARCH RETURN (SAVE MIN MAX) ALL\r\nn FETCH $ UID\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"m\") MIN 1 MAX 3\r\nm OK SEARCH completed\r\n\
+         * 1 FETCH (UID 1)\r\n* 3 FETCH (UID 3)\r\nn OK FETCH completed\r\n"
+    );
+    let r = c.send("o UID SEARCH RETURN (MAX SAVE) ALL\r\np SEARCH $\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"o\") UID MAX 3\r\no OK SEARCH completed\r\n\
+         * SEARCH 3\r\np OK SEARCH completed\r\n"
+    );
+    let r = c.send("q SEARCH RETURN (SAVE COUNT MIN) ALL\r\nr SEARCH $\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"q\") MIN 1 COUNT 3\r\nq OK SEARCH completed\r\n\
+         * SEARCH 1 2 3\r\nr OK SEARCH completed\r\n"
+    );
+    // A search that uses `$` and saves: the old `$` is used, the new one kept.
+    let r = c.send("s SEARCH RETURN (SAVE) $ FLAGGED\r\nt SEARCH $\r\n");
+    assert_eq!(
+        r,
+        "s OK SEARCH completed\r\n* SEARCH 2\r\nt OK SEARCH completed\r\n"
+    );
+    // COPY and UID COPY.
+    let r = c.send("u UID SEARCH RETURN (SAVE) UID 2:3\r\nv COPY $ Trash\r\n");
+    assert!(
+        r.ends_with("v OK [COPYUID 4 2,3 1,2] COPY completed\r\n"),
+        "{r}"
+    );
+    // `$` follows expunges: message 2 goes, UID 3 is now message 2.
+    let r = c.send("w STORE 2 +FLAGS.SILENT (\\Deleted)\r\nx EXPUNGE\r\ny FETCH $ UID\r\n");
+    assert_eq!(
+        r,
+        "w OK STORE completed\r\n* 2 EXPUNGE\r\nx OK EXPUNGE completed\r\n\
+         * 2 FETCH (UID 3)\r\ny OK FETCH completed\r\n"
+    );
+    // Modifiers after `$`.
+    let r = c.send("z FETCH $ (MODSEQ)\r\n");
+    assert_eq!(r, "* 2 FETCH (MODSEQ (4))\r\nz OK FETCH completed\r\n");
+    let r = c.send("a1 UID FETCH $ (FLAGS) (CHANGEDSINCE 1)\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (UID 3 FLAGS () MODSEQ (4))\r\na1 OK FETCH completed\r\n"
+    );
+    let r = c.send("a2 UID STORE $ (UNCHANGEDSINCE 4) +FLAGS.SILENT (\\Seen)\r\n");
+    assert_eq!(r, "a2 OK STORE completed\r\n");
+    // MOVE and UID EXPUNGE.
+    let r = c.send("a3 UID MOVE $ Junk\r\n");
+    assert_eq!(
+        r,
+        "* OK [COPYUID 5 3 1] Moved\r\n* 2 EXPUNGE\r\na3 OK MOVE completed\r\n"
+    );
+    let r = c.send("a4 FETCH $ UID\r\n");
+    assert_eq!(r, "a4 OK FETCH completed\r\n");
+    let r = c.send(
+        "a5 SEARCH RETURN (SAVE) ALL\r\na6 STORE $ +FLAGS.SILENT (\\Deleted)\r\na7 UID EXPUNGE $\r\n",
+    );
+    assert_eq!(
+        r,
+        "a5 OK SEARCH completed\r\na6 OK STORE completed\r\n* 1 EXPUNGE\r\na7 OK EXPUNGE completed\r\n"
+    );
+    // Under IMAP4rev2 too.
+    let r = c.send("a8 ENABLE IMAP4rev2\r\na9 SEARCH RETURN (SAVE) ALL\r\nb0 SEARCH ALL\r\n");
+    assert!(
+        r.ends_with(
+            "a9 OK SEARCH completed\r\n* ESEARCH (TAG \"b0\")\r\nb0 OK SEARCH completed\r\n"
+        ),
+        "{r}"
+    );
+}
+
+#[test]
+fn searchres_is_reset_and_emptied_by_failures() {
+    let store = store_with_mail();
+    let cfg = Config {
+        max_bad_commands: 100,
+        ..Config::default()
+    };
+    let (mut c, _) = Client::with(&store, cfg, true);
+    c.send("l LOGIN alice secret\r\n");
+    // Not outside the selected state.
+    let r = c.send("a FETCH $ UID\r\n");
+    assert_eq!(r, "a BAD Command not valid in this state\r\n");
+    c.send("b SELECT INBOX\r\n");
+    // Before any SAVE, `$` is empty.
+    let r = c.send("c FETCH $ UID\r\nd SEARCH $\r\ne COPY $ Trash\r\n");
+    assert_eq!(
+        r,
+        "c OK FETCH completed\r\n* SEARCH\r\nd OK SEARCH completed\r\ne OK No messages\r\n"
+    );
+    let save = |c: &mut Client| {
+        let r = c.send("s SEARCH RETURN (SAVE) ALL\r\nt SEARCH $\r\n");
+        assert!(
+            r.ends_with("* SEARCH 1 2 3\r\nt OK SEARCH completed\r\n"),
+            "{r}"
+        );
+    };
+    let empty = |c: &mut Client, why: &str| {
+        let r = c.send("u FETCH $ UID\r\n");
+        assert_eq!(r, "u OK FETCH completed\r\n", "after {why}");
+    };
+    // A failed SAVE search (BAD or NO) empties `$`.
+    for failing in [
+        "SEARCH RETURN (SAVE) BOGUS",
+        "SEARCH RETURN (SAVE) CHARSET KOI8-R ALL",
+        "SEARCH RETURN (SAVE FOO) ALL",
+        "SEARCH RETURN (MIN SAVE (ALL)) ALL",
+        "UID SEARCH RETURN (SAVE) UID",
+    ] {
+        save(&mut c);
+        let r = c.send(&format!("v {failing}\r\n"));
+        assert!(
+            r.starts_with("v BAD") || r.starts_with("v NO"),
+            "{failing}: {r}"
+        );
+        empty(&mut c, failing);
+    }
+    // A failed search without SAVE leaves it alone.
+    save(&mut c);
+    c.send("w SEARCH BOGUS\r\n");
+    let r = c.send("x SEARCH $\r\n");
+    assert_eq!(r, "* SEARCH 1 2 3\r\nx OK SEARCH completed\r\n");
+    // SELECT, EXAMINE, UNSELECT, CLOSE and a failed SELECT reset it.
+    for reset in [
+        "SELECT INBOX",
+        "EXAMINE INBOX",
+        "UNSELECT\r\ny SELECT INBOX",
+        "CLOSE\r\ny SELECT INBOX",
+        "SELECT Nope\r\ny SELECT INBOX",
+    ] {
+        save(&mut c);
+        c.send(&format!("y {reset}\r\n"));
+        empty(&mut c, reset);
+    }
+    // `$` only on its own, only where a sequence set stands.
+    save(&mut c);
+    for bad in [
+        "FETCH $,1 UID",
+        "FETCH $:2 UID",
+        "FETCH 1,$ UID",
+        "FETCH \"$\" UID",
+        "FETCH ($) UID",
+        "SEARCH $,1",
+        "SEARCH UID $:*",
+        "UID EXPUNGE $,1",
+        "STORE $ +FLAGS",
+        "COPY $",
+        "FETCH $",
+        "SEARCH RETURN SAVE ALL",
+        "SEARCH RETURN (SAVE)",
+        "SEARCH RETURN (\"SAVE\") ALL",
+    ] {
+        let r = c.send(&format!("z {bad}\r\n"));
+        assert!(r.starts_with("z BAD"), "{bad}: {r}");
+        assert_eq!(count(&r, "\r\n"), 1, "{bad}: {r}");
+    }
+    // A mailbox may be called `$`.
+    save(&mut c);
+    let r = c.send("m CREATE $\r\nn STATUS $ (MESSAGES SIZE)\r\no COPY $ $\r\n");
+    assert_eq!(
+        r,
+        "m OK CREATE completed\r\n* STATUS $ (MESSAGES 0 SIZE 0)\r\nn OK STATUS completed\r\n\
+         o OK [COPYUID 6 1,2,3 1,2,3] COPY completed\r\n"
+    );
+}
+
+#[test]
+fn searchres_large_fragmented_result() {
+    let store = MemoryStore::new();
+    for i in 0..4000 {
+        let uid = store.deliver("INBOX", M1.as_bytes()).unwrap();
+        assert_eq!(uid, i + 1);
+    }
+    let mut c = Client::logged_in(&store);
+    c.send("a SELECT INBOX\r\n");
+    // Every other message: 2000 runs in `$`.
+    let set: Vec<String> = (1..=4000).step_by(2).map(|n| n.to_string()).collect();
+    let r = c.send(&format!(
+        "b STORE {} +FLAGS.SILENT (\\Flagged)\r\n",
+        set.join(",")
+    ));
+    assert_eq!(r, "b OK STORE completed\r\n");
+    let r = c.send("c SEARCH RETURN (SAVE COUNT) FLAGGED\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"c\") COUNT 2000\r\nc OK SEARCH completed\r\n"
+    );
+    let r = c.send("d SEARCH RETURN (COUNT MAX) NOT $\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"d\") MAX 4000 COUNT 2000\r\nd OK SEARCH completed\r\n"
+    );
+    let r = c.send("e FETCH $ UID\r\n");
+    assert_eq!(count(&r, " FETCH (UID "), 2000);
+    assert!(r.ends_with("* 3999 FETCH (UID 3999)\r\ne OK FETCH completed\r\n"));
+}
+
+#[test]
+fn literals_after_extension_syntax() {
+    let store = store_with_mail();
+    let mut c = Client::logged_in(&store);
+    c.send("s SELECT INBOX\r\n");
+    let r = c.send("a SEARCH RETURN (COUNT) SUBJECT {5}\r\n");
+    assert_eq!(r, "+ Ready for literal data\r\n");
+    let r = c.send("Hello\r\n");
+    assert_eq!(
+        r,
+        "* ESEARCH (TAG \"a\") COUNT 2\r\na OK SEARCH completed\r\n"
+    );
+    let r = c.send(
+        "b UID SEARCH RETURN (SAVE) CHARSET UTF-8 OR SUBJECT {6+}\r\nReport FROM {3+}\r\neve\r\nc FETCH $ UID\r\n",
+    );
+    assert_eq!(
+        r,
+        "b OK SEARCH completed\r\n* 2 FETCH (UID 2)\r\n* 3 FETCH (UID 3)\r\nc OK FETCH completed\r\n"
+    );
+    let r = c.send("d LIST (SUBSCRIBED) \"\" {2+}\r\nTr RETURN (STATUS (SIZE))\r\n");
+    assert_eq!(r, "d OK LIST completed\r\n");
+    let r = c.send("d2 LIST (SUBSCRIBED) \"\" {3+}\r\nTr% RETURN (STATUS (SIZE))\r\n");
+    assert!(
+        r.ends_with("* STATUS Trash (SIZE 0)\r\nd2 OK LIST completed\r\n"),
+        "{r}"
+    );
+    // Bad before the literal: refused at once, no `+`, the octets of a LITERAL+ are dropped.
+    let r = c.send("e SEARCH RETURN (BOGUS) SUBJECT {5}\r\nf NOOP\r\n");
+    assert_eq!(
+        r,
+        "e BAD Syntax error or unknown command\r\nf OK NOOP completed\r\n"
+    );
+    let r = c.send("g SEARCH RETURN (SAVE) FOO {11+}\r\nz1 LOGOUT\r\n\r\nh FETCH $ UID\r\n");
+    assert_eq!(
+        r,
+        "g BAD Syntax error or unknown command\r\nh OK FETCH completed\r\n"
+    );
+    // The literal limits hold.
+    let r = c.send("i SEARCH RETURN (ALL) SUBJECT {70000}\r\nj NOOP\r\n");
+    assert_eq!(
+        r,
+        "i NO [TOOBIG] Literal too large\r\nj OK NOOP completed\r\n"
+    );
+    // Bad after the literal: one BAD for the whole command.
+    let r = c.send("k SEARCH RETURN (ALL) SUBJECT {3+}\r\nabc BOGUS\r\nl NOOP\r\n");
+    assert_eq!(r, "k BAD Syntax error\r\nl OK NOOP completed\r\n");
+}
+
+const QP: &str = "From: q@example.org\r\n\
+Subject: qp\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+Content-Transfer-Encoding: quoted-printable\r\n\
+\r\n\
+caf=C3=A9 =\r\n\
+au lait\r\n";
+
+const UUE: &str = "From: u@example.org\r\n\
+Subject: uu\r\n\
+Content-Transfer-Encoding: x-uuencode\r\n\
+\r\n\
+begin 644 x\r\n";
+
+#[test]
+fn binary_fetch() {
+    let store = store_with_mail();
+    store.deliver("INBOX", QP.as_bytes()).unwrap();
+    store.deliver("INBOX", UUE.as_bytes()).unwrap();
+    let mut c = Client::logged_in(&store);
+    let r = c.send("a CAPABILITY\r\n");
+    assert!(r.contains(" BINARY "), "{r}");
+    c.send("b SELECT INBOX\r\n");
+    // A base64 part with NUL octets: literal8.
+    let r = c.send("c FETCH 2 BINARY.PEEK[2]\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (BINARY[2] ~{4}\r\n\0\x01\x02\x03)\r\nc OK FETCH completed\r\n"
+    );
+    let r = c.send("d FETCH 2 (BINARY.SIZE[2] FLAGS BINARY.PEEK[2]<1.2>)\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (FLAGS () BINARY.SIZE[2] 4 BINARY[2]<1> {2}\r\n\x01\x02)\r\nd OK FETCH completed\r\n"
+    );
+    // Identity parts as they are; BINARY (not PEEK) sets \Seen.
+    let r = c.send("e FETCH 2 BINARY[1]\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (FLAGS (\\Seen) BINARY[1] {15}\r\nSee attachment.)\r\ne OK FETCH completed\r\n"
+    );
+    // A part that does not exist.
+    let r = c.send("f UID FETCH 2 (BINARY.PEEK[9] BINARY.SIZE[3.1])\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (UID 2 BINARY[9] NIL BINARY.SIZE[3.1] 0)\r\nf OK FETCH completed\r\n"
+    );
+    // The whole message: each part decoded and its header naming `binary`.
+    let r = c.send("g FETCH 2 (BINARY.SIZE[] BINARY.PEEK[])\r\n");
+    let whole = M2.replace(
+        "Content-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"r.bin\"\r\n\r\nAAECAw==\r\n",
+        "Content-Transfer-Encoding: binary\r\nContent-Disposition: attachment; filename=\"r.bin\"\r\n\r\n\0\x01\x02\x03\r\n",
+    );
+    assert_ne!(whole, M2);
+    assert_eq!(
+        r,
+        format!(
+            "* 2 FETCH (BINARY.SIZE[] {n} BINARY[] ~{{{n}}}\r\n{whole})\r\ng OK FETCH completed\r\n",
+            n = whole.len()
+        )
+    );
+    // A message without NUL: a plain literal; the other messages' parts.
+    let r = c.send("h FETCH 1 BINARY.PEEK[]\r\n");
+    assert_eq!(
+        r,
+        format!(
+            "* 1 FETCH (BINARY[] {{{}}}\r\n{M1})\r\nh OK FETCH completed\r\n",
+            M1.len()
+        )
+    );
+    let r = c.send("i FETCH 3 (BINARY.SIZE[2] BINARY.SIZE[2.1])\r\n");
+    assert!(r.starts_with("* 3 FETCH (BINARY.SIZE[2] "), "{r}");
+    // Quoted-printable.
+    let r = c.send("j FETCH 4 BINARY.PEEK[1]\r\n");
+    assert_eq!(
+        r,
+        "* 4 FETCH (BINARY[1] {15}\r\ncafé au lait\r\n)\r\nj OK FETCH completed\r\n"
+    );
+    // An encoding the server does not know: NO [UNKNOWN-CTE], no data, no \Seen.
+    let r = c.send("k FETCH 4:5 (FLAGS BINARY[1])\r\n");
+    assert_eq!(
+        r,
+        "* 4 FETCH (FLAGS (\\Seen) BINARY[1] {15}\r\ncafé au lait\r\n)\r\n\
+         k NO [UNKNOWN-CTE] Unknown Content-Transfer-Encoding\r\n"
+    );
+    let r = c.send("l FETCH 5 (FLAGS BODY.PEEK[1])\r\n");
+    assert!(r.starts_with("* 5 FETCH (FLAGS () BODY[1] {"), "{r}");
+    let r = c.send("m FETCH 5 BINARY.SIZE[]\r\n");
+    assert_eq!(
+        r,
+        "m NO [UNKNOWN-CTE] Unknown Content-Transfer-Encoding\r\n"
+    );
+}
+
+#[test]
+fn binary_fetch_hostile_items() {
+    let store = store_with_mail();
+    let cfg = Config {
+        max_bad_commands: 100,
+        ..Config::default()
+    };
+    let (mut c, _) = Client::with(&store, cfg, true);
+    c.send("l LOGIN alice secret\r\nm SELECT INBOX\r\n");
+    for bad in [
+        "FETCH 1 BINARY[1.HEADER]",
+        "FETCH 1 BINARY[0]",
+        "FETCH 1 BINARY[1.0]",
+        "FETCH 1 BINARY[1.]",
+        "FETCH 1 BINARY[+1]",
+        "FETCH 1 BINARY[4294967296]",
+        "FETCH 1 BINARY[1]<>",
+        "FETCH 1 BINARY[1]<1>",
+        "FETCH 1 BINARY[1]<1.0>",
+        "FETCH 1 BINARY[1]<-1.2>",
+        "FETCH 1 BINARY.SIZE[1]<0.1>",
+        "FETCH 1 BINARY.FOO[1]",
+        "FETCH 1 BINARY[",
+        "FETCH 1 BINARY.PEEK",
+        "FETCH 1 (FLAGS BINARY[1)",
+        "FETCH 1 (BINARY[1] (X))",
+        "FETCH 1 BINARY\u{e9}[1]",
+        "FETCH 1 (\u{e9}\u{e9}\u{e9}\u{e9} BINARY[1])",
+        "STORE 1 BINARY[1] (\\Seen)",
+    ] {
+        let r = c.send(&format!("z {bad}\r\n"));
+        assert!(r.starts_with("z BAD"), "{bad}: {r}");
+        assert_eq!(count(&r, "\r\n"), 1, "{bad}: {r}");
+    }
+    // A huge partial is cut to the data.
+    let r = c.send("y FETCH 1 BINARY.PEEK[1]<4294967295.4294967295>\r\n");
+    assert_eq!(
+        r,
+        "* 1 FETCH (BINARY[1]<4294967295> {0}\r\n)\r\ny OK FETCH completed\r\n"
+    );
+}
+
+#[test]
+fn literal8_append() {
+    let store = MemoryStore::new();
+    let cfg = Config {
+        max_append: 1000,
+        ..Config::default()
+    };
+    let (mut c, _) = Client::with(&store, cfg, true);
+    c.send("l LOGIN alice secret\r\n");
+    let content = b"\0\x01\r\n\n\r\xff binary";
+    let mut msg = b"From: a@example.org\r\nSubject: bin\r\nMIME-Version: 1.0\r\n\
+Content-Type: multipart/mixed; boundary=\"B\"\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nhi\r\n\
+--B\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+        .to_vec();
+    msg.extend_from_slice(content);
+    msg.extend_from_slice(b"\r\n--B--\r\n");
+    let mut cmd = format!("a APPEND INBOX (\\Seen) ~{{{}}}\r\n", msg.len()).into_bytes();
+    let r = c.send_bytes(&cmd);
+    assert_eq!(r, "+ Ready for literal data\r\n");
+    let mut rest = msg.clone();
+    rest.extend_from_slice(b"\r\n");
+    let r = c.send_bytes(&rest);
+    assert_eq!(r, "a OK [APPENDUID 1 1] APPEND completed\r\n");
+    // Stored with the binary part base64-encoded; BINARY gives the octets back.
+    c.send("b SELECT INBOX\r\n");
+    let r = c.send("c FETCH 1 (FLAGS BODY.PEEK[2.MIME] BINARY.PEEK[2])\r\n");
+    assert!(
+        r.contains("BODY[2.MIME] {77}\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"),
+        "{r}"
+    );
+    // The octets exactly (the line break before the boundary is the boundary's).
+    let mut bin = format!(" BINARY[2] ~{{{}}}\r\n", content.len()).into_bytes();
+    bin.extend_from_slice(content);
+    bin.extend_from_slice(b")\r\n");
+    let raw = {
+        c.s.receive(b"d FETCH 1 BINARY.PEEK[2]\r\n", c.now);
+        let mut out = Vec::new();
+        while let Some(b) = c.s.poll_transmit() {
+            out.extend_from_slice(&b);
+        }
+        out
+    };
+    let mut expect = b"* 1 FETCH (".to_vec();
+    expect.extend_from_slice(&bin[1..]);
+    expect.extend_from_slice(b"d OK FETCH completed\r\n");
+    assert_eq!(raw, expect, "{}", String::from_utf8_lossy(&raw));
+    assert!(r.contains("FLAGS (\\Seen)"), "{r}");
+    let r = c.send("e FETCH 1 BODY.PEEK[1]\r\n");
+    assert!(r.contains("BODY[1] {2}\r\nhi)"), "{r}");
+
+    // LITERAL+ form, with a date; split into single bytes.
+    let simple = b"Subject: plain\r\n\r\nno binary here\r\n";
+    cmd = format!(
+        "f APPEND INBOX () \"01-Jan-2026 10:00:00 +0000\" ~{{{}+}}\r\n",
+        simple.len()
+    )
+    .into_bytes();
+    cmd.extend_from_slice(simple);
+    cmd.extend_from_slice(b"\r\n");
+    let mut r = String::new();
+    for b in &cmd {
+        r.push_str(&c.send_bytes(&[*b]));
+    }
+    assert!(
+        r.ends_with("f OK [APPENDUID 1 2] APPEND completed\r\n"),
+        "{r}"
+    );
+    let r = c.send("g FETCH 2 BODY.PEEK[]\r\n");
+    assert!(
+        r.contains("Subject: plain\r\n\r\nno binary here\r\n)"),
+        "{r}"
+    );
+
+    // NUL outside a `binary` part cannot be stored.
+    let nul = b"Subject: nul\r\n\r\na\0b\r\n";
+    cmd = format!("h APPEND INBOX ~{{{}+}}\r\n", nul.len()).into_bytes();
+    cmd.extend_from_slice(nul);
+    cmd.extend_from_slice(b"\r\n");
+    let r = c.send_bytes(&cmd);
+    assert!(
+        r.starts_with("* 3 EXISTS\r\n") || r.starts_with("h NO"),
+        "{r}"
+    );
+    assert!(
+        r.ends_with("h NO [UNKNOWN-CTE] Message contains NUL octets\r\n"),
+        "{r}"
+    );
+    // Limits: empty, too large, missing mailbox.
+    let r = c.send("i APPEND INBOX ~{0}\r\nj NOOP\r\n");
+    assert_eq!(
+        r,
+        "i NO Can't save a zero byte message\r\nj OK NOOP completed\r\n"
+    );
+    let r = c.send("k APPEND INBOX ~{1001}\r\nl NOOP\r\n");
+    assert_eq!(
+        r,
+        "k NO [TOOBIG] Literal too large\r\nl OK NOOP completed\r\n"
+    );
+    let r = c.send("m APPEND Nope ~{3+}\r\nabc\r\n");
+    assert_eq!(r, "m NO [TRYCREATE] No such mailbox\r\n");
+    // literal8 only for the message of APPEND.
+    let r = c.send("n APPEND INBOX ~ {3+}\r\nabc\r\no NOOP\r\n");
+    assert!(
+        r.starts_with("n BAD") && r.ends_with("o OK NOOP completed\r\n"),
+        "{r}"
+    );
+    let r = c.send("p SEARCH SUBJECT ~{3+}\r\nabc\r\nq NOOP\r\n");
+    assert!(
+        r.starts_with("p BAD") && r.ends_with("q OK NOOP completed\r\n"),
+        "{r}"
+    );
+    // A literal whose octets end like an announcement is still just octets.
+    let tricky = b"Subject: t\r\n\r\nends in {5}";
+    cmd = format!("r APPEND INBOX ~{{{}+}}\r\n", tricky.len()).into_bytes();
+    cmd.extend_from_slice(tricky);
+    cmd.extend_from_slice(b"\r\ns NOOP\r\n");
+    let r = c.send_bytes(&cmd);
+    assert!(
+        r.contains("r OK [APPENDUID 1 3] APPEND completed\r\ns OK NOOP completed\r\n"),
         "{r}"
     );
 }

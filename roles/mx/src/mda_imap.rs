@@ -459,7 +459,8 @@ impl MailStore for MaildirStore {
             unseen: s.unseen,
             deleted: s.deleted,
             highestmodseq: s.highestmodseq,
-            size: s.size,
+            // At least the sum of the RFC822.SIZEs (RFC 9051 6.3.11).
+            size: s.vsize,
         })
     }
 

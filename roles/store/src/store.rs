@@ -162,8 +162,11 @@ pub struct Status {
     pub deleted: u32,
     /// The highest MODSEQ (CONDSTORE).
     pub highestmodseq: u64,
-    /// Sum of the message sizes in bytes.
+    /// Sum of the message sizes in bytes, as stored.
     pub size: u64,
+    /// Sum of the messages' sizes with CRLF line ends (their RFC822.SIZE): what IMAP's
+    /// STATUS SIZE reports.
+    pub vsize: u64,
 }
 
 /// The result of a delivery.
@@ -518,6 +521,7 @@ impl UserStore {
                 .count() as u32,
             highestmodseq: st.highestmodseq,
             size: st.records.iter().map(|r| r.size).sum(),
+            vsize: st.records.iter().map(|r| r.vsize).sum(),
         })
     }
 

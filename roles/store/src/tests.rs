@@ -445,6 +445,8 @@ fn deliver_open_read_status() {
         (2, 2, 2, 3)
     );
     assert_eq!(st.size, (msg(1).len() + msg(2).len()) as u64);
+    assert_eq!(st.vsize, st.size);
+    assert_eq!(st.deleted, 0);
     let mb = u.open("inbox").unwrap();
     assert_eq!(uids(&mb), vec![1, 2]);
     assert!(mb.messages().iter().all(|m| m.recent && m.flags.is_empty()));
@@ -783,6 +785,10 @@ fn dovecot_maildir_is_adopted_with_its_uids() {
         vec![Flag::Seen, Flag::Keyword("Important".into())]
     );
     assert_eq!(mb.read(50).unwrap(), b"three\n");
+    // The sizes STATUS reports: as stored, and the RFC822.SIZEs (W= where the name has it).
+    let st = u.status("INBOX").unwrap();
+    assert_eq!((st.size, st.vsize), (16, 17));
+    assert_eq!(st.vsize, mb.messages().iter().map(|m| m.vsize).sum::<u64>());
     let ul = fs::read_to_string(md.join("dovecot-uidlist")).unwrap();
     assert!(ul.starts_with("3 V1600000000 N51 G0123456789abcdef0123456789abcdef\n"));
     assert!(ul.contains("\n50 :1700000002.M1P1.old\n"));
@@ -927,6 +933,7 @@ fn expunge_removes_only_deleted_and_respects_uid_set() {
     let mut mb = u.open("INBOX").unwrap();
     mb.store_flags(&[1, 2, 4], FlagOp::Add, &[Flag::Deleted], None)
         .unwrap();
+    assert_eq!(u.status("INBOX").unwrap().deleted, 3);
     assert_eq!(
         mb.expunge(Some(&[2, 3])).unwrap(),
         vec![Expunged { seq: 2, uid: 2 }]
