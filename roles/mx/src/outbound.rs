@@ -441,7 +441,14 @@ async fn deliver_message(out: &Outbound, claim: Claim) {
     let attempts = groups
         .iter()
         .map(|(domain, rcpts)| deliver_domain(out, &env, domain, rcpts, &prefix));
-    for r in futures_util::future::join_all(attempts).await {
+    // The next hop that answered each recipient, for the delivery log.
+    let mut relays: HashMap<String, String> = HashMap::new();
+    for (r, relay) in futures_util::future::join_all(attempts).await {
+        if let Some(relay) = relay {
+            for (address, _) in &r {
+                relays.insert(address.clone(), relay.clone());
+            }
+        }
         results.extend(r);
     }
     let (mut ok, mut deferred, mut failed) = (0u64, 0u64, 0u64);
@@ -458,7 +465,10 @@ async fn deliver_message(out: &Outbound, claim: Claim) {
         .await
     {
         Ok(summary) => {
-            info!(%id, delivered = summary.delivered, deferred = summary.deferred, failed = summary.failed, bounce = ?summary.bounce.map(|b| b.to_string()), "delivery attempt");
+            crate::relay::log_recipients(&id, "out", env.received_at, &summary, |a| {
+                relays.get(a).map(String::as_str)
+            });
+            debug!(%id, delivered = summary.delivered, deferred = summary.deferred, failed = summary.failed, bounce = ?summary.bounce.map(|b| b.to_string()), "delivery attempt");
         }
         Err(e) => warn!(%id, error = %e, "cannot record the delivery attempt"),
     }
@@ -593,13 +603,15 @@ async fn plan(out: &Outbound, domain: &str) -> Result<(Vec<MxHost>, bool), Resul
     Ok((hosts, enforce))
 }
 
+/// One domain's recipients of a message: their outcomes, and the next hop that gave them
+/// (`host[ip]:port`, for the delivery log; `None` when no session was had).
 async fn deliver_domain(
     out: &Outbound,
     env: &QEnvelope,
     domain: &str,
     rcpts: &[&RecipientState],
     prefix: &Prefix,
-) -> Vec<(String, QOutcome)> {
+) -> (Vec<(String, QOutcome)>, Option<String>) {
     let signed = || prefix.get(&out.signing, env);
     let temp = |reply: String| {
         all(rcpts, || QOutcome::TempFail {
@@ -608,7 +620,7 @@ async fn deliver_domain(
     };
     let dest = out.destination_permit(domain);
     let Ok(_permit) = dest.acquire().await else {
-        return temp("451 4.3.0 shutting down".into());
+        return (temp("451 4.3.0 shutting down".into()), None);
     };
     // A cached connection to this domain first (a stale one fails fast; then a fresh one).
     if let Some(mut c) = out.take_cached(domain) {
@@ -624,26 +636,30 @@ async fn deliver_domain(
                 c.quit().await;
             }
             Ok(r) => {
+                let relay = c.label();
                 out.took_mail(domain);
                 out.put_back(domain, c);
-                return r;
+                return (r, Some(relay));
             }
             Err(_) => {}
         }
     }
+    // The smart hosts: fixed next hops.
     if let Some(hops) = &out.smart_host {
-        return deliver_smart_host(out, hops, env, domain, rcpts, prefix).await;
+        return deliver_hops(out, hops, "smart host", env, domain, rcpts, prefix).await;
     }
     let (hosts, enforce) = match plan(out, domain).await {
         Ok(p) => p,
-        Err(Ok(temp_reply)) => return temp(temp_reply),
+        Err(Ok(temp_reply)) => return (temp(temp_reply), None),
         Err(Err(perm_reply)) => {
-            return all(rcpts, || QOutcome::PermFail {
+            let r = all(rcpts, || QOutcome::PermFail {
                 reply: perm_reply.clone(),
             });
+            return (r, None);
         }
     };
     let mut last_error = format!("451 4.4.1 {domain}: no MX host could be reached");
+    let mut last_relay = None;
     let (mut tried, mut looped) = (0usize, 0usize);
     for host in &hosts {
         let addrs: Vec<IpAddr> = match host.literal {
@@ -670,6 +686,12 @@ async fn deliver_domain(
                 warn!(%domain, host = %host.name, %addr, "MX host is this MTA: mail loops back to myself");
                 continue;
             }
+            // A domain literal is logged as its address, as Postfix does.
+            let shown = match host.literal {
+                Some(ip) => ip.to_string(),
+                None => host.name.clone(),
+            };
+            last_relay = Some(crate::relay::relay_label(&shown, addr));
             let mut c = match open(out, addr, &host.name, enforce).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -679,6 +701,7 @@ async fn deliver_domain(
                     continue;
                 }
             };
+            c.host = shown;
             let prefix = signed().await;
             match transaction(&out.spool, &mut c, env, rcpts, prefix).await {
                 Ok(r)
@@ -692,9 +715,10 @@ async fn deliver_domain(
                     c.quit().await;
                 }
                 Ok(r) => {
+                    let relay = c.label();
                     out.took_mail(domain);
                     out.put_back(domain, c);
-                    return r;
+                    return (r, Some(relay));
                 }
                 Err(e) => {
                     debug!(%domain, host = %host.name, %addr, error = %e, "transaction failed; next address");
@@ -706,25 +730,27 @@ async fn deliver_domain(
     if tried > 0 && looped == tried {
         out.stats.loops.fetch_add(1, Ordering::Relaxed);
         let reply = format!("554 5.4.6 mail for {domain} loops back to myself");
-        return all(rcpts, || QOutcome::PermFail {
+        let r = all(rcpts, || QOutcome::PermFail {
             reply: reply.clone(),
         });
+        return (r, None);
     }
     out.unreachable(domain);
-    temp(last_error)
+    (temp(last_error), last_relay)
 }
 
-/// Delivery through the smart hosts: a session with one of them (each in turn from a rotating
-/// start, passing over one that cannot be reached or refuses STARTTLS or AUTH), then its answer
-/// to the transaction, whatever it is.
-async fn deliver_smart_host(
+/// Delivery through fixed next hops (a domain's transport, or the smart hosts): a session with
+/// one of them (each in turn from a rotating start, passing over one that cannot be reached or
+/// refuses STARTTLS or AUTH), then its answer to the transaction, whatever it is.
+async fn deliver_hops(
     out: &Outbound,
     hops: &Hops,
+    what: &str,
     env: &QEnvelope,
     domain: &str,
     rcpts: &[&RecipientState],
     prefix: &Prefix,
-) -> Vec<(String, QOutcome)> {
+) -> (Vec<(String, QOutcome)>, Option<String>) {
     let temp = |reply: String| {
         all(rcpts, || QOutcome::TempFail {
             reply: reply.clone(),
@@ -732,20 +758,21 @@ async fn deliver_smart_host(
     };
     out.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
     let failovers = &out.stats.relay.relay_failovers;
-    let mut c = match open_any(hops, "smart host", out.cfg.connect_timeout, failovers).await {
+    let mut c = match open_any(hops, what, out.cfg.connect_timeout, failovers).await {
         Ok(c) => c,
         Err(e) => {
             out.stats
                 .connect_failures
                 .fetch_add(e.0.len() as u64, Ordering::Relaxed);
-            warn!(id = %env.id, next_hop = %hops.addrs(), security = %hops.describe(), error = %e, "cannot open a session to the smart host; mail stays queued");
+            warn!(id = %env.id, %domain, route = what, next_hop = %hops.addrs(), security = %hops.describe(), error = %e, "cannot open a session to the next hop; mail stays queued");
             out.unreachable(domain);
-            return temp(format!("451 4.4.1 {e}"));
+            return (temp(format!("451 4.4.1 {e}")), None);
         }
     };
     if c.client.is_tls() {
         out.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
     }
+    let relay = c.label();
     // Signed only now that a session is ready to take the message.
     let prefix = prefix.get(&out.signing, env).await;
     match transaction(&out.spool, &mut c, env, rcpts, prefix).await {
@@ -758,11 +785,11 @@ async fn deliver_smart_host(
                 out.took_mail(domain);
                 out.put_back(domain, c);
             }
-            r
+            (r, Some(relay))
         }
         Err(e) => {
-            debug!(%domain, next_hop = %c.peer, error = %e, "transaction with the smart host failed");
-            temp(format!("451 4.4.2 [{}]: {e}", c.peer))
+            debug!(%domain, route = what, next_hop = %c.peer, error = %e, "transaction with the next hop failed");
+            (temp(format!("451 4.4.2 [{}]: {e}", c.peer)), Some(relay))
         }
     }
 }
