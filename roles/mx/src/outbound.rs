@@ -146,6 +146,8 @@ pub struct Outbound {
     tls_verified: tokio_rustls::TlsConnector,
     /// The smart hosts (`relay`) with their TLS policy and credentials.
     smart_host: Option<Hops>,
+    /// Per-domain next hops (`transport`), before MX lookups and smart hosts.
+    transport: HashMap<String, Hops>,
     cache: Mutex<HashMap<String, Vec<(Conn, Instant)>>>,
     per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// When each destination last took a transaction (for signing ahead).
@@ -201,6 +203,21 @@ impl Outbound {
                 &cfg.relay_security,
             )?)
         };
+        // Opportunistic STARTTLS, no AUTH: our own MX (or another hop of ours) takes mail for
+        // its domains from anyone.
+        let transport = cfg
+            .transport
+            .iter()
+            .map(|(domain, addrs)| {
+                let hops = Hops::new(
+                    addrs,
+                    &cfg.hostname,
+                    false,
+                    &crate::hop::HopSecurity::level(crate::hop::TlsLevel::May),
+                )?;
+                Ok((domain.clone(), hops))
+            })
+            .collect::<Result<HashMap<_, _>, crate::MxError>>()?;
         let (out_spool, out_stats) = (spool.clone(), Arc::clone(&stats));
         Ok(Outbound {
             cfg,
@@ -212,6 +229,7 @@ impl Outbound {
             tls_any: tokio_rustls::TlsConnector::from(crate::sts::tls_opportunistic()),
             tls_verified: tokio_rustls::TlsConnector::from(tls_verified),
             smart_host,
+            transport,
             cache: Mutex::new(HashMap::new()),
             per_destination: Mutex::new(HashMap::new()),
             took_mail: Mutex::new(HashMap::new()),
@@ -644,7 +662,10 @@ async fn deliver_domain(
             Err(_) => {}
         }
     }
-    // The smart hosts: fixed next hops.
+    // A transport for the domain (our own, say), then the smart hosts: fixed next hops.
+    if let Some(hops) = out.transport.get(domain) {
+        return deliver_hops(out, hops, "transport", env, domain, rcpts, prefix).await;
+    }
     if let Some(hops) = &out.smart_host {
         return deliver_hops(out, hops, "smart host", env, domain, rcpts, prefix).await;
     }
