@@ -1257,3 +1257,31 @@ print('ok')
         "{msa_log}"
     );
 }
+
+/// Recipients in our own domains must exist (Postfix's smtpd_reject_unlisted_recipient): an
+/// unknown one gets 550 5.1.1 at RCPT; accounts, aliases, details (user+detail@) and
+/// postmaster pass, and so does any address elsewhere.
+#[test]
+fn unknown_local_recipients_are_refused_at_rcpt() {
+    let sink = Sink::start();
+    let msa = Msa::start(None, sink.addr, &[]);
+    let (ok, out) = python(
+        msa.addr,
+        r#"
+s=smtplib.SMTP(HOST, PORT, timeout=20); s.starttls(context=ctx); s.login('alice@example.test', PW)
+r = s.docmd('MAIL FROM:<alice@example.test>'); assert r[0] == 250, r
+for a in ['nobody@example.test', 'NoBody@EXAMPLE.test', 'nobody+x@example.test']:
+    r = s.docmd('RCPT TO:<%s>' % a); assert r[0] == 550 and b'5.1.1' in r[1], (a, r)
+for a in ['bob@example.test', 'Bob@Example.Test', 'sales@example.test', 'bob+lists@example.test', 'postmaster@example.test', 'anyone@example.org']:
+    r = s.docmd('RCPT TO:<%s>' % a); assert r[0] == 250, (a, r)
+s.docmd('RSET')
+refused = s.sendmail('alice@example.test', ['bob@example.test', 'ghost@example.test'], 'From: alice@example.test\r\nSubject: x\r\n\r\nto bob\r\n')
+assert list(refused) == ['ghost@example.test'] and refused['ghost@example.test'][0] == 550, refused
+s.quit()
+print('ok')
+"#,
+    );
+    assert!(ok && out.contains("ok"), "{out}");
+    let msgs = sink.wait(1);
+    assert!(msgs[0].contains("to bob"), "{msgs:?}");
+}

@@ -55,6 +55,7 @@ pub struct MsaStats {
     pub refused_rate: AtomicU64,
     pub refused_proxy: AtomicU64,
     pub refused_connections: AtomicU64,
+    pub refused_recipient: AtomicU64,
     pub messages_accepted: AtomicU64,
     /// Delivery counters, shared with the relay.
     pub relay: Arc<MxStats>,
@@ -90,6 +91,7 @@ impl Metrics for MsaStats {
             ("rate", &self.refused_rate),
             ("proxy", &self.refused_proxy),
             ("connections", &self.refused_connections),
+            ("unknown_recipient", &self.refused_recipient),
         ] {
             let _ = writeln!(out, "ringmail_msa_refused_total{{reason=\"{r}\"}} {}", g(c));
         }
@@ -878,12 +880,40 @@ async fn on_rcpt(server: &mut Server, ctx: &mut Ctx<'_>, rcpt: &Mailbox, params:
         server.reject(Reply::new(530, "5.7.0", "Authentication required"));
         return;
     }
+    if ctx.txn.is_none() {
+        server.reject(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+        return;
+    }
     let local = match rcpt.domain() {
-        Domain::Name(d) => ctx.msa.accounts.is_local_domain(d).await.unwrap_or(false),
+        Domain::Name(d) => match ctx.msa.accounts.is_local_domain(d).await {
+            Ok(local) => local,
+            Err(e) => {
+                warn!(error = %e, "account store lookup failed");
+                server.reject(Reply::new(
+                    451,
+                    "4.3.0",
+                    "Recipient address rejected: temporary lookup failure",
+                ));
+                return;
+            }
+        },
         _ => false,
     };
+    // A recipient in one of our domains must exist (Postfix's
+    // smtpd_reject_unlisted_recipient): refused now rather than bounced later.
+    if local && let Err(reply) = crate::session::known_recipient(&ctx.msa.accounts, rcpt).await {
+        if reply.code() >= 500 {
+            inc(&ctx.msa.stats.refused_recipient);
+        }
+        let user = ctx
+            .account
+            .as_ref()
+            .map_or(String::new(), |a| printable(&a.address));
+        info!(client = %ctx.client.ip(), user = %user, rcpt = %printable(rcpt.raw()), code = reply.code(), "refused: recipient");
+        server.reject(reply);
+        return;
+    }
     let Some(txn) = ctx.txn.as_mut() else {
-        server.reject(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         return;
     };
     txn.all_local &= local;
