@@ -621,6 +621,23 @@ async fn plan(out: &Outbound, domain: &str) -> Result<(Vec<MxHost>, bool), Resul
     Ok((hosts, enforce))
 }
 
+/// The reply for a domain none of whose hosts has an address (every lookup answered, none
+/// with an A or AAAA record): permanent, as with Postfix, since RFC 5321 section 5.1 makes a
+/// domain with neither MX nor address records an error. Lookups that failed temporarily never
+/// come here.
+fn no_address_reply(domain: &str, hosts: &[MxHost]) -> String {
+    match hosts {
+        [h] if h.implicit => {
+            format!("550 5.4.4 {domain}: no MX and no address record (A or AAAA) for the domain")
+        }
+        [h] => format!(
+            "550 5.4.4 {domain}: MX host {} has no address record",
+            h.name
+        ),
+        _ => format!("550 5.4.4 {domain}: no MX host has an address record"),
+    }
+}
+
 /// One domain's recipients of a message: their outcomes, and the next hop that gave them
 /// (`host[ip]:port`, for the delivery log; `None` when no session was had).
 async fn deliver_domain(
@@ -681,13 +698,14 @@ async fn deliver_domain(
     };
     let mut last_error = format!("451 4.4.1 {domain}: no MX host could be reached");
     let mut last_relay = None;
-    let (mut tried, mut looped) = (0usize, 0usize);
+    let (mut tried, mut looped, mut addressless) = (0usize, 0usize, 0usize);
     for host in &hosts {
         let addrs: Vec<IpAddr> = match host.literal {
             Some(ip) => vec![ip],
             None => match out.resolver.addresses(&host.name).await {
                 Ok(a) if !a.is_empty() => a,
-                Ok(_) => {
+                Ok(_) | Err(ResolveError::Permanent { .. }) => {
+                    addressless += 1;
                     last_error = format!("451 4.4.4 {}: host has no address", host.name);
                     continue;
                 }
@@ -751,6 +769,13 @@ async fn deliver_domain(
     if tried > 0 && looped == tried {
         out.stats.loops.fetch_add(1, Ordering::Relaxed);
         let reply = format!("554 5.4.6 mail for {domain} loops back to myself");
+        let r = all(rcpts, || QOutcome::PermFail {
+            reply: reply.clone(),
+        });
+        return (r, None);
+    }
+    if !hosts.is_empty() && addressless == hosts.len() {
+        let reply = no_address_reply(domain, &hosts);
         let r = all(rcpts, || QOutcome::PermFail {
             reply: reply.clone(),
         });
@@ -870,6 +895,29 @@ async fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_domain_without_any_address_is_a_permanent_failure() {
+        let host = |name: &str, implicit| MxHost {
+            name: name.into(),
+            preference: 10,
+            implicit,
+            literal: None,
+        };
+        let r = no_address_reply("noaddr.test", &[host("noaddr.test", true)]);
+        assert!(
+            r.starts_with("550 5.4.4 noaddr.test: no MX and no address"),
+            "{r}"
+        );
+        assert_eq!(ringmail_queue::dsn_status(&r, "4.0.0"), "5.4.4");
+        let r = no_address_reply("x.test", &[host("mx.x.test", false)]);
+        assert!(r.starts_with("550 5.4.4 x.test: MX host mx.x.test"), "{r}");
+        let r = no_address_reply(
+            "x.test",
+            &[host("a.x.test", false), host("b.x.test", false)],
+        );
+        assert!(r.starts_with("550 5.4.4 x.test: no MX host has"), "{r}");
+    }
 
     #[test]
     fn domains_of_addresses() {
