@@ -217,6 +217,25 @@ fn up_starts_the_mx_the_msa_the_mta_and_the_lb_and_its_try_lines_work() {
             text.contains("(Authenticated sender: alice@example.test)"),
             "{text}"
         );
+        // An address literal: the MTA connects to that address, no MX lookup (RFC 5321
+        // section 4.1.3).
+        let lit_line = line.replace("bob@example.test", "carol@[127.0.0.5]");
+        let (status, out) = run_bounded(
+            Command::new("sh").arg("-c").arg(&lit_line),
+            Duration::from_secs(30),
+        );
+        assert!(status.success(), "{lit_line}\n{out}");
+        assert!(
+            wait_for(Duration::from_secs(60), || sink
+                .last
+                .lock()
+                .unwrap()
+                .contains("for <carol@[127.0.0.5]>")
+                .then_some(()))
+            .is_some(),
+            "nothing reached [127.0.0.5]:\n{}",
+            up.log_text()
+        );
         // A recipient that bounces (no such domain): the DSN reaches alice's INBOX through the
         // MTA's transport to up's MX, though the resolver knows nothing of example.test.
         let bounce_line = line.replace("bob@example.test", "nobody@nowhere.remote.test");

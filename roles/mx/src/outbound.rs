@@ -840,6 +840,21 @@ async fn deliver_hops(
     }
 }
 
+/// The name a remote's certificate is asked for: the address of a domain literal
+/// (`[192.0.2.1]`, `[IPv6:2001:db8::1]`, RFC 5321 section 4.1.3) or of an IP address, else the
+/// host name.
+fn tls_name(host: &str) -> Result<rustls::pki_types::ServerName<'static>, String> {
+    let literal = host
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| crate::resolve::parse_domain_literal(host).and_then(Result::ok));
+    match literal {
+        Some(ip) => Ok(rustls::pki_types::ServerName::IpAddress(ip.into())),
+        None => rustls::pki_types::ServerName::try_from(host.trim_end_matches('.').to_string())
+            .map_err(|e| format!("{host}: {e}")),
+    }
+}
+
 /// Opens a session with opportunistic STARTTLS (RFC 7435: any certificate; a failed
 /// handshake is retried once in plaintext), or with verified TLS required (MTA-STS enforce).
 async fn open(
@@ -848,11 +863,7 @@ async fn open(
     host: &str,
     enforce: bool,
 ) -> Result<Conn, ConnError> {
-    let name = match host.parse::<IpAddr>() {
-        Ok(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
-        Err(_) => rustls::pki_types::ServerName::try_from(host.trim_end_matches('.').to_string())
-            .map_err(|e| format!("{host}: {e}"))?,
-    };
+    let name = tls_name(host)?;
     let policy = if enforce {
         StartTlsPolicy::Required
     } else {
@@ -917,6 +928,36 @@ mod tests {
             &[host("a.x.test", false), host("b.x.test", false)],
         );
         assert!(r.starts_with("550 5.4.4 x.test: no MX host has"), "{r}");
+    }
+
+    #[test]
+    fn address_literals_are_connected_to_by_address() {
+        use rustls::pki_types::ServerName;
+        let ip = |s: &str| ServerName::IpAddress(s.parse::<IpAddr>().unwrap().into());
+        assert_eq!(tls_name("[192.0.2.1]").unwrap(), ip("192.0.2.1"));
+        assert_eq!(tls_name("[IPv6:2001:db8::1]").unwrap(), ip("2001:db8::1"));
+        assert_eq!(tls_name("[ipv6:2001:DB8::1]").unwrap(), ip("2001:db8::1"));
+        assert_eq!(tls_name("192.0.2.1").unwrap(), ip("192.0.2.1"));
+        assert_eq!(
+            tls_name("mx.example.org.").unwrap(),
+            ServerName::try_from("mx.example.org").unwrap()
+        );
+        assert!(tls_name("[192.0.2.300]").is_err());
+        // The literal is the one host to try: no DNS, no MTA-STS.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let resolver =
+            MxResolver::new(Some("127.0.0.1:9".parse().unwrap()), Duration::from_secs(1)).unwrap();
+        for (domain, want) in [
+            ("[192.0.2.1]", "192.0.2.1"),
+            ("[ipv6:2001:db8::1]", "2001:db8::1"),
+        ] {
+            let hosts = rt.block_on(resolver.mx_hosts(domain)).unwrap();
+            assert_eq!(hosts.len(), 1);
+            assert_eq!(hosts[0].literal, Some(want.parse().unwrap()), "{domain}");
+        }
     }
 
     #[test]
