@@ -161,7 +161,7 @@ pub fn cmd_mta(args: MtaArgs) -> Result<ExitCode> {
         let transports: String = cfg
             .transport
             .iter()
-            .map(|(domain, hops)| format!("{domain} to {}, ", crate::mx::addr_list(hops)))
+            .map(|(domain, hops)| format!("{domain} to {}; ", crate::mx::addr_list(hops)))
             .collect();
         println!(
             "{}: ok ({} listeners, {} DKIM keys, {transports}{})",

@@ -900,6 +900,27 @@ fn untrusted_clients_are_refused_and_bad_configs_are_reported() {
     assert_eq!(code, Some(2), "{out}");
     let err = out;
     assert!(err.contains("/nonexistent/s1.key"), "{err}");
+    // Transports: checked with file and line, and listed when good.
+    let (code, out) = check_config(
+        &dir,
+        "mta",
+        "[mta]\nhostname = \"mta.example.test\"\nlisten = [\"127.0.0.1:25\"]\nspool = \"/tmp/x\"\ntransport = { \"example.test\" = \"10.0.0.10\" }\n",
+    );
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("mta.toml:5:") && out.contains("mta.transport.example.test"),
+        "{out}"
+    );
+    let (code, out) = check_config(
+        &dir,
+        "mta",
+        "[mta]\nhostname = \"mta.example.test\"\nlisten = [\"127.0.0.1:25\"]\nspool = \"/tmp/x\"\ntransport = { \"Example.Test\" = [\"10.0.0.10:25\", \"10.0.0.11:25\"] }\n",
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("example.test to 10.0.0.10:25, 10.0.0.11:25; other domains by MX lookups"),
+        "{out}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
