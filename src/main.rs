@@ -620,6 +620,11 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
     mta_cfg.dkim = vec![dkim];
     mta_cfg.retry_min = Duration::from_secs(60);
     mta_cfg.retry_max = Duration::from_secs(900);
+    // Mail for our own domain (bounces to local senders among it) goes to our MX, never by an
+    // MX lookup: the domain may be a made-up one (example.test) no resolver knows.
+    mta_cfg
+        .transport
+        .insert(args.domain.to_ascii_lowercase(), vec![args.mx_listen]);
     let mta_server = mta::start(mta_cfg)?;
 
     // The MSA: mail for our domain goes to the MX, everything else to the MTA.
@@ -709,7 +714,7 @@ fn cmd_up(args: UpArgs) -> Result<ExitCode> {
              \n  started  IMAP            {imapl} (STARTTLS), {imapsl} (implicit TLS); through the LB at {lbi}\
              \n  started  MSA             {msal} (STARTTLS), {msat} (implicit TLS), admin http://{msa_admin}/metrics\
              \n           login {user} / {UP_PASSWORD}; @{domain} goes to the MX at {mxl}, the rest to the MTA\
-             \n  started  MTA             {mtal}  delivers to the recipients' MX hosts, spool {mta_spool}, admin http://{mta_admin}/metrics\
+             \n  started  MTA             {mtal}  delivers to the recipients' MX hosts (@{domain}, bounces too: to the MX at {mxl}), spool {mta_spool}, admin http://{mta_admin}/metrics\
              \n           DKIM-signs mail from @{domain}; publish: {dkim_record}\
              \n  started  load balancer   {listen} -> [{list}]  (PROXY v2, engine: {engine})\
              \n  started  admin listener  http://{admin}/metrics\

@@ -15,7 +15,7 @@ use ringmail_mx::mta_config::{self, MtaConfig};
 #[derive(Args)]
 pub struct MtaArgs {
     /// TOML configuration file with [mta]. Without it, quick mode.
-    #[arg(long, conflicts_with_all = ["listen", "spool", "relay", "resolver", "dkim", "relay_tls", "relay_ca", "relay_tls_name", "relay_tls_no_verify", "relay_auth_user", "relay_password_file"])]
+    #[arg(long, conflicts_with_all = ["listen", "spool", "relay", "transport", "resolver", "dkim", "relay_tls", "relay_ca", "relay_tls_name", "relay_tls_no_verify", "relay_auth_user", "relay_password_file"])]
     config: Option<PathBuf>,
     /// Validate the configuration and exit.
     #[arg(long, requires = "config")]
@@ -30,6 +30,11 @@ pub struct MtaArgs {
     /// Repeatable: a new connection tries each in turn from a rotating start.
     #[arg(long, conflicts_with = "resolver")]
     relay: Vec<SocketAddr>,
+    /// Quick mode: mail for DOMAIN goes to IP:PORT, no MX lookup, ahead of --relay (e.g. our
+    /// own domain to our MX: example.com=10.0.0.10:25). Repeatable; a domain named again gets
+    /// further next hops, tried in turn.
+    #[arg(long, value_parser = parse_transport)]
+    transport: Vec<(String, SocketAddr)>,
     /// Quick mode: the DNS server for MX, A/AAAA and MTA-STS lookups (default: resolv.conf).
     #[arg(long)]
     resolver: Option<SocketAddr>,
@@ -78,6 +83,18 @@ fn parse_dkim(s: &str) -> Result<DkimKeySpec, String> {
     }
 }
 
+fn parse_transport(s: &str) -> Result<(String, SocketAddr), String> {
+    let (domain, hop) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not DOMAIN=IP:PORT"))?;
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    if !valid_domain(&domain) {
+        return Err(format!("{domain:?} is not a domain name"));
+    }
+    let addr = hop.parse().map_err(|_| format!("{hop:?} is not IP:PORT"))?;
+    Ok((domain, addr))
+}
+
 pub fn cmd_mta(args: MtaArgs) -> Result<ExitCode> {
     let cfg = match &args.config {
         Some(path) => match mta_config::load_file(path) {
@@ -105,6 +122,13 @@ pub fn cmd_mta(args: MtaArgs) -> Result<ExitCode> {
             } else {
                 crate::mx::hop_list(&args.relay, "--relay")?
             };
+            for (domain, addr) in &args.transport {
+                let hops = c.transport.entry(domain.clone()).or_default();
+                if hops.contains(addr) {
+                    bail!("--transport {domain}={addr} is given twice");
+                }
+                hops.push(*addr);
+            }
             c.relay_security = args.hop.security(HopSecurity::level(TlsLevel::May))?;
             if c.relay.is_empty() && c.relay_security != HopSecurity::level(TlsLevel::May) {
                 bail!("--relay-tls and --relay-auth-user apply to the smart host: set --relay");
@@ -134,22 +158,32 @@ pub fn cmd_mta(args: MtaArgs) -> Result<ExitCode> {
             eprintln!("{e}");
             return Ok(ExitCode::from(2));
         }
+        let transports: String = cfg
+            .transport
+            .iter()
+            .map(|(domain, hops)| format!("{domain} to {}; ", crate::mx::addr_list(hops)))
+            .collect();
         println!(
-            "{}: ok ({} listeners, {} DKIM keys, {})",
+            "{}: ok ({} listeners, {} DKIM keys, {transports}{})",
             args.config
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             cfg.listen.len(),
             cfg.dkim.len(),
-            if cfg.relay.is_empty() {
-                "MX lookups".to_string()
-            } else {
-                format!(
+            match (cfg.relay.is_empty(), cfg.transport.is_empty()) {
+                (true, true) => "MX lookups".to_string(),
+                (true, false) => "other domains by MX lookups".to_string(),
+                (false, true) => format!(
                     "everything to {} with {}",
                     crate::mx::addr_list(&cfg.relay),
                     cfg.relay_security.describe()
-                )
+                ),
+                (false, false) => format!(
+                    "other domains to {} with {}",
+                    crate::mx::addr_list(&cfg.relay),
+                    cfg.relay_security.describe()
+                ),
             }
         );
         return Ok(ExitCode::SUCCESS);

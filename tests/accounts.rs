@@ -221,7 +221,11 @@ fn mx_refuses_unknown_users_with_an_account_store() {
         "alias"
     );
     assert!(cmd("RCPT TO:<postmaster@example.test>").starts_with("250"));
+    // A detail (user+detail@, filed into a folder by the MDA) of a known user.
+    assert!(cmd("RCPT TO:<bob+lists@example.test>").starts_with("250"));
     let unknown = cmd("RCPT TO:<nobody@example.test>");
+    assert!(unknown.starts_with("550 5.1.1"), "{unknown}");
+    let unknown = cmd("RCPT TO:<nobody+x@example.test>");
     assert!(unknown.starts_with("550 5.1.1"), "{unknown}");
     let relay = cmd("RCPT TO:<bob@other.test>");
     assert!(relay.starts_with("550 5.7.1"), "{relay}");

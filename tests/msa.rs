@@ -623,13 +623,14 @@ def refused(s, mech, user, pw):
     raise SystemExit(f'{{mech}} login {{user!r}} accepted')
 def forged(s, env_from, hdr_from, what):
     try:
-        s.sendmail(env_from, ['rcpt@example.org'], f'From: {{hdr_from}}\r\nSubject: forged\r\n\r\nforged {{what}}\r\n')
+        s.sendmail(env_from, ['rcpt@example.net'], f'From: {{hdr_from}}\r\nSubject: forged\r\n\r\nforged {{what}}\r\n')
     except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as e:
         assert e.smtp_code == 553 and b'5.7.1' in e.smtp_error, (what, e)
         s.rset()
         return
     raise SystemExit(f'forged {{what}} accepted')
-# (port, mechanism, refused attempts before the good login). Unescaped in an LDAP filter,
+# The recipient is in no domain of any store (the LDAP fixture's include example.org, whose
+# unknown users the MSA refuses). (port, mechanism, refused attempts before the good login). Unescaped in an LDAP filter,
 # '*)(uid=*' would match every entry and 'alice@example.tes*' exactly the user's own.
 plan = [
     (PORT, 'PLAIN', [(USER, 'wrong-password'), ('*)(uid=*', PW)]),
@@ -650,7 +651,7 @@ for port, mech, bad in plan:
     r = s.docmd(f'MAIL FROM:<{{ALIAS}}>'); assert r[0] == 250, r
     s.rset()
     sender = ALIAS if mech == 'LOGIN' else USER
-    s.sendmail(sender, ['rcpt@example.org'], f'From: <{{sender}}>\r\nSubject: ok\r\n\r\nsent via {{port}} {{mech}}\r\n')
+    s.sendmail(sender, ['rcpt@example.net'], f'From: <{{sender}}>\r\nSubject: ok\r\n\r\nsent via {{port}} {{mech}}\r\n')
     s.quit()
 print('ok')
 "#,
@@ -1005,4 +1006,283 @@ fn postfix_submits_with_cyrus_scram_sha_256() {
     );
     thread::sleep(Duration::from_millis(500));
     assert_eq!(sink.msgs.lock().unwrap().len(), 1);
+}
+
+/// One transaction as a [`DsnSink`] saw it: the MAIL and accepted RCPT command lines, and the
+/// message.
+#[derive(Clone, Debug, Default)]
+struct SeenTxn {
+    mail: String,
+    rcpts: Vec<String>,
+    text: String,
+}
+
+/// An SMTP next hop that advertises DSN, keeps each transaction's command lines and text, and
+/// refuses the recipients in `refuse` with 550 5.1.1.
+struct DsnSink {
+    addr: SocketAddr,
+    txns: Arc<Mutex<Vec<SeenTxn>>>,
+}
+
+impl DsnSink {
+    fn start(refuse: &'static [&'static str]) -> DsnSink {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let txns: Arc<Mutex<Vec<SeenTxn>>> = Arc::default();
+        let t = Arc::clone(&txns);
+        thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let t = Arc::clone(&t);
+                thread::spawn(move || {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+                    let _ = dsn_sink_session(s, &t, refuse);
+                });
+            }
+        });
+        DsnSink { addr, txns }
+    }
+
+    fn find(&self, f: impl Fn(&SeenTxn) -> bool) -> Option<SeenTxn> {
+        self.txns.lock().unwrap().iter().find(|t| f(t)).cloned()
+    }
+
+    fn wait(&self, what: &str, f: impl Fn(&SeenTxn) -> bool) -> SeenTxn {
+        wait_for(Duration::from_secs(60), || self.find(&f))
+            .unwrap_or_else(|| panic!("{what}: not seen in {:#?}", self.txns.lock().unwrap()))
+    }
+}
+
+fn dsn_sink_session(
+    s: TcpStream,
+    txns: &Mutex<Vec<SeenTxn>>,
+    refuse: &[&str],
+) -> std::io::Result<()> {
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    w.write_all(b"220 dsn-sink.test ESMTP\r\n")?;
+    let mut txn = SeenTxn::default();
+    loop {
+        let mut line = String::new();
+        if r.by_ref().take(65536).read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let line = line.trim_end().to_string();
+        let up = line.to_ascii_uppercase();
+        if up.starts_with("EHLO") {
+            w.write_all(b"250-dsn-sink.test\r\n250-8BITMIME\r\n250-DSN\r\n250 PIPELINING\r\n")?;
+        } else if up.starts_with("MAIL FROM:") {
+            txn = SeenTxn {
+                mail: line,
+                ..SeenTxn::default()
+            };
+            w.write_all(b"250 2.1.0 Ok\r\n")?;
+        } else if up.starts_with("RCPT TO:") {
+            if refuse
+                .iter()
+                .any(|a| up.contains(&format!("<{}>", a.to_ascii_uppercase())))
+            {
+                w.write_all(b"550 5.1.1 no such user here\r\n")?;
+            } else {
+                txn.rcpts.push(line);
+                w.write_all(b"250 2.1.5 Ok\r\n")?;
+            }
+        } else if up == "DATA" {
+            if txn.rcpts.is_empty() {
+                w.write_all(b"554 5.5.1 no valid recipients\r\n")?;
+                continue;
+            }
+            w.write_all(b"354 go\r\n")?;
+            loop {
+                let mut l = String::new();
+                if r.read_line(&mut l)? == 0 {
+                    return Ok(());
+                }
+                if l == ".\r\n" {
+                    break;
+                }
+                txn.text.push_str(&l);
+            }
+            txns.lock().unwrap().push(std::mem::take(&mut txn));
+            w.write_all(b"250 2.0.0 Ok\r\n")?;
+        } else if up == "QUIT" {
+            w.write_all(b"221 Bye\r\n")?;
+            return Ok(());
+        } else {
+            txn = SeenTxn::default();
+            w.write_all(b"250 2.0.0 Ok\r\n")?;
+        }
+    }
+}
+
+/// RFC 3461 through the MSA: RET, ENVID, NOTIFY and ORCPT given at submission are queued with
+/// the message and relayed to the MTA, which honours them (NOTIFY=NEVER: no bounce; RET=HDRS:
+/// the headers only; ORCPT: Original-Recipient in the DSN) and hands them on to a remote that
+/// offers DSN. The MTA sends our own domain's mail (the bounces) to its transport, and logs a
+/// line per recipient (status=sent, status=bounced) and the double bounce it discards.
+#[test]
+fn dsn_parameters_travel_through_the_msa_and_the_mta() {
+    let remote = DsnSink::start(&["nobody@remote.test"]);
+    // Our own domain's MX: sales@ (an alias of alice) does not take the bounce.
+    let ours = DsnSink::start(&["sales@example.test"]);
+    let dir = TempDir::new("msa-dsn");
+    let mta_addr = free_addr();
+    let mta = ChildGuard::spawn(
+        "ringmail mta",
+        Command::new(RINGMAIL)
+            .env("RUST_LOG", "info")
+            .args(["mta", "--listen", &mta_addr.to_string()])
+            .arg("--spool")
+            .arg(dir.path().join("mta-spool"))
+            .args(["--hostname", "mta.example.test", "--no-mta-sts"])
+            .args(["--relay", &remote.addr.to_string()])
+            .args(["--transport", &format!("example.test={}", ours.addr)]),
+        dir.path().join("mta.log"),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(20), || {
+        TcpStream::connect(mta_addr).ok().map(|_| ())
+    })
+    .unwrap_or_else(|| panic!("mta did not start: {}", mta.log_text()));
+    let msa = Msa::start(None, mta_addr, &[]);
+    let (ok, out) = python(
+        msa.addr,
+        r#"
+s=smtplib.SMTP(HOST, PORT, timeout=20); s.starttls(context=ctx); s.login('alice@example.test', PW)
+def msg(subject): return ('From: alice@example.test\r\nSubject: ' + subject + '\r\n\r\nBODY-MARKER of ' + subject + '\r\n').encode()
+print(s.sendmail('alice@example.test', ['nobody@remote.test'], msg('never'), rcpt_options=['NOTIFY=NEVER']))
+print(s.sendmail('alice@example.test', ['nobody@remote.test'], msg('hdrs'), mail_options=['RET=HDRS', 'ENVID=env-hdrs'], rcpt_options=['NOTIFY=FAILURE', 'ORCPT=rfc822;orig@remote.test']))
+print(s.sendmail('alice@example.test', ['bob@remote.test'], msg('success'), mail_options=['RET=FULL', 'ENVID=env-ok'], rcpt_options=['NOTIFY=SUCCESS,DELAY', 'ORCPT=rfc822;Bob@Remote.Test']))
+print(s.sendmail('sales@example.test', ['nobody@remote.test'], msg('double')))
+s.quit()
+print('ok')
+"#,
+    );
+    assert!(ok && out.contains("ok"), "{out}");
+    let ctx = || {
+        format!(
+            "--- MTA log:\n{}\n--- MSA log:\n{}",
+            mta.log_text(),
+            std::fs::read_to_string(msa._dir.path().join("msa.log")).unwrap_or_default()
+        )
+    };
+    // The remote that offers DSN gets the parameters as submitted.
+    let ok = remote.wait("the message to bob", |t| {
+        t.text.contains("BODY-MARKER of success")
+    });
+    assert!(
+        ok.mail.contains("RET=FULL") && ok.mail.contains("ENVID=env-ok"),
+        "{ok:?}\n{}",
+        ctx()
+    );
+    assert_eq!(ok.rcpts.len(), 1, "{ok:?}");
+    assert!(
+        ok.rcpts[0].contains("NOTIFY=SUCCESS,DELAY")
+            && ok.rcpts[0].contains("ORCPT=rfc822;Bob@Remote.Test"),
+        "{ok:?}"
+    );
+    // RET=HDRS and ORCPT: a DSN with the headers only, naming the original recipient.
+    let dsn = ours.wait("the DSN of the hdrs message", |t| {
+        t.text.contains("Subject: hdrs")
+    });
+    assert!(dsn.mail.contains("MAIL FROM:<>"), "{dsn:?}");
+    assert!(dsn.rcpts[0].contains("<alice@example.test>"), "{dsn:?}");
+    let text = &dsn.text;
+    assert!(text.contains("Original-Envelope-Id: env-hdrs"), "{text}");
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@remote.test"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Original-Recipient: rfc822;orig@remote.test"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 5.1.1"), "{text}");
+    assert!(text.contains("text/rfc822-headers"), "{text}");
+    assert!(
+        !text.contains("BODY-MARKER"),
+        "RET=HDRS returns no body: {text}"
+    );
+    // The double bounce: the DSN to sales@ is refused, and discarded with a warning.
+    let log = wait_for(Duration::from_secs(60), || {
+        let log = mta.log_text();
+        log.contains("undeliverable bounce discarded")
+            .then_some(log)
+    })
+    .unwrap_or_else(|| panic!("no double-bounce warning\n{}", ctx()));
+    let warning = log
+        .lines()
+        .find(|l| l.contains("undeliverable bounce discarded"))
+        .unwrap();
+    assert!(
+        warning.contains("WARN")
+            && warning.contains("original_sender=sales@example.test")
+            && warning.contains("original_recipients=nobody@remote.test")
+            && warning.contains("550 5.1.1"),
+        "{warning}"
+    );
+    // NOTIFY=NEVER: no DSN at all (the other two bounces have arrived by now).
+    thread::sleep(Duration::from_secs(1));
+    assert!(
+        ours.find(|t| t.text.contains("Subject: never")).is_none(),
+        "a DSN despite NOTIFY=NEVER\n{}",
+        ctx()
+    );
+    // The delivery log: a line per recipient, Postfix-style.
+    let delivery = |status: &str, to: &str| {
+        log.lines().any(|l| {
+            l.contains(" INFO ")
+                && l.contains(&format!("to={to} "))
+                && l.contains(&format!("status={status} "))
+                && l.contains("relay=127.0.0.1[127.0.0.1]:")
+                && l.contains("dsn=")
+                && l.contains("delay=")
+        })
+    };
+    assert!(delivery("sent", "bob@remote.test"), "{log}");
+    assert!(delivery("bounced", "nobody@remote.test"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("status=bounced") && l.contains("dsn=5.1.1")),
+        "{log}"
+    );
+    // The MSA logs its hop to the MTA the same way.
+    let msa_log = std::fs::read_to_string(msa._dir.path().join("msa.log")).unwrap_or_default();
+    assert!(
+        msa_log.lines().any(|l| l.contains("status=sent")
+            && l.contains(&format!(
+                "relay={}[{}]:{}",
+                mta_addr.ip(),
+                mta_addr.ip(),
+                mta_addr.port()
+            ))),
+        "{msa_log}"
+    );
+}
+
+/// Recipients in our own domains must exist (Postfix's smtpd_reject_unlisted_recipient): an
+/// unknown one gets 550 5.1.1 at RCPT; accounts, aliases, details (user+detail@) and
+/// postmaster pass, and so does any address elsewhere.
+#[test]
+fn unknown_local_recipients_are_refused_at_rcpt() {
+    let sink = Sink::start();
+    let msa = Msa::start(None, sink.addr, &[]);
+    let (ok, out) = python(
+        msa.addr,
+        r#"
+s=smtplib.SMTP(HOST, PORT, timeout=20); s.starttls(context=ctx); s.login('alice@example.test', PW)
+r = s.docmd('MAIL FROM:<alice@example.test>'); assert r[0] == 250, r
+for a in ['nobody@example.test', 'NoBody@EXAMPLE.test', 'nobody+x@example.test']:
+    r = s.docmd('RCPT TO:<%s>' % a); assert r[0] == 550 and b'5.1.1' in r[1], (a, r)
+for a in ['bob@example.test', 'Bob@Example.Test', 'sales@example.test', 'bob+lists@example.test', 'postmaster@example.test', 'anyone@example.org']:
+    r = s.docmd('RCPT TO:<%s>' % a); assert r[0] == 250, (a, r)
+s.docmd('RSET')
+refused = s.sendmail('alice@example.test', ['bob@example.test', 'ghost@example.test'], 'From: alice@example.test\r\nSubject: x\r\n\r\nto bob\r\n')
+assert list(refused) == ['ghost@example.test'] and refused['ghost@example.test'][0] == 550, refused
+s.quit()
+print('ok')
+"#,
+    );
+    assert!(ok && out.contains("ok"), "{out}");
+    let msgs = sink.wait(1);
+    assert!(msgs[0].contains("to bob"), "{msgs:?}");
 }

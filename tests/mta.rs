@@ -391,6 +391,8 @@ fn mta_delivers_through_dns_to_postfix_with_dkim_retries_and_bounces() {
             .rr("mx2 A 127.0.0.3"),
         dnsfix::Zone::new("implicit.test").rr("@ A 127.0.0.3"),
         dnsfix::Zone::new("nullmx.test").rr("@ MX 0 ."),
+        // Neither MX nor A nor AAAA: every lookup answers NODATA.
+        dnsfix::Zone::new("noaddr.test").txt("@", "v=spf1 -all"),
         dnsfix::Zone::new("example.test")
             .rr("@ MX 10 mx2.remote.test.")
             .txt("rsa2026._domainkey", &rsa_txt)
@@ -532,6 +534,43 @@ fn mta_delivers_through_dns_to_postfix_with_dkim_retries_and_bounces() {
     })
     .unwrap_or_else(|| panic!("{}", ctx("no DSN for the null MX")));
     assert!(dsn.contains("Status: 5.1.10"), "{dsn}");
+
+    // 3b. No MX and no address record (RFC 5321 section 5.1): a bounce at once, 5.4.4, as
+    //     Postfix does, not a retry for days.
+    let m3b = message(
+        "alice@example.test",
+        "x@noaddr.test",
+        "to no address",
+        "Nowhere either.",
+    );
+    submit(mta.addr, "alice@example.test", &["x@noaddr.test"], &m3b);
+    let dsn = wait_inbox(&dir, 60, |m| {
+        m.contains("multipart/report") && m.contains("x@noaddr.test")
+    })
+    .unwrap_or_else(|| panic!("{}", ctx("no DSN for the domain without addresses")));
+    assert!(dsn.contains("Status: 5.4.4"), "{dsn}");
+    assert!(dsn.contains("no MX and no address record"), "{dsn}");
+    // The delivery log names each recipient, the MX host that answered and the outcome.
+    let log = mta.log();
+    assert!(
+        log.lines().any(|l| l.contains("to=bob@remote.test")
+            && l.contains(&format!("relay=mx2.remote.test[127.0.0.3]:{port}"))
+            && l.contains("dsn=2.0.0")
+            && l.contains("status=sent")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("to=nobody@remote.test")
+            && l.contains("dsn=5.1.1")
+            && l.contains("status=bounced")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("to=x@noaddr.test")
+            && l.contains("relay=none")
+            && l.contains("status=bounced")),
+        "{log}"
+    );
 
     // 4. 4xx: the message stays queued with the remote's reply, then goes when it recovers.
     let m4 = message(
@@ -861,6 +900,27 @@ fn untrusted_clients_are_refused_and_bad_configs_are_reported() {
     assert_eq!(code, Some(2), "{out}");
     let err = out;
     assert!(err.contains("/nonexistent/s1.key"), "{err}");
+    // Transports: checked with file and line, and listed when good.
+    let (code, out) = check_config(
+        &dir,
+        "mta",
+        "[mta]\nhostname = \"mta.example.test\"\nlisten = [\"127.0.0.1:25\"]\nspool = \"/tmp/x\"\ntransport = { \"example.test\" = \"10.0.0.10\" }\n",
+    );
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("mta.toml:5:") && out.contains("mta.transport.example.test"),
+        "{out}"
+    );
+    let (code, out) = check_config(
+        &dir,
+        "mta",
+        "[mta]\nhostname = \"mta.example.test\"\nlisten = [\"127.0.0.1:25\"]\nspool = \"/tmp/x\"\ntransport = { \"Example.Test\" = [\"10.0.0.10:25\", \"10.0.0.11:25\"] }\n",
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("example.test to 10.0.0.10:25, 10.0.0.11:25; other domains by MX lookups"),
+        "{out}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -217,6 +217,54 @@ fn up_starts_the_mx_the_msa_the_mta_and_the_lb_and_its_try_lines_work() {
             text.contains("(Authenticated sender: alice@example.test)"),
             "{text}"
         );
+        // An address literal: the MTA connects to that address, no MX lookup (RFC 5321
+        // section 4.1.3).
+        let lit_line = line.replace("bob@example.test", "carol@[127.0.0.5]");
+        let (status, out) = run_bounded(
+            Command::new("sh").arg("-c").arg(&lit_line),
+            Duration::from_secs(30),
+        );
+        assert!(status.success(), "{lit_line}\n{out}");
+        assert!(
+            wait_for(Duration::from_secs(60), || sink
+                .last
+                .lock()
+                .unwrap()
+                .contains("for <carol@[127.0.0.5]>")
+                .then_some(()))
+            .is_some(),
+            "nothing reached [127.0.0.5]:\n{}",
+            up.log_text()
+        );
+        // A recipient that bounces (no such domain): the DSN reaches alice's INBOX through the
+        // MTA's transport to up's MX, though the resolver knows nothing of example.test.
+        let bounce_line = line.replace("bob@example.test", "nobody@nowhere.remote.test");
+        let (status, out) = run_bounded(
+            Command::new("sh").arg("-c").arg(&bounce_line),
+            Duration::from_secs(30),
+        );
+        assert!(status.success(), "{bounce_line}\n{out}");
+        let alice = data.join("mail/example.test/alice/Maildir");
+        let dsn = wait_for(Duration::from_secs(60), || {
+            ["cur", "new"].iter().find_map(|d| {
+                std::fs::read_dir(alice.join(d))
+                    .ok()?
+                    .flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .find(|m| m.contains("nobody@nowhere.remote.test"))
+            })
+        })
+        .unwrap_or_else(|| panic!("no DSN in {}:\n{}", alice.display(), up.log_text()));
+        assert!(dsn.starts_with("Return-Path: <>"), "{dsn}");
+        assert!(dsn.contains("Undelivered Mail Returned to Sender"), "{dsn}");
+        assert!(dsn.contains("Status: 5.1.2"), "{dsn}");
+        let log = up.log_text();
+        assert!(
+            log.lines().any(|l| l.contains("to=alice@example.test")
+                && l.contains(&format!("relay={}[{}]:{}", mx.ip(), mx.ip(), mx.port()))
+                && l.contains("status=sent")),
+            "the bounce did not go to the MX:\n{log}"
+        );
     }
     up.signal(libc::SIGTERM);
     let status = up

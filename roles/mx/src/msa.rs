@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use ringmail_accounts::scram::{ScramError, ScramSecret, ScramServer};
 use ringmail_accounts::{Account, Accounts, AuthOutcome, normalize_address};
 use ringmail_queue::{ClientInfo, Incoming, NewEnvelope, NewRecipient, Spool};
-use ringmail_smtp::{Domain, Event, MailParams, Mailbox, Reply, Server, ServerConfig};
+use ringmail_smtp::{Domain, Event, MailParams, Mailbox, RcptParams, Reply, Server, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
@@ -55,6 +55,7 @@ pub struct MsaStats {
     pub refused_rate: AtomicU64,
     pub refused_proxy: AtomicU64,
     pub refused_connections: AtomicU64,
+    pub refused_recipient: AtomicU64,
     pub messages_accepted: AtomicU64,
     /// Delivery counters, shared with the relay.
     pub relay: Arc<MxStats>,
@@ -90,6 +91,7 @@ impl Metrics for MsaStats {
             ("rate", &self.refused_rate),
             ("proxy", &self.refused_proxy),
             ("connections", &self.refused_connections),
+            ("unknown_recipient", &self.refused_recipient),
         ] {
             let _ = writeln!(out, "ringmail_msa_refused_total{{reason=\"{r}\"}} {}", g(c));
         }
@@ -350,7 +352,8 @@ impl MsaServer {
 struct Txn {
     sender: String,
     params: MailParams,
-    recipients: Vec<String>,
+    /// Forward paths with their DSN parameters (NOTIFY=, ORCPT=).
+    recipients: Vec<(String, RcptParams)>,
     /// `session::envelope_key` of each of `recipients` (duplicates are queued once).
     recipient_keys: std::collections::HashSet<String>,
     all_local: bool,
@@ -574,7 +577,10 @@ impl Policy for Ctx<'_> {
                 reverse_path,
                 params,
             } => on_mail(server, self, reverse_path, params).await,
-            Event::RcptTo { forward_path, .. } => on_rcpt(server, self, &forward_path).await,
+            Event::RcptTo {
+                forward_path,
+                params,
+            } => on_rcpt(server, self, &forward_path, params).await,
             Event::Reset => self.txn = None,
             // Handled by the driver.
             Event::Quit
@@ -868,18 +874,46 @@ async fn on_mail(
     server.accept();
 }
 
-async fn on_rcpt(server: &mut Server, ctx: &mut Ctx<'_>, rcpt: &Mailbox) {
+async fn on_rcpt(server: &mut Server, ctx: &mut Ctx<'_>, rcpt: &Mailbox, params: RcptParams) {
     if ctx.account.is_none() {
         inc(&ctx.msa.stats.refused_unauthenticated);
         server.reject(Reply::new(530, "5.7.0", "Authentication required"));
         return;
     }
+    if ctx.txn.is_none() {
+        server.reject(Reply::new(503, "5.5.1", "Error: need MAIL command"));
+        return;
+    }
     let local = match rcpt.domain() {
-        Domain::Name(d) => ctx.msa.accounts.is_local_domain(d).await.unwrap_or(false),
+        Domain::Name(d) => match ctx.msa.accounts.is_local_domain(d).await {
+            Ok(local) => local,
+            Err(e) => {
+                warn!(error = %e, "account store lookup failed");
+                server.reject(Reply::new(
+                    451,
+                    "4.3.0",
+                    "Recipient address rejected: temporary lookup failure",
+                ));
+                return;
+            }
+        },
         _ => false,
     };
+    // A recipient in one of our domains must exist (Postfix's
+    // smtpd_reject_unlisted_recipient): refused now rather than bounced later.
+    if local && let Err(reply) = crate::session::known_recipient(&ctx.msa.accounts, rcpt).await {
+        if reply.code() >= 500 {
+            inc(&ctx.msa.stats.refused_recipient);
+        }
+        let user = ctx
+            .account
+            .as_ref()
+            .map_or(String::new(), |a| printable(&a.address));
+        info!(client = %ctx.client.ip(), user = %user, rcpt = %printable(rcpt.raw()), code = reply.code(), "refused: recipient");
+        server.reject(reply);
+        return;
+    }
     let Some(txn) = ctx.txn.as_mut() else {
-        server.reject(Reply::new(503, "5.5.1", "Error: need MAIL command"));
         return;
     };
     txn.all_local &= local;
@@ -887,7 +921,7 @@ async fn on_rcpt(server: &mut Server, ctx: &mut Ctx<'_>, rcpt: &Mailbox) {
         .recipient_keys
         .insert(crate::session::envelope_key(rcpt))
     {
-        txn.recipients.push(rcpt.raw().to_string());
+        txn.recipients.push((rcpt.raw().to_string(), params));
     }
     server.accept();
 }
@@ -1375,6 +1409,7 @@ async fn on_data_end(server: &mut Server, ctx: &mut Ctx<'_>) -> bool {
     };
     let rcpt = if txn.recipients.len() == 1 {
         let safe: String = txn.recipients[0]
+            .0
             .chars()
             .filter(|c| !c.is_control() && *c != '<' && *c != '>')
             .take(300)
@@ -1404,15 +1439,20 @@ async fn on_data_end(server: &mut Server, ctx: &mut Ctx<'_>) -> bool {
     } else {
         "mta"
     };
+    // DSN parameters (RET, ENVID, NOTIFY, ORCPT; RFC 3461 section 4) and BODY travel with
+    // the message: the relay hands them on to the next hop.
     let recipients: Vec<NewRecipient> = txn
         .recipients
         .iter()
-        .map(|r| NewRecipient::new(r.clone()))
+        .map(|(addr, p)| {
+            let mut r = NewRecipient::new(addr.clone());
+            crate::session::apply_rcpt_params(&mut r, p);
+            r
+        })
         .collect();
     let sender = (!txn.sender.is_empty()).then(|| txn.sender.clone());
     let mut env = NewEnvelope::new(sender, recipients, route);
-    env.smtputf8 = txn.params.smtputf8;
-    env.envid = txn.params.envid.clone();
+    crate::session::apply_mail_params(&mut env, &txn.params);
     env.client = Some(ClientInfo {
         addr: ctx.client.to_string(),
         helo: ctx.helo.clone(),

@@ -14,6 +14,13 @@
 //! relay_tls = "encrypt"                # to the smart host: none | may | encrypt, or { level, ca,
 //!                                      #   name, verify } (see [`crate::hop`]; default may)
 //! relay_auth = { user = "mta@example.com", password_file = "/etc/ringmail/smarthost.pass" }
+//! transport = { "example.com" = "10.0.0.10:25" }  # optional: mail for these domains (our own,
+//!                                      #   bounces to our users included) goes to these next
+//!                                      #   hops, no MX lookup, before `relay`; a domain may
+//!                                      #   name several: { "example.com" = ["10.0.0.10:25",
+//!                                      #   "10.0.0.11:25"] }; exact domains (not subdomains);
+//!                                      #   STARTTLS when offered, no AUTH (Postfix's
+//!                                      #   transport_maps with smtp:[ip]:port)
 //! resolver = "10.0.0.53:53"            # optional: one DNS server (default: /etc/resolv.conf)
 //! remote_port = 25                     # port of the remote MX hosts (labs may change it)
 //! dkim = [                             # signing keys; several per domain sign with each
@@ -37,13 +44,14 @@
 //! tls = { cert = "/etc/ringmail/mta.crt", key = "/etc/ringmail/mta.key" }  # absent: self-signed
 //! ```
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ringmail_proxy_core::config::parse::{
-    Ctx, DeTable, DeValue, check_keys, duration, integer, mismatch, required, set, socket_addr,
-    string, table,
+    Ctx, DeTable, DeValue, Value, check_keys, duration, integer, mismatch, required, set,
+    socket_addr, string, table,
 };
 use ringmail_proxy_core::config::{ConfigErrors, load_file_with, load_str_with};
 
@@ -64,6 +72,8 @@ pub struct MtaConfig {
     pub accounts: Option<String>,
     /// Smart hosts; empty: MX lookups.
     pub relay: Vec<SocketAddr>,
+    /// Next hops per recipient domain (lower case, exact), ahead of `relay` and MX lookups.
+    pub transport: BTreeMap<String, Vec<SocketAddr>>,
     pub resolver: Option<SocketAddr>,
     pub remote_port: u16,
     pub dkim: Vec<DkimKeySpec>,
@@ -103,6 +113,7 @@ impl MtaConfig {
             ],
             accounts: None,
             relay: Vec::new(),
+            transport: BTreeMap::new(),
             resolver: None,
             remote_port: 25,
             dkim: Vec::new(),
@@ -142,6 +153,7 @@ const MTA: &[&str] = &[
     "trusted_clients",
     "accounts",
     "relay",
+    "transport",
     "resolver",
     "remote_port",
     "dkim",
@@ -201,6 +213,12 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MtaConfig> {
     if let Some(x) = t.get("relay") {
         match crate::hop::parse_hops(ctx, x, "mta.relay") {
             Some(a) => c.relay = a,
+            None => ok = false,
+        }
+    }
+    if let Some(x) = t.get("transport") {
+        match transport(ctx, x) {
+            Some(m) => c.transport = m,
             None => ok = false,
         }
     }
@@ -370,6 +388,43 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MtaConfig> {
     ok.then_some(c)
 }
 
+/// `transport = { "DOMAIN" = "IP:PORT" or ["IP:PORT", …], … }`: domains compared ignoring
+/// case, each once.
+fn transport(ctx: &mut Ctx<'_>, v: &Value<'_>) -> Option<BTreeMap<String, Vec<SocketAddr>>> {
+    let t = table(ctx, v, "mta.transport")?;
+    let mut ok = true;
+    let mut out = BTreeMap::new();
+    for (k, x) in t.iter() {
+        let domain = k
+            .get_ref()
+            .as_ref()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        if !valid_domain(&domain) {
+            ctx.error(
+                k.span(),
+                format!("`mta.transport`: {:?} is not a domain name", k.get_ref()),
+            );
+            ok = false;
+            continue;
+        }
+        let what = format!("mta.transport.{domain}");
+        match crate::hop::parse_hops(ctx, x, &what) {
+            Some(hops) => {
+                if out.insert(domain.clone(), hops).is_some() {
+                    ctx.error(
+                        k.span(),
+                        format!("`mta.transport`: {domain} is listed twice"),
+                    );
+                    ok = false;
+                }
+            }
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,6 +448,7 @@ delay_warning = "4h"
         assert_eq!(c.delay_warning, Some(Duration::from_secs(4 * 3600)));
         assert_eq!(c.max_per_destination, 20);
         assert!(c.trusted_clients[0].contains("10.0.0.9".parse().unwrap()));
+        assert!(c.transport.is_empty());
         let e = load_str(
             "[mta]\nhostname = \"x\"\nlisten = []\nspool = \"/s\"\ndkim = [{ domain = \"example.com\", selector = \"a b\", key = \"/k\" }]\nrelay = \"nowhere\"\ncolour = 1\n",
             "mta.toml",
@@ -407,6 +463,49 @@ delay_warning = "4h"
             "colour",
         ] {
             assert!(e.contains(want), "{want} missing from {e}");
+        }
+    }
+
+    #[test]
+    fn transports_per_domain() {
+        let base =
+            "[mta]\nhostname = \"mta.example.com\"\nlisten = [\"127.0.0.1:25\"]\nspool = \"/s\"\n";
+        let c = load_str(
+            &format!(
+                "{base}transport = {{ \"Example.COM\" = \"10.0.0.10:25\", \"lists.example.com\" = [\"10.0.0.40:25\", \"10.0.0.41:25\"] }}\n"
+            ),
+            "mta.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.transport.get("example.com"),
+            Some(&vec!["10.0.0.10:25".parse().unwrap()])
+        );
+        assert_eq!(c.transport["lists.example.com"].len(), 2);
+        for (bad, why) in [
+            ("transport = \"10.0.0.10:25\"", "must be a table"),
+            (
+                "transport = { \"not a domain\" = \"10.0.0.10:25\" }",
+                "is not a domain name",
+            ),
+            (
+                "transport = { \"example.com\" = \"mx.example.com\" }",
+                "mta.transport.example.com",
+            ),
+            ("transport = { \"example.com\" = [] }", "is empty"),
+            (
+                "transport = { \"example.com\" = [\"10.0.0.1:25\", \"10.0.0.1:25\"] }",
+                "listed twice",
+            ),
+            (
+                "transport = { \"example.com\" = \"10.0.0.1:25\", \"EXAMPLE.com\" = \"10.0.0.2:25\" }",
+                "listed twice",
+            ),
+        ] {
+            let e = load_str(&format!("{base}{bad}\n"), "mta.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("mta.toml:5:") && e.contains(why), "{bad}: {e}");
         }
     }
 }

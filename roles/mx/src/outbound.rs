@@ -146,6 +146,8 @@ pub struct Outbound {
     tls_verified: tokio_rustls::TlsConnector,
     /// The smart hosts (`relay`) with their TLS policy and credentials.
     smart_host: Option<Hops>,
+    /// Per-domain next hops (`transport`), before MX lookups and smart hosts.
+    transport: HashMap<String, Hops>,
     cache: Mutex<HashMap<String, Vec<(Conn, Instant)>>>,
     per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// When each destination last took a transaction (for signing ahead).
@@ -201,6 +203,21 @@ impl Outbound {
                 &cfg.relay_security,
             )?)
         };
+        // Opportunistic STARTTLS, no AUTH: our own MX (or another hop of ours) takes mail for
+        // its domains from anyone.
+        let transport = cfg
+            .transport
+            .iter()
+            .map(|(domain, addrs)| {
+                let hops = Hops::new(
+                    addrs,
+                    &cfg.hostname,
+                    false,
+                    &crate::hop::HopSecurity::level(crate::hop::TlsLevel::May),
+                )?;
+                Ok((domain.clone(), hops))
+            })
+            .collect::<Result<HashMap<_, _>, crate::MxError>>()?;
         let (out_spool, out_stats) = (spool.clone(), Arc::clone(&stats));
         Ok(Outbound {
             cfg,
@@ -212,6 +229,7 @@ impl Outbound {
             tls_any: tokio_rustls::TlsConnector::from(crate::sts::tls_opportunistic()),
             tls_verified: tokio_rustls::TlsConnector::from(tls_verified),
             smart_host,
+            transport,
             cache: Mutex::new(HashMap::new()),
             per_destination: Mutex::new(HashMap::new()),
             took_mail: Mutex::new(HashMap::new()),
@@ -441,7 +459,14 @@ async fn deliver_message(out: &Outbound, claim: Claim) {
     let attempts = groups
         .iter()
         .map(|(domain, rcpts)| deliver_domain(out, &env, domain, rcpts, &prefix));
-    for r in futures_util::future::join_all(attempts).await {
+    // The next hop that answered each recipient, for the delivery log.
+    let mut relays: HashMap<String, String> = HashMap::new();
+    for (r, relay) in futures_util::future::join_all(attempts).await {
+        if let Some(relay) = relay {
+            for (address, _) in &r {
+                relays.insert(address.clone(), relay.clone());
+            }
+        }
         results.extend(r);
     }
     let (mut ok, mut deferred, mut failed) = (0u64, 0u64, 0u64);
@@ -458,7 +483,10 @@ async fn deliver_message(out: &Outbound, claim: Claim) {
         .await
     {
         Ok(summary) => {
-            info!(%id, delivered = summary.delivered, deferred = summary.deferred, failed = summary.failed, bounce = ?summary.bounce.map(|b| b.to_string()), "delivery attempt");
+            crate::relay::log_recipients(&id, "out", env.received_at, &summary, |a| {
+                relays.get(a).map(String::as_str)
+            });
+            debug!(%id, delivered = summary.delivered, deferred = summary.deferred, failed = summary.failed, bounce = ?summary.bounce.map(|b| b.to_string()), "delivery attempt");
         }
         Err(e) => warn!(%id, error = %e, "cannot record the delivery attempt"),
     }
@@ -593,13 +621,32 @@ async fn plan(out: &Outbound, domain: &str) -> Result<(Vec<MxHost>, bool), Resul
     Ok((hosts, enforce))
 }
 
+/// The reply for a domain none of whose hosts has an address (every lookup answered, none
+/// with an A or AAAA record): permanent, as with Postfix, since RFC 5321 section 5.1 makes a
+/// domain with neither MX nor address records an error. Lookups that failed temporarily never
+/// come here.
+fn no_address_reply(domain: &str, hosts: &[MxHost]) -> String {
+    match hosts {
+        [h] if h.implicit => {
+            format!("550 5.4.4 {domain}: no MX and no address record (A or AAAA) for the domain")
+        }
+        [h] => format!(
+            "550 5.4.4 {domain}: MX host {} has no address record",
+            h.name
+        ),
+        _ => format!("550 5.4.4 {domain}: no MX host has an address record"),
+    }
+}
+
+/// One domain's recipients of a message: their outcomes, and the next hop that gave them
+/// (`host[ip]:port`, for the delivery log; `None` when no session was had).
 async fn deliver_domain(
     out: &Outbound,
     env: &QEnvelope,
     domain: &str,
     rcpts: &[&RecipientState],
     prefix: &Prefix,
-) -> Vec<(String, QOutcome)> {
+) -> (Vec<(String, QOutcome)>, Option<String>) {
     let signed = || prefix.get(&out.signing, env);
     let temp = |reply: String| {
         all(rcpts, || QOutcome::TempFail {
@@ -608,7 +655,7 @@ async fn deliver_domain(
     };
     let dest = out.destination_permit(domain);
     let Ok(_permit) = dest.acquire().await else {
-        return temp("451 4.3.0 shutting down".into());
+        return (temp("451 4.3.0 shutting down".into()), None);
     };
     // A cached connection to this domain first (a stale one fails fast; then a fresh one).
     if let Some(mut c) = out.take_cached(domain) {
@@ -624,33 +671,41 @@ async fn deliver_domain(
                 c.quit().await;
             }
             Ok(r) => {
+                let relay = c.label();
                 out.took_mail(domain);
                 out.put_back(domain, c);
-                return r;
+                return (r, Some(relay));
             }
             Err(_) => {}
         }
     }
+    // A transport for the domain (our own, say), then the smart hosts: fixed next hops.
+    if let Some(hops) = out.transport.get(domain) {
+        return deliver_hops(out, hops, "transport", env, domain, rcpts, prefix).await;
+    }
     if let Some(hops) = &out.smart_host {
-        return deliver_smart_host(out, hops, env, domain, rcpts, prefix).await;
+        return deliver_hops(out, hops, "smart host", env, domain, rcpts, prefix).await;
     }
     let (hosts, enforce) = match plan(out, domain).await {
         Ok(p) => p,
-        Err(Ok(temp_reply)) => return temp(temp_reply),
+        Err(Ok(temp_reply)) => return (temp(temp_reply), None),
         Err(Err(perm_reply)) => {
-            return all(rcpts, || QOutcome::PermFail {
+            let r = all(rcpts, || QOutcome::PermFail {
                 reply: perm_reply.clone(),
             });
+            return (r, None);
         }
     };
     let mut last_error = format!("451 4.4.1 {domain}: no MX host could be reached");
-    let (mut tried, mut looped) = (0usize, 0usize);
+    let mut last_relay = None;
+    let (mut tried, mut looped, mut addressless) = (0usize, 0usize, 0usize);
     for host in &hosts {
         let addrs: Vec<IpAddr> = match host.literal {
             Some(ip) => vec![ip],
             None => match out.resolver.addresses(&host.name).await {
                 Ok(a) if !a.is_empty() => a,
-                Ok(_) => {
+                Ok(_) | Err(ResolveError::Permanent { .. }) => {
+                    addressless += 1;
                     last_error = format!("451 4.4.4 {}: host has no address", host.name);
                     continue;
                 }
@@ -670,6 +725,12 @@ async fn deliver_domain(
                 warn!(%domain, host = %host.name, %addr, "MX host is this MTA: mail loops back to myself");
                 continue;
             }
+            // A domain literal is logged as its address, as Postfix does.
+            let shown = match host.literal {
+                Some(ip) => ip.to_string(),
+                None => host.name.clone(),
+            };
+            last_relay = Some(crate::relay::relay_label(&shown, addr));
             let mut c = match open(out, addr, &host.name, enforce).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -679,6 +740,7 @@ async fn deliver_domain(
                     continue;
                 }
             };
+            c.host = shown;
             let prefix = signed().await;
             match transaction(&out.spool, &mut c, env, rcpts, prefix).await {
                 Ok(r)
@@ -692,9 +754,10 @@ async fn deliver_domain(
                     c.quit().await;
                 }
                 Ok(r) => {
+                    let relay = c.label();
                     out.took_mail(domain);
                     out.put_back(domain, c);
-                    return r;
+                    return (r, Some(relay));
                 }
                 Err(e) => {
                     debug!(%domain, host = %host.name, %addr, error = %e, "transaction failed; next address");
@@ -706,25 +769,34 @@ async fn deliver_domain(
     if tried > 0 && looped == tried {
         out.stats.loops.fetch_add(1, Ordering::Relaxed);
         let reply = format!("554 5.4.6 mail for {domain} loops back to myself");
-        return all(rcpts, || QOutcome::PermFail {
+        let r = all(rcpts, || QOutcome::PermFail {
             reply: reply.clone(),
         });
+        return (r, None);
+    }
+    if !hosts.is_empty() && addressless == hosts.len() {
+        let reply = no_address_reply(domain, &hosts);
+        let r = all(rcpts, || QOutcome::PermFail {
+            reply: reply.clone(),
+        });
+        return (r, None);
     }
     out.unreachable(domain);
-    temp(last_error)
+    (temp(last_error), last_relay)
 }
 
-/// Delivery through the smart hosts: a session with one of them (each in turn from a rotating
-/// start, passing over one that cannot be reached or refuses STARTTLS or AUTH), then its answer
-/// to the transaction, whatever it is.
-async fn deliver_smart_host(
+/// Delivery through fixed next hops (a domain's transport, or the smart hosts): a session with
+/// one of them (each in turn from a rotating start, passing over one that cannot be reached or
+/// refuses STARTTLS or AUTH), then its answer to the transaction, whatever it is.
+async fn deliver_hops(
     out: &Outbound,
     hops: &Hops,
+    what: &str,
     env: &QEnvelope,
     domain: &str,
     rcpts: &[&RecipientState],
     prefix: &Prefix,
-) -> Vec<(String, QOutcome)> {
+) -> (Vec<(String, QOutcome)>, Option<String>) {
     let temp = |reply: String| {
         all(rcpts, || QOutcome::TempFail {
             reply: reply.clone(),
@@ -732,20 +804,21 @@ async fn deliver_smart_host(
     };
     out.stats.connections_opened.fetch_add(1, Ordering::Relaxed);
     let failovers = &out.stats.relay.relay_failovers;
-    let mut c = match open_any(hops, "smart host", out.cfg.connect_timeout, failovers).await {
+    let mut c = match open_any(hops, what, out.cfg.connect_timeout, failovers).await {
         Ok(c) => c,
         Err(e) => {
             out.stats
                 .connect_failures
                 .fetch_add(e.0.len() as u64, Ordering::Relaxed);
-            warn!(id = %env.id, next_hop = %hops.addrs(), security = %hops.describe(), error = %e, "cannot open a session to the smart host; mail stays queued");
+            warn!(id = %env.id, %domain, route = what, next_hop = %hops.addrs(), security = %hops.describe(), error = %e, "cannot open a session to the next hop; mail stays queued");
             out.unreachable(domain);
-            return temp(format!("451 4.4.1 {e}"));
+            return (temp(format!("451 4.4.1 {e}")), None);
         }
     };
     if c.client.is_tls() {
         out.stats.tls_sessions.fetch_add(1, Ordering::Relaxed);
     }
+    let relay = c.label();
     // Signed only now that a session is ready to take the message.
     let prefix = prefix.get(&out.signing, env).await;
     match transaction(&out.spool, &mut c, env, rcpts, prefix).await {
@@ -758,12 +831,27 @@ async fn deliver_smart_host(
                 out.took_mail(domain);
                 out.put_back(domain, c);
             }
-            r
+            (r, Some(relay))
         }
         Err(e) => {
-            debug!(%domain, next_hop = %c.peer, error = %e, "transaction with the smart host failed");
-            temp(format!("451 4.4.2 [{}]: {e}", c.peer))
+            debug!(%domain, route = what, next_hop = %c.peer, error = %e, "transaction with the next hop failed");
+            (temp(format!("451 4.4.2 [{}]: {e}", c.peer)), Some(relay))
         }
+    }
+}
+
+/// The name a remote's certificate is asked for: the address of a domain literal
+/// (`[192.0.2.1]`, `[IPv6:2001:db8::1]`, RFC 5321 section 4.1.3) or of an IP address, else the
+/// host name.
+fn tls_name(host: &str) -> Result<rustls::pki_types::ServerName<'static>, String> {
+    let literal = host
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| crate::resolve::parse_domain_literal(host).and_then(Result::ok));
+    match literal {
+        Some(ip) => Ok(rustls::pki_types::ServerName::IpAddress(ip.into())),
+        None => rustls::pki_types::ServerName::try_from(host.trim_end_matches('.').to_string())
+            .map_err(|e| format!("{host}: {e}")),
     }
 }
 
@@ -775,11 +863,7 @@ async fn open(
     host: &str,
     enforce: bool,
 ) -> Result<Conn, ConnError> {
-    let name = match host.parse::<IpAddr>() {
-        Ok(ip) => rustls::pki_types::ServerName::IpAddress(ip.into()),
-        Err(_) => rustls::pki_types::ServerName::try_from(host.trim_end_matches('.').to_string())
-            .map_err(|e| format!("{host}: {e}"))?,
-    };
+    let name = tls_name(host)?;
     let policy = if enforce {
         StartTlsPolicy::Required
     } else {
@@ -822,6 +906,59 @@ async fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_domain_without_any_address_is_a_permanent_failure() {
+        let host = |name: &str, implicit| MxHost {
+            name: name.into(),
+            preference: 10,
+            implicit,
+            literal: None,
+        };
+        let r = no_address_reply("noaddr.test", &[host("noaddr.test", true)]);
+        assert!(
+            r.starts_with("550 5.4.4 noaddr.test: no MX and no address"),
+            "{r}"
+        );
+        assert_eq!(ringmail_queue::dsn_status(&r, "4.0.0"), "5.4.4");
+        let r = no_address_reply("x.test", &[host("mx.x.test", false)]);
+        assert!(r.starts_with("550 5.4.4 x.test: MX host mx.x.test"), "{r}");
+        let r = no_address_reply(
+            "x.test",
+            &[host("a.x.test", false), host("b.x.test", false)],
+        );
+        assert!(r.starts_with("550 5.4.4 x.test: no MX host has"), "{r}");
+    }
+
+    #[test]
+    fn address_literals_are_connected_to_by_address() {
+        use rustls::pki_types::ServerName;
+        let ip = |s: &str| ServerName::IpAddress(s.parse::<IpAddr>().unwrap().into());
+        assert_eq!(tls_name("[192.0.2.1]").unwrap(), ip("192.0.2.1"));
+        assert_eq!(tls_name("[IPv6:2001:db8::1]").unwrap(), ip("2001:db8::1"));
+        assert_eq!(tls_name("[ipv6:2001:DB8::1]").unwrap(), ip("2001:db8::1"));
+        assert_eq!(tls_name("192.0.2.1").unwrap(), ip("192.0.2.1"));
+        assert_eq!(
+            tls_name("mx.example.org.").unwrap(),
+            ServerName::try_from("mx.example.org").unwrap()
+        );
+        assert!(tls_name("[192.0.2.300]").is_err());
+        // The literal is the one host to try: no DNS, no MTA-STS.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let resolver =
+            MxResolver::new(Some("127.0.0.1:9".parse().unwrap()), Duration::from_secs(1)).unwrap();
+        for (domain, want) in [
+            ("[192.0.2.1]", "192.0.2.1"),
+            ("[ipv6:2001:db8::1]", "2001:db8::1"),
+        ] {
+            let hosts = rt.block_on(resolver.mx_hosts(domain)).unwrap();
+            assert_eq!(hosts.len(), 1);
+            assert_eq!(hosts[0].literal, Some(want.parse().unwrap()), "{domain}");
+        }
+    }
 
     #[test]
     fn domains_of_addresses() {

@@ -243,6 +243,8 @@ pub(crate) struct Conn {
     buf: Vec<u8>,
     tls: Option<TlsSetup>,
     pub peer: SocketAddr,
+    /// The next hop's name for logs: its MX host name, else its IP address.
+    pub host: String,
     /// When the connection was opened (reuse is bounded in time).
     pub opened: std::time::Instant,
     /// Transactions run on it.
@@ -269,6 +271,7 @@ impl Conn {
             buf: vec![0u8; 16 * 1024],
             tls,
             peer: addr,
+            host: addr.ip().to_string(),
             opened: std::time::Instant::now(),
             transactions: 0,
         };
@@ -301,6 +304,11 @@ impl Conn {
             }
             r => r,
         }
+    }
+
+    /// The next hop as the delivery log names it: `host[ip]:port` (Postfix's `relay=`).
+    pub(crate) fn label(&self) -> String {
+        relay_label(&self.host, self.peer)
     }
 
     fn stream(&mut self) -> Result<&mut Box<dyn Io>, ConnError> {
@@ -474,7 +482,8 @@ async fn deliver_one(
             QOutcome::PermFail { .. } => failed += 1,
         }
     }
-    let next_hop = conn.as_ref().map(|c| c.peer.to_string());
+    let relay = conn.as_ref().map(|c| c.label());
+    let received_at = env.received_at;
     // The envelope read above is current: we hold the claim.
     match mx
         .spool
@@ -482,7 +491,8 @@ async fn deliver_one(
         .await
     {
         Ok(summary) => {
-            info!(%id, %route, next_hop = next_hop.as_deref().unwrap_or("none"), delivered = summary.delivered, deferred = summary.deferred, failed = summary.failed, "delivery attempt");
+            log_recipients(&id, route, received_at, &summary, |_| relay.as_deref());
+            debug!(%id, %route, next_hop = relay.as_deref().unwrap_or("none"), delivered = summary.delivered, deferred = summary.deferred, failed = summary.failed, "delivery attempt");
         }
         Err(e) => warn!(%id, error = %e, "cannot record the delivery attempt"),
     }
@@ -491,6 +501,38 @@ async fn deliver_one(
     mx.stats.deliveries_deferred.fetch_add(deferred, Relaxed);
     mx.stats.deliveries_failed.fetch_add(failed, Relaxed);
     drop(claim);
+}
+
+/// `host[ip]:port`, as Postfix's `relay=` names a next hop.
+pub(crate) fn relay_label(host: &str, addr: SocketAddr) -> String {
+    format!("{host}[{}]:{}", addr.ip(), addr.port())
+}
+
+/// The delivery log of one attempt: a line per recipient with where it stands (Postfix's
+/// `to=<…>, relay=…, delay=…, dsn=…, status=sent|deferred|bounced (reply)`). `relay_of` names
+/// the next hop whose answer decided a recipient (`none` when no session was had). Only
+/// addresses and replies are logged, never content or credentials.
+pub(crate) fn log_recipients<'a>(
+    id: &ringmail_queue::QueueId,
+    route: &str,
+    received_at: SystemTime,
+    summary: &ringmail_queue::AttemptSummary,
+    relay_of: impl Fn(&str) -> Option<&'a str>,
+) {
+    let delay = SystemTime::now()
+        .duration_since(received_at)
+        .map_or(0, |d| d.as_secs());
+    for r in &summary.recipients {
+        let relay = relay_of(&r.address).unwrap_or("none");
+        let to = crate::session::printable(&r.address);
+        info!(%id, %route, to = %to, %relay, delay, dsn = %r.dsn, status = %r.status, reply = %r.reply, "delivery");
+    }
+    if let Some(b) = &summary.bounce {
+        info!(%id, %route, dsn_id = %b, "sender non-delivery notification queued");
+    }
+    if let Some(b) = &summary.delay_warning {
+        info!(%id, %route, dsn_id = %b, "sender delay notification queued");
+    }
 }
 
 /// Every next hop of a route failed to give a session: the error of each, in the order tried.
@@ -776,6 +818,20 @@ pub(crate) async fn send_body(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relays_are_named_like_postfix() {
+        let v4: SocketAddr = "192.0.2.1:25".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:25".parse().unwrap();
+        assert_eq!(
+            relay_label("mx.example.org", v4),
+            "mx.example.org[192.0.2.1]:25"
+        );
+        assert_eq!(
+            relay_label("2001:db8::1", v6),
+            "2001:db8::1[2001:db8::1]:25"
+        );
+    }
 
     #[test]
     fn every_hops_error_in_the_reply() {

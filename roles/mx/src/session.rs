@@ -427,11 +427,23 @@ fn relay_verdict(mx: &Mx, rcpt: &Mailbox) -> Result<(), Reply> {
 
 /// With an account store: the recipient must be an account or an alias (Postfix's
 /// `local_recipient_maps`), so unknown users are refused now instead of bounced later
-/// (backscatter). Postmaster is always accepted (RFC 5321 section 4.5.1).
+/// (backscatter).
 async fn recipient_verdict(mx: &Mx, rcpt: &Mailbox) -> Result<(), Reply> {
-    let Some(accounts) = &mx.accounts else {
-        return Ok(());
-    };
+    match &mx.accounts {
+        Some(accounts) => known_recipient(accounts, rcpt).await,
+        None => Ok(()),
+    }
+}
+
+/// The verdict on a recipient in one of our domains (the MX, and the MSA's
+/// `smtpd_reject_unlisted_recipient`): an account or an alias of the store, also with a
+/// detail (`user+detail@`, which the MDA files into a folder); `550 5.1.1` otherwise, `451
+/// 4.3.0` when the store cannot be asked. Postmaster is always accepted (RFC 5321 section
+/// 4.5.1); a disabled account is unknown.
+pub(crate) async fn known_recipient(
+    accounts: &ringmail_accounts::Accounts,
+    rcpt: &Mailbox,
+) -> Result<(), Reply> {
     if rcpt.local().eq_ignore_ascii_case("postmaster") {
         return Ok(());
     }
@@ -439,7 +451,13 @@ async fn recipient_verdict(mx: &Mx, rcpt: &Mailbox) -> Result<(), Reply> {
         Domain::Name(d) => format!("{}@{}", rcpt.local(), d),
         _ => return Err(Reply::new(550, "5.7.1", "Relay access denied")),
     };
-    match accounts.resolve(&address).await {
+    let mut found = accounts.resolve(&address).await;
+    if let Ok(None) = found
+        && let (base, Some(_)) = crate::mda::split_plus(&address)
+    {
+        found = accounts.resolve(&base).await;
+    }
+    match found {
         Ok(Some(account)) if !account.disabled => Ok(()),
         Ok(_) => Err(Reply::new(
             550,

@@ -5,7 +5,8 @@ use std::io::{BufRead, BufReader, Read};
 use std::time::SystemTime;
 
 use crate::envelope::{
-    BodyType, Envelope, NewEnvelope, NewRecipient, Ret, one_line, rfc5322_date, to_unix,
+    BodyType, Envelope, NewEnvelope, NewRecipient, RecipientState, ReportOf, Ret, one_line,
+    rfc5322_date, to_unix,
 };
 use crate::spool::copy_into;
 use crate::{QueueError, QueueId, Spool};
@@ -46,6 +47,19 @@ pub fn dsn_status(reply: &str, fallback: &str) -> String {
         }
     }
     fallback.to_owned()
+}
+
+/// The status code of a recipient that failed with `reply`: the reply's own, else 4.4.7
+/// (delivery time expired) after temporary failures, else 5.0.0.
+pub(crate) fn failed_status(r: &RecipientState, reply: &str) -> String {
+    let fallback = if r.last_reply.as_deref().is_some_and(|l| l.starts_with('4'))
+        || reply.contains("expired")
+    {
+        "4.4.7"
+    } else {
+        "5.0.0"
+    };
+    dsn_status(reply, fallback)
 }
 
 /// Header-safe text: printable ASCII only.
@@ -173,20 +187,15 @@ pub(crate) async fn queue_dsn(
     );
     for &i in rcpts {
         let r = &env.recipients[i];
-        let (reply, fallback) = match (&r.status, kind) {
-            (crate::RcptStatus::Failed { reply, .. }, _) => {
-                let fb = if r.last_reply.as_deref().is_some_and(|l| l.starts_with('4'))
-                    || reply.contains("expired")
-                {
-                    "4.4.7"
-                } else {
-                    "5.0.0"
-                };
-                (Some(reply.as_str()), fb)
+        let (reply, mut status) = match &r.status {
+            crate::RcptStatus::Failed { reply, .. } => {
+                (Some(reply.as_str()), failed_status(r, reply))
             }
-            _ => (r.last_reply.as_deref(), "4.0.0"),
+            _ => (
+                r.last_reply.as_deref(),
+                dsn_status(r.last_reply.as_deref().unwrap_or(""), "4.0.0"),
+            ),
         };
-        let mut status = dsn_status(reply.unwrap_or(""), fallback);
         if kind == Kind::Delayed && !status.starts_with('4') {
             status = "4.0.0".to_owned();
         }
@@ -292,6 +301,13 @@ pub(crate) async fn queue_dsn(
     let mut new = NewEnvelope::new(None, [NewRecipient::new(sender)], cfg.bounce_route.clone());
     new.body = body;
     new.smtputf8 = env.smtputf8;
+    new.report_of = Some(ReportOf {
+        id: env.id.to_string(),
+        recipients: rcpts
+            .iter()
+            .map(|&i| env.recipients[i].address.clone())
+            .collect(),
+    });
     let id = inc.commit(new).await?;
     spool.count_dsn();
     Ok(id)

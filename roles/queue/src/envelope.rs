@@ -58,6 +58,19 @@ pub struct Envelope {
     /// DMARC need all of it), so they live here instead of being written into the data file.
     #[serde(default)]
     pub headers: String,
+    /// For a DSN this queue wrote: the message and recipients it reports on (for the logs,
+    /// should the DSN itself fail). `None` for everything else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report_of: Option<ReportOf>,
+}
+
+/// What a DSN reports on: the original message and its recipients in the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportOf {
+    /// The queue id of the original message.
+    pub id: String,
+    /// The recipients the DSN is about.
+    pub recipients: Vec<String>,
 }
 
 /// One recipient and its delivery state.
@@ -191,6 +204,8 @@ pub struct NewEnvelope {
     pub route: String,
     /// Trace header lines to send in front of the content (see [`Envelope::headers`]).
     pub headers: String,
+    /// For a DSN: what it reports on (see [`Envelope::report_of`]).
+    pub report_of: Option<ReportOf>,
 }
 
 /// A recipient as received.
@@ -232,6 +247,7 @@ impl NewEnvelope {
             client: None,
             route: route.into(),
             headers: String::new(),
+            report_of: None,
         }
     }
 }

@@ -102,13 +102,13 @@ mod spool;
 pub use dsn::dsn_status;
 pub use envelope::{
     BodyType, ClientInfo, ENVELOPE_VERSION, Envelope, NewEnvelope, NewRecipient, Notify,
-    RcptStatus, RecipientState, Ret, from_unix, rfc5322_date, summary_line, to_unix,
+    RcptStatus, RecipientState, ReportOf, Ret, from_unix, rfc5322_date, summary_line, to_unix,
 };
 pub use error::QueueError;
 pub use id::{ID_LEN, QueueId};
 pub use spool::{
-    AttemptSummary, Claim, Incoming, Outcome, QueueConfig, QueueStats, RecoveryReport, Spool,
-    SyncMode, backoff, inspect,
+    AttemptSummary, Claim, DeliveryStatus, Incoming, Outcome, QueueConfig, QueueStats,
+    RecipientResult, RecoveryReport, Spool, SyncMode, backoff, inspect,
 };
 
 #[cfg(test)]

@@ -15,7 +15,8 @@ use tokio::sync::oneshot;
 
 use crate::committer::{self, Job, Reply};
 use crate::envelope::{
-    ENVELOPE_VERSION, Envelope, NewEnvelope, RcptStatus, RecipientState, from_unix, to_unix,
+    ENVELOPE_VERSION, Envelope, NewEnvelope, RcptStatus, RecipientState, from_unix, one_line,
+    to_unix,
 };
 use crate::{QueueError, QueueId, dsn};
 
@@ -164,6 +165,50 @@ pub struct AttemptSummary {
     pub bounce: Option<QueueId>,
     /// The delay warning DSN created.
     pub delay_warning: Option<QueueId>,
+    /// Where each recipient of this attempt (and each one expired by it) stands now, in the
+    /// order of the results, for the delivery log.
+    pub recipients: Vec<RecipientResult>,
+}
+
+/// Where one recipient stands after a delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientResult {
+    /// The forward path.
+    pub address: String,
+    /// Delivered, deferred or bounced.
+    pub status: DeliveryStatus,
+    /// The reply of the next hop, or why the queue gave up.
+    pub reply: String,
+    /// The RFC 3463 status code (`X.Y.Z`), as a DSN would give it.
+    pub dsn: String,
+}
+
+/// What became of a recipient in one attempt (Postfix's `status=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    /// Accepted by the next hop.
+    Sent,
+    /// Temporary failure: still queued.
+    Deferred,
+    /// Permanent failure (or expiry): reported to the sender as NOTIFY asks.
+    Bounced,
+}
+
+impl DeliveryStatus {
+    /// `sent`, `deferred`, `bounced`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Sent => "sent",
+            DeliveryStatus::Deferred => "deferred",
+            DeliveryStatus::Bounced => "bounced",
+        }
+    }
+}
+
+impl std::fmt::Display for DeliveryStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -983,12 +1028,15 @@ impl Spool {
         let mut summary = AttemptSummary::default();
         let mut newly_failed: Vec<usize> = Vec::new();
         let mut deferred: Vec<usize> = Vec::new();
+        // Recipients of this attempt, in the order of the results, for the delivery log.
+        let mut touched: Vec<usize> = Vec::new();
 
         for (rcpt, outcome) in results {
             let Some(i) = find_recipient(&env.recipients, &rcpt) else {
                 tracing::warn!("spool: {id}: attempt result for unknown recipient {rcpt:?}");
                 continue;
             };
+            touched.push(i);
             let r = &mut env.recipients[i];
             match outcome {
                 Outcome::Delivered { reply } => {
@@ -1026,6 +1074,9 @@ impl Spool {
                         reply,
                     };
                     newly_failed.push(i);
+                    if !touched.contains(&i) {
+                        touched.push(i);
+                    }
                 }
             }
         }
@@ -1035,6 +1086,10 @@ impl Spool {
             .filter(|&&i| env.recipients[i].status.is_pending())
             .count();
         summary.pending = env.pending().count();
+        summary.recipients = touched
+            .iter()
+            .map(|&i| recipient_result(&env.recipients[i]))
+            .collect();
 
         // Failure DSN, before the envelope update.
         if env.sender.is_some() {
@@ -1044,8 +1099,22 @@ impl Spool {
                 .filter(|&i| env.recipients[i].notify.wants_failure())
                 .collect();
             if !report.is_empty() {
-                summary.bounce =
-                    Some(dsn::queue_dsn(self, &env, &report, dsn::Kind::Failed, now).await?);
+                match dsn::queue_dsn(self, &env, &report, dsn::Kind::Failed, now).await {
+                    Ok(bounce) => summary.bounce = Some(bounce),
+                    Err(e) => {
+                        // The attempt is not recorded: it is made again, and the DSN with it.
+                        for &i in &report {
+                            tracing::warn!(
+                                id = %id,
+                                from = env.sender.as_deref().unwrap_or(""),
+                                to = %env.recipients[i].address,
+                                error = %e,
+                                "cannot queue the bounce (DSN) to the sender"
+                            );
+                        }
+                        return Err(e);
+                    }
+                }
             }
             if let Some(warn_after) = self.inner.cfg.bounce_after_delay_warning
                 && !env.delay_warned
@@ -1064,6 +1133,28 @@ impl Spool {
                         Some(dsn::queue_dsn(self, &env, &delayed, dsn::Kind::Delayed, now).await?);
                 }
                 env.delay_warned = true;
+            }
+        } else {
+            // A DSN (null sender) that failed is not reported to anyone (RFC 5321 section
+            // 4.5.5): a double bounce, discarded. Said loudly: someone's bounce is lost.
+            for &i in &newly_failed {
+                let r = &env.recipients[i];
+                let reason = match &r.status {
+                    RcptStatus::Failed { reply, .. } => reply.as_str(),
+                    _ => "",
+                };
+                let (orig_id, orig_rcpts) = match &env.report_of {
+                    Some(o) => (o.id.as_str(), o.recipients.join(", ")),
+                    None => ("", String::new()),
+                };
+                tracing::warn!(
+                    id = %id,
+                    original_sender = %r.address,
+                    original_id = %orig_id,
+                    original_recipients = %orig_rcpts,
+                    reason = %one_line(reason),
+                    "undeliverable bounce discarded (double bounce)"
+                );
             }
         }
 
@@ -1095,6 +1186,36 @@ impl Spool {
             .counters
             .dsns
             .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How a recipient stands, for the delivery log.
+fn recipient_result(r: &RecipientState) -> RecipientResult {
+    let (status, reply, dsn) = match &r.status {
+        RcptStatus::Delivered { reply, .. } => (
+            DeliveryStatus::Sent,
+            reply.as_str(),
+            dsn::dsn_status(reply, "2.0.0"),
+        ),
+        RcptStatus::Failed { reply, .. } => (
+            DeliveryStatus::Bounced,
+            reply.as_str(),
+            dsn::failed_status(r, reply),
+        ),
+        RcptStatus::Pending => {
+            let reply = r.last_reply.as_deref().unwrap_or("");
+            (
+                DeliveryStatus::Deferred,
+                reply,
+                dsn::dsn_status(reply, "4.0.0"),
+            )
+        }
+    };
+    RecipientResult {
+        address: r.address.clone(),
+        status,
+        reply: one_line(reply),
+        dsn,
     }
 }
 
@@ -1211,6 +1332,7 @@ impl Incoming {
             frozen: false,
             delay_warned: false,
             headers: envelope.headers,
+            report_of: envelope.report_of,
         };
         let (env_file, env_tmp) = match spool.write_tmp_envelope(&env) {
             Ok(x) => x,

@@ -559,6 +559,24 @@ async fn bounce_is_an_rfc3464_report() {
     assert_eq!(bounce.recipients[0].address, "alice@example.org");
     assert_eq!(bounce.route, "mta");
     assert_eq!(spool.stats().dsns, 1);
+    // The DSN knows what it reports on (for the log, should it fail in turn).
+    assert_eq!(
+        bounce.report_of,
+        Some(ReportOf {
+            id: id.to_string(),
+            recipients: vec!["bob@example.net".into()],
+        })
+    );
+    // The delivery log's view of the attempt.
+    assert_eq!(
+        s.recipients,
+        vec![RecipientResult {
+            address: "bob@example.net".into(),
+            status: DeliveryStatus::Bounced,
+            reply: "550 5.1.1 <bob@example.net>: no such user".into(),
+            dsn: "5.1.1".into(),
+        }]
+    );
 
     let text = String::from_utf8(body_of(&spool, &bounce_id)).unwrap();
     let (headers, body) = split_message(&text);
@@ -603,6 +621,78 @@ async fn bounce_is_an_rfc3464_report() {
     assert!(s.removed && s.bounce.is_none());
     assert_eq!(spool.get(&id).unwrap(), None);
     assert!(!dir.path().join("msg").join(format!("{id}.data")).exists());
+}
+
+#[tokio::test]
+async fn each_recipient_of_an_attempt_is_reported_and_a_double_bounce_is_discarded() {
+    let dir = TempDir::new("results");
+    let (spool, _) = open(&dir);
+    let id = commit(
+        &spool,
+        new_env(
+            Some("alice@example.org"),
+            &["a@example.net", "b@example.net", "c@example.net"],
+        ),
+        MSG,
+    )
+    .await;
+    let claim = spool.claim(&id).unwrap();
+    let s = spool
+        .record_attempt(
+            &id,
+            vec![
+                (
+                    "a@example.net".into(),
+                    Outcome::Delivered {
+                        reply: "250 2.0.0 queued as X".into(),
+                    },
+                ),
+                (
+                    "b@example.net".into(),
+                    Outcome::TempFail {
+                        reply: "451 4.4.1 connect to mx.example.net: refused".into(),
+                    },
+                ),
+                (
+                    "c@example.net".into(),
+                    Outcome::PermFail {
+                        reply: "554 rejected".into(),
+                    },
+                ),
+            ],
+            SystemTime::now(),
+        )
+        .await
+        .unwrap();
+    drop(claim);
+    let got: Vec<(&str, DeliveryStatus, &str)> = s
+        .recipients
+        .iter()
+        .map(|r| (r.address.as_str(), r.status, r.dsn.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("a@example.net", DeliveryStatus::Sent, "2.0.0"),
+            ("b@example.net", DeliveryStatus::Deferred, "4.4.1"),
+            ("c@example.net", DeliveryStatus::Bounced, "5.0.0"),
+        ]
+    );
+    assert_eq!(DeliveryStatus::Bounced.to_string(), "bounced");
+
+    // The bounce to alice fails in turn: nobody is told (null sender), the DSN is gone.
+    let bounce = s.bounce.expect("a bounce");
+    let s = perm_fail(
+        &spool,
+        &bounce,
+        "alice@example.org",
+        "550 5.1.1 no such user",
+    )
+    .await;
+    assert!(s.removed && s.bounce.is_none());
+    assert_eq!(s.recipients[0].status, DeliveryStatus::Bounced);
+    assert_eq!(spool.stats().dsns, 1);
+    assert_eq!(spool.get(&bounce).unwrap(), None);
 }
 
 #[tokio::test]
