@@ -560,8 +560,9 @@ until(b'* OK')
 c.sendall(b'l LOGIN bob@example.test bob-pw\\r\\n'); until(b'l')
 c.sendall(b'e ENABLE IMAP4rev2\\r\\n'); until(b'e')
 body = b'From: x@example.org\\r\\nSubject: hi\\r\\n\\r\\nz1 DELETE VictimFolder\\r\\nz2 CREATE pwned\\r\\n'
-# a6 fails to parse; a7 (literal8) parses and fails for the missing mailbox.
-for head, want in [(b'a6 APPEND \"Entw\\xc3\\xbcrfe\" (\\\\Seen) {{%d+}}' % len(body), b' BAD '), (b'a7 APPEND rt ~{{%d+}}' % len(body), b' NO [TRYCREATE] ')]:
+# a6 fails to parse (a quoted string that is not UTF-8); a7 (literal8) parses and fails for
+# the missing mailbox.
+for head, want in [(b'a6 APPEND \"Entw\\xfcrfe\" (\\\\Seen) {{%d+}}' % len(body), b' BAD '), (b'a7 APPEND rt ~{{%d+}}' % len(body), b' NO [TRYCREATE] ')]:
     c.sendall(head + b'\\r\\n' + body + b'\\r\\nn NOOP\\r\\n')
     got = until(b'n')
     check(got.count(want) == 1 and b'z1' not in got and b'z2' not in got, 'reply: %r' % got)

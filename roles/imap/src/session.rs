@@ -892,6 +892,12 @@ impl Session {
 
     fn command(&mut self) {
         let buf = std::mem::take(&mut self.cmd);
+        self.command_in(buf, false);
+    }
+
+    /// Parses and runs the command (so far) in `buf`; `utf8_done`: its quoted strings holding
+    /// UTF-8 have been turned into literals already.
+    fn command_in(&mut self, buf: Vec<u8>, utf8_done: bool) {
         let decoded = CommandCodec::default().decode(&buf);
         match decoded {
             Ok(([], cmd)) => {
@@ -903,6 +909,15 @@ impl Session {
                 self.literal_announced(buf, tag, length, mode);
             }
             _ => {
+                // UTF-8 in quoted strings (RFC 9051 4.3), which imap-codec 1.0 does not
+                // parse: as literals. IMAP4rev1 (RFC 3501) has 7-bit quoted strings only.
+                if self.rev2
+                    && !utf8_done
+                    && let Some(b) = ext::utf8_quoted_as_literals(&buf)
+                {
+                    self.command_in(b, true);
+                    return;
+                }
                 let tag = tag_of(&buf);
                 // A `{n}` at the end of a command whose literals are all complete is the
                 // end of a literal's octets, not an announcement.

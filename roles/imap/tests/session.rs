@@ -136,6 +136,13 @@ impl Client {
     }
 }
 
+/// The text in Latin-1 (characters up to U+00FF; one octet each).
+fn latin1(s: &str) -> Vec<u8> {
+    s.chars()
+        .map(|c| u8::try_from(u32::from(c)).expect("Latin-1"))
+        .collect()
+}
+
 fn count(hay: &str, needle: &str) -> usize {
     hay.matches(needle).count()
 }
@@ -400,6 +407,124 @@ fn mailbox_names_are_modified_utf7_for_rev1_and_utf8_after_enable_imap4rev2() {
         r.contains("* STATUS Gr&APwA3w-e/&ZeVnLA- (MESSAGES 0)"),
         "{r}"
     );
+}
+
+/// IMAP4rev2 quoted strings may hold UTF-8 (RFC 9051 4.3: `QUOTED-CHAR` includes
+/// `UTF8-2`..`UTF8-4`); IMAP4rev1 ones are 7-bit (RFC 3501), so a rev1 session gets BAD.
+#[test]
+fn utf8_in_quoted_strings_after_enable_imap4rev2() {
+    let store = store_with_mail();
+    let mut v1 = Client::logged_in(&store);
+    let r = v1.send("a CREATE \"\u{dc}n\u{ef}c\u{f6}d\u{e9}\"\r\n");
+    assert_eq!(r, "a BAD Syntax error or unknown command\r\n");
+    let mut c = Client::logged_in(&store);
+    assert!(
+        c.send("e ENABLE IMAP4rev2\r\n")
+            .contains("* ENABLED IMAP4rev2")
+    );
+    let r = c.send("b CREATE \"\u{dc}n\u{ef}c\u{f6}d\u{e9}\"\r\n");
+    assert_eq!(r, "b OK CREATE completed\r\n");
+    // Stored in modified UTF-7, as a rev1 client sees it.
+    let r = v1.send("c LIST \"\" *\r\n");
+    assert!(r.contains("\"/\" &ANw-n&AO8-c&APY-d&AOk-\r\n"), "{r}");
+    // Escapes inside are undone; several strings in one command; a LIST pattern.
+    let r = c.send("d RENAME \"\u{dc}n\u{ef}c\u{f6}d\u{e9}\" \"\u{c4}\\\"q\\\\\"\r\n");
+    assert_eq!(r, "d OK RENAME completed\r\n");
+    let r = c.send("f LIST \"\" \"\u{c4}*\"\r\n");
+    assert!(r.contains("\"/\" {5}\r\n\u{c4}\"q\\\r\n"), "{r}");
+    assert!(r.ends_with("f OK LIST completed\r\n"), "{r}");
+    // APPEND with a synchronising literal after a UTF-8 name: `+`, then the message.
+    let msg = "Subject: caf\u{e9} cr\u{e8}me\r\n\r\nbr\u{fb}l\u{e9}e\r\n";
+    let r = c.send(&format!(
+        "g APPEND \"Entw\u{fc}rfe\" (\\Seen) {{{}}}\r\n",
+        msg.len()
+    ));
+    assert_eq!(r, "+ Ready for literal data\r\n");
+    let r = c.send(&format!("{msg}\r\n"));
+    assert_eq!(r, "g NO [TRYCREATE] No such mailbox\r\n");
+    c.send("h CREATE \"Entw\u{fc}rfe\"\r\n");
+    let r = c.send(&format!(
+        "i APPEND \"Entw\u{fc}rfe\" (\\Seen) {{{}+}}\r\n{msg}\r\n",
+        msg.len()
+    ));
+    assert_eq!(r, "i OK [APPENDUID 7 1] APPEND completed\r\n");
+    let r = c.send("j STATUS \"Entw\u{fc}rfe\" (MESSAGES)\r\n");
+    assert!(r.starts_with("* STATUS "), "{r}");
+    assert!(r.contains("(MESSAGES 1)"), "{r}");
+    // SEARCH strings, also as a second UTF-8 string of the command.
+    let r = c.send("k SELECT \"Entw\u{fc}rfe\"\r\n");
+    assert!(r.contains("k OK [READ-WRITE]"), "{r}");
+    let r = c.send("l SEARCH SUBJECT \"caf\u{e9}\" BODY \"br\u{fb}l\u{e9}e\"\r\n");
+    assert!(r.starts_with("* ESEARCH (TAG \"l\") ALL 1\r\n"), "{r}");
+    let r = c.send("m SEARCH SUBJECT \"cr\u{e8}mes\"\r\n");
+    assert!(r.starts_with("* ESEARCH (TAG \"m\")\r\n"), "{r}");
+    // More UTF-8 strings than literals a command may announce: they are not literals the
+    // client sent, so that limit does not apply (the line limit does).
+    let many = " TEXT \"\u{e9}\"".repeat(100);
+    let r = c.send(&format!("n SEARCH{many}\r\n"));
+    assert!(r.ends_with("n OK SEARCH completed\r\n"), "{r}");
+    // The same bytes, one at a time.
+    let script = format!(
+        "o APPEND \"Entw\u{fc}rfe\" {{{}}}\r\n{msg}\r\np NOOP\r\n",
+        msg.len()
+    );
+    let mut out = String::new();
+    for b in script.as_bytes() {
+        out.push_str(&c.send_bytes(&[*b]));
+    }
+    assert!(out.starts_with("+ Ready for literal data\r\n"), "{out}");
+    assert!(
+        out.contains("o OK [APPENDUID 7 2] APPEND completed\r\n"),
+        "{out}"
+    );
+    assert!(out.ends_with("p OK NOOP completed\r\n"), "{out}");
+}
+
+/// Quoted strings that are not valid UTF-8, or not valid quoted strings, stay BAD after
+/// ENABLE IMAP4rev2; the line limit holds for UTF-8 strings too.
+#[test]
+fn utf8_in_quoted_strings_hostile() {
+    let store = MemoryStore::new();
+    let cfg = Config {
+        max_line: 300,
+        max_bad_commands: 100,
+        ..Config::default()
+    };
+    let (mut c, _) = Client::with(&store, cfg, true);
+    assert!(c.send("l LOGIN alice secret\r\n").contains("l OK"));
+    c.send("e ENABLE IMAP4rev2\r\n");
+    for (i, bad) in [
+        &b"CREATE \"Entw\xfcrfe\""[..],
+        b"CREATE \"\xc3\"",
+        b"CREATE \"\xed\xa0\x80\"",
+        b"CREATE \"\xc0\xaf\"",
+        b"CREATE \"\xf4\x90\x80\x80\"",
+        b"CREATE \"\xc3\xa9\\x\"",
+        b"CREATE \"\xc3\xa9\x00\"",
+        b"CREATE \"\xc3\xa9",
+        b"CREATE \"\xc3\xa9\\",
+        b"CREATE \xc3\xa9",
+        b"RENAME \"ok\xc3\xa9\" \"\xff\"",
+        b"CREATE \"\xc3\xa9\" extra",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut cmd = format!("t{i} ").into_bytes();
+        cmd.extend_from_slice(bad);
+        cmd.extend_from_slice(b"\r\n");
+        let r = c.send_bytes(&cmd);
+        assert!(r.starts_with(&format!("t{i} BAD ")), "{bad:?}: {r}");
+    }
+    // Over the line limit: BAD [TOOBIG], nothing created; the session goes on.
+    let r = c.send(&format!("u CREATE \"{}\"\r\n", "\u{e9}".repeat(200)));
+    assert_eq!(r, "u BAD [TOOBIG] Line too long\r\n");
+    let r = c.send("v LIST \"\" *\r\n");
+    assert!(!r.contains('\u{e9}') && !r.contains("&AOk"), "{r}");
+    assert!(r.ends_with("v OK LIST completed\r\n"), "{r}");
+    // Just under it: fine.
+    let r = c.send(&format!("w CREATE \"{}\"\r\n", "\u{e9}".repeat(130)));
+    assert_eq!(r, "w OK CREATE completed\r\n");
 }
 
 #[test]
@@ -872,6 +997,7 @@ fn empty_append_is_refused() {
 fn literal_of_bad_command_is_not_executed() {
     let body = "From: a@example.org\r\nSubject: x\r\n\r\nz1 DELETE Victim\r\nz2 CREATE pwned\r\n";
     let n = body.len();
+    // a6, a10: not UTF-8 (Latin-1), which IMAP4rev2 quoted strings may not hold.
     let attacks = [
         format!("a6 APPEND \"Entw\u{fc}rfe\" (\\Seen) {{{n}+}}\r\n{body}\r\n"),
         format!("a7 APPEND rt (\\Bogus\x01) ~{{{n}+}}\r\n{body}\r\n"),
@@ -885,12 +1011,13 @@ fn literal_of_bad_command_is_not_executed() {
     for attack in &attacks {
         let tag = attack.split(' ').next().unwrap_or_default();
         let script = format!("e ENABLE IMAP4rev2\r\n{attack}y NOOP\r\n");
+        let script = latin1(&script);
         let run = |step: usize| {
             let store = store_with_mail();
             store.session().create("Victim").expect("create");
             let mut c = Client::logged_in(&store);
             let mut out = String::new();
-            for chunk in script.as_bytes().chunks(step) {
+            for chunk in script.chunks(step) {
                 out.push_str(&c.send_bytes(chunk));
             }
             let names = c.send("l LIST \"\" *\r\n");
