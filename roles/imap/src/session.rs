@@ -1247,6 +1247,11 @@ impl Session {
                 message,
             } => {
                 need(authed)?;
+                if flags.iter().any(|f| matches!(f, ImapFlag::Extension(_))) {
+                    // As STORE: \Recent and unknown system flags cannot be stored (Dovecot:
+                    // BAD).
+                    return Err(Done::bad("Invalid system flag"));
+                }
                 let name = mailbox_name(&mailbox, self.rev2)?;
                 let flags: Vec<Flag> = flags.iter().filter_map(from_imap_flag).collect();
                 let date = date.map(|d| SystemTime::from(*d.as_ref()));

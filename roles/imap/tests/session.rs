@@ -1057,7 +1057,8 @@ fn literal_of_bad_command_is_not_executed() {
     );
 }
 
-/// STORE of \\Recent or an unknown system flag is BAD (they cannot be stored); keywords work.
+/// STORE and APPEND of \\Recent or an unknown system flag are BAD (they cannot be stored);
+/// keywords work.
 #[test]
 fn store_refuses_invalid_system_flags() {
     let store = store_with_mail();
@@ -1074,6 +1075,26 @@ fn store_refuses_invalid_system_flags() {
         r.contains("\\Seen") && r.contains("$Work") && !r.contains("Bogus"),
         "{r}"
     );
+    // APPEND: the same flags, the same answer; nothing is stored.
+    let msg = "Subject: x\r\n\r\nbody\r\n";
+    for (tag, flags) in [
+        ("e", "(\\Recent)"),
+        ("f", "(\\Seen \\Bogus)"),
+        ("g", "(\\recent $Work)"),
+    ] {
+        let r = c.send(&format!(
+            "{tag} APPEND INBOX {flags} {{{}+}}\r\n{msg}\r\n",
+            msg.len()
+        ));
+        assert_eq!(r, format!("{tag} BAD Invalid system flag\r\n"), "{flags}");
+    }
+    let r = c.send(&format!(
+        "h APPEND INBOX (\\Seen $Work \\Draft) {{{}+}}\r\n{msg}\r\n",
+        msg.len()
+    ));
+    assert!(r.contains("h OK [APPENDUID 1 4]"), "{r}");
+    let r = c.send("i STATUS INBOX (MESSAGES)\r\n");
+    assert!(r.starts_with("* STATUS INBOX (MESSAGES 4)"), "{r}");
 }
 
 #[test]
