@@ -1565,9 +1565,14 @@ impl Session {
             (reference, pattern)
         };
         let word = if lsub { "LSUB" } else { "LIST" };
+        let done = if lsub {
+            Done::ok("LSUB completed")
+        } else {
+            Done::ok("LIST completed")
+        };
         if pattern.is_empty() {
             self.raw(format!("* {word} (\\Noselect) \"/\" \"\"\r\n"));
-            return Ok(Done::ok("LIST completed"));
+            return Ok(done);
         }
         let mut full = reference;
         if !full.is_empty() && !full.ends_with(b"/") && !pattern.starts_with(b"/") {
@@ -1640,7 +1645,7 @@ impl Session {
                 let _ = self.status(&mb.name, items);
             }
         }
-        Ok(Done::ok("LIST completed"))
+        Ok(done)
     }
 
     /// A store name as this session shows it: UTF-8 after ENABLE IMAP4rev2, else as stored

@@ -322,7 +322,12 @@ fn mailbox_management_and_list() {
         "h OK SUBSCRIBE completed\r\n"
     );
     let r = c.send("i LSUB \"\" Jo*\r\n");
-    assert_eq!(r, "* LSUB () \"/\" Job\r\ni OK LIST completed\r\n");
+    assert_eq!(r, "* LSUB () \"/\" Job\r\ni OK LSUB completed\r\n");
+    let r = c.send("i2 LSUB \"\" \"\"\r\n");
+    assert_eq!(
+        r,
+        "* LSUB (\\Noselect) \"/\" \"\"\r\ni2 OK LSUB completed\r\n"
+    );
     let r = c.send("j LIST (SUBSCRIBED) \"\" * RETURN (STATUS (MESSAGES))\r\n");
     assert!(
         r.contains(
