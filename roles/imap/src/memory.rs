@@ -306,6 +306,10 @@ impl MailStore for MemorySession {
         Ok(())
     }
 
+    fn subscriptions(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.store.lock().subscribed.iter().cloned().collect())
+    }
+
     fn status(&self, name: &str) -> Result<Status, StoreError> {
         let a = self.store.lock();
         let mb = a.mailboxes.get(name).ok_or(StoreError::NotFound)?;

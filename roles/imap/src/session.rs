@@ -22,7 +22,7 @@
 //! FETCH, STORE or SEARCH without UID: RFC 9051 7.5.1), so sequence numbers the client holds
 //! stay valid.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -53,7 +53,7 @@ use imap_codec::{CommandCodec, ResponseCodec};
 use crate::ext::{self, Extras, Recognised, StatusItem};
 use crate::message::{self, Parsed, SearchView, UnknownCte};
 use crate::secret::Secret;
-use crate::store::{Flag, FlagOp, MailStore, MessageMeta, StoreError};
+use crate::store::{Flag, FlagOp, MailStore, MailboxInfo, MessageMeta, StoreError};
 use crate::uids::UidList;
 
 /// Limits and offers of a session.
@@ -1583,8 +1583,37 @@ impl Session {
         let sel_subscribed = lsub || ex.list_select.iter().any(|s| s == "SUBSCRIBED");
         let sel_special = ex.list_select.iter().any(|s| s == "SPECIAL-USE");
         let ret_subscribed = sel_subscribed || ex.list_return.iter().any(|s| s == "SUBSCRIBED");
-        let all = self.store()?.list().map_err(|e| store_error(&e))?;
-        for mb in &all {
+        // (mailbox, exists): with the SUBSCRIBED selection (and LSUB), subscriptions whose
+        // mailbox does not exist are listed too (RFC 5258 3.1, RFC 3501 6.3.9).
+        let mut all: Vec<(MailboxInfo, bool)> = self
+            .store()?
+            .list()
+            .map_err(|e| store_error(&e))?
+            .into_iter()
+            .map(|m| (m, true))
+            .collect();
+        if sel_subscribed {
+            let mut known: HashSet<String> = all.iter().map(|(m, _)| m.name.clone()).collect();
+            let subs = self.store()?.subscriptions().map_err(|e| store_error(&e))?;
+            let before = all.len();
+            for name in subs {
+                if known.insert(name.clone()) {
+                    let mb = MailboxInfo {
+                        name,
+                        delimiter: Some('/'),
+                        special_use: None,
+                        subscribed: true,
+                        noselect: true,
+                    };
+                    all.push((mb, false));
+                }
+            }
+            if all.len() > before {
+                all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+            }
+        }
+        for (mb, exists) in &all {
+            let exists = *exists;
             let matches = if mb.name == "INBOX" {
                 pattern_match(&full.to_ascii_uppercase(), b"INBOX", b'/')
                     || pattern_match(&full, b"INBOX", b'/')
@@ -1598,22 +1627,25 @@ impl Session {
                 continue;
             }
             let prefix = format!("{}/", mb.name);
-            let children = all.iter().any(|o| o.name.starts_with(&prefix));
+            let children = all.iter().any(|(o, e)| *e && o.name.starts_with(&prefix));
             let mut attrs: Vec<FlagNameAttribute> = Vec::new();
             let mut attr = |s: &str| {
                 if let Ok(a) = Atom::try_from(s.to_owned()) {
                     attrs.push(FlagNameAttribute::from(a));
                 }
             };
-            if mb.noselect {
+            if !exists && !lsub {
+                // Implies \Noselect (RFC 5258).
+                attr("NonExistent");
+            } else if mb.noselect {
                 attr("Noselect");
             }
             if !lsub {
-                attr(if children {
-                    "HasChildren"
-                } else {
-                    "HasNoChildren"
-                });
+                if children {
+                    attr("HasChildren");
+                } else if exists {
+                    attr("HasNoChildren");
+                }
                 if let Some(su) = mb.special_use {
                     attr(&su.as_str()[1..]);
                 }

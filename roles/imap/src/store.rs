@@ -220,6 +220,10 @@ pub trait MailStore: Send {
     fn rename(&mut self, from: &str, to: &str) -> Result<(), StoreError>;
     /// Subscribes (`on`) or unsubscribes. The name need not exist.
     fn subscribe(&mut self, name: &str, on: bool) -> Result<(), StoreError>;
+    /// Every subscribed name, whether the mailbox exists or not: a subscription outlives the
+    /// mailbox it names (DELETE leaves it, as Dovecot does), and LSUB and
+    /// `LIST (SUBSCRIBED)` still show it (`\Noselect`, `\NonExistent`).
+    fn subscriptions(&self) -> Result<Vec<String>, StoreError>;
     /// Counters of one mailbox, without selecting it.
     fn status(&self, name: &str) -> Result<Status, StoreError>;
     /// Opens a mailbox and takes the snapshot that later `refresh` calls compare against.

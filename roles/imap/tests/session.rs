@@ -360,6 +360,75 @@ fn mailbox_management_and_list() {
     );
 }
 
+/// A subscription outlives its mailbox (SUBSCRIBE of a missing name, DELETE keeps it, as
+/// Dovecot): LSUB shows it `\Noselect` (RFC 3501 6.3.9), `LIST (SUBSCRIBED)` `\NonExistent`
+/// (RFC 5258 3.1); a plain LIST does not show it.
+#[test]
+fn subscriptions_of_missing_mailboxes_are_listed() {
+    let store = MemoryStore::new();
+    let mut c = Client::logged_in(&store);
+    assert_eq!(
+        c.send("a SUBSCRIBE NotThere\r\n"),
+        "a OK SUBSCRIBE completed\r\n"
+    );
+    c.send("b CREATE Temp\r\n");
+    c.send("c SUBSCRIBE Temp\r\n");
+    assert_eq!(c.send("d DELETE Temp\r\n"), "d OK DELETE completed\r\n");
+    let r = c.send("e LSUB \"\" \"*\"\r\n");
+    assert!(r.contains("* LSUB () \"/\" INBOX\r\n"), "{r}");
+    assert!(r.contains("* LSUB (\\Noselect) \"/\" NotThere\r\n"), "{r}");
+    assert!(r.contains("* LSUB (\\Noselect) \"/\" Temp\r\n"), "{r}");
+    assert!(r.ends_with("e OK LSUB completed\r\n"), "{r}");
+    let r = c.send("f LIST (SUBSCRIBED) \"\" \"*\"\r\n");
+    assert!(
+        r.contains("* LIST (\\HasNoChildren \\Subscribed) \"/\" INBOX\r\n"),
+        "{r}"
+    );
+    assert!(
+        r.contains("* LIST (\\NonExistent \\Subscribed) \"/\" NotThere\r\n"),
+        "{r}"
+    );
+    assert!(
+        r.contains("* LIST (\\NonExistent \\Subscribed) \"/\" Temp\r\n"),
+        "{r}"
+    );
+    // In name order among the others.
+    assert!(r.find("Junk").unwrap() < r.find("NotThere").unwrap(), "{r}");
+    assert!(r.find("NotThere").unwrap() < r.find("Sent").unwrap(), "{r}");
+    // Not without the SUBSCRIBED selection; no STATUS for a missing mailbox.
+    let r = c.send("g LIST \"\" \"*\" RETURN (SUBSCRIBED)\r\n");
+    assert!(!r.contains("NotThere") && !r.contains("Temp"), "{r}");
+    let r = c.send("h LIST (SUBSCRIBED) \"\" T* RETURN (STATUS (MESSAGES))\r\n");
+    assert_eq!(
+        r,
+        "* LIST (\\NonExistent \\Subscribed) \"/\" Temp\r\n\
+         * LIST (\\HasNoChildren \\Trash \\Subscribed) \"/\" Trash\r\n\
+         * STATUS Trash (MESSAGES 0)\r\nh OK LIST completed\r\n"
+    );
+    // Created again: an ordinary subscribed mailbox.
+    c.send("i CREATE Temp\r\n");
+    let r = c.send("j LSUB \"\" Temp\r\n");
+    assert_eq!(r, "* LSUB () \"/\" Temp\r\nj OK LSUB completed\r\n");
+    // Unsubscribed: gone.
+    c.send("k UNSUBSCRIBE NotThere\r\n");
+    let r = c.send("l LSUB \"\" *\r\n");
+    assert!(!r.contains("NotThere"), "{r}");
+    // A missing parent with a child that exists.
+    c.send("m CREATE P/Q\r\n");
+    c.send("n SUBSCRIBE P\r\n");
+    c.send("o DELETE P\r\n");
+    let r = c.send("p LIST (SUBSCRIBED) \"\" P\r\n");
+    assert_eq!(
+        r,
+        "* LIST (\\NonExistent \\HasChildren \\Subscribed) \"/\" P\r\np OK LIST completed\r\n"
+    );
+    // A rev2 session sees a missing UTF-8 name decoded.
+    c.send("q SUBSCRIBE Gr&APw-n\r\n");
+    c.send("r ENABLE IMAP4rev2\r\n");
+    let r = c.send("s LSUB \"\" G*\r\n");
+    assert!(r.contains("(\\Noselect) \"/\" {5}\r\nGr\u{fc}n\r\n"), "{r}");
+}
+
 #[test]
 fn mailbox_names_are_modified_utf7_for_rev1_and_utf8_after_enable_imap4rev2() {
     let store = MemoryStore::new();

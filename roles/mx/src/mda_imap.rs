@@ -449,6 +449,10 @@ impl MailStore for MaildirStore {
         self.user.subscribe(name, on).map_err(err)
     }
 
+    fn subscriptions(&self) -> Result<Vec<String>, StoreError> {
+        self.user.subscriptions().map_err(err)
+    }
+
     fn status(&self, name: &str) -> Result<Status, StoreError> {
         let s = self.user.status(name).map_err(err)?;
         Ok(Status {
