@@ -429,6 +429,48 @@ fn subscriptions_of_missing_mailboxes_are_listed() {
     assert!(r.contains("(\\Noselect) \"/\" {5}\r\nGr\u{fc}n\r\n"), "{r}");
 }
 
+/// RENAME INBOX moves its messages into a new mailbox and leaves INBOX empty, its folders
+/// where they are (RFC 3501 6.3.5, RFC 9051 6.3.6); sessions on INBOX see them expunged.
+#[test]
+fn rename_inbox_moves_its_messages() {
+    let store = store_with_mail();
+    store.session().create("INBOX/Sub").unwrap();
+    store.deliver("INBOX/Sub", M1.as_bytes()).unwrap();
+    let mut other = Client::logged_in(&store);
+    other.send("s SELECT INBOX\r\n");
+    let mut c = Client::logged_in(&store);
+    c.send("s SELECT INBOX\r\n");
+    c.send("f STORE 2 +FLAGS.SILENT (\\Flagged $Work)\r\n");
+    // The renaming session has INBOX selected: it hears of the expunges at once.
+    let r = c.send("a RENAME INBOX Old\r\n");
+    assert_eq!(
+        r,
+        "* 1 EXPUNGE\r\n* 1 EXPUNGE\r\n* 1 EXPUNGE\r\na OK RENAME completed\r\n"
+    );
+    let r = other.send("n NOOP\r\n");
+    assert_eq!(count(&r, " EXPUNGE\r\n"), 3, "{r}");
+    let r = c.send("b STATUS INBOX (MESSAGES UIDNEXT)\r\n");
+    assert!(
+        r.starts_with("* STATUS INBOX (MESSAGES 0 UIDNEXT 4)"),
+        "{r}"
+    );
+    let r = c.send("d STATUS INBOX/Sub (MESSAGES)\r\n");
+    assert!(r.starts_with("* STATUS INBOX/Sub (MESSAGES 1)"), "{r}");
+    let r = c.send("e SELECT Old\r\n");
+    assert!(r.contains("* 3 EXISTS\r\n"), "{r}");
+    let r = c.send("g FETCH 2 (FLAGS BODY.PEEK[HEADER.FIELDS (Subject)])\r\n");
+    assert!(r.contains("FLAGS (\\Flagged $Work)"), "{r}");
+    assert!(r.contains("Subject: Report"), "{r}");
+    // Old exists now; nothing is renamed to INBOX.
+    let r = c.send("h RENAME INBOX Old\r\n");
+    assert_eq!(r, "h NO [ALREADYEXISTS] Mailbox already exists\r\n");
+    let r = c.send("i RENAME Old INBOX\r\n");
+    assert_eq!(r, "i NO [ALREADYEXISTS] Mailbox already exists\r\n");
+    // New mail: fresh UIDs in INBOX.
+    let r = c.send("j APPEND INBOX {3+}\r\nx\r\n\r\n");
+    assert!(r.contains("j OK [APPENDUID 1 4]"), "{r}");
+}
+
 #[test]
 fn mailbox_names_are_modified_utf7_for_rev1_and_utf8_after_enable_imap4rev2() {
     let store = MemoryStore::new();

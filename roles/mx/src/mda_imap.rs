@@ -362,9 +362,7 @@ fn err(e: ms::StoreError) -> StoreError {
         ms::StoreError::InvalidName(..) | ms::StoreError::InvalidUser(..) => {
             StoreError::InvalidName
         }
-        ms::StoreError::InboxProtected => {
-            StoreError::NotAllowed("INBOX cannot be changed that way")
-        }
+        ms::StoreError::InboxProtected => StoreError::NotAllowed("INBOX cannot be deleted"),
         ms::StoreError::QuotaExceeded { .. } => StoreError::OverQuota,
         ms::StoreError::InvalidKeyword(..) => StoreError::NotAllowed("keyword refused"),
         other => StoreError::Unavailable(other.to_string()),
