@@ -170,6 +170,8 @@ struct Sel {
     /// The SEARCHRES `$` (RFC 5182): UIDs a `SEARCH RETURN (SAVE)` found. Expunged messages
     /// drop out when they leave `uids`; empty after SELECT and after a failed SAVE search.
     saved: UidList,
+    /// The keywords announced in the last untagged FLAGS.
+    keywords: Vec<String>,
 }
 
 /// The messages a command names: a sequence set, or the saved search result `$`.
@@ -1483,25 +1485,13 @@ impl Session {
         if !self.rev2 {
             self.raw("* 0 RECENT\r\n".into());
         }
-        self.send(&Response::Data(Data::Flags(
-            Flag::SYSTEM.iter().filter_map(to_imap_flag).collect(),
-        )));
-        let perm = if writable {
-            let mut p: Vec<FlagPerm> = Flag::SYSTEM
-                .iter()
-                .filter_map(to_imap_flag)
-                .map(FlagPerm::Flag)
-                .collect();
-            p.push(FlagPerm::Asterisk);
-            p
-        } else {
-            vec![]
-        };
-        self.send(&Response::Status(Status::Ok {
-            tag: None,
-            code: Some(Code::PermanentFlags(perm)),
-            text: Text::unvalidated("Flags permitted"),
-        }));
+        let mut keywords: Vec<String> = Vec::new();
+        for k in s.keywords {
+            if !keywords.iter().any(|x| x.eq_ignore_ascii_case(&k)) {
+                keywords.push(k);
+            }
+        }
+        self.send_flags(&keywords, writable);
         if let Some(v) = NonZeroU32::new(s.uidvalidity) {
             self.send(&Response::Status(Status::Ok {
                 tag: None,
@@ -1529,6 +1519,7 @@ impl Session {
             gone: vec![],
             told: vec![],
             saved: UidList::default(),
+            keywords,
         });
         self.state = State::Selected;
         Ok(if writable {
@@ -1536,6 +1527,58 @@ impl Session {
         } else {
             Done::ok("EXAMINE completed").code("READ-ONLY".into())
         })
+    }
+
+    /// The untagged FLAGS and PERMANENTFLAGS of the selected mailbox: the system flags and
+    /// the mailbox's keywords, and `\*` (new keywords may be stored) if it is writable.
+    fn send_flags(&mut self, keywords: &[String], writable: bool) {
+        let mut flags: Vec<ImapFlag<'static>> =
+            Flag::SYSTEM.iter().filter_map(to_imap_flag).collect();
+        flags.extend(
+            keywords
+                .iter()
+                .filter_map(|k| to_imap_flag(&Flag::Keyword(k.clone()))),
+        );
+        let perm = if writable {
+            let mut p: Vec<FlagPerm> = flags.iter().cloned().map(FlagPerm::Flag).collect();
+            p.push(FlagPerm::Asterisk);
+            p
+        } else {
+            vec![]
+        };
+        self.send(&Response::Data(Data::Flags(flags)));
+        self.send(&Response::Status(Status::Ok {
+            tag: None,
+            code: Some(Code::PermanentFlags(perm)),
+            text: Text::unvalidated("Flags permitted"),
+        }));
+    }
+
+    /// Keywords among `flags` the session has not announced for the selected mailbox are
+    /// added to its list; true if there were any (a new FLAGS response is due: RFC 9051
+    /// 7.3.5, as Dovecot sends it).
+    fn learn_keywords<'a>(&mut self, flags: impl IntoIterator<Item = &'a Flag>) -> bool {
+        let Some(sel) = self.sel.as_mut() else {
+            return false;
+        };
+        let mut learned = false;
+        for f in flags {
+            if let Flag::Keyword(k) = f
+                && !sel.keywords.iter().any(|x| x.eq_ignore_ascii_case(k))
+            {
+                sel.keywords.push(k.clone());
+                learned = true;
+            }
+        }
+        learned
+    }
+
+    /// Sends FLAGS and PERMANENTFLAGS again, with the keywords learned since.
+    fn announce_flags(&mut self) {
+        if let Some(sel) = self.sel.as_ref() {
+            let (keywords, writable) = (sel.keywords.clone(), sel.writable);
+            self.send_flags(&keywords, writable);
+        }
     }
 
     fn list(
@@ -1866,6 +1909,17 @@ impl Session {
         sel.highestmodseq = sel.highestmodseq.max(ch.highestmodseq);
         sel.uidnext = sel.uidnext.max(ch.uidnext);
         let condstore = self.condstore;
+        // Keywords another session (or a delivery, an APPEND, a COPY) brought in: a new FLAGS
+        // before the messages that carry them.
+        let mut learned = self.learn_keywords(lines.iter().flat_map(|l| l.2.iter()));
+        for &u in &fresh {
+            if let Some(m) = self.meta(u) {
+                learned |= self.learn_keywords(m.flags.iter());
+            }
+        }
+        if learned {
+            self.announce_flags();
+        }
         for (seq, uid, flags, modseq) in lines {
             let modseq = if condstore {
                 format!(" MODSEQ ({modseq})")
@@ -2101,6 +2155,11 @@ impl Session {
             .store_flags(&uids, op, &flags, ex.unchanged_since)
             .map_err(|e| store_error(&e))?;
         let silent = matches!(response, StoreResponse::Silent);
+        if self.learn_keywords(res.iter().flat_map(|r| r.1.iter())) {
+            // A new keyword: FLAGS and PERMANENTFLAGS again (also for .SILENT), before the
+            // FETCH responses that show it.
+            self.announce_flags();
+        }
         let mut changed = Vec::new();
         for (u, f, m) in &res {
             let Some(sel) = self.sel.as_mut() else { break };

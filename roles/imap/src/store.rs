@@ -158,6 +158,11 @@ pub struct Selected {
     pub uids: Vec<u32>,
     /// Whether the session may change the mailbox (false: SELECT answers `[READ-ONLY]`).
     pub writable: bool,
+    /// The keywords of the mailbox, listed in the untagged FLAGS and PERMANENTFLAGS of
+    /// SELECT: at least those its messages carry (a store that keeps a keyword table, as
+    /// Maildir's `dovecot-keywords`, may give all of it). Keywords that come up later are
+    /// announced by the session with a new FLAGS response.
+    pub keywords: Vec<String>,
 }
 
 /// What changed in the selected mailbox since the last `select` or `refresh`.

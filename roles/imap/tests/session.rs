@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ringmail_imap::{Config, Event, MailStore, MemoryStore, Session};
+use ringmail_imap::{Config, Event, Flag, MailStore, MemoryStore, Session};
 
 const M1: &str = "From: Alice <alice@example.org>\r\n\
 To: bob@example.org\r\n\
@@ -1173,6 +1173,92 @@ fn literal_of_bad_command_is_not_executed() {
     );
 }
 
+/// The untagged FLAGS and PERMANENTFLAGS list the mailbox's keywords (PERMANENTFLAGS keeps
+/// `\*`), and come again when a keyword is new to the session: its own STORE, or another
+/// session's STORE or APPEND (RFC 9051 7.3.5, as Dovecot).
+#[test]
+fn keywords_in_flags_and_permanentflags() {
+    const SYS: &str = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
+    let store = MemoryStore::new();
+    let mut s = store.session();
+    let custom = [Flag::Keyword("$Custom".into())];
+    s.append("INBOX", M1.as_bytes(), &custom, None).unwrap();
+    s.append("INBOX", M2.as_bytes(), &[Flag::Seen], None)
+        .unwrap();
+    let mut c = Client::logged_in(&store);
+    let r = c.send("a SELECT INBOX\r\n");
+    assert!(r.contains(&format!("* FLAGS ({SYS} $Custom)\r\n")), "{r}");
+    assert!(
+        r.contains(&format!(
+            "* OK [PERMANENTFLAGS ({SYS} $Custom \\*)] Flags permitted\r\n"
+        )),
+        "{r}"
+    );
+    // Known keywords (in any case) and system flags: no new FLAGS.
+    let r = c.send("b STORE 2 +FLAGS ($Custom \\Flagged)\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (FLAGS (\\Seen \\Flagged $Custom))\r\nb OK STORE completed\r\n"
+    );
+    let r = c.send("b2 STORE 2 -FLAGS ($CUSTOM)\r\n");
+    assert!(!r.contains("* FLAGS"), "{r}");
+    // A new keyword: FLAGS and PERMANENTFLAGS first, then the FETCH.
+    let r = c.send("c STORE 1 +FLAGS (NewOne)\r\n");
+    assert_eq!(
+        r,
+        format!(
+            "* FLAGS ({SYS} $Custom NewOne)\r\n\
+             * OK [PERMANENTFLAGS ({SYS} $Custom NewOne \\*)] Flags permitted\r\n\
+             * 1 FETCH (FLAGS ($Custom NewOne))\r\nc OK STORE completed\r\n"
+        )
+    );
+    // Also for .SILENT, which sends no FETCH.
+    let r = c.send("d STORE 2 +FLAGS.SILENT (Other)\r\n");
+    assert_eq!(
+        r,
+        format!(
+            "* FLAGS ({SYS} $Custom NewOne Other)\r\n\
+             * OK [PERMANENTFLAGS ({SYS} $Custom NewOne Other \\*)] Flags permitted\r\n\
+             d OK STORE completed\r\n"
+        )
+    );
+    let r = c.send("e STORE 2 -FLAGS (Other)\r\n");
+    assert!(!r.contains("* FLAGS"), "{r}");
+    // Another session's keyword: announced before the FETCH that shows it.
+    let mut o = Client::logged_in(&store);
+    o.send("s SELECT INBOX\r\n");
+    o.send("f STORE 1 +FLAGS (FromOther)\r\n");
+    let r = c.send("g NOOP\r\n");
+    let flags = r.find("* FLAGS (").expect("FLAGS");
+    assert!(
+        r[flags..].starts_with(&format!(
+            "* FLAGS ({SYS} $Custom NewOne Other FromOther)\r\n"
+        )),
+        "{r}"
+    );
+    assert!(flags < r.find("* 1 FETCH").expect("FETCH"), "{r}");
+    // An APPEND elsewhere with a new keyword: announced with the new message.
+    let r = o.send("h APPEND INBOX (Appended) {3+}\r\nx\r\n\r\n");
+    assert!(r.contains("h OK [APPENDUID"), "{r}");
+    let r = c.send("i NOOP\r\n");
+    assert!(r.contains(" FromOther Appended)\r\n"), "{r}");
+    assert!(
+        r.find("* FLAGS").unwrap() < r.find("* 3 EXISTS").unwrap(),
+        "{r}"
+    );
+    let r = c.send("j NOOP\r\n");
+    assert_eq!(r, "j OK NOOP completed\r\n");
+    // EXAMINE: the keywords in use, nothing permanent.
+    let r = c.send("k EXAMINE INBOX\r\n");
+    assert!(
+        r.contains(&format!(
+            "* FLAGS ({SYS} $Custom FromOther NewOne Appended)\r\n"
+        )),
+        "{r}"
+    );
+    assert!(r.contains("* OK [PERMANENTFLAGS ()]"), "{r}");
+}
+
 /// STORE and APPEND of \\Recent or an unknown system flag are BAD (they cannot be stored);
 /// keywords work.
 #[test]
@@ -1185,7 +1271,8 @@ fn store_refuses_invalid_system_flags() {
     let r = c.send("b STORE 1 +FLAGS (\\Seen \\Bogus)\r\n");
     assert_eq!(r, "b BAD Invalid system flag\r\n");
     let r = c.send("c STORE 1 +FLAGS.SILENT (\\Seen $Work)\r\n");
-    assert_eq!(r, "c OK STORE completed\r\n");
+    assert!(r.contains(" \\Draft $Work)\r\n"), "{r}");
+    assert!(r.ends_with("c OK STORE completed\r\n"), "{r}");
     let r = c.send("d FETCH 1 FLAGS\r\n");
     assert!(
         r.contains("\\Seen") && r.contains("$Work") && !r.contains("Bogus"),

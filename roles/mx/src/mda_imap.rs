@@ -475,6 +475,7 @@ impl MailStore for MaildirStore {
             highestmodseq: m.highestmodseq(),
             uids: m.uids().collect(),
             writable: true,
+            keywords: m.keywords(),
         };
         self.selected = Some(m);
         Ok(sel)

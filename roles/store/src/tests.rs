@@ -986,6 +986,7 @@ fn rename_inbox_moves_its_messages() {
     );
     let kw = fs::read_to_string(u.maildir().join(".Old.2026/dovecot-keywords")).unwrap();
     assert_eq!(kw, "0 $Work\n1 Zz\n");
+    assert_eq!(old.keywords(), ["$Work", "Zz"]);
     assert!(
         fs::read_dir(u.maildir().join("cur"))
             .unwrap()
