@@ -663,8 +663,8 @@ fn search_keys(c: &mut Cmd<'_>, from: usize, ex: &mut Extras) -> Option<()> {
 /// already has are copied unchanged, their octets unread; a literal announced at the end
 /// whose octets have not arrived stays an announcement.
 pub(crate) fn utf8_quoted_as_literals(buf: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut changed = false;
+    // The quoted strings to replace: (start, end, unescaped octets). One pass, linear.
+    let mut edits: Vec<(usize, usize, Vec<u8>)> = Vec::new();
     let mut i = 0;
     while i < buf.len() {
         match buf[i] {
@@ -689,46 +689,51 @@ pub(crate) fn utf8_quoted_as_literals(buf: &[u8]) -> Option<Vec<u8>> {
                         }
                     }
                 }
-                if content.is_ascii() {
-                    out.extend_from_slice(&buf[i..=j]);
-                } else {
+                if !content.is_ascii() {
                     std::str::from_utf8(&content).ok()?;
-                    out.extend_from_slice(format!("{{{}+}}\r\n", content.len()).as_bytes());
-                    out.extend_from_slice(&content);
-                    changed = true;
+                    edits.push((i, j + 1, content));
                 }
                 i = j + 1;
             }
             b'{' => {
-                // A literal: its announcement and octets are copied as they are.
-                let Some(close) = buf[i..].iter().position(|&b| b == b'}').map(|p| p + i) else {
-                    out.extend_from_slice(&buf[i..]);
-                    break;
-                };
-                let inner = &buf[i + 1..close];
-                let digits = inner.strip_suffix(b"+").unwrap_or(inner);
-                let n = (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
-                    .then(|| std::str::from_utf8(digits).ok()?.parse::<usize>().ok())
-                    .flatten();
-                match n {
-                    Some(n) if buf.get(close + 1..close + 3) == Some(b"\r\n") => {
-                        let end = (close + 3).saturating_add(n).min(buf.len());
-                        out.extend_from_slice(&buf[i..end]);
-                        i = end;
-                    }
-                    _ => {
-                        out.push(b'{');
-                        i += 1;
-                    }
+                // `{n}` / `{n+}` and CRLF: a literal, whose octets are skipped unread.
+                let mut k = i + 1;
+                while buf.get(k).is_some_and(u8::is_ascii_digit) {
+                    k += 1;
+                }
+                let digits = &buf[i + 1..k];
+                if buf.get(k) == Some(&b'+') {
+                    k += 1;
+                }
+                if !digits.is_empty()
+                    && buf.get(k) == Some(&b'}')
+                    && buf.get(k + 1..k + 3) == Some(b"\r\n")
+                {
+                    let n: usize = std::str::from_utf8(digits)
+                        .ok()
+                        .and_then(|d| d.parse().ok())
+                        .unwrap_or(usize::MAX);
+                    i = (k + 3).saturating_add(n).min(buf.len());
+                } else {
+                    i += 1;
                 }
             }
-            b => {
-                out.push(b);
-                i += 1;
-            }
+            _ => i += 1,
         }
     }
-    changed.then_some(out)
+    if edits.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(buf.len() + 16 * edits.len());
+    let mut pos = 0;
+    for (start, end, content) in edits {
+        out.extend_from_slice(&buf[pos..start]);
+        out.extend_from_slice(format!("{{{}+}}\r\n", content.len()).as_bytes());
+        out.extend_from_slice(&content);
+        pos = end;
+    }
+    out.extend_from_slice(&buf[pos..]);
+    Some(out)
 }
 
 /// Whether every literal the command announced has its octets (so that a `{n}` at its end
@@ -988,6 +993,14 @@ mod tests {
         assert_eq!(b, "a X {zz} {2+}\r\né {99999999999999999999}\r\n");
         let b = utf8("a X \"é\" {999}\r\nshort".as_bytes()).unwrap();
         assert_eq!(b, "a X {2+}\r\né {999}\r\nshort");
+        // Many literal-looking openings: each is looked at once (no rescans to a distant `}`).
+        let braces = format!(
+            "a X {}\"é\" {}}}\r\n",
+            "{1".repeat(100_000),
+            "{".repeat(100_000)
+        );
+        let b = utf8_quoted_as_literals(braces.as_bytes()).unwrap();
+        assert_eq!(b.len(), braces.len() - 4 + "{2+}\r\né".len());
         // Long strings: linear, and the output grows by the announcements only.
         let long = format!("a CREATE \"{}\"\r\n", "é".repeat(40_000));
         let b = utf8_quoted_as_literals(long.as_bytes()).unwrap();
