@@ -560,8 +560,9 @@ until(b'* OK')
 c.sendall(b'l LOGIN bob@example.test bob-pw\\r\\n'); until(b'l')
 c.sendall(b'e ENABLE IMAP4rev2\\r\\n'); until(b'e')
 body = b'From: x@example.org\\r\\nSubject: hi\\r\\n\\r\\nz1 DELETE VictimFolder\\r\\nz2 CREATE pwned\\r\\n'
-# a6 fails to parse; a7 (literal8) parses and fails for the missing mailbox.
-for head, want in [(b'a6 APPEND \"Entw\\xc3\\xbcrfe\" (\\\\Seen) {{%d+}}' % len(body), b' BAD '), (b'a7 APPEND rt ~{{%d+}}' % len(body), b' NO [TRYCREATE] ')]:
+# a6 fails to parse (a quoted string that is not UTF-8); a7 (literal8) parses and fails for
+# the missing mailbox.
+for head, want in [(b'a6 APPEND \"Entw\\xfcrfe\" (\\\\Seen) {{%d+}}' % len(body), b' BAD '), (b'a7 APPEND rt ~{{%d+}}' % len(body), b' NO [TRYCREATE] ')]:
     c.sendall(head + b'\\r\\n' + body + b'\\r\\nn NOOP\\r\\n')
     got = until(b'n')
     check(got.count(want) == 1 and b'z1' not in got and b'z2' not in got, 'reply: %r' % got)
@@ -574,4 +575,94 @@ print('OK')
     );
     let out = python(&script);
     assert!(out.contains("OK"), "{out}");
+}
+
+/// Conformance with real clients against the Maildir store: UTF-8 quoted strings after
+/// ENABLE IMAP4rev2 (BAD before), RENAME INBOX, subscriptions that outlive their mailboxes,
+/// keywords in FLAGS, and APPEND of `\Recent`.
+#[test]
+fn utf8_names_rename_inbox_and_subscriptions() {
+    if !Path::new(PY).exists() {
+        skip("python3 not installed");
+        return;
+    }
+    let tmp = TempDir::new("imap-conf");
+    let s = start(tmp.path());
+    let script = format!(
+        r#"{PRELUDE}
+L = ('{li}', {lp}); S = ('{si}', {sp})
+lmtp(*L, 'bob@example.test', b'Subject: one\r\n\r\nfirst\r\n')
+lmtp(*L, 'bob@example.test', b'Subject: two\r\n\r\nsecond\r\n')
+m = imaplib.IMAP4_SSL(*S, ssl_context=ctx); m.login('bob@example.test', 'bob-pw')
+uni = '\u00dcn\u00efc\u00f6d\u00e9'.encode()
+def bad(f, *args):
+    try:
+        f(*args)
+    except imaplib.IMAP4.error:
+        return True
+    return False
+# IMAP4rev1: quoted strings are 7-bit.
+check(bad(m.create, b'"' + uni + b'"'), 'rev1 accepted 8-bit')
+typ, data = m.enable('IMAP4rev2')
+check(typ == 'OK', 'enable: %r' % data)
+# IMAP4rev2: UTF-8 in quoted strings (not when invalid).
+typ, data = m.create(b'"' + uni + b'"')
+check(typ == 'OK', 'create: %r' % data)
+check(bad(m.create, b'"Entw\xfcrfe"'), 'Latin-1 accepted')
+typ, data = m.list('""', b'"\xc3\x9c*"')
+flat = b' '.join(x if isinstance(x, bytes) else b' '.join(x) for x in data)
+check(uni in flat, 'list: %r' % data)
+typ, data = m.append(b'"' + uni + b'"', '(\\Seen $Custom)', None, b'Subject: u\r\n\r\nutf\r\n')
+check(typ == 'OK', 'append: %r' % data)
+typ, data = m.select(b'"' + uni + b'"')
+check(typ == 'OK' and data[0] == b'1', 'select: %r' % data)
+check(b'$Custom' in m.response('FLAGS')[1][0], 'FLAGS: %r' % m.response('FLAGS')[1])
+typ, data = m.store('1', '+FLAGS', '(Fresh)')
+check(typ == 'OK' and b'Fresh' in m.response('FLAGS')[1][-1], 'FLAGS after STORE: %r' % (data,))
+check(bad(m.append, b'"' + uni + b'"', '(\\Recent)', None, b'Subject: r\r\n\r\nr\r\n'), 'APPEND \\Recent')
+m.unselect()
+# RENAME INBOX: its messages move, INBOX stays, empty.
+typ, data = m.rename('INBOX', 'Old')
+check(typ == 'OK', 'rename INBOX: %r' % data)
+typ, data = m.status('INBOX', '(MESSAGES)')
+check(b'MESSAGES 0' in data[0], 'INBOX after rename: %r' % data)
+typ, data = m.select('Old')
+check(typ == 'OK' and data[0] == b'2', 'Old: %r' % data)
+typ, data = m.fetch('1:2', '(BODY.PEEK[HEADER.FIELDS (SUBJECT)])')
+check(b'one' in data[0][1] and b'two' in data[2][1], 'Old messages: %r' % data)
+m.unselect()
+lmtp(*L, 'bob@example.test', b'Subject: three\r\n\r\nthird\r\n')
+typ, data = m.status('INBOX', '(MESSAGES)')
+check(b'MESSAGES 1' in data[0], 'INBOX gets new mail: %r' % data)
+typ, data = m.rename('Old', 'INBOX')
+check(typ == 'NO' and b'[ALREADYEXISTS]' in data[0], 'renamed to INBOX: %r' % data)
+# Subscriptions outlive their mailboxes.
+m.subscribe('NotThere'); m.create('Temp'); m.subscribe('Temp'); m.delete('Temp')
+typ, data = m.lsub('""', '*')
+check(b'(\\Noselect) "/" NotThere' in data and b'(\\Noselect) "/" Temp' in data, 'lsub: %r' % data)
+typ, data = m._simple_command('LIST', '(SUBSCRIBED)', '""', '"*"')
+typ, data = m._untagged_response(typ, data, 'LIST')
+check(b'(\\NonExistent \\Subscribed) "/" NotThere' in data and b'(\\NonExistent \\Subscribed) "/" Temp' in data, 'list subscribed: %r' % data)
+typ, data = m.list('""', '*')
+check(not any(b'NotThere' in d for d in data if isinstance(d, bytes)), 'plain list: %r' % data)
+m.logout()
+print('OK')
+"#,
+        li = s.lmtp.ip(),
+        lp = s.lmtp.port(),
+        si = s.imaps.ip(),
+        sp = s.imaps.port(),
+    );
+    let out = python(&script);
+    assert!(out.contains("OK"), "{out}");
+    // Dovecot's layout: the UTF-8 name is stored in modified UTF-7, the old INBOX messages
+    // in .Old, the missing subscriptions kept.
+    let md = tmp.path().join("mail/example.test/bob/Maildir");
+    assert!(md.join(".&ANw-n&AO8-c&APY-d&AOk-/cur").is_dir());
+    assert_eq!(fs::read_dir(md.join(".Old/cur")).unwrap().count(), 2);
+    let subs = fs::read_to_string(md.join("subscriptions")).unwrap();
+    assert!(
+        subs.contains("\nNotThere\n") && subs.contains("\nTemp\n"),
+        "{subs}"
+    );
 }

@@ -22,6 +22,11 @@
 //!
 //! A command that imap-codec rejects before a literal it announces is first checked with
 //! [`literal_may_follow`], so that extension syntax may precede a literal.
+//!
+//! UTF-8 in quoted strings (IMAP4rev2): imap-codec 1.0 parses 7-bit quoted strings only. For a
+//! session that may use UTF-8, [`utf8_quoted_as_literals`] turns each quoted string holding
+//! valid UTF-8 into a literal of the same octets, and the result is parsed again (by
+//! imap-codec, then by [`recognise`] if need be) as if the client had sent it so.
 
 use std::num::NonZeroU32;
 use std::ops::Range;
@@ -649,6 +654,88 @@ fn search_keys(c: &mut Cmd<'_>, from: usize, ex: &mut Extras) -> Option<()> {
     Some(())
 }
 
+/// UTF-8 in quoted strings (RFC 9051 4.3: `QUOTED-CHAR` includes `UTF8-2`..`UTF8-4`), which
+/// imap-codec 1.0 refuses: every quoted string of the command (so far) that holds non-ASCII
+/// octets becomes a non-synchronising literal of its unescaped octets (`"Grüße"` becomes
+/// `{6+}\r\nGrüße`), which imap-codec accepts wherever a string stands. `None` if
+/// no quoted string holds non-ASCII octets, or if one of them is not valid UTF-8 or holds an
+/// escape other than `\"` and `\\` (the command stays a syntax error). Literals the command
+/// already has are copied unchanged, their octets unread; a literal announced at the end
+/// whose octets have not arrived stays an announcement.
+pub(crate) fn utf8_quoted_as_literals(buf: &[u8]) -> Option<Vec<u8>> {
+    // The quoted strings to replace: (start, end, unescaped octets). One pass, linear.
+    let mut edits: Vec<(usize, usize, Vec<u8>)> = Vec::new();
+    let mut i = 0;
+    while i < buf.len() {
+        match buf[i] {
+            b'"' => {
+                let mut content = Vec::new();
+                let mut j = i + 1;
+                loop {
+                    match *buf.get(j)? {
+                        b'\\' => {
+                            let c = *buf.get(j + 1)?;
+                            if c != b'"' && c != b'\\' {
+                                return None;
+                            }
+                            content.push(c);
+                            j += 2;
+                        }
+                        b'"' => break,
+                        b'\r' | b'\n' | 0 => return None,
+                        c => {
+                            content.push(c);
+                            j += 1;
+                        }
+                    }
+                }
+                if !content.is_ascii() {
+                    std::str::from_utf8(&content).ok()?;
+                    edits.push((i, j + 1, content));
+                }
+                i = j + 1;
+            }
+            b'{' => {
+                // `{n}` / `{n+}` and CRLF: a literal, whose octets are skipped unread.
+                let mut k = i + 1;
+                while buf.get(k).is_some_and(u8::is_ascii_digit) {
+                    k += 1;
+                }
+                let digits = &buf[i + 1..k];
+                if buf.get(k) == Some(&b'+') {
+                    k += 1;
+                }
+                if !digits.is_empty()
+                    && buf.get(k) == Some(&b'}')
+                    && buf.get(k + 1..k + 3) == Some(b"\r\n")
+                {
+                    let n: usize = std::str::from_utf8(digits)
+                        .ok()
+                        .and_then(|d| d.parse().ok())
+                        .unwrap_or(usize::MAX);
+                    i = (k + 3).saturating_add(n).min(buf.len());
+                } else {
+                    i += 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    if edits.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(buf.len() + 16 * edits.len());
+    let mut pos = 0;
+    for (start, end, content) in edits {
+        out.extend_from_slice(&buf[pos..start]);
+        out.extend_from_slice(format!("{{{}+}}\r\n", content.len()).as_bytes());
+        out.extend_from_slice(&content);
+        pos = end;
+    }
+    out.extend_from_slice(&buf[pos..]);
+    Some(out)
+}
+
 /// Whether every literal the command announced has its octets (so that a `{n}` at its end
 /// is literal data, not an announcement).
 pub(crate) fn literals_complete(buf: &[u8]) -> bool {
@@ -835,5 +922,92 @@ mod tests {
         assert!(!search_saves(b"a SEARCH SAVE\r\n"));
         assert!(!search_saves(b"a FETCH RETURN (SAVE)\r\n"));
         assert!(recognise(b"a {99999999999}\r\n").is_none());
+    }
+
+    fn utf8(s: &[u8]) -> Option<String> {
+        utf8_quoted_as_literals(s).map(|b| String::from_utf8(b).unwrap())
+    }
+
+    /// Parses a complete command with imap-codec.
+    fn parses(b: &[u8]) -> bool {
+        matches!(CommandCodec::default().decode(b), Ok(([], _)))
+    }
+
+    #[test]
+    fn utf8_quoted_strings_become_literals() {
+        let b = utf8("a CREATE \"Ünïcödé\"\r\n".as_bytes()).unwrap();
+        assert_eq!(b, "a CREATE {11+}\r\nÜnïcödé\r\n");
+        assert!(parses(b.as_bytes()));
+        // Escapes are undone; ASCII strings and existing literals are left alone, also a
+        // literal whose octets hold quotes and 8-bit text.
+        let b = utf8("a RENAME \"x\\\"é\\\\\" {4+}\r\n\"é\"\r\n".as_bytes()).unwrap();
+        assert_eq!(b, "a RENAME {5+}\r\nx\"é\\ {4+}\r\n\"é\"\r\n");
+        assert!(parses(b.as_bytes()));
+        let b = utf8("a LIST \"\" \"Entwü*\"\r\n".as_bytes()).unwrap();
+        assert_eq!(b, "a LIST \"\" {7+}\r\nEntwü*\r\n");
+        assert!(parses(b.as_bytes()));
+        let b = utf8("a UID SEARCH SUBJECT \"日本\" FROM \"bob\"\r\n".as_bytes()).unwrap();
+        assert!(parses(b.as_bytes()));
+        // A literal announced at the end stays an announcement: imap-codec asks for it.
+        let b = utf8("a APPEND \"Entwürfe\" (\\Seen) {5}\r\n".as_bytes()).unwrap();
+        assert_eq!(b, "a APPEND {9+}\r\nEntwürfe (\\Seen) {5}\r\n");
+        assert!(matches!(
+            CommandCodec::default().decode(b.as_bytes()),
+            Err(CommandDecodeError::LiteralFound { length: 5, .. })
+        ));
+        // Extension syntax around it is still recognised.
+        let b = utf8("a LIST (SUBSCRIBED) \"\" \"é*\" RETURN (CHILDREN)\r\n".as_bytes()).unwrap();
+        match recognise(b.as_bytes()) {
+            Some(Recognised::Rewritten(r, e)) => {
+                assert_eq!(r, "a LIST \"\" {3+}\r\né*\r\n".as_bytes());
+                assert!(parses(&r));
+                assert_eq!(e.list_select, ["SUBSCRIBED"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Nothing to do: ASCII only, or 8-bit outside quoted strings.
+        assert_eq!(utf8(b"a CREATE \"plain\"\r\n"), None);
+        assert_eq!(utf8("a CREATE Ü\r\n".as_bytes()), None);
+        assert_eq!(utf8("a CREATE {2+}\r\nÜ\r\n".as_bytes()), None);
+    }
+
+    #[test]
+    fn utf8_quoted_strings_hostile() {
+        for bad in [
+            &b"a CREATE \"Entw\xfcrfe\"\r\n"[..],    // Latin-1
+            b"a CREATE \"\xc3\"\r\n",                // truncated sequence
+            b"a CREATE \"\xed\xa0\x80\"\r\n",        // surrogate
+            b"a CREATE \"\xc0\xaf\"\r\n",            // overlong '/'
+            b"a CREATE \"\xf4\x90\x80\x80\"\r\n",    // beyond U+10FFFF
+            b"a CREATE \"\xc3\xa9\\x\"\r\n",         // unknown escape
+            b"a CREATE \"\xc3\xa9\0\"\r\n",          // NUL
+            b"a CREATE \"\xc3\xa9\r\n",              // unterminated
+            b"a CREATE \"\xc3\xa9\\\r\n",            // escape at the end
+            b"a CREATE \"ok\xc3\xa9\" \"\xff\"\r\n", // one good, one bad
+        ] {
+            assert_eq!(utf8_quoted_as_literals(bad), None, "{bad:?}");
+        }
+        // A literal whose announcement is broken is copied as text; a count beyond the
+        // buffer does not read past it.
+        let b = utf8("a X {zz} \"é\" {99999999999999999999}\r\n".as_bytes()).unwrap();
+        assert_eq!(b, "a X {zz} {2+}\r\né {99999999999999999999}\r\n");
+        let b = utf8("a X \"é\" {999}\r\nshort".as_bytes()).unwrap();
+        assert_eq!(b, "a X {2+}\r\né {999}\r\nshort");
+        // Many literal-looking openings: each is looked at once (no rescans to a distant `}`).
+        let braces = format!(
+            "a X {}\"é\" {}}}\r\n",
+            "{1".repeat(100_000),
+            "{".repeat(100_000)
+        );
+        let b = utf8_quoted_as_literals(braces.as_bytes()).unwrap();
+        assert_eq!(b.len(), braces.len() - 4 + "{2+}\r\né".len());
+        // Long strings: linear, and the output grows by the announcements only.
+        let long = format!("a CREATE \"{}\"\r\n", "é".repeat(40_000));
+        let b = utf8_quoted_as_literals(long.as_bytes()).unwrap();
+        assert_eq!(b.len(), long.len() - 2 + "{80000+}\r\n".len());
+        let many = format!("a SEARCH{}\r\n", " TEXT \"é\"".repeat(5_000));
+        let b = utf8_quoted_as_literals(many.as_bytes()).unwrap();
+        assert!(b.len() < 2 * many.len());
+        assert!(parses(&b));
     }
 }

@@ -306,6 +306,10 @@ impl MailStore for MemorySession {
         Ok(())
     }
 
+    fn subscriptions(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.store.lock().subscribed.iter().cloned().collect())
+    }
+
     fn status(&self, name: &str) -> Result<Status, StoreError> {
         let a = self.store.lock();
         let mb = a.mailboxes.get(name).ok_or(StoreError::NotFound)?;
@@ -335,12 +339,23 @@ impl MailStore for MemorySession {
             uidvalidity: mb.uidvalidity,
             known: mb.messages.iter().map(|(u, m)| (*u, meta(*u, m))).collect(),
         });
+        let mut keywords: Vec<String> = Vec::new();
+        for m in mb.messages.values() {
+            for f in &m.flags {
+                if let Flag::Keyword(k) = f
+                    && !keywords.iter().any(|x| x.eq_ignore_ascii_case(k))
+                {
+                    keywords.push(k.clone());
+                }
+            }
+        }
         Ok(Selected {
             uidvalidity: mb.uidvalidity,
             uidnext: mb.uidnext,
             highestmodseq: mb.highestmodseq,
             uids: mb.messages.keys().copied().collect(),
             writable: true,
+            keywords,
         })
     }
 

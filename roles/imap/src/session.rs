@@ -22,7 +22,7 @@
 //! FETCH, STORE or SEARCH without UID: RFC 9051 7.5.1), so sequence numbers the client holds
 //! stay valid.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -53,7 +53,7 @@ use imap_codec::{CommandCodec, ResponseCodec};
 use crate::ext::{self, Extras, Recognised, StatusItem};
 use crate::message::{self, Parsed, SearchView, UnknownCte};
 use crate::secret::Secret;
-use crate::store::{Flag, FlagOp, MailStore, MessageMeta, StoreError};
+use crate::store::{Flag, FlagOp, MailStore, MailboxInfo, MessageMeta, StoreError};
 use crate::uids::UidList;
 
 /// Limits and offers of a session.
@@ -170,6 +170,8 @@ struct Sel {
     /// The SEARCHRES `$` (RFC 5182): UIDs a `SEARCH RETURN (SAVE)` found. Expunged messages
     /// drop out when they leave `uids`; empty after SELECT and after a failed SAVE search.
     saved: UidList,
+    /// The keywords announced in the last untagged FLAGS.
+    keywords: Vec<String>,
 }
 
 /// The messages a command names: a sequence set, or the saved search result `$`.
@@ -892,6 +894,12 @@ impl Session {
 
     fn command(&mut self) {
         let buf = std::mem::take(&mut self.cmd);
+        self.command_in(buf, false);
+    }
+
+    /// Parses and runs the command (so far) in `buf`; `utf8_done`: its quoted strings holding
+    /// UTF-8 have been turned into literals already.
+    fn command_in(&mut self, buf: Vec<u8>, utf8_done: bool) {
         let decoded = CommandCodec::default().decode(&buf);
         match decoded {
             Ok(([], cmd)) => {
@@ -903,6 +911,15 @@ impl Session {
                 self.literal_announced(buf, tag, length, mode);
             }
             _ => {
+                // UTF-8 in quoted strings (RFC 9051 4.3), which imap-codec 1.0 does not
+                // parse: as literals. IMAP4rev1 (RFC 3501) has 7-bit quoted strings only.
+                if self.rev2
+                    && !utf8_done
+                    && let Some(b) = ext::utf8_quoted_as_literals(&buf)
+                {
+                    self.command_in(b, true);
+                    return;
+                }
                 let tag = tag_of(&buf);
                 // A `{n}` at the end of a command whose literals are all complete is the
                 // end of a literal's octets, not an announcement.
@@ -1232,6 +1249,11 @@ impl Session {
                 message,
             } => {
                 need(authed)?;
+                if flags.iter().any(|f| matches!(f, ImapFlag::Extension(_))) {
+                    // As STORE: \Recent and unknown system flags cannot be stored (Dovecot:
+                    // BAD).
+                    return Err(Done::bad("Invalid system flag"));
+                }
                 let name = mailbox_name(&mailbox, self.rev2)?;
                 let flags: Vec<Flag> = flags.iter().filter_map(from_imap_flag).collect();
                 let date = date.map(|d| SystemTime::from(*d.as_ref()));
@@ -1463,25 +1485,13 @@ impl Session {
         if !self.rev2 {
             self.raw("* 0 RECENT\r\n".into());
         }
-        self.send(&Response::Data(Data::Flags(
-            Flag::SYSTEM.iter().filter_map(to_imap_flag).collect(),
-        )));
-        let perm = if writable {
-            let mut p: Vec<FlagPerm> = Flag::SYSTEM
-                .iter()
-                .filter_map(to_imap_flag)
-                .map(FlagPerm::Flag)
-                .collect();
-            p.push(FlagPerm::Asterisk);
-            p
-        } else {
-            vec![]
-        };
-        self.send(&Response::Status(Status::Ok {
-            tag: None,
-            code: Some(Code::PermanentFlags(perm)),
-            text: Text::unvalidated("Flags permitted"),
-        }));
+        let mut keywords: Vec<String> = Vec::new();
+        for k in s.keywords {
+            if !keywords.iter().any(|x| x.eq_ignore_ascii_case(&k)) {
+                keywords.push(k);
+            }
+        }
+        self.send_flags(&keywords, writable);
         if let Some(v) = NonZeroU32::new(s.uidvalidity) {
             self.send(&Response::Status(Status::Ok {
                 tag: None,
@@ -1509,6 +1519,7 @@ impl Session {
             gone: vec![],
             told: vec![],
             saved: UidList::default(),
+            keywords,
         });
         self.state = State::Selected;
         Ok(if writable {
@@ -1516,6 +1527,58 @@ impl Session {
         } else {
             Done::ok("EXAMINE completed").code("READ-ONLY".into())
         })
+    }
+
+    /// The untagged FLAGS and PERMANENTFLAGS of the selected mailbox: the system flags and
+    /// the mailbox's keywords, and `\*` (new keywords may be stored) if it is writable.
+    fn send_flags(&mut self, keywords: &[String], writable: bool) {
+        let mut flags: Vec<ImapFlag<'static>> =
+            Flag::SYSTEM.iter().filter_map(to_imap_flag).collect();
+        flags.extend(
+            keywords
+                .iter()
+                .filter_map(|k| to_imap_flag(&Flag::Keyword(k.clone()))),
+        );
+        let perm = if writable {
+            let mut p: Vec<FlagPerm> = flags.iter().cloned().map(FlagPerm::Flag).collect();
+            p.push(FlagPerm::Asterisk);
+            p
+        } else {
+            vec![]
+        };
+        self.send(&Response::Data(Data::Flags(flags)));
+        self.send(&Response::Status(Status::Ok {
+            tag: None,
+            code: Some(Code::PermanentFlags(perm)),
+            text: Text::unvalidated("Flags permitted"),
+        }));
+    }
+
+    /// Keywords among `flags` the session has not announced for the selected mailbox are
+    /// added to its list; true if there were any (a new FLAGS response is due: RFC 9051
+    /// 7.3.5, as Dovecot sends it).
+    fn learn_keywords<'a>(&mut self, flags: impl IntoIterator<Item = &'a Flag>) -> bool {
+        let Some(sel) = self.sel.as_mut() else {
+            return false;
+        };
+        let mut learned = false;
+        for f in flags {
+            if let Flag::Keyword(k) = f
+                && !sel.keywords.iter().any(|x| x.eq_ignore_ascii_case(k))
+            {
+                sel.keywords.push(k.clone());
+                learned = true;
+            }
+        }
+        learned
+    }
+
+    /// Sends FLAGS and PERMANENTFLAGS again, with the keywords learned since.
+    fn announce_flags(&mut self) {
+        if let Some(sel) = self.sel.as_ref() {
+            let (keywords, writable) = (sel.keywords.clone(), sel.writable);
+            self.send_flags(&keywords, writable);
+        }
     }
 
     fn list(
@@ -1545,9 +1608,14 @@ impl Session {
             (reference, pattern)
         };
         let word = if lsub { "LSUB" } else { "LIST" };
+        let done = if lsub {
+            Done::ok("LSUB completed")
+        } else {
+            Done::ok("LIST completed")
+        };
         if pattern.is_empty() {
             self.raw(format!("* {word} (\\Noselect) \"/\" \"\"\r\n"));
-            return Ok(Done::ok("LIST completed"));
+            return Ok(done);
         }
         let mut full = reference;
         if !full.is_empty() && !full.ends_with(b"/") && !pattern.starts_with(b"/") {
@@ -1558,8 +1626,37 @@ impl Session {
         let sel_subscribed = lsub || ex.list_select.iter().any(|s| s == "SUBSCRIBED");
         let sel_special = ex.list_select.iter().any(|s| s == "SPECIAL-USE");
         let ret_subscribed = sel_subscribed || ex.list_return.iter().any(|s| s == "SUBSCRIBED");
-        let all = self.store()?.list().map_err(|e| store_error(&e))?;
-        for mb in &all {
+        // (mailbox, exists): with the SUBSCRIBED selection (and LSUB), subscriptions whose
+        // mailbox does not exist are listed too (RFC 5258 3.1, RFC 3501 6.3.9).
+        let mut all: Vec<(MailboxInfo, bool)> = self
+            .store()?
+            .list()
+            .map_err(|e| store_error(&e))?
+            .into_iter()
+            .map(|m| (m, true))
+            .collect();
+        if sel_subscribed {
+            let mut known: HashSet<String> = all.iter().map(|(m, _)| m.name.clone()).collect();
+            let subs = self.store()?.subscriptions().map_err(|e| store_error(&e))?;
+            let before = all.len();
+            for name in subs {
+                if known.insert(name.clone()) {
+                    let mb = MailboxInfo {
+                        name,
+                        delimiter: Some('/'),
+                        special_use: None,
+                        subscribed: true,
+                        noselect: true,
+                    };
+                    all.push((mb, false));
+                }
+            }
+            if all.len() > before {
+                all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+            }
+        }
+        for (mb, exists) in &all {
+            let exists = *exists;
             let matches = if mb.name == "INBOX" {
                 pattern_match(&full.to_ascii_uppercase(), b"INBOX", b'/')
                     || pattern_match(&full, b"INBOX", b'/')
@@ -1573,22 +1670,25 @@ impl Session {
                 continue;
             }
             let prefix = format!("{}/", mb.name);
-            let children = all.iter().any(|o| o.name.starts_with(&prefix));
+            let children = all.iter().any(|(o, e)| *e && o.name.starts_with(&prefix));
             let mut attrs: Vec<FlagNameAttribute> = Vec::new();
             let mut attr = |s: &str| {
                 if let Ok(a) = Atom::try_from(s.to_owned()) {
                     attrs.push(FlagNameAttribute::from(a));
                 }
             };
-            if mb.noselect {
+            if !exists && !lsub {
+                // Implies \Noselect (RFC 5258).
+                attr("NonExistent");
+            } else if mb.noselect {
                 attr("Noselect");
             }
             if !lsub {
-                attr(if children {
-                    "HasChildren"
-                } else {
-                    "HasNoChildren"
-                });
+                if children {
+                    attr("HasChildren");
+                } else if exists {
+                    attr("HasNoChildren");
+                }
                 if let Some(su) = mb.special_use {
                     attr(&su.as_str()[1..]);
                 }
@@ -1620,7 +1720,7 @@ impl Session {
                 let _ = self.status(&mb.name, items);
             }
         }
-        Ok(Done::ok("LIST completed"))
+        Ok(done)
     }
 
     /// A store name as this session shows it: UTF-8 after ENABLE IMAP4rev2, else as stored
@@ -1809,6 +1909,17 @@ impl Session {
         sel.highestmodseq = sel.highestmodseq.max(ch.highestmodseq);
         sel.uidnext = sel.uidnext.max(ch.uidnext);
         let condstore = self.condstore;
+        // Keywords another session (or a delivery, an APPEND, a COPY) brought in: a new FLAGS
+        // before the messages that carry them.
+        let mut learned = self.learn_keywords(lines.iter().flat_map(|l| l.2.iter()));
+        for &u in &fresh {
+            if let Some(m) = self.meta(u) {
+                learned |= self.learn_keywords(m.flags.iter());
+            }
+        }
+        if learned {
+            self.announce_flags();
+        }
         for (seq, uid, flags, modseq) in lines {
             let modseq = if condstore {
                 format!(" MODSEQ ({modseq})")
@@ -2044,6 +2155,11 @@ impl Session {
             .store_flags(&uids, op, &flags, ex.unchanged_since)
             .map_err(|e| store_error(&e))?;
         let silent = matches!(response, StoreResponse::Silent);
+        if self.learn_keywords(res.iter().flat_map(|r| r.1.iter())) {
+            // A new keyword: FLAGS and PERMANENTFLAGS again (also for .SILENT), before the
+            // FETCH responses that show it.
+            self.announce_flags();
+        }
         let mut changed = Vec::new();
         for (u, f, m) in &res {
             let Some(sel) = self.sel.as_mut() else { break };

@@ -158,6 +158,11 @@ pub struct Selected {
     pub uids: Vec<u32>,
     /// Whether the session may change the mailbox (false: SELECT answers `[READ-ONLY]`).
     pub writable: bool,
+    /// The keywords of the mailbox, listed in the untagged FLAGS and PERMANENTFLAGS of
+    /// SELECT: at least those its messages carry (a store that keeps a keyword table, as
+    /// Maildir's `dovecot-keywords`, may give all of it). Keywords that come up later are
+    /// announced by the session with a new FLAGS response.
+    pub keywords: Vec<String>,
 }
 
 /// What changed in the selected mailbox since the last `select` or `refresh`.
@@ -220,6 +225,10 @@ pub trait MailStore: Send {
     fn rename(&mut self, from: &str, to: &str) -> Result<(), StoreError>;
     /// Subscribes (`on`) or unsubscribes. The name need not exist.
     fn subscribe(&mut self, name: &str, on: bool) -> Result<(), StoreError>;
+    /// Every subscribed name, whether the mailbox exists or not: a subscription outlives the
+    /// mailbox it names (DELETE leaves it, as Dovecot does), and LSUB and
+    /// `LIST (SUBSCRIBED)` still show it (`\Noselect`, `\NonExistent`).
+    fn subscriptions(&self) -> Result<Vec<String>, StoreError>;
     /// Counters of one mailbox, without selecting it.
     fn status(&self, name: &str) -> Result<Status, StoreError>;
     /// Opens a mailbox and takes the snapshot that later `refresh` calls compare against.

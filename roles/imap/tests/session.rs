@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ringmail_imap::{Config, Event, MailStore, MemoryStore, Session};
+use ringmail_imap::{Config, Event, Flag, MailStore, MemoryStore, Session};
 
 const M1: &str = "From: Alice <alice@example.org>\r\n\
 To: bob@example.org\r\n\
@@ -134,6 +134,13 @@ impl Client {
         self.s.receive(data, self.now);
         self.pump()
     }
+}
+
+/// The text in Latin-1 (characters up to U+00FF; one octet each).
+fn latin1(s: &str) -> Vec<u8> {
+    s.chars()
+        .map(|c| u8::try_from(u32::from(c)).expect("Latin-1"))
+        .collect()
 }
 
 fn count(hay: &str, needle: &str) -> usize {
@@ -315,7 +322,12 @@ fn mailbox_management_and_list() {
         "h OK SUBSCRIBE completed\r\n"
     );
     let r = c.send("i LSUB \"\" Jo*\r\n");
-    assert_eq!(r, "* LSUB () \"/\" Job\r\ni OK LIST completed\r\n");
+    assert_eq!(r, "* LSUB () \"/\" Job\r\ni OK LSUB completed\r\n");
+    let r = c.send("i2 LSUB \"\" \"\"\r\n");
+    assert_eq!(
+        r,
+        "* LSUB (\\Noselect) \"/\" \"\"\r\ni2 OK LSUB completed\r\n"
+    );
     let r = c.send("j LIST (SUBSCRIBED) \"\" * RETURN (STATUS (MESSAGES))\r\n");
     assert!(
         r.contains(
@@ -346,6 +358,117 @@ fn mailbox_management_and_list() {
         r,
         "* ENABLED CONDSTORE IMAP4rev2\r\nq OK ENABLE completed\r\n"
     );
+}
+
+/// A subscription outlives its mailbox (SUBSCRIBE of a missing name, DELETE keeps it, as
+/// Dovecot): LSUB shows it `\Noselect` (RFC 3501 6.3.9), `LIST (SUBSCRIBED)` `\NonExistent`
+/// (RFC 5258 3.1); a plain LIST does not show it.
+#[test]
+fn subscriptions_of_missing_mailboxes_are_listed() {
+    let store = MemoryStore::new();
+    let mut c = Client::logged_in(&store);
+    assert_eq!(
+        c.send("a SUBSCRIBE NotThere\r\n"),
+        "a OK SUBSCRIBE completed\r\n"
+    );
+    c.send("b CREATE Temp\r\n");
+    c.send("c SUBSCRIBE Temp\r\n");
+    assert_eq!(c.send("d DELETE Temp\r\n"), "d OK DELETE completed\r\n");
+    let r = c.send("e LSUB \"\" \"*\"\r\n");
+    assert!(r.contains("* LSUB () \"/\" INBOX\r\n"), "{r}");
+    assert!(r.contains("* LSUB (\\Noselect) \"/\" NotThere\r\n"), "{r}");
+    assert!(r.contains("* LSUB (\\Noselect) \"/\" Temp\r\n"), "{r}");
+    assert!(r.ends_with("e OK LSUB completed\r\n"), "{r}");
+    let r = c.send("f LIST (SUBSCRIBED) \"\" \"*\"\r\n");
+    assert!(
+        r.contains("* LIST (\\HasNoChildren \\Subscribed) \"/\" INBOX\r\n"),
+        "{r}"
+    );
+    assert!(
+        r.contains("* LIST (\\NonExistent \\Subscribed) \"/\" NotThere\r\n"),
+        "{r}"
+    );
+    assert!(
+        r.contains("* LIST (\\NonExistent \\Subscribed) \"/\" Temp\r\n"),
+        "{r}"
+    );
+    // In name order among the others.
+    assert!(r.find("Junk").unwrap() < r.find("NotThere").unwrap(), "{r}");
+    assert!(r.find("NotThere").unwrap() < r.find("Sent").unwrap(), "{r}");
+    // Not without the SUBSCRIBED selection; no STATUS for a missing mailbox.
+    let r = c.send("g LIST \"\" \"*\" RETURN (SUBSCRIBED)\r\n");
+    assert!(!r.contains("NotThere") && !r.contains("Temp"), "{r}");
+    let r = c.send("h LIST (SUBSCRIBED) \"\" T* RETURN (STATUS (MESSAGES))\r\n");
+    assert_eq!(
+        r,
+        "* LIST (\\NonExistent \\Subscribed) \"/\" Temp\r\n\
+         * LIST (\\HasNoChildren \\Trash \\Subscribed) \"/\" Trash\r\n\
+         * STATUS Trash (MESSAGES 0)\r\nh OK LIST completed\r\n"
+    );
+    // Created again: an ordinary subscribed mailbox.
+    c.send("i CREATE Temp\r\n");
+    let r = c.send("j LSUB \"\" Temp\r\n");
+    assert_eq!(r, "* LSUB () \"/\" Temp\r\nj OK LSUB completed\r\n");
+    // Unsubscribed: gone.
+    c.send("k UNSUBSCRIBE NotThere\r\n");
+    let r = c.send("l LSUB \"\" *\r\n");
+    assert!(!r.contains("NotThere"), "{r}");
+    // A missing parent with a child that exists.
+    c.send("m CREATE P/Q\r\n");
+    c.send("n SUBSCRIBE P\r\n");
+    c.send("o DELETE P\r\n");
+    let r = c.send("p LIST (SUBSCRIBED) \"\" P\r\n");
+    assert_eq!(
+        r,
+        "* LIST (\\NonExistent \\HasChildren \\Subscribed) \"/\" P\r\np OK LIST completed\r\n"
+    );
+    // A rev2 session sees a missing UTF-8 name decoded.
+    c.send("q SUBSCRIBE Gr&APw-n\r\n");
+    c.send("r ENABLE IMAP4rev2\r\n");
+    let r = c.send("s LSUB \"\" G*\r\n");
+    assert!(r.contains("(\\Noselect) \"/\" {5}\r\nGr\u{fc}n\r\n"), "{r}");
+}
+
+/// RENAME INBOX moves its messages into a new mailbox and leaves INBOX empty, its folders
+/// where they are (RFC 3501 6.3.5, RFC 9051 6.3.6); sessions on INBOX see them expunged.
+#[test]
+fn rename_inbox_moves_its_messages() {
+    let store = store_with_mail();
+    store.session().create("INBOX/Sub").unwrap();
+    store.deliver("INBOX/Sub", M1.as_bytes()).unwrap();
+    let mut other = Client::logged_in(&store);
+    other.send("s SELECT INBOX\r\n");
+    let mut c = Client::logged_in(&store);
+    c.send("s SELECT INBOX\r\n");
+    c.send("f STORE 2 +FLAGS.SILENT (\\Flagged $Work)\r\n");
+    // The renaming session has INBOX selected: it hears of the expunges at once.
+    let r = c.send("a RENAME INBOX Old\r\n");
+    assert_eq!(
+        r,
+        "* 1 EXPUNGE\r\n* 1 EXPUNGE\r\n* 1 EXPUNGE\r\na OK RENAME completed\r\n"
+    );
+    let r = other.send("n NOOP\r\n");
+    assert_eq!(count(&r, " EXPUNGE\r\n"), 3, "{r}");
+    let r = c.send("b STATUS INBOX (MESSAGES UIDNEXT)\r\n");
+    assert!(
+        r.starts_with("* STATUS INBOX (MESSAGES 0 UIDNEXT 4)"),
+        "{r}"
+    );
+    let r = c.send("d STATUS INBOX/Sub (MESSAGES)\r\n");
+    assert!(r.starts_with("* STATUS INBOX/Sub (MESSAGES 1)"), "{r}");
+    let r = c.send("e SELECT Old\r\n");
+    assert!(r.contains("* 3 EXISTS\r\n"), "{r}");
+    let r = c.send("g FETCH 2 (FLAGS BODY.PEEK[HEADER.FIELDS (Subject)])\r\n");
+    assert!(r.contains("FLAGS (\\Flagged $Work)"), "{r}");
+    assert!(r.contains("Subject: Report"), "{r}");
+    // Old exists now; nothing is renamed to INBOX.
+    let r = c.send("h RENAME INBOX Old\r\n");
+    assert_eq!(r, "h NO [ALREADYEXISTS] Mailbox already exists\r\n");
+    let r = c.send("i RENAME Old INBOX\r\n");
+    assert_eq!(r, "i NO [ALREADYEXISTS] Mailbox already exists\r\n");
+    // New mail: fresh UIDs in INBOX.
+    let r = c.send("j APPEND INBOX {3+}\r\nx\r\n\r\n");
+    assert!(r.contains("j OK [APPENDUID 1 4]"), "{r}");
 }
 
 #[test]
@@ -400,6 +523,124 @@ fn mailbox_names_are_modified_utf7_for_rev1_and_utf8_after_enable_imap4rev2() {
         r.contains("* STATUS Gr&APwA3w-e/&ZeVnLA- (MESSAGES 0)"),
         "{r}"
     );
+}
+
+/// IMAP4rev2 quoted strings may hold UTF-8 (RFC 9051 4.3: `QUOTED-CHAR` includes
+/// `UTF8-2`..`UTF8-4`); IMAP4rev1 ones are 7-bit (RFC 3501), so a rev1 session gets BAD.
+#[test]
+fn utf8_in_quoted_strings_after_enable_imap4rev2() {
+    let store = store_with_mail();
+    let mut v1 = Client::logged_in(&store);
+    let r = v1.send("a CREATE \"\u{dc}n\u{ef}c\u{f6}d\u{e9}\"\r\n");
+    assert_eq!(r, "a BAD Syntax error or unknown command\r\n");
+    let mut c = Client::logged_in(&store);
+    assert!(
+        c.send("e ENABLE IMAP4rev2\r\n")
+            .contains("* ENABLED IMAP4rev2")
+    );
+    let r = c.send("b CREATE \"\u{dc}n\u{ef}c\u{f6}d\u{e9}\"\r\n");
+    assert_eq!(r, "b OK CREATE completed\r\n");
+    // Stored in modified UTF-7, as a rev1 client sees it.
+    let r = v1.send("c LIST \"\" *\r\n");
+    assert!(r.contains("\"/\" &ANw-n&AO8-c&APY-d&AOk-\r\n"), "{r}");
+    // Escapes inside are undone; several strings in one command; a LIST pattern.
+    let r = c.send("d RENAME \"\u{dc}n\u{ef}c\u{f6}d\u{e9}\" \"\u{c4}\\\"q\\\\\"\r\n");
+    assert_eq!(r, "d OK RENAME completed\r\n");
+    let r = c.send("f LIST \"\" \"\u{c4}*\"\r\n");
+    assert!(r.contains("\"/\" {5}\r\n\u{c4}\"q\\\r\n"), "{r}");
+    assert!(r.ends_with("f OK LIST completed\r\n"), "{r}");
+    // APPEND with a synchronising literal after a UTF-8 name: `+`, then the message.
+    let msg = "Subject: caf\u{e9} cr\u{e8}me\r\n\r\nbr\u{fb}l\u{e9}e\r\n";
+    let r = c.send(&format!(
+        "g APPEND \"Entw\u{fc}rfe\" (\\Seen) {{{}}}\r\n",
+        msg.len()
+    ));
+    assert_eq!(r, "+ Ready for literal data\r\n");
+    let r = c.send(&format!("{msg}\r\n"));
+    assert_eq!(r, "g NO [TRYCREATE] No such mailbox\r\n");
+    c.send("h CREATE \"Entw\u{fc}rfe\"\r\n");
+    let r = c.send(&format!(
+        "i APPEND \"Entw\u{fc}rfe\" (\\Seen) {{{}+}}\r\n{msg}\r\n",
+        msg.len()
+    ));
+    assert_eq!(r, "i OK [APPENDUID 7 1] APPEND completed\r\n");
+    let r = c.send("j STATUS \"Entw\u{fc}rfe\" (MESSAGES)\r\n");
+    assert!(r.starts_with("* STATUS "), "{r}");
+    assert!(r.contains("(MESSAGES 1)"), "{r}");
+    // SEARCH strings, also as a second UTF-8 string of the command.
+    let r = c.send("k SELECT \"Entw\u{fc}rfe\"\r\n");
+    assert!(r.contains("k OK [READ-WRITE]"), "{r}");
+    let r = c.send("l SEARCH SUBJECT \"caf\u{e9}\" BODY \"br\u{fb}l\u{e9}e\"\r\n");
+    assert!(r.starts_with("* ESEARCH (TAG \"l\") ALL 1\r\n"), "{r}");
+    let r = c.send("m SEARCH SUBJECT \"cr\u{e8}mes\"\r\n");
+    assert!(r.starts_with("* ESEARCH (TAG \"m\")\r\n"), "{r}");
+    // More UTF-8 strings than literals a command may announce: they are not literals the
+    // client sent, so that limit does not apply (the line limit does).
+    let many = " TEXT \"\u{e9}\"".repeat(100);
+    let r = c.send(&format!("n SEARCH{many}\r\n"));
+    assert!(r.ends_with("n OK SEARCH completed\r\n"), "{r}");
+    // The same bytes, one at a time.
+    let script = format!(
+        "o APPEND \"Entw\u{fc}rfe\" {{{}}}\r\n{msg}\r\np NOOP\r\n",
+        msg.len()
+    );
+    let mut out = String::new();
+    for b in script.as_bytes() {
+        out.push_str(&c.send_bytes(&[*b]));
+    }
+    assert!(out.starts_with("+ Ready for literal data\r\n"), "{out}");
+    assert!(
+        out.contains("o OK [APPENDUID 7 2] APPEND completed\r\n"),
+        "{out}"
+    );
+    assert!(out.ends_with("p OK NOOP completed\r\n"), "{out}");
+}
+
+/// Quoted strings that are not valid UTF-8, or not valid quoted strings, stay BAD after
+/// ENABLE IMAP4rev2; the line limit holds for UTF-8 strings too.
+#[test]
+fn utf8_in_quoted_strings_hostile() {
+    let store = MemoryStore::new();
+    let cfg = Config {
+        max_line: 300,
+        max_bad_commands: 100,
+        ..Config::default()
+    };
+    let (mut c, _) = Client::with(&store, cfg, true);
+    assert!(c.send("l LOGIN alice secret\r\n").contains("l OK"));
+    c.send("e ENABLE IMAP4rev2\r\n");
+    for (i, bad) in [
+        &b"CREATE \"Entw\xfcrfe\""[..],
+        b"CREATE \"\xc3\"",
+        b"CREATE \"\xed\xa0\x80\"",
+        b"CREATE \"\xc0\xaf\"",
+        b"CREATE \"\xf4\x90\x80\x80\"",
+        b"CREATE \"\xc3\xa9\\x\"",
+        b"CREATE \"\xc3\xa9\x00\"",
+        b"CREATE \"\xc3\xa9",
+        b"CREATE \"\xc3\xa9\\",
+        b"CREATE \xc3\xa9",
+        b"RENAME \"ok\xc3\xa9\" \"\xff\"",
+        b"CREATE \"\xc3\xa9\" extra",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut cmd = format!("t{i} ").into_bytes();
+        cmd.extend_from_slice(bad);
+        cmd.extend_from_slice(b"\r\n");
+        let r = c.send_bytes(&cmd);
+        assert!(r.starts_with(&format!("t{i} BAD ")), "{bad:?}: {r}");
+    }
+    // Over the line limit: BAD [TOOBIG], nothing created; the session goes on.
+    let r = c.send(&format!("u CREATE \"{}\"\r\n", "\u{e9}".repeat(200)));
+    assert_eq!(r, "u BAD [TOOBIG] Line too long\r\n");
+    let r = c.send("v LIST \"\" *\r\n");
+    assert!(!r.contains('\u{e9}') && !r.contains("&AOk"), "{r}");
+    assert!(r.ends_with("v OK LIST completed\r\n"), "{r}");
+    // Just under it: fine.
+    let r = c.send(&format!("w CREATE \"{}\"\r\n", "\u{e9}".repeat(130)));
+    assert_eq!(r, "w OK CREATE completed\r\n");
 }
 
 #[test]
@@ -872,6 +1113,7 @@ fn empty_append_is_refused() {
 fn literal_of_bad_command_is_not_executed() {
     let body = "From: a@example.org\r\nSubject: x\r\n\r\nz1 DELETE Victim\r\nz2 CREATE pwned\r\n";
     let n = body.len();
+    // a6, a10: not UTF-8 (Latin-1), which IMAP4rev2 quoted strings may not hold.
     let attacks = [
         format!("a6 APPEND \"Entw\u{fc}rfe\" (\\Seen) {{{n}+}}\r\n{body}\r\n"),
         format!("a7 APPEND rt (\\Bogus\x01) ~{{{n}+}}\r\n{body}\r\n"),
@@ -885,12 +1127,13 @@ fn literal_of_bad_command_is_not_executed() {
     for attack in &attacks {
         let tag = attack.split(' ').next().unwrap_or_default();
         let script = format!("e ENABLE IMAP4rev2\r\n{attack}y NOOP\r\n");
+        let script = latin1(&script);
         let run = |step: usize| {
             let store = store_with_mail();
             store.session().create("Victim").expect("create");
             let mut c = Client::logged_in(&store);
             let mut out = String::new();
-            for chunk in script.as_bytes().chunks(step) {
+            for chunk in script.chunks(step) {
                 out.push_str(&c.send_bytes(chunk));
             }
             let names = c.send("l LIST \"\" *\r\n");
@@ -930,7 +1173,94 @@ fn literal_of_bad_command_is_not_executed() {
     );
 }
 
-/// STORE of \\Recent or an unknown system flag is BAD (they cannot be stored); keywords work.
+/// The untagged FLAGS and PERMANENTFLAGS list the mailbox's keywords (PERMANENTFLAGS keeps
+/// `\*`), and come again when a keyword is new to the session: its own STORE, or another
+/// session's STORE or APPEND (RFC 9051 7.3.5, as Dovecot).
+#[test]
+fn keywords_in_flags_and_permanentflags() {
+    const SYS: &str = "\\Answered \\Flagged \\Deleted \\Seen \\Draft";
+    let store = MemoryStore::new();
+    let mut s = store.session();
+    let custom = [Flag::Keyword("$Custom".into())];
+    s.append("INBOX", M1.as_bytes(), &custom, None).unwrap();
+    s.append("INBOX", M2.as_bytes(), &[Flag::Seen], None)
+        .unwrap();
+    let mut c = Client::logged_in(&store);
+    let r = c.send("a SELECT INBOX\r\n");
+    assert!(r.contains(&format!("* FLAGS ({SYS} $Custom)\r\n")), "{r}");
+    assert!(
+        r.contains(&format!(
+            "* OK [PERMANENTFLAGS ({SYS} $Custom \\*)] Flags permitted\r\n"
+        )),
+        "{r}"
+    );
+    // Known keywords (in any case) and system flags: no new FLAGS.
+    let r = c.send("b STORE 2 +FLAGS ($Custom \\Flagged)\r\n");
+    assert_eq!(
+        r,
+        "* 2 FETCH (FLAGS (\\Seen \\Flagged $Custom))\r\nb OK STORE completed\r\n"
+    );
+    let r = c.send("b2 STORE 2 -FLAGS ($CUSTOM)\r\n");
+    assert!(!r.contains("* FLAGS"), "{r}");
+    // A new keyword: FLAGS and PERMANENTFLAGS first, then the FETCH.
+    let r = c.send("c STORE 1 +FLAGS (NewOne)\r\n");
+    assert_eq!(
+        r,
+        format!(
+            "* FLAGS ({SYS} $Custom NewOne)\r\n\
+             * OK [PERMANENTFLAGS ({SYS} $Custom NewOne \\*)] Flags permitted\r\n\
+             * 1 FETCH (FLAGS ($Custom NewOne))\r\nc OK STORE completed\r\n"
+        )
+    );
+    // Also for .SILENT, which sends no FETCH.
+    let r = c.send("d STORE 2 +FLAGS.SILENT (Other)\r\n");
+    assert_eq!(
+        r,
+        format!(
+            "* FLAGS ({SYS} $Custom NewOne Other)\r\n\
+             * OK [PERMANENTFLAGS ({SYS} $Custom NewOne Other \\*)] Flags permitted\r\n\
+             d OK STORE completed\r\n"
+        )
+    );
+    let r = c.send("e STORE 2 -FLAGS (Other)\r\n");
+    assert!(!r.contains("* FLAGS"), "{r}");
+    // Another session's keyword: announced before the FETCH that shows it.
+    let mut o = Client::logged_in(&store);
+    o.send("s SELECT INBOX\r\n");
+    o.send("f STORE 1 +FLAGS (FromOther)\r\n");
+    let r = c.send("g NOOP\r\n");
+    let flags = r.find("* FLAGS (").expect("FLAGS");
+    assert!(
+        r[flags..].starts_with(&format!(
+            "* FLAGS ({SYS} $Custom NewOne Other FromOther)\r\n"
+        )),
+        "{r}"
+    );
+    assert!(flags < r.find("* 1 FETCH").expect("FETCH"), "{r}");
+    // An APPEND elsewhere with a new keyword: announced with the new message.
+    let r = o.send("h APPEND INBOX (Appended) {3+}\r\nx\r\n\r\n");
+    assert!(r.contains("h OK [APPENDUID"), "{r}");
+    let r = c.send("i NOOP\r\n");
+    assert!(r.contains(" FromOther Appended)\r\n"), "{r}");
+    assert!(
+        r.find("* FLAGS").unwrap() < r.find("* 3 EXISTS").unwrap(),
+        "{r}"
+    );
+    let r = c.send("j NOOP\r\n");
+    assert_eq!(r, "j OK NOOP completed\r\n");
+    // EXAMINE: the keywords in use, nothing permanent.
+    let r = c.send("k EXAMINE INBOX\r\n");
+    assert!(
+        r.contains(&format!(
+            "* FLAGS ({SYS} $Custom FromOther NewOne Appended)\r\n"
+        )),
+        "{r}"
+    );
+    assert!(r.contains("* OK [PERMANENTFLAGS ()]"), "{r}");
+}
+
+/// STORE and APPEND of \\Recent or an unknown system flag are BAD (they cannot be stored);
+/// keywords work.
 #[test]
 fn store_refuses_invalid_system_flags() {
     let store = store_with_mail();
@@ -941,12 +1271,33 @@ fn store_refuses_invalid_system_flags() {
     let r = c.send("b STORE 1 +FLAGS (\\Seen \\Bogus)\r\n");
     assert_eq!(r, "b BAD Invalid system flag\r\n");
     let r = c.send("c STORE 1 +FLAGS.SILENT (\\Seen $Work)\r\n");
-    assert_eq!(r, "c OK STORE completed\r\n");
+    assert!(r.contains(" \\Draft $Work)\r\n"), "{r}");
+    assert!(r.ends_with("c OK STORE completed\r\n"), "{r}");
     let r = c.send("d FETCH 1 FLAGS\r\n");
     assert!(
         r.contains("\\Seen") && r.contains("$Work") && !r.contains("Bogus"),
         "{r}"
     );
+    // APPEND: the same flags, the same answer; nothing is stored.
+    let msg = "Subject: x\r\n\r\nbody\r\n";
+    for (tag, flags) in [
+        ("e", "(\\Recent)"),
+        ("f", "(\\Seen \\Bogus)"),
+        ("g", "(\\recent $Work)"),
+    ] {
+        let r = c.send(&format!(
+            "{tag} APPEND INBOX {flags} {{{}+}}\r\n{msg}\r\n",
+            msg.len()
+        ));
+        assert_eq!(r, format!("{tag} BAD Invalid system flag\r\n"), "{flags}");
+    }
+    let r = c.send(&format!(
+        "h APPEND INBOX (\\Seen $Work \\Draft) {{{}+}}\r\n{msg}\r\n",
+        msg.len()
+    ));
+    assert!(r.contains("h OK [APPENDUID 1 4]"), "{r}");
+    let r = c.send("i STATUS INBOX (MESSAGES)\r\n");
+    assert!(r.starts_with("* STATUS INBOX (MESSAGES 4)"), "{r}");
 }
 
 #[test]

@@ -362,9 +362,7 @@ fn err(e: ms::StoreError) -> StoreError {
         ms::StoreError::InvalidName(..) | ms::StoreError::InvalidUser(..) => {
             StoreError::InvalidName
         }
-        ms::StoreError::InboxProtected => {
-            StoreError::NotAllowed("INBOX cannot be changed that way")
-        }
+        ms::StoreError::InboxProtected => StoreError::NotAllowed("INBOX cannot be deleted"),
         ms::StoreError::QuotaExceeded { .. } => StoreError::OverQuota,
         ms::StoreError::InvalidKeyword(..) => StoreError::NotAllowed("keyword refused"),
         other => StoreError::Unavailable(other.to_string()),
@@ -449,6 +447,10 @@ impl MailStore for MaildirStore {
         self.user.subscribe(name, on).map_err(err)
     }
 
+    fn subscriptions(&self) -> Result<Vec<String>, StoreError> {
+        self.user.subscriptions().map_err(err)
+    }
+
     fn status(&self, name: &str) -> Result<Status, StoreError> {
         let s = self.user.status(name).map_err(err)?;
         Ok(Status {
@@ -473,6 +475,7 @@ impl MailStore for MaildirStore {
             highestmodseq: m.highestmodseq(),
             uids: m.uids().collect(),
             writable: true,
+            keywords: m.keywords(),
         };
         self.selected = Some(m);
         Ok(sel)

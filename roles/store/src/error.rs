@@ -29,8 +29,8 @@ pub enum StoreError {
     /// The mailbox already exists (`NO [ALREADYEXISTS]`).
     #[error("mailbox {0:?} already exists")]
     MailboxExists(String),
-    /// INBOX cannot be deleted or renamed.
-    #[error("INBOX cannot be deleted or renamed")]
+    /// INBOX cannot be deleted.
+    #[error("INBOX cannot be deleted")]
     InboxProtected,
     /// The message with this UID is not (or no longer) in the mailbox.
     #[error("no message with UID {0}")]

@@ -101,7 +101,7 @@
 //!
 //! Dovecot itself running on the same Maildir at the same time (it locks with
 //! `dovecot-uidlist.lock`, which this crate does not take): migrations are offline, in either
-//! direction. Renaming INBOX. QRESYNC's VANISHED history (expunged UIDs are not kept).
+//! direction. QRESYNC's VANISHED history (expunged UIDs are not kept).
 #![forbid(unsafe_code)]
 
 mod error;

@@ -234,6 +234,17 @@ impl Mailbox {
         self.highestmodseq
     }
 
+    /// The keywords defined in the mailbox (its `dovecot-keywords` table, which keeps a
+    /// keyword once it was used), in table order.
+    pub fn keywords(&self) -> Vec<String> {
+        self.st
+            .keywords
+            .iter()
+            .filter(|k| !k.is_empty())
+            .cloned()
+            .collect()
+    }
+
     /// The number of messages in the view.
     pub fn len(&self) -> usize {
         self.uids.len()

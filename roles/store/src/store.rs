@@ -1,6 +1,6 @@
 //! [`Store`] and [`UserStore`]: users, the mailbox list, delivery and quota.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -406,13 +406,17 @@ impl UserStore {
         Ok(())
     }
 
-    /// Renames a mailbox and its children; UIDVALIDITY and UIDs are kept. Renaming INBOX is
-    /// refused ([`StoreError::InboxProtected`]).
+    /// Renames a mailbox and its children; UIDVALIDITY and UIDs are kept. Renaming INBOX
+    /// moves its messages into a new mailbox (see [`UserStore::rename_inbox`]); INBOX itself
+    /// always exists, so nothing can be renamed to it ([`StoreError::MailboxExists`]).
     pub fn rename(&self, from: &str, to: &str) -> Result<(), StoreError> {
         let from = MailboxName::parse(from)?;
         let to = MailboxName::parse(to)?;
-        if from.is_inbox() || to.is_inbox() {
-            return Err(StoreError::InboxProtected);
+        if to.is_inbox() {
+            return Err(StoreError::MailboxExists(to.to_string()));
+        }
+        if from.is_inbox() {
+            return self.rename_inbox(&to);
         }
         self.existing(from.as_str())?;
         if self.ctx.mbox(to.clone()).exists() {
@@ -448,6 +452,109 @@ impl UserStore {
         index::fsync_dir(md)?;
         tracing::info!(user = %self.ctx.user, %from, %to, "mailbox renamed");
         Ok(())
+    }
+
+    /// RENAME INBOX (RFC 3501 6.3.5, RFC 9051 6.3.6): creates `to` (with its parents; it
+    /// must not exist) and moves every message of INBOX into it, flags, sizes and internal
+    /// dates kept, UIDs given in the same order under the new mailbox's UIDVALIDITY. INBOX
+    /// stays, empty, with its UIDVALIDITY and UIDNEXT (no UID is used twice); its folders
+    /// (`INBOX/...`) stay where they are.
+    ///
+    /// Both mailboxes are locked (INBOX first; nothing else holds two mailbox locks). The
+    /// keywords are entered in `to`'s `dovecot-keywords` first, then the files are renamed
+    /// into `to`'s `cur/`, then both indexes are committed: a crash in between leaves every
+    /// message in exactly one of the two directories, found by the next scan.
+    pub fn rename_inbox(&self, to: &MailboxName) -> Result<(), StoreError> {
+        if to.is_inbox() {
+            return Err(StoreError::MailboxExists(to.to_string()));
+        }
+        let dest = self.ctx.mbox(to.clone());
+        {
+            let _lock = FileLock::acquire(&self.ctx.maildir.join(USER_LOCK))?;
+            if dest.exists() {
+                return Err(StoreError::MailboxExists(to.to_string()));
+            }
+            self.create(to.as_str())?;
+        }
+        let inbox = self.ctx.mbox(MailboxName::inbox());
+        let _inbox_lock = inbox.lock()?;
+        let mut ist = inbox.locked_state(SyncMode::Scan)?;
+        // (A new index takes the user lock for its UIDVALIDITY: not held here.)
+        let _dest_lock = dest.lock()?;
+        let mut dst = dest.locked_state(SyncMode::LoadOnly)?;
+        let flags: Vec<Vec<Flag>> = ist
+            .records
+            .iter()
+            .map(|r| r.name().flags(&ist.keywords))
+            .collect();
+        let mut keywords: Vec<Flag> = Vec::new();
+        for f in flags.iter().flatten() {
+            if matches!(f, Flag::Keyword(_)) && !keywords.contains(f) {
+                keywords.push(f.clone());
+            }
+        }
+        if assign_keywords(&mut dst.keywords, &keywords)? {
+            dest.commit(&dst, true)?;
+        }
+        let _writing = (inbox.begin_write(), dest.begin_write());
+        let (inbox_before, dest_before) = (inbox.dir_mtimes()?, dest.dir_mtimes()?);
+        let mut moved: HashSet<u32> = HashSet::new();
+        let mut first_recent = None;
+        let mut result = Ok(());
+        for (r, f) in ist.records.iter().zip(&flags) {
+            let uid = dst.uidnext;
+            if uid == u32::MAX {
+                result = Err(StoreError::UidsExhausted);
+                break;
+            }
+            let name = r.name();
+            let foreign = maildir::foreign_letters(name.info.as_deref().unwrap_or(""));
+            let file = maildir::FileName {
+                base: name.base.clone(),
+                info: Some(info_for(f, &dst.keywords, &foreign)),
+            }
+            .to_name();
+            let src = inbox.sub(r.subdir()).join(&*r.file);
+            match fs::rename(&src, dest.sub("cur").join(&file)) {
+                Ok(()) => {}
+                // Expunged meanwhile (the next scan of INBOX drops it).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    result = Err(StoreError::io("rename", src, e));
+                    break;
+                }
+            }
+            dst.uidnext += 1;
+            if r.uid >= ist.first_recent && first_recent.is_none() {
+                first_recent = Some(uid);
+            }
+            let modseq = dst.next_modseq();
+            dst.records.push(Record {
+                uid,
+                modseq,
+                size: r.size,
+                vsize: r.vsize,
+                date: r.date,
+                in_new: false,
+                file: file.into(),
+            });
+            moved.insert(r.uid);
+        }
+        if !moved.is_empty() {
+            // Messages no session had seen stay \Recent in their new mailbox.
+            dst.first_recent = dst.first_recent.max(first_recent.unwrap_or(dst.uidnext));
+            index::fsync_dir(&dest.sub("cur"))?;
+            index::fsync_dir(&inbox.sub("cur"))?;
+            index::fsync_dir(&inbox.sub("new"))?;
+            dest.note_own_change(&mut dst, dest_before)?;
+            dest.commit(&dst, false)?;
+            ist.records.retain(|r| !moved.contains(&r.uid));
+            ist.next_modseq();
+            inbox.note_own_change(&mut ist, inbox_before)?;
+            inbox.commit(&ist, false)?;
+        }
+        tracing::info!(user = %self.ctx.user, %to, messages = moved.len(), "INBOX renamed");
+        result
     }
 
     /// Names in the `subscriptions` file (Dovecot version 2 format, version 1 read too).

@@ -922,6 +922,106 @@ fn copy_and_move_map_uids() {
     assert_eq!(c.uids, vec![(2, 5)]);
 }
 
+/// RENAME INBOX: the messages move into a new mailbox (flags, keywords, dates and order
+/// kept; new UIDVALIDITY), INBOX stays empty without reusing UIDs, its folders stay, and a
+/// session on INBOX sees the messages expunged.
+#[test]
+fn rename_inbox_moves_its_messages() {
+    let dir = TempDir::new("rename-inbox");
+    let s = store(&dir);
+    let u = s.user("bob@example.org").unwrap();
+    u.create("INBOX/Sub").unwrap();
+    deliver(&u, Some("INBOX/Sub"), 50);
+    for n in 1..=4 {
+        deliver(&u, None, n);
+    }
+    let mut inbox = u.open("INBOX").unwrap();
+    inbox
+        .store_flags(
+            &[2],
+            FlagOp::Add,
+            &[Flag::Seen, Flag::Keyword("$Work".into())],
+            None,
+        )
+        .unwrap();
+    inbox
+        .store_flags(&[3], FlagOp::Add, &[Flag::Keyword("Zz".into())], None)
+        .unwrap();
+    inbox
+        .store_flags(&[1], FlagOp::Add, &[Flag::Deleted], None)
+        .unwrap();
+    inbox.expunge(None).unwrap();
+    // Delivered after the session opened INBOX: still \Recent for the next one.
+    deliver(&u, None, 5);
+    // A file another MDA left in new/.
+    fs::write(u.maildir().join("new/1700000000.M1P1.other"), msg(6)).unwrap();
+    let before = u.status("INBOX").unwrap();
+    let dates: Vec<_> = inbox.messages().iter().map(|m| m.internal_date).collect();
+
+    u.rename("INBOX", "Old/2026").unwrap();
+
+    let st = u.status("INBOX").unwrap();
+    assert_eq!(st.messages, 0);
+    assert_eq!(
+        (st.uidvalidity, st.uidnext),
+        (before.uidvalidity, before.uidnext)
+    );
+    assert!(st.highestmodseq > before.highestmodseq);
+    assert_eq!(u.status("INBOX/Sub").unwrap().messages, 1, "folders stay");
+    let names: Vec<String> = u.list().unwrap().into_iter().map(|m| m.name).collect();
+    assert!(names.contains(&"Old".to_string()) && names.contains(&"Old/2026".to_string()));
+    let old = u.open("Old/2026").unwrap();
+    assert_ne!(old.uidvalidity(), before.uidvalidity);
+    let m = old.messages();
+    assert_eq!(uids(&old), vec![1, 2, 3, 4, 5]);
+    let bodies: Vec<Vec<u8>> = (1..=5).map(|u| old.read(u).unwrap()).collect();
+    assert_eq!(bodies, vec![msg(2), msg(3), msg(4), msg(5), msg(6)]);
+    assert_eq!(m[0].flags, vec![Flag::Seen, Flag::Keyword("$Work".into())]);
+    assert_eq!(m[1].flags, vec![Flag::Keyword("Zz".into())]);
+    assert!(m[2].flags.is_empty());
+    assert_eq!(m[0].internal_date, dates[0]);
+    assert_eq!(
+        m.iter().map(|m| m.recent).collect::<Vec<_>>(),
+        vec![false, false, false, true, true]
+    );
+    let kw = fs::read_to_string(u.maildir().join(".Old.2026/dovecot-keywords")).unwrap();
+    assert_eq!(kw, "0 $Work\n1 Zz\n");
+    assert_eq!(old.keywords(), ["$Work", "Zz"]);
+    assert!(
+        fs::read_dir(u.maildir().join("cur"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    assert!(
+        fs::read_dir(u.maildir().join("new"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    // The open INBOX session sees every message go.
+    let ch = inbox.refresh().unwrap();
+    assert_eq!(ch.expunged.len(), 3);
+    assert_eq!(ch.new, Vec::<u32>::new());
+    assert!(inbox.is_empty());
+    // New mail goes to the (empty) INBOX with fresh UIDs.
+    let d = deliver(&u, None, 7);
+    assert_eq!((d.mailbox.as_str(), d.uid), ("INBOX", before.uidnext));
+    // Renamed again onto an existing name: refused, nothing moved.
+    assert!(matches!(
+        u.rename("INBOX", "Old/2026"),
+        Err(StoreError::MailboxExists(_))
+    ));
+    assert_eq!(u.status("INBOX").unwrap().messages, 1);
+    // Empty INBOX: an empty mailbox; below INBOX works too.
+    u.rename("INBOX", "INBOX/Older").unwrap();
+    assert_eq!(u.status("INBOX/Older").unwrap().messages, 1);
+    assert_eq!(u.status("INBOX").unwrap().messages, 0);
+    u.rename("INBOX", "Empty").unwrap();
+    assert_eq!(u.status("Empty").unwrap().messages, 0);
+    assert_eq!(u.status("Old/2026").unwrap().messages, 5);
+}
+
 #[test]
 fn expunge_removes_only_deleted_and_respects_uid_set() {
     let dir = TempDir::new("expunge");
@@ -1095,8 +1195,12 @@ fn create_list_rename_delete_subscribe() {
     let st = u.status("Old/Work/Projects").unwrap();
     assert_eq!((st.messages, st.uidvalidity), (1, v));
     assert!(matches!(
-        u.rename("INBOX", "X"),
-        Err(StoreError::InboxProtected)
+        u.rename("Sent", "inbox"),
+        Err(StoreError::MailboxExists(_))
+    ));
+    assert!(matches!(
+        u.rename("INBOX", "Sent"),
+        Err(StoreError::MailboxExists(_))
     ));
     assert!(matches!(
         u.rename("Sent", "Old"),
