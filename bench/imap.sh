@@ -26,7 +26,9 @@
 # as Dovecot's process limits are raised below; IMAP_RATE=500 measures the default.
 # Dovecot runs in its default login mode (one imap-login process per connection, which stays
 # as the TLS proxy, plus one imap process per session); only its limits are raised so that
-# IDLE_SESSIONS sessions fit (process_limit, client_limit, mail_max_userip_connections).
+# IDLE_SESSIONS sessions fit (process_limit, client_limit, mail_max_userip_connections), and
+# so are ringmail's per-address and per-user-and-address connection limits (50 and 10 by
+# default), since every benchmark session logs in as one user from 127.0.0.1.
 #
 # Output: bench/out/imap-<timestamp>.md (table) and .jsonl (every run).
 set -euo pipefail
@@ -38,6 +40,7 @@ SESSIONS=${SESSIONS:-16}
 DURATION=${DURATION:-10s}
 IDLE_SESSIONS=${IDLE_SESSIONS:-2000}
 IMAP_RATE=${IMAP_RATE:-1000000}
+LIMIT=$((IDLE_SESSIONS + 200))
 CONTENDERS=${CONTENDERS:-ringmail dovecot}
 MODES=${MODES:-load idle}
 MIX=${MIX:-header=4,body=2,store=2,flags=1,noop=1}
@@ -106,7 +109,9 @@ RM_IMAPS=$(free_port)
 start_ringmail() {
     "$RINGMAIL" mda --lmtp "127.0.0.1:$RM_LMTP" --imaps "127.0.0.1:$RM_IMAPS" --maildir "$RM_MAIL" \
         --accounts "$DB" --hostname mail.example.test --tls-cert "$TMP/cert.pem" \
-        --tls-key "$TMP/key.pem" --imap-commands-per-second "$IMAP_RATE" >>"$TMP/ringmail.log" 2>&1 &
+        --tls-key "$TMP/key.pem" --imap-commands-per-second "$IMAP_RATE" \
+        --imap-max-connections-per-ip "$LIMIT" --imap-max-userip-connections "$LIMIT" \
+        >>"$TMP/ringmail.log" 2>&1 &
     SERVER_PID=$!
     wait_port "$RM_IMAPS"
     wait_port "$RM_LMTP"
@@ -151,7 +156,6 @@ chown -R nobody:nogroup "$DC/home"
 DC_IMAPS=$(free_port)
 echo "$USER_ADDR:{PLAIN}$PASSWORD:65534:65534::$DC/home/bob::" >"$DC/passwd"
 chmod 644 "$DC/passwd"
-LIMIT=$((IDLE_SESSIONS + 200))
 cat >"$DC/dovecot.conf" <<EOF
 protocols = imap
 listen = 127.0.0.1
