@@ -670,7 +670,13 @@ fn preflight() -> bool {
         skip("anycast tests need root (network namespaces, BIRD); CI runs them as root");
         return false;
     }
-    for tool in ["/usr/sbin/bird", "/usr/sbin/birdc", "/usr/bin/python3"] {
+    for tool in [
+        "/usr/sbin/bird",
+        "/usr/sbin/birdc",
+        "/usr/bin/python3",
+        // The LBs hand flows off to each other with nftables rules.
+        "/usr/sbin/nft",
+    ] {
         if find_binary(tool).is_err() {
             if require_all() {
                 panic!("{tool} is not installed (RINGMAIL_REQUIRE_ALL=1)");
