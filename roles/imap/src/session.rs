@@ -1655,6 +1655,47 @@ impl Session {
                 all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
             }
         }
+        // LSUB with `%` (RFC 3501 6.3.9): a subscribed mailbox the wildcard cannot reach
+        // (it is below the level `%` stops at) shows its matching ancestor, when that one is
+        // not subscribed itself, as `\Noselect`.
+        let mut lsub_parents: Vec<String> = Vec::new();
+        if lsub && full.contains(&b'%') {
+            let subscribed: HashSet<&str> = all
+                .iter()
+                .filter(|(m, _)| m.subscribed)
+                .map(|(m, _)| m.name.as_str())
+                .collect();
+            for name in &subscribed {
+                if pattern_match(&full, name.as_bytes(), b'/') {
+                    continue;
+                }
+                let mut end = 0;
+                while let Some(i) = name[end..].find('/') {
+                    let parent = &name[..end + i];
+                    end += i + 1;
+                    if pattern_match(&full, parent.as_bytes(), b'/')
+                        && !subscribed.contains(parent)
+                        && !lsub_parents.iter().any(|p| p == parent)
+                    {
+                        lsub_parents.push(parent.to_string());
+                    }
+                }
+            }
+            lsub_parents.sort();
+        }
+        for parent in &lsub_parents {
+            if let Ok(name) = Mailbox::try_from(self.display_name(parent)) {
+                let mut items = Vec::new();
+                if let Ok(a) = Atom::try_from("Noselect".to_owned()) {
+                    items.push(FlagNameAttribute::from(a));
+                }
+                self.send(&Response::Data(Data::Lsub {
+                    items,
+                    delimiter: QuotedChar::try_from('/').ok(),
+                    mailbox: name,
+                }));
+            }
+        }
         for (mb, exists) in &all {
             let exists = *exists;
             let matches = if mb.name == "INBOX" {

@@ -405,6 +405,22 @@ fn subscriptions_of_missing_mailboxes_are_listed() {
          * LIST (\\HasNoChildren \\Trash \\Subscribed) \"/\" Trash\r\n\
          * STATUS Trash (MESSAGES 0)\r\nh OK LIST completed\r\n"
     );
+    // LSUB with `%`: a subscribed child below the level `%` reaches shows its unsubscribed
+    // parent as \Noselect (RFC 3501 6.3.9); a subscribed parent is listed as itself.
+    c.send("h1 CREATE Lists/rust\r\n");
+    c.send("h2 SUBSCRIBE Lists/rust\r\n");
+    let r = c.send("h3 LSUB \"\" %\r\n");
+    assert!(r.contains("* LSUB (\\Noselect) \"/\" Lists\r\n"), "{r}");
+    assert!(!r.contains("Lists/rust"), "{r}");
+    let r = c.send("h4 LSUB \"\" Lists/%\r\n");
+    assert!(r.contains("* LSUB () \"/\" Lists/rust\r\n"), "{r}");
+    assert!(!r.contains("\"/\" Lists\r\n"), "{r}");
+    c.send("h5 SUBSCRIBE Lists\r\n");
+    let r = c.send("h6 LSUB \"\" %\r\n");
+    assert!(r.contains("* LSUB () \"/\" Lists\r\n"), "{r}");
+    assert!(!r.contains("\\Noselect) \"/\" Lists\r\n"), "{r}");
+    c.send("h7 UNSUBSCRIBE Lists\r\n");
+    c.send("h8 UNSUBSCRIBE Lists/rust\r\n");
     // Created again: an ordinary subscribed mailbox.
     c.send("i CREATE Temp\r\n");
     let r = c.send("j LSUB \"\" Temp\r\n");
