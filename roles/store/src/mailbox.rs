@@ -152,7 +152,7 @@ impl std::fmt::Debug for Mailbox {
 fn meta(r: &Record, keywords: &[String], recent: bool) -> MessageMeta {
     MessageMeta {
         uid: r.uid,
-        flags: r.name().flags(keywords),
+        flags: maildir::flags_of_letters(maildir::info_letters(&r.file), keywords),
         modseq: r.modseq,
         size: r.size,
         vsize: r.vsize,

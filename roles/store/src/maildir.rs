@@ -153,20 +153,38 @@ impl FileName {
     /// The flags of the info part; keyword letters are looked up in `keywords`
     /// (letters without a name are dropped).
     pub fn flags(&self, keywords: &[String]) -> Vec<Flag> {
-        let mut out = Vec::new();
-        for c in self.info.as_deref().unwrap_or("").chars() {
-            if let Some(f) = Flag::from_letter(c) {
-                out.push(f);
-            } else if c.is_ascii_lowercase()
-                && let Some(k) = keywords.get((c as u8 - b'a') as usize)
-            {
-                out.push(Flag::Keyword(k.clone()));
-            }
-        }
-        out.sort();
-        out.dedup();
-        out
+        flags_of_letters(self.info.as_deref().unwrap_or(""), keywords)
     }
+}
+
+/// The flag letters of a file name, as [`FileName::parse`] would find them, without
+/// allocating: empty for a name it refuses, one without info, or an info other than `2,`.
+pub fn info_letters(name: &str) -> &str {
+    if name.is_empty() || name.starts_with('.') || name.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return "";
+    }
+    match name.split_once(':') {
+        Some((base, info)) if !base.is_empty() => info.strip_prefix("2,").unwrap_or(""),
+        _ => "",
+    }
+}
+
+/// The flags of info letters; keyword letters are looked up in `keywords` (letters without a
+/// name are dropped).
+pub fn flags_of_letters(letters: &str, keywords: &[String]) -> Vec<Flag> {
+    let mut out = Vec::with_capacity(letters.len());
+    for c in letters.chars() {
+        if let Some(f) = Flag::from_letter(c) {
+            out.push(f);
+        } else if c.is_ascii_lowercase()
+            && let Some(k) = keywords.get((c as u8 - b'a') as usize)
+        {
+            out.push(Flag::Keyword(k.clone()));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Sorts and de-duplicates flag letters the way Dovecot writes them (ASCII order: system
@@ -241,5 +259,35 @@ impl VsizeCounter {
         }
         self.size += chunk.len() as u64;
         self.vsize += chunk.len() as u64;
+    }
+}
+
+#[cfg(test)]
+mod letters_tests {
+    use super::*;
+
+    #[test]
+    fn info_letters_agree_with_the_parser() {
+        let kw = vec!["$Label1".to_string(), "Work".to_string()];
+        for name in [
+            "1700000000.M1P2.host,S=10:2,FRSab",
+            "1700000000.M1P2.host,S=10:2,",
+            "1700000000.M1P2.host",
+            "1700000000.M1P2.host:1,xyz",
+            ":2,S",
+            ".hidden:2,S",
+            "bad\u{1}name:2,S",
+            "x:2,SSRRz",
+            "",
+        ] {
+            let parsed = FileName::parse(name)
+                .map(|f| f.flags(&kw))
+                .unwrap_or_default();
+            assert_eq!(
+                flags_of_letters(info_letters(name), &kw),
+                parsed,
+                "{name:?}"
+            );
+        }
     }
 }
