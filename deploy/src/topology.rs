@@ -1035,11 +1035,7 @@ impl Validator<'_, '_, '_> {
                 }
                 let handoff_device = b.handoff_device.as_ref().and_then(|d| {
                     let name = d.get_ref();
-                    let valid = !name.is_empty()
-                        && name.len() < 16
-                        && name.bytes().all(|c| {
-                            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'@')
-                        });
+                    let valid = ringmail_proxy_core::config::is_interface_name(name);
                     if !valid {
                         self.err(
                             d.span(),

@@ -191,6 +191,17 @@ pub struct Announce {
     pub handoff: Option<Handoff>,
 }
 
+/// True for a name the kernel and `nft` accept as an interface name, as the hand-off's
+/// `device` must be: 1-15 bytes of letters, digits and `-_.@` (nothing that could end a
+/// quoted string in the rules).
+pub fn is_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+}
+
 /// Connection hand-off between the LB hosts of a site.
 ///
 /// When a peer drains, the routers stop sending it traffic: per-flow ECMP then hashes the

@@ -59,7 +59,7 @@ use super::{
     required, set, string, table,
 };
 use crate::config::model::{
-    Announce, AnnounceMode, Bgp, Handoff, Listener, Loopback, Neighbor, Vip,
+    Announce, AnnounceMode, Bgp, Handoff, Listener, Loopback, Neighbor, Vip, is_interface_name,
 };
 
 /// Communities per neighbour (the speaker refuses more: they must fit its UPDATEs).
@@ -327,12 +327,7 @@ fn parse_handoff(
     }
     let device = required(ctx, v, t, "device", "announce.handoff").and_then(|d| {
         let name = string(ctx, d, "announce.handoff.device")?;
-        let valid = !name.is_empty()
-            && name.len() < 16
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'));
-        if valid {
+        if is_interface_name(name) {
             Some(name.to_string())
         } else {
             ctx.error(
