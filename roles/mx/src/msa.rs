@@ -640,18 +640,23 @@ fn locked_out(server: &mut Server, ctx: &mut Ctx<'_>, shown: &str) -> bool {
     if msa.ip_failures.count(&ip, FAILURE_WINDOW) < msa.cfg.max_auth_failures as usize {
         return false;
     }
-    inc(&msa.stats.auth_locked_out);
     info!(client = %ip, user = %shown, "refused: too many authentication failures");
+    lock_out(server, ctx);
+    true
+}
+
+/// 421 and close for a client over the failure limit (counted).
+fn lock_out(server: &mut Server, ctx: &mut Ctx<'_>) {
+    inc(&ctx.msa.stats.auth_locked_out);
     server.reject(Reply::new(
         421,
         "4.7.0",
         &format!(
             "{} Error: too many authentication failures",
-            msa.cfg.hostname
+            ctx.msa.cfg.hostname
         ),
     ));
     ctx.close = true;
-    true
 }
 
 fn auth_succeeded(server: &mut Server, ctx: &mut Ctx<'_>, account: Account, mechanism: &str) {
@@ -682,16 +687,7 @@ async fn auth_failed(
     info!(client = %ip, user = %shown, mechanism, result, failures = n_ip, "authentication failed");
     tokio::time::sleep(delay).await;
     if n_ip >= msa.cfg.max_auth_failures as usize {
-        inc(&msa.stats.auth_locked_out);
-        server.reject(Reply::new(
-            421,
-            "4.7.0",
-            &format!(
-                "{} Error: too many authentication failures",
-                msa.cfg.hostname
-            ),
-        ));
-        ctx.close = true;
+        lock_out(server, ctx);
     } else {
         server.auth_result(false);
     }

@@ -918,7 +918,6 @@ fn parse_listeners(
             }
             let label = name.clone().unwrap_or_else(|| bind.to_string());
             by_bind.insert(bind, (label, bind_span.clone()));
-            binds.push((bind, by_bind[&bind].0.clone()));
         }
         let (Some(bind), Some(pool), Some(name)) = (bind, pool, name) else {
             ok = false;
@@ -940,6 +939,7 @@ fn parse_listeners(
         by_name.insert(name.clone(), name_span);
         out.push(Listener { name, bind, pool });
     }
+    binds.extend(by_bind.into_iter().map(|(bind, (name, _))| (bind, name)));
     ok.then_some(out)
 }
 
