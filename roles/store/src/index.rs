@@ -118,6 +118,31 @@ impl State {
         self.highestmodseq
     }
 
+    /// Allocates the next UID (`UidsExhausted` once UIDNEXT reached u32::MAX).
+    pub fn take_uid(&mut self) -> Result<u32, crate::StoreError> {
+        let uid = self.uidnext;
+        if uid == u32::MAX {
+            return Err(crate::StoreError::UidsExhausted);
+        }
+        self.uidnext += 1;
+        Ok(uid)
+    }
+
+    /// Appends a message copied or moved here from another mailbox: `from`'s sizes and date
+    /// under `uid`, a new MODSEQ, and its file name here (in `cur/`).
+    pub fn push_copy(&mut self, uid: u32, from: &Record, file: String) {
+        let modseq = self.next_modseq();
+        self.records.push(Record {
+            uid,
+            modseq,
+            size: from.size,
+            vsize: from.vsize,
+            date: from.date,
+            in_new: false,
+            file: file.into(),
+        });
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         // Written on every change (a STORE included): numbers are formatted by hand.
         let mut s: Vec<u8> = Vec::with_capacity(192 + self.records.len() * 112);

@@ -603,21 +603,8 @@ impl Mailbox {
             for (src_uid, tmp, base, flags, r) in &staged {
                 let file = format!("{base}:2,{}", info_for(flags, &st.keywords, ""));
                 index::rename(tmp, &dm.sub("cur").join(&file))?;
-                let uid = st.uidnext;
-                if uid == u32::MAX {
-                    return Err(StoreError::UidsExhausted);
-                }
-                st.uidnext += 1;
-                let modseq = st.next_modseq();
-                st.records.push(Record {
-                    uid,
-                    modseq,
-                    size: r.size,
-                    vsize: r.vsize,
-                    date: r.date,
-                    in_new: false,
-                    file: file.into(),
-                });
+                let uid = st.take_uid()?;
+                st.push_copy(uid, r, file);
                 map.push((*src_uid, uid));
             }
             index::fsync_dir(&dm.sub("cur"))?;

@@ -528,16 +528,7 @@ impl UserStore {
             if r.uid >= ist.first_recent && first_recent.is_none() {
                 first_recent = Some(uid);
             }
-            let modseq = dst.next_modseq();
-            dst.records.push(Record {
-                uid,
-                modseq,
-                size: r.size,
-                vsize: r.vsize,
-                date: r.date,
-                in_new: false,
-                file: file.into(),
-            });
+            dst.push_copy(uid, r, file);
             moved.insert(r.uid);
         }
         if !moved.is_empty() {
@@ -742,11 +733,7 @@ pub(crate) fn add_message(
         index::rename(&tmp, &dest)?;
         index::fsync_dir(&target.sub("cur"))?;
         target.note_own_change(&mut st, before)?;
-        let uid = st.uidnext;
-        if uid == u32::MAX {
-            return Err(StoreError::UidsExhausted);
-        }
-        st.uidnext += 1;
+        let uid = st.take_uid()?;
         let modseq = st.next_modseq();
         let mtime = fs::metadata(&dest)
             .map(|m| std::os::unix::fs::MetadataExt::mtime(&m))

@@ -397,14 +397,7 @@ impl MboxDir {
                     st.uidnext = st.uidnext.max(u.saturating_add(1));
                     u
                 }
-                _ => {
-                    let u = st.uidnext;
-                    if u == u32::MAX {
-                        return Err(StoreError::UidsExhausted);
-                    }
-                    st.uidnext += 1;
-                    u
-                }
+                _ => st.take_uid()?,
             };
             taken.insert(uid);
             let size = parsed.size().unwrap_or(meta.len());
