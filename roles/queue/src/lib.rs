@@ -97,6 +97,7 @@ mod dsn;
 mod envelope;
 mod error;
 mod id;
+mod segment;
 mod spool;
 
 pub use dsn::dsn_status;
@@ -107,7 +108,7 @@ pub use envelope::{
 pub use error::QueueError;
 pub use id::{ID_LEN, QueueId};
 pub use spool::{
-    AttemptSummary, Claim, DeliveryStatus, Incoming, Outcome, QueueConfig, QueueStats,
+    AttemptSummary, Body, Claim, DeliveryStatus, Incoming, Outcome, QueueConfig, QueueStats,
     RecipientResult, RecoveryReport, Spool, SyncMode, backoff, inspect,
 };
 

@@ -2,7 +2,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
@@ -18,11 +19,14 @@ use crate::envelope::{
     ENVELOPE_VERSION, Envelope, NewEnvelope, RcptStatus, RecipientState, from_unix, one_line,
     to_unix,
 };
+use crate::segment::{self, SegLoc, Segments};
 use crate::{QueueError, QueueId, dsn};
 
 /// Buffer of a message being written (below glibc's 64 KiB free-consolidation threshold, which
 /// a buffer allocated and freed per message would otherwise trigger every time).
 const WRITE_BUFFER: usize = 32 * 1024;
+/// First allocation of an inline message's record (it grows up to `inline_max`).
+const RECORD_START: usize = 4096;
 
 /// Spool configuration.
 #[derive(Debug, Clone)]
@@ -46,6 +50,11 @@ pub struct QueueConfig {
     pub bounce_size_limit: u64,
     /// How a group commit is made durable.
     pub sync: SyncMode,
+    /// Messages up to this size (content plus envelope) are kept in memory until their
+    /// commit and stored in a shared segment file instead of files of their own (see
+    /// [`crate::segment`]); larger ones stream to their own data file. 0: every message gets
+    /// its own files.
+    pub inline_max: usize,
 }
 
 /// How a group commit round reaches stable storage.
@@ -81,6 +90,7 @@ impl QueueConfig {
             hostname,
             bounce_size_limit: 512 * 1024,
             sync: SyncMode::Auto,
+            inline_max: WRITE_BUFFER,
         }
     }
 }
@@ -98,6 +108,11 @@ pub struct RecoveryReport {
     pub orphans_removed: usize,
     /// Envelopes that could not be parsed, moved with their data to `corrupt/`.
     pub quarantined: usize,
+    /// Segments found.
+    pub segments: usize,
+    /// Segments whose records end before the file does (the unacknowledged remains of a
+    /// round a crash interrupted, or damage): logged with the offset.
+    pub torn_segments: usize,
 }
 
 /// Queue statistics.
@@ -124,6 +139,8 @@ pub struct QueueStats {
     pub syncfs: u64,
     /// DSNs (bounces and delay warnings) created since open.
     pub dsns: u64,
+    /// Segment files on disk (see [`crate::segment`]).
+    pub segments: usize,
 }
 
 /// Result of one delivery attempt for one recipient.
@@ -225,6 +242,8 @@ pub(crate) struct Entry {
     /// delivery attempt), so that the first delivery does not read it back from the disk.
     /// At most [`MAX_CACHED`] entries hold one.
     cached: Option<Arc<Envelope>>,
+    /// Where the message is when it is in a segment; `None`: its own files in `msg/`.
+    seg: Option<SegLoc>,
 }
 
 /// Envelopes kept in memory at most (about 1 KiB each): a queue that grows while its next
@@ -242,6 +261,7 @@ impl Entry {
             claimed: false,
             route: Arc::from(env.route.as_str()),
             cached: None,
+            seg: None,
         }
     }
 }
@@ -250,6 +270,15 @@ impl Entry {
 pub(crate) enum IndexOp {
     Upsert(QueueId, Entry),
     Remove(QueueId),
+}
+
+impl IndexOp {
+    /// Records where the committer put a message's segment record.
+    pub(crate) fn place(&mut self, loc: SegLoc) {
+        if let IndexOp::Upsert(_, e) = self {
+            e.seg = Some(loc);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -304,6 +333,7 @@ pub(crate) struct Counters {
 /// State shared with the committer thread.
 pub(crate) struct Shared {
     pub msg_dir: PathBuf,
+    pub segments: Mutex<Segments>,
     /// Group commit rounds use syncfs (see [`SyncMode`]).
     pub use_syncfs: bool,
     index: Mutex<Index>,
@@ -325,6 +355,11 @@ impl Shared {
     fn index(&self) -> MutexGuard<'_, Index> {
         // The index holds no invariant a panicking holder could break halfway.
         self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn segments(&self) -> MutexGuard<'_, Segments> {
+        // Each change to the segments' state is one assignment after its file operation.
+        self.segments.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn apply(&self, ops: Vec<IndexOp>) {
@@ -388,16 +423,21 @@ fn env_name(id: &QueueId) -> String {
 /// Reads and checks an envelope file.
 pub(crate) fn read_envelope(path: &Path) -> Result<Envelope, QueueError> {
     let text = fs::read(path).map_err(|e| QueueError::io("read", path, e))?;
+    parse_envelope(&text, path)
+}
+
+/// Parses and checks an envelope read from `path` (a file, or the segment holding it).
+fn parse_envelope(text: &[u8], path: &Path) -> Result<Envelope, QueueError> {
     #[derive(Deserialize)]
     struct Version {
         version: u32,
     }
-    match serde_json::from_slice::<Envelope>(&text) {
+    match serde_json::from_slice::<Envelope>(text) {
         Ok(env) if env.version > ENVELOPE_VERSION => {
             Err(QueueError::UnsupportedVersion(env.version))
         }
         Ok(env) => Ok(env),
-        Err(e) => match serde_json::from_slice::<Version>(&text) {
+        Err(e) => match serde_json::from_slice::<Version>(text) {
             Ok(v) if v.version > ENVELOPE_VERSION => Err(QueueError::UnsupportedVersion(v.version)),
             _ => Err(QueueError::CorruptEnvelope {
                 path: path.to_owned(),
@@ -447,6 +487,18 @@ pub fn inspect(dir: &Path) -> Result<Vec<Envelope>, QueueError> {
             Ok(env) => out.push(env),
             Err(QueueError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
+        }
+    }
+    // Messages in segments, unless their own files took over. A record of a round still
+    // being flushed may show up: the same as a commit in flight above.
+    let seg_dir = dir.join("seg");
+    let in_files: std::collections::HashSet<QueueId> = out.iter().map(|e| e.id.clone()).collect();
+    for found in segment::scan(&seg_dir)?.messages {
+        if in_files.contains(&found.id) {
+            continue;
+        }
+        if let Ok(env) = parse_envelope(&found.env, &seg_dir) {
+            out.push(env);
         }
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -568,13 +620,84 @@ impl Spool {
             index.upsert(id, Entry::of(&env));
             report.messages += 1;
         }
+        // 3. Segments: every message record without a done record is queued, unless its own
+        //    file pair took over (a move to msg/ whose done record did not make it).
+        let seg_dir = cfg.dir.join("seg");
+        create_dir(&seg_dir)?;
+        let scan = segment::scan(&seg_dir)?;
+        report.segments = scan.segments.len();
+        report.torn_segments = scan.torn.len();
+        for (no, off, why) in &scan.torn {
+            tracing::warn!(
+                "spool: segment {no:016x}: records end at offset {off} ({why}); what follows \
+                 was never acknowledged, or is damaged"
+            );
+        }
+        let mut live: HashMap<u64, usize> = HashMap::new();
+        let mut seg_quarantined = false;
+        for found in &scan.messages {
+            if index.entries.contains_key(&found.id) {
+                continue;
+            }
+            let where_ = seg_dir.join(format!("{:016x}.seg", found.loc.seg));
+            match parse_envelope(&found.env, &where_) {
+                Ok(env) if env.id == found.id && env.size == u64::from(found.data_len) => {
+                    let mut e = Entry::of(&env);
+                    e.seg = Some(found.loc);
+                    index.upsert(found.id.clone(), e);
+                    *live.entry(found.loc.seg).or_default() += 1;
+                    report.messages += 1;
+                }
+                Ok(_) | Err(QueueError::CorruptEnvelope { .. }) => {
+                    // A record that checks out but whose envelope does not: damage (or a bug),
+                    // never a crash. Copied out for a human; the segment may then go.
+                    tracing::error!(
+                        "spool: quarantining the corrupt envelope of {} in {}",
+                        found.id,
+                        where_.display()
+                    );
+                    create_dir(&corrupt_dir)?;
+                    let content = File::open(&where_)
+                        .and_then(|f| {
+                            segment::read_at(&f, found.loc.data_off, found.data_len as usize)
+                        })
+                        .map_err(|e| QueueError::io("read", &where_, e))?;
+                    for (name, bytes) in [
+                        (env_name(&found.id), &found.env),
+                        (data_name(&found.id), &content),
+                    ] {
+                        let to = corrupt_dir.join(name);
+                        fs::write(&to, bytes).map_err(|e| QueueError::io("write", &to, e))?;
+                    }
+                    report.quarantined += 1;
+                    seg_quarantined = true;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         if report.orphans_removed > 0 || report.quarantined > 0 {
             fsync_dir(&msg_dir)?;
             if report.quarantined > 0 {
+                if seg_quarantined {
+                    for entry in fs::read_dir(&corrupt_dir)
+                        .map_err(|e| QueueError::io("read directory", &corrupt_dir, e))?
+                    {
+                        let path = entry
+                            .map_err(|e| QueueError::io("read directory", &corrupt_dir, e))?
+                            .path();
+                        File::open(&path)
+                            .and_then(|f| f.sync_all())
+                            .map_err(|e| QueueError::io("fsync", &path, e))?;
+                    }
+                }
                 fsync_dir(&corrupt_dir)?;
             }
         }
-        if report.tmp_removed + report.orphans_removed + report.quarantined > 0 {
+        // After the quarantined copies are durable: a segment left with nothing is deleted.
+        let segments = Segments::open(seg_dir, &scan, &live)?;
+        if report.tmp_removed + report.orphans_removed + report.quarantined + report.torn_segments
+            > 0
+        {
             tracing::info!(?report, "spool: recovered");
         }
 
@@ -591,6 +714,7 @@ impl Spool {
         let shared = Arc::new(Shared {
             use_syncfs,
             msg_dir,
+            segments: Mutex::new(segments),
             index: Mutex::new(index),
             counters: Counters::default(),
             poisoned: AtomicBool::new(false),
@@ -658,25 +782,34 @@ impl Spool {
         if self.inner.shared.poisoned.load(Ordering::Acquire) {
             return Err(QueueError::Poisoned);
         }
-        loop {
-            let id = QueueId::generate();
-            // Straight under its final name: until its envelope is renamed in beside it, a
-            // data file is an orphan that recovery removes, so it needs no rename of its own.
-            let path = self.msg_dir().join(data_name(&id));
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(file) => {
-                    return Ok(Incoming {
-                        spool: self.clone(),
-                        id,
-                        path,
-                        writer: Some(BufWriter::with_capacity(WRITE_BUFFER, file)),
-                        written: 0,
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(QueueError::io("create", &path, e)),
-            }
-        }
+        let id = QueueId::generate();
+        let sink = if self.inner.cfg.inline_max > 0 {
+            Sink::Record(segment::start_record(RECORD_START))
+        } else {
+            self.create_data_file(&id, WRITE_BUFFER)?
+        };
+        Ok(Incoming {
+            spool: self.clone(),
+            id,
+            sink,
+            written: 0,
+        })
+    }
+
+    /// Creates a message's data file, straight under its final name: until its envelope is
+    /// renamed in beside it, a data file is an orphan that recovery removes, so it needs no
+    /// rename of its own.
+    fn create_data_file(&self, id: &QueueId, buffer: usize) -> Result<Sink, QueueError> {
+        let path = self.msg_dir().join(data_name(id));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| QueueError::io("create", &path, e))?;
+        Ok(Sink::File {
+            writer: BufWriter::with_capacity(buffer, file),
+            path,
+        })
     }
 
     /// Writes `env` to a new file in `tmp/` (not yet synced) and returns it with its path.
@@ -701,34 +834,90 @@ impl Spool {
         Ok((file, path))
     }
 
-    /// A job replacing the envelope atomically (tmp, fdatasync, rename, directory fsync).
-    fn replace_job(&self, env: &Envelope) -> Result<(Job, PathBuf), QueueError> {
-        let (file, tmp) = self.write_tmp_envelope(env)?;
+    /// A job replacing the envelope atomically (tmp, fdatasync, rename, directory fsync). A
+    /// message still in a segment moves to its own files with it: its content is copied to
+    /// `msg/ID.data` and synced with the envelope; [`Spool::finish_replace`] then releases
+    /// the segment's copy.
+    fn replace_job(&self, env: &Envelope) -> Result<(Job, Replace), QueueError> {
+        let moved_from = self.index().entries.get(&env.id).and_then(|e| e.seg);
         let mut job = Self::empty_job();
+        let mut created = Vec::new();
+        if moved_from.is_some() {
+            let mut body = self.open_body(&env.id)?;
+            let Sink::File { mut writer, path } = self.create_data_file(&env.id, WRITE_BUFFER)?
+            else {
+                unreachable!("create_data_file makes a file sink")
+            };
+            created.push(path.clone());
+            let copied = io::copy(&mut body, &mut writer).and_then(|_| writer.flush());
+            if let Err(e) = copied {
+                let _ = fs::remove_file(&path);
+                return Err(QueueError::io("copy to", path, e));
+            }
+            let file = writer
+                .into_inner()
+                .map_err(|e| QueueError::io("write", &path, e.into_error()))?;
+            job.syncs.push((file, path));
+        }
+        let (file, tmp) = match self.write_tmp_envelope(env) {
+            Ok(x) => x,
+            Err(e) => {
+                created.iter().for_each(|p| drop(fs::remove_file(p)));
+                return Err(e);
+            }
+        };
+        created.push(tmp.clone());
         job.syncs.push((file, tmp.clone()));
         job.renames
-            .push((tmp.clone(), self.msg_dir().join(env_name(&env.id))));
+            .push((tmp, self.msg_dir().join(env_name(&env.id))));
         job.index
             .push(IndexOp::Upsert(env.id.clone(), Entry::of(env)));
-        Ok((job, tmp))
+        Ok((
+            job,
+            Replace {
+                id: env.id.clone(),
+                created,
+                moved_from,
+            },
+        ))
     }
 
-    /// A job removing a message: the envelope first (the commit record), then the data.
-    fn delete_job(&self, id: &QueueId) -> Job {
-        let mut job = Self::empty_job();
-        job.unlinks.push(self.msg_dir().join(env_name(id)));
-        job.unlinks.push(self.msg_dir().join(data_name(id)));
-        job.index.push(IndexOp::Remove(id.clone()));
-        job
+    /// After a [`Spool::replace_job`]: releases the segment copy of a moved message, or
+    /// removes the files of a failed replacement.
+    fn finish_replace(&self, r: Replace, result: Result<(), QueueError>) -> Result<(), QueueError> {
+        match (&result, r.moved_from) {
+            (Ok(()), Some(loc)) => self.inner.shared.segments().release(loc.seg, &r.id),
+            (Ok(()), None) => {}
+            (Err(_), _) => r.created.iter().for_each(|p| drop(fs::remove_file(p))),
+        }
+        result
     }
 
     fn read_env(&self, id: &QueueId) -> Result<Envelope, QueueError> {
-        match read_envelope(&self.msg_dir().join(env_name(id))) {
-            Err(QueueError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                Err(QueueError::NotFound(id.clone()))
-            }
-            r => r,
-        }
+        let not_found = || QueueError::NotFound(id.clone());
+        let loc = self.index().entries.get(id).ok_or_else(not_found)?.seg;
+        let Some(loc) = loc else {
+            return match read_envelope(&self.msg_dir().join(env_name(id))) {
+                Err(QueueError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                    Err(not_found())
+                }
+                r => r,
+            };
+        };
+        let file = self.inner.shared.segments().file(loc.seg);
+        let file = file.ok_or_else(not_found)?;
+        let path = self.seg_path(loc.seg);
+        let bytes = segment::read_at(&file, loc.env_off, loc.env_len as usize)
+            .map_err(|e| QueueError::io("read", &path, e))?;
+        parse_envelope(&bytes, &path)
+    }
+
+    fn seg_path(&self, seg: u64) -> PathBuf {
+        self.inner
+            .cfg
+            .dir
+            .join("seg")
+            .join(format!("{seg:016x}.seg"))
     }
 
     /// Every queued message, ordered by id (arrival). Reads every envelope: for the CLI, not
@@ -765,14 +954,31 @@ impl Spool {
 
     /// The message content, for streaming to the next hop. Blocking reads: use a blocking task
     /// or read in chunks.
-    pub fn open_body(&self, id: &QueueId) -> Result<File, QueueError> {
-        if !self.index().entries.contains_key(id) {
-            return Err(QueueError::NotFound(id.clone()));
-        }
-        let path = self.msg_dir().join(data_name(id));
-        File::open(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => QueueError::NotFound(id.clone()),
-            _ => QueueError::io("open", &path, e),
+    pub fn open_body(&self, id: &QueueId) -> Result<Body, QueueError> {
+        let not_found = || QueueError::NotFound(id.clone());
+        let (loc, size) = match self.index().entries.get(id) {
+            Some(e) => (e.seg, e.size),
+            None => return Err(not_found()),
+        };
+        let (file, start) = match loc {
+            Some(loc) => {
+                let file = self.inner.shared.segments().file(loc.seg);
+                (file.ok_or_else(not_found)?, loc.data_off)
+            }
+            None => {
+                let path = self.msg_dir().join(data_name(id));
+                let file = File::open(&path).map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => not_found(),
+                    _ => QueueError::io("open", &path, e),
+                })?;
+                (Arc::new(file), 0)
+            }
+        };
+        Ok(Body {
+            file,
+            start,
+            len: size,
+            pos: 0,
         })
     }
 
@@ -803,7 +1009,7 @@ impl Spool {
                 Ok(false)
             };
         };
-        self.submit_blocking(self.delete_job(id))?;
+        self.remove_now(id)?;
         drop(claim);
         Ok(true)
     }
@@ -822,10 +1028,9 @@ impl Spool {
         if !f(&mut env) {
             return Ok(true);
         }
-        let (job, tmp) = self.replace_job(&env)?;
-        self.submit_blocking(job).inspect_err(|_| {
-            let _ = fs::remove_file(&tmp);
-        })?;
+        let (job, replace) = self.replace_job(&env)?;
+        let result = self.submit_blocking(job);
+        self.finish_replace(replace, result)?;
         Ok(true)
     }
 
@@ -936,6 +1141,7 @@ impl Spool {
             files_synced: c.files_synced.load(Ordering::Relaxed),
             syncfs: c.syncfs.load(Ordering::Relaxed),
             dsns: c.dsns.load(Ordering::Relaxed),
+            segments: self.inner.shared.segments().count(),
             ..QueueStats::default()
         };
         let mut oldest = None::<u64>;
@@ -1001,6 +1207,13 @@ impl Spool {
     fn remove_now(&self, id: &QueueId) -> Result<(), QueueError> {
         if self.inner.shared.poisoned.load(Ordering::Acquire) {
             return Err(QueueError::Poisoned);
+        }
+        let seg = self.index().entries.get(id).and_then(|e| e.seg);
+        if let Some(loc) = seg {
+            // A done record instead of two unlinks (see crate::segment).
+            self.inner.shared.apply(vec![IndexOp::Remove(id.clone())]);
+            self.inner.shared.segments().release(loc.seg, id);
+            return Ok(());
         }
         for path in [
             self.msg_dir().join(env_name(id)),
@@ -1172,11 +1385,9 @@ impl Spool {
         }
         env.next_attempt = next;
         summary.next_attempt = Some(from_unix(next));
-        let (job, tmp) = self.replace_job(&env)?;
-        if let Err(e) = self.submit(job).await {
-            let _ = fs::remove_file(tmp);
-            return Err(e);
-        }
+        let (job, replace) = self.replace_job(&env)?;
+        let result = self.submit(job).await;
+        self.finish_replace(replace, result)?;
         Ok(summary)
     }
 
@@ -1252,26 +1463,62 @@ impl Drop for Claim {
     }
 }
 
-/// A message being received: content goes to its data file in `msg/` (not a message until its
-/// envelope is committed beside it) through a 32 KiB buffer. Dropped
-/// without [`Incoming::commit`], the file is removed.
+/// Where the content of a message being received goes.
+#[derive(Debug)]
+enum Sink {
+    /// Memory: a segment record under construction (see [`crate::segment`]), while the
+    /// content fits in [`QueueConfig::inline_max`].
+    Record(Vec<u8>),
+    /// Its own data file in `msg/` (not a message until its envelope is committed beside it),
+    /// through a 32 KiB buffer.
+    File {
+        writer: BufWriter<File>,
+        path: PathBuf,
+    },
+    /// Committed, or handed over to the commit.
+    Gone,
+}
+
+/// A message being received. Its content stays in memory while it fits in
+/// [`QueueConfig::inline_max`] and is committed into a segment; past that it streams to a
+/// data file of its own. Dropped without [`Incoming::commit`], nothing of it remains.
 #[derive(Debug)]
 pub struct Incoming {
     spool: Spool,
     id: QueueId,
-    path: PathBuf,
-    writer: Option<BufWriter<File>>,
+    sink: Sink,
     written: u64,
 }
 
 impl Incoming {
     /// Appends content (trace headers first, then the message as received).
     pub fn write(&mut self, chunk: &[u8]) -> Result<(), QueueError> {
-        let w = self.writer.as_mut().ok_or(QueueError::CommitterGone)?;
-        w.write_all(chunk)
-            .map_err(|e| QueueError::io("write", &self.path, e))?;
+        let inline_max = self.spool.inner.cfg.inline_max;
+        if let Sink::Record(buf) = &mut self.sink {
+            if buf.len() - segment::HEADER + chunk.len() <= inline_max {
+                buf.extend_from_slice(chunk);
+                self.written += chunk.len() as u64;
+                return Ok(());
+            }
+            // Too big for a segment: on to a file of its own, with what came so far.
+            let sink = self.spool.create_data_file(&self.id, WRITE_BUFFER)?;
+            let Sink::Record(buf) = std::mem::replace(&mut self.sink, sink) else {
+                unreachable!("matched above")
+            };
+            self.write_file(&buf[segment::HEADER..])?;
+        }
+        self.write_file(chunk)?;
         self.written += chunk.len() as u64;
         Ok(())
+    }
+
+    fn write_file(&mut self, chunk: &[u8]) -> Result<(), QueueError> {
+        match &mut self.sink {
+            Sink::File { writer, path } => writer
+                .write_all(chunk)
+                .map_err(|e| QueueError::io("write", &*path, e)),
+            Sink::Record(_) | Sink::Gone => Err(QueueError::CommitterGone),
+        }
     }
 
     /// Bytes written so far.
@@ -1285,22 +1532,19 @@ impl Incoming {
     }
 
     /// Makes the message durable and queues it. Resolves `Ok` only once the content and the
-    /// envelope are fdatasynced, renamed into `msg/` and the directory is fsynced; concurrent
-    /// commits share those fsyncs. If the future is dropped after the first poll, the commit
-    /// still completes (the message is queued, the caller just does not learn it).
+    /// envelope are on stable storage under their final names (a segment record flushed in a
+    /// group commit round; or both files fdatasynced, the envelope renamed into `msg/` and the
+    /// directory fsynced); concurrent commits share those flushes. If the future is dropped
+    /// after the first poll, the commit still completes (the message is queued, the caller
+    /// just does not learn it).
     pub async fn commit(mut self, envelope: NewEnvelope) -> Result<QueueId, QueueError> {
         if envelope.recipients.is_empty() {
             return Err(QueueError::NoRecipients);
         }
-        let writer = self.writer.take().ok_or(QueueError::CommitterGone)?;
-        let data = writer
-            .into_inner()
-            .map_err(|e| QueueError::io("write", &self.path, e.into_error()))?;
+        let sink = std::mem::replace(&mut self.sink, Sink::Gone);
         let spool = self.spool.clone();
         let id = self.id.clone();
-        let data_path = std::mem::take(&mut self.path);
-        let now = SystemTime::now();
-        let now_secs = to_unix(now);
+        let now_secs = to_unix(SystemTime::now());
         let cfg = spool.config();
         let env = Envelope {
             version: ENVELOPE_VERSION,
@@ -1334,38 +1578,69 @@ impl Incoming {
             headers: envelope.headers,
             report_of: envelope.report_of,
         };
-        let (env_file, env_tmp) = match spool.write_tmp_envelope(&env) {
-            Ok(x) => x,
-            Err(e) => {
-                let _ = fs::remove_file(&data_path);
-                return Err(e);
-            }
-        };
-        let env_final = spool.msg_dir().join(env_name(&id));
         let mut job = Spool::empty_job();
-        // The data file is already in msg/: both files are synced before the envelope's
-        // rename (per file: in the tick before; with syncfs: in the same syncfs), so an
-        // envelope in msg/ always has its data beside it once durable.
-        job.syncs.push((data, data_path.clone()));
-        job.syncs.push((env_file, env_tmp.clone()));
-        job.renames.push((env_tmp.clone(), env_final.clone()));
-        let mut entry = Entry::of(&env);
-        entry.cached = Some(Arc::new(env));
-        job.index.push(IndexOp::Upsert(id.clone(), entry));
         job.new_messages = 1;
-        // Ids are unique (time, counter, random); the index check covers a recovered message
-        // that would share one, and costs no file-system call.
-        job.creates_only = !spool.index().entries.contains_key(&id);
-        match spool.submit(job).await {
-            Ok(()) => Ok(id),
-            Err(e) => {
-                // Not acknowledged: remove whatever made it (if the directory fsync failed the
-                // spool is poisoned anyway, and recovery would take it as committed).
-                for p in [&env_tmp, &env_final, &data_path] {
-                    let _ = fs::remove_file(p);
-                }
-                Err(e)
+        let mut entry = Entry::of(&env);
+        match sink {
+            Sink::Record(mut bytes) => {
+                let json = serde_json::to_vec(&env).map_err(|e| QueueError::CorruptEnvelope {
+                    path: spool.inner.cfg.dir.join("seg"),
+                    reason: e.to_string(),
+                })?;
+                let data_len = segment::finish_message(&mut bytes, &id, &json);
+                job.record = Some(SegRecord {
+                    bytes,
+                    data_len,
+                    env_len: json.len() as u32,
+                });
+                entry.cached = Some(Arc::new(env));
+                job.index.push(IndexOp::Upsert(id.clone(), entry));
+                spool.submit(job).await.map(|()| id)
             }
+            Sink::File { writer, path } => {
+                let data = writer
+                    .into_inner()
+                    .map_err(|e| QueueError::io("write", &path, e.into_error()));
+                let data = match data {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = fs::remove_file(&path);
+                        return Err(e);
+                    }
+                };
+                let (env_file, env_tmp) = match spool.write_tmp_envelope(&env) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = fs::remove_file(&path);
+                        return Err(e);
+                    }
+                };
+                let env_final = spool.msg_dir().join(env_name(&id));
+                // The data file is already in msg/: both files are synced before the
+                // envelope's rename (per file: in the tick before; with syncfs: in the same
+                // syncfs), so an envelope in msg/ always has its data beside it once durable.
+                job.syncs.push((data, path.clone()));
+                job.syncs.push((env_file, env_tmp.clone()));
+                job.renames.push((env_tmp.clone(), env_final.clone()));
+                entry.cached = Some(Arc::new(env));
+                job.index.push(IndexOp::Upsert(id.clone(), entry));
+                // Ids are unique (time, counter, random); the index check covers a recovered
+                // message that would share one, and costs no file-system call.
+                job.creates_only = !spool.index().entries.contains_key(&id);
+                match spool.submit(job).await {
+                    Ok(()) => Ok(id),
+                    Err(e) => {
+                        // Not acknowledged: remove whatever made it (if the directory fsync
+                        // failed the spool is poisoned anyway, and recovery would take it as
+                        // committed).
+                        for p in [&env_tmp, &env_final, &path] {
+                            let _ = fs::remove_file(p);
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            Sink::Gone => Err(QueueError::CommitterGone),
         }
     }
 
@@ -1385,9 +1660,94 @@ impl Write for Incoming {
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        if let Some(w) = self.writer.take() {
-            drop(w.into_parts());
-            let _ = fs::remove_file(&self.path);
+        if let Sink::File { writer, path } = std::mem::replace(&mut self.sink, Sink::Gone) {
+            drop(writer.into_parts());
+            let _ = fs::remove_file(&path);
+        }
+    }
+}
+
+/// A message record for the committer to append to the current segment.
+pub(crate) struct SegRecord {
+    /// The whole record.
+    pub bytes: Vec<u8>,
+    pub data_len: u32,
+    pub env_len: u32,
+}
+
+impl SegRecord {
+    /// Where this record's parts are once it is written at `off` of segment `seg`.
+    pub(crate) fn loc(&self, seg: u64, off: u64) -> SegLoc {
+        let data_off = off + segment::HEADER as u64;
+        SegLoc {
+            seg,
+            data_off,
+            env_off: data_off + u64::from(self.data_len),
+            env_len: self.env_len,
+        }
+    }
+}
+
+/// An envelope replacement in flight (see [`Spool::replace_job`]).
+struct Replace {
+    id: QueueId,
+    /// Files it created, removed if it fails.
+    created: Vec<PathBuf>,
+    /// The segment copy it supersedes.
+    moved_from: Option<SegLoc>,
+}
+
+/// The content of a queued message: its data file, or its part of a segment. Reads with
+/// `pread`, so readers of one segment do not disturb each other.
+#[derive(Debug)]
+pub struct Body {
+    file: Arc<File>,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl Body {
+    /// The content's length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the content is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Read for Body {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if n == 0 {
+            return Ok(0);
+        }
+        let got = self.file.read_at(&mut buf[..n], self.start + self.pos)?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+impl Seek for Body {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        match target {
+            Some(t) => {
+                self.pos = t;
+                Ok(t)
+            }
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the message",
+            )),
         }
     }
 }

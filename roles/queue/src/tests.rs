@@ -36,6 +36,14 @@ fn open(dir: &TempDir) -> (Spool, RecoveryReport) {
     Spool::open(cfg).unwrap()
 }
 
+/// A spool where every message gets its own files (no segments).
+fn open_files(dir: &TempDir) -> (Spool, RecoveryReport) {
+    let mut cfg = QueueConfig::new(dir.path());
+    cfg.hostname = "mx.example.net".into();
+    cfg.inline_max = 0;
+    Spool::open(cfg).unwrap()
+}
+
 fn new_env(sender: Option<&str>, rcpts: &[&str]) -> NewEnvelope {
     NewEnvelope::new(
         sender.map(str::to_owned),
@@ -124,7 +132,7 @@ async fn commit_list_get_open_body_delete() {
 #[tokio::test]
 async fn empty_recipients_and_abort_leave_nothing() {
     let dir = TempDir::new("abort");
-    let (spool, _) = open(&dir);
+    let (spool, _) = open_files(&dir);
     let mut inc = spool.begin().unwrap();
     inc.write(MSG).unwrap();
     // Received straight into msg/ (an orphan until committed, never a message).
@@ -156,7 +164,7 @@ async fn second_open_is_refused() {
 #[tokio::test]
 async fn recovery_removes_uncommitted_leftovers() {
     let dir = TempDir::new("recover");
-    let (spool, _) = open(&dir);
+    let (spool, _) = open_files(&dir);
     let keep = commit(&spool, new_env(Some("a@x.org"), &["b@y.org"]), MSG).await;
     let gone = commit(&spool, new_env(Some("a@x.org"), &["c@y.org"]), MSG).await;
     drop(spool);
@@ -183,7 +191,7 @@ async fn recovery_removes_uncommitted_leftovers() {
     // A truncated data file (size differs from the envelope).
     std::fs::write(msg.join(format!("{gone}.data")), &MSG[..10]).unwrap();
 
-    let (spool, report) = open(&dir);
+    let (spool, report) = open_files(&dir);
     assert_eq!(report.messages, 1);
     assert_eq!(report.tmp_removed, 2);
     assert_eq!(report.orphans_removed, 3);
@@ -201,7 +209,7 @@ async fn recovery_removes_uncommitted_leftovers() {
 #[tokio::test]
 async fn corrupt_envelope_is_quarantined_not_deleted() {
     let dir = TempDir::new("corrupt");
-    let (spool, _) = open(&dir);
+    let (spool, _) = open_files(&dir);
     let id = commit(&spool, new_env(Some("a@x.org"), &["b@y.org"]), MSG).await;
     drop(spool);
     std::fs::write(dir.path().join("msg").join(format!("{id}.env")), b"garbage").unwrap();
@@ -912,8 +920,14 @@ async fn delay_warning_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn group_commit_batches_concurrent_commits() {
+    for inline in [false, true] {
+        group_commit_batches(inline).await;
+    }
+}
+
+async fn group_commit_batches(inline: bool) {
     let dir = TempDir::new("group");
-    let (spool, _) = open(&dir);
+    let (spool, _) = if inline { open(&dir) } else { open_files(&dir) };
     let tasks: Vec<_> = (0..50)
         .map(|i| {
             let spool = spool.clone();
@@ -937,12 +951,23 @@ async fn group_commit_batches_concurrent_commits() {
     assert_eq!(ids.len(), 50);
     let stats = spool.stats();
     assert_eq!(stats.commits, 50);
-    assert_eq!(stats.files_synced, 100);
-    assert!(
-        stats.dir_fsyncs <= 15,
-        "50 concurrent commits took {} directory fsyncs",
-        stats.dir_fsyncs
-    );
+    if inline {
+        // One segment, one flush per round, no directory fsync.
+        assert_eq!((stats.segments, stats.dir_fsyncs), (1, 0), "{stats:?}");
+        assert!(
+            stats.files_synced <= 15,
+            "50 concurrent commits took {} segment flushes",
+            stats.files_synced
+        );
+        assert!(files_in(&dir.path().join("msg")).is_empty());
+    } else {
+        assert_eq!(stats.files_synced, 100);
+        assert!(
+            stats.dir_fsyncs <= 15,
+            "50 concurrent commits took {} directory fsyncs",
+            stats.dir_fsyncs
+        );
+    }
     assert_eq!(spool.list().unwrap().len(), 50);
 }
 
@@ -960,6 +985,8 @@ async fn syncfs_mode_commits_in_one_round_and_recovers() {
     let dir = TempDir::new("syncfs");
     let mut cfg = QueueConfig::new(dir.path());
     cfg.sync = crate::SyncMode::Syncfs;
+    // Files of their own: a round of segment records alone is flushed with one fdatasync.
+    cfg.inline_max = 0;
     let (spool, _) = Spool::open(cfg.clone()).unwrap();
     let mut tasks = Vec::new();
     for i in 0..40 {
