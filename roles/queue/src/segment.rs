@@ -199,8 +199,10 @@ pub(crate) fn scan(dir: &Path) -> Result<Scan, QueueError> {
     };
     for entry in entries {
         let entry = entry.map_err(|e| QueueError::io("read directory", dir, e))?;
-        match entry.file_name().to_str().and_then(seg_number) {
+        let name = entry.file_name();
+        match name.to_str().and_then(seg_number) {
             Some(no) => scan.segments.push(no),
+            None if name == SPARE => {}
             None => tracing::warn!("spool: ignoring unexpected file {}", entry.path().display()),
         }
     }
@@ -278,8 +280,13 @@ struct Seg {
     done_for: BTreeSet<u64>,
 }
 
-/// A segment prepared (zeroed, flushed, named durably) before it is needed.
-type Spare = Arc<Mutex<Option<(u64, File)>>>;
+/// The name a segment is prepared under; it gets its number when it is taken into use, so
+/// that numbers follow the order segments are written in (done records only ever refer to
+/// the same or an older segment).
+const SPARE: &str = "next.spare";
+
+/// A segment prepared (zeroed and flushed) before it is needed.
+type Spare = Arc<Mutex<Option<File>>>;
 
 /// The segments of an open spool: the one being appended to and the older ones still holding
 /// messages.
@@ -302,9 +309,14 @@ impl Drop for Segments {
     }
 }
 
-/// Creates segment `no` filled with zeros, flushed, its name durable.
-fn prepare(dir: &Path, no: u64) -> Result<File, QueueError> {
-    let path = dir.join(seg_name(no));
+/// Creates the spare segment filled with zeros and flushed.
+fn prepare(dir: &Path) -> Result<File, QueueError> {
+    let path = dir.join(SPARE);
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(QueueError::io("unlink", &path, e)),
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -320,7 +332,6 @@ fn prepare(dir: &Path, no: u64) -> Result<File, QueueError> {
     }
     file.sync_data()
         .map_err(|e| QueueError::io("fdatasync", &path, e))?;
-    sync_dir(dir)?;
     Ok(file)
 }
 
@@ -384,25 +395,26 @@ impl Segments {
     /// Starts a new current segment: the spare if it is ready, else one made now (not zeroed:
     /// its rounds then cost a metadata commit each). Then starts preparing the next spare.
     fn roll(&mut self) -> Result<u64, QueueError> {
+        let no = self.next_no;
+        let path = self.dir.join(seg_name(no));
         let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let (no, file) = match spare {
-            Some(s) => s,
-            None => {
-                // Not ready (or failed): a new segment now beats waiting for the spare, which
-                // keeps its number and serves the next roll.
-                let no = self.next_no;
-                self.next_no += 1;
-                let path = self.dir.join(seg_name(no));
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                    .map_err(|e| QueueError::io("create", &path, e))?;
-                sync_dir(&self.dir)?;
-                (no, file)
+        let file = match spare {
+            Some(file) => {
+                let from = self.dir.join(SPARE);
+                fs::rename(&from, &path).map_err(|e| QueueError::io("rename", &from, e))?;
+                file
             }
+            // Not ready (or failed): a new segment now beats waiting for the spare, which
+            // serves the next roll.
+            None => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| QueueError::io("create", &path, e))?,
         };
+        sync_dir(&self.dir)?;
+        self.next_no += 1;
         self.segs.insert(
             no,
             Seg {
@@ -434,17 +446,15 @@ impl Segments {
         {
             return;
         }
-        let no = self.next_no;
-        self.next_no += 1;
         let dir = self.dir.clone();
         let slot = Arc::clone(&self.spare);
         let spawned = std::thread::Builder::new()
             .name("queue-segment".into())
-            .spawn(move || match prepare(&dir, no) {
-                Ok(file) => *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some((no, file)),
+            .spawn(move || match prepare(&dir) {
+                Ok(file) => *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(file),
                 Err(e) => {
                     tracing::warn!("spool: cannot prepare the next segment: {e}");
-                    let _ = fs::remove_file(dir.join(seg_name(no)));
+                    let _ = fs::remove_file(dir.join(SPARE));
                 }
             });
         match spawned {

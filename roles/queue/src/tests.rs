@@ -1018,3 +1018,212 @@ async fn syncfs_mode_commits_in_one_round_and_recovers() {
         assert_eq!(body.len() as u64, env.size);
     }
 }
+
+fn deliver(
+    spool: &Spool,
+    id: &QueueId,
+    ok: bool,
+) -> impl std::future::Future<Output = AttemptSummary> {
+    let claim = spool.claim(id).unwrap();
+    let rcpt = spool.get(id).unwrap().unwrap().recipients[0]
+        .address
+        .clone();
+    let outcome = if ok {
+        Outcome::Delivered {
+            reply: "250 2.0.0 ok".into(),
+        }
+    } else {
+        Outcome::TempFail {
+            reply: "451 4.3.0 later".into(),
+        }
+    };
+    let spool = spool.clone();
+    let id = id.clone();
+    async move {
+        let s = spool
+            .record_attempt(&id, vec![(rcpt, outcome)], SystemTime::now())
+            .await
+            .unwrap();
+        drop(claim);
+        s
+    }
+}
+
+fn segment_files(dir: &TempDir) -> Vec<String> {
+    files_in(&dir.path().join("seg"))
+        .into_iter()
+        .filter(|n| n.ends_with(".seg"))
+        .collect()
+}
+
+fn seg(no: u64) -> String {
+    format!("{no:016x}.seg")
+}
+
+#[tokio::test]
+async fn small_messages_share_a_segment_and_move_to_files_when_deferred() {
+    let dir = TempDir::new("segment");
+    let (spool, _) = open(&dir);
+    let env = || new_env(Some("a@x.org"), &["b@y.org"]);
+    let a = commit(&spool, env(), MSG).await;
+    let b = commit(&spool, env(), MSG).await;
+    let c = commit(&spool, env(), MSG).await;
+    assert!(files_in(&dir.path().join("msg")).is_empty());
+    assert_eq!(segment_files(&dir), vec![seg(1)]);
+    assert_eq!(spool.stats().segments, 1);
+    assert_eq!(inspect(dir.path()).unwrap().len(), 3);
+    assert_eq!(body_of(&spool, &c), MSG);
+
+    assert!(deliver(&spool, &a, true).await.removed);
+    // Deferred: its content and new envelope move to files of their own.
+    assert!(!deliver(&spool, &b, false).await.removed);
+    assert_eq!(
+        files_in(&dir.path().join("msg")),
+        vec![format!("{b}.data"), format!("{b}.env")]
+    );
+    assert_eq!(spool.get(&b).unwrap().unwrap().attempts, 1);
+    assert_eq!(body_of(&spool, &b), MSG);
+    let listed: Vec<QueueId> = inspect(dir.path())
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(listed, vec![b.clone(), c.clone()]);
+    drop(spool);
+
+    let (spool, report) = open(&dir);
+    assert_eq!((report.messages, report.segments), (2, 1), "{report:?}");
+    assert_eq!(
+        spool.get(&a).unwrap(),
+        None,
+        "a delivered message stays gone"
+    );
+    assert_eq!(spool.get(&b).unwrap().unwrap().attempts, 1);
+    assert_eq!(body_of(&spool, &b), MSG);
+    assert_eq!(body_of(&spool, &c), MSG);
+    // The last message of the old segment done: it goes (done records go to a new one).
+    assert!(deliver(&spool, &b, true).await.removed);
+    assert!(deliver(&spool, &c, true).await.removed);
+    assert_eq!(segment_files(&dir), vec![seg(2)]);
+    assert!(files_in(&dir.path().join("msg")).is_empty());
+    assert_eq!(spool.stats().messages, 0);
+    drop(spool);
+    let (spool, report) = open(&dir);
+    assert_eq!(report.messages, 0, "{report:?}");
+    assert!(spool.list().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_done_record_keeps_its_segment_until_the_older_one_is_gone() {
+    let dir = TempDir::new("segment-order");
+    let env = || new_env(Some("a@x.org"), &["b@y.org"]);
+    let (spool, _) = open(&dir);
+    let a = commit(&spool, env(), MSG).await;
+    let x = commit(&spool, env(), MSG).await;
+    drop(spool);
+    // x's done record goes to segment 2; segment 1 still holds a.
+    let (spool, _) = open(&dir);
+    assert!(deliver(&spool, &x, true).await.removed);
+    drop(spool);
+    let (spool, report) = open(&dir);
+    assert_eq!(report.messages, 1, "{report:?}");
+    assert_eq!(spool.get(&x).unwrap(), None);
+    // Segment 2 holds no message, but deleting it would bring x back.
+    assert_eq!(segment_files(&dir), vec![seg(1), seg(2)]);
+    drop(spool);
+    let (spool, _) = open(&dir);
+    assert_eq!(spool.get(&x).unwrap(), None, "x stays delivered");
+    assert!(deliver(&spool, &a, true).await.removed);
+    // Segment 1 is empty now, and then so is 2; 3 takes the done record.
+    assert_eq!(segment_files(&dir), vec![seg(3)]);
+    drop(spool);
+    let (spool, report) = open(&dir);
+    assert_eq!(report.messages, 0, "{report:?}");
+    assert!(spool.list().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_torn_segment_tail_is_not_a_message_and_not_appended_to() {
+    let dir = TempDir::new("segment-torn");
+    let env = || new_env(Some("a@x.org"), &["b@y.org"]);
+    let (spool, _) = open(&dir);
+    let a = commit(&spool, env(), MSG).await;
+    let b = commit(&spool, env(), MSG).await;
+    drop(spool);
+    // The remains of a round a crash interrupted: half a record after the last one.
+    let path = dir.path().join("seg").join(seg(1));
+    let mut rec = crate::segment::start_record(0);
+    rec.extend_from_slice(MSG);
+    crate::segment::finish_message(&mut rec, &QueueId::generate(), b"{}");
+    let end = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &rec[..rec.len() / 2], end).unwrap();
+    drop(f);
+    let (spool, report) = open(&dir);
+    assert_eq!(
+        (report.messages, report.torn_segments),
+        (2, 1),
+        "{report:?}"
+    );
+    let c = commit(&spool, env(), MSG).await;
+    assert_eq!(segment_files(&dir), vec![seg(1), seg(2)], "a new segment");
+    drop(spool);
+    let (spool, report) = open(&dir);
+    assert_eq!(
+        (report.messages, report.torn_segments),
+        (3, 1),
+        "{report:?}"
+    );
+    for id in [&a, &b, &c] {
+        assert_eq!(body_of(&spool, id), MSG);
+    }
+}
+
+#[tokio::test]
+async fn a_message_larger_than_inline_max_gets_its_own_files() {
+    let dir = TempDir::new("segment-large");
+    let (spool, _) = open(&dir);
+    let max = spool.config().inline_max;
+    let fits = vec![b'a'; max];
+    let big = vec![b'b'; max + 1];
+    let env = || new_env(Some("a@x.org"), &["b@y.org"]);
+    let small = commit(&spool, env(), &fits).await;
+    let large = commit(&spool, env(), &big).await;
+    assert_eq!(
+        files_in(&dir.path().join("msg")),
+        vec![format!("{large}.data"), format!("{large}.env")]
+    );
+    assert_eq!(body_of(&spool, &small), fits);
+    assert_eq!(body_of(&spool, &large), big);
+    drop(spool);
+    let (spool, report) = open(&dir);
+    assert_eq!(report.messages, 2);
+    assert_eq!(body_of(&spool, &small), fits);
+    assert_eq!(body_of(&spool, &large), big);
+}
+
+#[tokio::test]
+async fn a_corrupt_envelope_in_a_segment_is_quarantined() {
+    let dir = TempDir::new("segment-corrupt");
+    let (spool, _) = open(&dir);
+    let good = commit(&spool, new_env(Some("a@x.org"), &["b@y.org"]), MSG).await;
+    drop(spool);
+    // A record that checks out around an envelope that does not parse: damage, not a crash.
+    let bad = QueueId::generate();
+    let mut rec = crate::segment::start_record(0);
+    rec.extend_from_slice(MSG);
+    crate::segment::finish_message(&mut rec, &bad, b"{\"not\": \"an envelope\"}");
+    std::fs::write(dir.path().join("seg").join(seg(7)), &rec).unwrap();
+    let (spool, report) = open(&dir);
+    assert_eq!((report.messages, report.quarantined), (1, 1), "{report:?}");
+    assert_eq!(body_of(&spool, &good), MSG);
+    let corrupt = dir.path().join("corrupt");
+    assert_eq!(
+        files_in(&corrupt),
+        vec![format!("{bad}.data"), format!("{bad}.env")]
+    );
+    assert_eq!(
+        std::fs::read(corrupt.join(format!("{bad}.data"))).unwrap(),
+        MSG
+    );
+}

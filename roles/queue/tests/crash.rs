@@ -1,16 +1,22 @@
 //! Crash safety: a child process commits messages from many tasks and prints each id once its
-//! commit has resolved; the parent kills it with SIGKILL at a random moment, reopens the spool
-//! and checks that every printed message is there, intact, and that nothing partial is listed.
+//! commit has resolved, while a delivery task takes due messages and records them delivered
+//! (removed) or deferred (the envelope rewritten; a message in a segment moves to files of its
+//! own) and prints that once recorded. The parent kills the child with SIGKILL at a random
+//! moment, reopens the spool and checks that every committed message not delivered is there,
+//! intact, that every delivered one stays gone, that every deferred one kept its attempt, and
+//! that nothing partial is listed. Messages are 64 B to 150 KB: some in segments, some in
+//! files of their own.
 //!
 //! The child is this test binary, re-invoked with `CRASH_CHILD_DIR` set.
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use ringmail_queue::{NewEnvelope, NewRecipient, QueueConfig, QueueId, Spool};
+use ringmail_queue::{NewEnvelope, NewRecipient, Outcome, QueueConfig, QueueId, Spool};
 
 const ENV_DIR: &str = "CRASH_CHILD_DIR";
 
@@ -66,6 +72,40 @@ async fn crash_child() {
     let (spool, _) = Spool::open(cfg).unwrap();
     let base: u64 = std::env::var("CRASH_CHILD_ROUND").unwrap().parse().unwrap();
     let mut tasks = Vec::new();
+    let deliverer = spool.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            let due = deliverer.due_limited(SystemTime::now(), 16);
+            if due.is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            for id in due {
+                let Some(claim) = deliverer.claim(&id) else {
+                    continue;
+                };
+                let env = deliverer.get(&id).unwrap().unwrap();
+                // Two in three delivered, the rest deferred (not due again during the test).
+                let deliver = id.as_str().as_bytes()[18] % 3 != 0;
+                let reply = format!("{} test", if deliver { 250 } else { 451 });
+                let outcome = if deliver {
+                    Outcome::Delivered { reply }
+                } else {
+                    Outcome::TempFail { reply }
+                };
+                let rcpt = env.recipients[0].address.clone();
+                if deliver {
+                    // Once this is recorded the message may be gone before we say so.
+                    println!("DELIVERING {id}");
+                }
+                deliverer
+                    .record_attempt_with(env, vec![(rcpt, outcome)], SystemTime::now())
+                    .await
+                    .unwrap();
+                drop(claim);
+                println!("{} {id}", if deliver { "DELIVERED" } else { "DEFERRED" });
+            }
+        }
+    }));
     for t in 0..16u64 {
         let spool = spool.clone();
         tasks.push(tokio::spawn(async move {
@@ -98,10 +138,36 @@ impl Drop for TempDir {
     }
 }
 
-fn verify(dir: &Path, committed: &[(QueueId, u64)]) -> usize {
+/// What the child said it did.
+#[derive(Default)]
+struct Done {
+    committed: Vec<(QueueId, u64)>,
+    delivering: HashSet<QueueId>,
+    delivered: HashSet<QueueId>,
+    deferred: HashSet<QueueId>,
+}
+
+fn verify(dir: &Path, done: &Done) -> usize {
     let (spool, report) = Spool::open(QueueConfig::new(dir)).unwrap();
     assert_eq!(report.quarantined, 0, "{report:?}");
-    for (id, seed) in committed {
+    for id in &done.delivered {
+        assert_eq!(
+            spool.get(id).unwrap(),
+            None,
+            "delivered message {id} came back"
+        );
+    }
+    for id in &done.deferred {
+        let env = spool.get(id).unwrap();
+        let env = env.unwrap_or_else(|| panic!("deferred message {id} lost ({report:?})"));
+        assert_eq!(env.attempts, 1, "deferred message {id} lost its attempt");
+    }
+    // Every message not (perhaps) delivered is there, deferred ones included.
+    for (id, seed) in done
+        .committed
+        .iter()
+        .filter(|(id, _)| !done.delivering.contains(id))
+    {
         let env = spool
             .get(id)
             .unwrap()
@@ -149,7 +215,7 @@ fn kill_9_rounds(sync: &str) {
     let _ = std::fs::remove_dir_all(&dir.0);
     std::fs::create_dir_all(&dir.0).unwrap();
     let exe = std::env::current_exe().unwrap();
-    let mut committed: Vec<(QueueId, u64)> = Vec::new();
+    let mut done = Done::default();
     let mut delay_rng = rng(std::process::id() as u64 ^ 0x5eed);
     for round in 0..5u64 {
         let mut child = Command::new(&exe)
@@ -164,19 +230,40 @@ fn kill_9_rounds(sync: &str) {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         let reader = std::thread::spawn(move || {
+            const WORDS: [&str; 4] = ["COMMITTED ", "DELIVERING ", "DELIVERED ", "DEFERRED "];
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("COMMITTED ") {
-                    let (id, seed) = rest.split_once(' ').unwrap();
-                    let _ = tx.send((QueueId::parse(id).unwrap(), seed.parse::<u64>().unwrap()));
-                }
+                // The test harness may print "test crash_child ... " in front of the first.
+                let Some(at) = WORDS.iter().filter_map(|w| line.find(w)).min() else {
+                    continue;
+                };
+                let Some((what, rest)) = line[at..].split_once(' ') else {
+                    continue;
+                };
+                let mut words = rest.split(' ');
+                let id = words.next().map(|w| QueueId::parse(w).unwrap());
+                let seed = words.next().map(|w| w.parse::<u64>().unwrap());
+                let _ = tx.send((what.to_owned(), id.unwrap(), seed));
             }
         });
+        let mut record = |(what, id, seed): (String, QueueId, Option<u64>)| match what.as_str() {
+            "COMMITTED" => done.committed.push((id, seed.unwrap())),
+            "DELIVERING" => {
+                done.delivering.insert(id);
+            }
+            "DELIVERED" => {
+                done.delivered.insert(id);
+            }
+            "DEFERRED" => {
+                done.deferred.insert(id);
+            }
+            _ => {}
+        };
         // Wait for the first commit, then kill at a random moment.
         let first = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("the child commits");
-        committed.push(first);
+        record(first);
         let wait = Duration::from_millis(5 + delay_rng() % 400);
         let start = Instant::now();
         while start.elapsed() < wait {
@@ -185,12 +272,15 @@ fn kill_9_rounds(sync: &str) {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         reader.join().unwrap();
-        committed.extend(rx.try_iter());
-        let listed = verify(&dir.0, &committed);
-        assert!(listed >= committed.len());
+        rx.try_iter().for_each(&mut record);
+        let listed = verify(&dir.0, &done);
+        assert!(listed >= done.committed.len() - done.delivering.len());
         eprintln!(
-            "round {round}: killed after {wait:?}; {} committed so far, {listed} in the queue",
-            committed.len()
+            "round {round}: killed after {wait:?}; so far {} committed, {} delivered, {} \
+             deferred; {listed} in the queue",
+            done.committed.len(),
+            done.delivered.len(),
+            done.deferred.len()
         );
     }
 }
