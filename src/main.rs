@@ -289,13 +289,28 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Where log lines go: standard error, written without `std::io::Stderr`'s process-wide lock.
+/// Each line is formatted first and then written with one `write(2)` (a whole line at a time,
+/// which the kernel keeps together on a file opened for appending and on a pipe up to 4 KiB),
+/// so sessions on several cores logging at once do not queue on a mutex for each other's
+/// system calls. Falls back to the locked handle if the descriptor cannot be duplicated.
+fn log_writer() -> tracing_subscriber::fmt::writer::BoxMakeWriter {
+    use std::os::fd::AsFd;
+    match std::io::stderr().as_fd().try_clone_to_owned() {
+        Ok(fd) => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Arc::new(
+            std::fs::File::from(fd),
+        )),
+        Err(_) => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(log_writer())
         // Colour codes only for a terminal: a log file or journal gets plain lines.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
