@@ -10,9 +10,13 @@
 //! ```text
 //! <dir>/
 //!   lock                  flock(2)ed by the process that has the spool open
+//!   seg/                  small messages, never attempted yet (see `segment.rs`)
+//!     <n:016x>.seg          records appended by group-commit rounds: each message's content
+//!                           and envelope, then a done record once it is delivered or moved
+//!     next.spare            the next segment, zeroed ahead of use; garbage after a crash
 //!   tmp/                  envelope writes in progress; garbage after a crash
 //!     <id>.<rand>.env       envelope being written (new message or replacement)
-//!   msg/                  committed messages: always a pair
+//!   msg/                  committed messages with files of their own: always a pair
 //!     <id>.data             content as received (trace headers first), never rewritten;
 //!                           written here from the start (32 KiB buffered writes): without
 //!                           its envelope it is a message being received, garbage after a crash
@@ -22,6 +26,18 @@
 //!
 //! Queue ids are 19 characters of `[0-9a-z]` ([`QueueId`]), sortable by arrival. One flat
 //! `msg/` directory means a group commit needs exactly one directory fsync.
+//!
+//! **Where a message lives.** A message whose content fits in [`QueueConfig::inline_max`]
+//! (32 KiB by default: the write buffer every message had anyway, so memory per session does
+//! not grow) is kept in memory while it is received and committed as one record appended to
+//! the current segment: a group commit round is then one `pwrite` of all its records and one
+//! `fdatasync` of a file whose blocks were zeroed and flushed in advance, so no metadata
+//! changes (no file created, no rename, no directory fsync, no journal commit per round). When
+//! it is delivered or bounced, a done record is appended (no flush, as an unlink would not be
+//! flushed). Its first change of envelope (deferred, held, rescheduled) moves it to a file
+//! pair in `msg/` first, so a segment only ever waits for first delivery attempts and is
+//! deleted, with one unlink for thousands of messages, once every message in it is done. A
+//! larger message streams to its own data file from the point it outgrows the buffer.
 //!
 //! # Commit protocol and crash safety
 //!
@@ -44,8 +60,14 @@
 //! acknowledged message has its content and its envelope on stable storage under their final
 //! names.
 //!
-//! **The envelope in `msg/` is the commit record.** A message exists iff `msg/ID.env` parses
-//! and `msg/ID.data` exists with the envelope's `size`. [`Spool::open`] enforces this:
+//! The protocol above is that of a message with files of its own; a small message's record is
+//! appended in round n and acknowledged after that round's flush (it renames nothing). A
+//! segment record is checksummed: a torn round at a segment's end (never acknowledged) is
+//! found at open and ignored, and a segment is never appended to after a restart.
+//!
+//! **For a file pair, the envelope in `msg/` is the commit record.** A message exists iff
+//! `msg/ID.env` parses and `msg/ID.data` exists with the envelope's `size`, or its segment
+//! record has no done record and no such pair took it over. [`Spool::open`] enforces this:
 //!
 //! * everything in `tmp/` is removed (envelope writes that never finished);
 //! * a data file without envelope, an envelope without data file or a size mismatch is a

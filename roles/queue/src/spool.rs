@@ -50,10 +50,10 @@ pub struct QueueConfig {
     pub bounce_size_limit: u64,
     /// How a group commit is made durable.
     pub sync: SyncMode,
-    /// Messages up to this size (content plus envelope) are kept in memory until their
-    /// commit and stored in a shared segment file instead of files of their own (see
-    /// [`crate::segment`]); larger ones stream to their own data file. 0: every message gets
-    /// its own files.
+    /// Messages whose content is at most this many bytes are kept in memory until their
+    /// commit and stored in a shared segment file instead of files of their own (see the
+    /// crate documentation); larger ones stream to their own data file. 0: every message
+    /// gets its own files.
     pub inline_max: usize,
 }
 
@@ -139,7 +139,7 @@ pub struct QueueStats {
     pub syncfs: u64,
     /// DSNs (bounces and delay warnings) created since open.
     pub dsns: u64,
-    /// Segment files on disk (see [`crate::segment`]).
+    /// Segment files on disk (see the crate documentation).
     pub segments: usize,
 }
 
@@ -1466,7 +1466,7 @@ impl Drop for Claim {
 /// Where the content of a message being received goes.
 #[derive(Debug)]
 enum Sink {
-    /// Memory: a segment record under construction (see [`crate::segment`]), while the
+    /// Memory: a segment record under construction (see `segment.rs`), while the
     /// content fits in [`QueueConfig::inline_max`].
     Record(Vec<u8>),
     /// Its own data file in `msg/` (not a message until its envelope is committed beside it),
