@@ -1355,6 +1355,9 @@ fn accepted_message_survives_a_crash_and_is_delivered_once() {
         (mx.metric("ringmail_mx_deliveries_total", &[("result", "deferred")]) >= 1.0).then_some(())
     });
     assert!(deferred.is_some(), "{}", mx.log());
+    // Committed into a segment (one flush), then moved to files of its own (two more).
+    assert!(mx.metric("ringmail_queue_files_synced_total", &[]) >= 3.0);
+    assert_eq!(mx.metric("ringmail_queue_segments", &[]), 1.0);
     mx.crash_and_restart();
     assert_eq!(
         mx.metric("ringmail_queue_messages", &[]),

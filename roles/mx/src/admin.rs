@@ -144,6 +144,11 @@ impl MxStats {
             q.syncfs,
             q.dsns,
         );
+        let _ = writeln!(
+            out,
+            "# HELP ringmail_queue_files_synced_total Files flushed by group commits (segments and message files).\n# TYPE ringmail_queue_files_synced_total counter\nringmail_queue_files_synced_total {}\n# HELP ringmail_queue_segments Segment files holding small messages.\n# TYPE ringmail_queue_segments gauge\nringmail_queue_segments {}",
+            q.files_synced, q.segments,
+        );
     }
 }
 
