@@ -68,9 +68,9 @@ pub(crate) async fn serve_with_starttls<P: Policy>(
                 Err(_) => tracing::debug!(%client, "TLS handshake timed out"),
             }
         }
-        Ok(Next::Closed) => {
-            let _ = stream.shutdown().await;
-        }
+        // Plain TCP: dropping the stream closes it and the FIN follows the last reply (a
+        // shutdown first would only cost a syscall, usually failing after the client's QUIT).
+        Ok(Next::Closed) => {}
         Err(e) => tracing::debug!(%client, error = %e, "session ended"),
     }
 }
@@ -91,7 +91,8 @@ pub(crate) async fn flush<S: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Runs the core over `stream` until the session ends or STARTTLS needs a handshake.
+/// Runs the core over `stream` until the session ends or STARTTLS needs a handshake. Every
+/// queued reply is written before it returns `Closed`; closing the stream is the caller's.
 pub(crate) async fn drive<S, P>(
     stream: &mut S,
     server: &mut Server,
@@ -142,7 +143,8 @@ where
         }
         flush(stream, server).await?;
         if server.should_close() || policy.wants_close() {
-            let _ = stream.shutdown().await;
+            // The replies are written; the caller closes the stream (a TLS caller sends its
+            // close_notify first, a plain TCP one just drops it).
             return Ok(Next::Closed);
         }
         let deadline =
