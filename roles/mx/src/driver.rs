@@ -104,6 +104,9 @@ where
 {
     let mut buf = vec![0u8; 16 * 1024];
     let mut data_deadline: Option<tokio::time::Instant> = None;
+    // One timer for the whole session, moved before every read (a new one per read would be
+    // registered with and removed from the runtime's timer wheel each time).
+    let mut timer = std::pin::pin!(tokio::time::sleep(policy.command_timeout()));
     loop {
         while let Some(event) = server.poll_event() {
             match event {
@@ -149,7 +152,14 @@ where
         }
         let deadline =
             data_deadline.unwrap_or_else(|| tokio::time::Instant::now() + policy.command_timeout());
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+        timer.as_mut().reset(deadline);
+        // The read first, as `timeout_at` does: bytes already there win over an expired timer.
+        let read = tokio::select! {
+            biased;
+            r = stream.read(&mut buf) => Ok(r),
+            () = timer.as_mut() => Err(()),
+        };
+        match read {
             Ok(Ok(0)) => {
                 policy.on_disconnect();
                 return Ok(Next::Closed);

@@ -241,6 +241,8 @@ pub(crate) struct Conn {
     stream: Option<Box<dyn Io>>,
     pub client: Client,
     buf: Vec<u8>,
+    /// The reply timeout, moved before every read (one timer for the connection's life).
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     tls: Option<TlsSetup>,
     pub peer: SocketAddr,
     /// The next hop's name for logs: its MX host name, else its IP address.
@@ -269,6 +271,7 @@ impl Conn {
             stream: Some(Box::new(stream)),
             client: Client::new(cfg, false),
             buf: vec![0u8; 16 * 1024],
+            timer: Box::pin(tokio::time::sleep(REPLY_TIMEOUT)),
             tls,
             peer: addr,
             host: addr.ip().to_string(),
@@ -371,7 +374,21 @@ impl Conn {
                 return Err("connection closed by the protocol".into());
             }
             let mut buf = std::mem::take(&mut self.buf);
-            let read = tokio::time::timeout(REPLY_TIMEOUT, self.stream()?.read(&mut buf)).await;
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + REPLY_TIMEOUT);
+            let read = match self.stream.as_mut() {
+                // The read first, as `timeout` does: a reply already there wins.
+                Some(stream) => tokio::select! {
+                    biased;
+                    r = stream.read(&mut buf) => Ok(r),
+                    () = self.timer.as_mut() => Err(()),
+                },
+                None => {
+                    self.buf = buf;
+                    return Err(ConnError::from("connection lost in a TLS handshake"));
+                }
+            };
             let n = match read {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => {
@@ -413,10 +430,17 @@ async fn worker(
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Claim>>>,
 ) {
     let mut conn: Option<Conn> = None;
+    // The idle timeout, moved before every wait (one timer for the worker's life).
+    let mut idle = std::pin::pin!(tokio::time::sleep(IDLE));
     loop {
         let next = {
             let mut rx = rx.lock().await;
-            tokio::time::timeout(IDLE, rx.recv()).await
+            idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
+            tokio::select! {
+                biased;
+                c = rx.recv() => Ok(c),
+                () = idle.as_mut() => Err(()),
+            }
         };
         let claim = match next {
             Ok(Some(c)) => c,
