@@ -14,6 +14,9 @@ use std::time::Duration;
 use ringmail_smtp::{Event, Server};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// Most bytes taken from the socket per read.
+const READ_SIZE: usize = 16 * 1024;
+
 /// How a drive ended.
 pub(crate) enum Next {
     Closed,
@@ -102,7 +105,6 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     P: Policy,
 {
-    let mut buf = vec![0u8; 16 * 1024];
     let mut data_deadline: Option<tokio::time::Instant> = None;
     // One timer for the whole session, moved before every read (a new one per read would be
     // registered with and removed from the runtime's timer wheel each time).
@@ -154,17 +156,22 @@ where
             data_deadline.unwrap_or_else(|| tokio::time::Instant::now() + policy.command_timeout());
         timer.as_mut().reset(deadline);
         // The read first, as `timeout_at` does: bytes already there win over an expired timer.
-        let read = tokio::select! {
-            biased;
-            r = stream.read(&mut buf) => Ok(r),
-            () = timer.as_mut() => Err(()),
+        // Read straight into the core's input buffer: no buffer of our own to zero per
+        // session, no copy.
+        let read = {
+            let mut space = server.input_space(READ_SIZE);
+            tokio::select! {
+                biased;
+                r = stream.read_buf(&mut space) => Ok(r),
+                () = timer.as_mut() => Err(()),
+            }
         };
         match read {
             Ok(Ok(0)) => {
                 policy.on_disconnect();
                 return Ok(Next::Closed);
             }
-            Ok(Ok(n)) => server.receive(&buf[..n]),
+            Ok(Ok(n)) => server.received(n),
             Ok(Err(e)) => {
                 policy.on_disconnect();
                 return Err(e);
