@@ -799,12 +799,11 @@ pub(crate) async fn send_body(
     let mut file = spool
         .open_body(&env.id)
         .map_err(|e| format!("spool: {e}"))?;
-    // Read size: the whole of a small message (plus one byte, to see the end), else CHUNK. No
-    // bigger than the message needs: a 64 KiB buffer allocated, zeroed and freed per message
-    // costs more than a small message's whole copy.
-    let read = usize::try_from(env.size)
-        .map_or(CHUNK, |n| n.saturating_add(1))
-        .min(CHUNK);
+    // Read size: the whole of a small message, else CHUNK. No bigger than the message needs: a
+    // 64 KiB buffer allocated, zeroed and freed per message costs more than a small message's
+    // whole copy. The body's length is known, so reading stops there (no read to see the end).
+    let mut left = file.len();
+    let read = usize::try_from(left).map_or(CHUNK, |n| n.min(CHUNK));
     // The DKIM prefix and the trace headers go with the first piece of the content: one BDAT
     // (or one piece of DATA) for a usual message. Queued, not written: a small message goes
     // out with its end of data in one write.
@@ -813,12 +812,16 @@ pub(crate) async fn send_body(
     chunk.extend_from_slice(env.headers.as_bytes());
     let mut queued = 0usize;
     loop {
-        let start = chunk.len();
-        chunk.resize(start + read, 0);
-        let n = file
-            .read(&mut chunk[start..])
-            .map_err(|e| format!("spool read: {e}"))?;
-        chunk.truncate(start + n);
+        let mut n = 0;
+        if left > 0 {
+            let start = chunk.len();
+            chunk.resize(start + read, 0);
+            n = file
+                .read(&mut chunk[start..])
+                .map_err(|e| format!("spool read: {e}"))?;
+            chunk.truncate(start + n);
+            left = left.saturating_sub(n as u64);
+        }
         if !chunk.is_empty() {
             c.client
                 .send_body_chunk(&chunk)
@@ -831,7 +834,8 @@ pub(crate) async fn send_body(
             }
             chunk.clear();
         }
-        if n == 0 {
+        // The whole body was read (or the file ended early, as before: what there was goes).
+        if n == 0 || left == 0 {
             break;
         }
     }
