@@ -283,7 +283,9 @@ async fn accept_loop<F, Fut>(
                         Some(a) => a,
                         None => stream.local_addr().ok().or(local).unwrap_or(peer),
                     };
-                    sessions.spawn(session(stream, peer, local));
+                    // Boxed: a session future is large (its whole state machine), and
+                    // spawning it by value would copy all of it into the task per connection.
+                    sessions.spawn(Box::pin(session(stream, peer, local)));
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
