@@ -14,6 +14,9 @@ use std::time::Duration;
 use ringmail_smtp::{Event, Server};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// Most bytes taken from the socket per read.
+const READ_SIZE: usize = 16 * 1024;
+
 /// How a drive ended.
 pub(crate) enum Next {
     Closed,
@@ -68,9 +71,9 @@ pub(crate) async fn serve_with_starttls<P: Policy>(
                 Err(_) => tracing::debug!(%client, "TLS handshake timed out"),
             }
         }
-        Ok(Next::Closed) => {
-            let _ = stream.shutdown().await;
-        }
+        // Plain TCP: dropping the stream closes it and the FIN follows the last reply (a
+        // shutdown first would only cost a syscall, usually failing after the client's QUIT).
+        Ok(Next::Closed) => {}
         Err(e) => tracing::debug!(%client, error = %e, "session ended"),
     }
 }
@@ -91,7 +94,8 @@ pub(crate) async fn flush<S: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Runs the core over `stream` until the session ends or STARTTLS needs a handshake.
+/// Runs the core over `stream` until the session ends or STARTTLS needs a handshake. Every
+/// queued reply is written before it returns `Closed`; closing the stream is the caller's.
 pub(crate) async fn drive<S, P>(
     stream: &mut S,
     server: &mut Server,
@@ -101,8 +105,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     P: Policy,
 {
-    let mut buf = vec![0u8; 16 * 1024];
     let mut data_deadline: Option<tokio::time::Instant> = None;
+    // One timer for the whole session, moved before every read (a new one per read would be
+    // registered with and removed from the runtime's timer wheel each time).
+    let mut timer = std::pin::pin!(tokio::time::sleep(policy.command_timeout()));
     loop {
         while let Some(event) = server.poll_event() {
             match event {
@@ -142,17 +148,30 @@ where
         }
         flush(stream, server).await?;
         if server.should_close() || policy.wants_close() {
-            let _ = stream.shutdown().await;
+            // The replies are written; the caller closes the stream (a TLS caller sends its
+            // close_notify first, a plain TCP one just drops it).
             return Ok(Next::Closed);
         }
         let deadline =
             data_deadline.unwrap_or_else(|| tokio::time::Instant::now() + policy.command_timeout());
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+        timer.as_mut().reset(deadline);
+        // The read first, as `timeout_at` does: bytes already there win over an expired timer.
+        // Read straight into the core's input buffer: no buffer of our own to zero per
+        // session, no copy.
+        let read = {
+            let mut space = server.input_space(READ_SIZE);
+            tokio::select! {
+                biased;
+                r = stream.read_buf(&mut space) => Ok(r),
+                () = timer.as_mut() => Err(()),
+            }
+        };
+        match read {
             Ok(Ok(0)) => {
                 policy.on_disconnect();
                 return Ok(Next::Closed);
             }
-            Ok(Ok(n)) => server.receive(&buf[..n]),
+            Ok(Ok(n)) => server.received(n),
             Ok(Err(e)) => {
                 policy.on_disconnect();
                 return Err(e);

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::MxError;
 use crate::config::Cidr;
-use crate::driver::{Next, Policy, drive};
+use crate::driver::{Policy, drive};
 use crate::runtime::Workers;
 use crate::session::printable;
 
@@ -285,11 +285,9 @@ pub async fn run(mda: Arc<Mda>, mut stream: TcpStream, peer: SocketAddr) {
         txn: None,
     };
     server.greet();
-    match drive(&mut stream, &mut server, &mut ctx).await {
-        Ok(Next::Closed) | Ok(Next::StartTls) => {
-            let _ = stream.shutdown().await;
-        }
-        Err(e) => debug!(client = %peer.ip(), error = %e, "lmtp session ended"),
+    // On `Closed` the replies are written: dropping the stream sends the FIN.
+    if let Err(e) = drive(&mut stream, &mut server, &mut ctx).await {
+        debug!(client = %peer.ip(), error = %e, "lmtp session ended");
     }
 }
 

@@ -241,6 +241,8 @@ pub(crate) struct Conn {
     stream: Option<Box<dyn Io>>,
     pub client: Client,
     buf: Vec<u8>,
+    /// The reply timeout, moved before every read (one timer for the connection's life).
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
     tls: Option<TlsSetup>,
     pub peer: SocketAddr,
     /// The next hop's name for logs: its MX host name, else its IP address.
@@ -269,6 +271,7 @@ impl Conn {
             stream: Some(Box::new(stream)),
             client: Client::new(cfg, false),
             buf: vec![0u8; 16 * 1024],
+            timer: Box::pin(tokio::time::sleep(REPLY_TIMEOUT)),
             tls,
             peer: addr,
             host: addr.ip().to_string(),
@@ -371,7 +374,21 @@ impl Conn {
                 return Err("connection closed by the protocol".into());
             }
             let mut buf = std::mem::take(&mut self.buf);
-            let read = tokio::time::timeout(REPLY_TIMEOUT, self.stream()?.read(&mut buf)).await;
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + REPLY_TIMEOUT);
+            let read = match self.stream.as_mut() {
+                // The read first, as `timeout` does: a reply already there wins.
+                Some(stream) => tokio::select! {
+                    biased;
+                    r = stream.read(&mut buf) => Ok(r),
+                    () = self.timer.as_mut() => Err(()),
+                },
+                None => {
+                    self.buf = buf;
+                    return Err(ConnError::from("connection lost in a TLS handshake"));
+                }
+            };
             let n = match read {
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => {
@@ -413,10 +430,17 @@ async fn worker(
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Claim>>>,
 ) {
     let mut conn: Option<Conn> = None;
+    // The idle timeout, moved before every wait (one timer for the worker's life).
+    let mut idle = std::pin::pin!(tokio::time::sleep(IDLE));
     loop {
         let next = {
             let mut rx = rx.lock().await;
-            tokio::time::timeout(IDLE, rx.recv()).await
+            idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
+            tokio::select! {
+                biased;
+                c = rx.recv() => Ok(c),
+                () = idle.as_mut() => Err(()),
+            }
         };
         let claim = match next {
             Ok(Some(c)) => c,
@@ -775,12 +799,11 @@ pub(crate) async fn send_body(
     let mut file = spool
         .open_body(&env.id)
         .map_err(|e| format!("spool: {e}"))?;
-    // Read size: the whole of a small message (plus one byte, to see the end), else CHUNK. No
-    // bigger than the message needs: a 64 KiB buffer allocated, zeroed and freed per message
-    // costs more than a small message's whole copy.
-    let read = usize::try_from(env.size)
-        .map_or(CHUNK, |n| n.saturating_add(1))
-        .min(CHUNK);
+    // Read size: the whole of a small message, else CHUNK. No bigger than the message needs: a
+    // 64 KiB buffer allocated, zeroed and freed per message costs more than a small message's
+    // whole copy. The body's length is known, so reading stops there (no read to see the end).
+    let mut left = file.len();
+    let read = usize::try_from(left).map_or(CHUNK, |n| n.min(CHUNK));
     // The DKIM prefix and the trace headers go with the first piece of the content: one BDAT
     // (or one piece of DATA) for a usual message. Queued, not written: a small message goes
     // out with its end of data in one write.
@@ -789,12 +812,16 @@ pub(crate) async fn send_body(
     chunk.extend_from_slice(env.headers.as_bytes());
     let mut queued = 0usize;
     loop {
-        let start = chunk.len();
-        chunk.resize(start + read, 0);
-        let n = file
-            .read(&mut chunk[start..])
-            .map_err(|e| format!("spool read: {e}"))?;
-        chunk.truncate(start + n);
+        let mut n = 0;
+        if left > 0 {
+            let start = chunk.len();
+            chunk.resize(start + read, 0);
+            n = file
+                .read(&mut chunk[start..])
+                .map_err(|e| format!("spool read: {e}"))?;
+            chunk.truncate(start + n);
+            left = left.saturating_sub(n as u64);
+        }
         if !chunk.is_empty() {
             c.client
                 .send_body_chunk(&chunk)
@@ -807,7 +834,8 @@ pub(crate) async fn send_body(
             }
             chunk.clear();
         }
-        if n == 0 {
+        // The whole body was read (or the file ended early, as before: what there was goes).
+        if n == 0 || left == 0 {
             break;
         }
     }

@@ -34,6 +34,9 @@ pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener>
         socket.set_freebind_v4(true)
     };
     socket.set_nonblocking(true)?;
+    // Replies are small writes that must not wait for an ACK. On Linux accepted sockets
+    // inherit TCP_NODELAY from the listener, saving a setsockopt per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket.into())
@@ -261,6 +264,9 @@ async fn accept_loop<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let local = listener.local_addr().ok();
+    // A specific listen address is every connection's local address; only a wildcard one
+    // needs a getsockname per connection to learn it.
+    let fixed_local = local.filter(|a| !a.ip().is_unspecified());
     let mut sessions = tokio::task::JoinSet::new();
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -270,9 +276,16 @@ async fn accept_loop<F, Fut>(
             _ = notify.notified() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    // Inherited from the listener on Linux (see `reuseport_listener`).
+                    #[cfg(not(target_os = "linux"))]
                     let _ = stream.set_nodelay(true);
-                    let local = stream.local_addr().ok().or(local).unwrap_or(peer);
-                    sessions.spawn(session(stream, peer, local));
+                    let local = match fixed_local {
+                        Some(a) => a,
+                        None => stream.local_addr().ok().or(local).unwrap_or(peer),
+                    };
+                    // Boxed: a session future is large (its whole state machine), and
+                    // spawning it by value would copy all of it into the task per connection.
+                    sessions.spawn(Box::pin(session(stream, peer, local)));
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
@@ -299,6 +312,20 @@ fn allowed_cpus() -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn accepted_connections_inherit_nodelay() {
+        let listener = reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(
+            accepted.nodelay().unwrap(),
+            "replies must not wait for Nagle"
+        );
+    }
 
     #[test]
     fn a_port_another_socket_listens_on_is_refused_not_shared() {

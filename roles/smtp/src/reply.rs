@@ -67,9 +67,29 @@ pub struct Reply {
 
 /// Replaces control characters so a reply text can never inject a line break.
 fn sanitize(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        // The usual case: one copy, not a push per character.
+        return text.to_owned();
+    }
     text.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
+}
+
+/// Appends `n` in decimal, without a formatter or a temporary string.
+fn put_decimal(out: &mut BytesMut, mut n: u16) {
+    let mut digits = [0u8; 5];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        // n % 10 < 10: the cast is lossless.
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[i..]);
 }
 
 impl Reply {
@@ -146,26 +166,32 @@ impl Reply {
         self.code >= 500
     }
 
-    /// Appends the wire form (CRLF line ends) to `out`.
+    /// Appends the wire form (CRLF line ends) to `out`: `code`, `-` (more lines follow) or a
+    /// space (unless nothing follows), the enhanced code and a space (unless the text is
+    /// empty), the text, CRLF. Written straight into `out`, without temporary strings.
     pub fn encode(&self, out: &mut BytesMut) {
         let n = self.lines.len();
         for (i, line) in self.lines.iter().enumerate() {
             let last = i + 1 == n;
-            let mut rest = String::new();
-            if let Some(e) = self.enhanced {
-                rest.push_str(&e.to_string());
-                if !line.is_empty() {
-                    rest.push(' ');
-                }
-            }
-            rest.push_str(line);
-            out.put_slice(self.code.to_string().as_bytes());
+            // Code, separator, "ddd.ddd.ddd ", text, CRLF.
+            out.reserve(3 + 1 + 12 + line.len() + 2);
+            put_decimal(out, self.code);
             if !last {
                 out.put_u8(b'-');
-            } else if !rest.is_empty() {
+            } else if self.enhanced.is_some() || !line.is_empty() {
                 out.put_u8(b' ');
             }
-            out.put_slice(rest.as_bytes());
+            if let Some(e) = self.enhanced {
+                put_decimal(out, u16::from(e.class));
+                out.put_u8(b'.');
+                put_decimal(out, e.subject);
+                out.put_u8(b'.');
+                put_decimal(out, e.detail);
+                if !line.is_empty() {
+                    out.put_u8(b' ');
+                }
+            }
+            out.put_slice(line.as_bytes());
             out.put_slice(b"\r\n");
         }
     }
@@ -319,6 +345,74 @@ mod tests {
         let r = Reply::new(550, "5.7.1", "no\r\nway");
         assert_eq!(r.to_bytes(), b"550 5.7.1 no  way\r\n");
         assert_eq!(Reply::new(250, "", "").to_bytes(), b"250\r\n");
+    }
+
+    #[test]
+    fn encode_matches_the_formatted_form() {
+        // The wire form as it was built with format!, for every shape of reply.
+        fn formatted(r: &Reply) -> Vec<u8> {
+            let mut s = String::new();
+            let n = r.lines().len();
+            for (i, line) in r.lines().iter().enumerate() {
+                let mut rest = String::new();
+                if let Some(e) = r.enhanced() {
+                    rest = format!("{e}");
+                    if !line.is_empty() {
+                        rest.push(' ');
+                    }
+                }
+                rest.push_str(line);
+                let sep = if i + 1 < n {
+                    "-"
+                } else if rest.is_empty() {
+                    ""
+                } else {
+                    " "
+                };
+                s.push_str(&format!("{}{sep}{rest}\r\n", r.code()));
+            }
+            s.into_bytes()
+        }
+        let replies = [
+            Reply::new(250, "", ""),
+            Reply::new(250, "2.0.0", ""),
+            Reply::new(221, "2.0.0", "Bye"),
+            Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"),
+            Reply::new(
+                550,
+                "5.1.1",
+                "<a@b>: Recipient address rejected: \u{85}x\u{7f}y\tz",
+            ),
+            Reply::new(421, "4.4.2", "mx.example Error: timeout exceeded"),
+            Reply::new(452, "4.5.999", "a"),
+            Reply::new(599, "x", "not an enhanced code"),
+            Reply::multiline(250, "", ["mx.example", "PIPELINING", "", "SIZE 10240000"]),
+            Reply::multiline(250, "2.0.0", ["", "b", ""]),
+            Reply::multiline(503, "5.5.1", Vec::<String>::new()),
+            Reply::new(250, "", "\u{e9}t\u{e9} \u{1F600}"),
+        ];
+        for r in &replies {
+            assert_eq!(r.to_bytes(), formatted(r), "{r}");
+        }
+        assert_eq!(
+            Reply::new(550, "5.1.1", "a\u{85}b").to_bytes(),
+            b"550 5.1.1 a b\r\n"
+        );
+        assert_eq!(
+            Reply::multiline(250, "2.0.0", ["", "b"]).to_bytes(),
+            b"250-2.0.0\r\n250 2.0.0 b\r\n"
+        );
+        // Out-of-range parts of a hand-built enhanced code are written as they are.
+        let r = Reply {
+            code: 250,
+            enhanced: Some(EnhancedCode {
+                class: 255,
+                subject: 65535,
+                detail: 0,
+            }),
+            lines: vec!["x".into()],
+        };
+        assert_eq!(r.to_bytes(), b"250 255.65535.0 x\r\n");
     }
 
     #[test]

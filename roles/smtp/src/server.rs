@@ -91,7 +91,8 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use bytes::{Bytes, BytesMut};
+use bytes::buf::Limit;
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::address::{AddressError, Mailbox};
 use crate::command::{
@@ -652,6 +653,26 @@ impl Server {
             return;
         }
         self.inbuf.extend_from_slice(data);
+        self.process();
+    }
+
+    /// Room for the driver to read the client's next bytes into, right after the unparsed
+    /// input: at most `max` bytes, not zeroed, no copy through a buffer of the driver's. Report
+    /// how many were read with [`Server::received`] (which is [`Server::receive`] for them).
+    pub fn input_space(&mut self, max: usize) -> Limit<&mut BytesMut> {
+        self.inbuf.reserve(max);
+        (&mut self.inbuf).limit(max)
+    }
+
+    /// `n` bytes were read into [`Server::input_space`]: processes them as `receive` would.
+    pub fn received(&mut self, n: usize) {
+        if self.closing || matches!(self.mode, Mode::TlsPending) {
+            // What `receive` would not have taken.
+            let keep = self.inbuf.len().saturating_sub(n);
+            wipe(&mut self.inbuf[keep..]);
+            self.inbuf.truncate(keep);
+            return;
+        }
         self.process();
     }
 
