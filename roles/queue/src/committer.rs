@@ -371,11 +371,18 @@ fn tick(
         c_syncfs(shared);
         tasks.clear();
     }
+    // The pool takes all but one; this thread flushes the last itself, so a round with one
+    // file (the usual: a segment) costs no hand-off to another thread and back.
+    let own = tasks.pop();
     for task in tasks {
         outstanding += 1;
         if let Err(mpsc::SendError(task)) = pool.send(task) {
             task.run();
         }
+    }
+    if let Some(task) = own {
+        outstanding += 1;
+        task.run();
     }
     for _ in 0..outstanding {
         let Ok((target, r)) = done_rx.recv() else {
