@@ -80,9 +80,15 @@ pub enum RuntimeArg {
     MultiThread,
 }
 
-/// Pins a role's worker N to CPU N (the role crates forbid the unsafe code it needs).
-pub fn pin(cpu: usize) -> std::io::Result<()> {
-    ringmail_dataplane::sys::pin_current_thread(cpu)
+/// Pins a role's worker N to the Nth CPU this process may run on (wrapping), so that under
+/// `taskset` or a cpuset the workers stay on the CPUs they were given (the role crates forbid
+/// the unsafe code it needs).
+pub fn pin(worker: usize) -> std::io::Result<()> {
+    let cpus = ringmail_dataplane::sys::allowed_cpus();
+    match cpus.get(worker % cpus.len().max(1)) {
+        Some(&cpu) => ringmail_dataplane::sys::pin_current_thread(cpu),
+        None => Ok(()),
+    }
 }
 
 /// Serves until SIGTERM or SIGINT; SIGHUP re-reads the TLS certificates. Handlers are installed

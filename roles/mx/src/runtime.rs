@@ -171,8 +171,8 @@ impl Workers {
     /// before this returns, so an address in use is reported at once) and runs `session` for
     /// every accepted connection.
     ///
-    /// `pin`, when given, pins worker N to CPU N (the binary passes the engine's affinity call:
-    /// role crates forbid the unsafe code it needs).
+    /// `pin`, when given, is called by worker N with N, to pin it to a CPU of its own (the
+    /// binary passes the engine's affinity call: role crates forbid the unsafe code it needs).
     pub fn start<F, Fut>(
         n: usize,
         listen: &[SocketAddr],
@@ -185,7 +185,6 @@ impl Workers {
     {
         let stop = Arc::new(AtomicBool::new(false));
         let stop_notify = Arc::new(tokio::sync::Notify::new());
-        let cpus = allowed_cpus();
         let mut threads = Vec::with_capacity(n);
         // Per address, one socket per worker; transposed below into per-worker lists.
         let mut per_addr = listen
@@ -198,14 +197,13 @@ impl Workers {
             let session = session.clone();
             let stop = Arc::clone(&stop);
             let notify = Arc::clone(&stop_notify);
-            let cpu = cpus.get(id % cpus.len().max(1)).copied();
             let t = std::thread::Builder::new()
                 .name(format!("ringmail-mx-{id}"))
                 .spawn(move || {
-                    if let (Some(cpu), Some(pin)) = (cpu, pin)
-                        && let Err(e) = pin(cpu)
+                    if let Some(pin) = pin
+                        && let Err(e) = pin(id)
                     {
-                        warn!(worker = id, cpu, error = %e, "cannot pin the worker to its CPU");
+                        warn!(worker = id, error = %e, "cannot pin the worker to its CPU");
                     }
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
@@ -301,12 +299,6 @@ async fn accept_loop<F, Fut>(
         while sessions.join_next().await.is_some() {}
     })
     .await;
-}
-
-fn allowed_cpus() -> Vec<usize> {
-    std::thread::available_parallelism()
-        .map(|n| (0..n.get()).collect())
-        .unwrap_or_else(|_| vec![0])
 }
 
 #[cfg(test)]
