@@ -583,15 +583,13 @@ impl Client {
             return Err(ClientError::InvalidState("no transaction"));
         };
         if !t.binary {
-            let mut prev = t.pending_cr;
-            for &b in data {
-                if (prev && b != b'\n') || (!prev && b == b'\n') {
+            match crlf_only(data, t.pending_cr) {
+                Some(pending_cr) => t.pending_cr = pending_cr,
+                None => {
                     self.poison();
                     return Err(ClientError::BareLineEnding);
                 }
-                prev = b == b'\r';
             }
-            t.pending_cr = prev;
         }
         if data.is_empty() || t.failed {
             return Ok(());
@@ -605,14 +603,19 @@ impl Client {
         }
         // Dot-stuffing: a line starting with "." gets another one.
         let mut start = 0;
-        for (i, &b) in data.iter().enumerate() {
-            if t.line_start && b == b'.' {
+        let line_starts = t
+            .line_start
+            .then_some(0)
+            .into_iter()
+            .chain(memchr::memchr_iter(b'\n', data).map(|nl| nl + 1));
+        for i in line_starts {
+            if data.get(i) == Some(&b'.') {
                 self.out.extend_from_slice(&data[start..i]);
                 self.out.extend_from_slice(b".");
                 start = i;
             }
-            t.line_start = b == b'\n';
         }
+        t.line_start = data.last() == Some(&b'\n');
         self.out.extend_from_slice(&data[start..]);
         Ok(())
     }
@@ -995,6 +998,58 @@ impl Client {
         } else {
             self.phase = Phase::Ready;
             self.events.push_back(ClientEvent::TransactionDone(result));
+        }
+    }
+}
+
+/// Whether every CR in `data` is followed by LF and every LF preceded by CR, given whether the
+/// bytes before ended with a CR: `Some(data ends with a CR)`, or `None` at the first bare one.
+fn crlf_only(data: &[u8], pending_cr: bool) -> Option<bool> {
+    // Where the LF that a CR asks for must be.
+    let mut lf_due = pending_cr.then_some(0);
+    for at in memchr::memchr2_iter(b'\r', b'\n', data) {
+        match (data[at], lf_due) {
+            (b'\n', Some(due)) if due == at => lf_due = None,
+            (b'\r', None) => lf_due = Some(at + 1),
+            _ => return None,
+        }
+    }
+    match lf_due {
+        Some(due) if due < data.len() => None,
+        due => Some(due.is_some()),
+    }
+}
+
+#[cfg(test)]
+mod crlf_tests {
+    use super::crlf_only;
+
+    /// The byte-at-a-time rule the scan must agree with.
+    fn reference(data: &[u8], mut prev: bool) -> Option<bool> {
+        for &b in data {
+            if (prev && b != b'\n') || (!prev && b == b'\n') {
+                return None;
+            }
+            prev = b == b'\r';
+        }
+        Some(prev)
+    }
+
+    #[test]
+    fn agrees_with_the_byte_rule_on_every_short_input() {
+        // Every string of length up to 7 over {CR, LF, 'a', '.'}, with and without a CR before.
+        let alphabet = [b'\r', b'\n', b'a', b'.'];
+        for len in 0..=7u32 {
+            for n in 0..4usize.pow(len) {
+                let data: Vec<u8> = (0..len).map(|k| alphabet[(n >> (2 * k)) & 3]).collect();
+                for pending in [false, true] {
+                    assert_eq!(
+                        crlf_only(&data, pending),
+                        reference(&data, pending),
+                        "{data:?} pending {pending}"
+                    );
+                }
+            }
         }
     }
 }
