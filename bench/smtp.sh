@@ -6,6 +6,7 @@
 #               before 250, then relayed to a downstream smtp-sink),
 #   ringmail   (`ringmail mx`, relaying to a downstream smtp-sink; thread-per-core runtimes).
 #   ringmail-mt (the same with one tokio multi-thread runtime: the runtime comparison).
+#   ringmail-pinned (the same with each per-core worker pinned to its CPU).
 #
 # Load: smtp-source (postfix package), SESSIONS concurrent sessions, MESSAGES
 # messages of SIZE bytes, one recipient each, a new connection per message.
@@ -29,7 +30,8 @@
 #   MESSAGES       messages per run (smtp-source -m)     [20000]
 #   SESSIONS       concurrent sessions (smtp-source -s)  [20]
 #   SIZE           message length in bytes (-l)          [2048]
-#   CONTENDERS     subset of: smtp-sink postfix ringmail ringmail-mt [all]
+#   CONTENDERS     subset of: smtp-sink postfix ringmail ringmail-mt ringmail-pinned
+#                  [all]
 #   SOURCE_OPTS    extra smtp-source flags, e.g. "-d" (keep the connection
 #                  open for several messages)            []
 #   PF_MAIN        extra main.cf lines for the Postfix instance, separated
@@ -55,7 +57,7 @@ REPEATS=${REPEATS:-3}
 MESSAGES=${MESSAGES:-20000}
 SESSIONS=${SESSIONS:-20}
 SIZE=${SIZE:-2048}
-CONTENDERS=${CONTENDERS:-"smtp-sink postfix ringmail ringmail-mt"}
+CONTENDERS=${CONTENDERS:-"smtp-sink postfix ringmail ringmail-mt ringmail-pinned"}
 SOURCE_OPTS=${SOURCE_OPTS:-}
 PF_MAIN=${PF_MAIN:-}
 START_TIMEOUT=${START_TIMEOUT:-10}
@@ -193,10 +195,11 @@ start_server() {
                 return 1
             fi
             ;;
-        ringmail | ringmail-mt)
+        ringmail | ringmail-mt | ringmail-pinned)
             ((HAVE_RINGMAIL)) || { FAIL_REASON="RINGMAIL=$RINGMAIL not found (cargo build --release -p ringmail)"; return 1; }
             local runtime=per-core
             [[ $name == ringmail-mt ]] && runtime=multi-thread
+            [[ $name == ringmail-pinned ]] && runtime=per-core-pinned
             local spool
             spool=$(mktemp -d "$TMP/spool.XXXXXX") || { FAIL_REASON="mktemp failed"; return 1; }
             RM_SPOOL=$spool

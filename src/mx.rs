@@ -77,6 +77,7 @@ pub struct MxArgs {
 #[derive(Clone, Copy, ValueEnum)]
 pub enum RuntimeArg {
     PerCore,
+    PerCorePinned,
     MultiThread,
 }
 
@@ -182,6 +183,7 @@ pub fn cmd_mx(args: MxArgs) -> Result<ExitCode> {
             c.workers = args.workers;
             c.runtime = match args.runtime {
                 RuntimeArg::PerCore => ringmail_mx::runtime::RuntimeMode::PerCore,
+                RuntimeArg::PerCorePinned => ringmail_mx::runtime::RuntimeMode::PerCorePinned,
                 RuntimeArg::MultiThread => ringmail_mx::runtime::RuntimeMode::MultiThread,
             };
             if let Some(dns) = args.dns {

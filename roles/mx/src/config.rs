@@ -10,7 +10,8 @@
 //! accounts = "sqlite:/var/lib/ringmail/accounts.db"  # or postgres://…, ldap://…: unknown users
 //!                                    #   get 550 5.1.1 at RCPT; absent: every local part accepted
 //! workers = 2                        # default: one per CPU
-//! runtime = "per-core"               # per-core (pinned current-thread runtimes, SO_REUSEPORT)
+//! runtime = "per-core"               # per-core (a current-thread runtime per core, SO_REUSEPORT)
+//!                                    #   | per-core-pinned (the same, each pinned to its CPU)
 //!                                    #   | multi-thread (one tokio work-stealing runtime)
 //! max_message_size = 67108864        # bytes, advertised as SIZE        (default 64 MiB)
 //! max_recipients = 1000              #                                  (default 1000)
@@ -456,6 +457,10 @@ fn schema(ctx: &mut Ctx<'_>, root: &DeTable<'_>) -> Option<MxConfig> {
                 "mx.runtime",
                 &[
                     ("per-core", crate::runtime::RuntimeMode::PerCore),
+                    (
+                        "per-core-pinned",
+                        crate::runtime::RuntimeMode::PerCorePinned,
+                    ),
                     ("multi-thread", crate::runtime::RuntimeMode::MultiThread),
                 ],
             )
