@@ -317,12 +317,7 @@ fn prepare(dir: &Path) -> Result<File, QueueError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(QueueError::io("unlink", &path, e)),
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| QueueError::io("create", &path, e))?;
+    let file = create(&path)?;
     let zeros = vec![0u8; 1 << 20];
     let mut off = 0;
     while off < SEGMENT_SIZE {
@@ -333,6 +328,16 @@ fn prepare(dir: &Path) -> Result<File, QueueError> {
     file.sync_data()
         .map_err(|e| QueueError::io("fdatasync", &path, e))?;
     Ok(file)
+}
+
+/// Creates a segment file that must not exist yet.
+fn create(path: &Path) -> Result<File, QueueError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| QueueError::io("create", path, e))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), QueueError> {
@@ -406,12 +411,7 @@ impl Segments {
             }
             // Not ready (or failed): a new segment now beats waiting for the spare, which
             // serves the next roll.
-            None => OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(|e| QueueError::io("create", &path, e))?,
+            None => create(&path)?,
         };
         sync_dir(&self.dir)?;
         self.next_no += 1;
