@@ -183,6 +183,11 @@ fn run(rx: Receiver<Job>, shared: Arc<Shared>) {
                 Ok(job) => fresh.push(job),
                 Err(_) => return,
             }
+            // Let the threads about to commit run before the round is closed: on a busy
+            // machine the round then carries more messages per flush (measured on the 2-core
+            // acceptance benchmark: 2.6 -> 4.5-5 messages per fdatasync, 11 % more messages
+            // per second at 9 % less CPU each). With nothing else runnable it returns at once.
+            std::thread::yield_now();
         }
         while fresh.len() < MAX_BATCH {
             match rx.try_recv() {
