@@ -12,6 +12,8 @@ use std::io;
 use std::time::Duration;
 
 use ringmail_smtp::{Event, Server};
+
+use crate::runtime::before;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Most bytes taken from the socket per read.
@@ -154,17 +156,11 @@ where
         }
         let deadline =
             data_deadline.unwrap_or_else(|| tokio::time::Instant::now() + policy.command_timeout());
-        timer.as_mut().reset(deadline);
-        // The read first, as `timeout_at` does: bytes already there win over an expired timer.
         // Read straight into the core's input buffer: no buffer of our own to zero per
         // session, no copy.
         let read = {
             let mut space = server.input_space(READ_SIZE);
-            tokio::select! {
-                biased;
-                r = stream.read_buf(&mut space) => Ok(r),
-                () = timer.as_mut() => Err(()),
-            }
+            before(timer.as_mut(), deadline, stream.read_buf(&mut space)).await
         };
         match read {
             Ok(Ok(0)) => {

@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 use crate::admin::MxStats;
 use crate::config::RelayProtocol;
 use crate::hop::{Hop, HopSecurity, Hops, TlsLevel};
+use crate::runtime::before;
 use crate::session::Mx;
 
 /// A connection idle this long is closed with QUIT.
@@ -315,9 +316,7 @@ impl Conn {
     }
 
     fn stream(&mut self) -> Result<&mut Box<dyn Io>, ConnError> {
-        self.stream
-            .as_mut()
-            .ok_or_else(|| ConnError::from("connection lost in a TLS handshake"))
+        self.stream.as_mut().ok_or_else(lost_in_handshake)
     }
 
     async fn flush(&mut self) -> Result<(), ConnError> {
@@ -373,39 +372,16 @@ impl Conn {
             if self.client.should_close() {
                 return Err("connection closed by the protocol".into());
             }
-            let mut buf = std::mem::take(&mut self.buf);
-            self.timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + REPLY_TIMEOUT);
-            let read = match self.stream.as_mut() {
-                // The read first, as `timeout` does: a reply already there wins.
-                Some(stream) => tokio::select! {
-                    biased;
-                    r = stream.read(&mut buf) => Ok(r),
-                    () = self.timer.as_mut() => Err(()),
-                },
-                None => {
-                    self.buf = buf;
-                    return Err(ConnError::from("connection lost in a TLS handshake"));
-                }
-            };
-            let n = match read {
+            // Fields borrowed one by one: the stream, the timer and the buffer are disjoint.
+            let stream = self.stream.as_mut().ok_or_else(lost_in_handshake)?;
+            let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
+            let n = match before(self.timer.as_mut(), deadline, stream.read(&mut self.buf)).await {
+                Ok(Ok(0)) => return Err("connection closed by the next hop".into()),
                 Ok(Ok(n)) => n,
-                Ok(Err(e)) => {
-                    self.buf = buf;
-                    return Err(format!("read: {e}").into());
-                }
-                Err(_) => {
-                    self.buf = buf;
-                    return Err("timeout waiting for a reply".into());
-                }
+                Ok(Err(e)) => return Err(format!("read: {e}").into()),
+                Err(()) => return Err("timeout waiting for a reply".into()),
             };
-            if n == 0 {
-                self.buf = buf;
-                return Err("connection closed by the next hop".into());
-            }
-            self.client.receive(&buf[..n]);
-            self.buf = buf;
+            self.client.receive(&self.buf[..n]);
         }
     }
 
@@ -423,6 +399,10 @@ impl Conn {
     }
 }
 
+fn lost_in_handshake() -> ConnError {
+    ConnError::from("connection lost in a TLS handshake")
+}
+
 async fn worker(
     mx: Arc<RelayCtx>,
     route: String,
@@ -435,12 +415,7 @@ async fn worker(
     loop {
         let next = {
             let mut rx = rx.lock().await;
-            idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
-            tokio::select! {
-                biased;
-                c = rx.recv() => Ok(c),
-                () = idle.as_mut() => Err(()),
-            }
+            before(idle.as_mut(), tokio::time::Instant::now() + IDLE, rx.recv()).await
         };
         let claim = match next {
             Ok(Some(c)) => c,

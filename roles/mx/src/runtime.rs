@@ -3,21 +3,41 @@
 //! kernel spreads connections and no task ever migrates between cores.
 //!
 //! ```text
-//!   worker 0 (pinned to CPU 0): listeners ─▶ accept ─▶ session tasks (current-thread runtime)
-//!   worker 1 (pinned to CPU 1): listeners ─▶ accept ─▶ session tasks
+//!   worker 0: listeners ─▶ accept ─▶ session tasks (current-thread runtime)
+//!   worker 1: listeners ─▶ accept ─▶ session tasks
+//!   (pinned to a CPU each with `runtime = "per-core-pinned"`)
 //!   shared: config, spool (committer thread), TLS, rate limiters — all behind Arcs/atomics
 //! ```
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, Sleep};
 use tracing::{error, warn};
+
+/// `fut` with a deadline, as `tokio::time::timeout_at`, but on a timer kept for a session's or
+/// a connection's life and moved to `deadline`, instead of a new one registered with the
+/// runtime's timer wheel (and removed) per call. `fut` is polled first: a result already there
+/// wins over an expired timer. `Err(())`: the deadline passed.
+pub(crate) async fn before<F: Future>(
+    mut timer: Pin<&mut Sleep>,
+    deadline: Instant,
+    fut: F,
+) -> Result<F::Output, ()> {
+    timer.as_mut().reset(deadline);
+    tokio::select! {
+        biased;
+        r = fut => Ok(r),
+        () = timer => Err(()),
+    }
+}
 
 /// A listening socket of one worker, with SO_REUSEPORT so that every worker has its own.
 pub fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
