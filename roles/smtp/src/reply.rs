@@ -10,7 +10,7 @@
 //! more lines than its limit, a code that changes between lines and anything that is not
 //! `ddd`, `ddd-...` or `ddd ...`.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
 use bytes::{BufMut, BytesMut};
 use thiserror::Error;
@@ -74,22 +74,6 @@ fn sanitize(text: &str) -> String {
     text.chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect()
-}
-
-/// Appends `n` in decimal, without a formatter or a temporary string.
-fn put_decimal(out: &mut BytesMut, mut n: u16) {
-    let mut digits = [0u8; 5];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        // n % 10 < 10: the cast is lossless.
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.put_slice(&digits[i..]);
 }
 
 impl Reply {
@@ -173,20 +157,17 @@ impl Reply {
         let n = self.lines.len();
         for (i, line) in self.lines.iter().enumerate() {
             let last = i + 1 == n;
-            // Code, separator, "ddd.ddd.ddd ", text, CRLF.
+            // Code, separator, "ddd.ddd.ddd ", text, CRLF. `write!` into the buffer itself
+            // (BytesMut is a fmt::Write): no temporary strings.
             out.reserve(3 + 1 + 12 + line.len() + 2);
-            put_decimal(out, self.code);
+            let _ = write!(out, "{}", self.code);
             if !last {
                 out.put_u8(b'-');
             } else if self.enhanced.is_some() || !line.is_empty() {
                 out.put_u8(b' ');
             }
             if let Some(e) = self.enhanced {
-                put_decimal(out, u16::from(e.class));
-                out.put_u8(b'.');
-                put_decimal(out, e.subject);
-                out.put_u8(b'.');
-                put_decimal(out, e.detail);
+                let _ = write!(out, "{e}");
                 if !line.is_empty() {
                     out.put_u8(b' ');
                 }
