@@ -79,13 +79,15 @@ fn start_with(dir: &Path, extra: &[&str]) -> Server {
     }
 }
 
-/// Runs a Python script (bounded); returns its output, asserting success.
+/// Runs a Python script (bounded), asserting that it succeeds and prints `OK` (each script
+/// ends with that once its checks passed); returns its output.
 fn python(script: &str) -> String {
     let (st, out) = run_bounded(
         Command::new(PY).arg("-c").arg(script),
         Duration::from_secs(90),
     );
     assert!(st.success(), "python failed:\n{out}\n--- script:\n{script}");
+    assert!(out.contains("OK"), "{out}");
     out
 }
 
@@ -181,8 +183,7 @@ print('OK')
         pi = s.imap.ip(),
         pp = s.imap.port(),
     );
-    let out = python(&script);
-    assert!(out.contains("OK"), "{out}");
+    python(&script);
 
     // curl: list and fetch over imaps://.
     let (st, out) = run_bounded(
@@ -273,7 +274,6 @@ print('OK')
         sp = s.imaps.port(),
     );
     let out = python(&script);
-    assert!(out.contains("OK"), "{out}");
     eprintln!(
         "{}",
         out.lines().find(|l| l.contains("IDLE after")).unwrap_or("")
@@ -336,8 +336,7 @@ print('OK')
         si = s.imaps.ip(),
         sp = s.imaps.port(),
     );
-    let out = python(&script);
-    assert!(out.contains("OK"), "{out}");
+    python(&script);
 }
 
 #[test]
@@ -388,8 +387,7 @@ print('OK')
         si = s.imaps.ip(),
         sp = s.imaps.port(),
     );
-    let out = python(&script);
-    assert!(out.contains("OK"), "{out}");
+    python(&script);
 }
 
 /// Password guessing is braked per client address: every failure is answered after a delay
@@ -444,8 +442,7 @@ print('OK')
         si = s.imaps.ip(),
         sp = s.imaps.port(),
     );
-    let out = python(&script);
-    assert!(out.contains("OK"), "{out}");
+    python(&script);
     let log = fs::read_to_string(&s.log).unwrap_or_default();
     assert!(
         log.lines()
@@ -528,8 +525,7 @@ print('OK')
         si = s.imaps.ip(),
         sp = s.imaps.port(),
     );
-    let out = python(&script);
-    assert!(out.contains("OK"), "{out}");
+    python(&script);
 }
 
 /// A command that fails to parse with a LITERAL+ message: the message's lines are never run
@@ -573,8 +569,7 @@ print('OK')
         si = s.imaps.ip(),
         sp = s.imaps.port(),
     );
-    let out = python(&script);
-    assert!(out.contains("OK"), "{out}");
+    python(&script);
 }
 
 /// Conformance with real clients against the Maildir store: UTF-8 quoted strings after
@@ -653,8 +648,7 @@ print('OK')
         si = s.imaps.ip(),
         sp = s.imaps.port(),
     );
-    let out = python(&script);
-    assert!(out.contains("OK"), "{out}");
+    python(&script);
     // Dovecot's layout: the UTF-8 name is stored in modified UTF-7, the old INBOX messages
     // in .Old, the missing subscriptions kept.
     let md = tmp.path().join("mail/example.test/bob/Maildir");
