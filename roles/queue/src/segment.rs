@@ -156,7 +156,7 @@ pub(crate) fn parse(buf: &[u8]) -> Result<Option<(Record<'_>, usize)>, &'static 
 }
 
 /// A segment's file name: its number in 16 hex digits, so names sort like numbers.
-fn seg_name(no: u64) -> String {
+pub(crate) fn seg_name(no: u64) -> String {
     format!("{no:016x}.seg")
 }
 

@@ -634,12 +634,11 @@ impl Spool {
             );
         }
         let mut live: HashMap<u64, usize> = HashMap::new();
-        let mut seg_quarantined = false;
         for found in &scan.messages {
             if index.entries.contains_key(&found.id) {
                 continue;
             }
-            let where_ = seg_dir.join(format!("{:016x}.seg", found.loc.seg));
+            let where_ = seg_dir.join(segment::seg_name(found.loc.seg));
             match parse_envelope(&found.env, &where_) {
                 Ok(env) if env.id == found.id && env.size == u64::from(found.data_len) => {
                     let mut e = Entry::of(&env);
@@ -666,11 +665,13 @@ impl Spool {
                         (env_name(&found.id), &found.env),
                         (data_name(&found.id), &content),
                     ] {
+                        // Flushed here: the segment may be deleted once recovery is done.
                         let to = corrupt_dir.join(name);
-                        fs::write(&to, bytes).map_err(|e| QueueError::io("write", &to, e))?;
+                        File::create(&to)
+                            .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_data()))
+                            .map_err(|e| QueueError::io("write", &to, e))?;
                     }
                     report.quarantined += 1;
-                    seg_quarantined = true;
                 }
                 Err(e) => return Err(e),
             }
@@ -678,18 +679,6 @@ impl Spool {
         if report.orphans_removed > 0 || report.quarantined > 0 {
             fsync_dir(&msg_dir)?;
             if report.quarantined > 0 {
-                if seg_quarantined {
-                    for entry in fs::read_dir(&corrupt_dir)
-                        .map_err(|e| QueueError::io("read directory", &corrupt_dir, e))?
-                    {
-                        let path = entry
-                            .map_err(|e| QueueError::io("read directory", &corrupt_dir, e))?
-                            .path();
-                        File::open(&path)
-                            .and_then(|f| f.sync_all())
-                            .map_err(|e| QueueError::io("fsync", &path, e))?;
-                    }
-                }
                 fsync_dir(&corrupt_dir)?;
             }
         }
@@ -913,11 +902,7 @@ impl Spool {
     }
 
     fn seg_path(&self, seg: u64) -> PathBuf {
-        self.inner
-            .cfg
-            .dir
-            .join("seg")
-            .join(format!("{seg:016x}.seg"))
+        self.inner.cfg.dir.join("seg").join(segment::seg_name(seg))
     }
 
     /// Every queued message, ordered by id (arrival). Reads every envelope: for the CLI, not

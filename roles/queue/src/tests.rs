@@ -4,6 +4,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use crate::segment::seg_name;
 use crate::*;
 
 /// A temporary directory removed on drop.
@@ -1056,10 +1057,6 @@ fn segment_files(dir: &TempDir) -> Vec<String> {
         .collect()
 }
 
-fn seg(no: u64) -> String {
-    format!("{no:016x}.seg")
-}
-
 #[tokio::test]
 async fn small_messages_share_a_segment_and_move_to_files_when_deferred() {
     let dir = TempDir::new("segment");
@@ -1069,7 +1066,7 @@ async fn small_messages_share_a_segment_and_move_to_files_when_deferred() {
     let b = commit(&spool, env(), MSG).await;
     let c = commit(&spool, env(), MSG).await;
     assert!(files_in(&dir.path().join("msg")).is_empty());
-    assert_eq!(segment_files(&dir), vec![seg(1)]);
+    assert_eq!(segment_files(&dir), vec![seg_name(1)]);
     assert_eq!(spool.stats().segments, 1);
     assert_eq!(inspect(dir.path()).unwrap().len(), 3);
     assert_eq!(body_of(&spool, &c), MSG);
@@ -1104,7 +1101,7 @@ async fn small_messages_share_a_segment_and_move_to_files_when_deferred() {
     // The last message of the old segment done: it goes (done records go to a new one).
     assert!(deliver(&spool, &b, true).await.removed);
     assert!(deliver(&spool, &c, true).await.removed);
-    assert_eq!(segment_files(&dir), vec![seg(2)]);
+    assert_eq!(segment_files(&dir), vec![seg_name(2)]);
     assert!(files_in(&dir.path().join("msg")).is_empty());
     assert_eq!(spool.stats().messages, 0);
     drop(spool);
@@ -1129,13 +1126,13 @@ async fn a_done_record_keeps_its_segment_until_the_older_one_is_gone() {
     assert_eq!(report.messages, 1, "{report:?}");
     assert_eq!(spool.get(&x).unwrap(), None);
     // Segment 2 holds no message, but deleting it would bring x back.
-    assert_eq!(segment_files(&dir), vec![seg(1), seg(2)]);
+    assert_eq!(segment_files(&dir), vec![seg_name(1), seg_name(2)]);
     drop(spool);
     let (spool, _) = open(&dir);
     assert_eq!(spool.get(&x).unwrap(), None, "x stays delivered");
     assert!(deliver(&spool, &a, true).await.removed);
     // Segment 1 is empty now, and then so is 2; 3 takes the done record.
-    assert_eq!(segment_files(&dir), vec![seg(3)]);
+    assert_eq!(segment_files(&dir), vec![seg_name(3)]);
     drop(spool);
     let (spool, report) = open(&dir);
     assert_eq!(report.messages, 0, "{report:?}");
@@ -1151,7 +1148,7 @@ async fn a_torn_segment_tail_is_not_a_message_and_not_appended_to() {
     let b = commit(&spool, env(), MSG).await;
     drop(spool);
     // The remains of a round a crash interrupted: half a record after the last one.
-    let path = dir.path().join("seg").join(seg(1));
+    let path = dir.path().join("seg").join(seg_name(1));
     let mut rec = crate::segment::start_record(0);
     rec.extend_from_slice(MSG);
     crate::segment::finish_message(&mut rec, &QueueId::generate(), b"{}");
@@ -1166,7 +1163,11 @@ async fn a_torn_segment_tail_is_not_a_message_and_not_appended_to() {
         "{report:?}"
     );
     let c = commit(&spool, env(), MSG).await;
-    assert_eq!(segment_files(&dir), vec![seg(1), seg(2)], "a new segment");
+    assert_eq!(
+        segment_files(&dir),
+        vec![seg_name(1), seg_name(2)],
+        "a new segment"
+    );
     drop(spool);
     let (spool, report) = open(&dir);
     assert_eq!(
@@ -1213,7 +1214,7 @@ async fn a_corrupt_envelope_in_a_segment_is_quarantined() {
     let mut rec = crate::segment::start_record(0);
     rec.extend_from_slice(MSG);
     crate::segment::finish_message(&mut rec, &bad, b"{\"not\": \"an envelope\"}");
-    std::fs::write(dir.path().join("seg").join(seg(7)), &rec).unwrap();
+    std::fs::write(dir.path().join("seg").join(seg_name(7)), &rec).unwrap();
     let (spool, report) = open(&dir);
     assert_eq!((report.messages, report.quarantined), (1, 1), "{report:?}");
     assert_eq!(body_of(&spool, &good), MSG);
